@@ -1,0 +1,603 @@
+//! `beacon`: one binary, a subcommand per role.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use beacon::endpoints::Endpoints;
+use beacon::nats::NatsServer;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "beacon",
+    version,
+    about = "Self-hostable analytics backend: edge, ingest, warehouse, SQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+enum Format {
+    #[default]
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole pipeline on this machine: nats-server, edge, ingest and rollups.
+    Up {
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+        /// Where the edge listens for RSocket over QUIC (port 0 picks a free one).
+        #[arg(long, env = "BEACON_EDGE_LISTEN", default_value = "127.0.0.1:0")]
+        edge_listen: SocketAddr,
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: Option<String>,
+        /// Directory of example plugin components, shown in the start-up message.
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+    /// Edge role: RSocket/QUIC listener publishing to JetStream.
+    Edge {
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "BEACON_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, env = "BEACON_EDGE_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, env = "BEACON_EDGE_ID", default_value = "edge-1")]
+        edge_id: String,
+    },
+    /// Ingest role: JetStream -> Iceberg, exactly once.
+    Ingest {
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "BEACON_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+    /// Warehouse role: keeps the hourly rollups current.
+    Rollup {
+        #[arg(long, env = "BEACON_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "30", value_name = "SECONDS")]
+        interval: u64,
+    },
+    /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly; view: rollups).
+    Sql {
+        query: String,
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Merchants and their write keys.
+    Merchant {
+        #[command(subcommand)]
+        command: MerchantCommand,
+    },
+    /// Processing plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// Send realistic demo traffic through the SDK to a running edge (also a load generator).
+    Demo {
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        merchants: usize,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Acknowledged batches in flight per merchant connection.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Attach this plugin component (with an empty config) to each demo merchant first.
+        #[arg(long)]
+        attach_plugin: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct Tuning {
+    /// Seconds between rollup runs.
+    #[arg(long, env = "BEACON_ROLLUP_INTERVAL", default_value_t = 30)]
+    rollup_interval: u64,
+    /// Longest an event waits in ingest before its Iceberg commit, in milliseconds.
+    #[arg(long, env = "BEACON_INGEST_MAX_WAIT_MS", default_value_t = 1000)]
+    ingest_max_wait_ms: u64,
+    /// Most envelopes per Iceberg commit.
+    #[arg(long, env = "BEACON_INGEST_MAX_BATCH", default_value_t = 2000)]
+    ingest_max_batch: usize,
+}
+
+#[derive(Subcommand)]
+enum MerchantCommand {
+    /// Create a merchant; prints its id and write key.
+    Create {
+        name: String,
+        #[command(flatten)]
+        target: NatsTarget,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Upload a component and make it the merchant's pipeline (a new pipeline version).
+    Attach {
+        #[arg(long)]
+        merchant: String,
+        #[arg(long)]
+        name: String,
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        config: String,
+        #[command(flatten)]
+        target: NatsTarget,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct NatsTarget {
+    /// NATS URL; defaults to the one in `<data-dir>/endpoints.json`.
+    #[arg(long, env = "BEACON_NATS_URL")]
+    nats_url: Option<String>,
+    #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+    data_dir: PathBuf,
+}
+
+impl NatsTarget {
+    async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        let url = match &self.nats_url {
+            Some(u) => u.clone(),
+            None => Endpoints::read(&self.data_dir)?.nats_url,
+        };
+        let client = async_nats::connect(&url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        Ok(async_nats::jetstream::new(client))
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn,iceberg=warn,datafusion=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Up {
+            data_dir,
+            edge_listen,
+            nats_url,
+            plugins_dir,
+            tuning,
+        } => up(data_dir, edge_listen, nats_url, plugins_dir, tuning).await,
+        Command::Edge {
+            nats_url,
+            data_dir,
+            listen,
+            edge_id,
+        } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
+            cfg.edge_id = edge_id;
+            let edge = beacon_edge::Edge::start(cfg).await?;
+            let warehouse = beacon_warehouse::Layout::new(&data_dir);
+            Endpoints {
+                nats_url,
+                edge_quic: Some(edge.addr.to_string()),
+                edge_ca_cert: Some(edge.cert_path.clone()),
+                data_dir: data_dir.clone(),
+                catalog_uri: warehouse.catalog_uri(),
+                warehouse: warehouse.warehouse_uri(),
+                pid: std::process::id(),
+            }
+            .write(&data_dir)?;
+            shutdown_signal().await;
+            edge.shutdown(Duration::from_secs(10)).await;
+            Ok(())
+        }
+        Command::Ingest {
+            nats_url,
+            data_dir,
+            tuning,
+        } => {
+            let (tx, rx) = watch::channel(false);
+            let mut ingest = tokio::spawn(run_ingest(nats_url, data_dir, tuning, rx));
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    let _ = tx.send(true);
+                    ingest.await??;
+                }
+                r = &mut ingest => r??,
+            }
+            Ok(())
+        }
+        Command::Rollup { data_dir, interval } => {
+            let (tx, rx) = watch::channel(false);
+            let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+            let task = tokio::spawn(beacon_warehouse::rollup::run_loop(
+                wh,
+                Duration::from_secs(interval),
+                rx,
+            ));
+            shutdown_signal().await;
+            let _ = tx.send(true);
+            task.await?;
+            Ok(())
+        }
+        Command::Sql {
+            query,
+            data_dir,
+            format,
+        } => {
+            let wh = beacon_warehouse::Warehouse::open_existing(&data_dir).await?;
+            let batches = wh.sql(&query).await?;
+            let text = match format {
+                Format::Table => beacon_warehouse::output::table(&batches)?,
+                Format::Json => beacon_warehouse::output::json(&batches)?,
+                Format::Csv => beacon_warehouse::output::csv(&batches)?,
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::Merchant {
+            command:
+                MerchantCommand::Create {
+                    name,
+                    target,
+                    format,
+                },
+        } => {
+            let js = target.jetstream().await?;
+            let (merchant, key) = create_merchant(&js, &name).await?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"id": merchant.id, "name": merchant.name, "write_key": key})
+                ),
+                Format::Csv => println!(
+                    "id,name,write_key\n{},{},{}",
+                    merchant.id, merchant.name, key
+                ),
+                Format::Table => println!(
+                    "merchant id: {}\nname:        {}\nwrite key:   {key}",
+                    merchant.id, merchant.name
+                ),
+            }
+            Ok(())
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Attach {
+                    merchant,
+                    name,
+                    file,
+                    config,
+                    target,
+                },
+        } => {
+            let js = target.jetstream().await?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let p = beacon_edge::pipelines::attach_plugin(
+                &js,
+                &merchant,
+                &name,
+                &bytes,
+                &config,
+                &whoami(),
+            )
+            .await?;
+            println!(
+                "merchant {} pipeline v{}: {}@{}",
+                p.merchant_id,
+                p.version,
+                name,
+                &p.plugins[0].sha256[..12]
+            );
+            Ok(())
+        }
+        Command::Demo {
+            data_dir,
+            events,
+            merchants,
+            batch,
+            concurrency,
+            attach_plugin,
+            seed,
+            format,
+        } => {
+            demo(
+                &data_dir,
+                events,
+                merchants,
+                batch,
+                concurrency,
+                attach_plugin,
+                seed,
+                format,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_ingest(
+    nats_url: String,
+    data_dir: PathBuf,
+    tuning: Tuning,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+    let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
+    cfg.max_batch = tuning.ingest_max_batch;
+    cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
+    beacon_ingest::run(cfg, wh, shutdown).await?;
+    Ok(())
+}
+
+async fn up(
+    data_dir: PathBuf,
+    edge_listen: SocketAddr,
+    nats_url: Option<String>,
+    plugins_dir: Option<PathBuf>,
+    tuning: Tuning,
+) -> Result<()> {
+    std::fs::create_dir_all(&data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    Endpoints::remove(&data_dir);
+    let (nats, nats_url) = match nats_url {
+        Some(url) => (None, url),
+        None => {
+            let server = NatsServer::start(&data_dir.join("nats"))?;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+    let edge = beacon_edge::Edge::start(beacon_edge::EdgeConfig::new(
+        nats_url.clone(),
+        edge_listen,
+        data_dir.clone(),
+    ))
+    .await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut ingest_cfg = beacon_ingest::IngestConfig::new(nats_url.clone());
+    ingest_cfg.max_batch = tuning.ingest_max_batch;
+    ingest_cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
+    let ingest = tokio::spawn(beacon_ingest::run(ingest_cfg, wh.clone(), stop_rx.clone()));
+    let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
+        wh.clone(),
+        Duration::from_secs(tuning.rollup_interval),
+        stop_rx,
+    ));
+
+    let layout = beacon_warehouse::Layout::new(&data_dir);
+    let endpoints = Endpoints {
+        nats_url: nats_url.clone(),
+        edge_quic: Some(edge.addr.to_string()),
+        edge_ca_cert: Some(edge.cert_path.clone()),
+        data_dir: data_dir.clone(),
+        catalog_uri: layout.catalog_uri(),
+        warehouse: layout.warehouse_uri(),
+        pid: std::process::id(),
+    };
+    endpoints.write(&data_dir)?;
+    eprintln!(
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        edge.addr,
+        edge.cert_path.display(),
+        nats_url,
+        endpoints.catalog_uri,
+        endpoints.warehouse,
+        Endpoints::path(&data_dir).display(),
+        plugins_dir.map(|d| format!("\n  example plugins:     {}", d.display())).unwrap_or_default(),
+    );
+
+    shutdown_signal().await;
+    eprintln!("shutting down: draining in-flight batches");
+    Endpoints::remove(&data_dir);
+    // Order matters: the edge stops taking batches and flushes what it acknowledged to
+    // JetStream; ingest then commits what it has read; only then does NATS go away.
+    edge.shutdown(Duration::from_secs(10)).await;
+    let _ = stop_tx.send(true);
+    match ingest.await {
+        Ok(Err(e)) => eprintln!("ingest stopped with an error: {e}"),
+        Err(e) => eprintln!("ingest task failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let _ = rollups.await;
+    if let Some(n) = nats {
+        n.stop();
+    }
+    Ok(())
+}
+
+async fn create_merchant(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<(beacon_proto::bus::Merchant, String)> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let id = format!("m_{:012x}", rng.random::<u64>() & 0xffff_ffff_ffff);
+    let key = format!("bk_{}", hex_string(&rng.random::<[u8; 16]>()));
+    let merchant = beacon_proto::bus::Merchant {
+        id,
+        name: name.to_string(),
+        write_key_sha256: beacon_edge::registry::hash_write_key(&key),
+        created_at: beacon_edge::now_ms(),
+    };
+    let store = beacon_edge::registry::open_bucket(js)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    beacon_edge::registry::create_merchant(&store, &merchant)
+        .await
+        .map_err(|e| anyhow!("registering merchant: {e}"))?;
+    Ok((merchant, key))
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DemoMerchant {
+    name: String,
+    id: String,
+    write_key: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn demo(
+    data_dir: &Path,
+    events: usize,
+    merchants: usize,
+    batch: usize,
+    concurrency: usize,
+    attach_plugin: Option<PathBuf>,
+    seed: u64,
+    format: Format,
+) -> Result<()> {
+    let endpoints = Endpoints::read(data_dir)?;
+    let edge = endpoints
+        .edge_quic
+        .clone()
+        .ok_or_else(|| anyhow!("no edge in endpoints.json"))?;
+    let ca = endpoints
+        .edge_ca_cert
+        .clone()
+        .ok_or_else(|| anyhow!("no edge certificate in endpoints.json"))?;
+    let js = async_nats::jetstream::new(async_nats::connect(&endpoints.nats_url).await?);
+
+    // Demo merchants are kept with their keys (the registry only has hashes).
+    let keys_path = data_dir.join("demo-merchants.json");
+    let mut known: Vec<DemoMerchant> = std::fs::read(&keys_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    while known.len() < merchants {
+        let name = format!("demo-shop-{}", known.len() + 1);
+        let (m, key) = create_merchant(&js, &name).await?;
+        known.push(DemoMerchant {
+            name,
+            id: m.id,
+            write_key: key,
+        });
+    }
+    std::fs::write(&keys_path, serde_json::to_vec_pretty(&known)?)?;
+    if let Some(file) = &attach_plugin {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        for m in known.iter().take(merchants) {
+            beacon_edge::pipelines::attach_plugin(
+                &js,
+                &m.id,
+                "utm",
+                &bytes,
+                r#"{"strip_from_url": true}"#,
+                "demo",
+            )
+            .await?;
+        }
+        // Edges apply pipeline changes from a KV watch; give them a moment.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let started = std::time::Instant::now();
+    let ca_pem = std::fs::read(&ca)?;
+    let addr: SocketAddr = edge.parse()?;
+    let now = beacon_edge::now_ms();
+    let per = events / merchants.max(1);
+    let mut tasks = Vec::new();
+    for (i, m) in known.iter().take(merchants).enumerate() {
+        let n = if i + 1 == merchants {
+            events - per * (merchants - 1)
+        } else {
+            per
+        };
+        let evs = beacon::demo::generate(
+            seed * 1000 + i as u64,
+            &format!("{}.example", m.name),
+            n,
+            now - 3 * 3600 * 1000,
+            3 * 3600 * 1000,
+            (n as u64 / 5).max(1),
+        );
+        let client = Arc::new(
+            beacon_sdk::Client::connect(beacon_sdk::ClientConfig::new(
+                addr,
+                ca_pem.clone(),
+                m.write_key.clone(),
+            ))
+            .await?,
+        );
+        tasks.push(tokio::spawn(beacon::demo::send_all(
+            client,
+            evs,
+            batch,
+            concurrency,
+        )));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??.events;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let report = serde_json::json!({"events": total, "merchants": merchants, "seconds": secs, "events_per_second": total as f64 / secs});
+    match format {
+        Format::Json => println!("{report}"),
+        _ => eprintln!("sent {total} events for {merchants} merchants in {secs:.2} s ({:.0} events/s, acknowledged as durable)", total as f64 / secs),
+    }
+    if total == 0 {
+        bail!("no events sent");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,165 @@
+//! Batch envelopes -> Arrow record batches shaped exactly like the Iceberg tables.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::error::ArrowError;
+use beacon_proto::{Envelope, Event};
+
+/// One envelope as read from the stream.
+pub struct Received {
+    pub seq: u64,
+    pub envelope: Envelope,
+}
+
+/// Builds the rows of `raw_events` (`processed == false`) or `events` from `items`.
+pub fn events_batch(
+    schema: &SchemaRef,
+    items: &[&Received],
+    processed: bool,
+) -> Result<RecordBatch, ArrowError> {
+    let rows: Vec<(&Received, &Event)> = items
+        .iter()
+        .flat_map(|r| {
+            let evs = if processed {
+                &r.envelope.processed
+            } else {
+                &r.envelope.raw
+            };
+            evs.iter().map(move |e| (*r, e))
+        })
+        .collect();
+    let n = rows.len();
+    let str_col = |f: &dyn Fn(&Received, &Event) -> Option<String>| -> ArrayRef {
+        let mut b = StringBuilder::with_capacity(n, n * 16);
+        for (r, e) in &rows {
+            b.append_option(f(r, e));
+        }
+        Arc::new(b.finish())
+    };
+    let ts_col = |f: &dyn Fn(&Event) -> i64| -> ArrayRef {
+        let mut b = TimestampMicrosecondBuilder::with_capacity(n);
+        for (_, e) in &rows {
+            b.append_value(f(e).saturating_mul(1000));
+        }
+        Arc::new(b.finish().with_timezone("+00:00"))
+    };
+    let mut revenue = Int64Builder::with_capacity(n);
+    let mut seq = Int64Builder::with_capacity(n);
+    for (r, e) in &rows {
+        revenue.append_option(e.revenue_micros);
+        seq.append_value(r.seq as i64);
+    }
+    let mut props = map_builder(schema.field_with_name("properties")?)?;
+    for (_, e) in &rows {
+        for (k, v) in &e.properties {
+            props.keys().append_value(k);
+            props.values().append_value(v);
+        }
+        props.append(true)?;
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        str_col(&|_, e| Some(e.event_id.clone())),
+        str_col(&|_, e| Some(e.merchant_id.clone())),
+        str_col(&|_, e| Some(e.name.clone())),
+        ts_col(&|e| e.ts),
+        ts_col(&|e| e.received_at),
+        str_col(&|_, e| e.url.clone()),
+        str_col(&|_, e| e.referrer.clone()),
+        str_col(&|_, e| e.title.clone()),
+        str_col(&|_, e| e.visitor_id.clone()),
+        str_col(&|_, e| e.session_id.clone()),
+        str_col(&|_, e| e.user_id.clone()),
+        Arc::new(revenue.finish()),
+        str_col(&|_, e| e.currency.clone()),
+        Arc::new(props.finish()),
+        str_col(&|r, _| Some(r.envelope.edge_id.clone())),
+        str_col(&|r, _| Some(r.envelope.batch_id.clone())),
+        Arc::new(seq.finish()),
+    ];
+    if processed {
+        columns.push(str_col(&|r, _| {
+            r.envelope.pipeline.as_ref().map(|p| p.label())
+        }));
+    }
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Builds the rows of `failed_events` from `items`.
+pub fn failures_batch(schema: &SchemaRef, items: &[&Received]) -> Result<RecordBatch, ArrowError> {
+    let rows: Vec<_> = items
+        .iter()
+        .flat_map(|r| r.envelope.failures.iter().map(move |f| (*r, f)))
+        .collect();
+    let n = rows.len();
+    let mut cols: Vec<StringBuilder> = (0..8)
+        .map(|_| StringBuilder::with_capacity(n, n * 32))
+        .collect();
+    let mut version = Int64Builder::with_capacity(n);
+    let mut received = TimestampMicrosecondBuilder::with_capacity(n);
+    let mut seq = Int64Builder::with_capacity(n);
+    for (r, f) in &rows {
+        cols[0].append_value(&r.envelope.merchant_id);
+        cols[1].append_value(&r.envelope.batch_id);
+        cols[2].append_value(&f.event_id);
+        cols[3].append_value(f.stage.as_str());
+        cols[4].append_option(f.plugin.as_deref());
+        version.append_option(f.pipeline_version.map(|v| v as i64));
+        cols[5].append_value(&f.reason);
+        cols[6].append_value(&f.payload);
+        received.append_value(r.envelope.received_at.saturating_mul(1000));
+        cols[7].append_value(&r.envelope.edge_id);
+        seq.append_value(r.seq as i64);
+    }
+    let mut s = cols
+        .into_iter()
+        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
+    let mut next = || {
+        s.next()
+            .ok_or_else(|| ArrowError::SchemaError("column count".into()))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        Arc::new(version.finish()),
+        next()?,
+        next()?,
+        Arc::new(received.finish().with_timezone("+00:00")),
+        next()?,
+        Arc::new(seq.finish()),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// A map builder whose entry/key/value fields (names, nullability, field ids) match `field`.
+fn map_builder(field: &Field) -> Result<MapBuilder<StringBuilder, StringBuilder>, ArrowError> {
+    let DataType::Map(entries, _) = field.data_type() else {
+        return Err(ArrowError::SchemaError(format!(
+            "{} is not a map",
+            field.name()
+        )));
+    };
+    let DataType::Struct(kv) = entries.data_type() else {
+        return Err(ArrowError::SchemaError(
+            "map entries are not a struct".into(),
+        ));
+    };
+    Ok(MapBuilder::new(
+        Some(MapFieldNames {
+            entry: entries.name().clone(),
+            key: kv[0].name().clone(),
+            value: kv[1].name().clone(),
+        }),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    )
+    .with_keys_field(kv[0].clone())
+    .with_values_field(kv[1].clone()))
+}

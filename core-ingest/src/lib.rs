@@ -1,0 +1,240 @@
+//! core-ingest: moves batch envelopes from JetStream into Iceberg, exactly once.
+//!
+//! The Iceberg tables, not the consumer, are the record of progress: every commit carries
+//! the last stream sequence it contains ([`beacon_warehouse::tables::SEQ_PROPERTY`]). On
+//! start, ingest reads those sequences and (re)creates its durable consumer to deliver from
+//! the lowest one + 1; each table then skips what it already holds. Messages are acked only
+//! after the commits. So a crash at any point - before, between or after the three table
+//! commits, or before the ack - neither loses nor duplicates a row. One ingest process per
+//! stream: concurrent writers to the same tables are not supported (see ARCHITECTURE.md).
+
+pub mod convert;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use beacon_proto::envelope::ENVELOPE_VERSION;
+use beacon_proto::{bus, Envelope, Failure, FailureStage};
+use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
+use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::convert::Received;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Warehouse(#[from] WarehouseError),
+    #[error("Arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+fn nats<E: std::fmt::Display>(e: E) -> IngestError {
+    IngestError::Nats(e.to_string())
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub nats_url: String,
+    /// Most envelopes per Iceberg commit.
+    pub max_batch: usize,
+    /// Longest an envelope waits for its commit when traffic is light.
+    pub max_wait: Duration,
+}
+
+impl IngestConfig {
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            max_batch: 2000,
+            max_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+const TABLES: [TableKind; 3] = [
+    TableKind::RawEvents,
+    TableKind::Events,
+    TableKind::FailedEvents,
+];
+
+/// Runs until `shutdown` turns true (finishing the batch in hand) or an error occurs.
+pub async fn run(
+    cfg: IngestConfig,
+    wh: Arc<Warehouse>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("beacon-ingest")
+        .connect(&cfg.nats_url)
+        .await
+        .map_err(nats)?;
+    let js = jetstream::new(client);
+    let mut stream = loop {
+        match js.get_stream(bus::EVENTS_STREAM).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for the events stream (created by the first edge)");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    };
+
+    let mut committed: HashMap<TableKind, u64> = HashMap::new();
+    for kind in TABLES {
+        committed.insert(kind, wh.committed_seq(kind).await?);
+    }
+    let start = committed.values().copied().min().unwrap_or(0);
+    let _ = stream.delete_consumer(bus::INGEST_CONSUMER).await;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(bus::INGEST_CONSUMER.into()),
+            deliver_policy: if start == 0 {
+                consumer::DeliverPolicy::All
+            } else {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start + 1,
+                }
+            },
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: Duration::from_secs(300),
+            max_ack_pending: (cfg.max_batch as i64) * 4,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
+    let last_seq = stream.info().await.map_err(nats)?.state.last_sequence;
+    tracing::info!(
+        from = start + 1,
+        stream_last = last_seq,
+        ?committed,
+        "ingest started"
+    );
+
+    let schemas = {
+        let mut m = HashMap::new();
+        for kind in TABLES {
+            m.insert(kind, arrow_schema(&wh.table(kind).await?)?);
+        }
+        m
+    };
+
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut batch = consumer
+            .batch()
+            .max_messages(cfg.max_batch)
+            .expires(cfg.max_wait)
+            .messages()
+            .await
+            .map_err(nats)?;
+        let mut received = Vec::new();
+        let mut last = None;
+        loop {
+            let next = tokio::select! {
+                m = batch.next() => m,
+                _ = shutdown.changed() => break,
+            };
+            let Some(msg) = next else { break };
+            let msg = msg.map_err(nats)?;
+            let seq = msg.info().map_err(nats)?.stream_sequence;
+            received.push(decode(seq, &msg.payload));
+            last = Some(msg);
+        }
+        let Some(last) = last else { continue };
+        let started = Instant::now();
+        let max_seq = received.iter().map(|r| r.seq).max().unwrap_or(0);
+        let mut rows = 0;
+        for kind in TABLES {
+            let done = committed[&kind];
+            let todo: Vec<&Received> = received.iter().filter(|r| r.seq > done).collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let schema = &schemas[&kind];
+            let batch = match kind {
+                TableKind::RawEvents => convert::events_batch(schema, &todo, false)?,
+                TableKind::Events => convert::events_batch(schema, &todo, true)?,
+                _ => convert::failures_batch(schema, &todo)?,
+            };
+            // Tables without rows for these messages need no commit: their sequence may lag
+            // but they hold nothing from the skipped range, so a replay adds nothing.
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            rows += batch.num_rows();
+            wh.append(
+                kind,
+                batch,
+                HashMap::from([(SEQ_PROPERTY.to_string(), max_seq.to_string())]),
+            )
+            .await?;
+            committed.insert(kind, max_seq);
+        }
+        // AckPolicy::All: acking the last message acks the whole batch.
+        last.double_ack().await.map_err(nats)?;
+        tracing::debug!(
+            envelopes = received.len(),
+            rows,
+            max_seq,
+            ms = started.elapsed().as_millis() as u64,
+            "committed"
+        );
+    }
+}
+
+/// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.
+fn decode(seq: u64, payload: &[u8]) -> Received {
+    let envelope = match Envelope::from_json(payload) {
+        Ok(env) if env.v == ENVELOPE_VERSION => env,
+        Ok(env) => unreadable(
+            payload,
+            format!("unsupported envelope version {}", env.v),
+            Some(env),
+        ),
+        Err(e) => unreadable(payload, format!("undecodable envelope: {e}"), None),
+    };
+    Received { seq, envelope }
+}
+
+fn unreadable(payload: &[u8], reason: String, env: Option<Envelope>) -> Envelope {
+    let kept = &payload[..payload.len().min(64 * 1024)];
+    Envelope {
+        v: ENVELOPE_VERSION,
+        batch_id: env.as_ref().map(|e| e.batch_id.clone()).unwrap_or_default(),
+        merchant_id: env
+            .as_ref()
+            .map(|e| e.merchant_id.clone())
+            .unwrap_or_default(),
+        edge_id: env.as_ref().map(|e| e.edge_id.clone()).unwrap_or_default(),
+        received_at: env.as_ref().map(|e| e.received_at).unwrap_or_else(now_ms),
+        pipeline: None,
+        raw: Vec::new(),
+        processed: Vec::new(),
+        failures: vec![Failure {
+            stage: FailureStage::Decode,
+            event_id: String::new(),
+            plugin: None,
+            pipeline_version: None,
+            reason,
+            payload: String::from_utf8_lossy(kept).into_owned(),
+        }],
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,155 @@
+//! Beacon's edge node: where SDKs and trackers connect.
+//!
+//! Data flow: QUIC connection -> RSocket SETUP (write key -> merchant) -> batch frames ->
+//! [`process::Processor`] (validate, plugin chain) -> [`publish::Publisher`] (JetStream, acked)
+//! -> answer to the client. The edge never links the warehouse: it only knows the bus.
+
+pub mod pipelines;
+pub mod process;
+pub mod publish;
+pub mod quic;
+pub mod registry;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use beacon_plugins::{Runtime, SandboxLimits};
+use beacon_proto::Limits;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Nats { url: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Plugins(#[from] beacon_plugins::PluginError),
+    #[error(transparent)]
+    Pipelines(#[from] pipelines::PipelineError),
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub edge_id: String,
+    pub nats_url: String,
+    pub listen: SocketAddr,
+    /// Holds the TLS identity and the compiled-plugin cache.
+    pub data_dir: PathBuf,
+    pub quic: quic::QuicLimits,
+    pub event_limits: Limits,
+    pub sandbox: SandboxLimits,
+}
+
+impl EdgeConfig {
+    pub fn new(nats_url: impl Into<String>, listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            edge_id: "edge-1".into(),
+            nats_url: nats_url.into(),
+            listen,
+            data_dir,
+            quic: quic::QuicLimits::default(),
+            event_limits: Limits::default(),
+            sandbox: SandboxLimits::default(),
+        }
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    pub addr: SocketAddr,
+    pub cert_path: PathBuf,
+    endpoint: quinn::Endpoint,
+    processor: Arc<process::Processor>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Edge {
+    pub async fn start(cfg: EdgeConfig) -> Result<Self, EdgeError> {
+        let nats_err = |e: &dyn std::fmt::Display| EdgeError::Nats {
+            url: cfg.nats_url.clone(),
+            reason: e.to_string(),
+        };
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("beacon-edge {}", cfg.edge_id))
+            .connect(&cfg.nats_url)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let js = jetstream::new(client);
+        publish::ensure_stream(&js)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let merchants = registry::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
+        let registry = registry::Registry::start(merchants)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let runtime = Arc::new(Runtime::new(
+            cfg.sandbox.clone(),
+            Some(cfg.data_dir.join("plugin-cache")),
+        )?);
+        let pipelines = pipelines::Pipelines::start(&js, runtime).await?;
+        let processor = Arc::new(process::Processor::new(
+            cfg.edge_id.clone(),
+            cfg.event_limits,
+            pipelines,
+            publish::Publisher::new(js),
+        ));
+
+        let identity = tls::Identity::load_or_create(&cfg.data_dir.join("tls"))?;
+        let server_config = identity.server_config(quic::transport_config())?;
+        let endpoint = quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| {
+            EdgeError::Listen {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
+        let addr = endpoint.local_addr().map_err(|source| EdgeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+        let shared = quic::Shared {
+            registry,
+            processor: processor.clone(),
+            limits: cfg.quic.clone(),
+        };
+        let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
+        tracing::info!(%addr, edge_id = %cfg.edge_id, "edge listening (RSocket over QUIC)");
+        Ok(Self {
+            addr,
+            cert_path: identity.cert_path,
+            endpoint,
+            processor,
+            task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight batches reach JetStream and their answers reach the
+    /// clients, then closes every connection.
+    pub async fn shutdown(self, grace: Duration) {
+        self.endpoint.set_server_config(None);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.processor.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Give the writers a moment to flush the last answers.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.endpoint.close(0u32.into(), b"edge shutting down");
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,239 @@
+//! From a decoded batch to a durable envelope: validate, run the merchant's plugin chain,
+//! publish, and answer only once JetStream has acknowledged.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use beacon_proto::envelope::ENVELOPE_VERSION;
+use beacon_proto::event::RejectedEvent;
+use beacon_proto::{BatchRequest, BatchResponse, Envelope, Failure, FailureStage, Limits};
+
+use crate::pipelines::Pipelines;
+use crate::publish::{PublishError, Publisher};
+
+/// How much of an undecodable payload is kept in `failed_events` for diagnosis.
+const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The payload is not a batch; the client must fix it (never retried).
+    #[error("batch is not valid JSON of the form {{\"events\": [...]}}: {0}")]
+    Decode(String),
+    #[error("batch holds {count} events, over the limit of {max}")]
+    TooManyEvents { count: usize, max: usize },
+    /// The pipeline cannot take it now; the client should retry the same batch.
+    #[error("not stored, retry: {0}")]
+    NotDurable(#[from] PublishError),
+}
+
+pub struct Processor {
+    edge_id: String,
+    /// `<edge-id>-<boot-ms>`: batch ids stay unique across restarts of the same edge.
+    batch_prefix: String,
+    seq: AtomicU64,
+    limits: Limits,
+    pub max_batch_events: usize,
+    pipelines: Pipelines,
+    publisher: Publisher,
+    active: AtomicUsize,
+}
+
+/// Counts a batch as in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        Self(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Processor {
+    pub fn new(
+        edge_id: String,
+        limits: Limits,
+        pipelines: Pipelines,
+        publisher: Publisher,
+    ) -> Self {
+        Self {
+            batch_prefix: format!("{edge_id}-{}", crate::now_ms()),
+            edge_id,
+            seq: AtomicU64::new(0),
+            limits,
+            max_batch_events: 10_000,
+            pipelines,
+            publisher,
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Batches being processed or published right now.
+    pub fn in_flight(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Processes one batch payload for an authenticated merchant.
+    pub async fn process(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        payload: &[u8],
+    ) -> Result<BatchResponse, ProcessError> {
+        let _in_flight = InFlight::new(&self.active);
+        let now = crate::now_ms();
+        let batch_id = format!(
+            "{}:{}",
+            self.batch_prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let request: BatchRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = e.to_string();
+                self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
+                    .await;
+                return Err(ProcessError::Decode(reason));
+            }
+        };
+        if request.events.len() > self.max_batch_events {
+            let reason = format!("batch of {} events", request.events.len());
+            self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
+                .await;
+            return Err(ProcessError::TooManyEvents {
+                count: request.events.len(),
+                max: self.max_batch_events,
+            });
+        }
+
+        let mut raw = Vec::with_capacity(request.events.len());
+        let mut failures = Vec::new();
+        let mut rejected = Vec::new();
+        for (index, mut event) in request.events.into_iter().enumerate() {
+            // Identity and receive time come from the connection and our clock, never the client.
+            event.merchant_id = merchant_id.to_string();
+            event.received_at = now;
+            match event.validate(&self.limits, now) {
+                Ok(()) => raw.push(event),
+                Err(e) => {
+                    let reason = e.to_string();
+                    rejected.push(RejectedEvent {
+                        index,
+                        event_id: event.event_id.clone(),
+                        reason: reason.clone(),
+                    });
+                    failures.push(Failure {
+                        stage: FailureStage::Validate,
+                        event_id: event.event_id.clone(),
+                        plugin: None,
+                        pipeline_version: None,
+                        reason,
+                        payload: serde_json::to_string(&event).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+
+        let mut plugin_error = None;
+        let chain = self.pipelines.get(merchant_id);
+        let (processed, pipeline) = match chain {
+            None => (raw.clone(), None),
+            Some(chain) => {
+                let input = raw.clone();
+                let runner = chain.clone();
+                // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
+                let result = tokio::task::spawn_blocking(move || runner.run(input)).await;
+                let pipeline = Some(chain.pipeline().clone());
+                match result {
+                    Ok(Ok(out)) => (out, pipeline),
+                    Ok(Err(failure)) => {
+                        tracing::warn!(merchant = merchant_id, batch_id, plugin = %failure.plugin, error = %failure.error, "plugin failed; batch held in failed_events");
+                        plugin_error = Some(format!("{}: {}", failure.plugin, failure.error));
+                        for e in &raw {
+                            failures.push(Failure {
+                                stage: FailureStage::Plugin,
+                                event_id: e.event_id.clone(),
+                                plugin: Some(failure.plugin.clone()),
+                                pipeline_version: Some(chain.pipeline().version),
+                                reason: failure.error.to_string(),
+                                payload: serde_json::to_string(e).unwrap_or_default(),
+                            });
+                        }
+                        (Vec::new(), pipeline)
+                    }
+                    Err(join) => {
+                        plugin_error = Some(format!("plugin host task failed: {join}"));
+                        for e in &raw {
+                            failures.push(Failure {
+                                stage: FailureStage::Plugin,
+                                event_id: e.event_id.clone(),
+                                plugin: None,
+                                pipeline_version: Some(chain.pipeline().version),
+                                reason: format!("plugin host task failed: {join}"),
+                                payload: serde_json::to_string(e).unwrap_or_default(),
+                            });
+                        }
+                        (Vec::new(), pipeline)
+                    }
+                }
+            }
+        };
+
+        let accepted = raw.len();
+        let envelope = Envelope {
+            v: ENVELOPE_VERSION,
+            batch_id: batch_id.clone(),
+            merchant_id: merchant_id.to_string(),
+            edge_id: self.edge_id.clone(),
+            received_at: now,
+            pipeline,
+            raw,
+            processed,
+            failures,
+        };
+        self.publisher.publish(&envelope).await?;
+        Ok(BatchResponse {
+            batch_id,
+            accepted,
+            rejected,
+            plugin_error,
+        })
+    }
+
+    /// Keeps a payload we could not decode, so it is in `failed_events` and not just a log line.
+    async fn keep_undecodable(
+        &self,
+        merchant_id: &str,
+        batch_id: &str,
+        now: i64,
+        payload: &[u8],
+        reason: &str,
+    ) {
+        let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD)];
+        let envelope = Envelope {
+            v: ENVELOPE_VERSION,
+            batch_id: batch_id.to_string(),
+            merchant_id: merchant_id.to_string(),
+            edge_id: self.edge_id.clone(),
+            received_at: now,
+            pipeline: None,
+            raw: Vec::new(),
+            processed: Vec::new(),
+            failures: vec![Failure {
+                stage: FailureStage::Decode,
+                event_id: String::new(),
+                plugin: None,
+                pipeline_version: None,
+                reason: reason.to_string(),
+                payload: String::from_utf8_lossy(kept).into_owned(),
+            }],
+        };
+        if let Err(e) = self.publisher.publish(&envelope).await {
+            tracing::error!(batch_id, error = %e, "could not keep an undecodable batch");
+        }
+    }
+}

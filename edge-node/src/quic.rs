@@ -1,0 +1,290 @@
+//! The RSocket-over-QUIC listener: one thin async loop per connection around the pure
+//! framing in `beacon_proto::wire`.
+//!
+//! Backpressure: each connection has a bounded number of requests in flight. When they are
+//! all busy (JetStream slow, plugins slow), the loop stops reading the QUIC stream, the
+//! receive window fills, and QUIC flow control stops the client. Nothing is buffered
+//! without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use beacon_proto::wire::{self, Body, Frame, FrameReader, WireError};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
+
+use crate::process::{ProcessError, Processor};
+use crate::registry::Registry;
+
+#[derive(Debug, Clone)]
+pub struct QuicLimits {
+    pub max_frame_len: usize,
+    pub max_in_flight_per_conn: usize,
+    pub setup_timeout: Duration,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_len: wire::DEFAULT_MAX_FRAME_LEN,
+            max_in_flight_per_conn: 64,
+            setup_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // One request stream per connection; windows sized for a few frames in flight, so flow
+    // control engages quickly when we stop reading.
+    t.max_concurrent_bidi_streams(4u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((4u32 << 20).into())
+        .receive_window((8u32 << 20).into())
+        .keep_alive_interval(Some(Duration::from_secs(10)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(60)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+#[derive(Clone)]
+pub struct Shared {
+    pub registry: Registry,
+    pub processor: Arc<Processor>,
+    pub limits: QuicLimits,
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: quinn::Endpoint, shared: Shared) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    let span = tracing::info_span!("conn", %remote);
+                    handle(conn, shared).instrument(span).await;
+                }
+                Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+enum Outcome {
+    /// The client went away or closed normally.
+    Done,
+    /// A connection-level error to report before closing.
+    Error(u32, String),
+}
+
+async fn handle(conn: quinn::Connection, shared: Shared) {
+    // The server writes only on its own first bidirectional stream.
+    let (tx, rx) = mpsc::channel::<Frame>(shared.limits.max_in_flight_per_conn + 8);
+    let writer = {
+        let conn = conn.clone();
+        tokio::spawn(write_loop(conn, rx))
+    };
+    let outcome = read_loop(&conn, &shared, tx.clone()).await;
+    if let Outcome::Error(code, message) = &outcome {
+        tracing::info!(code, %message, "closing connection");
+        let _ = tx.send(wire::error_frame(0, *code, message)).await;
+    }
+    drop(tx);
+    // Let the writer flush in-flight answers and the final ERROR, then close.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    conn.close(0u32.into(), b"");
+}
+
+async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>) {
+    let Some(first) = rx.recv().await else { return };
+    let Ok((mut send, _recv)) = conn.open_bi().await else {
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    wire::encode(&first, &mut buf);
+    loop {
+        // Coalesce whatever is ready into one write.
+        while let Ok(f) = rx.try_recv() {
+            wire::encode(&f, &mut buf);
+            if buf.len() > 256 * 1024 {
+                break;
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        match rx.recv().await {
+            Some(f) => wire::encode(&f, &mut buf),
+            None => break,
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<Frame>) -> Outcome {
+    let limits = &shared.limits;
+    let setup = tokio::time::timeout(limits.setup_timeout, async {
+        let (_send, recv) = conn.accept_bi().await.ok()?;
+        Some(recv)
+    })
+    .await;
+    let Ok(Some(mut recv)) = setup else {
+        return Outcome::Error(wire::ERR_INVALID_SETUP, "no SETUP in time".into());
+    };
+    let mut reader = FrameReader::new(limits.max_frame_len);
+
+    // SETUP first, within the setup timeout.
+    let first =
+        tokio::time::timeout(limits.setup_timeout, next_frame(&mut recv, &mut reader)).await;
+    let merchant_id = match first {
+        Err(_) => return Outcome::Error(wire::ERR_INVALID_SETUP, "no SETUP in time".into()),
+        Ok(Err(outcome)) => return outcome,
+        Ok(Ok(None)) => return Outcome::Done,
+        Ok(Ok(Some(frame))) => match frame.get_body() {
+            Body::Setup(setup) => {
+                let key = setup
+                    .get_metadata()
+                    .map(|m| String::from_utf8_lossy(m).trim().to_string())
+                    .unwrap_or_default();
+                if key.is_empty() {
+                    return Outcome::Error(
+                        wire::ERR_REJECT_SETUP,
+                        "SETUP metadata must carry the merchant's write key".into(),
+                    );
+                }
+                match shared.registry.merchant_for_key(&key).await {
+                    Some(id) => id,
+                    None => {
+                        return Outcome::Error(wire::ERR_REJECT_SETUP, "unknown write key".into())
+                    }
+                }
+            }
+            _ => {
+                return Outcome::Error(
+                    wire::ERR_INVALID_SETUP,
+                    "the first frame must be SETUP".into(),
+                )
+            }
+        },
+    };
+    tracing::debug!(merchant = %merchant_id, "setup accepted");
+    let merchant: Arc<str> = merchant_id.into();
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_conn));
+
+    loop {
+        let frame = match next_frame(&mut recv, &mut reader).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(outcome) => return outcome,
+        };
+        let stream_id = frame.get_stream_id();
+        let flag = frame.get_flag();
+        match frame.get_body() {
+            Body::RequestResponse(req) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let data = req.get_data().cloned().unwrap_or_default();
+                let (processor, merchant, tx) =
+                    (shared.processor.clone(), merchant.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = match processor.process(&merchant, &data).await {
+                        Ok(resp) => wire::response_frame(
+                            stream_id,
+                            Bytes::from(serde_json::to_vec(&resp).unwrap_or_default()),
+                        ),
+                        Err(e) => wire::error_frame(stream_id, error_code(&e), &e.to_string()),
+                    };
+                    let _ = tx.send(answer).await;
+                    drop(permit);
+                });
+            }
+            Body::RequestFNF(req) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let data = req.get_data().cloned().unwrap_or_default();
+                let (processor, merchant) = (shared.processor.clone(), merchant.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = processor.process(&merchant, &data).await {
+                        tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
+                    }
+                    drop(permit);
+                });
+            }
+            Body::Keepalive(k) => {
+                if flag & Frame::FLAG_RESPOND != 0 {
+                    let pong = wire::frame::Keepalive::builder(0, 0)
+                        .set_last_received_position(k.get_last_received_position())
+                        .build();
+                    if tx.send(pong).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Body::Error(e) if stream_id == 0 => {
+                tracing::info!(code = e.get_code(), "client closed with error");
+                break;
+            }
+            // A batch cannot be un-published; CANCEL and REQUEST_N have nothing to act on.
+            Body::Cancel()
+            | Body::RequestN(_)
+            | Body::Error(_)
+            | Body::MetadataPush(_)
+            | Body::Lease(_) => {}
+            Body::Setup(_) => {
+                return Outcome::Error(wire::ERR_INVALID_SETUP, "SETUP sent twice".into());
+            }
+            _ => {
+                let answer = wire::error_frame(
+                    stream_id,
+                    wire::ERR_REJECTED,
+                    "unsupported interaction: use request-response or fire-and-forget",
+                );
+                if tx.send(answer).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // Wait for in-flight batches to finish (graceful shutdown drains them).
+    let _ = in_flight
+        .acquire_many(limits.max_in_flight_per_conn as u32)
+        .await;
+    Outcome::Done
+}
+
+fn error_code(e: &ProcessError) -> u32 {
+    match e {
+        ProcessError::Decode(_) | ProcessError::TooManyEvents { .. } => wire::ERR_INVALID,
+        // REJECTED: not processed, safe to retry.
+        ProcessError::NotDurable(_) => wire::ERR_REJECTED,
+    }
+}
+
+/// The next frame; `Ok(None)` when the client finished its stream.
+async fn next_frame(
+    recv: &mut quinn::RecvStream,
+    reader: &mut FrameReader,
+) -> Result<Option<Frame>, Outcome> {
+    loop {
+        match reader.next_frame() {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e @ WireError::TooLarge { .. }) => {
+                return Err(Outcome::Error(wire::ERR_CONN_FAILED, e.to_string()))
+            }
+            Err(e) => return Err(Outcome::Error(wire::ERR_CONN_FAILED, e.to_string())),
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => reader.extend(&chunk.bytes),
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(Outcome::Done),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! A deliberately hostile plugin for sandbox tests. Its config string picks the misdeed:
+//! `loop` (never returns), `alloc` (tries to allocate 1 GiB), `trap` (panics -> trap),
+//! `error` (returns a plugin error), anything else passes the batch through unchanged.
+
+wit_bindgen::generate!({ path: "../../../wit", world: "processor" });
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn process(config: String, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        match config.trim() {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let v: Vec<u8> = vec![1u8; 1 << 30];
+                let n = std::hint::black_box(&v).len();
+                Err(PluginError {
+                    message: format!("allocated {n} bytes"),
+                })
+            }
+            "trap" => panic!("hostile plugin panics on purpose"),
+            "error" => Err(PluginError {
+                message: "refused on purpose".into(),
+            }),
+            _ => Ok(batch),
+        }
+    }
+}
+
+export!(Hostile);

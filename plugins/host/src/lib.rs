@@ -1,0 +1,296 @@
+//! The host side of Beacon's processing plugins: WebAssembly components implementing the
+//! `beacon:plugin/processor` world (see `wit/plugin.wit`), run by wasmtime in a sandbox.
+//!
+//! - **Content-addressed**: a plugin version is the sha256 of its component bytes.
+//! - **Deterministic**: a plugin can import only the WASI interfaces a Rust std guest needs
+//!   for stdio (captured, bounded) and an empty environment. No clocks, randomness,
+//!   filesystem or network; a component importing them is refused with the import's name.
+//!   Every call gets a fresh instance, so no state leaks from one batch into the next: the
+//!   same input and config always give the same output.
+//! - **Bounded**: each call has a fuel budget (deterministic CPU limit), a wall-clock backstop
+//!   (epoch interruption), a memory cap and output caps. A breach fails that batch only.
+//! - **Cached**: compiled code is kept on disk by content hash, so restarts do not recompile.
+
+mod convert;
+mod sandbox;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use beacon_proto::{Event, PipelineRef, PluginRef};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::Engine;
+
+pub use sandbox::SandboxLimits;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "processor",
+    });
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("component is {size} bytes, over the {max}-byte limit for plugins")]
+    TooLarge { size: usize, max: usize },
+    #[error("component hash is {actual}, not the expected {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("not a valid plugin component: {0}")]
+    Invalid(String),
+    #[error("plugin imports `{0}`, which plugins may not use (no clocks, randomness, filesystem, network or host calls: processing must be deterministic)")]
+    ForbiddenImport(String),
+    #[error("plugin used its whole CPU budget ({fuel} fuel) without finishing")]
+    OutOfFuel { fuel: u64 },
+    #[error("plugin ran past its {0:?} wall-clock deadline")]
+    Timeout(Duration),
+    #[error("plugin tried to use more than its {limit_bytes}-byte memory limit")]
+    MemoryLimit { limit_bytes: usize },
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    #[error("plugin returned an error: {0}")]
+    Guest(String),
+    #[error("plugin output {what} {actual}, over the limit of {max}")]
+    OutputTooLarge {
+        what: &'static str,
+        actual: usize,
+        max: usize,
+    },
+    #[error("plugin produced an invalid event: {0}")]
+    InvalidOutput(String),
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+}
+
+impl PluginError {
+    fn runtime(e: wasmtime::Error) -> Self {
+        Self::Runtime(format!("{e:#}"))
+    }
+}
+
+/// A compiled, validated plugin version, ready to instantiate.
+pub struct Plugin {
+    sha256: String,
+    pre: bindings::ProcessorPre<sandbox::HostState>,
+    engine: Engine,
+    limits: SandboxLimits,
+}
+
+impl Plugin {
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Runs one batch in a fresh instance. Never panics on anything the guest does.
+    pub fn process(&self, config: &str, events: &[Event]) -> Result<Vec<Event>, PluginError> {
+        let input: Vec<bindings::beacon::plugin::types::Event> =
+            events.iter().map(convert::to_guest).collect();
+        let mut store = sandbox::new_store(&self.engine, &self.limits)?;
+        let started = Instant::now();
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|p| p.call_process(&mut store, config, &input));
+        let output = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(PluginError::Guest(e.message)),
+            Err(e) => {
+                return Err(sandbox::classify(
+                    e,
+                    &store,
+                    &self.limits,
+                    started.elapsed(),
+                ))
+            }
+        };
+        let max_events = self.limits.max_output_events(events.len());
+        if output.len() > max_events {
+            return Err(PluginError::OutputTooLarge {
+                what: "events",
+                actual: output.len(),
+                max: max_events,
+            });
+        }
+        let bytes: usize = output.iter().map(convert::approx_size).sum();
+        if bytes > self.limits.max_output_bytes {
+            return Err(PluginError::OutputTooLarge {
+                what: "bytes",
+                actual: bytes,
+                max: self.limits.max_output_bytes,
+            });
+        }
+        Ok(output.into_iter().map(convert::from_guest).collect())
+    }
+}
+
+/// Compiles, validates and caches plugin components.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<sandbox::HostState>,
+    limits: SandboxLimits,
+    cache_dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<String, Arc<Plugin>>>,
+}
+
+impl Runtime {
+    pub fn new(limits: SandboxLimits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        let engine = sandbox::engine()?;
+        let linker = sandbox::linker(&engine)?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| PluginError::Runtime(format!("cache dir {}: {e}", dir.display())))?;
+        }
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            cache_dir,
+            loaded: Mutex::default(),
+        })
+    }
+
+    pub fn sha256(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    /// A plugin already loaded in this process.
+    pub fn cached(&self, sha256: &str) -> Option<Arc<Plugin>> {
+        self.loaded.lock().ok()?.get(sha256).cloned()
+    }
+
+    /// Validates and compiles `bytes` (whose hash must be `sha256`), or loads the compiled
+    /// code from the disk cache. CPU-heavy on a miss: call from a blocking thread.
+    pub fn load(&self, sha256: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
+        if let Some(p) = self.cached(sha256) {
+            return Ok(p);
+        }
+        if bytes.len() > self.limits.max_component_bytes {
+            return Err(PluginError::TooLarge {
+                size: bytes.len(),
+                max: self.limits.max_component_bytes,
+            });
+        }
+        let actual = Self::sha256(bytes);
+        if actual != sha256 {
+            return Err(PluginError::HashMismatch {
+                expected: sha256.to_string(),
+                actual,
+            });
+        }
+        let component = self.compile(sha256, bytes)?;
+        sandbox::check_imports(&self.engine, &component)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        let pre = bindings::ProcessorPre::new(instance_pre).map_err(|e| {
+            PluginError::Invalid(format!(
+                "does not implement the beacon:plugin/processor world: {e:#}"
+            ))
+        })?;
+        let plugin = Arc::new(Plugin {
+            sha256: sha256.to_string(),
+            pre,
+            engine: self.engine.clone(),
+            limits: self.limits.clone(),
+        });
+        if let Ok(mut l) = self.loaded.lock() {
+            l.insert(sha256.to_string(), plugin.clone());
+        }
+        Ok(plugin)
+    }
+
+    fn compile(&self, sha256: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        let cache_file = self.cache_dir.as_ref().map(|d| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.engine.precompile_compatibility_hash().hash(&mut h);
+            d.join(format!("{sha256}-{:016x}.cwasm", h.finish()))
+        });
+        if let Some(path) = &cache_file {
+            if path.exists() {
+                // SAFETY: the file was written by `Component::serialize` below, under a name
+                // bound to the engine's compatibility hash, and is never modified in place.
+                match unsafe { Component::deserialize_file(&self.engine, path) } {
+                    Ok(c) => return Ok(c),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "stale compiled plugin; recompiling")
+                    }
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        if let Some(path) = &cache_file {
+            match component.serialize() {
+                Ok(code) => {
+                    let tmp = path.with_extension("tmp");
+                    if std::fs::write(&tmp, code)
+                        .and_then(|_| std::fs::rename(&tmp, path))
+                        .is_err()
+                    {
+                        tracing::warn!(path = %path.display(), "could not cache compiled plugin");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %PluginError::runtime(e), "could not serialize compiled plugin")
+                }
+            }
+        }
+        Ok(component)
+    }
+}
+
+/// A merchant's ordered plugins with their configs: one pipeline version.
+pub struct Chain {
+    pipeline: PipelineRef,
+    plugins: Vec<(PluginRef, Arc<Plugin>)>,
+}
+
+/// Which plugin of a chain failed, and how.
+#[derive(Debug)]
+pub struct ChainFailure {
+    /// `name@sha256-prefix`
+    pub plugin: String,
+    pub error: PluginError,
+}
+
+impl Chain {
+    pub fn new(pipeline: PipelineRef, plugins: Vec<(PluginRef, Arc<Plugin>)>) -> Self {
+        Self { pipeline, plugins }
+    }
+
+    pub fn pipeline(&self) -> &PipelineRef {
+        &self.pipeline
+    }
+
+    /// Runs the batch through every plugin in order. The output keeps the merchant of the
+    /// input: a plugin cannot move events into another merchant's data.
+    pub fn run(&self, events: Vec<Event>) -> Result<Vec<Event>, ChainFailure> {
+        let merchant = events.first().map(|e| e.merchant_id.clone());
+        let mut batch = events;
+        for (r, plugin) in &self.plugins {
+            batch = plugin
+                .process(&r.config, &batch)
+                .map_err(|error| ChainFailure {
+                    plugin: format!("{}@{}", r.name, &r.sha256[..r.sha256.len().min(12)]),
+                    error,
+                })?;
+        }
+        if let Some(m) = merchant {
+            for e in &mut batch {
+                if e.merchant_id != m {
+                    e.merchant_id.clone_from(&m);
+                }
+            }
+        }
+        Ok(batch)
+    }
+}

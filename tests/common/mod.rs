@@ -1,0 +1,247 @@
+//! Test harness: a real pipeline made of real processes on loopback.
+//!
+//! Each test gets its own temp directory, its own nats-server (JetStream, free port) and its
+//! own `beacon` role processes; everything is killed when the `Cluster` drops.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use beacon::endpoints::Endpoints;
+use beacon::nats::NatsServer;
+use serde_json::Value;
+
+pub fn beacon_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_beacon"))
+}
+
+/// Where the example plugins were built (`scripts/setup.sh` builds them into the shared
+/// target dir: `<target>/wasm32-wasip2/release`).
+pub fn plugin_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BEACON_PLUGINS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // <target>/release/deps/<test-exe> -> <target>/wasm32-wasip2/release
+            let exe = std::env::current_exe().expect("test exe path");
+            exe.ancestors()
+                .nth(3)
+                .expect("target dir")
+                .join("wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first (scripts/setup.sh, or cargo build --release --target wasm32-wasip2 --manifest-path plugins/examples/Cargo.toml)",
+        path.display()
+    );
+    path
+}
+
+pub struct Role {
+    pub name: &'static str,
+    pub child: Child,
+}
+
+impl Role {
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_hard();
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub edge: Option<Role>,
+    pub ingest: Option<Role>,
+    pub rollup: Option<Role>,
+    pub endpoints: Endpoints,
+}
+
+impl Cluster {
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// nats-server + edge + ingest (+ rollups every second when `rollups`).
+    pub fn start(rollups: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("beacon-test-")
+            .tempdir()
+            .expect("tempdir");
+        let nats = NatsServer::start(&dir.path().join("nats")).expect("start nats-server");
+        let mut c = Self {
+            endpoints: Endpoints::default(),
+            dir,
+            nats,
+            edge: None,
+            ingest: None,
+            rollup: None,
+        };
+        c.edge = Some(c.spawn("edge", &["edge", "--listen", "127.0.0.1:0"]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(e) = Endpoints::read(c.data_dir()) {
+                c.endpoints = e;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge did not write endpoints.json"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.start_ingest();
+        if rollups {
+            c.rollup = Some(c.spawn("rollup", &["rollup", "--interval", "1"]));
+        }
+        c
+    }
+
+    pub fn spawn(&self, name: &'static str, args: &[&str]) -> Role {
+        let log =
+            std::fs::File::create(self.data_dir().join(format!("{name}.log"))).expect("log file");
+        let mut cmd = Command::new(beacon_bin());
+        cmd.args(args)
+            .env("BEACON_NATS_URL", self.nats.url())
+            .env("BEACON_DATA_DIR", self.data_dir())
+            .env("RUST_LOG", "info,async_nats=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        Role {
+            name,
+            child: cmd.spawn().expect("spawn beacon"),
+        }
+    }
+
+    pub fn start_ingest(&mut self) {
+        // Small commits so a kill lands between commits often.
+        self.ingest = Some(self.spawn(
+            "ingest",
+            &[
+                "ingest",
+                "--ingest-max-wait-ms",
+                "200",
+                "--ingest-max-batch",
+                "100",
+            ],
+        ));
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.data_dir().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(beacon_bin())
+            .args(args)
+            .env("BEACON_NATS_URL", self.nats.url())
+            .env("BEACON_DATA_DIR", self.data_dir())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run beacon");
+        assert!(
+            out.status.success(),
+            "beacon {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates a merchant; returns (id, write key).
+    pub fn merchant(&self, name: &str) -> (String, String) {
+        let v: Value =
+            serde_json::from_str(&self.cli(&["merchant", "create", name, "--format", "json"]))
+                .expect("merchant json");
+        (
+            v["id"].as_str().expect("id").to_string(),
+            v["write_key"].as_str().expect("key").to_string(),
+        )
+    }
+
+    pub fn attach(&self, merchant: &str, plugin: &str, config: &str) {
+        let path = plugin_path(plugin);
+        self.cli(&[
+            "plugin",
+            "attach",
+            "--merchant",
+            merchant,
+            "--name",
+            plugin,
+            path.to_str().expect("utf8 path"),
+            "--config",
+            config,
+        ]);
+    }
+
+    /// Runs SQL through `beacon sql --format json`.
+    pub fn sql(&self, query: &str) -> Vec<Value> {
+        let out = self.cli(&["sql", query, "--format", "json"]);
+        match serde_json::from_str::<Value>(&out) {
+            Ok(Value::Array(rows)) => rows,
+            other => panic!("unexpected sql output {other:?}: {out}"),
+        }
+    }
+
+    pub fn count(&self, query: &str) -> i64 {
+        let rows = self.sql(query);
+        rows.first()
+            .and_then(|r| r.as_object())
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    }
+
+    pub async fn client(
+        &self,
+        write_key: &str,
+    ) -> Result<beacon_sdk::Client, beacon_sdk::SdkError> {
+        let addr = self
+            .endpoints
+            .edge_quic
+            .as_ref()
+            .expect("edge addr")
+            .parse()
+            .expect("addr");
+        let ca = std::fs::read(self.endpoints.edge_ca_cert.as_ref().expect("ca")).expect("ca pem");
+        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca, write_key);
+        cfg.request_timeout = Duration::from_secs(20);
+        beacon_sdk::Client::connect(cfg).await
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,203 @@
+//! End to end on real parts: SDK -> edge (RSocket/QUIC, Wasm plugin) -> JetStream ->
+//! ingest -> Iceberg -> DataFusion (SQL and rollups).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use beacon_proto::Event;
+use common::{wait_for, Cluster};
+
+const HOUR_MS: i64 = 3_600_000;
+
+fn hour_key(ts_ms: i64) -> String {
+    // Matches DataFusion's date_trunc('hour', ts) rendered by the JSON writer.
+    let secs = ts_ms.div_euclid(HOUR_MS) * 3600;
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let h = secs.rem_euclid(86_400) / 3600;
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:00:00")
+}
+
+// Howard Hinnant's days -> civil date.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_flow_end_to_end_with_exact_counts_plugin_effect_and_rollups() {
+    let cluster = Cluster::start(true);
+    let now = beacon_edge::now_ms();
+    let start = (now / HOUR_MS - 6) * HOUR_MS; // six whole hours back
+    let per_merchant = [12_000usize, 10_000, 8_000];
+
+    let mut merchants = Vec::new();
+    for (i, n) in per_merchant.iter().enumerate() {
+        let (id, key) = cluster.merchant(&format!("shop-{i}"));
+        cluster.attach(&id, "beacon_plugin_utm", "");
+        let events = beacon::demo::generate(
+            100 + i as u64,
+            &format!("shop{i}.example"),
+            *n,
+            start,
+            5 * HOUR_MS,
+            3000,
+        );
+        merchants.push((id, key, events));
+    }
+    // Pipelines reach the edge through a KV watch.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut sends = Vec::new();
+    for (_, key, events) in &merchants {
+        let client = Arc::new(cluster.client(key).await.expect("connect"));
+        sends.push(tokio::spawn(beacon::demo::send_all(
+            client,
+            events.clone(),
+            400,
+            4,
+        )));
+    }
+    for s in sends {
+        let report = s.await.expect("join").expect("send");
+        assert!(report.batches > 0);
+    }
+    let total: usize = per_merchant.iter().sum();
+
+    let c = &cluster;
+    wait_for(Duration::from_secs(120), "all events in Iceberg", || {
+        (c.count("SELECT count(*) FROM raw_events") as usize == total
+            && c.count("SELECT count(*) FROM events") as usize == total)
+            .then_some(())
+    });
+
+    // Exact counts per merchant and per hour.
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut expected_pv: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut visitors: HashMap<(String, String), HashSet<String>> = HashMap::new();
+    let mut utm_expected: HashMap<String, i64> = HashMap::new();
+    for (id, _, events) in &merchants {
+        for e in events {
+            let k = (id.clone(), hour_key(e.ts));
+            *expected.entry(k.clone()).or_default() += 1;
+            if e.name == "pageview" {
+                *expected_pv.entry(k.clone()).or_default() += 1;
+            }
+            if let Some(v) = &e.visitor_id {
+                visitors.entry(k).or_default().insert(v.clone());
+            }
+            if e.url.as_deref().is_some_and(|u| u.contains("utm_source=")) {
+                *utm_expected.entry(id.clone()).or_default() += 1;
+            }
+        }
+    }
+    let rows = c.sql(
+        "SELECT merchant_id, CAST(date_trunc('hour', ts) AS VARCHAR) AS hour, count(*) AS n \
+         FROM raw_events GROUP BY 1, 2 ORDER BY 1, 2",
+    );
+    let got: BTreeMap<(String, String), i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r["merchant_id"].as_str().unwrap().to_string(),
+                    r["hour"].as_str().unwrap()[..19].to_string(),
+                ),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "per merchant-hour counts in raw_events");
+    for (id, _, events) in &merchants {
+        let n = c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{id}'"
+        ));
+        assert_eq!(n as usize, events.len(), "events for {id}");
+        let ids = c.count(&format!(
+            "SELECT count(DISTINCT event_id) FROM raw_events WHERE merchant_id = '{id}'"
+        ));
+        assert_eq!(ids as usize, events.len(), "distinct event ids for {id}");
+    }
+
+    // The UTM plugin's effect: in `events`, not in `raw_events`.
+    for (id, _, _) in &merchants {
+        let want = utm_expected.get(id).copied().unwrap_or(0);
+        assert!(want > 100, "generator should tag some landings ({want})");
+        let processed = c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{id}' AND properties['utm_source'] IS NOT NULL"
+        ));
+        assert_eq!(processed, want, "utm_source extracted for {id}");
+        let raw = c.count(&format!(
+            "SELECT count(*) FROM raw_events WHERE merchant_id = '{id}' AND properties['utm_source'] IS NOT NULL"
+        ));
+        assert_eq!(raw, 0, "raw_events must hold the events as received");
+        let versions = c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{id}' AND pipeline_version = 'v1'"
+        ));
+        assert_eq!(
+            versions as usize,
+            merchants.iter().find(|m| &m.0 == id).unwrap().2.len()
+        );
+    }
+
+    // Rollups: pageviews exact, HLL visitors within 2% per merchant-hour.
+    let expected_total_pv: i64 = expected_pv.values().sum();
+    wait_for(Duration::from_secs(60), "rollups to catch up", || {
+        (c.count("SELECT CAST(sum(pageviews) AS BIGINT) FROM rollups") == expected_total_pv)
+            .then_some(())
+    });
+    let rows = c.sql("SELECT merchant_id, CAST(hour AS VARCHAR) AS hour, pageviews, visitors FROM rollups ORDER BY 1, 2");
+    assert_eq!(rows.len(), expected.len());
+    for r in rows {
+        let k = (
+            r["merchant_id"].as_str().unwrap().to_string(),
+            r["hour"].as_str().unwrap()[..19].to_string(),
+        );
+        assert_eq!(
+            r["pageviews"].as_i64().unwrap(),
+            expected_pv.get(&k).copied().unwrap_or(0),
+            "pageviews {k:?}"
+        );
+        let exact = visitors.get(&k).map_or(0, HashSet::len) as f64;
+        let est = r["visitors"].as_i64().unwrap() as f64;
+        assert!(
+            (est - exact).abs() <= 0.02 * exact + 1.0,
+            "visitors {k:?}: estimate {est} vs exact {exact}"
+        );
+    }
+    // Merged over all hours: a distinct count, not a sum of hourly uniques.
+    for (id, _, events) in &merchants {
+        let exact = events
+            .iter()
+            .filter_map(|e| e.visitor_id.as_ref())
+            .collect::<HashSet<_>>()
+            .len() as f64;
+        let est = c.count(&format!(
+            "SELECT CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT) FROM rollups_hourly WHERE merchant_id = '{id}'"
+        )) as f64;
+        assert!(
+            (est - exact).abs() <= 0.02 * exact,
+            "{id}: merged visitors {est} vs exact {exact}"
+        );
+    }
+    // Revenue: exact sums.
+    for (id, _, events) in &merchants {
+        let exact: i64 = events.iter().filter_map(|e: &Event| e.revenue_micros).sum();
+        let got = c.count(&format!(
+            "SELECT CAST(sum(revenue_micros) AS BIGINT) FROM revenue WHERE merchant_id = '{id}'"
+        ));
+        assert_eq!(got, exact, "revenue for {id}");
+    }
+}

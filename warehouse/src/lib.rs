@@ -1,0 +1,215 @@
+//! Beacon's warehouse: Iceberg tables in a SQL catalog (SQLite by default) on local disk or
+//! object storage, DataFusion for SQL, and the hourly rollups.
+//!
+//! Tables (namespace `analytics`, catalog `beacon`):
+//! - `raw_events`: canonical events exactly as the edge accepted them (immutable; what
+//!   re-processing reads),
+//! - `events`: plugin output, with the `pipeline_version` that produced it,
+//! - `failed_events`: everything that failed validation, decoding or a plugin, with the reason,
+//! - `rollups_hourly`, `revenue_hourly`: mergeable hourly aggregates (see [`rollup`]).
+//!
+//! Writers commit the last consumed JetStream sequence as a snapshot property
+//! ([`tables::SEQ_PROPERTY`]); that property is what makes ingest exactly-once.
+
+pub mod hll;
+pub mod output;
+pub mod rollup;
+pub mod tables;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::{
+    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
+};
+use datafusion::execution::context::SessionConfig;
+use datafusion::prelude::SessionContext;
+use iceberg::io::LocalFsStorageFactory;
+use iceberg::table::Table;
+use iceberg::{Catalog, CatalogBuilder};
+use iceberg_catalog_sql::{
+    SqlBindStyle, SqlCatalogBuilder, SQL_CATALOG_PROP_BIND_STYLE, SQL_CATALOG_PROP_URI,
+    SQL_CATALOG_PROP_WAREHOUSE,
+};
+use iceberg_datafusion::IcebergCatalogProvider;
+
+pub use tables::TableKind;
+
+/// The catalog name: PyIceberg and other engines must open the catalog with this name.
+pub const CATALOG_NAME: &str = "beacon";
+pub const NAMESPACE: &str = "analytics";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarehouseError {
+    #[error("Iceberg: {0}")]
+    Iceberg(#[from] iceberg::Error),
+    #[error("query: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("Arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
+    Missing(PathBuf),
+}
+
+/// Where a data directory keeps the catalog and the table files.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub catalog_db: PathBuf,
+    pub warehouse_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &Path) -> Self {
+        let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        Self {
+            catalog_db: data_dir.join("catalog.db"),
+            warehouse_dir: data_dir.join("warehouse"),
+        }
+    }
+
+    pub fn catalog_uri(&self) -> String {
+        format!(
+            "sqlite:///{}",
+            self.catalog_db
+                .display()
+                .to_string()
+                .trim_start_matches('/')
+        )
+    }
+
+    pub fn warehouse_uri(&self) -> String {
+        format!("file://{}", self.warehouse_dir.display())
+    }
+}
+
+pub struct Warehouse {
+    layout: Layout,
+    catalog: Arc<dyn Catalog>,
+    provider: Arc<IcebergCatalogProvider>,
+}
+
+impl Warehouse {
+    /// Opens the warehouse under `data_dir`, creating the catalog and tables if needed.
+    pub async fn open(data_dir: &Path) -> Result<Self, WarehouseError> {
+        let layout = Layout::new(data_dir);
+        for dir in [&layout.warehouse_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| WarehouseError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let catalog = open_catalog(&layout).await?;
+        tables::ensure_all(catalog.as_ref()).await?;
+        // The provider caches the table list, so it is built after the tables exist; it
+        // reloads table metadata on every scan, so queries always see the latest commits.
+        let provider = Arc::new(IcebergCatalogProvider::try_new(catalog.clone()).await?);
+        Ok(Self {
+            layout,
+            catalog,
+            provider,
+        })
+    }
+
+    /// Opens an existing warehouse; refuses to create one (for read-only tools like `sql`).
+    pub async fn open_existing(data_dir: &Path) -> Result<Self, WarehouseError> {
+        let layout = Layout::new(data_dir);
+        if !layout.catalog_db.exists() {
+            return Err(WarehouseError::Missing(data_dir.to_path_buf()));
+        }
+        Self::open(data_dir).await
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn catalog(&self) -> &Arc<dyn Catalog> {
+        &self.catalog
+    }
+
+    pub async fn table(&self, kind: TableKind) -> Result<Table, WarehouseError> {
+        Ok(self.catalog.load_table(&kind.ident()).await?)
+    }
+
+    /// A DataFusion session over the warehouse: tables by bare name, HLL functions, views.
+    pub async fn session(&self) -> Result<SessionContext, WarehouseError> {
+        let config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG_NAME, NAMESPACE)
+            .with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        // The session's catalog is an in-memory one holding the Iceberg tables' providers
+        // (which reload metadata on every scan) plus this session's views and pinned
+        // snapshots, so nothing a session registers leaks into the shared Iceberg provider.
+        let schema = Arc::new(MemorySchemaProvider::new());
+        if let Some(iceberg) = self.provider.schema(NAMESPACE) {
+            for name in iceberg.table_names() {
+                if let Some(table) = iceberg.table(&name).await? {
+                    schema.register_table(name, table)?;
+                }
+            }
+        }
+        let catalog = Arc::new(MemoryCatalogProvider::new());
+        catalog.register_schema(NAMESPACE, schema)?;
+        ctx.register_catalog(CATALOG_NAME, catalog);
+        hll::register(&ctx);
+        for view in rollup::VIEWS {
+            ctx.sql(view).await?;
+        }
+        Ok(ctx)
+    }
+
+    pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
+        let ctx = self.session().await?;
+        Ok(ctx.sql(query).await?.collect().await?)
+    }
+
+    /// The last JetStream sequence committed into `kind`, from its current snapshot.
+    pub async fn committed_seq(&self, kind: TableKind) -> Result<u64, WarehouseError> {
+        let table = self.table(kind).await?;
+        Ok(tables::snapshot_property_u64(&table, tables::SEQ_PROPERTY))
+    }
+
+    /// Appends `batch` to `kind` in one Iceberg commit carrying `properties`.
+    pub async fn append(
+        &self,
+        kind: TableKind,
+        batch: RecordBatch,
+        properties: HashMap<String, String>,
+    ) -> Result<(), WarehouseError> {
+        let table = self.table(kind).await?;
+        tables::append(self.catalog.as_ref(), &table, batch, properties).await
+    }
+}
+
+async fn open_catalog(layout: &Layout) -> Result<Arc<dyn Catalog>, WarehouseError> {
+    let catalog = SqlCatalogBuilder::default()
+        .with_storage_factory(Arc::new(LocalFsStorageFactory))
+        .load(
+            CATALOG_NAME,
+            HashMap::from([
+                (
+                    SQL_CATALOG_PROP_URI.to_string(),
+                    format!("sqlite:{}?mode=rwc", layout.catalog_db.display()),
+                ),
+                (
+                    SQL_CATALOG_PROP_WAREHOUSE.to_string(),
+                    layout.warehouse_dir.display().to_string(),
+                ),
+                (
+                    SQL_CATALOG_PROP_BIND_STYLE.to_string(),
+                    SqlBindStyle::QMark.to_string(),
+                ),
+            ]),
+        )
+        .await?;
+    Ok(Arc::new(catalog))
+}

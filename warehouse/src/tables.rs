@@ -1,0 +1,350 @@
+//! Table definitions and the append path.
+//!
+//! Layout decisions (see docs/ARCHITECTURE.md): event tables are partitioned by `day(ts)` and
+//! `bucket(4, merchant_id)`, and each written batch is sorted by (merchant_id, ts) so Parquet
+//! statistics prune one merchant's time range. The bucket count is small on purpose: every
+//! commit writes one file per touched partition, and until compaction exists (append-only
+//! Iceberg crate) the file count is bounded by commit cadence x touched partitions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::datatypes::SchemaRef as ArrowSchemaRef;
+use arrow::record_batch::RecordBatch;
+use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
+use iceberg::spec::{
+    DataFileFormat, MapType, NestedField, NullOrder, PrimitiveType, Schema, SortDirection,
+    SortField, SortOrder, Transform, Type, UnboundPartitionSpec,
+};
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::PartitioningWriter;
+use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::{WarehouseError, NAMESPACE};
+
+/// Snapshot summary property: the last JetStream stream sequence whose rows this snapshot
+/// (and every earlier one) contains.
+pub const SEQ_PROPERTY: &str = "beacon.stream-seq";
+/// Rollup snapshots: the `events` stream sequence up to which they aggregate.
+pub const ROLLUP_SEQ_PROPERTY: &str = "beacon.events-seq";
+
+const MERCHANT_BUCKETS: u32 = 4;
+const TARGET_FILE_BYTES: usize = 128 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TableKind {
+    RawEvents,
+    Events,
+    FailedEvents,
+    RollupsHourly,
+    RevenueHourly,
+}
+
+impl TableKind {
+    pub const ALL: [TableKind; 5] = [
+        TableKind::RawEvents,
+        TableKind::Events,
+        TableKind::FailedEvents,
+        TableKind::RollupsHourly,
+        TableKind::RevenueHourly,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TableKind::RawEvents => "raw_events",
+            TableKind::Events => "events",
+            TableKind::FailedEvents => "failed_events",
+            TableKind::RollupsHourly => "rollups_hourly",
+            TableKind::RevenueHourly => "revenue_hourly",
+        }
+    }
+
+    pub fn ident(self) -> TableIdent {
+        TableIdent::new(NamespaceIdent::new(NAMESPACE.into()), self.name().into())
+    }
+
+    fn schema(self) -> iceberg::Result<Schema> {
+        let s = |id, name: &str| {
+            NestedField::required(id, name, Type::Primitive(PrimitiveType::String)).into()
+        };
+        let os = |id, name: &str| {
+            NestedField::optional(id, name, Type::Primitive(PrimitiveType::String)).into()
+        };
+        let ts = |id, name: &str| {
+            NestedField::required(id, name, Type::Primitive(PrimitiveType::Timestamptz)).into()
+        };
+        let long = |id, name: &str| {
+            NestedField::required(id, name, Type::Primitive(PrimitiveType::Long)).into()
+        };
+        let olong = |id, name: &str| {
+            NestedField::optional(id, name, Type::Primitive(PrimitiveType::Long)).into()
+        };
+        let fields: Vec<iceberg::spec::NestedFieldRef> = match self {
+            TableKind::RawEvents | TableKind::Events => {
+                let mut f = vec![
+                    s(1, "event_id"),
+                    s(2, "merchant_id"),
+                    s(3, "name"),
+                    ts(4, "ts"),
+                    ts(5, "received_at"),
+                    os(6, "url"),
+                    os(7, "referrer"),
+                    os(8, "title"),
+                    os(9, "visitor_id"),
+                    os(10, "session_id"),
+                    os(11, "user_id"),
+                    olong(12, "revenue_micros"),
+                    os(13, "currency"),
+                    NestedField::optional(
+                        14,
+                        "properties",
+                        Type::Map(MapType::new(
+                            NestedField::map_key_element(
+                                100,
+                                Type::Primitive(PrimitiveType::String),
+                            )
+                            .into(),
+                            NestedField::map_value_element(
+                                101,
+                                Type::Primitive(PrimitiveType::String),
+                                false,
+                            )
+                            .into(),
+                        )),
+                    )
+                    .into(),
+                    s(15, "edge_id"),
+                    s(16, "batch_id"),
+                    long(17, "stream_seq"),
+                ];
+                if self == TableKind::Events {
+                    f.push(os(18, "pipeline_version"));
+                }
+                f
+            }
+            TableKind::FailedEvents => vec![
+                s(1, "merchant_id"),
+                s(2, "batch_id"),
+                s(3, "event_id"),
+                s(4, "stage"),
+                os(5, "plugin"),
+                olong(6, "pipeline_version"),
+                s(7, "reason"),
+                s(8, "payload"),
+                ts(9, "received_at"),
+                s(10, "edge_id"),
+                long(11, "stream_seq"),
+            ],
+            TableKind::RollupsHourly => vec![
+                s(1, "merchant_id"),
+                ts(2, "hour"),
+                long(3, "events"),
+                long(4, "pageviews"),
+                NestedField::optional(5, "visitors_hll", Type::Primitive(PrimitiveType::Binary))
+                    .into(),
+                long(6, "revenue_events"),
+            ],
+            TableKind::RevenueHourly => vec![
+                s(1, "merchant_id"),
+                ts(2, "hour"),
+                s(3, "currency"),
+                long(4, "orders"),
+                long(5, "revenue_micros"),
+            ],
+        };
+        Schema::builder()
+            .with_schema_id(0)
+            .with_fields(fields)
+            .build()
+    }
+
+    fn partition_spec(self) -> iceberg::Result<UnboundPartitionSpec> {
+        let b = UnboundPartitionSpec::builder();
+        Ok(match self {
+            TableKind::RawEvents | TableKind::Events => b
+                .add_partition_field(4, "ts_day", Transform::Day)?
+                .add_partition_field(2, "merchant_bucket", Transform::Bucket(MERCHANT_BUCKETS))?
+                .build(),
+            TableKind::FailedEvents => b
+                .add_partition_field(9, "received_day", Transform::Day)?
+                .build(),
+            // Rollups are small: one partition per month keeps their file count low.
+            TableKind::RollupsHourly | TableKind::RevenueHourly => b
+                .add_partition_field(2, "hour_month", Transform::Month)?
+                .build(),
+        })
+    }
+
+    /// Columns each written batch is sorted by.
+    fn sort_columns(self) -> &'static [&'static str] {
+        match self {
+            TableKind::RawEvents | TableKind::Events => &["merchant_id", "ts"],
+            TableKind::FailedEvents => &["merchant_id", "received_at"],
+            TableKind::RollupsHourly | TableKind::RevenueHourly => &["merchant_id", "hour"],
+        }
+    }
+}
+
+pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseError> {
+    let ns = NamespaceIdent::new(NAMESPACE.into());
+    if !catalog.namespace_exists(&ns).await? {
+        match catalog.create_namespace(&ns, HashMap::new()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NamespaceAlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for kind in TableKind::ALL {
+        if catalog.table_exists(&kind.ident()).await? {
+            continue;
+        }
+        let sort = SortOrder::builder()
+            .with_order_id(1)
+            .with_fields(
+                kind.sort_columns()
+                    .iter()
+                    .map(|c| {
+                        let id = kind
+                            .schema()
+                            .ok()
+                            .and_then(|s| s.field_by_name(c).map(|f| f.id))
+                            .unwrap_or(1);
+                        SortField::builder()
+                            .source_id(id)
+                            .transform(Transform::Identity)
+                            .direction(SortDirection::Ascending)
+                            .null_order(NullOrder::First)
+                            .build()
+                    })
+                    .collect(),
+            )
+            .build_unbound()?;
+        let creation = TableCreation::builder()
+            .name(kind.name().to_string())
+            .schema(kind.schema()?)
+            .partition_spec(kind.partition_spec()?)
+            .sort_order(sort)
+            .properties(HashMap::from([
+                (
+                    "write.parquet.compression-codec".to_string(),
+                    "zstd".to_string(),
+                ),
+                (
+                    "write.target-file-size-bytes".to_string(),
+                    TARGET_FILE_BYTES.to_string(),
+                ),
+            ]))
+            .build();
+        match catalog.create_table(&ns, creation).await {
+            Ok(_) => tracing::info!(table = kind.name(), "created table"),
+            Err(e) if e.kind() == ErrorKind::TableAlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The Arrow schema batches for `table` must have (field ids included).
+pub fn arrow_schema(table: &Table) -> Result<ArrowSchemaRef, WarehouseError> {
+    Ok(Arc::new(schema_to_arrow_schema(
+        table.metadata().current_schema(),
+    )?))
+}
+
+/// An integer snapshot property of the current snapshot; 0 when absent.
+pub fn snapshot_property_u64(table: &Table, key: &str) -> u64 {
+    table
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| s.summary().additional_properties.get(key).cloned())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes `batch` (sorted, split by partition, zstd Parquet) and commits it in one snapshot
+/// with `properties`. An empty batch with properties still commits (it moves watermarks).
+pub(crate) async fn append(
+    catalog: &dyn Catalog,
+    table: &Table,
+    batch: RecordBatch,
+    properties: HashMap<String, String>,
+) -> Result<(), WarehouseError> {
+    let kind_sort: Vec<&str> = TableKind::ALL
+        .iter()
+        .find(|k| table.identifier().name() == k.name())
+        .map(|k| k.sort_columns().to_vec())
+        .unwrap_or_default();
+    let batch = sort_batch(batch, &kind_sort)?;
+    let data_files = if batch.num_rows() == 0 {
+        Vec::new()
+    } else {
+        let md = table.metadata();
+        let schema = md.current_schema().clone();
+        let spec = md.default_partition_spec().clone();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .build();
+        let parquet = ParquetWriterBuilder::new(props, schema.clone());
+        let location = DefaultLocationGenerator::new(md)?;
+        // A unique prefix per write: the generator numbers files from zero each time.
+        let names = DefaultFileNameGenerator::new(
+            uuid::Uuid::now_v7().to_string(),
+            None,
+            DataFileFormat::Parquet,
+        );
+        let rolling = RollingFileWriterBuilder::new(
+            parquet,
+            TARGET_FILE_BYTES,
+            table.file_io().clone(),
+            location,
+            names,
+        );
+        let mut fanout: FanoutWriter<_> = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
+        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)?;
+        for (key, part) in splitter.split(&batch)? {
+            fanout.write(key, part).await?;
+        }
+        fanout.close().await?
+    };
+    if data_files.is_empty() && properties.is_empty() {
+        return Ok(());
+    }
+    let tx = Transaction::new(table);
+    let action = tx
+        .fast_append()
+        // File names are UUID-unique; checking every manifest for duplicates on each commit
+        // would make commits slower as history grows.
+        .with_check_duplicate(false)
+        .add_data_files(data_files)
+        .set_snapshot_properties(properties);
+    let tx = action.apply(tx)?;
+    tx.commit(catalog).await?;
+    Ok(())
+}
+
+fn sort_batch(batch: RecordBatch, columns: &[&str]) -> Result<RecordBatch, WarehouseError> {
+    if batch.num_rows() < 2 || columns.is_empty() {
+        return Ok(batch);
+    }
+    let sort_columns = columns
+        .iter()
+        .filter_map(|c| batch.column_by_name(c))
+        .map(|values| SortColumn {
+            values: values.clone(),
+            options: None,
+        })
+        .collect::<Vec<_>>();
+    let indices = lexsort_to_indices(&sort_columns, None)?;
+    Ok(take_record_batch(&batch, &indices)?)
+}
