@@ -116,9 +116,10 @@ async fn hostile_plugins_are_stopped_and_other_merchants_keep_flowing() {
     let hog_client = cluster.client(&hog_key).await.expect("connect");
 
     let fine_events = events(10, 2000);
+    let (loop_events, hog_events) = (events(11, 50), events(12, 50));
     let (l, h, f) = tokio::join!(
-        loop_client.send(&events(11, 50)),
-        hog_client.send(&events(12, 50)),
+        loop_client.send(&loop_events),
+        hog_client.send(&hog_events),
         beacon::demo::send_all(
             std::sync::Arc::new(fine_client),
             fine_events.clone(),

@@ -101,12 +101,10 @@ impl Warehouse {
     /// Opens the warehouse under `data_dir`, creating the catalog and tables if needed.
     pub async fn open(data_dir: &Path) -> Result<Self, WarehouseError> {
         let layout = Layout::new(data_dir);
-        for dir in [&layout.warehouse_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| WarehouseError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        }
+        std::fs::create_dir_all(&layout.warehouse_dir).map_err(|source| WarehouseError::Io {
+            path: layout.warehouse_dir.clone(),
+            source,
+        })?;
         let catalog = open_catalog(&layout).await?;
         tables::ensure_all(catalog.as_ref()).await?;
         // The provider caches the table list, so it is built after the tables exist; it
