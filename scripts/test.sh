@@ -8,3 +8,9 @@ say "running tests"
 cargo test --release --workspace -- --test-threads=1 "$@"
 say "running plugin unit tests (host target)"
 cargo test --release --manifest-path plugins/examples/Cargo.toml -p beacon-plugin-utm
+
+say "checking the edge does not link the warehouse"
+if cargo tree -p beacon-edge -e normal --prefix none | grep -qiE '^(datafusion|iceberg|arrow|parquet) '; then
+  echo "beacon-edge depends on DataFusion/Iceberg/Arrow: the edge must stay small" >&2
+  exit 1
+fi

@@ -15,7 +15,10 @@ pub struct Endpoints {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge_ca_cert: Option<PathBuf>,
     pub data_dir: PathBuf,
+    /// Empty for a role without a warehouse (an edge on its own).
+    #[serde(default)]
     pub catalog_uri: String,
+    #[serde(default)]
     pub warehouse: String,
     pub pid: u32,
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use beacon::endpoints::Endpoints;
+#[cfg(feature = "full")]
 use beacon::nats::NatsServer;
 use clap::{Parser, Subcommand, ValueEnum};
+#[cfg(feature = "full")]
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -33,6 +35,7 @@ enum Format {
 #[derive(Subcommand)]
 enum Command {
     /// The whole pipeline on this machine: nats-server, edge, ingest and rollups.
+    #[cfg(feature = "full")]
     Up {
         #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
         data_dir: PathBuf,
@@ -60,6 +63,7 @@ enum Command {
         edge_id: String,
     },
     /// Ingest role: JetStream -> Iceberg, exactly once.
+    #[cfg(feature = "full")]
     Ingest {
         #[arg(long, env = "BEACON_NATS_URL")]
         nats_url: String,
@@ -69,6 +73,7 @@ enum Command {
         tuning: Tuning,
     },
     /// Warehouse role: keeps the hourly rollups current.
+    #[cfg(feature = "full")]
     Rollup {
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
@@ -76,6 +81,7 @@ enum Command {
         interval: u64,
     },
     /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly; view: rollups).
+    #[cfg(feature = "full")]
     Sql {
         query: String,
         #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
@@ -116,6 +122,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "full")]
 #[derive(clap::Args, Clone)]
 struct Tuning {
     /// Seconds between rollup runs.
@@ -196,6 +203,7 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        #[cfg(feature = "full")]
         Command::Up {
             data_dir,
             edge_listen,
@@ -213,21 +221,20 @@ async fn run(cli: Cli) -> Result<()> {
             let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
             cfg.edge_id = edge_id;
             let edge = beacon_edge::Edge::start(cfg).await?;
-            let warehouse = beacon_warehouse::Layout::new(&data_dir);
             Endpoints {
                 nats_url,
                 edge_quic: Some(edge.addr.to_string()),
                 edge_ca_cert: Some(edge.cert_path.clone()),
                 data_dir: data_dir.clone(),
-                catalog_uri: warehouse.catalog_uri(),
-                warehouse: warehouse.warehouse_uri(),
                 pid: std::process::id(),
+                ..Default::default()
             }
             .write(&data_dir)?;
             shutdown_signal().await;
             edge.shutdown(Duration::from_secs(10)).await;
             Ok(())
         }
+        #[cfg(feature = "full")]
         Command::Ingest {
             nats_url,
             data_dir,
@@ -244,6 +251,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "full")]
         Command::Rollup { data_dir, interval } => {
             let (tx, rx) = watch::channel(false);
             let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
@@ -257,6 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
             task.await?;
             Ok(())
         }
+        #[cfg(feature = "full")]
         Command::Sql {
             query,
             data_dir,
@@ -354,6 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+#[cfg(feature = "full")]
 async fn run_ingest(
     nats_url: String,
     data_dir: PathBuf,
@@ -368,6 +378,7 @@ async fn run_ingest(
     Ok(())
 }
 
+#[cfg(feature = "full")]
 async fn up(
     data_dir: PathBuf,
     edge_listen: SocketAddr,
