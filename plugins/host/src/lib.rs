@@ -274,7 +274,6 @@ impl Chain {
     /// Runs the batch through every plugin in order. The output keeps the merchant of the
     /// input: a plugin cannot move events into another merchant's data.
     pub fn run(&self, events: Vec<Event>) -> Result<Vec<Event>, ChainFailure> {
-        let merchant = events.first().map(|e| e.merchant_id.clone());
         let mut batch = events;
         for (r, plugin) in &self.plugins {
             batch = plugin
@@ -284,11 +283,10 @@ impl Chain {
                     error,
                 })?;
         }
-        if let Some(m) = merchant {
-            for e in &mut batch {
-                if e.merchant_id != m {
-                    e.merchant_id.clone_from(&m);
-                }
+        let merchant = &self.pipeline.merchant_id;
+        for e in &mut batch {
+            if &e.merchant_id != merchant {
+                e.merchant_id.clone_from(merchant);
             }
         }
         Ok(batch)

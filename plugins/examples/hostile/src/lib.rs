@@ -1,6 +1,7 @@
 //! A deliberately hostile plugin for sandbox tests. Its config string picks the misdeed:
 //! `loop` (never returns), `alloc` (tries to allocate 1 GiB), `trap` (panics -> trap),
-//! `error` (returns a plugin error), anything else passes the batch through unchanged.
+//! `error` (returns a plugin error), `steal` (rewrites merchant ids), `flood` (100x output),
+//! anything else passes the batch through unchanged.
 
 wit_bindgen::generate!({ path: "../../../wit", world: "processor" });
 
@@ -26,6 +27,19 @@ impl Guest for Hostile {
             "error" => Err(PluginError {
                 message: "refused on purpose".into(),
             }),
+            // Tries to move events into another merchant's data.
+            "steal" => Ok(batch
+                .into_iter()
+                .map(|mut e| {
+                    e.merchant_id = "m_victim".into();
+                    e
+                })
+                .collect()),
+            // Multiplies every event a hundredfold.
+            "flood" => Ok(batch
+                .iter()
+                .flat_map(|e| std::iter::repeat_n(e.clone(), 100))
+                .collect()),
             _ => Ok(batch),
         }
     }

@@ -1,0 +1,217 @@
+//! The plugin sandbox on real components built from `plugins/examples`.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use beacon_plugins::{Chain, PluginError, Runtime, SandboxLimits};
+use beacon_proto::{Event, PipelineRef, PluginRef};
+use common::plugin_path;
+
+fn load(runtime: &Runtime, name: &str) -> Result<Arc<beacon_plugins::Plugin>, PluginError> {
+    let bytes = std::fs::read(plugin_path(name)).expect("component");
+    runtime.load(&Runtime::sha256(&bytes), &bytes)
+}
+
+fn sample(n: usize) -> Vec<Event> {
+    let mut events = beacon::demo::generate(3, "det.example", n, 1_790_000_000_000, 3_600_000, 100);
+    for e in &mut events {
+        e.merchant_id = "m_det".into();
+    }
+    events
+}
+
+#[test]
+fn same_input_same_version_same_bytes_across_threads_and_instances() {
+    let events = Arc::new(sample(2000));
+    let config = r#"{"strip_from_url": true}"#;
+    let runs: Vec<Vec<u8>> = (0..2)
+        .map(|_| {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                // A separate runtime (engine, compilation) per thread.
+                let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+                let plugin = load(&runtime, "beacon_plugin_utm").expect("load");
+                let out = plugin.process(config, &events).expect("process");
+                serde_json::to_vec(&out).expect("json")
+            })
+        })
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    assert_eq!(runs[0], runs[1], "plugin output must be byte-identical");
+    let out: Vec<Event> = serde_json::from_slice(&runs[0]).expect("json");
+    let tagged = out
+        .iter()
+        .filter(|e| e.properties.contains_key("utm_source"))
+        .count();
+    assert!(tagged > 0, "the plugin did its work");
+    assert!(
+        out.iter()
+            .all(|e| !e.url.as_deref().unwrap_or("").contains("utm_")),
+        "stripped"
+    );
+}
+
+#[test]
+fn forbidden_imports_are_refused_with_their_name() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    match load(&runtime, "beacon_plugin_clock") {
+        Err(PluginError::ForbiddenImport(name)) => {
+            assert!(name.starts_with("wasi:clocks/"), "{name}")
+        }
+        Err(other) => panic!("expected ForbiddenImport, got {other}"),
+        Ok(_) => panic!("a plugin reading the clock must be refused"),
+    }
+}
+
+#[test]
+fn not_a_component_and_wrong_hash_are_refused() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let junk = b"\0asm not really".to_vec();
+    assert!(matches!(
+        runtime.load(&Runtime::sha256(&junk), &junk),
+        Err(PluginError::Invalid(_))
+    ));
+    let bytes = std::fs::read(plugin_path("beacon_plugin_utm")).expect("component");
+    assert!(matches!(
+        runtime.load(&"0".repeat(64), &bytes),
+        Err(PluginError::HashMismatch { .. })
+    ));
+    let small = SandboxLimits {
+        max_component_bytes: 1000,
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::new(small, None).expect("runtime");
+    assert!(matches!(
+        runtime.load(&Runtime::sha256(&bytes), &bytes),
+        Err(PluginError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn loops_allocations_and_traps_are_stopped_and_the_plugin_keeps_working() {
+    let limits = SandboxLimits {
+        fuel: 200_000_000,
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::new(limits, None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_hostile").expect("load");
+    let events = sample(10);
+    assert!(matches!(
+        plugin.process("loop", &events),
+        Err(PluginError::OutOfFuel { .. })
+    ));
+    assert!(matches!(
+        plugin.process("alloc", &events),
+        Err(PluginError::MemoryLimit { .. })
+    ));
+    match plugin.process("trap", &events) {
+        Err(PluginError::Trap(msg)) => assert!(
+            msg.contains("unreachable") || msg.contains("wasm trap"),
+            "{msg}"
+        ),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert!(
+        matches!(plugin.process("error", &events), Err(PluginError::Guest(m)) if m == "refused on purpose")
+    );
+    // After every failure the next batch runs in a fresh instance and works.
+    assert_eq!(
+        plugin.process("pass", &events).expect("pass").len(),
+        events.len()
+    );
+}
+
+#[test]
+fn wall_clock_deadline_backs_up_fuel() {
+    let limits = SandboxLimits {
+        fuel: u64::MAX / 2,
+        timeout: std::time::Duration::from_millis(200),
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::new(limits, None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_hostile").expect("load");
+    assert!(matches!(
+        plugin.process("loop", &sample(1)),
+        Err(PluginError::Timeout(_))
+    ));
+}
+
+#[test]
+fn compiled_code_is_cached_on_disk_by_content_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = std::fs::read(plugin_path("beacon_plugin_utm")).expect("component");
+    let sha = Runtime::sha256(&bytes);
+    {
+        let runtime =
+            Runtime::new(SandboxLimits::default(), Some(dir.path().into())).expect("runtime");
+        runtime.load(&sha, &bytes).expect("compile");
+    }
+    let cached: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    assert!(cached[0].file_name().to_string_lossy().starts_with(&sha));
+    // A new runtime (as after a restart) loads the cached code and it runs.
+    let runtime = Runtime::new(SandboxLimits::default(), Some(dir.path().into())).expect("runtime");
+    let plugin = runtime.load(&sha, &bytes).expect("from cache");
+    assert_eq!(plugin.process("", &sample(5)).expect("run").len(), 5);
+}
+
+#[test]
+fn a_chain_cannot_move_events_to_another_merchant_or_flood() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let utm = load(&runtime, "beacon_plugin_utm").expect("load");
+    let hostile = load(&runtime, "beacon_plugin_hostile").expect("load");
+    let step = |p: &Arc<beacon_plugins::Plugin>, config: &str| {
+        (
+            PluginRef {
+                name: "p".into(),
+                sha256: p.sha256().into(),
+                config: config.into(),
+            },
+            p.clone(),
+        )
+    };
+    let chain = |steps: Vec<(PluginRef, Arc<beacon_plugins::Plugin>)>| {
+        let refs = steps.iter().map(|s| s.0.clone()).collect();
+        Chain::new(
+            PipelineRef {
+                merchant_id: "m_det".into(),
+                version: 1,
+                plugins: refs,
+            },
+            steps,
+        )
+    };
+    let out = chain(vec![
+        step(&utm, ""),
+        step(&hostile, "steal"),
+        step(&utm, r#"{"property_prefix":"c_"}"#),
+    ])
+    .run(sample(50))
+    .expect("chain");
+    assert_eq!(out.len(), 50);
+    assert!(
+        out.iter().all(|e| e.merchant_id == "m_det"),
+        "merchant ids restored"
+    );
+    assert!(out
+        .iter()
+        .any(|e| e.properties.contains_key("c_source") && e.properties.contains_key("utm_source")));
+
+    let failure = chain(vec![step(&hostile, "flood")])
+        .run(sample(50))
+        .expect_err("flood is capped");
+    assert!(
+        matches!(
+            failure.error,
+            PluginError::OutputTooLarge { what: "events", .. }
+        ),
+        "{:?}",
+        failure.error
+    );
+    assert!(failure.plugin.starts_with("p@"));
+}
