@@ -374,7 +374,7 @@ async fn run_ingest(
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
-    beacon_ingest::run(cfg, wh, shutdown).await?;
+    beacon_ingest::run_supervised(cfg, wh, shutdown).await;
     Ok(())
 }
 
@@ -409,7 +409,11 @@ async fn up(
     let mut ingest_cfg = beacon_ingest::IngestConfig::new(nats_url.clone());
     ingest_cfg.max_batch = tuning.ingest_max_batch;
     ingest_cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
-    let ingest = tokio::spawn(beacon_ingest::run(ingest_cfg, wh.clone(), stop_rx.clone()));
+    let ingest = tokio::spawn(beacon_ingest::run_supervised(
+        ingest_cfg,
+        wh.clone(),
+        stop_rx.clone(),
+    ));
     let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
         wh.clone(),
         Duration::from_secs(tuning.rollup_interval),
@@ -445,10 +449,8 @@ async fn up(
     // JetStream; ingest then commits what it has read; only then does NATS go away.
     edge.shutdown(Duration::from_secs(10)).await;
     let _ = stop_tx.send(true);
-    match ingest.await {
-        Ok(Err(e)) => eprintln!("ingest stopped with an error: {e}"),
-        Err(e) => eprintln!("ingest task failed: {e}"),
-        Ok(Ok(())) => {}
+    if let Err(e) = ingest.await {
+        eprintln!("ingest task failed: {e}");
     }
     let _ = rollups.await;
     if let Some(n) = nats {

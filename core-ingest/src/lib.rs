@@ -45,6 +45,10 @@ pub struct IngestConfig {
     pub max_batch: usize,
     /// Longest an envelope waits for its commit when traffic is light.
     pub max_wait: Duration,
+    /// Most envelope bytes per fetch (and so per commit). It also keeps each pull under the
+    /// server's per-client pending limit (64 MiB by default), past which nats-server
+    /// disconnects a "slow consumer".
+    pub max_fetch_bytes: usize,
 }
 
 impl IngestConfig {
@@ -53,6 +57,7 @@ impl IngestConfig {
             nats_url: nats_url.into(),
             max_batch: 2000,
             max_wait: Duration::from_secs(1),
+            max_fetch_bytes: 16 << 20,
         }
     }
 }
@@ -62,6 +67,36 @@ const TABLES: [TableKind; 3] = [
     TableKind::Events,
     TableKind::FailedEvents,
 ];
+
+/// Runs [`run`] until `shutdown`, restarting it after errors (NATS or storage trouble) with
+/// a growing pause. A restart is the same recovery path as a crash: it resumes from the
+/// sequences committed in the tables, so nothing is lost or duplicated.
+pub async fn run_supervised(
+    cfg: IngestConfig,
+    wh: Arc<Warehouse>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        match run(cfg.clone(), wh.clone(), shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => tracing::error!(error = %e, "ingest failed; restarting in {pause:?}"),
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            pause = Duration::from_millis(200);
+        }
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
 
 /// Runs until `shutdown` turns true (finishing the batch in hand) or an error occurs.
 pub async fn run(
@@ -134,6 +169,7 @@ pub async fn run(
         let mut batch = consumer
             .batch()
             .max_messages(cfg.max_batch)
+            .max_bytes(cfg.max_fetch_bytes)
             .expires(cfg.max_wait)
             .messages()
             .await
@@ -145,8 +181,16 @@ pub async fn run(
                 m = batch.next() => m,
                 _ = shutdown.changed() => break,
             };
-            let Some(msg) = next else { break };
-            let msg = msg.map_err(nats)?;
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                // A status ends the pull (e.g. 409 when `max_bytes` is reached); a broken
+                // connection surfaces on the next pull request instead.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "pull ended");
+                    break;
+                }
+                None => break,
+            };
             let seq = msg.info().map_err(nats)?.stream_sequence;
             received.push(decode(seq, &msg.payload));
             last = Some(msg);

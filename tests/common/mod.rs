@@ -128,7 +128,10 @@ impl Cluster {
         cmd.args(args)
             .env("BEACON_NATS_URL", self.nats.url())
             .env("BEACON_DATA_DIR", self.data_dir())
-            .env("RUST_LOG", "info,async_nats=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BEACON_TEST_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -140,16 +143,13 @@ impl Cluster {
 
     pub fn start_ingest(&mut self) {
         // Small commits so a kill lands between commits often.
-        self.ingest = Some(self.spawn(
-            "ingest",
-            &[
-                "ingest",
-                "--ingest-max-wait-ms",
-                "200",
-                "--ingest-max-batch",
-                "100",
-            ],
-        ));
+        self.start_ingest_with(&["--ingest-max-wait-ms", "200", "--ingest-max-batch", "100"]);
+    }
+
+    pub fn start_ingest_with(&mut self, args: &[&str]) {
+        let mut all = vec!["ingest"];
+        all.extend_from_slice(args);
+        self.ingest = Some(self.spawn("ingest", &all));
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -231,6 +231,22 @@ impl Cluster {
         let mut cfg = beacon_sdk::ClientConfig::new(addr, ca, write_key);
         cfg.request_timeout = Duration::from_secs(20);
         beacon_sdk::Client::connect(cfg).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failing test shows what the roles said: CI output is all we get there.
+        if std::thread::panicking() {
+            for name in ["edge", "ingest", "rollup"] {
+                let log = self.log(name);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {name}.log (last {} lines) ---", tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::PartitioningWriter;
-use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
@@ -199,10 +199,13 @@ impl TableKind {
 pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseError> {
     let ns = NamespaceIdent::new(NAMESPACE.into());
     if !catalog.namespace_exists(&ns).await? {
-        match catalog.create_namespace(&ns, HashMap::new()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NamespaceAlreadyExists => {}
-            Err(e) => return Err(e.into()),
+        // Several roles may start at once: losing the creation race is fine (the SQL
+        // catalog reports it as a constraint violation, so check again rather than trust
+        // the error kind).
+        if let Err(e) = catalog.create_namespace(&ns, HashMap::new()).await {
+            if !catalog.namespace_exists(&ns).await? {
+                return Err(e.into());
+            }
         }
     }
     for kind in TableKind::ALL {
@@ -248,7 +251,7 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
             .build();
         match catalog.create_table(&ns, creation).await {
             Ok(_) => tracing::info!(table = kind.name(), "created table"),
-            Err(e) if e.kind() == ErrorKind::TableAlreadyExists => {}
+            Err(_) if catalog.table_exists(&kind.ident()).await? => {}
             Err(e) => return Err(e.into()),
         }
     }
