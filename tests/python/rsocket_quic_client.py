@@ -1,0 +1,54 @@
+"""rsocket-py's QUIC client against a Beacon edge (interop check driven by tests/interop.rs).
+
+Usage: rsocket_quic_client.py HOST PORT CA_PEM WRITE_KEY RUN_ID
+Sends one request-response batch and one fire-and-forget batch of 5 events each and prints
+a JSON line with the edge's answer. Exits non-zero on any error.
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+from aioquic.quic.configuration import QuicConfiguration
+from rsocket.helpers import single_transport_provider
+from rsocket.payload import Payload
+from rsocket.rsocket_client import RSocketClient
+from rsocket.transports.aioquic_transport import rsocket_connect
+
+
+def batch(run_id: str, kind: str) -> bytes:
+    now = int(time.time() * 1000)
+    events = [
+        {
+            "event_id": f"py-{run_id}-{kind}-{i}",
+            "name": "pageview",
+            "ts": now,
+            "url": f"https://py.example/{kind}/{i}",
+            "visitor_id": f"py-visitor-{i}",
+        }
+        for i in range(5)
+    ]
+    return json.dumps({"events": events}).encode()
+
+
+async def main(host: str, port: int, ca: str, key: str, run_id: str) -> None:
+    config = QuicConfiguration(is_client=True)
+    config.load_verify_locations(ca)
+    async with rsocket_connect(host, port, configuration=config) as transport:
+        async with RSocketClient(
+            single_transport_provider(transport),
+            setup_payload=Payload(metadata=key.encode()),
+            metadata_encoding=b"text/plain",
+            data_encoding=b"application/json",
+        ) as client:
+            answer = await asyncio.wait_for(client.request_response(Payload(batch(run_id, "rr"))), 20)
+            await client.fire_and_forget(Payload(batch(run_id, "fnf")))
+            # Give the fire-and-forget frame time to leave before the connection closes.
+            await asyncio.sleep(0.5)
+            print(json.dumps({"request_response": json.loads(answer.data)}), flush=True)
+
+
+if __name__ == "__main__":
+    host, port, ca, key, run_id = sys.argv[1:6]
+    asyncio.run(main(host, int(port), ca, key, run_id))
