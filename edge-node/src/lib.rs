@@ -77,6 +77,7 @@ pub struct Edge {
     endpoint: quinn::Endpoint,
     processor: Arc<process::Processor>,
     task: tokio::task::JoinHandle<()>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Edge {
@@ -122,10 +123,12 @@ impl Edge {
             addr: cfg.listen,
             source,
         })?;
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let shared = quic::Shared {
             registry,
             processor: processor.clone(),
             limits: cfg.quic.clone(),
+            shutdown,
         };
         let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
         tracing::info!(%addr, edge_id = %cfg.edge_id, "edge listening (RSocket over QUIC)");
@@ -135,6 +138,7 @@ impl Edge {
             endpoint,
             processor,
             task,
+            shutdown_tx,
         })
     }
 
@@ -142,12 +146,13 @@ impl Edge {
     /// clients, then closes every connection.
     pub async fn shutdown(self, grace: Duration) {
         self.endpoint.set_server_config(None);
+        let _ = self.shutdown_tx.send(true);
         let deadline = tokio::time::Instant::now() + grace;
         while self.processor.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Give the writers a moment to flush the last answers.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Give the writers a moment to flush the last answers and the closing ERROR.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.endpoint.close(0u32.into(), b"edge shutting down");
         self.task.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -54,6 +54,9 @@ pub struct Shared {
     pub registry: Registry,
     pub processor: Arc<Processor>,
     pub limits: QuicLimits,
+    /// Turns true when the edge shuts down: connections stop taking new batches, finish the
+    /// ones in flight, and tell the client to reconnect elsewhere.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -174,8 +177,21 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     let merchant: Arc<str> = merchant_id.into();
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_conn));
 
+    let mut shutdown = shared.shutdown.clone();
+    let mut closing = None;
     loop {
-        let frame = match next_frame(&mut recv, &mut reader).await {
+        // `next_frame` is cancel-safe: partial frames stay in `reader`.
+        let next = tokio::select! {
+            f = next_frame(&mut recv, &mut reader) => f,
+            _ = shutdown.changed() => {
+                closing = Some(Outcome::Error(
+                    wire::ERR_CONN_CLOSED,
+                    "edge shutting down: reconnect and resend unacknowledged batches".into(),
+                ));
+                break;
+            }
+        };
+        let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(outcome) => return outcome,
@@ -254,7 +270,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     let _ = in_flight
         .acquire_many(limits.max_in_flight_per_conn as u32)
         .await;
-    Outcome::Done
+    closing.unwrap_or(Outcome::Done)
 }
 
 fn error_code(e: &ProcessError) -> u32 {

@@ -51,7 +51,10 @@ impl SdkError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SdkError::ConnectionLost(_) | SdkError::Timeout(_) | SdkError::Connect(_) => true,
-            SdkError::Remote { code, .. } => *code == wire::ERR_REJECTED,
+            // REJECTED: not processed; CONNECTION_CLOSE: the edge is shutting down.
+            SdkError::Remote { code, .. } => {
+                *code == wire::ERR_REJECTED || *code == wire::ERR_CONN_CLOSED
+            }
             _ => false,
         }
     }
