@@ -119,7 +119,7 @@ async fn publish_direct(cluster: &Cluster, events: &[Event]) -> Phase {
             received_at: beacon_edge::now_ms(),
             pipeline: None,
             raw: chunk.to_vec(),
-            processed: chunk.to_vec(),
+            processed: None,
             failures: Vec::new(),
         };
         let mut h = async_nats::HeaderMap::new();

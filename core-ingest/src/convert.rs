@@ -26,7 +26,7 @@ pub fn events_batch(
         .iter()
         .flat_map(|r| {
             let evs = if processed {
-                &r.envelope.processed
+                r.envelope.processed_events()
             } else {
                 &r.envelope.raw
             };

@@ -264,7 +264,7 @@ fn unreadable(payload: &[u8], reason: String, env: Option<Envelope>) -> Envelope
         received_at: env.as_ref().map(|e| e.received_at).unwrap_or_else(now_ms),
         pipeline: None,
         raw: Vec::new(),
-        processed: Vec::new(),
+        processed: None,
         failures: vec![Failure {
             stage: FailureStage::Decode,
             event_id: String::new(),

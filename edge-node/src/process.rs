@@ -141,7 +141,7 @@ impl Processor {
         let mut plugin_error = None;
         let chain = self.pipelines.get(merchant_id);
         let (processed, pipeline) = match chain {
-            None => (raw.clone(), None),
+            None => (None, None),
             Some(chain) => {
                 let input = raw.clone();
                 let runner = chain.clone();
@@ -149,7 +149,7 @@ impl Processor {
                 let result = tokio::task::spawn_blocking(move || runner.run(input)).await;
                 let pipeline = Some(chain.pipeline().clone());
                 match result {
-                    Ok(Ok(out)) => (out, pipeline),
+                    Ok(Ok(out)) => (Some(out), pipeline),
                     Ok(Err(failure)) => {
                         tracing::warn!(merchant = merchant_id, batch_id, plugin = %failure.plugin, error = %failure.error, "plugin failed; batch held in failed_events");
                         plugin_error = Some(format!("{}: {}", failure.plugin, failure.error));
@@ -163,7 +163,7 @@ impl Processor {
                                 payload: serde_json::to_string(e).unwrap_or_default(),
                             });
                         }
-                        (Vec::new(), pipeline)
+                        (Some(Vec::new()), pipeline)
                     }
                     Err(join) => {
                         plugin_error = Some(format!("plugin host task failed: {join}"));
@@ -177,7 +177,7 @@ impl Processor {
                                 payload: serde_json::to_string(e).unwrap_or_default(),
                             });
                         }
-                        (Vec::new(), pipeline)
+                        (Some(Vec::new()), pipeline)
                     }
                 }
             }
@@ -222,7 +222,7 @@ impl Processor {
             received_at: now,
             pipeline: None,
             raw: Vec::new(),
-            processed: Vec::new(),
+            processed: None,
             failures: vec![Failure {
                 stage: FailureStage::Decode,
                 event_id: String::new(),

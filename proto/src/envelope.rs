@@ -27,9 +27,11 @@ pub struct Envelope {
     pub pipeline: Option<PipelineRef>,
     /// Canonical events that passed validation, before any plugin ran.
     pub raw: Vec<Event>,
-    /// Plugin output (or `raw` unchanged when there are no plugins). Empty when the chain
-    /// failed and the pipeline holds failed batches for re-processing.
-    pub processed: Vec<Event>,
+    /// Plugin output. `None` when no plugin ran: the processed events are `raw` unchanged,
+    /// and not sending them twice halves the envelope. Empty when the chain failed and the
+    /// batch is held in `failed_events` for re-processing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed: Option<Vec<Event>>,
     #[serde(default)]
     pub failures: Vec<Failure>,
 }
@@ -96,6 +98,11 @@ pub struct Failure {
 }
 
 impl Envelope {
+    /// The events that belong in the `events` table.
+    pub fn processed_events(&self) -> &[Event] {
+        self.processed.as_deref().unwrap_or(&self.raw)
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain data structures cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -128,7 +135,7 @@ mod tests {
                 }],
             }),
             raw: vec![],
-            processed: vec![],
+            processed: Some(vec![]),
             failures: vec![Failure {
                 stage: FailureStage::Plugin,
                 event_id: "e".into(),
