@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use beacon_proto::envelope::ENVELOPE_VERSION;
-use beacon_proto::{bus, Envelope, Failure, FailureStage};
+use beacon_proto::{bus, Envelope};
 use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
 use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
 use futures::StreamExt;
@@ -252,28 +252,11 @@ fn decode(seq: u64, payload: &[u8]) -> Received {
 }
 
 fn unreadable(payload: &[u8], reason: String, env: Option<Envelope>) -> Envelope {
-    let kept = &payload[..payload.len().min(64 * 1024)];
-    Envelope {
-        v: ENVELOPE_VERSION,
-        batch_id: env.as_ref().map(|e| e.batch_id.clone()).unwrap_or_default(),
-        merchant_id: env
-            .as_ref()
-            .map(|e| e.merchant_id.clone())
-            .unwrap_or_default(),
-        edge_id: env.as_ref().map(|e| e.edge_id.clone()).unwrap_or_default(),
-        received_at: env.as_ref().map(|e| e.received_at).unwrap_or_else(now_ms),
-        pipeline: None,
-        raw: Vec::new(),
-        processed: None,
-        failures: vec![Failure {
-            stage: FailureStage::Decode,
-            event_id: String::new(),
-            plugin: None,
-            pipeline_version: None,
-            reason,
-            payload: String::from_utf8_lossy(kept).into_owned(),
-        }],
-    }
+    let (batch_id, merchant_id, edge_id, received_at) = match env {
+        Some(e) => (e.batch_id, e.merchant_id, e.edge_id, e.received_at),
+        None => (String::new(), String::new(), String::new(), now_ms()),
+    };
+    Envelope::undecodable(batch_id, merchant_id, edge_id, received_at, payload, reason)
 }
 
 fn now_ms() -> i64 {

@@ -11,9 +11,6 @@ use beacon_proto::{BatchRequest, BatchResponse, Envelope, Failure, FailureStage,
 use crate::pipelines::Pipelines;
 use crate::publish::{PublishError, Publisher};
 
-/// How much of an undecodable payload is kept in `failed_events` for diagnosis.
-const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     /// The payload is not a batch; the client must fix it (never retried).
@@ -213,25 +210,14 @@ impl Processor {
         payload: &[u8],
         reason: &str,
     ) {
-        let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD)];
-        let envelope = Envelope {
-            v: ENVELOPE_VERSION,
-            batch_id: batch_id.to_string(),
-            merchant_id: merchant_id.to_string(),
-            edge_id: self.edge_id.clone(),
-            received_at: now,
-            pipeline: None,
-            raw: Vec::new(),
-            processed: None,
-            failures: vec![Failure {
-                stage: FailureStage::Decode,
-                event_id: String::new(),
-                plugin: None,
-                pipeline_version: None,
-                reason: reason.to_string(),
-                payload: String::from_utf8_lossy(kept).into_owned(),
-            }],
-        };
+        let envelope = Envelope::undecodable(
+            batch_id.to_string(),
+            merchant_id.to_string(),
+            self.edge_id.clone(),
+            now,
+            payload,
+            reason.to_string(),
+        );
         if let Err(e) = self.publisher.publish(&envelope).await {
             tracing::error!(batch_id, error = %e, "could not keep an undecodable batch");
         }

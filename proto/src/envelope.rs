@@ -12,6 +12,9 @@ use crate::event::Event;
 /// into `failed_events` rather than guessing.
 pub const ENVELOPE_VERSION: u32 = 1;
 
+/// How much of an undecodable payload is kept in `failed_events` for diagnosis.
+pub const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     pub v: u32,
@@ -98,6 +101,37 @@ pub struct Failure {
 }
 
 impl Envelope {
+    /// An envelope holding only a payload that could not be decoded (kept, at most
+    /// [`MAX_KEPT_PAYLOAD`] bytes of it, so it lands in `failed_events` with its reason).
+    pub fn undecodable(
+        batch_id: String,
+        merchant_id: String,
+        edge_id: String,
+        received_at: i64,
+        payload: &[u8],
+        reason: String,
+    ) -> Self {
+        let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD)];
+        Self {
+            v: ENVELOPE_VERSION,
+            batch_id,
+            merchant_id,
+            edge_id,
+            received_at,
+            pipeline: None,
+            raw: Vec::new(),
+            processed: None,
+            failures: vec![Failure {
+                stage: FailureStage::Decode,
+                event_id: String::new(),
+                plugin: None,
+                pipeline_version: None,
+                reason,
+                payload: String::from_utf8_lossy(kept).into_owned(),
+            }],
+        }
+    }
+
     /// The events that belong in the `events` table.
     pub fn processed_events(&self) -> &[Event] {
         self.processed.as_deref().unwrap_or(&self.raw)
