@@ -22,11 +22,16 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
+count() { "$BEACON" sql --data-dir "$DATA_DIR" --format csv "SELECT count(*) FROM raw_events" | tail -n 1; }
+BEFORE=$(count)
 say "sending demo traffic (3 merchants, 20000 events, UTM plugin attached)"
 "$BEACON" demo --data-dir "$DATA_DIR" --events 20000 --merchants 3 --attach-plugin "$BEACON_PLUGINS_DIR/beacon_plugin_utm.wasm"
 
 say "waiting for the events to land in Iceberg"
-sleep 3
+for _ in $(seq 1 60); do
+  [ "$(count)" -ge $((BEFORE + 20000)) ] && break
+  sleep 0.5
+done
 "$BEACON" sql --data-dir "$DATA_DIR" "SELECT merchant_id, count(*) AS events, count(DISTINCT visitor_id) AS visitors FROM events GROUP BY merchant_id ORDER BY merchant_id"
 
 cat <<MSG
