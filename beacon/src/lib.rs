@@ -1,6 +1,7 @@
 //! The `beacon` binary's building blocks, public so end-to-end tests can drive them:
 //! the private nats-server launcher, the endpoints file, and demo traffic.
 
+pub mod config;
 pub mod demo;
 pub mod endpoints;
 pub mod nats;

@@ -20,6 +20,10 @@ use tokio::sync::watch;
     about = "Self-hostable analytics backend: edge, ingest, warehouse, SQL"
 )]
 struct Cli {
+    /// TOML file of settings (keys are the BEACON_* variables, see beacon/src/config.rs);
+    /// flags and environment variables override it.
+    #[arg(long, global = true, env = "BEACON_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,7 +81,12 @@ enum Command {
     Rollup {
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
-        #[arg(long, default_value = "30", value_name = "SECONDS")]
+        #[arg(
+            long,
+            env = "BEACON_ROLLUP_INTERVAL",
+            default_value = "30",
+            value_name = "SECONDS"
+        )]
         interval: u64,
     },
     /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly; view: rollups).
@@ -194,6 +203,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    apply_config_file()?;
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -201,7 +211,34 @@ fn main() -> Result<()> {
     rt.block_on(run(cli))
 }
 
+/// Fills in `BEACON_*` variables from `--config FILE` (or `BEACON_CONFIG`) before clap reads
+/// them, so flags override the environment, which overrides the file.
+fn apply_config_file() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let from_args = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(String::from))
+        });
+    let Some(path) = from_args.or_else(|| std::env::var("BEACON_CONFIG").ok()) else {
+        return Ok(());
+    };
+    for (name, value) in beacon::config::load(Path::new(&path))? {
+        if std::env::var_os(&name).is_none() {
+            // Single-threaded here: the runtime starts after this.
+            std::env::set_var(name, value);
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(path) = &cli.config {
+        tracing::info!(config = %path.display(), "settings file applied");
+    }
     match cli.command {
         #[cfg(feature = "full")]
         Command::Up {
