@@ -166,8 +166,9 @@ enum PluginCommand {
         #[arg(long)]
         name: String,
         file: PathBuf,
+        /// The plugin's configuration string (JSON by convention).
         #[arg(long, default_value = "")]
-        config: String,
+        plugin_config: String,
         #[command(flatten)]
         target: NatsTarget,
     },
@@ -350,7 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
                     merchant,
                     name,
                     file,
-                    config,
+                    plugin_config,
                     target,
                 },
         } => {
@@ -362,7 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &merchant,
                 &name,
                 &bytes,
-                &config,
+                &plugin_config,
                 &whoami(),
             )
             .await?;

@@ -193,7 +193,7 @@ impl Cluster {
             "--name",
             plugin,
             path.to_str().expect("utf8 path"),
-            "--config",
+            "--plugin-config",
             config,
         ]);
     }
