@@ -109,7 +109,6 @@ async fn hostile_plugins_are_stopped_and_other_merchants_keep_flowing() {
     cluster.attach(&looper, "beacon_plugin_hostile", "loop");
     cluster.attach(&hog, "beacon_plugin_hostile", "alloc");
     cluster.attach(&fine, "beacon_plugin_utm", "");
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let fine_client = cluster.client(&fine_key).await.expect("connect");
     let loop_client = cluster.client(&loop_key).await.expect("connect");

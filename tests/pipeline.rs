@@ -57,8 +57,6 @@ async fn events_flow_end_to_end_with_exact_counts_plugin_effect_and_rollups() {
         );
         merchants.push((id, key, events));
     }
-    // Pipelines reach the edge through a KV watch.
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut sends = Vec::new();
     for (_, key, events) in &merchants {

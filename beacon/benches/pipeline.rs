@@ -162,7 +162,6 @@ async fn main() {
     let (_, plain_key) = cluster.merchant("bench-plain");
     let (with_plugin, plugin_key) = cluster.merchant("bench-utm");
     cluster.attach(&with_plugin, "beacon_plugin_utm", "");
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let events = padded_events(n, 1);
     let avg_bytes = events

@@ -169,6 +169,9 @@ enum PluginCommand {
         /// The plugin's configuration string (JSON by convention).
         #[arg(long, default_value = "")]
         plugin_config: String,
+        /// Seconds to wait for every live edge to apply the new pipeline (0: don't wait).
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
         #[command(flatten)]
         target: NatsTarget,
     },
@@ -352,6 +355,7 @@ async fn run(cli: Cli) -> Result<()> {
                     name,
                     file,
                     plugin_config,
+                    wait,
                     target,
                 },
         } => {
@@ -374,6 +378,20 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 &p.plugins[0].sha256[..12]
             );
+            if wait > 0 {
+                let (edges, took) = beacon_edge::status::wait_applied(
+                    &js,
+                    &p.merchant_id,
+                    p.version,
+                    Duration::from_secs(wait),
+                )
+                .await
+                .map_err(|e| anyhow!(e))?;
+                println!(
+                    "active on {edges} live edge(s) after {} ms",
+                    took.as_millis()
+                );
+            }
             Ok(())
         }
         Command::Demo {
@@ -575,8 +593,9 @@ async fn demo(
     std::fs::write(&keys_path, serde_json::to_vec_pretty(&known)?)?;
     if let Some(file) = &attach_plugin {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut attached = Vec::new();
         for m in known.iter().take(merchants) {
-            beacon_edge::pipelines::attach_plugin(
+            let p = beacon_edge::pipelines::attach_plugin(
                 &js,
                 &m.id,
                 "utm",
@@ -585,9 +604,19 @@ async fn demo(
                 "demo",
             )
             .await?;
+            attached.push(p);
         }
-        // Edges apply pipeline changes from a KV watch; give them a moment.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Edges apply pipeline changes from a KV watch: wait until every live one has.
+        for p in attached {
+            beacon_edge::status::wait_applied(
+                &js,
+                &p.merchant_id,
+                p.version,
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+        }
     }
 
     let started = std::time::Instant::now();

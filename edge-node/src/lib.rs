@@ -9,6 +9,7 @@ pub mod process;
 pub mod publish;
 pub mod quic;
 pub mod registry;
+pub mod status;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -77,6 +78,7 @@ pub struct Edge {
     endpoint: quinn::Endpoint,
     processor: Arc<process::Processor>,
     task: tokio::task::JoinHandle<()>,
+    reporter: tokio::task::JoinHandle<()>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
 }
 
@@ -104,10 +106,11 @@ impl Edge {
             Some(cfg.data_dir.join("plugin-cache")),
         )?);
         let pipelines = pipelines::Pipelines::start(&js, runtime).await?;
+        let status_bucket = status::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
         let processor = Arc::new(process::Processor::new(
             cfg.edge_id.clone(),
             cfg.event_limits,
-            pipelines,
+            pipelines.clone(),
             publish::Publisher::new(js),
         ));
 
@@ -131,6 +134,12 @@ impl Edge {
             shutdown,
         };
         let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
+        let reporter = tokio::spawn(status::report(
+            status_bucket,
+            cfg.edge_id.clone(),
+            addr.to_string(),
+            pipelines,
+        ));
         tracing::info!(%addr, edge_id = %cfg.edge_id, "edge listening (RSocket over QUIC)");
         Ok(Self {
             addr,
@@ -138,6 +147,7 @@ impl Edge {
             endpoint,
             processor,
             task,
+            reporter,
             shutdown_tx,
         })
     }
@@ -155,6 +165,7 @@ impl Edge {
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.endpoint.close(0u32.into(), b"edge shutting down");
         self.task.abort();
+        self.reporter.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }

@@ -46,6 +46,18 @@ impl Pipelines {
         self.chains.read().ok()?.get(merchant_id).cloned()
     }
 
+    /// The active pipeline version of every merchant that has one.
+    pub fn versions(&self) -> std::collections::BTreeMap<String, u64> {
+        self.chains
+            .read()
+            .map(|c| {
+                c.iter()
+                    .map(|(m, ch)| (m.clone(), ch.pipeline().version))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Loads every pipeline, then follows changes in the background.
     pub async fn start(
         js: &jetstream::Context,

@@ -11,6 +11,8 @@ pub const INGEST_CONSUMER: &str = "beacon-ingest";
 pub const MERCHANTS_BUCKET: &str = "beacon_merchants";
 /// KV bucket: merchant id -> `Pipeline` JSON, with history.
 pub const PIPELINES_BUCKET: &str = "beacon_pipelines";
+/// KV bucket: edge id -> `EdgeStatus` JSON, refreshed by each live edge (entries expire).
+pub const EDGES_BUCKET: &str = "beacon_edges";
 /// Object store holding plugin components by sha256.
 pub const PLUGINS_OBJECT_STORE: &str = "beacon_plugins";
 
@@ -25,6 +27,17 @@ pub struct Merchant {
     pub name: String,
     pub write_key_sha256: String,
     pub created_at: i64,
+}
+
+/// What a live edge reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EdgeStatus {
+    pub edge_id: String,
+    /// RSocket over QUIC address.
+    pub addr: String,
+    /// Active pipeline version per merchant.
+    pub pipelines: std::collections::BTreeMap<String, u64>,
+    pub updated_at: i64,
 }
 
 /// A merchant's processing pipeline: ordered plugins pinned by content hash.
