@@ -168,3 +168,35 @@ async fn hostile_plugins_are_stopped_and_other_merchants_keep_flowing() {
     assert!(rows[0]["reason"].as_str().unwrap().contains("memory limit"));
     assert_eq!(rows[0]["pipeline_version"].as_i64(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_big_for_the_bus_is_refused_and_kept() {
+    let cluster = Cluster::start(false);
+    let (id, key) = cluster.merchant("bulky");
+    // With a plugin the envelope carries raw and processed events: ~2x the frame.
+    cluster.attach(&id, "beacon_plugin_utm", "");
+    let mut big = events(20, 240);
+    for e in &mut big {
+        for k in 0..4 {
+            e.properties.insert(format!("blob{k}"), "x".repeat(1000));
+        }
+    }
+    let client = cluster.client(&key).await.expect("connect");
+    match client.send(&big).await {
+        Err(SdkError::Remote { code, message }) => {
+            assert_eq!(code, wire::ERR_INVALID);
+            assert!(message.contains("over the bus limit"), "{message}");
+        }
+        other => panic!("expected INVALID, got {other:?}"),
+    }
+    // Split, it goes through on the same connection.
+    for half in big.chunks(60) {
+        client.send(half).await.expect("smaller batches are stored");
+    }
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "kept and stored", || {
+        (c.count(&format!("SELECT count(*) FROM failed_events WHERE merchant_id = '{id}' AND reason LIKE '%bus limit%'")) == 1
+            && c.count(&format!("SELECT count(*) FROM events WHERE merchant_id = '{id}'")) == 240)
+            .then_some(())
+    });
+}

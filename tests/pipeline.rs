@@ -199,3 +199,31 @@ async fn events_flow_end_to_end_with_exact_counts_plugin_effect_and_rollups() {
         assert_eq!(got, exact, "revenue for {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_edge_runs_the_latest_pipeline_version() {
+    let mut cluster = Cluster::start(false);
+    let (id, key) = cluster.merchant("versioned");
+    for _ in 0..3 {
+        cluster.attach(&id, "beacon_plugin_utm", "");
+    }
+    // The pipeline bucket now holds history (v1..v3); a new edge must start on v3.
+    cluster.start_edge();
+    let client = cluster.client(&key).await.expect("connect");
+    let events = beacon::demo::generate(
+        5,
+        "v.example",
+        20,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        5,
+    );
+    client.send(&events).await.expect("send");
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "events after restart", || {
+        (c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{id}' AND pipeline_version = 'v3'"
+        )) == 20)
+            .then_some(())
+    });
+}

@@ -93,6 +93,7 @@ impl Edge {
             .connect(&cfg.nats_url)
             .await
             .map_err(|e| nats_err(&e))?;
+        let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
         publish::ensure_stream(&js)
             .await
@@ -111,7 +112,7 @@ impl Edge {
             cfg.edge_id.clone(),
             cfg.event_limits,
             pipelines.clone(),
-            publish::Publisher::new(js),
+            publish::Publisher::new(js, max_payload),
         ));
 
         let identity = tls::Identity::load_or_create(&cfg.data_dir.join("tls"))?;

@@ -66,17 +66,28 @@ impl Pipelines {
         let (kv, objects) = open_stores(js).await?;
         let this = Self::default();
         let mut watch = kv.watch_with_history(">").await.map_err(nats)?;
-        // Apply the existing pipelines before accepting traffic: entries up to the bucket's
-        // current last sequence are history, later ones are live changes.
-        let initial = kv.status().await.map_err(nats)?.values();
-        let mut seen = 0;
-        while seen < initial {
-            let Some(entry) = watch.next().await else {
-                break;
-            };
-            seen += 1;
-            if let Ok(entry) = entry {
-                this.apply(&objects, &runtime, entry).await;
+        // Apply the existing pipelines before accepting traffic. The watch delivers the
+        // latest entry per merchant first; `delta` counts what is still pending of that
+        // snapshot, so 0 means caught up. (The bucket's message count includes history and
+        // is not the number of entries the watch delivers.)
+        if kv.status().await.map_err(nats)?.values() > 0 {
+            loop {
+                let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next());
+                match next.await {
+                    Ok(Some(Ok(entry))) => {
+                        let caught_up = entry.delta == 0;
+                        this.apply(&objects, &runtime, entry).await;
+                        if caught_up {
+                            break;
+                        }
+                    }
+                    Ok(Some(Err(e))) => return Err(nats(e)),
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!("pipeline history not fully read within 10 s; continuing");
+                        break;
+                    }
+                }
             }
         }
         let me = this.clone();

@@ -18,6 +18,8 @@ pub enum ProcessError {
     Decode(String),
     #[error("batch holds {count} events, over the limit of {max}")]
     TooManyEvents { count: usize, max: usize },
+    #[error("{0}")]
+    TooLarge(String),
     /// The pipeline cannot take it now; the client should retry the same batch.
     #[error("not stored, retry: {0}")]
     NotDurable(#[from] PublishError),
@@ -192,7 +194,18 @@ impl Processor {
             processed,
             failures,
         };
-        self.publisher.publish(&envelope).await?;
+        match self.publisher.publish(&envelope).await {
+            Ok(_) => {}
+            Err(e @ PublishError::TooLarge { .. }) => {
+                // Never storable as is: keep (the start of) it in failed_events and tell the
+                // client, who must split the batch.
+                let reason = e.to_string();
+                self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
+                    .await;
+                return Err(ProcessError::TooLarge(reason));
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(BatchResponse {
             batch_id,
             accepted,

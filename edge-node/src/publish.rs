@@ -13,6 +13,13 @@ use bytes::Bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// Retrying cannot help: the envelope is over the server's message size limit.
+    #[error("batch {batch_id} is {size} bytes as an envelope, over the bus limit of {max} bytes: send smaller batches")]
+    TooLarge {
+        batch_id: String,
+        size: usize,
+        max: usize,
+    },
     #[error("JetStream did not acknowledge batch {batch_id} within {waited:?}: {last}")]
     NotAcknowledged {
         batch_id: String,
@@ -24,6 +31,8 @@ pub enum PublishError {
 #[derive(Clone)]
 pub struct Publisher {
     js: jetstream::Context,
+    /// The server's largest message; bigger envelopes are refused up front.
+    max_payload: usize,
     /// How long to keep retrying one batch before telling the client to retry later.
     pub deadline: Duration,
 }
@@ -47,9 +56,10 @@ pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Er
 }
 
 impl Publisher {
-    pub fn new(js: jetstream::Context) -> Self {
+    pub fn new(js: jetstream::Context, max_payload: usize) -> Self {
         Self {
             js,
+            max_payload,
             deadline: Duration::from_secs(10),
         }
     }
@@ -57,6 +67,13 @@ impl Publisher {
     /// Publishes and waits for JetStream's ack; returns the stream sequence.
     pub async fn publish(&self, envelope: &Envelope) -> Result<u64, PublishError> {
         let payload = Bytes::from(envelope.to_json());
+        if payload.len() > self.max_payload {
+            return Err(PublishError::TooLarge {
+                batch_id: envelope.batch_id.clone(),
+                size: payload.len(),
+                max: self.max_payload,
+            });
+        }
         let subject = bus::events_subject(&envelope.merchant_id);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(20);

@@ -275,7 +275,9 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
 
 fn error_code(e: &ProcessError) -> u32 {
     match e {
-        ProcessError::Decode(_) | ProcessError::TooManyEvents { .. } => wire::ERR_INVALID,
+        ProcessError::Decode(_)
+        | ProcessError::TooManyEvents { .. }
+        | ProcessError::TooLarge(_) => wire::ERR_INVALID,
         // REJECTED: not processed, safe to retry.
         ProcessError::NotDurable(_) => wire::ERR_REJECTED,
     }

@@ -101,19 +101,7 @@ impl Cluster {
             ingest: None,
             rollup: None,
         };
-        c.edge = Some(c.spawn("edge", &["edge", "--listen", "127.0.0.1:0"]));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(e) = Endpoints::read(c.data_dir()) {
-                c.endpoints = e;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edge did not write endpoints.json"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        c.start_edge();
         c.start_ingest();
         if rollups {
             c.rollup = Some(c.spawn("rollup", &["rollup", "--interval", "1"]));
@@ -138,6 +126,27 @@ impl Cluster {
         Role {
             name,
             child: cmd.spawn().expect("spawn beacon"),
+        }
+    }
+
+    /// (Re)starts the edge process and waits for its endpoints.
+    pub fn start_edge(&mut self) {
+        if let Some(mut old) = self.edge.take() {
+            old.terminate();
+        }
+        let _ = std::fs::remove_file(Endpoints::path(self.data_dir()));
+        self.edge = Some(self.spawn("edge", &["edge", "--listen", "127.0.0.1:0"]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(e) = Endpoints::read(self.data_dir()) {
+                self.endpoints = e;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge did not write endpoints.json"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
