@@ -200,3 +200,33 @@ async fn a_batch_too_big_for_the_bus_is_refused_and_kept() {
             .then_some(())
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_plugin_output_fails_the_batch_with_the_reason() {
+    let cluster = Cluster::start(false);
+    let (id, key) = cluster.merchant("blanked");
+    cluster.attach(&id, "beacon_plugin_hostile", "blank");
+    let client = cluster.client(&key).await.expect("connect");
+    let ack = client.send(&events(30, 10)).await.expect("durable even so");
+    let err = ack.plugin_error.expect("reported");
+    assert!(
+        err.contains("invalid event") && err.contains("event_id is empty"),
+        "{err}"
+    );
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "held in failed_events", || {
+        (c.count(&format!(
+            "SELECT count(*) FROM failed_events WHERE merchant_id = '{id}' AND stage = 'plugin'"
+        )) == 10
+            && c.count(&format!(
+                "SELECT count(*) FROM raw_events WHERE merchant_id = '{id}'"
+            )) == 10)
+            .then_some(())
+    });
+    assert_eq!(
+        c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{id}'"
+        )),
+        0
+    );
+}

@@ -8,6 +8,8 @@ use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::event::RejectedEvent;
 use beacon_proto::{BatchRequest, BatchResponse, Envelope, Failure, FailureStage, Limits};
 
+use beacon_plugins::{ChainFailure, PluginError};
+
 use crate::pipelines::Pipelines;
 use crate::publish::{PublishError, Publisher};
 
@@ -144,39 +146,50 @@ impl Processor {
             Some(chain) => {
                 let input = raw.clone();
                 let runner = chain.clone();
+                let limits = self.limits;
                 // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
-                let result = tokio::task::spawn_blocking(move || runner.run(input)).await;
-                let pipeline = Some(chain.pipeline().clone());
-                match result {
-                    Ok(Ok(out)) => (Some(out), pipeline),
-                    Ok(Err(failure)) => {
-                        tracing::warn!(merchant = merchant_id, batch_id, plugin = %failure.plugin, error = %failure.error, "plugin failed; batch held in failed_events");
-                        plugin_error = Some(format!("{}: {}", failure.plugin, failure.error));
-                        for e in &raw {
-                            failures.push(Failure {
-                                stage: FailureStage::Plugin,
-                                event_id: e.event_id.clone(),
-                                plugin: Some(failure.plugin.clone()),
-                                pipeline_version: Some(chain.pipeline().version),
-                                reason: failure.error.to_string(),
-                                payload: serde_json::to_string(e).unwrap_or_default(),
+                let result = tokio::task::spawn_blocking(move || {
+                    let out = runner.run(input)?;
+                    // Plugin output must be as valid as client input.
+                    for (i, e) in out.iter().enumerate() {
+                        if let Err(v) = e.validate(&limits, now) {
+                            return Err(ChainFailure {
+                                plugin: format!("pipeline v{}", runner.pipeline().version),
+                                error: PluginError::InvalidOutput(format!(
+                                    "output event {i} ({}): {v}",
+                                    e.event_id
+                                )),
                             });
                         }
-                        (Some(Vec::new()), pipeline)
                     }
-                    Err(join) => {
-                        plugin_error = Some(format!("plugin host task failed: {join}"));
+                    Ok(out)
+                })
+                .await;
+                let failed = match result {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(f)) => Err((Some(f.plugin), f.error.to_string())),
+                    Err(join) => Err((None, format!("plugin host task failed: {join}"))),
+                };
+                let version = chain.pipeline().version;
+                match failed {
+                    Ok(out) => (Some(out), Some(chain.pipeline().clone())),
+                    Err((plugin, reason)) => {
+                        tracing::warn!(merchant = merchant_id, batch_id, plugin = ?plugin, error = %reason, "plugin failed; batch held in failed_events");
+                        plugin_error = Some(match &plugin {
+                            Some(p) => format!("{p}: {reason}"),
+                            None => reason.clone(),
+                        });
                         for e in &raw {
                             failures.push(Failure {
                                 stage: FailureStage::Plugin,
                                 event_id: e.event_id.clone(),
-                                plugin: None,
-                                pipeline_version: Some(chain.pipeline().version),
-                                reason: format!("plugin host task failed: {join}"),
+                                plugin: plugin.clone(),
+                                pipeline_version: Some(version),
+                                reason: reason.clone(),
                                 payload: serde_json::to_string(e).unwrap_or_default(),
                             });
                         }
-                        (Some(Vec::new()), pipeline)
+                        (Some(Vec::new()), Some(chain.pipeline().clone()))
                     }
                 }
             }

@@ -35,6 +35,14 @@ impl Guest for Hostile {
                     e
                 })
                 .collect()),
+            // Produces events the edge must refuse (empty ids).
+            "blank" => Ok(batch
+                .into_iter()
+                .map(|mut e| {
+                    e.event_id.clear();
+                    e
+                })
+                .collect()),
             // Multiplies every event a hundredfold.
             "flood" => Ok(batch
                 .iter()
