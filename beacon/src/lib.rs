@@ -4,4 +4,5 @@
 pub mod config;
 pub mod demo;
 pub mod endpoints;
+pub mod lock;
 pub mod nats;

@@ -294,6 +294,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "full")]
         Command::Rollup { data_dir, interval } => {
+            let _lock = beacon::lock::lock_role(&data_dir, "rollup")?;
             let (tx, rx) = watch::channel(false);
             let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
             let task = tokio::spawn(beacon_warehouse::rollup::run_loop(
@@ -426,6 +427,7 @@ async fn run_ingest(
     tuning: Tuning,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let _lock = beacon::lock::lock_role(&data_dir, "ingest")?;
     let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
@@ -444,6 +446,10 @@ async fn up(
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
+    let _locks = (
+        beacon::lock::lock_role(&data_dir, "ingest")?,
+        beacon::lock::lock_role(&data_dir, "rollup")?,
+    );
     Endpoints::remove(&data_dir);
     let (nats, nats_url) = match nats_url {
         Some(url) => (None, url),

@@ -62,6 +62,8 @@ impl NatsServer {
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
+            // A fresh log per start: readiness is read from it.
+            let _ = std::fs::remove_file(&log);
             let mut cmd = Command::new(&bin);
             // If we die without running Drop (SIGKILL), the kernel stops the server too.
             // SAFETY: prctl is async-signal-safe and touches only the child being spawned.
@@ -109,6 +111,7 @@ impl NatsServer {
                 break;
             }
             // JetStream is ready once the server logs it; the TCP port alone opens earlier.
+            // (The log was cleared before this start, so the line is this server's.)
             let log =
                 std::fs::read_to_string(self.store_dir.join("nats-server.log")).unwrap_or_default();
             if log.contains("Server is ready")

@@ -194,7 +194,13 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                // Batches already taken still get their answers before the connection closes.
+                let _ = in_flight
+                    .acquire_many(limits.max_in_flight_per_conn as u32)
+                    .await;
+                return outcome;
+            }
         };
         let stream_id = frame.get_stream_id();
         let flag = frame.get_flag();

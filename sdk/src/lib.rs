@@ -217,6 +217,7 @@ impl Client {
 
     /// Waits for outstanding writes and closes the connection cleanly.
     pub async fn close(self) {
+        self.closed.store(true, Ordering::Relaxed);
         if let Ok(mut s) = self.send.try_lock() {
             let _ = s.finish();
         }
@@ -247,6 +248,14 @@ impl Client {
         send.write_all(&buf)
             .await
             .map_err(|e| SdkError::ConnectionLost(e.to_string()))
+    }
+}
+
+impl Drop for Client {
+    /// A client dropped without `close` still ends its connection and reader task.
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.conn.close(0u32.into(), b"dropped");
     }
 }
 
