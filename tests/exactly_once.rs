@@ -79,3 +79,44 @@ async fn ingest_killed_repeatedly_loses_and_duplicates_nothing() {
     );
     assert_eq!(dup, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_retrying_a_batch_with_its_id_stores_it_once() {
+    let cluster = Cluster::start(false);
+    let (id, key) = cluster.merchant("retrying-shop");
+    let events = beacon::demo::generate(
+        8,
+        "retry.example",
+        300,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        50,
+    );
+    let batch_id = beacon_sdk::new_batch_id();
+    let first = cluster.client(&key).await.expect("connect");
+    let a = first
+        .send_batch(&batch_id, &events)
+        .await
+        .expect("first send");
+    // The answer was "lost": the client reconnects and sends the same batch again.
+    first.close().await;
+    let second = cluster.client(&key).await.expect("reconnect");
+    let b = second.send_batch(&batch_id, &events).await.expect("retry");
+    assert_eq!(a.batch_id, b.batch_id);
+    // A different batch afterwards proves ingest has moved past the retry.
+    second.send(&events[..1]).await.expect("marker");
+
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "marker ingested", || {
+        (c.count(&format!(
+            "SELECT count(*) FROM raw_events WHERE merchant_id = '{id}'"
+        )) >= 301)
+            .then_some(())
+    });
+    assert_eq!(
+        c.count(&format!(
+            "SELECT count(*) FROM raw_events WHERE merchant_id = '{id}'"
+        )),
+        301
+    );
+}

@@ -162,8 +162,10 @@ pub async fn send_all(
                 let Some(b) = next else { break };
                 let t = Instant::now();
                 let mut attempt = 0;
+                // One id for all attempts: a retry of a batch that was stored is dropped.
+                let batch_id = beacon_sdk::new_batch_id();
                 loop {
-                    match client.send(&b).await {
+                    match client.send_batch(&batch_id, &b).await {
                         Ok(_) => break,
                         Err(e) if e.is_retryable() && attempt < 5 => {
                             attempt += 1;

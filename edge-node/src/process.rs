@@ -84,14 +84,20 @@ impl Processor {
         self: &Arc<Self>,
         merchant_id: &str,
         payload: &[u8],
+        client_batch_id: Option<&str>,
     ) -> Result<BatchResponse, ProcessError> {
         let _in_flight = InFlight::new(&self.active);
         let now = crate::now_ms();
-        let batch_id = format!(
-            "{}:{}",
-            self.batch_prefix,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
+        // The batch id is the JetStream message id: with the client's own id, a retried
+        // batch (same id) within the duplicate window is stored once.
+        let batch_id = match client_batch_id {
+            Some(id) => format!("{merchant_id}:{id}"),
+            None => format!(
+                "{}:{}",
+                self.batch_prefix,
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
         let request: BatchRequest = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {

@@ -90,7 +90,12 @@ impl Publisher {
                     .await
             };
             let last = match attempt.await {
-                Ok(ack) => return Ok(ack.sequence),
+                Ok(ack) => {
+                    if ack.duplicate {
+                        tracing::debug!(batch_id = %envelope.batch_id, "batch already stored (retry)");
+                    }
+                    return Ok(ack.sequence);
+                }
                 Err(e) => e.to_string(),
             };
             if started.elapsed() + backoff > self.deadline {

@@ -210,10 +210,14 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
+                let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
                 let (processor, merchant, tx) =
                     (shared.processor.clone(), merchant.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let answer = match processor.process(&merchant, &data).await {
+                    let answer = match processor
+                        .process(&merchant, &data, client_id.as_deref())
+                        .await
+                    {
                         Ok(resp) => wire::response_frame(
                             stream_id,
                             Bytes::from(serde_json::to_vec(&resp).unwrap_or_default()),
@@ -229,9 +233,13 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
+                let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
                 let (processor, merchant) = (shared.processor.clone(), merchant.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = processor.process(&merchant, &data).await {
+                    if let Err(e) = processor
+                        .process(&merchant, &data, client_id.as_deref())
+                        .await
+                    {
                         tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
                     }
                     drop(permit);

@@ -191,6 +191,17 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     frame.write_to(out);
 }
 
+/// The client's batch id, carried as request metadata: retries of a batch reuse it, and the
+/// edge publishes with it so JetStream drops the repeats. Ids that are not 1-64 characters
+/// of `[A-Za-z0-9._-]` are ignored (the edge then numbers the batch itself).
+pub fn client_batch_id(metadata: Option<&Bytes>) -> Option<&str> {
+    let m = std::str::from_utf8(metadata?).ok()?;
+    let ok = (1..=64).contains(&m.len())
+        && m.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then_some(m)
+}
+
 pub fn setup_frame(write_key: &str) -> Frame {
     frame::Setup::builder(0, 0)
         .set_mime_metadata(AUTH_MIME)
@@ -247,6 +258,16 @@ mod tests {
             other => panic!("expected SETUP, got {other:?}"),
         }
         assert_eq!(got[1].get_stream_id(), 1);
+    }
+
+    #[test]
+    fn client_batch_ids_are_checked() {
+        let ok = Bytes::from_static(b"b-0193.x_Y");
+        assert_eq!(client_batch_id(Some(&ok)), Some("b-0193.x_Y"));
+        for bad in [&b""[..], b"has space", b"a:b", &[0xff, 0xfe], &[b'a'; 65]] {
+            assert_eq!(client_batch_id(Some(&Bytes::copy_from_slice(bad))), None);
+        }
+        assert_eq!(client_batch_id(None), None);
     }
 
     #[test]

@@ -162,23 +162,43 @@ impl Client {
 
     /// Sends a batch and waits until the edge reports it durable.
     pub async fn send(&self, events: &[Event]) -> Result<BatchResponse, SdkError> {
-        let body = encode_batch(events);
-        let data = self.request(body).await?;
+        self.send_batch(&new_batch_id(), events).await
+    }
+
+    /// Sends a batch under `batch_id` and waits until it is durable. Resending the same
+    /// events with the same id after an error (within two minutes) stores them once.
+    pub async fn send_batch(
+        &self,
+        batch_id: &str,
+        events: &[Event],
+    ) -> Result<BatchResponse, SdkError> {
+        let data = self
+            .request_with(
+                encode_batch(events),
+                Some(Bytes::copy_from_slice(batch_id.as_bytes())),
+            )
+            .await?;
         serde_json::from_slice(&data).map_err(|e| SdkError::Protocol(e.to_string()))
     }
 
     /// Sends pre-encoded batch JSON and waits for the raw answer. For tests and tools that
     /// need to send what the typed API would not.
     pub async fn request(&self, body: Bytes) -> Result<Bytes, SdkError> {
+        self.request_with(body, None).await
+    }
+
+    async fn request_with(&self, body: Bytes, metadata: Option<Bytes>) -> Result<Bytes, SdkError> {
         let id = self.stream_id();
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
             .map_err(|_| SdkError::Protocol("poisoned".into()))?
             .insert(id, tx);
-        let frame = wire::frame::RequestResponse::builder(id, 0)
-            .set_data(body)
-            .build();
+        let mut builder = wire::frame::RequestResponse::builder(id, 0).set_data(body);
+        if let Some(m) = metadata {
+            builder = builder.set_metadata(m);
+        }
+        let frame = builder.build();
         if let Err(e) = self.write(&frame).await {
             self.forget(id);
             return Err(e);
@@ -199,6 +219,7 @@ impl Client {
         let id = self.stream_id();
         let frame = wire::frame::RequestFNF::builder(id, 0)
             .set_data(encode_batch(events))
+            .set_metadata(Bytes::from(new_batch_id()))
             .build();
         self.write(&frame).await
     }
@@ -257,6 +278,11 @@ impl Drop for Client {
         self.reader.abort();
         self.conn.close(0u32.into(), b"dropped");
     }
+}
+
+/// A fresh batch id (UUID v4, hyphenated).
+pub fn new_batch_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 fn encode_batch(events: &[Event]) -> Bytes {
