@@ -133,6 +133,9 @@ impl Edge {
             processor: processor.clone(),
             limits: cfg.quic.clone(),
             shutdown,
+            bytes_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                (cfg.quic.max_in_flight_bytes / 1024).max(1),
+            )),
         };
         let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
         let reporter = tokio::spawn(status::report(

@@ -21,6 +21,11 @@ use crate::registry::Registry;
 pub struct QuicLimits {
     pub max_frame_len: usize,
     pub max_in_flight_per_conn: usize,
+    /// Request bytes being processed across all connections. When reached, every connection
+    /// stops reading until batches finish: memory stays bounded whatever the number of
+    /// connections (each in-flight byte costs a small multiple in decoded events and
+    /// envelope).
+    pub max_in_flight_bytes: usize,
     pub setup_timeout: Duration,
 }
 
@@ -29,6 +34,7 @@ impl Default for QuicLimits {
         Self {
             max_frame_len: wire::DEFAULT_MAX_FRAME_LEN,
             max_in_flight_per_conn: 64,
+            max_in_flight_bytes: 256 << 20,
             setup_timeout: Duration::from_secs(5),
         }
     }
@@ -57,6 +63,21 @@ pub struct Shared {
     /// Turns true when the edge shuts down: connections stop taking new batches, finish the
     /// ones in flight, and tell the client to reconnect elsewhere.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Shared by every connection; one permit per KiB of request payload.
+    pub bytes_in_flight: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Reserves room for a request of `len` bytes, waiting (and so not reading) while the
+    /// edge is full.
+    async fn reserve(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = (len / 1024 + 1).min(self.limits.max_in_flight_bytes / 1024) as u32;
+        self.bytes_in_flight
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .ok()
+    }
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -210,6 +231,9 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
+                let Some(bytes_permit) = shared.reserve(data.len()).await else {
+                    break;
+                };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
                 let (processor, merchant, tx) =
                     (shared.processor.clone(), merchant.clone(), tx.clone());
@@ -225,7 +249,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                         Err(e) => wire::error_frame(stream_id, error_code(&e), &e.to_string()),
                     };
                     let _ = tx.send(answer).await;
-                    drop(permit);
+                    drop((permit, bytes_permit));
                 });
             }
             Body::RequestFNF(req) => {
@@ -233,6 +257,9 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
+                let Some(bytes_permit) = shared.reserve(data.len()).await else {
+                    break;
+                };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
                 let (processor, merchant) = (shared.processor.clone(), merchant.clone());
                 tokio::spawn(async move {
@@ -242,7 +269,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     {
                         tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
                     }
-                    drop(permit);
+                    drop((permit, bytes_permit));
                 });
             }
             Body::Keepalive(k) => {
