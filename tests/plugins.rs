@@ -215,3 +215,48 @@ fn a_chain_cannot_move_events_to_another_merchant_or_flood() {
     );
     assert!(failure.plugin.starts_with("p@"));
 }
+
+#[test]
+fn beacon_plugin_test_runs_a_component_over_jsonl_locally() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sample = dir.path().join("sample.jsonl");
+    std::fs::write(
+        &sample,
+        "{\"event_id\":\"e1\",\"name\":\"pageview\",\"ts\":1790000000000,\"url\":\"https://s.example/?utm_source=News\"}\n\n\
+         {\"event_id\":\"e2\",\"name\":\"signup\",\"ts\":1790000000001}\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(common::beacon_bin())
+        .args(["plugin", "test"])
+        .arg(plugin_path("beacon_plugin_utm"))
+        .arg("--events")
+        .arg(&sample)
+        .args(["--plugin-config", r#"{"strip_from_url": true}"#])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Event> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0].properties.get("utm_source").map(String::as_str),
+        Some("news")
+    );
+    assert_eq!(events[0].url.as_deref(), Some("https://s.example/"));
+
+    let refused = std::process::Command::new(common::beacon_bin())
+        .args(["plugin", "test"])
+        .arg(plugin_path("beacon_plugin_clock"))
+        .arg("--events")
+        .arg(&sample)
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("wasi:clocks"));
+}

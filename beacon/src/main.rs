@@ -159,6 +159,15 @@ enum MerchantCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Run a component locally, in the same sandbox as the edge, over events in a JSONL file
+    /// (one canonical event per line); prints the output events as JSONL.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long, default_value = "")]
+        plugin_config: String,
+    },
     /// Upload a component and make it the merchant's pipeline (a new pipeline version).
     Attach {
         #[arg(long)]
@@ -349,6 +358,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    file,
+                    events,
+                    plugin_config,
+                },
+        } => plugin_test(&file, &events, &plugin_config),
         Command::Plugin {
             command:
                 PluginCommand::Attach {
@@ -542,6 +559,36 @@ async fn create_merchant(
         .await
         .map_err(|e| anyhow!("registering merchant: {e}"))?;
     Ok((merchant, key))
+}
+
+fn plugin_test(file: &Path, events: &Path, config: &str) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
+    let input = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str::<beacon_proto::Event>(l)
+                .with_context(|| format!("{}:{}: not a canonical event", events.display(), i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let runtime = beacon_plugins::Runtime::new(beacon_plugins::SandboxLimits::default(), None)?;
+    let plugin = runtime.load(&beacon_plugins::Runtime::sha256(&bytes), &bytes)?;
+    let started = std::time::Instant::now();
+    let output = plugin.process(config, &input)?;
+    for e in &output {
+        println!("{}", serde_json::to_string(e)?);
+    }
+    eprintln!(
+        "{} events in, {} out, {:.2} ms (sha256 {})",
+        input.len(),
+        output.len(),
+        started.elapsed().as_secs_f64() * 1000.0,
+        plugin.sha256()
+    );
+    Ok(())
 }
 
 fn hex_string(bytes: &[u8]) -> String {
