@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use beacon_proto::wire::{self, Body, Frame, FrameReader, WireError};
+use beacon_proto::wire::{self, Body, Frame, FrameReader};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
@@ -333,9 +333,6 @@ async fn next_frame(
         match reader.next_frame() {
             Ok(Some(f)) => return Ok(Some(f)),
             Ok(None) => {}
-            Err(e @ WireError::TooLarge { .. }) => {
-                return Err(Outcome::Error(wire::ERR_CONN_FAILED, e.to_string()))
-            }
             Err(e) => return Err(Outcome::Error(wire::ERR_CONN_FAILED, e.to_string())),
         }
         match recv.read_chunk(64 * 1024, true).await {

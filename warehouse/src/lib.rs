@@ -184,7 +184,7 @@ impl Warehouse {
         properties: HashMap<String, String>,
     ) -> Result<(), WarehouseError> {
         let table = self.table(kind).await?;
-        tables::append(self.catalog.as_ref(), &table, batch, properties).await
+        tables::append(self.catalog.as_ref(), kind, &table, batch, properties).await
     }
 }
 

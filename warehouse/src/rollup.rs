@@ -61,6 +61,8 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         to_seq,
         ..Default::default()
     };
+    // One session for both tables, with the exact `events` snapshot whose sequence we record.
+    let mut session = None;
     for kind in [TableKind::RollupsHourly, TableKind::RevenueHourly] {
         let target = wh.table(kind).await?;
         let from_seq = snapshot_property_u64(&target, ROLLUP_SEQ_PROPERTY);
@@ -68,14 +70,19 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
             continue;
         }
         stats.from_seq = from_seq;
-        // Pin the exact snapshot whose sequence we record.
-        let ctx = wh.session().await?;
-        let pinned = IcebergStaticTableProvider::try_new_from_table_snapshot(
-            events.clone(),
-            snapshot.snapshot_id(),
-        )
-        .await?;
-        ctx.register_table("events_pinned", Arc::new(pinned))?;
+        let ctx = match &session {
+            Some(ctx) => ctx,
+            None => {
+                let ctx = wh.session().await?;
+                let pinned = IcebergStaticTableProvider::try_new_from_table_snapshot(
+                    events.clone(),
+                    snapshot.snapshot_id(),
+                )
+                .await?;
+                ctx.register_table("events_pinned", Arc::new(pinned))?;
+                session.insert(ctx)
+            }
+        };
         let range = format!("stream_seq > {from_seq} AND stream_seq <= {to_seq}");
         let query = match kind {
             TableKind::RollupsHourly => format!(
@@ -126,6 +133,7 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         };
         tables::append(
             wh.catalog().as_ref(),
+            kind,
             &target,
             batch,
             HashMap::from([(ROLLUP_SEQ_PROPERTY.to_string(), to_seq.to_string())]),

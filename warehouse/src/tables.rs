@@ -212,30 +212,31 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
         if catalog.table_exists(&kind.ident()).await? {
             continue;
         }
+        let schema = kind.schema()?;
+        let mut sort_fields = Vec::new();
+        for column in kind.sort_columns() {
+            let field = schema.field_by_name(column).ok_or_else(|| {
+                iceberg::Error::new(
+                    iceberg::ErrorKind::DataInvalid,
+                    format!("sort column {column} is not in {}", kind.name()),
+                )
+            })?;
+            sort_fields.push(
+                SortField::builder()
+                    .source_id(field.id)
+                    .transform(Transform::Identity)
+                    .direction(SortDirection::Ascending)
+                    .null_order(NullOrder::First)
+                    .build(),
+            );
+        }
         let sort = SortOrder::builder()
             .with_order_id(1)
-            .with_fields(
-                kind.sort_columns()
-                    .iter()
-                    .map(|c| {
-                        let id = kind
-                            .schema()
-                            .ok()
-                            .and_then(|s| s.field_by_name(c).map(|f| f.id))
-                            .unwrap_or(1);
-                        SortField::builder()
-                            .source_id(id)
-                            .transform(Transform::Identity)
-                            .direction(SortDirection::Ascending)
-                            .null_order(NullOrder::First)
-                            .build()
-                    })
-                    .collect(),
-            )
+            .with_fields(sort_fields)
             .build_unbound()?;
         let creation = TableCreation::builder()
             .name(kind.name().to_string())
-            .schema(kind.schema()?)
+            .schema(schema)
             .partition_spec(kind.partition_spec()?)
             .sort_order(sort)
             .properties(HashMap::from([
@@ -279,16 +280,12 @@ pub fn snapshot_property_u64(table: &Table, key: &str) -> u64 {
 /// with `properties`. An empty batch with properties still commits (it moves watermarks).
 pub(crate) async fn append(
     catalog: &dyn Catalog,
+    kind: TableKind,
     table: &Table,
     batch: RecordBatch,
     properties: HashMap<String, String>,
 ) -> Result<(), WarehouseError> {
-    let kind_sort: Vec<&str> = TableKind::ALL
-        .iter()
-        .find(|k| table.identifier().name() == k.name())
-        .map(|k| k.sort_columns().to_vec())
-        .unwrap_or_default();
-    let batch = sort_batch(batch, &kind_sort)?;
+    let batch = sort_batch(batch, kind.sort_columns())?;
     let data_files = if batch.num_rows() == 0 {
         Vec::new()
     } else {

@@ -17,7 +17,7 @@ mod sandbox;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use beacon_proto::{Event, PipelineRef, PluginRef};
 use sha2::{Digest, Sha256};
@@ -89,7 +89,6 @@ impl Plugin {
         let input: Vec<bindings::beacon::plugin::types::Event> =
             events.iter().map(convert::to_guest).collect();
         let mut store = sandbox::new_store(&self.engine, &self.limits)?;
-        let started = Instant::now();
         let result = self
             .pre
             .instantiate(&mut store)
@@ -97,14 +96,7 @@ impl Plugin {
         let output = match result {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err(PluginError::Guest(e.message)),
-            Err(e) => {
-                return Err(sandbox::classify(
-                    e,
-                    &store,
-                    &self.limits,
-                    started.elapsed(),
-                ))
-            }
+            Err(e) => return Err(sandbox::classify(e, &store, &self.limits)),
         };
         let max_events = self.limits.max_output_events(events.len());
         if output.len() > max_events {

@@ -236,7 +236,6 @@ pub(crate) fn classify(
     e: wasmtime::Error,
     store: &Store<HostState>,
     limits: &SandboxLimits,
-    _elapsed: Duration,
 ) -> PluginError {
     let memory_denied = store.data().limiter.memory_denied;
     match e.downcast_ref::<Trap>() {
