@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beacon::endpoints::Endpoints;
-use common::{beacon_bin, wait_for};
+use common::{beacon_bin, cli_in, first_int, sigterm, sql_in, wait_for};
 
 fn start_up(dir: &std::path::Path) -> (Child, Endpoints) {
     let log = std::fs::OpenOptions::new()
@@ -34,28 +34,8 @@ fn start_up(dir: &std::path::Path) -> (Child, Endpoints) {
     (child, endpoints)
 }
 
-fn cli(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(beacon_bin())
-        .args(args)
-        .env("BEACON_DATA_DIR", dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("beacon");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn count(dir: &std::path::Path, sql: &str) -> i64 {
-    let v: serde_json::Value =
-        serde_json::from_str(&cli(dir, &["sql", sql, "--format", "json"])).expect("json");
-    v[0].as_object()
-        .and_then(|o| o.values().next())
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0)
+    first_int(&sql_in(dir, sql))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,8 +45,9 @@ async fn sigterm_drains_in_flight_batches_and_loses_nothing_acknowledged() {
         .tempdir()
         .expect("tempdir");
     let (mut up, endpoints) = start_up(dir.path());
-    let created: serde_json::Value = serde_json::from_str(&cli(
+    let created: serde_json::Value = serde_json::from_str(&cli_in(
         dir.path(),
+        None,
         &["merchant", "create", "shop", "--format", "json"],
     ))
     .expect("json");
@@ -115,10 +96,7 @@ async fn sigterm_drains_in_flight_batches_and_loses_nothing_acknowledged() {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let acked_before_signal = acked.lock().expect("lock").len();
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(up.id() as i32, libc::SIGTERM);
-    }
+    sigterm(&up);
     let stopped = Instant::now();
     let status = loop {
         if let Some(s) = up.try_wait().expect("wait") {
@@ -159,13 +137,7 @@ async fn sigterm_drains_in_flight_batches_and_loses_nothing_acknowledged() {
         Duration::from_secs(60),
         "acknowledged events in Iceberg",
         || {
-            let v: serde_json::Value = serde_json::from_str(&cli(
-                d,
-                &["sql", "SELECT event_id FROM raw_events", "--format", "json"],
-            ))
-            .ok()?;
-            let ids: HashSet<String> = v
-                .as_array()?
+            let ids: HashSet<String> = sql_in(d, "SELECT event_id FROM raw_events")
                 .iter()
                 .filter_map(|r| r["event_id"].as_str().map(String::from))
                 .collect();
@@ -178,8 +150,6 @@ async fn sigterm_drains_in_flight_batches_and_loses_nothing_acknowledged() {
         count(d, "SELECT count(DISTINCT event_id) FROM raw_events"),
         "no duplicates"
     );
-    unsafe {
-        libc::kill(up.id() as i32, libc::SIGTERM);
-    }
+    sigterm(&up);
     let _ = up.wait();
 }

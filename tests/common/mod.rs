@@ -51,10 +51,7 @@ impl Role {
     }
 
     pub fn terminate(&mut self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&self.child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -166,19 +163,7 @@ impl Cluster {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(beacon_bin())
-            .args(args)
-            .env("BEACON_NATS_URL", self.nats.url())
-            .env("BEACON_DATA_DIR", self.data_dir())
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run beacon");
-        assert!(
-            out.status.success(),
-            "beacon {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        cli_in(self.data_dir(), Some(&self.nats.url()), args)
     }
 
     /// Creates a merchant; returns (id, write key).
@@ -209,20 +194,11 @@ impl Cluster {
 
     /// Runs SQL through `beacon sql --format json`.
     pub fn sql(&self, query: &str) -> Vec<Value> {
-        let out = self.cli(&["sql", query, "--format", "json"]);
-        match serde_json::from_str::<Value>(&out) {
-            Ok(Value::Array(rows)) => rows,
-            other => panic!("unexpected sql output {other:?}: {out}"),
-        }
+        sql_in(self.data_dir(), query)
     }
 
     pub fn count(&self, query: &str) -> i64 {
-        let rows = self.sql(query);
-        rows.first()
-            .and_then(|r| r.as_object())
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
+        first_int(&self.sql(query))
     }
 
     pub async fn client(
@@ -256,6 +232,50 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// Runs a `beacon` subcommand against `data_dir` (and `nats_url`, else endpoints.json);
+/// panics with its stderr if it fails.
+pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new(beacon_bin());
+    cmd.args(args)
+        .env("BEACON_DATA_DIR", data_dir)
+        .env("RUST_LOG", "warn");
+    if let Some(url) = nats_url {
+        cmd.env("BEACON_NATS_URL", url);
+    }
+    let out = cmd.output().expect("run beacon");
+    assert!(
+        out.status.success(),
+        "beacon {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs SQL through `beacon sql --format json` on `data_dir`.
+pub fn sql_in(data_dir: &Path, query: &str) -> Vec<Value> {
+    let out = cli_in(data_dir, None, &["sql", query, "--format", "json"]);
+    match serde_json::from_str::<Value>(&out) {
+        Ok(Value::Array(rows)) => rows,
+        other => panic!("unexpected sql output {other:?}: {out}"),
+    }
+}
+
+/// The first column of the first row as an integer (0 for no rows).
+pub fn first_int(rows: &[Value]) -> i64 {
+    rows.first()
+        .and_then(|r| r.as_object())
+        .and_then(|o| o.values().next())
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+pub fn sigterm(child: &Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
     }
 }
 
