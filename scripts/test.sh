@@ -6,8 +6,8 @@ source scripts/setup.sh
 
 say "running tests"
 cargo test --release --workspace -- --test-threads=1 "$@"
-say "running plugin unit tests (host target)"
-cargo test --release --manifest-path plugins/examples/Cargo.toml -p beacon-plugin-utm
+say "running plugin SDK, template and example plugin unit tests (host target)"
+cargo test --release --manifest-path plugins/examples/Cargo.toml --workspace
 
 say "checking the edge does not link the warehouse"
 if cargo tree -p beacon-edge -e normal --prefix none | grep -qiE '^(datafusion|iceberg|arrow|parquet) '; then

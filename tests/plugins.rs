@@ -22,34 +22,154 @@ fn sample(n: usize) -> Vec<Event> {
     events
 }
 
+/// The example plugins with a config that makes each do real work on the demo traffic.
+const EXAMPLES: &[(&str, &str)] = &[
+    ("beacon_plugin_utm", r#"{"strip_from_url": true}"#),
+    ("beacon_plugin_pii", ""),
+    ("beacon_plugin_botfilter", r#"{"action": "flag"}"#),
+    (
+        "beacon_plugin_currency",
+        r#"{"base": "USD", "rates": {"EUR": 1.08, "GBP": 1.27}, "on_unknown": "flag"}"#,
+    ),
+    (
+        "beacon_plugin_goals",
+        r#"{"goals": [{"name": "any-page", "path_prefix": "/"}, {"name": "buy", "event": "purchase"}]}"#,
+    ),
+];
+
 #[test]
-fn same_input_same_version_same_bytes_across_threads_and_instances() {
-    let events = Arc::new(sample(2000));
-    let config = r#"{"strip_from_url": true}"#;
-    let runs: Vec<Vec<u8>> = (0..2)
-        .map(|_| {
-            let events = events.clone();
-            std::thread::spawn(move || {
-                // A separate runtime (engine, compilation) per thread.
-                let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
-                let plugin = load(&runtime, "beacon_plugin_utm").expect("load");
-                let out = plugin.process(config, &events).expect("process");
-                serde_json::to_vec(&out).expect("json")
+fn every_example_plugin_is_byte_identical_across_threads_and_instances() {
+    let mut events = sample(2000);
+    // Give the scrubbers and filters something to find.
+    for (i, e) in events.iter_mut().enumerate().step_by(7) {
+        e.properties
+            .insert("note".into(), format!("mail me at user{i}@example.com"));
+        e.properties.insert(
+            "user_agent".into(),
+            "Mozilla/5.0 (compatible; Googlebot/2.1)".into(),
+        );
+    }
+    let events = Arc::new(events);
+    for (name, config) in EXAMPLES {
+        let runs: Vec<Vec<u8>> = (0..2)
+            .map(|_| {
+                let events = events.clone();
+                std::thread::spawn(move || {
+                    // A separate runtime (engine, compilation) and instance per thread.
+                    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+                    let plugin = load(&runtime, name).expect("load");
+                    let out = plugin.process(config, &events).expect("process");
+                    serde_json::to_vec(&out).expect("json")
+                })
             })
-        })
-        .map(|h| h.join().expect("thread"))
-        .collect();
-    assert_eq!(runs[0], runs[1], "plugin output must be byte-identical");
-    let out: Vec<Event> = serde_json::from_slice(&runs[0]).expect("json");
-    let tagged = out
-        .iter()
-        .filter(|e| e.properties.contains_key("utm_source"))
-        .count();
-    assert!(tagged > 0, "the plugin did its work");
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(runs[0], runs[1], "{name}: output must be byte-identical");
+        let out: Vec<Event> = serde_json::from_slice(&runs[0]).expect("json");
+        assert!(out != *events, "{name} did no work on the sample");
+    }
+}
+
+#[test]
+fn example_plugins_do_their_jobs() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let mut e = sample(1).remove(0);
+    e.url = Some("https://s.example/thanks?utm_source=News&email=jo%40example.com".into());
+    e.name = "purchase".into();
+    e.revenue_micros = Some(10_000_000);
+    e.currency = Some("USD".into());
+    e.properties.insert(
+        "user_agent".into(),
+        "Googlebot/2.1 (+http://www.google.com/bot.html)".into(),
+    );
+    let run = |name: &str, config: &str, e: &Event| {
+        load(&runtime, name)
+            .expect("load")
+            .process(config, std::slice::from_ref(e))
+            .expect("process")
+    };
+    let utm = run("beacon_plugin_utm", "", &e);
+    assert_eq!(
+        utm[0].properties.get("utm_source").map(String::as_str),
+        Some("news")
+    );
+    let pii = run("beacon_plugin_pii", "", &e);
     assert!(
-        out.iter()
-            .all(|e| !e.url.as_deref().unwrap_or("").contains("utm_")),
-        "stripped"
+        !pii[0].url.as_deref().unwrap_or("").contains("example.com"),
+        "{:?}",
+        pii[0].url
+    );
+    assert!(
+        run("beacon_plugin_botfilter", "", &e).is_empty(),
+        "bots dropped by default"
+    );
+    let eur = run(
+        "beacon_plugin_currency",
+        r#"{"base": "EUR", "rates": {"USD": 0.9}}"#,
+        &e,
+    );
+    assert_eq!(eur[0].currency.as_deref(), Some("EUR"));
+    assert_eq!(eur[0].revenue_micros, Some(9_000_000));
+    let goals = run(
+        "beacon_plugin_goals",
+        r#"{"goals": [{"name": "buy", "event": "purchase"}]}"#,
+        &e,
+    );
+    assert_eq!(
+        goals[0].properties.get("goal").map(String::as_str),
+        Some("buy")
+    );
+}
+
+#[test]
+fn every_forbidden_capability_and_a_foreign_world_are_refused_by_name() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    for (fixture, must_name) in [
+        ("beacon_plugin_clock", "wasi:clocks/"),
+        ("beacon_plugin_random", "wasi:random/"),
+        ("beacon_plugin_fs", "wasi:filesystem/"),
+        ("beacon_plugin_net", "wasi:sockets/"),
+    ] {
+        match load(&runtime, fixture) {
+            Err(e @ PluginError::ForbiddenImport(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(must_name), "{fixture}: {msg}")
+            }
+            Err(other) => panic!("{fixture}: expected ForbiddenImport, got {other}"),
+            Ok(_) => panic!("{fixture} must be refused"),
+        }
+    }
+    match load(&runtime, "beacon_plugin_otherworld") {
+        Err(PluginError::Invalid(msg)) => {
+            assert!(msg.contains("beacon:plugin/processor"), "{msg}")
+        }
+        Err(other) => panic!("expected Invalid, got {other}"),
+        Ok(_) => panic!("a component for another world must be refused"),
+    }
+}
+
+#[test]
+fn stack_overflow_huge_output_and_huge_allocation_are_stopped() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_hostile").expect("load");
+    let events = sample(10);
+    assert!(
+        matches!(plugin.process("stack", &events), Err(PluginError::Trap(_))),
+        "stack overflow traps"
+    );
+    // ~100 MB of output built from aliased strings: stopped while being copied out.
+    match plugin.process("bigout", &events) {
+        Err(PluginError::OutputTooLarge { what, .. }) => assert!(what.starts_with("bytes")),
+        other => panic!("expected OutputTooLarge, got {other:?}"),
+    }
+    // ~100 MB really allocated: the memory cap stops it first.
+    assert!(matches!(
+        plugin.process("bigout-alloc", &events),
+        Err(PluginError::MemoryLimit { .. })
+    ));
+    assert_eq!(
+        plugin.process("pass", &events).expect("still fine").len(),
+        10
     );
 }
 

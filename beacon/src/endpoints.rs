@@ -20,6 +20,9 @@ pub struct Endpoints {
     pub catalog_uri: String,
     #[serde(default)]
     pub warehouse: String,
+    /// Admin HTTP API base URL, `http://ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_http: Option<String>,
     pub pid: u32,
 }
 

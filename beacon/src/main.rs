@@ -28,8 +28,10 @@ struct Cli {
     command: Command,
 }
 
+mod plugin_cmd;
+
 #[derive(Clone, Copy, ValueEnum, Default)]
-enum Format {
+pub enum Format {
     #[default]
     Table,
     Json,
@@ -52,8 +54,15 @@ enum Command {
         /// Directory of example plugin components, shown in the start-up message.
         #[arg(long)]
         plugins_dir: Option<PathBuf>,
+        /// Where the admin HTTP API listens.
+        #[arg(long, env = "BEACON_ADMIN_LISTEN", default_value = "127.0.0.1:0")]
+        admin_listen: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(flatten)]
         tuning: Tuning,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
     },
     /// Edge role: RSocket/QUIC listener publishing to JetStream.
     Edge {
@@ -65,6 +74,8 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, env = "BEACON_EDGE_ID", default_value = "edge-1")]
         edge_id: String,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
     },
     /// Ingest role: JetStream -> Iceberg, exactly once.
     #[cfg(feature = "full")]
@@ -106,7 +117,18 @@ enum Command {
     /// Processing plugins.
     Plugin {
         #[command(subcommand)]
-        command: PluginCommand,
+        command: plugin_cmd::PluginCommand,
+    },
+    /// Admin HTTP API: plugin registry and pipelines for operators' tools (admin tokens).
+    Admin {
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "BEACON_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, env = "BEACON_ADMIN_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Send realistic demo traffic through the SDK to a running edge (also a load generator).
     Demo {
@@ -145,6 +167,68 @@ struct Tuning {
     ingest_max_batch: usize,
 }
 
+#[derive(clap::Args, Clone)]
+pub struct AdminArgs {
+    /// Admin tokens, `name:secret,...` (secrets of 16+ characters). Without any, a token
+    /// named `admin` is generated into `<data-dir>/admin-token` (mode 0600).
+    #[arg(long, env = "BEACON_ADMIN_TOKENS", hide_env_values = true)]
+    admin_tokens: Option<String>,
+}
+
+impl AdminArgs {
+    fn tokens(&self, data_dir: &Path) -> Result<beacon_control::admin::AdminTokens> {
+        use beacon_control::admin::AdminTokens;
+        if let Some(spec) = &self.admin_tokens {
+            return Ok(AdminTokens::parse(spec)?);
+        }
+        let path = data_dir.join("admin-token");
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().len() >= 16 => s.trim().to_string(),
+            _ => {
+                use rand::Rng;
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let secret = format!("ba_{}", hex_string(&rand::rng().random::<[u8; 24]>()));
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                writeln!(f, "{secret}")?;
+                secret
+            }
+        };
+        Ok(AdminTokens::parse(&format!("admin:{secret}"))?)
+    }
+}
+
+/// Serves the admin API; returns its address and task.
+async fn start_admin(
+    nats_url: &str,
+    data_dir: &Path,
+    listen: SocketAddr,
+    admin: &AdminArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let tokens = admin.tokens(data_dir)?;
+    let target = NatsTarget {
+        nats_url: Some(nats_url.to_string()),
+        data_dir: data_dir.to_path_buf(),
+    };
+    let control = plugin_cmd::control(&target).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("admin API: cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(beacon_control::admin::serve(
+        listener, control, tokens, shutdown,
+    ));
+    tracing::info!(%addr, "admin API listening (HTTP)");
+    Ok((addr, task))
+}
+
 #[derive(Subcommand)]
 enum MerchantCommand {
     /// Create a merchant; prints its id and write key.
@@ -157,46 +241,50 @@ enum MerchantCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum PluginCommand {
-    /// Run a component locally, in the same sandbox as the edge, over events in a JSONL file
-    /// (one canonical event per line); prints the output events as JSONL.
-    Test {
-        file: PathBuf,
-        #[arg(long)]
-        events: PathBuf,
-        #[arg(long, default_value = "")]
-        plugin_config: String,
-    },
-    /// Upload a component and make it the merchant's pipeline (a new pipeline version).
-    Attach {
-        #[arg(long)]
-        merchant: String,
-        #[arg(long)]
-        name: String,
-        file: PathBuf,
-        /// The plugin's configuration string (JSON by convention).
-        #[arg(long, default_value = "")]
-        plugin_config: String,
-        /// Seconds to wait for every live edge to apply the new pipeline (0: don't wait).
-        #[arg(long, default_value_t = 10)]
-        wait: u64,
-        #[command(flatten)]
-        target: NatsTarget,
-    },
+/// Plugin sandbox limits (defaults and their anchors: docs/PLUGINS.md).
+#[derive(clap::Args, Clone, Copy)]
+pub struct SandboxArgs {
+    /// CPU budget per plugin call, in fuel (about one wasm instruction each).
+    #[arg(long, env = "BEACON_PLUGIN_FUEL", default_value_t = 2_000_000_000)]
+    plugin_fuel: u64,
+    /// Wall-clock backstop per plugin call.
+    #[arg(long, env = "BEACON_PLUGIN_TIMEOUT_MS", default_value_t = 2000)]
+    plugin_timeout_ms: u64,
+    /// Linear memory per plugin call.
+    #[arg(long, env = "BEACON_PLUGIN_MEMORY_MB", default_value_t = 64)]
+    plugin_memory_mb: usize,
+    /// Largest component accepted.
+    #[arg(long, env = "BEACON_PLUGIN_MAX_COMPONENT_KB", default_value_t = 8192)]
+    plugin_max_component_kb: usize,
+    /// Largest output of one call.
+    #[arg(long, env = "BEACON_PLUGIN_MAX_OUTPUT_MB", default_value_t = 32)]
+    plugin_max_output_mb: usize,
+}
+
+impl SandboxArgs {
+    pub fn limits(self) -> beacon_plugins::SandboxLimits {
+        beacon_plugins::SandboxLimits {
+            fuel: self.plugin_fuel,
+            timeout: Duration::from_millis(self.plugin_timeout_ms),
+            memory_bytes: self.plugin_memory_mb << 20,
+            max_component_bytes: self.plugin_max_component_kb << 10,
+            max_output_bytes: self.plugin_max_output_mb << 20,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
-struct NatsTarget {
+pub struct NatsTarget {
     /// NATS URL; defaults to the one in `<data-dir>/endpoints.json`.
     #[arg(long, env = "BEACON_NATS_URL")]
     nats_url: Option<String>,
     #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
 }
 
 impl NatsTarget {
-    async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
         let url = match &self.nats_url {
             Some(u) => u.clone(),
             None => Endpoints::read(&self.data_dir)?.nats_url,
@@ -259,17 +347,33 @@ async fn run(cli: Cli) -> Result<()> {
             edge_listen,
             nats_url,
             plugins_dir,
+            admin_listen,
+            admin,
             tuning,
-        } => up(data_dir, edge_listen, nats_url, plugins_dir, tuning).await,
+            sandbox,
+        } => {
+            up(
+                data_dir,
+                edge_listen,
+                nats_url,
+                plugins_dir,
+                (admin_listen, admin),
+                tuning,
+                sandbox,
+            )
+            .await
+        }
         Command::Edge {
             nats_url,
             data_dir,
             listen,
             edge_id,
+            sandbox,
         } => {
             std::fs::create_dir_all(&data_dir)?;
             let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
             cfg.edge_id = edge_id;
+            cfg.sandbox = sandbox.limits();
             let edge = beacon_edge::Edge::start(cfg).await?;
             Endpoints {
                 nats_url,
@@ -358,58 +462,18 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Plugin {
-            command:
-                PluginCommand::Test {
-                    file,
-                    events,
-                    plugin_config,
-                },
-        } => plugin_test(&file, &events, &plugin_config),
-        Command::Plugin {
-            command:
-                PluginCommand::Attach {
-                    merchant,
-                    name,
-                    file,
-                    plugin_config,
-                    wait,
-                    target,
-                },
+        Command::Plugin { command } => plugin_cmd::run(command).await,
+        Command::Admin {
+            nats_url,
+            data_dir,
+            listen,
+            admin,
         } => {
-            let js = target.jetstream().await?;
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let p = beacon_edge::pipelines::attach_plugin(
-                &js,
-                &merchant,
-                &name,
-                &bytes,
-                &plugin_config,
-                &whoami(),
-            )
-            .await?;
-            println!(
-                "merchant {} pipeline v{}: {}@{}",
-                p.merchant_id,
-                p.version,
-                name,
-                &p.plugins[0].sha256[..12]
-            );
-            if wait > 0 {
-                let (edges, took) = beacon_edge::status::wait_applied(
-                    &js,
-                    &p.merchant_id,
-                    p.version,
-                    Duration::from_secs(wait),
-                )
-                .await
-                .map_err(|e| anyhow!(e))?;
-                println!(
-                    "active on {edges} live edge(s) after {} ms",
-                    took.as_millis()
-                );
-            }
+            std::fs::create_dir_all(&data_dir)?;
+            let (addr, task) =
+                start_admin(&nats_url, &data_dir, listen, &admin, shutdown_signal()).await?;
+            eprintln!("admin API: http://{addr}");
+            task.await??;
             Ok(())
         }
         Command::Demo {
@@ -459,7 +523,9 @@ async fn up(
     edge_listen: SocketAddr,
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
+    (admin_listen, admin): (SocketAddr, AdminArgs),
     tuning: Tuning,
+    sandbox: SandboxArgs,
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
@@ -477,14 +543,13 @@ async fn up(
         }
     };
     let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
-    let edge = beacon_edge::Edge::start(beacon_edge::EdgeConfig::new(
-        nats_url.clone(),
-        edge_listen,
-        data_dir.clone(),
-    ))
-    .await?;
+    let mut edge_cfg =
+        beacon_edge::EdgeConfig::new(nats_url.clone(), edge_listen, data_dir.clone());
+    edge_cfg.sandbox = sandbox.limits();
+    let edge = beacon_edge::Edge::start(edge_cfg).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_admin = stop_rx.clone();
     let mut ingest_cfg = beacon_ingest::IngestConfig::new(nats_url.clone());
     ingest_cfg.max_batch = tuning.ingest_max_batch;
     ingest_cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
@@ -499,6 +564,14 @@ async fn up(
         stop_rx,
     ));
 
+    let (admin_addr, admin_task) = {
+        let mut stop = stop_rx_admin;
+        start_admin(&nats_url, &data_dir, admin_listen, &admin, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?
+    };
+
     let layout = beacon_warehouse::Layout::new(&data_dir);
     let endpoints = Endpoints {
         nats_url: nats_url.clone(),
@@ -507,13 +580,15 @@ async fn up(
         data_dir: data_dir.clone(),
         catalog_uri: layout.catalog_uri(),
         warehouse: layout.warehouse_uri(),
+        admin_http: Some(format!("http://{admin_addr}")),
         pid: std::process::id(),
     };
     endpoints.write(&data_dir)?;
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
+        if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
         nats_url,
         endpoints.catalog_uri,
         endpoints.warehouse,
@@ -532,6 +607,7 @@ async fn up(
         eprintln!("ingest task failed: {e}");
     }
     let _ = rollups.await;
+    let _ = admin_task.await;
     if let Some(n) = nats {
         n.stop();
     }
@@ -561,41 +637,11 @@ async fn create_merchant(
     Ok((merchant, key))
 }
 
-fn plugin_test(file: &Path, events: &Path, config: &str) -> Result<()> {
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let text =
-        std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
-    let input = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str::<beacon_proto::Event>(l)
-                .with_context(|| format!("{}:{}: not a canonical event", events.display(), i + 1))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let runtime = beacon_plugins::Runtime::new(beacon_plugins::SandboxLimits::default(), None)?;
-    let plugin = runtime.load(&beacon_plugins::Runtime::sha256(&bytes), &bytes)?;
-    let started = std::time::Instant::now();
-    let output = plugin.process(config, &input)?;
-    for e in &output {
-        println!("{}", serde_json::to_string(e)?);
-    }
-    eprintln!(
-        "{} events in, {} out, {:.2} ms (sha256 {})",
-        input.len(),
-        output.len(),
-        started.elapsed().as_secs_f64() * 1000.0,
-        plugin.sha256()
-    );
-    Ok(())
-}
-
 fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn whoami() -> String {
+pub fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "operator".into())
 }
 
@@ -646,29 +692,34 @@ async fn demo(
     std::fs::write(&keys_path, serde_json::to_vec_pretty(&known)?)?;
     if let Some(file) = &attach_plugin {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let control = plugin_cmd::control(&NatsTarget {
+            nats_url: Some(endpoints.nats_url.clone()),
+            data_dir: data_dir.to_path_buf(),
+        })
+        .await?;
         let mut attached = Vec::new();
         for m in known.iter().take(merchants) {
-            let p = beacon_edge::pipelines::attach_plugin(
-                &js,
-                &m.id,
-                "utm",
-                &bytes,
-                r#"{"strip_from_url": true}"#,
-                "demo",
-            )
-            .await?;
-            attached.push(p);
+            attached.push(
+                control
+                    .attach(
+                        &m.id,
+                        "utm",
+                        bytes.clone(),
+                        r#"{"strip_from_url": true}"#,
+                        "demo",
+                    )
+                    .await?,
+            );
         }
         // Edges apply pipeline changes from a KV watch: wait until every live one has.
-        for p in attached {
-            beacon_edge::status::wait_applied(
+        for c in attached {
+            beacon_control::edges::wait_applied(
                 &js,
-                &p.merchant_id,
-                p.version,
+                &c.pipeline.merchant_id,
+                c.revision,
                 Duration::from_secs(10),
             )
-            .await
-            .map_err(|e| anyhow!(e))?;
+            .await?;
         }
     }
 

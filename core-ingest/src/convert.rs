@@ -24,13 +24,12 @@ pub fn events_batch(
 ) -> Result<RecordBatch, ArrowError> {
     let rows: Vec<(&Received, &Event)> = items
         .iter()
-        .flat_map(|r| {
-            let evs = if processed {
-                r.envelope.processed_events()
+        .flat_map(|r| -> Box<dyn Iterator<Item = (&Received, &Event)>> {
+            if processed {
+                Box::new(r.envelope.processed_events().map(move |e| (*r, e)))
             } else {
-                &r.envelope.raw
-            };
-            evs.iter().map(move |e| (*r, e))
+                Box::new(r.envelope.raw.iter().map(move |e| (*r, e)))
+            }
         })
         .collect();
     let n = rows.len();
@@ -83,12 +82,14 @@ pub fn events_batch(
         Arc::new(seq.finish()),
     ];
     if processed {
-        // One label per envelope, not per row.
+        // One label per pipeline part of an envelope, not per row.
         let mut b = StringBuilder::with_capacity(n, n * 4);
         for r in items {
-            let label = r.envelope.pipeline.as_ref().map(|p| p.label());
-            for _ in r.envelope.processed_events() {
-                b.append_option(label.as_deref());
+            for (pipeline, events) in r.envelope.processed_parts() {
+                let label = pipeline.map(|p| p.label());
+                for _ in events {
+                    b.append_option(label.as_deref());
+                }
             }
         }
         columns.push(Arc::new(b.finish()));

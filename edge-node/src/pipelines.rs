@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream::{self, kv, object_store};
 use beacon_plugins::{Chain, Runtime};
-use beacon_proto::bus::{self, Pipeline};
-use beacon_proto::{PipelineRef, PluginRef};
+use beacon_proto::bus::{self, OnFailure, Pipeline, PipelineDef};
+use beacon_proto::PluginRef;
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
@@ -35,26 +35,46 @@ fn nats<E: std::fmt::Display>(e: E) -> PipelineError {
     PipelineError::Nats(e.to_string())
 }
 
-/// The chains currently active at this edge, by merchant.
+/// One stage a batch can go through: a chain and what to do when it fails.
+pub struct Stage {
+    pub chain: Arc<Chain>,
+    pub on_failure: OnFailure,
+}
+
+/// A merchant's pipeline as this edge runs it: the active version and, optionally, a canary
+/// version for a share of visitors.
+pub struct Active {
+    /// Revision of the pipelines-bucket entry this came from (reported in edge status).
+    pub revision: u64,
+    pub stable: Stage,
+    pub canary: Option<(Stage, u8)>,
+}
+
+impl Active {
+    /// Whether an event of `visitor` (or `event_id` when anonymous) goes to the canary.
+    pub fn is_canary(&self, visitor: Option<&str>, event_id: &str) -> bool {
+        self.canary
+            .as_ref()
+            .is_some_and(|(_, pct)| bus::canary_bucket(visitor.unwrap_or(event_id)) < *pct)
+    }
+}
+
+/// The pipelines currently active at this edge, by merchant.
 #[derive(Clone, Default)]
 pub struct Pipelines {
-    chains: Arc<RwLock<HashMap<String, Arc<Chain>>>>,
+    active: Arc<RwLock<HashMap<String, Arc<Active>>>>,
 }
 
 impl Pipelines {
-    pub fn get(&self, merchant_id: &str) -> Option<Arc<Chain>> {
-        self.chains.read().ok()?.get(merchant_id).cloned()
+    pub fn get(&self, merchant_id: &str) -> Option<Arc<Active>> {
+        self.active.read().ok()?.get(merchant_id).cloned()
     }
 
-    /// The active pipeline version of every merchant that has one.
+    /// The applied pipelines-bucket revision of every merchant that has a pipeline.
     pub fn versions(&self) -> std::collections::BTreeMap<String, u64> {
-        self.chains
+        self.active
             .read()
-            .map(|c| {
-                c.iter()
-                    .map(|(m, ch)| (m.clone(), ch.pipeline().version))
-                    .collect()
-            })
+            .map(|c| c.iter().map(|(m, a)| (m.clone(), a.revision)).collect())
             .unwrap_or_default()
     }
 
@@ -110,16 +130,22 @@ impl Pipelines {
         let merchant = entry.key.clone();
         match entry.operation {
             kv::Operation::Delete | kv::Operation::Purge => {
-                if let Ok(mut c) = self.chains.write() {
+                if let Ok(mut c) = self.active.write() {
                     c.remove(&merchant);
                 }
                 tracing::info!(%merchant, "pipeline removed");
             }
-            kv::Operation::Put => match load_chain(objects, runtime, &entry).await {
-                Ok(chain) => {
-                    tracing::info!(%merchant, version = chain.pipeline().version, "pipeline active");
-                    if let Ok(mut c) = self.chains.write() {
-                        c.insert(merchant, Arc::new(chain));
+            kv::Operation::Put => match load_active(objects, runtime, &entry).await {
+                Ok(active) => {
+                    tracing::info!(
+                        %merchant,
+                        version = active.stable.chain.pipeline().version,
+                        canary = ?active.canary.as_ref().map(|(s, p)| (s.chain.pipeline().version, *p)),
+                        revision = active.revision,
+                        "pipeline active"
+                    );
+                    if let Ok(mut c) = self.active.write() {
+                        c.insert(merchant, Arc::new(active));
                     }
                 }
                 // Keep the previous chain: a broken change must not stop a merchant's traffic.
@@ -129,13 +155,15 @@ impl Pipelines {
     }
 }
 
-async fn open_stores(
+/// Opens (creating if needed) the pipelines bucket and the plugin object store, with the
+/// settings every component uses.
+pub async fn open_stores(
     js: &jetstream::Context,
 ) -> Result<(kv::Store, object_store::ObjectStore), PipelineError> {
     let kv = js
         .create_key_value(kv::Config {
             bucket: bus::PIPELINES_BUCKET.into(),
-            history: 64,
+            history: bus::PIPELINES_HISTORY,
             ..Default::default()
         })
         .await
@@ -150,18 +178,35 @@ async fn open_stores(
     Ok((kv, objects))
 }
 
-async fn load_chain(
+async fn load_active(
     objects: &object_store::ObjectStore,
     runtime: &Arc<Runtime>,
     entry: &kv::Entry,
-) -> Result<Chain, PipelineError> {
+) -> Result<Active, PipelineError> {
     let pipeline: Pipeline =
         serde_json::from_slice(&entry.value).map_err(|source| PipelineError::Json {
             key: entry.key.clone(),
             source,
         })?;
+    let stable = load_stage(objects, runtime, &pipeline.active).await?;
+    let canary = match &pipeline.canary {
+        Some(c) => Some((load_stage(objects, runtime, &c.def).await?, c.percent)),
+        None => None,
+    };
+    Ok(Active {
+        revision: entry.revision,
+        stable,
+        canary,
+    })
+}
+
+async fn load_stage(
+    objects: &object_store::ObjectStore,
+    runtime: &Arc<Runtime>,
+    def: &PipelineDef,
+) -> Result<Stage, PipelineError> {
     let mut plugins = Vec::new();
-    for p in &pipeline.plugins {
+    for p in &def.plugins {
         let loaded = match runtime.cached(&p.sha256) {
             Some(l) => l,
             None => {
@@ -175,17 +220,14 @@ async fn load_chain(
         };
         plugins.push((p.clone(), loaded));
     }
-    Ok(Chain::new(
-        PipelineRef {
-            merchant_id: pipeline.merchant_id.clone(),
-            version: pipeline.version,
-            plugins: pipeline.plugins.clone(),
-        },
-        plugins,
-    ))
+    Ok(Stage {
+        chain: Arc::new(Chain::new(def.to_ref(), plugins)),
+        on_failure: def.on_failure,
+    })
 }
 
-async fn fetch_component(
+/// Reads a component's bytes from the object store.
+pub async fn fetch_component(
     objects: &object_store::ObjectStore,
     p: &PluginRef,
 ) -> Result<Vec<u8>, PipelineError> {
@@ -199,59 +241,4 @@ async fn fetch_component(
     let mut bytes = Vec::new();
     obj.read_to_end(&mut bytes).await.map_err(nats)?;
     Ok(bytes)
-}
-
-/// Stores a component (content-addressed) and makes it the merchant's only plugin, as a new
-/// pipeline version. Returns the new pipeline. Used by `beacon plugin attach`.
-pub async fn attach_plugin(
-    js: &jetstream::Context,
-    merchant_id: &str,
-    name: &str,
-    component: &[u8],
-    config: &str,
-    changed_by: &str,
-) -> Result<Pipeline, PipelineError> {
-    let (kv, objects) = open_stores(js).await?;
-    let sha256 = Runtime::sha256(component);
-    if objects.info(&sha256).await.is_err() {
-        let mut reader = component;
-        objects
-            .put(sha256.as_str(), &mut reader)
-            .await
-            .map_err(nats)?;
-    }
-    let current = kv.entry(merchant_id).await.map_err(nats)?;
-    let (version, revision) = match &current {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let p: Pipeline =
-                serde_json::from_slice(&e.value).map_err(|source| PipelineError::Json {
-                    key: e.key.clone(),
-                    source,
-                })?;
-            (p.version + 1, e.revision)
-        }
-        Some(e) => (1, e.revision),
-        None => (1, 0),
-    };
-    let pipeline = Pipeline {
-        merchant_id: merchant_id.to_string(),
-        version,
-        plugins: vec![PluginRef {
-            name: name.to_string(),
-            sha256,
-            config: config.to_string(),
-        }],
-        changed_by: changed_by.to_string(),
-        reason: format!("attach {name}"),
-        changed_at: crate::now_ms(),
-    };
-    let json = serde_json::to_vec(&pipeline).map_err(|source| PipelineError::Json {
-        key: merchant_id.to_string(),
-        source,
-    })?;
-    // Compare-and-set on the revision we read: two operators cannot both make "version N".
-    kv.update(merchant_id, json.into(), revision)
-        .await
-        .map_err(nats)?;
-    Ok(pipeline)
 }

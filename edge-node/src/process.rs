@@ -4,13 +4,18 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use beacon_proto::bus::OnFailure;
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::event::RejectedEvent;
-use beacon_proto::{BatchRequest, BatchResponse, Envelope, Failure, FailureStage, Limits};
+use beacon_proto::{
+    BatchRequest, BatchResponse, CanaryPart, Envelope, Event, Failure, FailureStage, Limits,
+    PipelineRef,
+};
+use tokio::sync::Semaphore;
 
 use beacon_plugins::{ChainFailure, PluginError};
 
-use crate::pipelines::Pipelines;
+use crate::pipelines::{Pipelines, Stage};
 use crate::publish::{PublishError, Publisher};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +39,22 @@ pub struct Processor {
     seq: AtomicU64,
     limits: Limits,
     pub max_batch_events: usize,
+    /// Concurrent plugin runs per merchant (see `plugin_slots`).
+    pub plugin_concurrency: usize,
+    plugin_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
     pipelines: Pipelines,
     publisher: Publisher,
     active: AtomicUsize,
+}
+
+/// What one pipeline stage made of its share of a batch.
+struct StageOutcome {
+    /// The pipeline that produced `events`; `None` when they passed through unprocessed.
+    pipeline: Option<PipelineRef>,
+    events: Vec<Event>,
+    failures: Vec<Failure>,
+    /// `plugin: reason`, for the client's answer.
+    error: Option<String>,
 }
 
 /// Counts a batch as in flight for as long as it lives.
@@ -68,6 +86,8 @@ impl Processor {
             seq: AtomicU64::new(0),
             limits,
             max_batch_events: 10_000,
+            plugin_concurrency: default_plugin_concurrency(),
+            plugin_slots: Default::default(),
             pipelines,
             publisher,
             active: AtomicUsize::new(0),
@@ -146,60 +166,49 @@ impl Processor {
         }
 
         let mut plugin_error = None;
-        let chain = self.pipelines.get(merchant_id);
-        let (processed, pipeline) = match chain {
-            None => (None, None),
-            Some(chain) => {
-                let input = raw.clone();
-                let runner = chain.clone();
-                let limits = self.limits;
-                // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
-                let result = tokio::task::spawn_blocking(move || {
-                    let out = runner.run(input)?;
-                    // Plugin output must be as valid as client input.
-                    for (i, e) in out.iter().enumerate() {
-                        if let Err(v) = e.validate(&limits, now) {
-                            return Err(ChainFailure {
-                                plugin: format!("pipeline v{}", runner.pipeline().version),
-                                error: PluginError::InvalidOutput(format!(
-                                    "output event {i} ({}): {v}",
-                                    e.event_id
-                                )),
-                            });
-                        }
-                    }
-                    Ok(out)
-                })
+        let mut pipeline = None;
+        let mut processed = None;
+        let mut canary = None;
+        if let Some(active) = self.pipelines.get(merchant_id) {
+            // Share of the batch per pipeline version: canary by a stable hash of the visitor.
+            let (to_canary, to_stable): (Vec<Event>, Vec<Event>) = match &active.canary {
+                Some(_) => raw
+                    .iter()
+                    .cloned()
+                    .partition(|e| active.is_canary(e.visitor_id.as_deref(), &e.event_id)),
+                None => (Vec::new(), raw.clone()),
+            };
+            // A merchant's plugins run on at most `plugin_slots` blocking threads at once, so
+            // one merchant's expensive (or hostile) plugin cannot take every core.
+            let slots = self.plugin_slots(merchant_id);
+            let _slot = slots.acquire_owned().await.ok();
+            let stable = self
+                .run_stage(merchant_id, &batch_id, &active.stable, to_stable, now)
                 .await;
-                let failed = match result {
-                    Ok(Ok(out)) => Ok(out),
-                    Ok(Err(f)) => Err((Some(f.plugin), f.error.to_string())),
-                    Err(join) => Err((None, format!("plugin host task failed: {join}"))),
-                };
-                let version = chain.pipeline().version;
-                match failed {
-                    Ok(out) => (Some(out), Some(chain.pipeline().clone())),
-                    Err((plugin, reason)) => {
-                        tracing::warn!(merchant = merchant_id, batch_id, plugin = ?plugin, error = %reason, "plugin failed; batch held in failed_events");
-                        plugin_error = Some(match &plugin {
-                            Some(p) => format!("{p}: {reason}"),
-                            None => reason.clone(),
-                        });
-                        for e in &raw {
-                            failures.push(Failure {
-                                stage: FailureStage::Plugin,
-                                event_id: e.event_id.clone(),
-                                plugin: plugin.clone(),
-                                pipeline_version: Some(version),
-                                reason: reason.clone(),
-                                payload: serde_json::to_string(e).unwrap_or_default(),
-                            });
-                        }
-                        (Some(Vec::new()), Some(chain.pipeline().clone()))
-                    }
-                }
+            if let Some(reason) = stable.error {
+                plugin_error = Some(reason);
             }
-        };
+            failures.extend(stable.failures);
+            pipeline = stable.pipeline;
+            processed = Some(stable.events);
+            if let Some((stage, _)) = &active.canary {
+                let part = self
+                    .run_stage(merchant_id, &batch_id, stage, to_canary, now)
+                    .await;
+                if let Some(reason) = part.error {
+                    plugin_error.get_or_insert(reason);
+                }
+                failures.extend(part.failures);
+                canary = Some(CanaryPart {
+                    pipeline: part.pipeline,
+                    events: part.events,
+                });
+            }
+            if canary.is_none() && pipeline.is_none() {
+                // Passed through unprocessed: the events are the raw ones, no need to send twice.
+                processed = None;
+            }
+        }
 
         let accepted = raw.len();
         let envelope = Envelope {
@@ -211,6 +220,7 @@ impl Processor {
             pipeline,
             raw,
             processed,
+            canary,
             failures,
         };
         match self.publisher.publish(&envelope).await {
@@ -231,6 +241,105 @@ impl Processor {
             rejected,
             plugin_error,
         })
+    }
+
+    fn plugin_slots(&self, merchant_id: &str) -> Arc<Semaphore> {
+        let mut slots = self.plugin_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() > 10_000 {
+            // Forget idle merchants' semaphores (nobody else holds a clone).
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots
+            .entry(merchant_id.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.plugin_concurrency.max(1))))
+            .clone()
+    }
+
+    /// Runs one share of a batch through a pipeline stage. On failure the events are either
+    /// held (none go to `events`) or passed through unprocessed, per the pipeline; both ways
+    /// every event gets a `failed_events` row naming the plugin, version and reason.
+    async fn run_stage(
+        &self,
+        merchant_id: &str,
+        batch_id: &str,
+        stage: &Stage,
+        events: Vec<Event>,
+        now: i64,
+    ) -> StageOutcome {
+        let version = stage.chain.pipeline().version;
+        if events.is_empty() {
+            return StageOutcome {
+                pipeline: Some(stage.chain.pipeline().clone()),
+                events,
+                failures: Vec::new(),
+                error: None,
+            };
+        }
+        let runner = stage.chain.clone();
+        let limits = self.limits;
+        let input = events.clone();
+        // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let out = runner.run(input)?;
+            // Plugin output must be as valid as client input.
+            for (i, e) in out.iter().enumerate() {
+                if let Err(v) = e.validate(&limits, now) {
+                    return Err(ChainFailure {
+                        plugin: format!("pipeline v{}", runner.pipeline().version),
+                        error: PluginError::InvalidOutput(format!(
+                            "output event {i} ({}): {v}",
+                            e.event_id
+                        )),
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await;
+        let (plugin, reason) = match result {
+            Ok(Ok(out)) => {
+                return StageOutcome {
+                    pipeline: Some(stage.chain.pipeline().clone()),
+                    events: out,
+                    failures: Vec::new(),
+                    error: None,
+                }
+            }
+            Ok(Err(f)) => (Some(f.plugin), f.error.to_string()),
+            Err(join) => (None, format!("plugin host task failed: {join}")),
+        };
+        let held = stage.on_failure == OnFailure::Hold;
+        tracing::warn!(merchant = merchant_id, batch_id, version, plugin = ?plugin, error = %reason, held, "plugin failed");
+        let failures = events
+            .iter()
+            .map(|e| Failure {
+                stage: FailureStage::Plugin,
+                event_id: e.event_id.clone(),
+                plugin: plugin.clone(),
+                pipeline_version: Some(version),
+                reason: reason.clone(),
+                payload: serde_json::to_string(e).unwrap_or_default(),
+            })
+            .collect();
+        let error = Some(match &plugin {
+            Some(p) => format!("{p}: {reason}"),
+            None => reason,
+        });
+        if held {
+            StageOutcome {
+                pipeline: Some(stage.chain.pipeline().clone()),
+                events: Vec::new(),
+                failures,
+                error,
+            }
+        } else {
+            StageOutcome {
+                pipeline: None,
+                events,
+                failures,
+                error,
+            }
+        }
     }
 
     /// Keeps a payload we could not decode, so it is in `failed_events` and not just a log line.
@@ -254,4 +363,9 @@ impl Processor {
             tracing::error!(batch_id, error = %e, "could not keep an undecodable batch");
         }
     }
+}
+
+/// Half the cores (at least one): a merchant's plugins can never take the whole machine.
+pub fn default_plugin_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

@@ -1,6 +1,7 @@
 //! Each edge reports itself (address, active pipeline versions) in a KV bucket whose entries
 //! expire: a live edge refreshes its entry, a dead one disappears. Operators and tools read
-//! it to see which pipeline version every edge runs (`beacon plugin attach` waits on it).
+//! it (`beacon_control::edges`) to see which pipeline revision every edge runs: `beacon plugin
+//! activate` waits until all live edges run the change.
 
 use std::time::Duration;
 
@@ -53,52 +54,5 @@ pub async fn report(store: kv::Store, edge_id: String, addr: String, pipelines: 
             }
         }
         tokio::time::sleep(POLL).await;
-    }
-}
-
-/// The live edges' statuses.
-pub async fn live_edges(js: &jetstream::Context) -> Result<Vec<EdgeStatus>, async_nats::Error> {
-    use futures::StreamExt;
-    let store = open_bucket(js).await?;
-    let mut keys = store.keys().await?;
-    let mut out = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if let Some(v) = store.get(&key).await? {
-            if let Ok(s) = serde_json::from_slice::<EdgeStatus>(&v) {
-                out.push(s);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Waits until every live edge runs pipeline `version` (or newer) for `merchant_id`.
-/// Returns how many edges reported and how long it took; `Err` names the edges still behind
-/// at `timeout`.
-pub async fn wait_applied(
-    js: &jetstream::Context,
-    merchant_id: &str,
-    version: u64,
-    timeout: Duration,
-) -> Result<(usize, Duration), String> {
-    let started = tokio::time::Instant::now();
-    loop {
-        let edges = live_edges(js).await.map_err(|e| e.to_string())?;
-        let behind: Vec<&str> = edges
-            .iter()
-            .filter(|e| e.pipelines.get(merchant_id).copied().unwrap_or(0) < version)
-            .map(|e| e.edge_id.as_str())
-            .collect();
-        if behind.is_empty() {
-            return Ok((edges.len(), started.elapsed()));
-        }
-        if started.elapsed() >= timeout {
-            return Err(format!(
-                "pipeline v{version} of {merchant_id} is stored, but edges {} did not apply it within {timeout:?} (see their logs)",
-                behind.join(", ")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

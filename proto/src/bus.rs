@@ -11,6 +11,8 @@ pub const INGEST_CONSUMER: &str = "beacon-ingest";
 pub const MERCHANTS_BUCKET: &str = "beacon_merchants";
 /// KV bucket: merchant id -> `Pipeline` JSON, with history.
 pub const PIPELINES_BUCKET: &str = "beacon_pipelines";
+/// History kept per merchant in the pipelines bucket (NATS KV allows at most 64).
+pub const PIPELINES_HISTORY: i64 = 64;
 /// KV bucket: edge id -> `EdgeStatus` JSON, refreshed by each live edge (entries expire).
 pub const EDGES_BUCKET: &str = "beacon_edges";
 /// Object store holding plugin components by sha256.
@@ -29,23 +31,93 @@ pub struct Merchant {
     pub created_at: i64,
 }
 
+/// KV bucket: `<merchant-id>.<version>` -> `PipelineDef` JSON. Definitions are immutable
+/// (create-only), so every version ever activated stays re-runnable and rollback-able even
+/// after the pipelines bucket's history (64 entries per key) has rolled over.
+pub const PIPELINE_VERSIONS_BUCKET: &str = "beacon_pipeline_versions";
+/// KV bucket: sha256 -> `PluginInfo` JSON, one per uploaded component.
+pub const PLUGIN_INFO_BUCKET: &str = "beacon_plugin_info";
+
 /// What a live edge reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EdgeStatus {
     pub edge_id: String,
     /// RSocket over QUIC address.
     pub addr: String,
-    /// Active pipeline version per merchant.
+    /// Per merchant, the revision of its pipelines-bucket entry this edge runs. Revisions grow
+    /// with every change (activation, canary, rollback), so "applied" is `>=`.
     pub pipelines: std::collections::BTreeMap<String, u64>,
     pub updated_at: i64,
 }
 
-/// A merchant's processing pipeline: ordered plugins pinned by content hash.
+/// What happens to a batch when a plugin of its pipeline fails (trap, limit, error).
+/// Either way the raw events are stored and the failure is in `failed_events`, so the
+/// batch can be re-processed later; this only decides what `events` gets now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Keep the batch out of `events` until it is re-processed.
+    #[default]
+    Hold,
+    /// Store the events unprocessed (with no `pipeline_version`), so metrics stay complete.
+    PassThrough,
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hold" => Ok(Self::Hold),
+            "pass-through" | "pass_through" => Ok(Self::PassThrough),
+            _ => Err(format!(
+                "on-failure must be `hold` or `pass-through`, not `{s}`"
+            )),
+        }
+    }
+}
+
+/// One immutable pipeline version: ordered plugins, each pinned by content hash, with configs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Pipeline {
+pub struct PipelineDef {
     pub merchant_id: String,
     pub version: u64,
     pub plugins: Vec<crate::PluginRef>,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    #[serde(default)]
+    pub created_by: String,
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+impl PipelineDef {
+    pub fn to_ref(&self) -> crate::PipelineRef {
+        crate::PipelineRef {
+            merchant_id: self.merchant_id.clone(),
+            version: self.version,
+            plugins: self.plugins.clone(),
+        }
+    }
+}
+
+/// A pipeline version tried on a share of a merchant's traffic before full rollout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Canary {
+    pub def: PipelineDef,
+    /// 1..=99: share of visitors (by a stable hash of the visitor id) it processes.
+    pub percent: u8,
+}
+
+/// A merchant's entry in the pipelines bucket: what runs now. Every write is a change with
+/// who, when and why, kept in the bucket's history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pipeline {
+    pub merchant_id: String,
+    pub active: PipelineDef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    /// Highest version number ever defined for this merchant (new versions take the next).
+    pub latest_version: u64,
     /// Who changed it and why: every change is audited in the KV history.
     #[serde(default)]
     pub changed_by: String,
@@ -53,4 +125,46 @@ pub struct Pipeline {
     pub reason: String,
     #[serde(default)]
     pub changed_at: i64,
+}
+
+/// An uploaded plugin component (the bytes are in the object store under `sha256`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PluginInfo {
+    pub sha256: String,
+    pub name: String,
+    pub size: u64,
+    /// The plugin contract version the component was built against, e.g. `1.0.0`.
+    pub contract: String,
+    pub uploaded_by: String,
+    pub uploaded_at: i64,
+}
+
+/// Which share a visitor falls into, 0..100: FNV-1a of the visitor id (or the event id when
+/// there is none). Stable across edges, restarts and releases: changing it would move
+/// visitors between canary and stable.
+pub fn canary_bucket(key: &str) -> u8 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % 100) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_bucket_is_stable_and_spread() {
+        // Pinned values: a change here moves visitors between pipeline versions.
+        assert_eq!(canary_bucket("visitor-1"), canary_bucket("visitor-1"));
+        assert_eq!(canary_bucket(""), (0xcbf2_9ce4_8422_2325u64 % 100) as u8);
+        let n = 100_000;
+        let under_30 = (0..n)
+            .filter(|i| canary_bucket(&format!("v{i}")) < 30)
+            .count();
+        let share = under_30 as f64 / n as f64;
+        assert!((0.28..0.32).contains(&share), "share {share}");
+    }
 }

@@ -35,8 +35,20 @@ pub struct Envelope {
     /// batch is held in `failed_events` for re-processing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processed: Option<Vec<Event>>,
+    /// The share of the batch a canary pipeline processed (visitors in its percentage); the
+    /// rest is in `processed`. `raw` holds the raw events of both shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryPart>,
     #[serde(default)]
     pub failures: Vec<Failure>,
+}
+
+/// Events a canary pipeline produced. `pipeline` is `None` when the canary failed and its
+/// pipeline lets events pass through unprocessed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryPart {
+    pub pipeline: Option<PipelineRef>,
+    pub events: Vec<Event>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +133,7 @@ impl Envelope {
             pipeline: None,
             raw: Vec::new(),
             processed: None,
+            canary: None,
             failures: vec![Failure {
                 stage: FailureStage::Decode,
                 event_id: String::new(),
@@ -132,9 +145,27 @@ impl Envelope {
         }
     }
 
+    /// The events that belong in the `events` table, by the pipeline that produced them
+    /// (`None`: unprocessed).
+    pub fn processed_parts(&self) -> impl Iterator<Item = (Option<&PipelineRef>, &[Event])> {
+        let main = (
+            self.pipeline.as_ref(),
+            self.processed.as_deref().unwrap_or(&self.raw),
+        );
+        let canary = self
+            .canary
+            .as_ref()
+            .map(|c| (c.pipeline.as_ref(), c.events.as_slice()));
+        std::iter::once(main).chain(canary)
+    }
+
     /// The events that belong in the `events` table.
-    pub fn processed_events(&self) -> &[Event] {
-        self.processed.as_deref().unwrap_or(&self.raw)
+    pub fn processed_events(&self) -> impl Iterator<Item = &Event> {
+        self.processed_parts().flat_map(|(_, events)| events.iter())
+    }
+
+    pub fn processed_len(&self) -> usize {
+        self.processed_parts().map(|(_, e)| e.len()).sum()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -170,6 +201,10 @@ mod tests {
             }),
             raw: vec![],
             processed: Some(vec![]),
+            canary: Some(CanaryPart {
+                pipeline: None,
+                events: vec![],
+            }),
             failures: vec![Failure {
                 stage: FailureStage::Plugin,
                 event_id: "e".into(),

@@ -9,5 +9,5 @@ pub mod envelope;
 pub mod event;
 pub mod wire;
 
-pub use envelope::{Envelope, Failure, FailureStage, PipelineRef, PluginRef};
+pub use envelope::{CanaryPart, Envelope, Failure, FailureStage, PipelineRef, PluginRef};
 pub use event::{BatchRequest, BatchResponse, Event, Limits, ValidationError};

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
-pub use sandbox::SandboxLimits;
+pub use sandbox::{SandboxLimits, CONTRACT_MAJOR, CONTRACT_MINOR};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -41,6 +41,8 @@ pub enum PluginError {
     HashMismatch { expected: String, actual: String },
     #[error("not a valid plugin component: {0}")]
     Invalid(String),
+    #[error("incompatible plugin: {0}")]
+    Incompatible(String),
     #[error("plugin imports `{0}`, which plugins may not use (no clocks, randomness, filesystem, network or host calls: processing must be deterministic)")]
     ForbiddenImport(String),
     #[error("plugin used its whole CPU budget ({fuel} fuel) without finishing")]
@@ -74,6 +76,7 @@ impl PluginError {
 /// A compiled, validated plugin version, ready to instantiate.
 pub struct Plugin {
     sha256: String,
+    contract: String,
     pre: bindings::ProcessorPre<sandbox::HostState>,
     engine: Engine,
     limits: SandboxLimits,
@@ -84,21 +87,65 @@ impl Plugin {
         &self.sha256
     }
 
+    /// The plugin contract version the component was built against, e.g. `1.0.0`.
+    pub fn contract(&self) -> &str {
+        &self.contract
+    }
+
     /// Runs one batch in a fresh instance. Never panics on anything the guest does.
     pub fn process(&self, config: &str, events: &[Event]) -> Result<Vec<Event>, PluginError> {
+        self.run(config, events, None)
+    }
+
+    /// Like [`Plugin::process`], also returning what the plugin wrote to stdout and stderr
+    /// (bounded by `max_log_bytes` each), for authors testing locally.
+    pub fn process_with_log(
+        &self,
+        config: &str,
+        events: &[Event],
+    ) -> (Result<Vec<Event>, PluginError>, Vec<u8>) {
+        let mut log = Vec::new();
+        let result = self.run(config, events, Some(&mut log));
+        (result, log)
+    }
+
+    fn run(
+        &self,
+        config: &str,
+        events: &[Event],
+        log: Option<&mut Vec<u8>>,
+    ) -> Result<Vec<Event>, PluginError> {
         let input: Vec<bindings::beacon::plugin::types::Event> =
             events.iter().map(convert::to_guest).collect();
-        let mut store = sandbox::new_store(&self.engine, &self.limits)?;
+        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits)?;
+        let result = self.call(&mut store, config, &input, events.len());
+        if let Some(log) = log {
+            log.extend_from_slice(&pipes.stdout.contents());
+            log.extend_from_slice(&pipes.stderr.contents());
+        }
+        result
+    }
+
+    fn call(
+        &self,
+        store: &mut wasmtime::Store<sandbox::HostState>,
+        config: &str,
+        input: &[bindings::beacon::plugin::types::Event],
+        input_len: usize,
+    ) -> Result<Vec<Event>, PluginError> {
+        // The output's lift into host memory is capped by the store's hostcall fuel (see
+        // `sandbox::new_store`), so a plugin returning 10,000 references to one 4 MB string
+        // fails here instead of making the host allocate 40 GB.
         let result = self
             .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.call_process(&mut store, config, &input));
+            .instantiate(&mut *store)
+            .and_then(|p| p.call_process(&mut *store, config, input));
         let output = match result {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err(PluginError::Guest(e.message)),
-            Err(e) => return Err(sandbox::classify(e, &store, &self.limits)),
+            Err(e) => return Err(sandbox::classify(e, store, &self.limits)),
         };
-        let max_events = self.limits.max_output_events(events.len());
+        let max_events = self.limits.max_output_events(input_len);
         if output.len() > max_events {
             return Err(PluginError::OutputTooLarge {
                 what: "events",
@@ -177,7 +224,7 @@ impl Runtime {
             });
         }
         let component = self.compile(sha256, bytes)?;
-        sandbox::check_imports(&self.engine, &component)?;
+        let contract = sandbox::check_imports(&self.engine, &component)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -187,8 +234,10 @@ impl Runtime {
                 "does not implement the beacon:plugin/processor world: {e:#}"
             ))
         })?;
+
         let plugin = Arc::new(Plugin {
             sha256: sha256.to_string(),
+            contract,
             pre,
             engine: self.engine.clone(),
             limits: self.limits.clone(),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::PluginError;
@@ -179,29 +180,65 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> 
     Ok(l)
 }
 
-/// Refuses components importing anything outside [`ALLOWED_IMPORTS`], naming the import.
-pub(crate) fn check_imports(engine: &Engine, component: &Component) -> Result<(), PluginError> {
+/// The plugin contract this host implements: `beacon:plugin@1.<CONTRACT_MINOR>`.
+pub const CONTRACT_MAJOR: u64 = 1;
+pub const CONTRACT_MINOR: u64 = 0;
+const CONTRACT_TYPES: &str = "beacon:plugin/types";
+
+/// Refuses components importing anything outside [`ALLOWED_IMPORTS`], naming the import, or
+/// built against a plugin contract this host does not implement. Returns the contract
+/// version the component was built against.
+pub(crate) fn check_imports(engine: &Engine, component: &Component) -> Result<String, PluginError> {
     let ty = component.component_type();
+    let mut contract = None;
+    let mut forbidden = Vec::new();
     for (name, _) in ty.imports(engine) {
-        let base = name.split('@').next().unwrap_or(name);
+        let (base, version) = name.split_once('@').unwrap_or((name, ""));
         if !ALLOWED_IMPORTS.contains(&base) {
-            return Err(PluginError::ForbiddenImport(name.to_string()));
+            forbidden.push(name.to_string());
+            continue;
+        }
+        if base == CONTRACT_TYPES {
+            let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+            let compatible = match (parts.next().flatten(), parts.next().flatten()) {
+                (Some(major), Some(minor)) => major == CONTRACT_MAJOR && minor <= CONTRACT_MINOR,
+                _ => false,
+            };
+            if !compatible {
+                return Err(PluginError::Incompatible(format!(
+                    "built against beacon:plugin@{version}; this host implements \
+                     beacon:plugin@{CONTRACT_MAJOR}.0 to {CONTRACT_MAJOR}.{CONTRACT_MINOR} \
+                     (rebuild it with the current wit/ or plugin SDK)"
+                )));
+            }
+            contract = Some(version.to_string());
         }
     }
-    Ok(())
+    if !forbidden.is_empty() {
+        return Err(PluginError::ForbiddenImport(forbidden.join("`, `")));
+    }
+    // A component that uses none of the contract's types cannot implement the world; the
+    // world check names that precisely, so report "unknown" here.
+    Ok(contract.unwrap_or_else(|| "unknown".into()))
+}
+
+/// The plugin's captured stdout and stderr (bounded).
+pub(crate) struct Pipes {
+    pub stdout: MemoryOutputPipe,
+    pub stderr: MemoryOutputPipe,
 }
 
 pub(crate) fn new_store(
     engine: &Engine,
     limits: &SandboxLimits,
-) -> Result<Store<HostState>, PluginError> {
+) -> Result<(Store<HostState>, Pipes), PluginError> {
+    let pipes = Pipes {
+        stdout: MemoryOutputPipe::new(limits.max_log_bytes),
+        stderr: MemoryOutputPipe::new(limits.max_log_bytes),
+    };
     let wasi = WasiCtxBuilder::new()
-        .stdout(wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(
-            limits.max_log_bytes,
-        ))
-        .stderr(wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(
-            limits.max_log_bytes,
-        ))
+        .stdout(pipes.stdout.clone())
+        .stderr(pipes.stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -225,10 +262,13 @@ pub(crate) fn new_store(
         },
     );
     store.limiter(|s| &mut s.limiter);
+    // Caps what lifting the plugin's output may allocate in the host (about one unit per
+    // byte): the output limit plus room for list bookkeeping.
+    store.set_hostcall_fuel(limits.max_output_bytes.saturating_mul(2));
     store.set_fuel(limits.fuel).map_err(PluginError::runtime)?;
     let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
     store.set_epoch_deadline(ticks);
-    Ok(store)
+    Ok((store, pipes))
 }
 
 /// Names a failed call: fuel, deadline, memory, or another trap.
@@ -246,6 +286,13 @@ pub(crate) fn classify(
             limit_bytes: limits.memory_bytes,
         },
         Some(t) => PluginError::Trap(t.to_string()),
+        None if format!("{e:#}").contains("too much data is being copied") => {
+            PluginError::OutputTooLarge {
+                what: "bytes (copying out of the sandbox stopped at)",
+                actual: limits.max_output_bytes.saturating_mul(2),
+                max: limits.max_output_bytes,
+            }
+        }
         None => PluginError::Trap(format!("{e:#}")),
     }
 }

@@ -5,8 +5,8 @@
 //! Config (JSON, every field optional):
 //! `{"strip_from_url": true, "property_prefix": "utm_", "lowercase": true}`
 
-wit_bindgen::generate!({ path: "../../../wit", world: "processor" });
-
+use beacon_plugin_sdk::url::decode_query_component as percent_decode;
+use beacon_plugin_sdk::{parse_config, Event, EventExt, PluginError};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -29,23 +29,16 @@ impl Default for Config {
 
 const PARAMS: [&str; 5] = ["source", "medium", "campaign", "term", "content"];
 
-struct Utm;
-
-impl Guest for Utm {
-    fn process(config: String, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
-        let config: Config = if config.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_json::from_str(&config).map_err(|e| PluginError {
-                message: format!("invalid utm config: {e}"),
-            })?
-        };
-        for event in &mut batch {
-            apply(&config, event);
-        }
-        Ok(batch)
+/// Processes one batch (the component's `process` export; also callable natively).
+pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+    let config: Config = parse_config(config)?;
+    for event in &mut batch {
+        apply(&config, event);
     }
+    Ok(batch)
 }
+
+beacon_plugin_sdk::export_plugin!(process);
 
 fn apply(config: &Config, event: &mut Event) {
     let Some(url) = event.url.as_deref() else {
@@ -58,12 +51,8 @@ fn apply(config: &Config, event: &mut Event) {
         } else {
             value
         };
-        let key = format!("{}{}", config.property_prefix, param);
-        match event.properties.iter_mut().find(|(k, _)| *k == key) {
-            // An explicit property set by the tracker wins over the URL.
-            Some(_) => {}
-            None => event.properties.push((key, value)),
-        }
+        // An explicit property set by the tracker wins over the URL.
+        event.set_property_if_absent(format!("{}{}", config.property_prefix, param), value);
     }
     if let Some(stripped) = stripped {
         event.url = Some(stripped);
@@ -112,38 +101,6 @@ fn extract(url: &str, strip: bool) -> (Vec<(&'static str, String)>, Option<Strin
     (found, Some(out))
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-export!(Utm);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +124,42 @@ mod tests {
     #[test]
     fn no_query_no_change() {
         assert_eq!(extract("https://s.example/p", true), (vec![], None));
+    }
+
+    #[test]
+    fn process_copies_params_and_keeps_explicit_properties() {
+        let batch = vec![
+            Event::new("e1", "pageview", 1)
+                .with_url("https://s.example/p?utm_source=NewsLetter&utm_medium=email&x=1"),
+            Event::new("e2", "pageview", 2)
+                .with_url("https://s.example/p?utm_source=ads")
+                .with_property("utm_source", "explicit"),
+            Event::new("e3", "pageview", 3),
+        ];
+        let out = process(r#"{"strip_from_url": true}"#, batch).unwrap();
+        assert_eq!(out[0].property("utm_source"), Some("newsletter"));
+        assert_eq!(out[0].property("utm_medium"), Some("email"));
+        assert_eq!(out[0].url.as_deref(), Some("https://s.example/p?x=1"));
+        assert_eq!(out[1].property("utm_source"), Some("explicit"));
+        assert_eq!(out[1].properties.len(), 1);
+        assert_eq!(out[1].url.as_deref(), Some("https://s.example/p"));
+        assert_eq!(out[2], Event::new("e3", "pageview", 3));
+    }
+
+    #[test]
+    fn config_options_and_errors() {
+        let batch = vec![Event::new("e1", "pageview", 1).with_url("/p?utm_campaign=Spring")];
+        let out = process(
+            r#"{"property_prefix": "c_", "lowercase": false}"#,
+            batch.clone(),
+        )
+        .unwrap();
+        assert_eq!(out[0].property("c_campaign"), Some("Spring"));
+        assert_eq!(out[0].url.as_deref(), Some("/p?utm_campaign=Spring"));
+        let out = process("", batch.clone()).unwrap();
+        assert_eq!(out[0].property("utm_campaign"), Some("spring"));
+        let err = process(r#"{"strip": true}"#, batch).unwrap_err();
+        assert!(err.message.contains("unknown field `strip`"), "{err:?}");
     }
 
     #[test]

@@ -1,0 +1,258 @@
+//! The admin HTTP API: the control plane over HTTP, for operators' tools and dashboards.
+//!
+//! Every request needs `Authorization: Bearer <admin token>`. Admin tokens are configured
+//! as `name:secret` pairs (`BEACON_ADMIN_TOKENS`); the name is recorded as who made each
+//! change. Write keys (collection-only, public) are never admin tokens.
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | `/v1/plugins` | uploaded components |
+//! | POST | `/v1/plugins?name=N` (body: the `.wasm`) | validate and store |
+//! | GET | `/v1/merchants/{m}/pipeline` | current pipeline and revision |
+//! | POST | `/v1/merchants/{m}/pipeline` (body: `Activation`) | new version, active or canary |
+//! | POST | `/v1/merchants/{m}/pipeline/promote` | canary becomes active |
+//! | POST | `/v1/merchants/{m}/pipeline/rollback` (`{"to": N}` optional) | re-activate a version |
+//! | GET | `/v1/merchants/{m}/pipeline/history` | every change, who/when/why |
+//! | GET | `/v1/merchants/{m}/pipeline/versions/{n}` | one stored version |
+//! | GET | `/v1/edges` | live edges and the revisions they run |
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use sha2::{Digest, Sha256};
+
+use crate::pipelines::Activation;
+use crate::{Control, ControlError};
+
+/// Admin tokens, kept as (name, sha256 of the secret).
+#[derive(Clone, Default)]
+pub struct AdminTokens(Vec<(String, [u8; 32])>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("admin tokens must be `name:secret` pairs separated by commas, with secrets of at least 16 characters")]
+pub struct BadTokens;
+
+impl AdminTokens {
+    /// Parses `name:secret,name:secret`.
+    pub fn parse(spec: &str) -> Result<Self, BadTokens> {
+        let mut out = Vec::new();
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, secret) = pair.split_once(':').ok_or(BadTokens)?;
+            if name.is_empty() || secret.len() < 16 {
+                return Err(BadTokens);
+            }
+            out.push((name.to_string(), Sha256::digest(secret.as_bytes()).into()));
+        }
+        if out.is_empty() {
+            return Err(BadTokens);
+        }
+        Ok(Self(out))
+    }
+
+    /// The name of the token `secret` is, if any. Compares hashes in constant time.
+    pub fn check(&self, secret: &str) -> Option<&str> {
+        let h: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let mut found = None;
+        for (name, want) in &self.0 {
+            let diff = want
+                .iter()
+                .zip(h.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff == 0 {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// Who made the request (the admin token's name).
+#[derive(Clone)]
+struct Caller(String);
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status = match &e {
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Invalid(_) | ControlError::Plugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::NotApplied(_) => StatusCode::ACCEPTED,
+            ControlError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The admin API router.
+pub fn router(control: Control, tokens: AdminTokens) -> Router {
+    let max_upload = control.runtime.limits().max_component_bytes + 4096;
+    let tokens = Arc::new(tokens);
+    Router::new()
+        .route("/v1/plugins", get(list_plugins).post(upload))
+        .route("/v1/merchants/{m}/pipeline", get(current).post(activate))
+        .route("/v1/merchants/{m}/pipeline/promote", post(promote))
+        .route("/v1/merchants/{m}/pipeline/rollback", post(rollback))
+        .route("/v1/merchants/{m}/pipeline/history", get(history))
+        .route("/v1/merchants/{m}/pipeline/versions/{n}", get(version))
+        .route("/v1/edges", get(edges))
+        .layer(DefaultBodyLimit::max(max_upload))
+        .layer(middleware::from_fn(move |req, next| {
+            authenticate(tokens.clone(), req, next)
+        }))
+        .with_state(control)
+}
+
+async fn authenticate(tokens: Arc<AdminTokens>, mut req: Request, next: Next) -> Response {
+    let secret = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(secret) = secret else {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer <admin token>`".into(),
+        )
+        .into_response();
+    };
+    match tokens.check(secret) {
+        Some(name) => {
+            let caller = Caller(name.to_string());
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        None => ApiError(StatusCode::UNAUTHORIZED, "not an admin token".into()).into_response(),
+    }
+}
+
+async fn list_plugins(State(c): State<Control>) -> ApiResult<Vec<beacon_proto::bus::PluginInfo>> {
+    Ok(Json(c.list_plugins().await?))
+}
+
+#[derive(serde::Deserialize)]
+struct UploadQuery {
+    name: String,
+    #[serde(default)]
+    config: String,
+}
+
+async fn upload(
+    State(c): State<Control>,
+    Extension(Caller(who)): Extension<Caller>,
+    Query(q): Query<UploadQuery>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::registry::Uploaded>), ApiError> {
+    let up = c
+        .upload(&q.name, body.to_vec(), &q.config, None, &who)
+        .await?;
+    let status = if up.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(up)))
+}
+
+async fn current(
+    State(c): State<Control>,
+    Path(m): Path<String>,
+) -> ApiResult<crate::pipelines::Change> {
+    c.current(&m)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("{m} has no pipeline")))
+}
+
+async fn activate(
+    State(c): State<Control>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(m): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<crate::pipelines::Change> {
+    // Parsed by hand so a bad body gets a message naming the field, as JSON.
+    let activation: Activation = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("activation body: {e}")))?;
+    Ok(Json(c.activate(&m, &activation, &who).await?))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ChangeBody {
+    #[serde(default)]
+    to: Option<u64>,
+    #[serde(default)]
+    reason: String,
+}
+
+fn change_body(body: &[u8]) -> Result<ChangeBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ChangeBody::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))
+}
+
+async fn promote(
+    State(c): State<Control>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(m): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<crate::pipelines::Change> {
+    let b = change_body(&body)?;
+    Ok(Json(c.promote(&m, &who, &b.reason).await?))
+}
+
+async fn rollback(
+    State(c): State<Control>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(m): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<crate::pipelines::Change> {
+    let b = change_body(&body)?;
+    Ok(Json(c.rollback(&m, b.to, &who, &b.reason).await?))
+}
+
+async fn history(
+    State(c): State<Control>,
+    Path(m): Path<String>,
+) -> ApiResult<Vec<crate::pipelines::HistoryEntry>> {
+    Ok(Json(c.history(&m).await?))
+}
+
+async fn version(
+    State(c): State<Control>,
+    Path((m, n)): Path<(String, u64)>,
+) -> ApiResult<beacon_proto::bus::PipelineDef> {
+    Ok(Json(c.version(&m, n).await?))
+}
+
+async fn edges(State(c): State<Control>) -> ApiResult<Vec<beacon_proto::bus::EdgeStatus>> {
+    Ok(Json(crate::edges::live_edges(&c.js).await?))
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    control: Control,
+    tokens: AdminTokens,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(control, tokens))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

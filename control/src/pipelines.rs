@@ -1,0 +1,436 @@
+//! Versioned pipelines: activate, canary, promote, roll back, history.
+//!
+//! The pipelines bucket holds one entry per merchant (what runs now); every write is a
+//! compare-and-set on the revision read, so two operators cannot both create "version N",
+//! and records who, when and why. Pipeline definitions are also written, create-only, to the
+//! versions bucket, so any version can be rolled back to or re-run long after the entry's
+//! history has rolled over.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use beacon_plugins::Plugin;
+use beacon_proto::bus::{Canary, OnFailure, Pipeline, PipelineDef};
+use beacon_proto::{Event, PluginRef};
+use futures::StreamExt;
+
+use crate::registry::sample_events;
+use crate::{nats, now_ms, Control, ControlError};
+
+/// One plugin of a pipeline to activate: a reference (`name`, `name@sha-prefix` or a sha256
+/// prefix) and its configuration.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginSpec {
+    pub plugin: String,
+    /// A string is passed as is; any other JSON value is passed as its JSON text.
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+impl PluginSpec {
+    pub fn config_string(&self) -> String {
+        match &self.config {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        }
+    }
+}
+
+/// A new pipeline version to activate.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Activation {
+    pub plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Run it for this share of visitors only (1-99), beside the active version.
+    #[serde(default)]
+    pub canary_percent: Option<u8>,
+    #[serde(default)]
+    pub reason: String,
+    /// Skip running the chain over sample events first (for plugins that legitimately
+    /// refuse the built-in samples).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The result of a change: the merchant's entry and its revision (edges report the revision
+/// they run, see [`crate::edges::wait_applied`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Change {
+    pub pipeline: Pipeline,
+    pub revision: u64,
+}
+
+/// One change in a merchant's pipeline history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    pub revision: u64,
+    /// `None` when the pipeline was removed.
+    pub pipeline: Option<Pipeline>,
+}
+
+fn parse(entry_key: &str, value: &[u8]) -> Result<Pipeline, ControlError> {
+    serde_json::from_slice(value)
+        .map_err(|e| ControlError::Invalid(format!("pipeline entry {entry_key}: {e}")))
+}
+
+fn version_key(merchant_id: &str, version: u64) -> String {
+    format!("{merchant_id}.{version}")
+}
+
+impl Control {
+    /// The merchant's current pipeline and its revision, if it has one.
+    pub async fn current(&self, merchant_id: &str) -> Result<Option<Change>, ControlError> {
+        check_merchant(merchant_id)?;
+        match self.pipelines.entry(merchant_id).await.map_err(nats)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Change {
+                pipeline: parse(&e.key, &e.value)?,
+                revision: e.revision,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// A stored pipeline version.
+    pub async fn version(
+        &self,
+        merchant_id: &str,
+        version: u64,
+    ) -> Result<PipelineDef, ControlError> {
+        check_merchant(merchant_id)?;
+        let value = self
+            .versions
+            .get(version_key(merchant_id, version))
+            .await
+            .map_err(nats)?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("pipeline version {version} of {merchant_id}"))
+            })?;
+        serde_json::from_slice(&value).map_err(|e| ControlError::Invalid(e.to_string()))
+    }
+
+    /// Defines a new pipeline version from `activation`, checks it over sample events with
+    /// the given configs, and makes it active (or the canary).
+    pub async fn activate(
+        &self,
+        merchant_id: &str,
+        activation: &Activation,
+        changed_by: &str,
+    ) -> Result<Change, ControlError> {
+        check_merchant(merchant_id)?;
+        if let Some(p) = activation.canary_percent {
+            if !(1..=99).contains(&p) {
+                return Err(ControlError::Invalid(format!(
+                    "canary_percent must be 1..=99, not {p} (100 is a full activation)"
+                )));
+            }
+        }
+        let mut plugins = Vec::new();
+        for spec in &activation.plugins {
+            let info = self.resolve(&spec.plugin).await?;
+            plugins.push(PluginRef {
+                name: info.name,
+                sha256: info.sha256,
+                config: spec.config_string(),
+            });
+        }
+        if activation.force {
+            // Still load each plugin: it must compile and pass the import checks.
+            for p in &plugins {
+                self.load(&p.sha256).await?;
+            }
+        } else {
+            self.check_chain(merchant_id, &plugins).await?;
+        }
+        let current = self.pipelines.entry(merchant_id).await.map_err(nats)?;
+        let revision = current.as_ref().map_or(0, |e| e.revision);
+        let current = match current {
+            Some(e) if e.operation == kv::Operation::Put => Some(parse(&e.key, &e.value)?),
+            _ => None,
+        };
+        let latest = match &current {
+            Some(p) => p.latest_version,
+            // Removed or never set: continue after the highest version ever stored.
+            None => self.highest_version(merchant_id).await?,
+        };
+        let def = PipelineDef {
+            merchant_id: merchant_id.to_string(),
+            version: latest + 1,
+            plugins,
+            on_failure: activation.on_failure,
+            created_by: changed_by.to_string(),
+            created_at: now_ms(),
+        };
+        let pipeline = match (activation.canary_percent, current) {
+            (Some(percent), Some(cur)) => Pipeline {
+                canary: Some(Canary {
+                    def: def.clone(),
+                    percent,
+                }),
+                latest_version: def.version,
+                changed_by: changed_by.to_string(),
+                reason: reason_or(&activation.reason, || {
+                    format!("canary v{} at {percent}%", def.version)
+                }),
+                changed_at: now_ms(),
+                ..cur
+            },
+            (Some(_), None) => return Err(ControlError::Invalid(format!(
+                "{merchant_id} has no active pipeline to run a canary beside; activate one first"
+            ))),
+            (None, _) => Pipeline {
+                merchant_id: merchant_id.to_string(),
+                active: def.clone(),
+                canary: None,
+                latest_version: def.version,
+                changed_by: changed_by.to_string(),
+                reason: reason_or(&activation.reason, || format!("activate v{}", def.version)),
+                changed_at: now_ms(),
+            },
+        };
+        // The definition first: an entry never points at a version that is not stored.
+        let json = serde_json::to_vec(&def).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        self.versions
+            .create(version_key(merchant_id, def.version), json.into())
+            .await
+            .map_err(|e| {
+                ControlError::Conflict(format!(
+                    "pipeline version {} of {merchant_id} was just created by someone else ({e}); retry",
+                    def.version
+                ))
+            })?;
+        self.write(merchant_id, pipeline, revision).await
+    }
+
+    /// Makes the canary the active version for all traffic.
+    pub async fn promote(
+        &self,
+        merchant_id: &str,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<Change, ControlError> {
+        let cur = self
+            .current(merchant_id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("pipeline of {merchant_id}")))?;
+        let Some(canary) = cur.pipeline.canary.clone() else {
+            return Err(ControlError::Invalid(format!(
+                "{merchant_id} has no canary to promote"
+            )));
+        };
+        let version = canary.def.version;
+        let pipeline = Pipeline {
+            active: canary.def,
+            canary: None,
+            changed_by: changed_by.to_string(),
+            reason: reason_or(reason, || format!("promote canary v{version}")),
+            changed_at: now_ms(),
+            ..cur.pipeline
+        };
+        self.write(merchant_id, pipeline, cur.revision).await
+    }
+
+    /// Makes version `to` active again (default: the version that was active before the
+    /// current one), and drops any canary.
+    pub async fn rollback(
+        &self,
+        merchant_id: &str,
+        to: Option<u64>,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<Change, ControlError> {
+        let cur = self
+            .current(merchant_id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("pipeline of {merchant_id}")))?;
+        let active = cur.pipeline.active.version;
+        let to = match to {
+            Some(v) => v,
+            None => self
+                .history(merchant_id)
+                .await?
+                .iter()
+                .rev()
+                .filter_map(|h| h.pipeline.as_ref().map(|p| p.active.version))
+                .find(|v| *v != active)
+                .ok_or_else(|| {
+                    ControlError::Invalid(format!(
+                        "{merchant_id} has no earlier version in its history; give --to"
+                    ))
+                })?,
+        };
+        let def = self.version(merchant_id, to).await?;
+        let pipeline = Pipeline {
+            active: def,
+            canary: None,
+            changed_by: changed_by.to_string(),
+            reason: reason_or(reason, || format!("roll back from v{active} to v{to}")),
+            changed_at: now_ms(),
+            ..cur.pipeline
+        };
+        self.write(merchant_id, pipeline, cur.revision).await
+    }
+
+    /// Every recorded change of the merchant's pipeline, oldest first (the bucket keeps the
+    /// last 64; every version's definition is kept for good, see [`Control::version`]).
+    pub async fn history(&self, merchant_id: &str) -> Result<Vec<HistoryEntry>, ControlError> {
+        check_merchant(merchant_id)?;
+        let mut out = Vec::new();
+        let mut entries = match self.pipelines.history(merchant_id).await {
+            Ok(h) => h,
+            Err(e) => {
+                // No history at all is an empty history, not an error.
+                if e.to_string().contains("not found") {
+                    return Ok(out);
+                }
+                return Err(nats(e));
+            }
+        };
+        while let Some(entry) = entries.next().await {
+            let entry = entry.map_err(nats)?;
+            let pipeline = match entry.operation {
+                kv::Operation::Put => Some(parse(&entry.key, &entry.value)?),
+                _ => None,
+            };
+            out.push(HistoryEntry {
+                revision: entry.revision,
+                pipeline,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Uploads `bytes` and makes it the merchant's only plugin (`beacon plugin attach`).
+    pub async fn attach(
+        &self,
+        merchant_id: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        config: &str,
+        changed_by: &str,
+    ) -> Result<Change, ControlError> {
+        let up = self.upload(name, bytes, config, None, changed_by).await?;
+        self.activate(
+            merchant_id,
+            &Activation {
+                plugins: vec![PluginSpec {
+                    plugin: format!("{}@{}", name, up.plugin.sha256),
+                    config: serde_json::Value::String(config.to_string()),
+                }],
+                reason: format!("attach {name}"),
+                ..Default::default()
+            },
+            changed_by,
+        )
+        .await
+    }
+
+    async fn write(
+        &self,
+        merchant_id: &str,
+        pipeline: Pipeline,
+        revision: u64,
+    ) -> Result<Change, ControlError> {
+        let json =
+            serde_json::to_vec(&pipeline).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let result = if revision == 0 {
+            self.pipelines
+                .create(merchant_id, json.into())
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            self.pipelines
+                .update(merchant_id, json.into(), revision)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let revision = result.map_err(|e| {
+            ControlError::Conflict(format!(
+                "the pipeline of {merchant_id} changed while this change was prepared ({e}); re-read and retry"
+            ))
+        })?;
+        tracing::info!(
+            merchant = merchant_id,
+            active = pipeline.active.version,
+            canary = ?pipeline.canary.as_ref().map(|c| (c.def.version, c.percent)),
+            revision,
+            by = %pipeline.changed_by,
+            reason = %pipeline.reason,
+            "pipeline changed"
+        );
+        Ok(Change { pipeline, revision })
+    }
+
+    async fn highest_version(&self, merchant_id: &str) -> Result<u64, ControlError> {
+        let mut keys = match self.versions.keys().await {
+            Ok(k) => k,
+            Err(e) => return Err(nats(e)),
+        };
+        let prefix = format!("{merchant_id}.");
+        let mut max = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(nats)?;
+            if let Some(v) = key
+                .strip_prefix(&prefix)
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                max = max.max(v);
+            }
+        }
+        Ok(max)
+    }
+
+    /// Runs the chain over sample events with the real configs: a typo in a config or a
+    /// plugin that breaks on ordinary events is refused before it meets traffic.
+    async fn check_chain(
+        &self,
+        merchant_id: &str,
+        plugins: &[PluginRef],
+    ) -> Result<(), ControlError> {
+        let mut loaded: Vec<(PluginRef, Arc<Plugin>)> = Vec::new();
+        for p in plugins {
+            loaded.push((p.clone(), self.load(&p.sha256).await?));
+        }
+        let sample: Vec<Event> = sample_events(merchant_id);
+        tokio::task::spawn_blocking(move || {
+            let mut batch = sample;
+            for (r, plugin) in &loaded {
+                batch = plugin.process(&r.config, &batch).map_err(|e| {
+                    ControlError::Invalid(format!(
+                        "plugin {}@{} with this config fails on sample events: {e}",
+                        r.name,
+                        &r.sha256[..12]
+                    ))
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ControlError::Nats(format!("check task: {e}")))?
+    }
+}
+
+fn reason_or(reason: &str, default: impl FnOnce() -> String) -> String {
+    if reason.trim().is_empty() {
+        default()
+    } else {
+        reason.to_string()
+    }
+}
+
+/// Merchant ids are KV keys and subject tokens: refuse anything else early, by name.
+fn check_merchant(id: &str) -> Result<(), ControlError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::Invalid(format!(
+            "`{id}` is not a merchant id"
+        )))
+    }
+}
