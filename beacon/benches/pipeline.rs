@@ -120,6 +120,7 @@ async fn publish_direct(cluster: &Cluster, events: &[Event]) -> Phase {
             pipeline: None,
             raw: chunk.to_vec(),
             processed: None,
+            canary: None,
             failures: Vec::new(),
         };
         let mut h = async_nats::HeaderMap::new();

@@ -706,6 +706,7 @@ async fn demo(
                         "utm",
                         bytes.clone(),
                         r#"{"strip_from_url": true}"#,
+                        false,
                         "demo",
                     )
                     .await?,

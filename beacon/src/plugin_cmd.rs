@@ -59,7 +59,7 @@ pub enum PluginCommand {
         #[arg(long = "plugin", value_name = "REF")]
         plugins: Vec<String>,
         /// `NAME=CONFIG` for the plugin named NAME (JSON by convention); repeatable.
-        #[arg(long = "config", value_name = "NAME=CONFIG")]
+        #[arg(long = "plugin-config", value_name = "NAME=CONFIG")]
         configs: Vec<String>,
         /// What a failing batch does: `hold` (kept out of `events` until re-processed) or
         /// `pass-through` (stored unprocessed). Always kept in `failed_events`.
@@ -127,6 +127,9 @@ pub enum PluginCommand {
         /// The plugin's configuration string (JSON by convention).
         #[arg(long, default_value = "")]
         plugin_config: String,
+        /// Skip the check run over sample events (the plugin is still validated).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         wait: Wait,
         #[command(flatten)]
@@ -143,13 +146,21 @@ pub struct Wait {
     secs: u64,
 }
 
-/// A control plane for the CLI, validating with the default sandbox and the shared
-/// compiled-plugin cache of the data dir.
+/// A control plane validating with the sandbox limits configured for this machine
+/// (`BEACON_PLUGIN_*`, as the edges are) and the shared compiled-plugin cache of the data dir.
 pub async fn control(target: &NatsTarget) -> Result<Control> {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    }
+    let limits = <FromEnv as clap::Parser>::try_parse_from(["beacon"])?
+        .sandbox
+        .limits();
     let js = target.jetstream().await?;
     let cache = target.data_dir.join("plugin-cache");
     let runtime = Arc::new(beacon_plugins::Runtime::new(
-        beacon_plugins::SandboxLimits::default(),
+        limits,
         std::fs::create_dir_all(&cache).ok().map(|_| cache),
     )?);
     Ok(Control::open(js, runtime).await?)
@@ -311,6 +322,7 @@ pub async fn run(command: PluginCommand) -> Result<()> {
             name,
             file,
             plugin_config,
+            force,
             wait,
             target,
             format,
@@ -322,6 +334,7 @@ pub async fn run(command: PluginCommand) -> Result<()> {
                     &name,
                     read(&file)?,
                     &plugin_config,
+                    force,
                     &crate::whoami(),
                 )
                 .await?;
@@ -395,11 +408,11 @@ fn specs(plugins: &[String], configs: &[String]) -> Result<Vec<PluginSpec>> {
     for c in configs {
         let (name, config) = c
             .split_once('=')
-            .ok_or_else(|| anyhow!("--config takes NAME=CONFIG, not `{c}`"))?;
+            .ok_or_else(|| anyhow!("--plugin-config takes NAME=CONFIG, not `{c}`"))?;
         let spec = out
             .iter_mut()
             .find(|s| s.plugin.split('@').next() == Some(name))
-            .ok_or_else(|| anyhow!("--config {name}=...: no --plugin named {name}"))?;
+            .ok_or_else(|| anyhow!("--plugin-config {name}=...: no --plugin named {name}"))?;
         spec.config = serde_json::Value::String(config.to_string());
     }
     Ok(out)
@@ -444,6 +457,8 @@ fn test(
     for e in &output {
         println!("{}", serde_json::to_string(e)?);
     }
+    // As the edge would: plugin output must be as valid as client input.
+    beacon_control::registry::validate_output(&output).map_err(|e| anyhow!(e))?;
     eprintln!(
         "{} events in, {} out, {:.2} ms (sha256 {}, contract {})",
         input.len(),

@@ -192,6 +192,7 @@ async fn activate(
 }
 
 #[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ChangeBody {
     #[serde(default)]
     to: Option<u64>,

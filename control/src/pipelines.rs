@@ -20,6 +20,7 @@ use crate::{nats, now_ms, Control, ControlError};
 /// One plugin of a pipeline to activate: a reference (`name`, `name@sha-prefix` or a sha256
 /// prefix) and its configuration.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PluginSpec {
     pub plugin: String,
     /// A string is passed as is; any other JSON value is passed as its JSON text.
@@ -39,6 +40,7 @@ impl PluginSpec {
 
 /// A new pipeline version to activate.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Activation {
     pub plugins: Vec<PluginSpec>,
     #[serde(default)]
@@ -119,6 +121,7 @@ impl Control {
         changed_by: &str,
     ) -> Result<Change, ControlError> {
         check_merchant(merchant_id)?;
+        self.check_merchant_exists(merchant_id).await?;
         if let Some(p) = activation.canary_percent {
             if !(1..=99).contains(&p) {
                 return Err(ControlError::Invalid(format!(
@@ -154,7 +157,7 @@ impl Control {
             // Removed or never set: continue after the highest version ever stored.
             None => self.highest_version(merchant_id).await?,
         };
-        let def = PipelineDef {
+        let mut def = PipelineDef {
             merchant_id: merchant_id.to_string(),
             version: latest + 1,
             plugins,
@@ -162,6 +165,26 @@ impl Control {
             created_by: changed_by.to_string(),
             created_at: now_ms(),
         };
+        // The definition first, create-only: an entry never points at a version that is not
+        // stored. A number already taken (a concurrent activation, or one whose entry write
+        // failed) is skipped, so versions stay unique and nothing gets stuck.
+        let mut attempts = 0;
+        loop {
+            let json =
+                serde_json::to_vec(&def).map_err(|e| ControlError::Invalid(e.to_string()))?;
+            match self
+                .versions
+                .create(version_key(merchant_id, def.version), json.into())
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if attempts < 64 && e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    attempts += 1;
+                    def.version += 1;
+                }
+                Err(e) => return Err(nats(e)),
+            }
+        }
         let pipeline = match (activation.canary_percent, current) {
             (Some(percent), Some(cur)) => Pipeline {
                 canary: Some(Canary {
@@ -176,9 +199,11 @@ impl Control {
                 changed_at: now_ms(),
                 ..cur
             },
-            (Some(_), None) => return Err(ControlError::Invalid(format!(
+            (Some(_), None) => {
+                return Err(ControlError::Invalid(format!(
                 "{merchant_id} has no active pipeline to run a canary beside; activate one first"
-            ))),
+            )))
+            }
             (None, _) => Pipeline {
                 merchant_id: merchant_id.to_string(),
                 active: def.clone(),
@@ -189,17 +214,6 @@ impl Control {
                 changed_at: now_ms(),
             },
         };
-        // The definition first: an entry never points at a version that is not stored.
-        let json = serde_json::to_vec(&def).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        self.versions
-            .create(version_key(merchant_id, def.version), json.into())
-            .await
-            .map_err(|e| {
-                ControlError::Conflict(format!(
-                    "pipeline version {} of {merchant_id} was just created by someone else ({e}); retry",
-                    def.version
-                ))
-            })?;
         self.write(merchant_id, pipeline, revision).await
     }
 
@@ -302,28 +316,45 @@ impl Control {
     }
 
     /// Uploads `bytes` and makes it the merchant's only plugin (`beacon plugin attach`).
+    /// The configuration is checked on sample events at activation, unless `force`.
     pub async fn attach(
         &self,
         merchant_id: &str,
         name: &str,
         bytes: Vec<u8>,
         config: &str,
+        force: bool,
         changed_by: &str,
     ) -> Result<Change, ControlError> {
-        let up = self.upload(name, bytes, config, None, changed_by).await?;
+        let up = self.upload(name, bytes, "", None, changed_by).await?;
         self.activate(
             merchant_id,
             &Activation {
+                // By hash: the same bytes may have been uploaded under another name first.
                 plugins: vec![PluginSpec {
-                    plugin: format!("{}@{}", name, up.plugin.sha256),
+                    plugin: up.plugin.sha256.clone(),
                     config: serde_json::Value::String(config.to_string()),
                 }],
                 reason: format!("attach {name}"),
+                force,
                 ..Default::default()
             },
             changed_by,
         )
         .await
+    }
+
+    async fn check_merchant_exists(&self, merchant_id: &str) -> Result<(), ControlError> {
+        let missing = || ControlError::NotFound(format!("merchant {merchant_id}"));
+        let store = self
+            .js
+            .get_key_value(beacon_proto::bus::MERCHANTS_BUCKET)
+            .await
+            .map_err(|_| missing())?;
+        match store.get(format!("m.{merchant_id}")).await.map_err(nats)? {
+            Some(_) => Ok(()),
+            None => Err(missing()),
+        }
     }
 
     async fn write(
@@ -396,13 +427,17 @@ impl Control {
         tokio::task::spawn_blocking(move || {
             let mut batch = sample;
             for (r, plugin) in &loaded {
-                batch = plugin.process(&r.config, &batch).map_err(|e| {
+                let fail = |e: String| {
                     ControlError::Invalid(format!(
                         "plugin {}@{} with this config fails on sample events: {e}",
                         r.name,
                         &r.sha256[..12]
                     ))
-                })?;
+                };
+                batch = plugin
+                    .process(&r.config, &batch)
+                    .map_err(|e| fail(e.to_string()))?;
+                crate::registry::validate_output(&batch).map_err(fail)?;
             }
             Ok(())
         })

@@ -218,12 +218,27 @@ pub(crate) async fn smoke(
         .await
         .map_err(|e| ControlError::Nats(format!("smoke run task: {e}")))?;
     match result {
-        Ok(out) => Ok((out.len(), None)),
+        Ok(out) => {
+            validate_output(&out)
+                .map_err(|e| ControlError::Invalid(format!("smoke run on sample events: {e}")))?;
+            Ok((out.len(), None))
+        }
         Err(beacon_plugins::PluginError::Guest(msg)) => Ok((0, Some(msg))),
         Err(e) => Err(ControlError::Invalid(format!(
             "smoke run on sample events failed: {e}"
         ))),
     }
+}
+
+/// Plugin output must be as valid as client input (the edge refuses it otherwise).
+pub fn validate_output(events: &[Event]) -> Result<(), String> {
+    let limits = beacon_proto::Limits::default();
+    let now = now_ms();
+    for (i, e) in events.iter().enumerate() {
+        e.validate(&limits, now)
+            .map_err(|v| format!("output event {i} ({}) is invalid: {v}", e.event_id))?;
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), ControlError> {

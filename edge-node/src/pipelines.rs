@@ -50,6 +50,21 @@ pub struct Active {
     pub canary: Option<(Stage, u8)>,
 }
 
+/// A merchant's pipeline this edge could not load (missing component, bad entry) and has
+/// no earlier version of: its batches fail by the pipeline's policy rather than being
+/// stored as if the merchant had no plugins (a PII scrubber must not be skipped).
+pub struct Unavailable {
+    pub version: u64,
+    pub on_failure: OnFailure,
+    pub reason: String,
+}
+
+/// What the edge runs for a merchant.
+pub enum Runnable {
+    Ready(Active),
+    Unavailable(Unavailable),
+}
+
 impl Active {
     /// Whether an event of `visitor` (or `event_id` when anonymous) goes to the canary.
     pub fn is_canary(&self, visitor: Option<&str>, event_id: &str) -> bool {
@@ -62,19 +77,27 @@ impl Active {
 /// The pipelines currently active at this edge, by merchant.
 #[derive(Clone, Default)]
 pub struct Pipelines {
-    active: Arc<RwLock<HashMap<String, Arc<Active>>>>,
+    active: Arc<RwLock<HashMap<String, Arc<Runnable>>>>,
 }
 
 impl Pipelines {
-    pub fn get(&self, merchant_id: &str) -> Option<Arc<Active>> {
+    pub fn get(&self, merchant_id: &str) -> Option<Arc<Runnable>> {
         self.active.read().ok()?.get(merchant_id).cloned()
     }
 
-    /// The applied pipelines-bucket revision of every merchant that has a pipeline.
+    /// The applied pipelines-bucket revision of every merchant with a running pipeline (an
+    /// unavailable one is not reported as applied).
     pub fn versions(&self) -> std::collections::BTreeMap<String, u64> {
         self.active
             .read()
-            .map(|c| c.iter().map(|(m, a)| (m.clone(), a.revision)).collect())
+            .map(|c| {
+                c.iter()
+                    .filter_map(|(m, r)| match r.as_ref() {
+                        Runnable::Ready(a) => Some((m.clone(), a.revision)),
+                        Runnable::Unavailable(_) => None,
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -145,11 +168,31 @@ impl Pipelines {
                         "pipeline active"
                     );
                     if let Ok(mut c) = self.active.write() {
-                        c.insert(merchant, Arc::new(active));
+                        c.insert(merchant, Arc::new(Runnable::Ready(active)));
                     }
                 }
-                // Keep the previous chain: a broken change must not stop a merchant's traffic.
-                Err(e) => tracing::error!(%merchant, error = %e, "pipeline change not applied"),
+                Err(e) => {
+                    tracing::error!(%merchant, error = %e, "pipeline change not applied");
+                    let Ok(mut c) = self.active.write() else {
+                        return;
+                    };
+                    // Keep a running previous version: a broken change must not stop a
+                    // merchant's traffic. Without one, fail batches by the pipeline's policy.
+                    if !matches!(
+                        c.get(&merchant).map(|r| r.as_ref()),
+                        Some(Runnable::Ready(_))
+                    ) {
+                        let parsed = serde_json::from_slice::<Pipeline>(&entry.value).ok();
+                        c.insert(
+                            merchant,
+                            Arc::new(Runnable::Unavailable(Unavailable {
+                                version: parsed.as_ref().map_or(0, |p| p.active.version),
+                                on_failure: parsed.map_or(OnFailure::Hold, |p| p.active.on_failure),
+                                reason: format!("pipeline could not be loaded at this edge: {e}"),
+                            })),
+                        );
+                    }
+                }
             },
         }
     }

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use beacon_plugins::{ChainFailure, PluginError};
 
-use crate::pipelines::{Pipelines, Stage};
+use crate::pipelines::{Pipelines, Runnable, Stage};
 use crate::publish::{PublishError, Publisher};
 
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +169,25 @@ impl Processor {
         let mut pipeline = None;
         let mut processed = None;
         let mut canary = None;
-        if let Some(active) = self.pipelines.get(merchant_id) {
+        let runnable = self.pipelines.get(merchant_id);
+        if let Some(Runnable::Unavailable(u)) = runnable.as_deref() {
+            tracing::warn!(merchant = merchant_id, batch_id, version = u.version, error = %u.reason, "pipeline unavailable");
+            plugin_error = Some(u.reason.clone());
+            for e in &raw {
+                failures.push(Failure {
+                    stage: FailureStage::Plugin,
+                    event_id: e.event_id.clone(),
+                    plugin: None,
+                    pipeline_version: Some(u.version),
+                    reason: u.reason.clone(),
+                    payload: serde_json::to_string(e).unwrap_or_default(),
+                });
+            }
+            if u.on_failure == OnFailure::Hold {
+                processed = Some(Vec::new());
+            }
+        }
+        if let Some(Runnable::Ready(active)) = runnable.as_deref() {
             // Share of the batch per pipeline version: canary by a stable hash of the visitor.
             let (to_canary, to_stable): (Vec<Event>, Vec<Event>) = match &active.canary {
                 Some(_) => raw

@@ -147,6 +147,29 @@ impl Cluster {
         }
     }
 
+    /// Starts another edge (own id, data dir and port) on the same bus; returns it and the
+    /// endpoints it wrote.
+    pub fn spawn_edge(&self, id: &'static str) -> (Role, Endpoints) {
+        let dir = self.data_dir().join(id);
+        std::fs::create_dir_all(&dir).expect("edge dir");
+        let role = self.spawn(
+            id,
+            &[
+                "edge",
+                "--listen",
+                "127.0.0.1:0",
+                "--edge-id",
+                id,
+                "--data-dir",
+                dir.to_str().expect("utf8"),
+            ],
+        );
+        let endpoints = wait_for(Duration::from_secs(30), "second edge endpoints", || {
+            Endpoints::read(&dir).ok()
+        });
+        (role, endpoints)
+    }
+
     pub fn start_ingest(&mut self) {
         // Small commits so a kill lands between commits often.
         self.start_ingest_with(&["--ingest-max-wait-ms", "200", "--ingest-max-batch", "100"]);
@@ -189,6 +212,12 @@ impl Cluster {
             path.to_str().expect("utf8 path"),
             "--plugin-config",
             config,
+            // Hostile fixtures would (rightly) fail the check run on sample events.
+            if plugin.contains("hostile") {
+                "--force"
+            } else {
+                "--wait=10"
+            },
         ]);
     }
 
@@ -205,25 +234,32 @@ impl Cluster {
         &self,
         write_key: &str,
     ) -> Result<beacon_sdk::Client, beacon_sdk::SdkError> {
-        let addr = self
-            .endpoints
-            .edge_quic
-            .as_ref()
-            .expect("edge addr")
-            .parse()
-            .expect("addr");
-        let ca = std::fs::read(self.endpoints.edge_ca_cert.as_ref().expect("ca")).expect("ca pem");
-        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca, write_key);
-        cfg.request_timeout = Duration::from_secs(20);
-        beacon_sdk::Client::connect(cfg).await
+        client_for(&self.endpoints, write_key).await
     }
+}
+
+/// An SDK client for the edge described by `endpoints`.
+pub async fn client_for(
+    endpoints: &Endpoints,
+    write_key: &str,
+) -> Result<beacon_sdk::Client, beacon_sdk::SdkError> {
+    let addr = endpoints
+        .edge_quic
+        .as_ref()
+        .expect("edge addr")
+        .parse()
+        .expect("addr");
+    let ca = std::fs::read(endpoints.edge_ca_cert.as_ref().expect("ca")).expect("ca pem");
+    let mut cfg = beacon_sdk::ClientConfig::new(addr, ca, write_key);
+    cfg.request_timeout = Duration::from_secs(20);
+    beacon_sdk::Client::connect(cfg).await
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         // A failing test shows what the roles said: CI output is all we get there.
         if std::thread::panicking() {
-            for name in ["edge", "ingest", "rollup"] {
+            for name in ["edge", "edge-2", "ingest", "rollup", "admin"] {
                 let log = self.log(name);
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("--- {name}.log (last {} lines) ---", tail.len());

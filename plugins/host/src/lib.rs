@@ -117,9 +117,9 @@ impl Plugin {
     ) -> Result<Vec<Event>, PluginError> {
         let input: Vec<bindings::beacon::plugin::types::Event> =
             events.iter().map(convert::to_guest).collect();
-        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits)?;
+        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, log.is_some())?;
         let result = self.call(&mut store, config, &input, events.len());
-        if let Some(log) = log {
+        if let (Some(log), Some(pipes)) = (log, pipes) {
             log.extend_from_slice(&pipes.stdout.contents());
             log.extend_from_slice(&pipes.stderr.contents());
         }

@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::PluginError;
 
 /// Limits for one plugin call and one plugin binary. Defaults sit between Shopify Functions
 /// (256 kB binary, 10 MB memory, instruction caps) and Cloudflare Workers (128 MB, CPU ms):
-/// a Rust plugin with serde is ~200-600 kB, and a 1000-event batch needs a few MB.
+/// the example Rust plugins with serde are 130-210 kB, and a 1000-event batch needs a few MB.
 #[derive(Debug, Clone)]
 pub struct SandboxLimits {
     /// Deterministic CPU budget per call (roughly one unit per wasm instruction).
@@ -25,7 +25,7 @@ pub struct SandboxLimits {
     pub output_events_factor: usize,
     pub output_events_slack: usize,
     pub max_output_bytes: usize,
-    /// Captured stdout/stderr per call (for plugin authors' logs); the rest is dropped.
+    /// Captured stdout/stderr per call in `beacon plugin test` (the edge discards them).
     pub max_log_bytes: usize,
 }
 
@@ -39,7 +39,7 @@ impl Default for SandboxLimits {
             output_events_factor: 4,
             output_events_slack: 100,
             max_output_bytes: 32 << 20,
-            max_log_bytes: 16 << 10,
+            max_log_bytes: 1 << 20,
         }
     }
 }
@@ -132,7 +132,9 @@ pub(crate) fn engine() -> Result<Engine, PluginError> {
         .consume_fuel(true)
         .epoch_interruption(true)
         .max_wasm_stack(512 * 1024)
-        .cranelift_nan_canonicalization(true);
+        .cranelift_nan_canonicalization(true)
+        // Relaxed SIMD may differ between CPUs unless pinned: processing must not.
+        .relaxed_simd_deterministic(true);
     let engine = Engine::new(&cfg).map_err(PluginError::runtime)?;
     // One ticker per engine drives every store's wall-clock deadline; it ends with the engine.
     let weak = engine.weak();
@@ -201,7 +203,12 @@ pub(crate) fn check_imports(engine: &Engine, component: &Component) -> Result<St
         if base == CONTRACT_TYPES {
             let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
             let compatible = match (parts.next().flatten(), parts.next().flatten()) {
-                (Some(major), Some(minor)) => major == CONTRACT_MAJOR && minor <= CONTRACT_MINOR,
+                (Some(major), Some(minor)) => {
+                    // `<=` is the rule even while the host is at minor 0.
+                    #[allow(clippy::absurd_extreme_comparisons)]
+                    let known_minor = minor <= CONTRACT_MINOR;
+                    major == CONTRACT_MAJOR && known_minor
+                }
                 _ => false,
             };
             if !compatible {
@@ -228,17 +235,29 @@ pub(crate) struct Pipes {
     pub stderr: MemoryOutputPipe,
 }
 
+/// A store for one call. Without `capture` (the edge), plugin stdout/stderr go nowhere: no
+/// one reads them there, and a full capture buffer would fail the guest's writes. With it
+/// (`beacon plugin test`), they are kept up to `max_log_bytes` each; a plugin writing more
+/// fails its batch with a closed stream.
 pub(crate) fn new_store(
     engine: &Engine,
     limits: &SandboxLimits,
-) -> Result<(Store<HostState>, Pipes), PluginError> {
-    let pipes = Pipes {
+    capture: bool,
+) -> Result<(Store<HostState>, Option<Pipes>), PluginError> {
+    let mut builder = WasiCtxBuilder::new();
+    let pipes = capture.then(|| Pipes {
         stdout: MemoryOutputPipe::new(limits.max_log_bytes),
         stderr: MemoryOutputPipe::new(limits.max_log_bytes),
-    };
-    let wasi = WasiCtxBuilder::new()
-        .stdout(pipes.stdout.clone())
-        .stderr(pipes.stderr.clone())
+    });
+    match &pipes {
+        Some(p) => {
+            builder.stdout(p.stdout.clone()).stderr(p.stderr.clone());
+        }
+        None => {
+            builder.stdout(SinkOutputStream).stderr(SinkOutputStream);
+        }
+    }
+    let wasi = builder
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -249,7 +268,8 @@ pub(crate) fn new_store(
             .table_elements(100_000)
             .instances(16)
             .tables(16)
-            .memories(4)
+            // One linear memory (a Rust component has one): the cap is the whole budget.
+            .memories(1)
             .build(),
         memory_denied: false,
     };

@@ -1,0 +1,260 @@
+//! Plugin cost: a chain of three example plugins (utm -> pii -> goals) run as sandboxed Wasm
+//! components, against the same plugin code compiled natively into this process, in the same
+//! run; plus compile, cache-load and per-call instantiation times. Prints a Markdown report.
+//!
+//!     cargo bench -p beacon --bench plugins                 # 100,000 events
+//!     BEACON_BENCH_EVENTS=300000 cargo bench -p beacon --bench plugins
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use beacon_plugin_sdk::Event as GuestEvent;
+use beacon_plugins::{Chain, Plugin, Runtime, SandboxLimits};
+use beacon_proto::{Event, PipelineRef, PluginRef};
+
+type NativeFn =
+    fn(&str, Vec<GuestEvent>) -> Result<Vec<GuestEvent>, beacon_plugin_sdk::PluginError>;
+
+const CHAIN: [(&str, &str, NativeFn); 3] = [
+    (
+        "beacon_plugin_utm",
+        r#"{"strip_from_url": true}"#,
+        beacon_plugin_utm::process,
+    ),
+    ("beacon_plugin_pii", "", beacon_plugin_pii::process),
+    (
+        "beacon_plugin_goals",
+        r#"{"goals": [{"name": "checkout", "path": "/checkout"}, {"name": "buy", "event": "purchase", "min_revenue_micros": 50000000}]}"#,
+        beacon_plugin_goals::process,
+    ),
+];
+const BATCH: usize = 500;
+const ROUNDS: usize = 3;
+
+fn to_guest(e: &Event) -> GuestEvent {
+    GuestEvent {
+        event_id: e.event_id.clone(),
+        merchant_id: e.merchant_id.clone(),
+        name: e.name.clone(),
+        ts: e.ts,
+        received_at: e.received_at,
+        url: e.url.clone(),
+        referrer: e.referrer.clone(),
+        title: e.title.clone(),
+        visitor_id: e.visitor_id.clone(),
+        session_id: e.session_id.clone(),
+        user_id: e.user_id.clone(),
+        revenue_micros: e.revenue_micros,
+        currency: e.currency.clone(),
+        properties: e
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+fn from_guest(e: GuestEvent) -> Event {
+    Event {
+        event_id: e.event_id,
+        merchant_id: e.merchant_id,
+        name: e.name,
+        ts: e.ts,
+        received_at: e.received_at,
+        url: e.url,
+        referrer: e.referrer,
+        title: e.title,
+        visitor_id: e.visitor_id,
+        session_id: e.session_id,
+        user_id: e.user_id,
+        revenue_micros: e.revenue_micros,
+        currency: e.currency,
+        properties: e.properties.into_iter().collect(),
+    }
+}
+
+/// The native baseline: the host hands the batch to the plugin functions in-process, with
+/// the same conversions the host does at the sandbox boundary (host event <-> WIT event).
+fn native_chain(steps: &[(&str, &str, NativeFn)], batch: &[Event]) -> Vec<Event> {
+    let mut b: Vec<GuestEvent> = batch.iter().map(to_guest).collect();
+    for (_, config, f) in steps {
+        b = f(config, b).expect("native plugin");
+    }
+    b.into_iter().map(from_guest).collect()
+}
+
+fn wasm_chain(runtime: &Runtime, steps: &[(&str, &str, NativeFn)]) -> Chain {
+    let plugins: Vec<(PluginRef, Arc<Plugin>)> = steps
+        .iter()
+        .map(|(name, config, _)| {
+            let bytes = std::fs::read(common::plugin_path(name)).expect("component");
+            let sha = Runtime::sha256(&bytes);
+            let p = runtime.load(&sha, &bytes).expect("load");
+            (
+                PluginRef {
+                    name: name.to_string(),
+                    sha256: sha,
+                    config: config.to_string(),
+                },
+                p,
+            )
+        })
+        .collect();
+    let refs = plugins.iter().map(|p| p.0.clone()).collect();
+    Chain::new(
+        PipelineRef {
+            merchant_id: "m_bench".into(),
+            version: 1,
+            plugins: refs,
+        },
+        plugins,
+    )
+}
+
+fn time(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn best(runs: &[Duration]) -> Duration {
+    runs.iter().copied().min().unwrap_or_default()
+}
+
+fn main() {
+    let n: usize = std::env::var("BEACON_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let now = beacon_edge::now_ms();
+    let mut events =
+        beacon::demo::generate(5, "bench.example", n, now - 3_600_000, 3_600_000, 20_000);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.merchant_id = "m_bench".into();
+        if i % 10 == 0 {
+            e.properties
+                .insert("contact".into(), format!("write to user{i}@example.com"));
+        }
+    }
+    let batches: Vec<&[Event]> = events.chunks(BATCH).collect();
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+
+    println!("\n## Plugin benchmark ({n} events, batches of {BATCH}, best of {ROUNDS} interleaved rounds)\n");
+    println!("| chain | native events/s | Wasm events/s | Wasm / native time |");
+    println!("|---|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for upto in [1, 3] {
+        let steps = &CHAIN[..upto];
+        let chain = wasm_chain(&runtime, steps);
+        // Same output both ways: the benchmark compares equal work.
+        let a = native_chain(steps, batches[0]);
+        let b = chain.run(batches[0].to_vec()).expect("wasm chain");
+        assert_eq!(a, b, "native and Wasm outputs differ");
+        let (mut native, mut wasm) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            native.push(time(|| {
+                for b in &batches {
+                    std::hint::black_box(native_chain(steps, b));
+                }
+            }));
+            wasm.push(time(|| {
+                for b in &batches {
+                    std::hint::black_box(chain.run(b.to_vec()).expect("wasm"));
+                }
+            }));
+        }
+        let (nt, wt) = (best(&native), best(&wasm));
+        let names: Vec<&str> = steps
+            .iter()
+            .map(|s| &s.0["beacon_plugin_".len()..])
+            .collect();
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2}x |",
+            names.join(" -> "),
+            n as f64 / nt.as_secs_f64(),
+            n as f64 / wt.as_secs_f64(),
+            wt.as_secs_f64() / nt.as_secs_f64()
+        );
+        rows.push((upto, nt, wt));
+    }
+
+    // Where the Wasm time goes: an identity plugin is the sandbox boundary alone (copying
+    // the batch in and out); an empty batch is instantiation + call overhead only.
+    let identity = {
+        let bytes = std::fs::read(common::plugin_path("beacon_plugin_hostile")).expect("component");
+        runtime
+            .load(&Runtime::sha256(&bytes), &bytes)
+            .expect("load")
+    };
+    let boundary = best(
+        &(0..ROUNDS)
+            .map(|_| {
+                time(|| {
+                    for b in &batches {
+                        std::hint::black_box(identity.process("pass", b).expect("identity"));
+                    }
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "\nSandbox boundary alone (identity plugin, batch copied in and out): {:.2} us/event.",
+        boundary.as_secs_f64() * 1e6 / n as f64
+    );
+    // Where the Wasm time goes: an empty batch is instantiation + call overhead only.
+    let utm = {
+        let bytes = std::fs::read(common::plugin_path("beacon_plugin_utm")).expect("component");
+        (Runtime::sha256(&bytes), bytes)
+    };
+    let plugin = runtime.load(&utm.0, &utm.1).expect("load");
+    let calls = 2_000;
+    let empty = time(|| {
+        for _ in 0..calls {
+            std::hint::black_box(plugin.process("", &[]).expect("empty"));
+        }
+    });
+    let cache = tempfile::tempdir().expect("tempdir");
+    let cold_rt = Runtime::new(SandboxLimits::default(), Some(cache.path().into())).expect("rt");
+    let compile = time(|| {
+        cold_rt.load(&utm.0, &utm.1).expect("compile");
+    });
+    let warm_rt = Runtime::new(SandboxLimits::default(), Some(cache.path().into())).expect("rt");
+    let mut first = None;
+    let from_cache = time(|| {
+        let p = warm_rt.load(&utm.0, &utm.1).expect("from cache");
+        first = Some(p);
+    });
+    let first_call = time(|| {
+        first
+            .expect("loaded")
+            .process("", &events[..BATCH])
+            .expect("first call");
+    });
+    println!("\n| step (utm component, {} bytes) | time |", utm.1.len());
+    println!("|---|---:|");
+    println!(
+        "| compile (cold, no cache) | {:.1} ms |",
+        compile.as_secs_f64() * 1e3
+    );
+    println!(
+        "| load from the disk cache (edge restart) | {:.2} ms |",
+        from_cache.as_secs_f64() * 1e3
+    );
+    println!(
+        "| first call after load, {BATCH} events | {:.2} ms |",
+        first_call.as_secs_f64() * 1e3
+    );
+    println!(
+        "| per call: fresh instance + call with an empty batch | {:.1} us |",
+        empty.as_secs_f64() * 1e6 / calls as f64
+    );
+    let (_, nt, wt) = rows[rows.len() - 1];
+    println!(
+        "\nThree-plugin chain: {:.2} us/event native, {:.2} us/event Wasm.",
+        nt.as_secs_f64() * 1e6 / n as f64,
+        wt.as_secs_f64() * 1e6 / n as f64
+    );
+}
