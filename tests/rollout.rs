@@ -449,6 +449,57 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         .as_str()
         .unwrap_or("")
         .starts_with("hostile@"));
+
+    // The trap above was the first breach in a row; two more (loops out of fuel) and the
+    // merchant's plugins are quarantined at the edge: the next batch fails without running.
+    plugin_json(
+        &dir,
+        &nats,
+        &[
+            "activate",
+            "--merchant",
+            &m,
+            "--plugin",
+            "hostile",
+            "--plugin-config",
+            "hostile=loop",
+            "--force",
+        ],
+    );
+    let mut last = String::new();
+    for seed in 16..19 {
+        let r = client
+            .send(&events_for(&m, seed, 10, 5))
+            .await
+            .expect("acknowledged");
+        last = r.plugin_error.unwrap_or_default();
+    }
+    assert!(last.contains("quarantined"), "{last}");
+    // Quarantine is short at first; a healthy version afterwards runs normally again.
+    plugin_json(
+        &dir,
+        &nats,
+        &[
+            "activate",
+            "--merchant",
+            &m,
+            "--plugin",
+            "hostile",
+            "--plugin-config",
+            "hostile=pass",
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let r = client
+        .send(&events_for(&m, 19, 10, 5))
+        .await
+        .expect("acknowledged");
+    assert!(r.plugin_error.is_none(), "{:?}", r.plugin_error);
+    wait_for_count(
+        &cluster,
+        &format!("SELECT count(*) FROM raw_events {scope}"),
+        240,
+    );
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns (status, body).

@@ -42,9 +42,19 @@ pub struct Processor {
     /// Concurrent plugin runs per merchant (see `plugin_slots`).
     pub plugin_concurrency: usize,
     plugin_slots: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    plugin_health: std::sync::Mutex<std::collections::HashMap<String, Health>>,
     pipelines: Pipelines,
     publisher: Publisher,
     active: AtomicUsize,
+}
+
+/// Consecutive sandbox-limit breaches after which a merchant's plugins are quarantined.
+const QUARANTINE_AFTER: u32 = 3;
+
+#[derive(Default)]
+struct Health {
+    breaches: u32,
+    until: Option<std::time::Instant>,
 }
 
 /// What one pipeline stage made of its share of a batch.
@@ -88,6 +98,7 @@ impl Processor {
             max_batch_events: 10_000,
             plugin_concurrency: default_plugin_concurrency(),
             plugin_slots: Default::default(),
+            plugin_health: Default::default(),
             pipelines,
             publisher,
             active: AtomicUsize::new(0),
@@ -284,7 +295,6 @@ impl Processor {
         events: Vec<Event>,
         now: i64,
     ) -> StageOutcome {
-        let version = stage.chain.pipeline().version;
         if events.is_empty() {
             return StageOutcome {
                 pipeline: Some(stage.chain.pipeline().clone()),
@@ -292,6 +302,9 @@ impl Processor {
                 failures: Vec::new(),
                 error: None,
             };
+        }
+        if let Some(reason) = self.quarantined(merchant_id) {
+            return self.stage_failed(merchant_id, batch_id, stage, events, None, reason);
         }
         let runner = stage.chain.clone();
         let limits = self.limits;
@@ -316,16 +329,85 @@ impl Processor {
         .await;
         let (plugin, reason) = match result {
             Ok(Ok(out)) => {
+                self.record_health(merchant_id, false);
                 return StageOutcome {
                     pipeline: Some(stage.chain.pipeline().clone()),
                     events: out,
                     failures: Vec::new(),
                     error: None,
-                }
+                };
             }
-            Ok(Err(f)) => (Some(f.plugin), f.error.to_string()),
+            Ok(Err(f)) => {
+                // Running out of CPU, time or memory, or trapping, is what an abusive (or
+                // badly broken) plugin does; its own error returns are cheap and not counted.
+                let breach = matches!(
+                    f.error,
+                    PluginError::OutOfFuel { .. }
+                        | PluginError::Timeout(_)
+                        | PluginError::MemoryLimit { .. }
+                        | PluginError::OutputTooLarge { .. }
+                        | PluginError::Trap(_)
+                );
+                self.record_health(merchant_id, breach);
+                (Some(f.plugin), f.error.to_string())
+            }
             Err(join) => (None, format!("plugin host task failed: {join}")),
         };
+        self.stage_failed(merchant_id, batch_id, stage, events, plugin, reason)
+    }
+
+    /// The reason a merchant's plugins are not run right now, if they are quarantined.
+    fn quarantined(&self, merchant_id: &str) -> Option<String> {
+        let health = self.plugin_health.lock().unwrap_or_else(|p| p.into_inner());
+        let h = health.get(merchant_id)?;
+        let until = h.until?;
+        let left = until.checked_duration_since(std::time::Instant::now())?;
+        Some(format!(
+            "plugins quarantined at this edge for {} ms more after {} consecutive batches broke a sandbox limit",
+            left.as_millis(),
+            h.breaches
+        ))
+    }
+
+    /// Counts consecutive limit breaches; from the third on, the merchant's plugins are not
+    /// run for 1 s, doubling per further breach up to 60 s. Batches meanwhile fail by the
+    /// pipeline's policy (kept for re-processing), so a plugin burning its CPU or memory
+    /// budget on every batch cannot keep a core busy at other merchants' expense.
+    fn record_health(&self, merchant_id: &str, breach: bool) {
+        let mut health = self.plugin_health.lock().unwrap_or_else(|p| p.into_inner());
+        if !breach {
+            health.remove(merchant_id);
+            return;
+        }
+        if health.len() > 10_000 {
+            let now = std::time::Instant::now();
+            health.retain(|_, h| h.until.is_some_and(|u| u > now));
+        }
+        let h = health.entry(merchant_id.to_string()).or_default();
+        h.breaches += 1;
+        if h.breaches >= QUARANTINE_AFTER {
+            let secs = 1u64 << (h.breaches - QUARANTINE_AFTER).min(6);
+            h.until =
+                Some(std::time::Instant::now() + std::time::Duration::from_secs(secs.min(60)));
+            tracing::warn!(
+                merchant = merchant_id,
+                breaches = h.breaches,
+                secs,
+                "plugins quarantined"
+            );
+        }
+    }
+
+    fn stage_failed(
+        &self,
+        merchant_id: &str,
+        batch_id: &str,
+        stage: &Stage,
+        events: Vec<Event>,
+        plugin: Option<String>,
+        reason: String,
+    ) -> StageOutcome {
+        let version = stage.chain.pipeline().version;
         let held = stage.on_failure == OnFailure::Hold;
         tracing::warn!(merchant = merchant_id, batch_id, version, plugin = ?plugin, error = %reason, held, "plugin failed");
         let failures = events
