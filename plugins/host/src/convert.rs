@@ -1,33 +1,74 @@
-//! Conversions between the canonical event and the WIT record.
+//! Conversions between the canonical event and the WIT records: borrowed views to lower a
+//! batch into a plugin without copying it first, owned results lifted out of it.
+
+use std::collections::BTreeMap;
 
 use beacon_proto::Event;
 
-use crate::bindings::beacon::plugin::types::Event as GuestEvent;
+pub(crate) use crate::bindings::beacon::plugin::types::{EventParam, EventResult};
 
-pub(crate) fn to_guest(e: &Event) -> GuestEvent {
-    GuestEvent {
-        event_id: e.event_id.clone(),
-        merchant_id: e.merchant_id.clone(),
-        name: e.name.clone(),
+/// Property lists as borrowed pairs, one per event (the WIT record holds a slice of them).
+pub(crate) fn property_views<'a>(
+    props: impl Iterator<Item = &'a BTreeMap<String, String>>,
+) -> Vec<Vec<(&'a str, &'a str)>> {
+    props
+        .map(|p| p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
+        .collect()
+}
+
+pub(crate) fn param<'a>(e: &'a Event, props: &'a [(&'a str, &'a str)]) -> EventParam<'a> {
+    EventParam {
+        event_id: &e.event_id,
+        merchant_id: &e.merchant_id,
+        name: &e.name,
         ts: e.ts,
         received_at: e.received_at,
-        url: e.url.clone(),
-        referrer: e.referrer.clone(),
-        title: e.title.clone(),
-        visitor_id: e.visitor_id.clone(),
-        session_id: e.session_id.clone(),
-        user_id: e.user_id.clone(),
+        url: e.url.as_deref(),
+        referrer: e.referrer.as_deref(),
+        title: e.title.as_deref(),
+        visitor_id: e.visitor_id.as_deref(),
+        session_id: e.session_id.as_deref(),
+        user_id: e.user_id.as_deref(),
         revenue_micros: e.revenue_micros,
-        currency: e.currency.clone(),
-        properties: e
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        currency: e.currency.as_deref(),
+        properties: props,
     }
 }
 
-pub(crate) fn from_guest(e: GuestEvent) -> Event {
+/// Borrowed property pairs of a previous plugin's output.
+pub(crate) fn result_property_views(events: &[EventResult]) -> Vec<Vec<(&str, &str)>> {
+    events
+        .iter()
+        .map(|e| {
+            e.properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .collect()
+}
+
+/// A previous plugin's output as the next one's input, without copying its strings.
+pub(crate) fn reborrow<'a>(e: &'a EventResult, props: &'a [(&'a str, &'a str)]) -> EventParam<'a> {
+    EventParam {
+        event_id: &e.event_id,
+        merchant_id: &e.merchant_id,
+        name: &e.name,
+        ts: e.ts,
+        received_at: e.received_at,
+        url: e.url.as_deref(),
+        referrer: e.referrer.as_deref(),
+        title: e.title.as_deref(),
+        visitor_id: e.visitor_id.as_deref(),
+        session_id: e.session_id.as_deref(),
+        user_id: e.user_id.as_deref(),
+        revenue_micros: e.revenue_micros,
+        currency: e.currency.as_deref(),
+        properties: props,
+    }
+}
+
+pub(crate) fn from_guest(e: EventResult) -> Event {
     Event {
         event_id: e.event_id,
         merchant_id: e.merchant_id,
@@ -47,7 +88,7 @@ pub(crate) fn from_guest(e: GuestEvent) -> Event {
     }
 }
 
-pub(crate) fn approx_size(e: &GuestEvent) -> usize {
+pub(crate) fn approx_size(e: &EventResult) -> usize {
     let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     64 + e.event_id.len()
         + e.merchant_id.len()

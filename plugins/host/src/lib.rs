@@ -27,9 +27,11 @@ use wasmtime::Engine;
 pub use sandbox::{SandboxLimits, CONTRACT_MAJOR, CONTRACT_MINOR};
 
 mod bindings {
+    // Borrowing: the batch is lowered straight from the host's strings, not cloned first.
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "processor",
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -115,10 +117,40 @@ impl Plugin {
         events: &[Event],
         log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<Event>, PluginError> {
-        let input: Vec<bindings::beacon::plugin::types::Event> =
-            events.iter().map(convert::to_guest).collect();
+        let props = convert::property_views(events.iter().map(|e| &e.properties));
+        let input: Vec<convert::EventParam> = events
+            .iter()
+            .zip(&props)
+            .map(|(e, p)| convert::param(e, p))
+            .collect();
+        let out = self.call_logged(config, &input, log)?;
+        Ok(out.into_iter().map(convert::from_guest).collect())
+    }
+
+    /// One call with guest-typed events in and out: how a chain passes a batch from one
+    /// plugin to the next without converting it back to host events in between.
+    fn process_guest(
+        &self,
+        config: &str,
+        events: &[convert::EventResult],
+    ) -> Result<Vec<convert::EventResult>, PluginError> {
+        let props = convert::result_property_views(events);
+        let input: Vec<convert::EventParam> = events
+            .iter()
+            .zip(&props)
+            .map(|(e, p)| convert::reborrow(e, p))
+            .collect();
+        self.call_logged(config, &input, None)
+    }
+
+    fn call_logged(
+        &self,
+        config: &str,
+        input: &[convert::EventParam],
+        log: Option<&mut Vec<u8>>,
+    ) -> Result<Vec<convert::EventResult>, PluginError> {
         let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, log.is_some())?;
-        let result = self.call(&mut store, config, &input, events.len());
+        let result = self.call(&mut store, config, input, input.len());
         if let (Some(log), Some(pipes)) = (log, pipes) {
             log.extend_from_slice(&pipes.stdout.contents());
             log.extend_from_slice(&pipes.stderr.contents());
@@ -130,9 +162,9 @@ impl Plugin {
         &self,
         store: &mut wasmtime::Store<sandbox::HostState>,
         config: &str,
-        input: &[bindings::beacon::plugin::types::Event],
+        input: &[convert::EventParam],
         input_len: usize,
-    ) -> Result<Vec<Event>, PluginError> {
+    ) -> Result<Vec<convert::EventResult>, PluginError> {
         // The output's lift into host memory is capped by the store's hostcall fuel (see
         // `sandbox::new_store`), so a plugin returning 10,000 references to one 4 MB string
         // fails here instead of making the host allocate 40 GB.
@@ -161,7 +193,7 @@ impl Plugin {
                 max: self.limits.max_output_bytes,
             });
         }
-        Ok(output.into_iter().map(convert::from_guest).collect())
+        Ok(output)
     }
 }
 
@@ -315,15 +347,32 @@ impl Chain {
     /// Runs the batch through every plugin in order. The output keeps the merchant of the
     /// input: a plugin cannot move events into another merchant's data.
     pub fn run(&self, events: Vec<Event>) -> Result<Vec<Event>, ChainFailure> {
-        let mut batch = events;
-        for (r, plugin) in &self.plugins {
-            batch = plugin
-                .process(&r.config, &batch)
-                .map_err(|error| ChainFailure {
-                    plugin: format!("{}@{}", r.name, &r.sha256[..r.sha256.len().min(12)]),
-                    error,
-                })?;
-        }
+        let failure = |r: &PluginRef, error| ChainFailure {
+            plugin: format!("{}@{}", r.name, &r.sha256[..r.sha256.len().min(12)]),
+            error,
+        };
+        let mut steps = self.plugins.iter();
+        let mut batch = match steps.next() {
+            None => events,
+            Some((r, first)) => {
+                let props = convert::property_views(events.iter().map(|e| &e.properties));
+                let input: Vec<convert::EventParam> = events
+                    .iter()
+                    .zip(&props)
+                    .map(|(e, p)| convert::param(e, p))
+                    .collect();
+                let mut guest = first
+                    .call_logged(&r.config, &input, None)
+                    .map_err(|e| failure(r, e))?;
+                // Between plugins the batch stays in the WIT types: converted once at the end.
+                for (r, plugin) in steps {
+                    guest = plugin
+                        .process_guest(&r.config, &guest)
+                        .map_err(|e| failure(r, e))?;
+                }
+                guest.into_iter().map(convert::from_guest).collect()
+            }
+        };
         let merchant = &self.pipeline.merchant_id;
         for e in &mut batch {
             if &e.merchant_id != merchant {
