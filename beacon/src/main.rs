@@ -129,6 +129,9 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         admin: AdminArgs,
+        /// Uploads and activations are checked with these (use the edges' settings).
+        #[command(flatten)]
+        sandbox: SandboxArgs,
     },
     /// Send realistic demo traffic through the SDK to a running edge (also a load generator).
     Demo {
@@ -210,6 +213,7 @@ async fn start_admin(
     data_dir: &Path,
     listen: SocketAddr,
     admin: &AdminArgs,
+    limits: beacon_plugins::SandboxLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let tokens = admin.tokens(data_dir)?;
@@ -217,7 +221,7 @@ async fn start_admin(
         nats_url: Some(nats_url.to_string()),
         data_dir: data_dir.to_path_buf(),
     };
-    let control = plugin_cmd::control(&target).await?;
+    let control = plugin_cmd::control_with(&target, limits).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("admin API: cannot listen on {listen}"))?;
@@ -468,10 +472,18 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             listen,
             admin,
+            sandbox,
         } => {
             std::fs::create_dir_all(&data_dir)?;
-            let (addr, task) =
-                start_admin(&nats_url, &data_dir, listen, &admin, shutdown_signal()).await?;
+            let (addr, task) = start_admin(
+                &nats_url,
+                &data_dir,
+                listen,
+                &admin,
+                sandbox.limits(),
+                shutdown_signal(),
+            )
+            .await?;
             eprintln!("admin API: http://{addr}");
             task.await??;
             Ok(())
@@ -566,9 +578,16 @@ async fn up(
 
     let (admin_addr, admin_task) = {
         let mut stop = stop_rx_admin;
-        start_admin(&nats_url, &data_dir, admin_listen, &admin, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        start_admin(
+            &nats_url,
+            &data_dir,
+            admin_listen,
+            &admin,
+            sandbox.limits(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
         .await?
     };
 

@@ -157,6 +157,14 @@ pub async fn control(target: &NatsTarget) -> Result<Control> {
     let limits = <FromEnv as clap::Parser>::try_parse_from(["beacon"])?
         .sandbox
         .limits();
+    control_with(target, limits).await
+}
+
+/// A control plane validating with `limits`.
+pub async fn control_with(
+    target: &NatsTarget,
+    limits: beacon_plugins::SandboxLimits,
+) -> Result<Control> {
     let js = target.jetstream().await?;
     let cache = target.data_dir.join("plugin-cache");
     let runtime = Arc::new(beacon_plugins::Runtime::new(
