@@ -12,6 +12,7 @@
 //! - **Cached**: compiled code is kept on disk by content hash, so restarts do not recompile.
 
 mod convert;
+mod log;
 mod sandbox;
 
 use std::collections::HashMap;
@@ -149,13 +150,24 @@ impl Plugin {
         input: &[convert::EventParam],
         log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<convert::EventResult>, PluginError> {
-        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, log.is_some())?;
+        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits)?;
         let result = self.call(&mut store, config, input, input.len());
-        if let (Some(log), Some(pipes)) = (log, pipes) {
+        if let Some(log) = log {
             log.extend_from_slice(&pipes.stdout.contents());
             log.extend_from_slice(&pipes.stderr.contents());
         }
-        result
+        match result {
+            // A Rust plugin's panic message is on stderr: it says far more than "unreachable".
+            Err(PluginError::Trap(msg)) => {
+                let said = pipes.stderr.tail(512);
+                Err(PluginError::Trap(if said.is_empty() {
+                    msg
+                } else {
+                    format!("{msg}; plugin stderr: {said}")
+                }))
+            }
+            other => other,
+        }
     }
 
     fn call(

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::log::BoundedLog;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::PluginError;
@@ -25,7 +25,8 @@ pub struct SandboxLimits {
     pub output_events_factor: usize,
     pub output_events_slack: usize,
     pub max_output_bytes: usize,
-    /// Captured stdout/stderr per call in `beacon plugin test` (the edge discards them).
+    /// Captured stdout/stderr per call, each (the rest is dropped): shown by `beacon plugin
+    /// test`, and the end of stderr (a panic message) goes into a trap's failure reason.
     pub max_log_bytes: usize,
 }
 
@@ -39,7 +40,7 @@ impl Default for SandboxLimits {
             output_events_factor: 4,
             output_events_slack: 100,
             max_output_bytes: 32 << 20,
-            max_log_bytes: 1 << 20,
+            max_log_bytes: 64 << 10,
         }
     }
 }
@@ -230,34 +231,23 @@ pub(crate) fn check_imports(engine: &Engine, component: &Component) -> Result<St
 }
 
 /// The plugin's captured stdout and stderr (bounded).
+/// A call's stdout and stderr, each kept up to `max_log_bytes` (the rest dropped).
 pub(crate) struct Pipes {
-    pub stdout: MemoryOutputPipe,
-    pub stderr: MemoryOutputPipe,
+    pub stdout: BoundedLog,
+    pub stderr: BoundedLog,
 }
 
-/// A store for one call. Without `capture` (the edge), plugin stdout/stderr go nowhere: no
-/// one reads them there, and a full capture buffer would fail the guest's writes. With it
-/// (`beacon plugin test`), they are kept up to `max_log_bytes` each; a plugin writing more
-/// fails its batch with a closed stream.
 pub(crate) fn new_store(
     engine: &Engine,
     limits: &SandboxLimits,
-    capture: bool,
-) -> Result<(Store<HostState>, Option<Pipes>), PluginError> {
-    let mut builder = WasiCtxBuilder::new();
-    let pipes = capture.then(|| Pipes {
-        stdout: MemoryOutputPipe::new(limits.max_log_bytes),
-        stderr: MemoryOutputPipe::new(limits.max_log_bytes),
-    });
-    match &pipes {
-        Some(p) => {
-            builder.stdout(p.stdout.clone()).stderr(p.stderr.clone());
-        }
-        None => {
-            builder.stdout(SinkOutputStream).stderr(SinkOutputStream);
-        }
-    }
-    let wasi = builder
+) -> Result<(Store<HostState>, Pipes), PluginError> {
+    let pipes = Pipes {
+        stdout: BoundedLog::new(limits.max_log_bytes),
+        stderr: BoundedLog::new(limits.max_log_bytes),
+    };
+    let wasi = WasiCtxBuilder::new()
+        .stdout(pipes.stdout.clone())
+        .stderr(pipes.stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
