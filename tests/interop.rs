@@ -1,5 +1,6 @@
-//! Third-party clients against a real edge: rsocket-py's QUIC client (PyPI `rsocket` +
-//! `aioquic`, installed by scripts/setup.sh into the project venv).
+//! Third-party clients against real parts: rsocket-py's QUIC client (PyPI `rsocket` +
+//! `aioquic`) against an edge, and PyIceberg reading the warehouse's tables (all installed
+//! by scripts/setup.sh into the project venv).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -94,5 +95,92 @@ async fn rsocket_py_quic_client_sends_request_response_and_fire_and_forget() {
     assert_eq!(
         c.count(&format!("SELECT count(*) FROM raw_events WHERE merchant_id = '{merchant}' AND event_id LIKE 'py-run1-fnf-%'")),
         5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyiceberg_reads_the_same_counts_and_sums_as_beacon_sql() {
+    let cluster = Cluster::start(false);
+    let mut merchants = Vec::new();
+    for (i, name) in ["py-a", "py-b", "py-c"].iter().enumerate() {
+        let (id, key) = cluster.merchant(name);
+        let client = cluster.client(&key).await.expect("client");
+        let now = beacon_edge::now_ms();
+        let mut events = beacon::demo::generate(
+            40 + i as u64,
+            "pyi.example",
+            1_500 * (i + 1),
+            now - 3_600_000,
+            3_600_000,
+            300,
+        );
+        // One invalid event per merchant, so `failed_events` has rows too.
+        events[0].event_id.clear();
+        for batch in events.chunks(500) {
+            client.send(batch).await.expect("sent");
+        }
+        merchants.push((id, events.len() - 1));
+    }
+    let total: usize = merchants.iter().map(|m| m.1).sum();
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "all events in Iceberg", || {
+        (c.count("SELECT count(*) FROM events") == total as i64
+            && c.count("SELECT count(*) FROM failed_events") == 3)
+            .then_some(())
+    });
+
+    let endpoints = &cluster.endpoints;
+    let data_dir = cluster.data_dir();
+    let layout = beacon_warehouse::Layout::new(data_dir);
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/pyiceberg_read.py");
+    let child = Command::new(venv_python())
+        .arg(&script)
+        .arg(&layout.catalog_db)
+        .arg(layout.warehouse_uri())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let out = wait_with_deadline(child, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "pyiceberg failed ({}): {}",
+        endpoints.nats_url,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("json");
+    let sql = |q: &str| c.count(q);
+    for table in ["raw_events", "events"] {
+        assert_eq!(
+            v[table]["rows"],
+            sql(&format!("SELECT count(*) FROM {table}")),
+            "{table}: {v}"
+        );
+        assert_eq!(
+            v[table]["distinct_event_ids"],
+            sql(&format!("SELECT count(DISTINCT event_id) FROM {table}")),
+            "{table}"
+        );
+        assert_eq!(
+            v[table]["revenue_micros"],
+            sql(&format!(
+                "SELECT CAST(sum(revenue_micros) AS BIGINT) FROM {table}"
+            )),
+            "{table}"
+        );
+    }
+    assert_eq!(v["events"]["rows"], total);
+    assert_eq!(v["failed_events"]["rows"], 3);
+    for (id, n) in &merchants {
+        assert_eq!(v["events"]["by_merchant"][id], *n, "{id}");
+    }
+    let one = v["events"]["filtered_merchant"].as_str().expect("merchant");
+    assert_eq!(
+        v["events"]["filtered_rows"],
+        sql(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{one}'"
+        ))
     );
 }
