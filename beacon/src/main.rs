@@ -185,6 +185,12 @@ impl AdminArgs {
             return Ok(AdminTokens::parse(spec)?);
         }
         let path = data_dir.join("admin-token");
+        // Whatever its history, the token file is readable by this user only.
+        if path.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", path.display()))?;
+        }
         let secret = match std::fs::read_to_string(&path) {
             Ok(s) if s.trim().len() >= 16 => s.trim().to_string(),
             _ => {
@@ -266,13 +272,16 @@ pub struct SandboxArgs {
 }
 
 impl SandboxArgs {
+    /// The limits, with out-of-range settings clamped: zero would fail every batch, and a
+    /// shift past `usize` would wrap.
     pub fn limits(self) -> beacon_plugins::SandboxLimits {
+        let mb = |v: usize| v.clamp(1, 1 << 20) << 20;
         beacon_plugins::SandboxLimits {
-            fuel: self.plugin_fuel,
-            timeout: Duration::from_millis(self.plugin_timeout_ms),
-            memory_bytes: self.plugin_memory_mb << 20,
-            max_component_bytes: self.plugin_max_component_kb << 10,
-            max_output_bytes: self.plugin_max_output_mb << 20,
+            fuel: self.plugin_fuel.max(1_000_000),
+            timeout: Duration::from_millis(self.plugin_timeout_ms.max(10)),
+            memory_bytes: mb(self.plugin_memory_mb),
+            max_component_bytes: self.plugin_max_component_kb.clamp(1, 1 << 30) << 10,
+            max_output_bytes: mb(self.plugin_max_output_mb),
             ..Default::default()
         }
     }

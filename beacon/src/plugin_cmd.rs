@@ -240,7 +240,7 @@ pub async fn run(command: PluginCommand) -> Result<()> {
                         println!(
                             "{:<20} {:<16} {:>9} {:<8} {} at {}",
                             p.name,
-                            &p.sha256[..16],
+                            p.sha256.get(..16).unwrap_or(&p.sha256),
                             p.size,
                             p.contract,
                             p.uploaded_by,
@@ -357,7 +357,7 @@ pub fn describe(p: &Pipeline) -> String {
         let plugins: Vec<String> = d
             .plugins
             .iter()
-            .map(|p| format!("{}@{}", p.name, &p.sha256[..12]))
+            .map(|p| format!("{}@{}", p.name, beacon_control::short_sha(&p.sha256)))
             .collect();
         format!("v{} [{}]", d.version, plugins.join(", "))
     };

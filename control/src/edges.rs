@@ -12,8 +12,11 @@ use crate::{nats, ControlError};
 pub async fn live_edges(
     js: &async_nats::jetstream::Context,
 ) -> Result<Vec<EdgeStatus>, ControlError> {
-    let Ok(store) = js.get_key_value(bus::EDGES_BUCKET).await else {
-        return Ok(Vec::new());
+    let store = match js.get_key_value(bus::EDGES_BUCKET).await {
+        Ok(s) => s,
+        // No edge ever started: no live edges. Anything else is an error, not "none".
+        Err(e) if e.to_string().to_lowercase().contains("not found") => return Ok(Vec::new()),
+        Err(e) => return Err(nats(e)),
     };
     let mut keys = match store.keys().await {
         Ok(k) => k,
@@ -23,8 +26,15 @@ pub async fn live_edges(
     while let Some(key) = keys.next().await {
         let key = key.map_err(nats)?;
         if let Some(v) = store.get(&key).await.map_err(nats)? {
-            if let Ok(s) = serde_json::from_slice::<EdgeStatus>(&v) {
-                out.push(s);
+            match serde_json::from_slice::<EdgeStatus>(&v) {
+                Ok(s) => out.push(s),
+                // An edge whose status we cannot read counts as live and behind on everything.
+                Err(_) => out.push(EdgeStatus {
+                    edge_id: key.clone(),
+                    addr: String::new(),
+                    pipelines: Default::default(),
+                    updated_at: 0,
+                }),
             }
         }
     }

@@ -44,6 +44,11 @@ pub(crate) fn nats<E: std::fmt::Display>(e: E) -> ControlError {
     ControlError::Nats(e.to_string())
 }
 
+/// The first 12 characters of a sha256 (or all of a shorter string), for messages.
+pub fn short_sha(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

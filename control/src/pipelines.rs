@@ -73,7 +73,7 @@ pub struct HistoryEntry {
 }
 
 fn parse(entry_key: &str, value: &[u8]) -> Result<Pipeline, ControlError> {
-    serde_json::from_slice(value)
+    Pipeline::from_json(value)
         .map_err(|e| ControlError::Invalid(format!("pipeline entry {entry_key}: {e}")))
 }
 
@@ -149,9 +149,21 @@ impl Control {
         let current = self.pipelines.entry(merchant_id).await.map_err(nats)?;
         let revision = current.as_ref().map_or(0, |e| e.revision);
         let current = match current {
-            Some(e) if e.operation == kv::Operation::Put => Some(parse(&e.key, &e.value)?),
+            // An entry nobody can read is replaced (the CAS still guards it); history keeps it.
+            Some(e) if e.operation == kv::Operation::Put => match parse(&e.key, &e.value) {
+                Ok(p) => Some(p),
+                Err(err) => {
+                    tracing::warn!(merchant = merchant_id, error = %err, "replacing an unreadable pipeline entry");
+                    None
+                }
+            },
             _ => None,
         };
+        if activation.canary_percent.is_some() && current.is_none() {
+            return Err(ControlError::Invalid(format!(
+                "{merchant_id} has no active pipeline to run a canary beside; activate one first"
+            )));
+        }
         let latest = match &current {
             Some(p) => p.latest_version,
             // Removed or never set: continue after the highest version ever stored.
@@ -259,6 +271,21 @@ impl Control {
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("pipeline of {merchant_id}")))?;
         let active = cur.pipeline.active.version;
+        if to.is_none() {
+            if let Some(c) = &cur.pipeline.canary {
+                // Rolling back during a canary means "stop the canary", not "also replace the
+                // version everyone else runs".
+                let version = c.def.version;
+                let pipeline = Pipeline {
+                    canary: None,
+                    changed_by: changed_by.to_string(),
+                    reason: reason_or(reason, || format!("roll back canary v{version}")),
+                    changed_at: now_ms(),
+                    ..cur.pipeline
+                };
+                return self.write(merchant_id, pipeline, cur.revision).await;
+            }
+        }
         let to = match to {
             Some(v) => v,
             None => self
@@ -304,7 +331,8 @@ impl Control {
         while let Some(entry) = entries.next().await {
             let entry = entry.map_err(nats)?;
             let pipeline = match entry.operation {
-                kv::Operation::Put => Some(parse(&entry.key, &entry.value)?),
+                // An unreadable entry shows as a gap rather than hiding the whole history.
+                kv::Operation::Put => parse(&entry.key, &entry.value).ok(),
                 _ => None,
             };
             out.push(HistoryEntry {
@@ -365,22 +393,28 @@ impl Control {
     ) -> Result<Change, ControlError> {
         let json =
             serde_json::to_vec(&pipeline).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let result = if revision == 0 {
+        let conflict = |e: &dyn std::fmt::Display| {
+            ControlError::Conflict(format!(
+                "the pipeline of {merchant_id} changed while this change was prepared ({e}); re-read and retry"
+            ))
+        };
+        let revision = if revision == 0 {
             self.pipelines
                 .create(merchant_id, json.into())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => conflict(&e),
+                    _ => nats(e),
+                })?
         } else {
             self.pipelines
                 .update(merchant_id, json.into(), revision)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => conflict(&e),
+                    _ => nats(e),
+                })?
         };
-        let revision = result.map_err(|e| {
-            ControlError::Conflict(format!(
-                "the pipeline of {merchant_id} changed while this change was prepared ({e}); re-read and retry"
-            ))
-        })?;
         tracing::info!(
             merchant = merchant_id,
             active = pipeline.active.version,
@@ -431,7 +465,7 @@ impl Control {
                     ControlError::Invalid(format!(
                         "plugin {}@{} with this config fails on sample events: {e}",
                         r.name,
-                        &r.sha256[..12]
+                        crate::short_sha(&r.sha256)
                     ))
                 };
                 batch = plugin

@@ -110,7 +110,31 @@ pub fn failures_batch(schema: &SchemaRef, items: &[&Received]) -> Result<RecordB
     let mut version = Int64Builder::with_capacity(n);
     let mut received = TimestampMicrosecondBuilder::with_capacity(n);
     let mut seq = Int64Builder::with_capacity(n);
+    // Plugin failures carry no payload of their own (the edge keeps envelopes small): the
+    // failed event is the raw one with the same id in the same envelope.
+    let mut raw_by_id: Option<(u64, std::collections::HashMap<&str, &Event>)> = None;
     for (r, f) in &rows {
+        let filled;
+        let payload = if f.payload.is_empty() && !f.event_id.is_empty() {
+            if raw_by_id.as_ref().is_none_or(|(seq, _)| *seq != r.seq) {
+                let map = r
+                    .envelope
+                    .raw
+                    .iter()
+                    .rev() // the first event with an id wins
+                    .map(|e| (e.event_id.as_str(), e))
+                    .collect();
+                raw_by_id = Some((r.seq, map));
+            }
+            filled = raw_by_id
+                .as_ref()
+                .and_then(|(_, m)| m.get(f.event_id.as_str()))
+                .map(|e| serde_json::to_string(e).unwrap_or_default())
+                .unwrap_or_default();
+            filled.as_str()
+        } else {
+            f.payload.as_str()
+        };
         cols[0].append_value(&r.envelope.merchant_id);
         cols[1].append_value(&r.envelope.batch_id);
         cols[2].append_value(&f.event_id);
@@ -118,7 +142,7 @@ pub fn failures_batch(schema: &SchemaRef, items: &[&Received]) -> Result<RecordB
         cols[4].append_option(f.plugin.as_deref());
         version.append_option(f.pipeline_version.map(|v| v as i64));
         cols[5].append_value(&f.reason);
-        cols[6].append_value(&f.payload);
+        cols[6].append_value(payload);
         received.append_value(r.envelope.received_at.saturating_mul(1000));
         cols[7].append_value(&r.envelope.edge_id);
         seq.append_value(r.seq as i64);

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
-use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::{bus, Envelope};
 use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
 use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
@@ -245,7 +244,7 @@ pub async fn run(
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.
 fn decode(seq: u64, payload: &[u8]) -> Received {
     let envelope = match Envelope::from_json(payload) {
-        Ok(env) if env.v == ENVELOPE_VERSION => env,
+        Ok(env) if beacon_proto::envelope::is_supported(env.v) => env,
         Ok(env) => unreadable(
             payload,
             format!("unsupported envelope version {}", env.v),

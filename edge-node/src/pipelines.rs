@@ -68,9 +68,11 @@ pub enum Runnable {
 impl Active {
     /// Whether an event of `visitor` (or `event_id` when anonymous) goes to the canary.
     pub fn is_canary(&self, visitor: Option<&str>, event_id: &str) -> bool {
-        self.canary
-            .as_ref()
-            .is_some_and(|(_, pct)| bus::canary_bucket(visitor.unwrap_or(event_id)) < *pct)
+        self.canary.as_ref().is_some_and(|(stage, pct)| {
+            let p = stage.chain.pipeline();
+            let key = bus::canary_key(&p.merchant_id, p.version, visitor.unwrap_or(event_id));
+            bus::canary_bucket(&key) < *pct
+        })
     }
 }
 
@@ -109,13 +111,14 @@ impl Pipelines {
         let (kv, objects) = open_stores(js).await?;
         let this = Self::default();
         let mut watch = kv.watch_with_history(">").await.map_err(nats)?;
-        // Apply the existing pipelines before accepting traffic. The watch delivers the
-        // latest entry per merchant first; `delta` counts what is still pending of that
-        // snapshot, so 0 means caught up. (The bucket's message count includes history and
-        // is not the number of entries the watch delivers.)
+        // Apply the existing pipelines before accepting traffic: serving a merchant whose
+        // pipeline is not applied yet would store its events unprocessed (a PII scrubber
+        // skipped). The watch delivers the latest entry per merchant first; `delta` counts
+        // what is still pending of that snapshot, so 0 means caught up. (The bucket's
+        // message count includes history, not the number of entries the watch delivers.)
         if kv.status().await.map_err(nats)?.values() > 0 {
             loop {
-                let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next());
+                let next = tokio::time::timeout(STARTUP_TIMEOUT, watch.next());
                 match next.await {
                     Ok(Some(Ok(entry))) => {
                         let caught_up = entry.delta == 0;
@@ -125,19 +128,31 @@ impl Pipelines {
                         }
                     }
                     Ok(Some(Err(e))) => return Err(nats(e)),
-                    Ok(None) => break,
+                    Ok(None) => return Err(nats("the pipelines watch ended during start-up")),
                     Err(_) => {
-                        tracing::warn!("pipeline history not fully read within 10 s; continuing");
-                        break;
+                        return Err(nats(format!(
+                            "pipelines not all read within {STARTUP_TIMEOUT:?}; not serving with some missing"
+                        )))
                     }
                 }
             }
         }
         let me = this.clone();
         tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                if let Ok(entry) = entry {
-                    me.apply(&objects, &runtime, entry).await;
+            loop {
+                while let Some(entry) = watch.next().await {
+                    match entry {
+                        Ok(entry) => me.apply(&objects, &runtime, entry).await,
+                        Err(e) => tracing::error!(error = %e, "pipelines watch"),
+                    }
+                }
+                // The watch ended (NATS reconnect, stream change): follow again from the
+                // latest entries; applying an entry twice is harmless.
+                tracing::error!("pipelines watch ended; re-subscribing");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                match kv.watch_with_history(">").await {
+                    Ok(w) => watch = w,
+                    Err(e) => tracing::error!(error = %e, "pipelines watch: re-subscribe failed"),
                 }
             }
         });
@@ -159,6 +174,8 @@ impl Pipelines {
                 tracing::info!(%merchant, "pipeline removed");
             }
             kv::Operation::Put => match load_active(objects, runtime, &entry).await {
+                // A retry of an older revision finishing late must not undo a newer one.
+                Ok(active) if self.newer_applied(&merchant, active.revision) => {}
                 Ok(active) => {
                     tracing::info!(
                         %merchant,
@@ -182,9 +199,9 @@ impl Pipelines {
                         c.get(&merchant).map(|r| r.as_ref()),
                         Some(Runnable::Ready(_))
                     ) {
-                        let parsed = serde_json::from_slice::<Pipeline>(&entry.value).ok();
+                        let parsed = Pipeline::from_json(&entry.value).ok();
                         c.insert(
-                            merchant,
+                            merchant.clone(),
                             Arc::new(Runnable::Unavailable(Unavailable {
                                 version: parsed.as_ref().map_or(0, |p| p.active.version),
                                 on_failure: parsed.map_or(OnFailure::Hold, |p| p.active.on_failure),
@@ -192,9 +209,42 @@ impl Pipelines {
                             })),
                         );
                     }
+                    drop(c);
+                    // A component fetch or NATS hiccup must not leave this edge behind until
+                    // the next change: retry with backoff while this revision is the latest.
+                    let (me, objects, runtime) = (self.clone(), objects.clone(), runtime.clone());
+                    tokio::spawn(async move {
+                        let mut wait = std::time::Duration::from_secs(1);
+                        for _ in 0..10 {
+                            tokio::time::sleep(wait).await;
+                            if me.newer_applied(&merchant, entry.revision) {
+                                return;
+                            }
+                            if let Ok(active) = load_active(&objects, &runtime, &entry).await {
+                                tracing::info!(%merchant, revision = entry.revision, "pipeline applied on retry");
+                                if let Ok(mut c) = me.active.write() {
+                                    c.insert(merchant, Arc::new(Runnable::Ready(active)));
+                                }
+                                return;
+                            }
+                            wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                        }
+                    });
                 }
             },
         }
+    }
+}
+
+/// How long an edge waits at start for every merchant's pipeline before refusing to start.
+const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Pipelines {
+    /// Whether a revision newer than `revision` already runs for the merchant.
+    fn newer_applied(&self, merchant: &str, revision: u64) -> bool {
+        self.active.read().is_ok_and(|c| {
+            matches!(c.get(merchant).map(|r| r.as_ref()), Some(Runnable::Ready(a)) if a.revision > revision)
+        })
     }
 }
 
@@ -226,14 +276,20 @@ async fn load_active(
     runtime: &Arc<Runtime>,
     entry: &kv::Entry,
 ) -> Result<Active, PipelineError> {
-    let pipeline: Pipeline =
-        serde_json::from_slice(&entry.value).map_err(|source| PipelineError::Json {
-            key: entry.key.clone(),
-            source,
-        })?;
+    let pipeline = Pipeline::from_json(&entry.value).map_err(|source| PipelineError::Json {
+        key: entry.key.clone(),
+        source,
+    })?;
     let stable = load_stage(objects, runtime, &pipeline.active).await?;
+    // A canary that cannot load must not take the stable version down with it.
     let canary = match &pipeline.canary {
-        Some(c) => Some((load_stage(objects, runtime, &c.def).await?, c.percent)),
+        Some(c) => match load_stage(objects, runtime, &c.def).await {
+            Ok(stage) => Some((stage, c.percent)),
+            Err(e) => {
+                tracing::error!(merchant = %pipeline.merchant_id, version = c.def.version, error = %e, "canary not loaded; the active version takes all traffic");
+                None
+            }
+        },
         None => None,
     };
     Ok(Active {

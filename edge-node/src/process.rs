@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use beacon_proto::bus::OnFailure;
-use beacon_proto::envelope::ENVELOPE_VERSION;
+use beacon_proto::envelope::{ENVELOPE_VERSION, ENVELOPE_VERSION_CANARY};
 use beacon_proto::event::RejectedEvent;
 use beacon_proto::{
     BatchRequest, BatchResponse, CanaryPart, Envelope, Event, Failure, FailureStage, Limits,
@@ -30,6 +30,9 @@ pub enum ProcessError {
     /// The pipeline cannot take it now; the client should retry the same batch.
     #[error("not stored, retry: {0}")]
     NotDurable(#[from] PublishError),
+    /// This merchant's plugins are all busy; the client should retry the same batch.
+    #[error("not stored, retry: this merchant's plugins are busy at this edge")]
+    Busy,
 }
 
 pub struct Processor {
@@ -48,8 +51,10 @@ pub struct Processor {
     active: AtomicUsize,
 }
 
-/// Consecutive sandbox-limit breaches after which a merchant's plugins are quarantined.
+/// Consecutive sandbox-limit breaches after which a pipeline version is quarantined.
 const QUARANTINE_AFTER: u32 = 3;
+/// Longest a batch waits for one of its merchant's plugin slots before "busy, retry".
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Default)]
 struct Health {
@@ -183,7 +188,10 @@ impl Processor {
         let runnable = self.pipelines.get(merchant_id);
         if let Some(Runnable::Unavailable(u)) = runnable.as_deref() {
             tracing::warn!(merchant = merchant_id, batch_id, version = u.version, error = %u.reason, "pipeline unavailable");
-            plugin_error = Some(u.reason.clone());
+            plugin_error = Some(format!(
+                "pipeline v{} is not available at this edge; the batch is kept in failed_events",
+                u.version
+            ));
             for e in &raw {
                 failures.push(Failure {
                     stage: FailureStage::Plugin,
@@ -191,7 +199,8 @@ impl Processor {
                     plugin: None,
                     pipeline_version: Some(u.version),
                     reason: u.reason.clone(),
-                    payload: serde_json::to_string(e).unwrap_or_default(),
+                    // The raw event is in `raw`; ingest fills the payload in from there.
+                    payload: String::new(),
                 });
             }
             if u.on_failure == OnFailure::Hold {
@@ -209,8 +218,13 @@ impl Processor {
             };
             // A merchant's plugins run on at most `plugin_slots` blocking threads at once, so
             // one merchant's expensive (or hostile) plugin cannot take every core.
+            // The wait is bounded: a merchant whose slow plugins back up must get "retry
+            // later", not hold request bytes that other merchants' reads need.
             let slots = self.plugin_slots(merchant_id);
-            let _slot = slots.acquire_owned().await.ok();
+            let _slot = match tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()).await {
+                Ok(permit) => permit.ok(),
+                Err(_) => return Err(ProcessError::Busy),
+            };
             let stable = self
                 .run_stage(merchant_id, &batch_id, &active.stable, to_stable, now)
                 .await;
@@ -241,7 +255,11 @@ impl Processor {
 
         let accepted = raw.len();
         let envelope = Envelope {
-            v: ENVELOPE_VERSION,
+            v: if canary.is_some() {
+                ENVELOPE_VERSION_CANARY
+            } else {
+                ENVELOPE_VERSION
+            },
             batch_id: batch_id.clone(),
             merchant_id: merchant_id.to_string(),
             edge_id: self.edge_id.clone(),
@@ -303,7 +321,8 @@ impl Processor {
                 error: None,
             };
         }
-        if let Some(reason) = self.quarantined(merchant_id) {
+        let health_key = format!("{merchant_id}:v{}", stage.chain.pipeline().version);
+        if let Some(reason) = self.quarantined(&health_key) {
             return self.stage_failed(merchant_id, batch_id, stage, events, None, reason);
         }
         let runner = stage.chain.clone();
@@ -329,7 +348,7 @@ impl Processor {
         .await;
         let (plugin, reason) = match result {
             Ok(Ok(out)) => {
-                self.record_health(merchant_id, false);
+                self.record_health(&health_key, false);
                 return StageOutcome {
                     pipeline: Some(stage.chain.pipeline().clone()),
                     events: out,
@@ -338,17 +357,18 @@ impl Processor {
                 };
             }
             Ok(Err(f)) => {
-                // Running out of CPU, time or memory, or trapping, is what an abusive (or
-                // badly broken) plugin does; its own error returns are cheap and not counted.
+                // Only exhausting a resource budget counts: that is what costs other
+                // merchants. Traps and the plugin's own errors are cheap, and since client
+                // input can trigger them, counting them would let anyone with the (public)
+                // write key switch a merchant's plugins off.
                 let breach = matches!(
                     f.error,
                     PluginError::OutOfFuel { .. }
                         | PluginError::Timeout(_)
                         | PluginError::MemoryLimit { .. }
                         | PluginError::OutputTooLarge { .. }
-                        | PluginError::Trap(_)
                 );
-                self.record_health(merchant_id, breach);
+                self.record_health(&health_key, breach);
                 (Some(f.plugin), f.error.to_string())
             }
             Err(join) => (None, format!("plugin host task failed: {join}")),
@@ -356,10 +376,12 @@ impl Processor {
         self.stage_failed(merchant_id, batch_id, stage, events, plugin, reason)
     }
 
-    /// The reason a merchant's plugins are not run right now, if they are quarantined.
-    fn quarantined(&self, merchant_id: &str) -> Option<String> {
+    /// Why a pipeline version's plugins are not run right now, if they are quarantined.
+    /// Health is kept per merchant and pipeline version (`m:vN`): a canary's breaches do not
+    /// stop the stable version, and activating a fixed version starts clean.
+    fn quarantined(&self, key: &str) -> Option<String> {
         let health = self.plugin_health.lock().unwrap_or_else(|p| p.into_inner());
-        let h = health.get(merchant_id)?;
+        let h = health.get(key)?;
         let until = h.until?;
         let left = until.checked_duration_since(std::time::Instant::now())?;
         Some(format!(
@@ -373,24 +395,24 @@ impl Processor {
     /// run for 1 s, doubling per further breach up to 60 s. Batches meanwhile fail by the
     /// pipeline's policy (kept for re-processing), so a plugin burning its CPU or memory
     /// budget on every batch cannot keep a core busy at other merchants' expense.
-    fn record_health(&self, merchant_id: &str, breach: bool) {
+    fn record_health(&self, key: &str, breach: bool) {
         let mut health = self.plugin_health.lock().unwrap_or_else(|p| p.into_inner());
         if !breach {
-            health.remove(merchant_id);
+            health.remove(key);
             return;
         }
         if health.len() > 10_000 {
             let now = std::time::Instant::now();
             health.retain(|_, h| h.until.is_some_and(|u| u > now));
         }
-        let h = health.entry(merchant_id.to_string()).or_default();
+        let h = health.entry(key.to_string()).or_default();
         h.breaches += 1;
         if h.breaches >= QUARANTINE_AFTER {
             let secs = 1u64 << (h.breaches - QUARANTINE_AFTER).min(6);
             h.until =
                 Some(std::time::Instant::now() + std::time::Duration::from_secs(secs.min(60)));
             tracing::warn!(
-                merchant = merchant_id,
+                pipeline = key,
                 breaches = h.breaches,
                 secs,
                 "plugins quarantined"
@@ -418,12 +440,19 @@ impl Processor {
                 plugin: plugin.clone(),
                 pipeline_version: Some(version),
                 reason: reason.clone(),
-                payload: serde_json::to_string(e).unwrap_or_default(),
+                // The raw event is in the envelope's `raw`; ingest fills the payload in from
+                // there, so a failing plugin does not double the envelope past max_payload.
+                payload: String::new(),
             })
             .collect();
+        // The client gets what failed, not the plugin's stderr (which may echo its config or
+        // other events): that stays in failed_events and the edge log.
+        let public = reason
+            .split_once("; plugin stderr:")
+            .map_or(reason.as_str(), |(head, _)| head);
         let error = Some(match &plugin {
-            Some(p) => format!("{p}: {reason}"),
-            None => reason,
+            Some(p) => format!("{p}: {public}"),
+            None => public.to_string(),
         });
         if held {
             StageOutcome {

@@ -320,7 +320,7 @@ fn error_code(e: &ProcessError) -> u32 {
         | ProcessError::TooManyEvents { .. }
         | ProcessError::TooLarge(_) => wire::ERR_INVALID,
         // REJECTED: not processed, safe to retry.
-        ProcessError::NotDurable(_) => wire::ERR_REJECTED,
+        ProcessError::NotDurable(_) | ProcessError::Busy => wire::ERR_REJECTED,
     }
 }
 

@@ -76,6 +76,12 @@ impl std::str::FromStr for OnFailure {
     }
 }
 
+/// The canary hash key of an event: salted with the merchant and the canary version, so each
+/// canary tests a different slice of visitors (the event id stands in for an anonymous one).
+pub fn canary_key(merchant_id: &str, version: u64, visitor: &str) -> String {
+    format!("{merchant_id}:{version}:{visitor}")
+}
+
 /// One immutable pipeline version: ordered plugins, each pinned by content hash, with configs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PipelineDef {
@@ -127,6 +133,45 @@ pub struct Pipeline {
     pub changed_at: i64,
 }
 
+impl Pipeline {
+    /// Parses a pipelines-bucket entry, including the pre-versioning shape (`{merchant_id,
+    /// version, plugins, ...}`, written by `plugin attach` before canaries existed), read as
+    /// that version active with the `hold` policy.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Legacy {
+            merchant_id: String,
+            version: u64,
+            plugins: Vec<crate::PluginRef>,
+            #[serde(default)]
+            changed_by: String,
+            #[serde(default)]
+            reason: String,
+            #[serde(default)]
+            changed_at: i64,
+        }
+        serde_json::from_slice::<Self>(bytes).or_else(|e| {
+            let l: Legacy = serde_json::from_slice(bytes).map_err(|_| e)?;
+            Ok(Self {
+                active: PipelineDef {
+                    merchant_id: l.merchant_id.clone(),
+                    version: l.version,
+                    plugins: l.plugins,
+                    on_failure: OnFailure::Hold,
+                    created_by: l.changed_by.clone(),
+                    created_at: l.changed_at,
+                },
+                merchant_id: l.merchant_id,
+                canary: None,
+                latest_version: l.version,
+                changed_by: l.changed_by,
+                reason: l.reason,
+                changed_at: l.changed_at,
+            })
+        })
+    }
+}
+
 /// An uploaded plugin component (the bytes are in the object store under `sha256`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PluginInfo {
@@ -139,9 +184,8 @@ pub struct PluginInfo {
     pub uploaded_at: i64,
 }
 
-/// Which share a visitor falls into, 0..100: FNV-1a of the visitor id (or the event id when
-/// there is none). Stable across edges, restarts and releases: changing it would move
-/// visitors between canary and stable.
+/// Which share a visitor falls into, 0..100: FNV-1a of `key`. Stable across edges, restarts
+/// and releases: changing it would move visitors between canary and stable.
 pub fn canary_bucket(key: &str) -> u8 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.as_bytes() {
@@ -166,5 +210,17 @@ mod tests {
             .count();
         let share = under_30 as f64 / n as f64;
         assert!((0.28..0.32).contains(&share), "share {share}");
+    }
+
+    #[test]
+    fn legacy_pipeline_entries_still_parse() {
+        let old = br#"{"merchant_id":"m_1","version":3,"plugins":[{"name":"utm","sha256":"ab","config":""}],"changed_by":"ops","reason":"attach utm","changed_at":5}"#;
+        let p = Pipeline::from_json(old).unwrap();
+        assert_eq!(p.active.version, 3);
+        assert_eq!(p.latest_version, 3);
+        assert_eq!(p.active.on_failure, OnFailure::Hold);
+        assert_eq!(p.active.plugins[0].name, "utm");
+        let new = serde_json::to_vec(&p).unwrap();
+        assert_eq!(Pipeline::from_json(&new).unwrap(), p);
     }
 }

@@ -9,8 +9,16 @@ use serde::{Deserialize, Serialize};
 use crate::event::Event;
 
 /// Bumped when the envelope's shape changes incompatibly; ingest refuses unknown versions
-/// into `failed_events` rather than guessing.
+/// into `failed_events` rather than guessing. Version 2 adds the canary part: an envelope
+/// with one is written as v2, so an ingest that predates it refuses it (kept, re-readable
+/// after its upgrade) instead of silently dropping the canary share.
 pub const ENVELOPE_VERSION: u32 = 1;
+pub const ENVELOPE_VERSION_CANARY: u32 = 2;
+
+/// Envelope versions this build reads.
+pub fn is_supported(v: u32) -> bool {
+    v == ENVELOPE_VERSION || v == ENVELOPE_VERSION_CANARY
+}
 
 /// How much of an undecodable payload is kept in `failed_events` for diagnosis.
 pub const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
@@ -162,10 +170,6 @@ impl Envelope {
     /// The events that belong in the `events` table.
     pub fn processed_events(&self) -> impl Iterator<Item = &Event> {
         self.processed_parts().flat_map(|(_, events)| events.iter())
-    }
-
-    pub fn processed_len(&self) -> usize {
-        self.processed_parts().map(|(_, e)| e.len()).sum()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
