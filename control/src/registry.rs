@@ -247,11 +247,16 @@ fn check_name(name: &str) -> Result<(), ControlError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ControlError::Invalid(format!(
+    if !ok {
+        return Err(ControlError::Invalid(format!(
             "plugin name `{name}` must be 1-64 characters of a-z, 0-9, `-`, `_`, `.`"
-        )))
+        )));
     }
+    if name.len() >= 8 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+        // References read such a string as a sha256 prefix: the name could never be used.
+        return Err(ControlError::Invalid(format!(
+            "plugin name `{name}` looks like a sha256 prefix; add a letter outside a-f"
+        )));
+    }
+    Ok(())
 }

@@ -367,6 +367,7 @@ impl Processor {
                         | PluginError::Timeout(_)
                         | PluginError::MemoryLimit { .. }
                         | PluginError::OutputTooLarge { .. }
+                        | PluginError::OutputCopyCapped { .. }
                 );
                 self.record_health(&health_key, breach);
                 (Some(f.plugin), f.error.to_string())

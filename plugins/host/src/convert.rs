@@ -68,6 +68,25 @@ pub(crate) fn reborrow<'a>(e: &'a EventResult, props: &'a [(&'a str, &'a str)]) 
     }
 }
 
+/// Bytes of an input event as the guest sees them (strings plus fixed fields).
+pub(crate) fn param_size(e: &EventParam) -> usize {
+    let opt = |s: &Option<&str>| s.map_or(0, str::len);
+    64 + e.event_id.len()
+        + e.merchant_id.len()
+        + e.name.len()
+        + opt(&e.url)
+        + opt(&e.referrer)
+        + opt(&e.title)
+        + opt(&e.visitor_id)
+        + opt(&e.session_id)
+        + opt(&e.user_id)
+        + opt(&e.currency)
+        + e.properties
+            .iter()
+            .map(|(k, v)| 16 + k.len() + v.len())
+            .sum::<usize>()
+}
+
 pub(crate) fn from_guest(e: EventResult) -> Event {
     Event {
         event_id: e.event_id,

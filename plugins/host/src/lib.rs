@@ -64,6 +64,8 @@ pub enum PluginError {
         actual: usize,
         max: usize,
     },
+    #[error("plugin output is over the {cap}-byte copy-out budget of this batch (16x its input + 1 MiB, at most twice the output limit)")]
+    OutputCopyCapped { cap: usize },
     #[error("plugin produced an invalid event: {0}")]
     InvalidOutput(String),
     #[error("plugin runtime: {0}")]
@@ -151,6 +153,14 @@ impl Plugin {
         log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<convert::EventResult>, PluginError> {
         let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits)?;
+        // What the host may allocate copying the output out scales with the batch: 16x its
+        // size plus 1 MiB (room for plugins that enrich or split), never above the global cap.
+        let input_bytes: usize = input.iter().map(convert::param_size).sum();
+        store.set_hostcall_fuel(
+            store
+                .hostcall_fuel()
+                .min(input_bytes.saturating_mul(16).saturating_add(1 << 20)),
+        );
         let result = self.call(&mut store, config, input, input.len());
         if let Some(log) = log {
             log.extend_from_slice(&pipes.stdout.contents());

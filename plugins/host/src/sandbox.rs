@@ -273,7 +273,8 @@ pub(crate) fn new_store(
     );
     store.limiter(|s| &mut s.limiter);
     // Caps what lifting the plugin's output may allocate in the host (about one unit per
-    // byte): the output limit plus room for list bookkeeping.
+    // byte): the output limit plus room for list bookkeeping. `Plugin::call` narrows it to
+    // the batch at hand.
     store.set_hostcall_fuel(limits.max_output_bytes.saturating_mul(2));
     store.set_fuel(limits.fuel).map_err(PluginError::runtime)?;
     let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
@@ -297,10 +298,8 @@ pub(crate) fn classify(
         },
         Some(t) => PluginError::Trap(t.to_string()),
         None if format!("{e:#}").contains("too much data is being copied") => {
-            PluginError::OutputTooLarge {
-                what: "bytes (copying out of the sandbox stopped at)",
-                actual: limits.max_output_bytes.saturating_mul(2),
-                max: limits.max_output_bytes,
+            PluginError::OutputCopyCapped {
+                cap: store.hostcall_fuel(),
             }
         }
         None => PluginError::Trap(format!("{e:#}")),
