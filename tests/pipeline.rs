@@ -227,3 +227,78 @@ async fn a_restarted_edge_runs_the_latest_pipeline_version() {
             .then_some(())
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_daily_metrics_views_answer_the_common_questions() {
+    let cluster = Cluster::start(true);
+    let (m, key) = cluster.merchant("views");
+    let client = cluster.client(&key).await.expect("client");
+    // A fixed day (yesterday, UTC noon) so every event lands on one day.
+    let day_ms = (beacon_edge::now_ms() / 86_400_000 - 1) * 86_400_000;
+    let t = |min: i64| day_ms + 12 * 3_600_000 + min * 60_000;
+    let ev =
+        |id: &str, name: &str, ts: i64, visitor: &str, session: Option<&str>, path: &str| Event {
+            event_id: id.into(),
+            merchant_id: String::new(),
+            name: name.into(),
+            ts,
+            received_at: 0,
+            url: Some(format!("https://views.example{path}")),
+            referrer: None,
+            title: None,
+            visitor_id: Some(visitor.into()),
+            session_id: session.map(Into::into),
+            user_id: None,
+            revenue_micros: None,
+            currency: None,
+            properties: Default::default(),
+        };
+    let events = vec![
+        // Visitor a: one session id, three pageviews over 10 minutes: one visit, no bounce.
+        ev("a1", "pageview", t(0), "a", Some("sa"), "/"),
+        ev("a2", "pageview", t(4), "a", Some("sa"), "/pricing"),
+        ev("a3", "pageview", t(10), "a", Some("sa"), "/signup"),
+        ev("a4", "signup", t(10), "a", Some("sa"), "/signup"),
+        // Visitor b: one pageview: a bounce.
+        ev("b1", "pageview", t(5), "b", Some("sb"), "/blog"),
+        // Visitor c, no session id: two pageviews an hour apart are two visits, both bounces.
+        ev("c1", "pageview", t(0), "c", None, "/"),
+        ev("c2", "pageview", t(60), "c", None, "/docs"),
+    ];
+    client.send(&events).await.expect("sent");
+    let c = &cluster;
+    wait_for(Duration::from_secs(60), "events and rollups", || {
+        (c.count(&format!(
+            "SELECT count(*) FROM events WHERE merchant_id = '{m}'"
+        )) == 7
+            && c.count(&format!(
+                "SELECT coalesce(sum(events), 0) FROM rollups WHERE merchant_id = '{m}'"
+            )) == 7)
+            .then_some(())
+    });
+    let visits = c.sql(&format!(
+        "SELECT session, pageviews, bounce, duration_ms, entry_url, exit_url FROM sessions \
+         WHERE merchant_id = '{m}' ORDER BY session"
+    ));
+    assert_eq!(visits.len(), 4, "{visits:?}");
+    assert_eq!(visits[0]["session"], "c#1");
+    assert_eq!(visits[1]["session"], "c#2");
+    assert_eq!(visits[2]["session"], "sa#1");
+    assert_eq!(visits[2]["pageviews"], 3);
+    assert_eq!(visits[2]["bounce"], false);
+    assert_eq!(visits[2]["duration_ms"], 600_000);
+    assert_eq!(visits[2]["entry_url"], "https://views.example/");
+    assert_eq!(visits[2]["exit_url"], "https://views.example/signup");
+    assert_eq!(visits[3]["bounce"], true);
+    let daily = c.sql(&format!(
+        "SELECT events, pageviews, visitors, visits, bounce_rate, views_per_visit \
+         FROM daily_metrics WHERE merchant_id = '{m}'"
+    ));
+    assert_eq!(daily.len(), 1, "{daily:?}");
+    assert_eq!(daily[0]["events"], 7);
+    assert_eq!(daily[0]["pageviews"], 6);
+    assert_eq!(daily[0]["visitors"], 3);
+    assert_eq!(daily[0]["visits"], 4);
+    assert_eq!(daily[0]["bounce_rate"], 0.75);
+    assert_eq!(daily[0]["views_per_visit"], 1.5);
+}

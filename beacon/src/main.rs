@@ -100,7 +100,8 @@ enum Command {
         )]
         interval: u64,
     },
-    /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly; view: rollups).
+    /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly,
+    /// revenue_hourly; views: rollups, revenue, sessions, daily_metrics).
     #[cfg(feature = "full")]
     Sql {
         query: String,

@@ -8,6 +8,8 @@
 //! - `failed_events`: everything that failed validation, decoding or a plugin, with the reason,
 //! - `rollups_hourly`, `revenue_hourly`: mergeable hourly aggregates (see [`rollup`]).
 //!
+//! Views: `rollups`, `revenue` (merged rollups), `sessions`, `daily_metrics` (see [`views`]).
+//!
 //! Writers commit the last consumed JetStream sequence as a snapshot property
 //! ([`tables::SEQ_PROPERTY`]); that property is what makes ingest exactly-once.
 
@@ -15,6 +17,7 @@ pub mod hll;
 pub mod output;
 pub mod rollup;
 pub mod tables;
+pub mod views;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -159,7 +162,7 @@ impl Warehouse {
         catalog.register_schema(NAMESPACE, schema)?;
         ctx.register_catalog(CATALOG_NAME, catalog);
         hll::register(&ctx);
-        for view in rollup::VIEWS {
+        for view in rollup::VIEWS.iter().chain(views::VIEWS) {
             ctx.sql(view).await?;
         }
         Ok(ctx)
