@@ -4,13 +4,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use beacon_proto::Event;
-use common::{cli_in, client_for, first_int, plugin_path, wait_for, Cluster};
+use common::{cli_in, client_for, first_int, http, plugin_path, wait_for, Cluster};
 use serde_json::Value;
 
 fn path(plugin: &str) -> String {
@@ -507,34 +506,6 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         )),
         0
     );
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect admin API");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write body");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub struct Endpoints {
     /// Admin HTTP API base URL, `http://ip:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_http: Option<String>,
+    /// Metrics API base URL (`POST /api/v2/query`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_http: Option<String>,
     pub pid: u32,
 }
 

@@ -57,6 +57,9 @@ enum Command {
         /// Where the admin HTTP API listens.
         #[arg(long, env = "BEACON_ADMIN_LISTEN", default_value = "127.0.0.1:0")]
         admin_listen: SocketAddr,
+        /// Where the metrics API listens.
+        #[arg(long, env = "BEACON_API_LISTEN", default_value = "127.0.0.1:0")]
+        api_listen: SocketAddr,
         #[command(flatten)]
         admin: AdminArgs,
         #[command(flatten)]
@@ -119,6 +122,16 @@ enum Command {
     Plugin {
         #[command(subcommand)]
         command: plugin_cmd::PluginCommand,
+    },
+    /// Metrics API: `POST /api/v2/query` (Plausible Stats API v2 shape), per-merchant read tokens.
+    #[cfg(feature = "full")]
+    Api {
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "BEACON_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, env = "BEACON_API_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
     },
     /// Admin HTTP API: plugin registry and pipelines for operators' tools (admin tokens).
     Admin {
@@ -214,6 +227,34 @@ impl AdminArgs {
     }
 }
 
+/// Serves the metrics API; returns its address and task.
+#[cfg(feature = "full")]
+async fn start_api(
+    nats_url: &str,
+    data_dir: &Path,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let warehouse = Arc::new(beacon_warehouse::Warehouse::open(data_dir).await?);
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {nats_url}"))?,
+    );
+    let merchants = beacon_edge::registry::open_bucket(&js)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("metrics API: cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(beacon_query::api::serve(
+        listener, warehouse, merchants, shutdown,
+    ));
+    tracing::info!(%addr, "metrics API listening (HTTP)");
+    Ok((addr, task))
+}
+
 /// Serves the admin API; returns its address and task.
 async fn start_admin(
     nats_url: &str,
@@ -249,6 +290,14 @@ enum MerchantCommand {
         target: NatsTarget,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+    },
+    /// Create a read token for a merchant's metrics API (`POST /api/v2/query`); prints it.
+    #[cfg(feature = "full")]
+    ReadToken {
+        #[arg(long)]
+        merchant: String,
+        #[command(flatten)]
+        target: NatsTarget,
     },
 }
 
@@ -362,6 +411,7 @@ async fn run(cli: Cli) -> Result<()> {
             nats_url,
             plugins_dir,
             admin_listen,
+            api_listen,
             admin,
             tuning,
             sandbox,
@@ -371,7 +421,7 @@ async fn run(cli: Cli) -> Result<()> {
                 edge_listen,
                 nats_url,
                 plugins_dir,
-                (admin_listen, admin),
+                (admin_listen, admin, api_listen),
                 tuning,
                 sandbox,
             )
@@ -476,6 +526,31 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "full")]
+        Command::Merchant {
+            command: MerchantCommand::ReadToken { merchant, target },
+        } => {
+            let js = target.jetstream().await?;
+            let store = beacon_edge::registry::open_bucket(&js)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let token = beacon_query::tokens::create(&store, &merchant)
+                .await
+                .map_err(|e| anyhow!("creating a read token: {e}"))?;
+            println!("{token}");
+            Ok(())
+        }
+        #[cfg(feature = "full")]
+        Command::Api {
+            nats_url,
+            data_dir,
+            listen,
+        } => {
+            let (addr, task) = start_api(&nats_url, &data_dir, listen, shutdown_signal()).await?;
+            eprintln!("metrics API: http://{addr}");
+            task.await??;
+            Ok(())
+        }
         Command::Plugin { command } => plugin_cmd::run(command).await,
         Command::Admin {
             nats_url,
@@ -545,7 +620,7 @@ async fn up(
     edge_listen: SocketAddr,
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
-    (admin_listen, admin): (SocketAddr, AdminArgs),
+    (admin_listen, admin, api_listen): (SocketAddr, AdminArgs, SocketAddr),
     tuning: Tuning,
     sandbox: SandboxArgs,
 ) -> Result<()> {
@@ -572,6 +647,7 @@ async fn up(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_admin = stop_rx.clone();
+    let stop_rx_api = stop_rx.clone();
     let mut ingest_cfg = beacon_ingest::IngestConfig::new(nats_url.clone());
     ingest_cfg.max_batch = tuning.ingest_max_batch;
     ingest_cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
@@ -601,6 +677,14 @@ async fn up(
         .await?
     };
 
+    let (api_addr, api_task) = {
+        let mut stop = stop_rx_api;
+        start_api(&nats_url, &data_dir, api_listen, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?
+    };
+
     let layout = beacon_warehouse::Layout::new(&data_dir);
     let endpoints = Endpoints {
         nats_url: nats_url.clone(),
@@ -610,11 +694,12 @@ async fn up(
         catalog_uri: layout.catalog_uri(),
         warehouse: layout.warehouse_uri(),
         admin_http: Some(format!("http://{admin_addr}")),
+        metrics_http: Some(format!("http://{api_addr}")),
         pid: std::process::id(),
     };
     endpoints.write(&data_dir)?;
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
         if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
@@ -637,6 +722,7 @@ async fn up(
     }
     let _ = rollups.await;
     let _ = admin_task.await;
+    let _ = api_task.await;
     if let Some(n) = nats {
         n.stop();
     }

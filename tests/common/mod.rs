@@ -259,7 +259,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // A failing test shows what the roles said: CI output is all we get there.
         if std::thread::panicking() {
-            for name in ["edge", "edge-2", "ingest", "rollup", "admin"] {
+            for name in ["edge", "edge-2", "ingest", "rollup", "admin", "api"] {
                 let log = self.log(name);
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("--- {name}.log (last {} lines) ---", tail.len());
@@ -325,4 +325,40 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body). (A dozen lines
+/// instead of an HTTP client dependency for the tests.)
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect HTTP API");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write body");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
