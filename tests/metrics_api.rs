@@ -148,6 +148,35 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
             .is_some_and(|d| d == today || d == yesterday)),
         "{body}"
     );
+
+    // Top pages (from events): paths without query strings, most viewed first, and the same
+    // numbers as SQL.
+    let (status, body) = query(
+        Some(a_token),
+        json!({"site_id": a, "metrics": ["pageviews", "visitors"], "date_range": range, "dimensions": ["event:page"], "pagination": {"limit": 3}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let pages = body["results"].as_array().expect("results");
+    assert_eq!(pages.len(), 3, "{body}");
+    let views: Vec<i64> = pages
+        .iter()
+        .map(|p| p["metrics"][0].as_i64().unwrap_or(0))
+        .collect();
+    assert!(views.windows(2).all(|w| w[0] >= w[1]), "{views:?}");
+    for p in pages {
+        let path = p["dimensions"][0].as_str().expect("path");
+        assert!(path.starts_with('/') && !path.contains('?'), "{path}");
+        let like = format!("%.example{path}");
+        let sql = c.count(&format!(
+            "SELECT count(*) {scope} AND name = 'pageview' AND (url LIKE '{like}' OR url LIKE '{like}?%' OR url LIKE '{like}#%')"
+        ));
+        assert_eq!(p["metrics"][0], sql, "{path}");
+    }
+    let (status, body) = query(
+        Some(a_token),
+        json!({"site_id": a, "metrics": ["bounce_rate"], "date_range": range, "dimensions": ["event:page"]}),
+    );
+    assert_eq!(status, 400, "{body}");
 }
 
 /// `YYYY-MM-DD` (UTC) of an epoch-milliseconds instant.

@@ -72,7 +72,7 @@ async fn query(
         .plan(&merchant, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let mut rows = Vec::new();
-    for sql in [plan.rollups_sql(), plan.sessions_sql()]
+    for sql in [plan.rollups_sql(), plan.sessions_sql(), plan.pages_sql()]
         .into_iter()
         .flatten()
     {

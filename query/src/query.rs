@@ -5,7 +5,7 @@
 //!
 //! Supported so far: the metrics above; `date_range` `"day"`, `"7d"`, `"30d"`, `"month"`,
 //! `"12mo"`, `"year"` or `[from, to]` (dates, inclusive); dimensions `time`, `time:hour`,
-//! `time:day`, `time:week`, `time:month`; `pagination`. Dates are UTC. Anything else is
+//! `time:day`, `time:week`, `time:month`, or `event:page` (from `events`); `pagination`. Dates are UTC. Anything else is
 //! refused with a 400 naming the field, never silently ignored.
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
@@ -124,6 +124,8 @@ pub struct Plan {
     /// Exclusive.
     pub to: DateTime<Utc>,
     pub time: Option<TimeBucket>,
+    /// `event:page`: a breakdown by page path, top pages first.
+    pub by_page: bool,
     pub limit: u32,
     pub offset: u32,
 }
@@ -161,21 +163,46 @@ impl QueryRequest {
         }
         let (from, to) = date_range(&self.date_range, now)?;
         let mut time = None;
+        let mut by_page = false;
         for d in &self.dimensions {
             let bucket = match d.as_str() {
                 "time:hour" => TimeBucket::Hour,
                 "time" | "time:day" => TimeBucket::Day,
                 "time:week" => TimeBucket::Week,
                 "time:month" => TimeBucket::Month,
+                "event:page" => {
+                    by_page = true;
+                    continue;
+                }
                 other => {
                     return Err(bad(
                         "dimensions",
-                        format!("dimension `{other}` is not supported yet (supported: time, time:hour, time:day, time:week, time:month)"),
+                        format!("dimension `{other}` is not supported yet (supported: time, time:hour, time:day, time:week, time:month, event:page)"),
                     ))
                 }
             };
             if time.replace(bucket).is_some() {
                 return Err(bad("dimensions", "at most one time dimension"));
+            }
+        }
+        if by_page {
+            if time.is_some() {
+                return Err(bad(
+                    "dimensions",
+                    "event:page together with a time dimension is not supported yet",
+                ));
+            }
+            if let Some(m) = metrics
+                .iter()
+                .find(|m| !matches!(m, Metric::Visitors | Metric::Pageviews))
+            {
+                return Err(bad(
+                    "metrics",
+                    format!(
+                        "`{}` by event:page is not supported yet (visitors, pageviews are)",
+                        m.column()
+                    ),
+                ));
             }
         }
         if !self.filters.is_empty() {
@@ -203,6 +230,7 @@ impl QueryRequest {
             from,
             to,
             time,
+            by_page,
             limit: p.limit,
             offset: p.offset,
         })
@@ -284,9 +312,32 @@ impl Plan {
         }
     }
 
+    /// SQL for a page breakdown: the rollups have no breakdowns yet, so this reads `events`
+    /// (pageviews of the range, by URL path without query or fragment), top pages first.
+    pub fn pages_sql(&self) -> Option<String> {
+        self.by_page.then(|| {
+            format!(
+                "SELECT page AS bucket, count(*) AS pageviews, count(DISTINCT visitor_id) AS visitors \
+                 FROM (SELECT visitor_id, CASE WHEN p = '' THEN '/' ELSE p END AS page \
+                       FROM (SELECT visitor_id, \
+                                    split_part(split_part(regexp_replace(COALESCE(url, ''), \
+                                        '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*', ''), '?', 1), '#', 1) AS p \
+                             FROM events WHERE merchant_id = '{}' AND name = 'pageview' AND {}) raw) pages \
+                 GROUP BY page ORDER BY pageviews DESC, page LIMIT {} OFFSET {}",
+                self.merchant_id,
+                self.bounds("ts"),
+                self.limit,
+                self.offset
+            )
+        })
+    }
+
     /// SQL over the hourly rollups, if any metric needs it. `merchant_id` is the token's
     /// merchant, validated by the registry, never request text.
     pub fn rollups_sql(&self) -> Option<String> {
+        if self.by_page {
+            return None;
+        }
         self.metrics.iter().any(|m| m.in_rollups()).then(|| {
             format!(
                 "SELECT {} AS bucket, \
@@ -303,6 +354,9 @@ impl Plan {
 
     /// SQL over the `sessions` view, if any metric needs it.
     pub fn sessions_sql(&self) -> Option<String> {
+        if self.by_page {
+            return None;
+        }
         self.metrics.iter().any(|m| !m.in_rollups()).then(|| {
             format!(
                 "SELECT {} AS bucket, \
@@ -322,6 +376,24 @@ impl Plan {
     /// Plausible's `results`: `{"metrics": [...], "dimensions": [...]}` per bucket.
     pub fn results(&self, rows: &[serde_json::Value]) -> Vec<serde_json::Value> {
         use std::collections::BTreeMap;
+        if self.by_page {
+            // Already ordered (top pages first) and paginated by the SQL.
+            return rows
+                .iter()
+                .map(|row| {
+                    let metrics: Vec<serde_json::Value> = self
+                        .metrics
+                        .iter()
+                        .map(|m| row.get(m.column()).cloned().unwrap_or(0.into()))
+                        .collect();
+                    let page = row
+                        .get("bucket")
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({"metrics": metrics, "dimensions": [page]})
+                })
+                .collect();
+        }
         let mut by_bucket: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
             BTreeMap::new();
         for row in rows {
