@@ -497,7 +497,7 @@ mod tests {
         );
         assert_eq!(
             plan(
-                serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day", "dimensions": ["event:page"]})
+                serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day", "dimensions": ["visit:source"]})
             ),
             "dimensions"
         );
