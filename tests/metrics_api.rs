@@ -177,6 +177,35 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
         json!({"site_id": a, "metrics": ["bounce_rate"], "date_range": range, "dimensions": ["event:page"]}),
     );
     assert_eq!(status, 400, "{body}");
+
+    // Realtime: unique visitors of the last 30 minutes, as SQL counts them (the window moves
+    // with the clock, so compare with SQL run right after).
+    let (status, body) = http(
+        &addr,
+        "GET",
+        &format!("/api/v1/stats/realtime/visitors?site_id={a}"),
+        Some(a_token),
+        b"",
+    );
+    assert_eq!(status, 200, "{body}");
+    let realtime: i64 = body.trim().parse().expect("a number");
+    let since = beacon_edge::now_ms() - 30 * 60_000;
+    let sql = c.count(&format!(
+        "SELECT count(DISTINCT visitor_id) {scope} AND CAST(ts AS BIGINT) >= {}",
+        since * 1000
+    ));
+    assert!(
+        realtime > 0 && (realtime - sql).abs() <= 2,
+        "realtime {realtime} vs {sql}"
+    );
+    let (status, _) = http(
+        &addr,
+        "GET",
+        &format!("/api/v1/stats/realtime/visitors?site_id={b}"),
+        Some(a_token),
+        b"",
+    );
+    assert_eq!(status, 403);
 }
 
 /// `YYYY-MM-DD` (UTC) of an epoch-milliseconds instant.
