@@ -129,6 +129,12 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
     );
     let bounce = got[4].as_f64().expect("bounce rate");
     assert!((0.0..=100.0).contains(&bounce), "{bounce}");
+    let bounces = c.count(&format!(
+        "SELECT count(*) FROM sessions WHERE merchant_id = '{a}' AND bounce"
+    ));
+    let visits = got[3].as_i64().expect("visits");
+    let want = (100.0 * bounces as f64 / visits as f64).round();
+    assert_eq!(bounce, want, "bounce rate {bounce} vs {bounces}/{visits}");
 
     // By day: the buckets add up to the aggregate; dimensions carry the date.
     let (status, body) = query(

@@ -154,7 +154,10 @@ fn stack_overflow_huge_output_and_huge_allocation_are_stopped() {
     let plugin = load(&runtime, "beacon_plugin_hostile").expect("load");
     let events = sample(10);
     assert!(
-        matches!(plugin.process("stack", &events), Err(PluginError::Trap(_))),
+        matches!(
+            plugin.process("stack", &events),
+            Err(PluginError::Trap { .. })
+        ),
         "stack overflow traps"
     );
     // ~100 MB of output built from aliased strings: stopped while being copied out.
@@ -228,10 +231,13 @@ fn loops_allocations_and_traps_are_stopped_and_the_plugin_keeps_working() {
     ));
     match plugin.process("trap", &events) {
         // The plugin's panic message (its stderr) is part of the reason.
-        Err(PluginError::Trap(msg)) => assert!(
-            msg.contains("wasm trap") && msg.contains("panics on purpose"),
-            "{msg}"
-        ),
+        Err(e @ PluginError::Trap { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("wasm trap") && msg.contains("panics on purpose"),
+                "{msg}"
+            )
+        }
         other => panic!("expected a trap, got {other:?}"),
     }
     assert!(
@@ -312,7 +318,7 @@ fn a_chain_cannot_move_events_to_another_merchant_or_flood() {
         step(&hostile, "steal"),
         step(&utm, r#"{"property_prefix":"c_"}"#),
     ])
-    .run(sample(50))
+    .run(&sample(50))
     .expect("chain");
     assert_eq!(out.len(), 50);
     assert!(
@@ -324,7 +330,7 @@ fn a_chain_cannot_move_events_to_another_merchant_or_flood() {
         .any(|e| e.properties.contains_key("c_source") && e.properties.contains_key("utm_source")));
 
     let failure = chain(vec![step(&hostile, "flood")])
-        .run(sample(50))
+        .run(&sample(50))
         .expect_err("flood is capped");
     assert!(
         matches!(

@@ -409,10 +409,15 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
             "--force",
         ],
     );
-    client
+    let trapped = client
         .send(&events_for(&m, 15, 100, 20))
         .await
         .expect("acknowledged");
+    // The client learns that the plugin trapped, not what the plugin wrote to stderr (which
+    // may echo its config or other events); failed_events keeps that for operators.
+    let told = trapped.plugin_error.unwrap_or_default();
+    assert!(told.contains("trapped"), "{told}");
+    assert!(!told.contains("panics on purpose"), "{told}");
     wait_for_count(
         &cluster,
         &format!("SELECT count(*) FROM raw_events {scope}"),
@@ -444,6 +449,10 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         .as_str()
         .unwrap_or("")
         .contains("trapped"));
+    assert!(failures[1]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("panics on purpose"));
     assert!(failures[1]["plugin"]
         .as_str()
         .unwrap_or("")

@@ -151,7 +151,7 @@ fn main() {
         let chain = wasm_chain(&runtime, steps);
         // Same output both ways: the benchmark compares equal work.
         let a = native_chain(steps, batches[0]);
-        let b = chain.run(batches[0].to_vec()).expect("wasm chain");
+        let b = chain.run(batches[0]).expect("wasm chain");
         assert_eq!(a, b, "native and Wasm outputs differ");
         let (mut native, mut wasm) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
@@ -162,7 +162,7 @@ fn main() {
             }));
             wasm.push(time(|| {
                 for b in &batches {
-                    std::hint::black_box(chain.run(b.to_vec()).expect("wasm"));
+                    std::hint::black_box(chain.run(b).expect("wasm"));
                 }
             }));
         }

@@ -70,8 +70,7 @@ impl Active {
     pub fn is_canary(&self, visitor: Option<&str>, event_id: &str) -> bool {
         self.canary.as_ref().is_some_and(|(stage, pct)| {
             let p = stage.chain.pipeline();
-            let key = bus::canary_key(&p.merchant_id, p.version, visitor.unwrap_or(event_id));
-            bus::canary_bucket(&key) < *pct
+            bus::canary_share(&p.merchant_id, p.version, visitor.unwrap_or(event_id)) < *pct
         })
     }
 }

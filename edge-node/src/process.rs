@@ -209,12 +209,14 @@ impl Processor {
         }
         if let Some(Runnable::Ready(active)) = runnable.as_deref() {
             // Share of the batch per pipeline version: canary by a stable hash of the visitor.
+            // Without a canary the whole batch is the stable share: lent to the stage and
+            // given back, not copied.
             let (to_canary, to_stable): (Vec<Event>, Vec<Event>) = match &active.canary {
                 Some(_) => raw
                     .iter()
                     .cloned()
                     .partition(|e| active.is_canary(e.visitor_id.as_deref(), &e.event_id)),
-                None => (Vec::new(), raw.clone()),
+                None => (Vec::new(), std::mem::take(&mut raw)),
             };
             // A merchant's plugins run on at most `plugin_slots` blocking threads at once, so
             // one merchant's expensive (or hostile) plugin cannot take every core.
@@ -225,9 +227,12 @@ impl Processor {
                 Ok(permit) => permit.ok(),
                 Err(_) => return Err(ProcessError::Busy),
             };
-            let stable = self
+            let (stable, stable_input) = self
                 .run_stage(merchant_id, &batch_id, &active.stable, to_stable, now)
                 .await;
+            if active.canary.is_none() {
+                raw = stable_input;
+            }
             if let Some(reason) = stable.error {
                 plugin_error = Some(reason);
             }
@@ -235,7 +240,7 @@ impl Processor {
             pipeline = stable.pipeline;
             processed = Some(stable.events);
             if let Some((stage, _)) = &active.canary {
-                let part = self
+                let (part, _) = self
                     .run_stage(merchant_id, &batch_id, stage, to_canary, now)
                     .await;
                 if let Some(reason) = part.error {
@@ -305,6 +310,8 @@ impl Processor {
     /// Runs one share of a batch through a pipeline stage. On failure the events are either
     /// held (none go to `events`) or passed through unprocessed, per the pipeline; both ways
     /// every event gets a `failed_events` row naming the plugin, version and reason.
+    /// Returns the outcome and the input events, given back to the caller (who needs the
+    /// raw events for the envelope) instead of copied.
     async fn run_stage(
         &self,
         merchant_id: &str,
@@ -312,25 +319,36 @@ impl Processor {
         stage: &Stage,
         events: Vec<Event>,
         now: i64,
-    ) -> StageOutcome {
+    ) -> (StageOutcome, Vec<Event>) {
         if events.is_empty() {
-            return StageOutcome {
+            let outcome = StageOutcome {
                 pipeline: Some(stage.chain.pipeline().clone()),
-                events,
+                events: Vec::new(),
                 failures: Vec::new(),
                 error: None,
             };
+            return (outcome, events);
         }
         let health_key = format!("{merchant_id}:v{}", stage.chain.pipeline().version);
         if let Some(reason) = self.quarantined(&health_key) {
-            return self.stage_failed(merchant_id, batch_id, stage, events, None, reason);
+            let outcome = self.stage_failed(
+                merchant_id,
+                batch_id,
+                stage,
+                &events,
+                None,
+                reason.clone(),
+                reason,
+            );
+            return (outcome, events);
         }
         let runner = stage.chain.clone();
         let limits = self.limits;
-        let input = events.clone();
+        let input = Arc::new(events);
+        let lent = input.clone();
         // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
         let result = tokio::task::spawn_blocking(move || {
-            let out = runner.run(input)?;
+            let out = runner.run(&lent)?;
             // Plugin output must be as valid as client input.
             for (i, e) in out.iter().enumerate() {
                 if let Err(v) = e.validate(&limits, now) {
@@ -346,15 +364,18 @@ impl Processor {
             Ok(out)
         })
         .await;
-        let (plugin, reason) = match result {
+        // The task has ended (finished or unwound), so its clone of the input is gone.
+        let events = Arc::try_unwrap(input).unwrap_or_else(|shared| (*shared).clone());
+        let (plugin, reason, public) = match result {
             Ok(Ok(out)) => {
                 self.record_health(&health_key, false);
-                return StageOutcome {
+                let outcome = StageOutcome {
                     pipeline: Some(stage.chain.pipeline().clone()),
                     events: out,
                     failures: Vec::new(),
                     error: None,
                 };
+                return (outcome, events);
             }
             Ok(Err(f)) => {
                 // Only exhausting a resource budget counts: that is what costs other
@@ -370,11 +391,23 @@ impl Processor {
                         | PluginError::OutputCopyCapped { .. }
                 );
                 self.record_health(&health_key, breach);
-                (Some(f.plugin), f.error.to_string())
+                (Some(f.plugin), f.error.to_string(), f.error.public())
             }
-            Err(join) => (None, format!("plugin host task failed: {join}")),
+            Err(join) => {
+                let reason = format!("plugin host task failed: {join}");
+                (None, reason.clone(), reason)
+            }
         };
-        self.stage_failed(merchant_id, batch_id, stage, events, plugin, reason)
+        let outcome = self.stage_failed(
+            merchant_id,
+            batch_id,
+            stage,
+            &events,
+            plugin,
+            reason,
+            public,
+        );
+        (outcome, events)
     }
 
     /// Why a pipeline version's plugins are not run right now, if they are quarantined.
@@ -421,14 +454,18 @@ impl Processor {
         }
     }
 
+    /// `reason` goes to `failed_events` and the log; `public` (without plugin internals) to
+    /// the client.
+    #[allow(clippy::too_many_arguments)]
     fn stage_failed(
         &self,
         merchant_id: &str,
         batch_id: &str,
         stage: &Stage,
-        events: Vec<Event>,
+        events: &[Event],
         plugin: Option<String>,
         reason: String,
+        public: String,
     ) -> StageOutcome {
         let version = stage.chain.pipeline().version;
         let held = stage.on_failure == OnFailure::Hold;
@@ -446,14 +483,9 @@ impl Processor {
                 payload: String::new(),
             })
             .collect();
-        // The client gets what failed, not the plugin's stderr (which may echo its config or
-        // other events): that stays in failed_events and the edge log.
-        let public = reason
-            .split_once("; plugin stderr:")
-            .map_or(reason.as_str(), |(head, _)| head);
         let error = Some(match &plugin {
             Some(p) => format!("{p}: {public}"),
-            None => public.to_string(),
+            None => public,
         });
         if held {
             StageOutcome {
@@ -463,9 +495,10 @@ impl Processor {
                 error,
             }
         } else {
+            // Passed through unprocessed (the failure path: a copy is fine here).
             StageOutcome {
                 pipeline: None,
-                events,
+                events: events.to_vec(),
                 failures,
                 error,
             }

@@ -187,12 +187,38 @@ pub struct PluginInfo {
 /// Which share a visitor falls into, 0..100: FNV-1a of `key`. Stable across edges, restarts
 /// and releases: changing it would move visitors between canary and stable.
 pub fn canary_bucket(key: &str) -> u8 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
+    (fnv1a(FNV_OFFSET, key.as_bytes()) % 100) as u8
+}
+
+/// [`canary_bucket`] of [`canary_key`]`(merchant_id, version, visitor)`, without building the
+/// key: this runs for every event of a merchant with a canary.
+pub fn canary_share(merchant_id: &str, version: u64, visitor: &str) -> u8 {
+    let mut digits = [0u8; 20];
+    let mut n = version;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut h = fnv1a(FNV_OFFSET, merchant_id.as_bytes());
+    h = fnv1a(h, b":");
+    h = fnv1a(h, &digits[i..]);
+    h = fnv1a(h, b":");
+    (fnv1a(h, visitor.as_bytes()) % 100) as u8
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h % 100) as u8
+    h
 }
 
 #[cfg(test)]
@@ -210,6 +236,16 @@ mod tests {
             .count();
         let share = under_30 as f64 / n as f64;
         assert!((0.28..0.32).contains(&share), "share {share}");
+    }
+
+    #[test]
+    fn canary_share_is_the_bucket_of_the_key() {
+        for (m, v, visitor) in [("m_1", 0, "a"), ("m_abc", 7, ""), ("m_x", u64::MAX, "v-1")] {
+            assert_eq!(
+                canary_share(m, v, visitor),
+                canary_bucket(&canary_key(m, v, visitor))
+            );
+        }
     }
 
     #[test]

@@ -1,71 +1,50 @@
 //! Conversions between the canonical event and the WIT records: borrowed views to lower a
 //! batch into a plugin without copying it first, owned results lifted out of it.
 
-use std::collections::BTreeMap;
-
 use beacon_proto::Event;
 
 pub(crate) use crate::bindings::beacon::plugin::types::{EventParam, EventResult};
 
-/// Property lists as borrowed pairs, one per event (the WIT record holds a slice of them).
-pub(crate) fn property_views<'a>(
-    props: impl Iterator<Item = &'a BTreeMap<String, String>>,
-) -> Vec<Vec<(&'a str, &'a str)>> {
+/// Borrowed key/value pairs of one event's properties.
+pub(crate) fn pairs<'a>(
+    props: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Vec<(&'a str, &'a str)> {
     props
-        .map(|p| p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
+        .into_iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect()
+}
+
+/// The WIT view of any event with the canonical fields (host or WIT-owned), borrowing its
+/// strings: one field mapping for both.
+macro_rules! event_param {
+    ($e:expr, $props:expr) => {
+        EventParam {
+            event_id: &$e.event_id,
+            merchant_id: &$e.merchant_id,
+            name: &$e.name,
+            ts: $e.ts,
+            received_at: $e.received_at,
+            url: $e.url.as_deref(),
+            referrer: $e.referrer.as_deref(),
+            title: $e.title.as_deref(),
+            visitor_id: $e.visitor_id.as_deref(),
+            session_id: $e.session_id.as_deref(),
+            user_id: $e.user_id.as_deref(),
+            revenue_micros: $e.revenue_micros,
+            currency: $e.currency.as_deref(),
+            properties: $props,
+        }
+    };
 }
 
 pub(crate) fn param<'a>(e: &'a Event, props: &'a [(&'a str, &'a str)]) -> EventParam<'a> {
-    EventParam {
-        event_id: &e.event_id,
-        merchant_id: &e.merchant_id,
-        name: &e.name,
-        ts: e.ts,
-        received_at: e.received_at,
-        url: e.url.as_deref(),
-        referrer: e.referrer.as_deref(),
-        title: e.title.as_deref(),
-        visitor_id: e.visitor_id.as_deref(),
-        session_id: e.session_id.as_deref(),
-        user_id: e.user_id.as_deref(),
-        revenue_micros: e.revenue_micros,
-        currency: e.currency.as_deref(),
-        properties: props,
-    }
-}
-
-/// Borrowed property pairs of a previous plugin's output.
-pub(crate) fn result_property_views(events: &[EventResult]) -> Vec<Vec<(&str, &str)>> {
-    events
-        .iter()
-        .map(|e| {
-            e.properties
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect()
-        })
-        .collect()
+    event_param!(e, props)
 }
 
 /// A previous plugin's output as the next one's input, without copying its strings.
 pub(crate) fn reborrow<'a>(e: &'a EventResult, props: &'a [(&'a str, &'a str)]) -> EventParam<'a> {
-    EventParam {
-        event_id: &e.event_id,
-        merchant_id: &e.merchant_id,
-        name: &e.name,
-        ts: e.ts,
-        received_at: e.received_at,
-        url: e.url.as_deref(),
-        referrer: e.referrer.as_deref(),
-        title: e.title.as_deref(),
-        visitor_id: e.visitor_id.as_deref(),
-        session_id: e.session_id.as_deref(),
-        user_id: e.user_id.as_deref(),
-        revenue_micros: e.revenue_micros,
-        currency: e.currency.as_deref(),
-        properties: props,
-    }
+    event_param!(e, props)
 }
 
 /// Bytes of an input event as the guest sees them (strings plus fixed fields).

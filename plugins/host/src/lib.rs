@@ -54,8 +54,10 @@ pub enum PluginError {
     Timeout(Duration),
     #[error("plugin tried to use more than its {limit_bytes}-byte memory limit")]
     MemoryLimit { limit_bytes: usize },
-    #[error("plugin trapped: {0}")]
-    Trap(String),
+    /// `stderr`: the end of what the plugin wrote there (a Rust panic message), for
+    /// operators; [`PluginError::public`] leaves it out.
+    #[error("plugin trapped: {message}{}", if stderr.is_empty() { String::new() } else { format!("; plugin stderr: {stderr}") })]
+    Trap { message: String, stderr: String },
     #[error("plugin returned an error: {0}")]
     Guest(String),
     #[error("plugin output {what} {actual}, over the limit of {max}")]
@@ -75,6 +77,16 @@ pub enum PluginError {
 impl PluginError {
     fn runtime(e: wasmtime::Error) -> Self {
         Self::Runtime(format!("{e:#}"))
+    }
+
+    /// The error as the client that sent the batch may see it: without the plugin's stderr,
+    /// which may echo its configuration or other events (operators find it in
+    /// `failed_events` and the edge log).
+    pub fn public(&self) -> String {
+        match self {
+            Self::Trap { message, .. } => format!("plugin trapped: {message}"),
+            other => other.to_string(),
+        }
     }
 }
 
@@ -120,24 +132,40 @@ impl Plugin {
         events: &[Event],
         log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<Event>, PluginError> {
-        let props = convert::property_views(events.iter().map(|e| &e.properties));
+        let out = self.call_events(config, events, log)?;
+        Ok(out.into_iter().map(convert::from_guest).collect())
+    }
+
+    /// One call with host events in, WIT events out (lowered from borrowed host strings).
+    fn call_events(
+        &self,
+        config: &str,
+        events: &[Event],
+        log: Option<&mut Vec<u8>>,
+    ) -> Result<Vec<convert::EventResult>, PluginError> {
+        let props: Vec<_> = events
+            .iter()
+            .map(|e| convert::pairs(&e.properties))
+            .collect();
         let input: Vec<convert::EventParam> = events
             .iter()
             .zip(&props)
             .map(|(e, p)| convert::param(e, p))
             .collect();
-        let out = self.call_logged(config, &input, log)?;
-        Ok(out.into_iter().map(convert::from_guest).collect())
+        self.call_logged(config, &input, log)
     }
 
-    /// One call with guest-typed events in and out: how a chain passes a batch from one
-    /// plugin to the next without converting it back to host events in between.
-    fn process_guest(
+    /// One call with WIT events in and out: how a chain passes a batch from one plugin to
+    /// the next without converting it back to host events in between.
+    fn call_guest(
         &self,
         config: &str,
         events: &[convert::EventResult],
     ) -> Result<Vec<convert::EventResult>, PluginError> {
-        let props = convert::result_property_views(events);
+        let props: Vec<_> = events
+            .iter()
+            .map(|e| convert::pairs(e.properties.iter().map(|(k, v)| (k, v))))
+            .collect();
         let input: Vec<convert::EventParam> = events
             .iter()
             .zip(&props)
@@ -152,32 +180,24 @@ impl Plugin {
         input: &[convert::EventParam],
         log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<convert::EventResult>, PluginError> {
-        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits)?;
         // What the host may allocate copying the output out scales with the batch: 16x its
-        // size plus 1 MiB (room for plugins that enrich or split), never above the global cap.
+        // size plus 1 MiB (room for plugins that enrich or split).
         let input_bytes: usize = input.iter().map(convert::param_size).sum();
-        store.set_hostcall_fuel(
-            store
-                .hostcall_fuel()
-                .min(input_bytes.saturating_mul(16).saturating_add(1 << 20)),
-        );
-        let result = self.call(&mut store, config, input, input.len());
+        let copy_budget = input_bytes.saturating_mul(16).saturating_add(1 << 20);
+        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, copy_budget)?;
+        let result = self.call(&mut store, config, input);
         if let Some(log) = log {
             log.extend_from_slice(&pipes.stdout.contents());
             log.extend_from_slice(&pipes.stderr.contents());
         }
-        match result {
-            // A Rust plugin's panic message is on stderr: it says far more than "unreachable".
-            Err(PluginError::Trap(msg)) => {
-                let said = pipes.stderr.tail(512);
-                Err(PluginError::Trap(if said.is_empty() {
-                    msg
-                } else {
-                    format!("{msg}; plugin stderr: {said}")
-                }))
-            }
+        // A Rust plugin's panic message is on stderr: it says far more than "unreachable".
+        result.map_err(|e| match e {
+            PluginError::Trap { message, .. } => PluginError::Trap {
+                message,
+                stderr: pipes.stderr.tail(512),
+            },
             other => other,
-        }
+        })
     }
 
     fn call(
@@ -185,7 +205,6 @@ impl Plugin {
         store: &mut wasmtime::Store<sandbox::HostState>,
         config: &str,
         input: &[convert::EventParam],
-        input_len: usize,
     ) -> Result<Vec<convert::EventResult>, PluginError> {
         // The output's lift into host memory is capped by the store's hostcall fuel (see
         // `sandbox::new_store`), so a plugin returning 10,000 references to one 4 MB string
@@ -199,7 +218,7 @@ impl Plugin {
             Ok(Err(e)) => return Err(PluginError::Guest(e.message)),
             Err(e) => return Err(sandbox::classify(e, store, &self.limits)),
         };
-        let max_events = self.limits.max_output_events(input_len);
+        let max_events = self.limits.max_output_events(input.len());
         if output.len() > max_events {
             return Err(PluginError::OutputTooLarge {
                 what: "events",
@@ -368,28 +387,22 @@ impl Chain {
 
     /// Runs the batch through every plugin in order. The output keeps the merchant of the
     /// input: a plugin cannot move events into another merchant's data.
-    pub fn run(&self, events: Vec<Event>) -> Result<Vec<Event>, ChainFailure> {
+    pub fn run(&self, events: &[Event]) -> Result<Vec<Event>, ChainFailure> {
         let failure = |r: &PluginRef, error| ChainFailure {
             plugin: format!("{}@{}", r.name, &r.sha256[..r.sha256.len().min(12)]),
             error,
         };
         let mut steps = self.plugins.iter();
         let mut batch = match steps.next() {
-            None => events,
+            None => events.to_vec(),
             Some((r, first)) => {
-                let props = convert::property_views(events.iter().map(|e| &e.properties));
-                let input: Vec<convert::EventParam> = events
-                    .iter()
-                    .zip(&props)
-                    .map(|(e, p)| convert::param(e, p))
-                    .collect();
                 let mut guest = first
-                    .call_logged(&r.config, &input, None)
+                    .call_events(&r.config, events, None)
                     .map_err(|e| failure(r, e))?;
                 // Between plugins the batch stays in the WIT types: converted once at the end.
                 for (r, plugin) in steps {
                     guest = plugin
-                        .process_guest(&r.config, &guest)
+                        .call_guest(&r.config, &guest)
                         .map_err(|e| failure(r, e))?;
                 }
                 guest.into_iter().map(convert::from_guest).collect()

@@ -237,9 +237,12 @@ pub(crate) struct Pipes {
     pub stderr: BoundedLog,
 }
 
+/// `copy_budget` caps, in bytes, what lifting the call's output may allocate in the host
+/// (never more than twice the output limit).
 pub(crate) fn new_store(
     engine: &Engine,
     limits: &SandboxLimits,
+    copy_budget: usize,
 ) -> Result<(Store<HostState>, Pipes), PluginError> {
     let pipes = Pipes {
         stdout: BoundedLog::new(limits.max_log_bytes),
@@ -272,10 +275,9 @@ pub(crate) fn new_store(
         },
     );
     store.limiter(|s| &mut s.limiter);
-    // Caps what lifting the plugin's output may allocate in the host (about one unit per
-    // byte): the output limit plus room for list bookkeeping. `Plugin::call` narrows it to
-    // the batch at hand.
-    store.set_hostcall_fuel(limits.max_output_bytes.saturating_mul(2));
+    // Hostcall fuel: about one unit per byte lifted out of the guest, checked before the host
+    // allocates for it.
+    store.set_hostcall_fuel(copy_budget.min(limits.max_output_bytes.saturating_mul(2)));
     store.set_fuel(limits.fuel).map_err(PluginError::runtime)?;
     let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
     store.set_epoch_deadline(ticks);
@@ -296,12 +298,18 @@ pub(crate) fn classify(
         _ if memory_denied => PluginError::MemoryLimit {
             limit_bytes: limits.memory_bytes,
         },
-        Some(t) => PluginError::Trap(t.to_string()),
+        Some(t) => PluginError::Trap {
+            message: t.to_string(),
+            stderr: String::new(),
+        },
         None if format!("{e:#}").contains("too much data is being copied") => {
             PluginError::OutputCopyCapped {
                 cap: store.hostcall_fuel(),
             }
         }
-        None => PluginError::Trap(format!("{e:#}")),
+        None => PluginError::Trap {
+            message: format!("{e:#}"),
+            stderr: String::new(),
+        },
     }
 }
