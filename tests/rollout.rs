@@ -41,6 +41,13 @@ fn plugin_json(dir: &std::path::Path, nats: &str, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// `beacon plugin activate --merchant <merchant> <args> --format json`.
+fn activate(dir: &std::path::Path, nats: &str, merchant: &str, args: &[&str]) -> Value {
+    let mut all = vec!["activate", "--merchant", merchant];
+    all.extend_from_slice(args);
+    plugin_json(dir, nats, &all)
+}
+
 fn wait_for_count(c: &Cluster, query: &str, want: i64) {
     wait_for(Duration::from_secs(60), query, || {
         (c.count(query) == want).then_some(())
@@ -64,13 +71,11 @@ async fn activate_and_roll_back_on_two_live_edges_while_50k_events_flow() {
         &nats,
         &["upload", &path("beacon_plugin_goals"), "--name", "goals"],
     );
-    let v1 = plugin_json(
+    let v1 = activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "tag",
             "--plugin-config",
@@ -117,13 +122,11 @@ async fn activate_and_roll_back_on_two_live_edges_while_50k_events_flow() {
     let (d, n) = (dir.clone(), nats.clone());
     let m2 = m.clone();
     let v2 = tokio::task::spawn_blocking(move || {
-        plugin_json(
+        activate(
             &d,
             &n,
+            &m2,
             &[
-                "activate",
-                "--merchant",
-                &m2,
                 "--plugin",
                 "tag",
                 "--plugin",
@@ -245,26 +248,22 @@ async fn a_canary_takes_a_stable_share_of_visitors_then_is_promoted() {
         &nats,
         &["upload", &path("beacon_plugin_template"), "--name", "tag"],
     );
-    plugin_json(
+    activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "tag",
             "--plugin-config",
             r#"tag={"key":"ver","value":"stable"}"#,
         ],
     );
-    let canary = plugin_json(
+    let canary = activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "tag",
             "--plugin-config",
@@ -360,13 +359,11 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("fails on sample events"));
     // ...unless forced.
-    plugin_json(
+    activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "hostile",
             "--plugin-config",
@@ -393,13 +390,11 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         100,
     );
 
-    plugin_json(
+    activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "hostile",
             "--plugin-config",
@@ -461,13 +456,11 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
     // Three batches in a row out of fuel and this pipeline version is quarantined at the
     // edge: the next batch fails without running. (Traps, like the one above, don't count:
     // client input can cause them.)
-    plugin_json(
+    activate(
         &dir,
         &nats,
+        &m,
         &[
-            "activate",
-            "--merchant",
-            &m,
             "--plugin",
             "hostile",
             "--plugin-config",
@@ -485,18 +478,11 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
     }
     assert!(last.contains("quarantined"), "{last}");
     // Quarantine belongs to that version: a fixed version runs at once.
-    plugin_json(
+    activate(
         &dir,
         &nats,
-        &[
-            "activate",
-            "--merchant",
-            &m,
-            "--plugin",
-            "hostile",
-            "--plugin-config",
-            "hostile=pass",
-        ],
+        &m,
+        &["--plugin", "hostile", "--plugin-config", "hostile=pass"],
     );
     let r = client
         .send(&events_for(&m, 20, 10, 5))
