@@ -38,14 +38,7 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
     wait_for(Duration::from_secs(60), "events rolled up", || {
         (c.count("SELECT coalesce(sum(events), 0) FROM rollups") == 6_000).then_some(())
     });
-    let _api = cluster.spawn("api", &["api", "--listen", "127.0.0.1:0"]);
-    let addr = wait_for(Duration::from_secs(30), "metrics API address", || {
-        cluster.log("api").lines().find_map(|l| {
-            l.split("metrics API: http://")
-                .nth(1)
-                .map(|a| a.trim().to_string())
-        })
-    });
+    let (_api, addr) = cluster.spawn_api();
     let (a, a_token) = &sites[0];
     let (b, _) = &sites[1];
     let query = |token: Option<&str>, body: Value| {

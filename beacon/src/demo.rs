@@ -60,6 +60,7 @@ pub fn generate(
         let referrer = REFERRERS[rng.random_range(0..REFERRERS.len())];
         let campaign =
             (rng.random_range(0..4) == 0).then(|| CAMPAIGNS[rng.random_range(0..CAMPAIGNS.len())]);
+        let mut previous: Option<String> = None;
         for v in 0..views {
             if out.len() >= n {
                 break;
@@ -77,8 +78,13 @@ pub fn generate(
                 name: PAGEVIEW.into(),
                 ts,
                 received_at: 0,
-                url: Some(url),
-                referrer: (v == 0).then(|| referrer.map(str::to_string)).flatten(),
+                url: Some(url.clone()),
+                // Later page views carry the previous page, as browsers send it.
+                referrer: if v == 0 {
+                    referrer.map(str::to_string)
+                } else {
+                    previous.clone()
+                },
                 title: Some(format!("{site} {page}")),
                 visitor_id: Some(visitor.clone()),
                 session_id: Some(session.clone()),
@@ -87,6 +93,7 @@ pub fn generate(
                 currency: None,
                 properties: BTreeMap::new(),
             });
+            previous = Some(url);
             seq += 1;
             ts += rng.random_range(5_000..90_000);
         }

@@ -6,3 +6,4 @@ pub mod demo;
 pub mod endpoints;
 pub mod lock;
 pub mod nats;
+pub mod traffic;

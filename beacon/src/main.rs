@@ -286,6 +286,9 @@ enum MerchantCommand {
     /// Create a merchant; prints its id and write key.
     Create {
         name: String,
+        /// IANA time zone of the merchant's reports (`Europe/Berlin`); UTC by default.
+        #[arg(long)]
+        timezone: Option<String>,
         #[command(flatten)]
         target: NatsTarget,
         #[arg(long, value_enum, default_value_t)]
@@ -504,12 +507,17 @@ async fn run(cli: Cli) -> Result<()> {
             command:
                 MerchantCommand::Create {
                     name,
+                    timezone,
                     target,
                     format,
                 },
         } => {
+            if let Some(tz) = &timezone {
+                tz.parse::<chrono_tz::Tz>()
+                    .map_err(|_| anyhow!("--timezone {tz}: not an IANA time zone name"))?;
+            }
             let js = target.jetstream().await?;
-            let (merchant, key) = create_merchant(&js, &name).await?;
+            let (merchant, key) = create_merchant(&js, &name, timezone).await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -732,6 +740,7 @@ async fn up(
 async fn create_merchant(
     js: &async_nats::jetstream::Context,
     name: &str,
+    timezone: Option<String>,
 ) -> Result<(beacon_proto::bus::Merchant, String)> {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -742,6 +751,7 @@ async fn create_merchant(
         name: name.to_string(),
         write_key_sha256: beacon_edge::registry::hash_write_key(&key),
         created_at: beacon_edge::now_ms(),
+        timezone,
     };
     let store = beacon_edge::registry::open_bucket(js)
         .await
@@ -797,7 +807,7 @@ async fn demo(
         .unwrap_or_default();
     while known.len() < merchants {
         let name = format!("demo-shop-{}", known.len() + 1);
-        let (m, key) = create_merchant(&js, &name).await?;
+        let (m, key) = create_merchant(&js, &name, None).await?;
         known.push(DemoMerchant {
             name,
             id: m.id,

@@ -10,6 +10,10 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::error::ArrowError;
 use beacon_proto::{Envelope, Event};
 
+use beacon_warehouse::tables::EVENT_DIMENSIONS;
+
+use crate::dimensions::Dimensions;
+
 /// One envelope as read from the stream.
 pub struct Received {
     pub seq: u64,
@@ -93,8 +97,43 @@ pub fn events_batch(
             }
         }
         columns.push(Arc::new(b.finish()));
+        columns.extend(dimension_columns(&rows));
     }
     RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// The derived breakdown columns of `events`, in [`EVENT_DIMENSIONS`] order.
+fn dimension_columns(rows: &[(&Received, &Event)]) -> Vec<ArrayRef> {
+    let n = rows.len();
+    let mut builders: Vec<StringBuilder> = EVENT_DIMENSIONS
+        .iter()
+        .map(|_| StringBuilder::with_capacity(n, n * 8))
+        .collect();
+    for (_, e) in rows {
+        let d = Dimensions::derive(e);
+        let values: [Option<&str>; EVENT_DIMENSIONS.len()] = [
+            d.hostname,
+            d.path,
+            d.source.as_deref(),
+            d.medium.as_deref(),
+            d.utm_source.as_deref(),
+            d.utm_medium.as_deref(),
+            d.utm_campaign.as_deref(),
+            d.country,
+            d.region,
+            d.city,
+            d.device,
+            d.browser,
+            d.os,
+        ];
+        for (b, v) in builders.iter_mut().zip(values) {
+            b.append_option(v);
+        }
+    }
+    builders
+        .into_iter()
+        .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+        .collect()
 }
 
 /// Builds the rows of `failed_events` from `items`.

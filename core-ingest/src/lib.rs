@@ -9,6 +9,7 @@
 //! stream: concurrent writers to the same tables are not supported (see ARCHITECTURE.md).
 
 pub mod convert;
+pub mod dimensions;
 
 use std::collections::HashMap;
 use std::sync::Arc;

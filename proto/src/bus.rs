@@ -29,6 +29,9 @@ pub struct Merchant {
     pub name: String,
     pub write_key_sha256: String,
     pub created_at: i64,
+    /// IANA time zone of the merchant's reports (dates and time buckets); UTC when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 /// KV bucket: `<merchant-id>.<version>` -> `PipelineDef` JSON. Definitions are immutable

@@ -15,7 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use beacon_warehouse::Warehouse;
 
-use crate::query::QueryRequest;
+use beacon_warehouse::WarehouseError;
+
+use crate::query::{Plan, QueryRequest, Source};
 
 #[derive(Clone)]
 struct AppState {
@@ -35,11 +37,22 @@ pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store) -> Router {
     Router::new()
         .route("/api/v2/query", post(query))
         .route("/api/v1/stats/realtime/visitors", get(realtime))
+        .route("/api/v2/realtime", get(realtime_all))
+        .route("/api/v2/openapi.json", get(openapi))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(AppState {
             warehouse,
             merchants,
         })
+}
+
+/// The checked-in OpenAPI description of this API (docs/openapi.json).
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../../docs/openapi.json"),
+    )
+        .into_response()
 }
 
 /// The merchant the request's read token belongs to (401 otherwise).
@@ -62,6 +75,29 @@ async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<String, ApiErr
     Ok(merchant)
 }
 
+/// The merchant's report time zone (UTC unless set).
+async fn timezone(app: &AppState, merchant: &str) -> Result<chrono_tz::Tz, ApiError> {
+    let record = app
+        .merchants
+        .get(format!("m.{merchant}"))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("merchant lookup: {e}"),
+            )
+        })?;
+    let tz = record
+        .and_then(|v| serde_json::from_slice::<beacon_proto::bus::Merchant>(&v).ok())
+        .and_then(|m| m.timezone);
+    crate::query::parse_timezone(tz.as_deref()).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("merchant time zone: {e}"),
+        )
+    })
+}
+
 fn forbidden() -> ApiError {
     ApiError(
         StatusCode::FORBIDDEN,
@@ -74,29 +110,64 @@ struct RealtimeParams {
     site_id: String,
 }
 
-/// Unique visitors of the last 30 minutes (Plausible's realtime endpoint: a bare number),
-/// from `events`, so as fresh as ingest (about a second).
+/// Visitors, page views and events of the last 30 minutes, from `events`, so as fresh as
+/// ingest (about a second).
+async fn realtime_counts(app: &AppState, merchant: &str) -> Result<serde_json::Value, ApiError> {
+    let since = (chrono::Utc::now() - chrono::Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%SZ");
+    let sql = format!(
+        "SELECT count(DISTINCT visitor_id) AS visitors, \
+                CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
+                count(*) AS events \
+         FROM events WHERE merchant_id = '{merchant}' AND ts >= TIMESTAMP '{since}'"
+    );
+    let row = rows(app, &sql)
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let n = |k: &str| {
+        row.get(k)
+            .cloned()
+            .filter(|v| !v.is_null())
+            .unwrap_or(0.into())
+    };
+    Ok(serde_json::json!({
+        "visitors": n("visitors"),
+        "pageviews": n("pageviews"),
+        "events": n("events"),
+    }))
+}
+
+/// The realtime counts of the site the token may read.
+async fn realtime_for(
+    app: &AppState,
+    headers: &HeaderMap,
+    site_id: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let merchant = authorize(app, headers).await?;
+    if site_id != merchant {
+        return Err(forbidden());
+    }
+    realtime_counts(app, &merchant).await
+}
+
+/// Plausible's realtime endpoint: the last 30 minutes' unique visitors, a bare number.
 async fn realtime(
     State(app): State<AppState>,
     headers: HeaderMap,
     Query(params): Query<RealtimeParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let merchant = authorize(&app, &headers).await?;
-    if params.site_id != merchant {
-        return Err(forbidden());
-    }
-    let since = (chrono::Utc::now() - chrono::Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%SZ");
-    let sql = format!(
-        "SELECT count(DISTINCT visitor_id) AS visitors FROM events \
-         WHERE merchant_id = '{merchant}' AND ts >= TIMESTAMP '{since}'"
-    );
-    let rows = rows(&app, &sql).await?;
-    Ok(Json(
-        rows.first()
-            .and_then(|r| r.get("visitors"))
-            .cloned()
-            .unwrap_or(0.into()),
-    ))
+    let counts = realtime_for(&app, &headers, &params.site_id).await?;
+    Ok(Json(counts["visitors"].clone()))
+}
+
+/// Visitors, page views and events of the last 30 minutes, as an object.
+async fn realtime_all(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<RealtimeParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(realtime_for(&app, &headers, &params.site_id).await?))
 }
 
 async fn query(
@@ -110,41 +181,79 @@ async fn query(
     if request.site_id != merchant {
         return Err(forbidden());
     }
+    let tz = timezone(&app, &merchant).await?;
     let plan = request
-        .plan(&merchant, chrono::Utc::now())
+        .plan(&merchant, tz, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let mut rows = Vec::new();
-    for sql in [plan.rollups_sql(), plan.sessions_sql(), plan.pages_sql()]
-        .into_iter()
-        .flatten()
-    {
-        rows.extend(self::rows(&app, &sql).await?);
-    }
+    let sources = plan.sources();
+    let results = execute(&app.warehouse, &plan, &sources)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "metrics query");
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the warehouse could not answer".into(),
+            )
+        })?;
+    let from = plan.from.with_timezone(&plan.tz);
+    let to = plan.to.with_timezone(&plan.tz);
     Ok(Json(serde_json::json!({
-        "results": plan.results(&rows),
-        "meta": {},
+        "results": results,
+        "meta": {
+            "time_zone": plan.tz.name(),
+            "sources": sources.iter().map(|s| format!("{:?}", s.kind).to_lowercase()).collect::<Vec<_>>(),
+        },
         "query": {
             "site_id": merchant,
             "metrics": request.metrics,
-            "date_range": [plan.from.to_rfc3339(), plan.to.to_rfc3339()],
+            "date_range": [from.to_rfc3339(), to.to_rfc3339()],
             "dimensions": request.dimensions,
+            "filters": request.filters,
         },
     })))
 }
 
 /// Runs `sql` and returns its rows as JSON objects.
 async fn rows(app: &AppState, sql: &str) -> Result<Vec<serde_json::Value>, ApiError> {
-    let batches = app.warehouse.sql(sql).await.map_err(|e| {
+    sql_rows(&app.warehouse, sql).await.map_err(|e| {
         tracing::error!(error = %e, "metrics query");
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "the warehouse could not answer".into(),
         )
-    })?;
-    let json = beacon_warehouse::output::json(&batches)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    serde_json::from_str(&json)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+}
+
+async fn sql_rows(
+    warehouse: &Warehouse,
+    sql: &str,
+) -> Result<Vec<serde_json::Value>, WarehouseError> {
+    let batches = warehouse.sql(sql).await?;
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Ok(Vec::new());
+    }
+    let json = beacon_warehouse::output::json(&batches)?;
+    serde_json::from_str(&json).map_err(|e| {
+        WarehouseError::DataFusion(datafusion_error(format!("query result JSON: {e}")))
+    })
+}
+
+fn datafusion_error(message: String) -> beacon_warehouse::DataFusionError {
+    beacon_warehouse::DataFusionError::Execution(message)
+}
+
+/// Runs `sources` (a plan's, or [`Plan::events_sources`]) and merges their rows into the
+/// API's `results`: what the handler does, public for the query benchmark.
+pub async fn execute(
+    warehouse: &Warehouse,
+    plan: &Plan,
+    sources: &[Source],
+) -> Result<Vec<serde_json::Value>, WarehouseError> {
+    let mut rows = Vec::new();
+    for source in sources {
+        rows.push((source.kind, sql_rows(warehouse, &source.sql).await?));
+    }
+    Ok(plan.results(&rows))
 }
 
 /// Serves the metrics API on `listener` until `shutdown` resolves.

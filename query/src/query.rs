@@ -1,15 +1,27 @@
 //! A metrics query in the shape of Plausible's Stats API v2, validated field by field, and
-//! its plan: which metrics come from the hourly rollups (events, pageviews, unique visitors:
-//! merged HLL sketches, so any range is a true distinct estimate) and which from the
-//! `sessions` view over `events` (visits, bounce rate, visit duration, views per visit).
+//! its plan: which SQL answers which metrics.
 //!
-//! Supported so far: the metrics above; `date_range` `"day"`, `"7d"`, `"30d"`, `"month"`,
-//! `"12mo"`, `"year"` or `[from, to]` (dates, inclusive); dimensions `time`, `time:hour`,
-//! `time:day`, `time:week`, `time:month`, or `event:page` (from `events`); `pagination`. Dates are UTC. Anything else is
-//! refused with a 400 naming the field, never silently ignored.
+//! Three sources, chosen per query (docs/METRICS-API.md):
+//! - **rollups** (`rollups_hourly`, `breakdowns_hourly`): events, pageviews and unique
+//!   visitors (merged HLL sketches), by time and by at most one breakdown dimension, when
+//!   the query has no filters and the merchant's time zone is a whole number of hours from
+//!   UTC (the rollups are hourly in UTC);
+//! - **events**: the same metrics for everything else (filters, several dimensions,
+//!   half-hour time zones), exact;
+//! - **sessions** (the view): visits, bounce rate, visit duration, views per visit, and every
+//!   metric of a query by or filtered on entry or exit page.
+//!
+//! Dates and time buckets are in the merchant's time zone. Anything unsupported is refused
+//! with a 400 naming the field, never silently ignored.
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+
+use beacon_warehouse::rollup::BREAKDOWNS;
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Offset, TimeZone, Utc};
+use chrono_tz::Tz;
 use serde::Deserialize;
+use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid `{field}`: {message}")]
@@ -30,17 +42,17 @@ fn bad(field: &str, message: impl Into<String>) -> QueryError {
 pub struct QueryRequest {
     pub site_id: String,
     pub metrics: Vec<String>,
-    pub date_range: serde_json::Value,
+    pub date_range: Value,
     #[serde(default)]
     pub dimensions: Vec<String>,
     #[serde(default)]
-    pub filters: Vec<serde_json::Value>,
+    pub filters: Vec<Value>,
     #[serde(default)]
-    pub order_by: Option<serde_json::Value>,
+    pub order_by: Option<Value>,
     #[serde(default)]
     pub pagination: Option<Pagination>,
     #[serde(default)]
-    pub include: Option<serde_json::Value>,
+    pub include: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -65,6 +77,7 @@ pub enum Metric {
     BounceRate,
     VisitDuration,
     ViewsPerVisit,
+    ConversionRate,
 }
 
 const METRICS: &[(&str, Metric)] = &[
@@ -75,13 +88,18 @@ const METRICS: &[(&str, Metric)] = &[
     ("bounce_rate", Metric::BounceRate),
     ("visit_duration", Metric::VisitDuration),
     ("views_per_visit", Metric::ViewsPerVisit),
+    ("conversion_rate", Metric::ConversionRate),
 ];
 
 impl Metric {
-    fn in_rollups(self) -> bool {
-        matches!(self, Metric::Visitors | Metric::Pageviews | Metric::Events)
+    /// Counted per event (rollups or `events`), as opposed to per visit (`sessions`).
+    fn per_event(self) -> bool {
+        matches!(
+            self,
+            Metric::Visitors | Metric::Pageviews | Metric::Events | Metric::ConversionRate
+        )
     }
-    fn column(self) -> &'static str {
+    fn name(self) -> &'static str {
         METRICS
             .iter()
             .find(|(_, m)| *m == self)
@@ -115,25 +133,330 @@ impl TimeBucket {
     }
 }
 
+/// A dimension, for grouping or filtering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Time(TimeBucket),
+    /// A derived column of `events` (and of `sessions`, for `visit:` dimensions).
+    Column {
+        api: &'static str,
+        column: &'static str,
+    },
+    /// Each goal named in the `goal` property (several per event possible).
+    Goal,
+    Prop(String),
+    EntryPage,
+    ExitPage,
+}
+
+impl Dim {
+    fn parse(field: &str, s: &str) -> Result<Dim, QueryError> {
+        Ok(match s {
+            "time:hour" => Dim::Time(TimeBucket::Hour),
+            "time" | "time:day" => Dim::Time(TimeBucket::Day),
+            "time:week" => Dim::Time(TimeBucket::Week),
+            "time:month" => Dim::Time(TimeBucket::Month),
+            "event:goal" => Dim::Goal,
+            "visit:entry_page" => Dim::EntryPage,
+            "visit:exit_page" => Dim::ExitPage,
+            other => {
+                if let Some((api, column)) = BREAKDOWNS.iter().find(|(a, _)| *a == other) {
+                    Dim::Column { api, column }
+                } else if let Some(key) = other.strip_prefix("event:props:") {
+                    if key.is_empty()
+                        || key.len() > 128
+                        || key.starts_with('$')
+                        || !key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+                    {
+                        return Err(bad(field, format!("`{other}`: not a custom property name")));
+                    }
+                    Dim::Prop(key.to_string())
+                } else {
+                    return Err(bad(
+                        field,
+                        format!(
+                            "unknown dimension `{other}` (supported: time, time:hour, time:day, \
+                             time:week, time:month, {}, event:goal, event:props:<name>, \
+                             visit:entry_page, visit:exit_page)",
+                            BREAKDOWNS
+                                .iter()
+                                .map(|(a, _)| *a)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+        })
+    }
+
+    fn is_time(&self) -> bool {
+        matches!(self, Dim::Time(_))
+    }
+
+    /// Needs the visit (only `sessions` knows it).
+    fn is_session(&self) -> bool {
+        matches!(self, Dim::EntryPage | Dim::ExitPage)
+    }
+
+    fn is_event_scoped(&self) -> bool {
+        match self {
+            Dim::Column { api, .. } => api.starts_with("event:"),
+            Dim::Goal | Dim::Prop(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Its `dimension` in `breakdowns_hourly`.
+    fn breakdown(&self) -> Option<String> {
+        match self {
+            Dim::Column { api, .. } => Some(api.to_string()),
+            Dim::Goal => Some("event:goal".into()),
+            Dim::Prop(k) => Some(format!("event:props:{k}")),
+            _ => None,
+        }
+    }
+
+    /// The expression over `events` (time dimensions take the column to bucket).
+    fn events_expr(&self) -> String {
+        match self {
+            Dim::Column { column, .. } => column.to_string(),
+            Dim::Goal => "goal".into(),
+            Dim::Prop(k) => format!("properties['{}']", esc(k)),
+            Dim::EntryPage | Dim::ExitPage | Dim::Time(_) => String::new(),
+        }
+    }
+
+    /// The expression over `sessions`, if the visit has it.
+    fn sessions_expr(&self) -> Option<String> {
+        match self {
+            Dim::Column { api, column } if api.starts_with("visit:") => Some(column.to_string()),
+            Dim::EntryPage => Some("entry_page".into()),
+            Dim::ExitPage => Some("exit_page".into()),
+            _ => None,
+        }
+    }
+}
+
+/// A filter in Plausible's v2 syntax: `[op, dimension, [values]]` with `is`, `is_not`,
+/// `contains`, or `["and"|"or", [filters]]`, `["not", filter]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    Is {
+        dim: Dim,
+        values: Vec<String>,
+        negate: bool,
+    },
+    Contains {
+        dim: Dim,
+        values: Vec<String>,
+    },
+    And(Vec<Filter>),
+    Or(Vec<Filter>),
+    Not(Box<Filter>),
+}
+
+impl Filter {
+    fn parse(v: &Value) -> Result<Filter, QueryError> {
+        let f = "filters";
+        let a = v
+            .as_array()
+            .ok_or_else(|| bad(f, format!("`{v}` is not a filter array")))?;
+        let op = a.first().and_then(Value::as_str).unwrap_or("");
+        match (op, a.len()) {
+            ("and" | "or", 2) => {
+                let subs = a[1]
+                    .as_array()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| bad(f, format!("`{op}` takes a non-empty list of filters")))?
+                    .iter()
+                    .map(Filter::parse)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(if op == "and" {
+                    Filter::And(subs)
+                } else {
+                    Filter::Or(subs)
+                })
+            }
+            ("not", 2) => Ok(Filter::Not(Box::new(Filter::parse(&a[1])?))),
+            ("is" | "is_not" | "contains", 3) => {
+                let dim = Dim::parse(f, a[1].as_str().unwrap_or(""))?;
+                if dim.is_time() {
+                    return Err(bad(f, "filter by time with date_range instead"));
+                }
+                let values = a[2]
+                    .as_array()
+                    .filter(|v| !v.is_empty() && v.len() <= 1000)
+                    .ok_or_else(|| bad(f, format!("`{op}` takes a list of 1-1000 values")))?
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        Value::Number(n) => Ok(n.to_string()),
+                        other => Err(bad(f, format!("filter value `{other}` is not a string"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(if op == "contains" {
+                    Filter::Contains { dim, values }
+                } else {
+                    Filter::Is {
+                        dim,
+                        values,
+                        negate: op == "is_not",
+                    }
+                })
+            }
+            _ => Err(bad(
+                f,
+                format!("`{v}`: expected [is|is_not|contains, dimension, [values]], [and|or, [filters]] or [not, filter]"),
+            )),
+        }
+    }
+
+    fn dims(&self, out: &mut Vec<Dim>) {
+        match self {
+            Filter::Is { dim, .. } | Filter::Contains { dim, .. } => out.push(dim.clone()),
+            Filter::And(fs) | Filter::Or(fs) => fs.iter().for_each(|f| f.dims(out)),
+            Filter::Not(f) => f.dims(out),
+        }
+    }
+
+    /// SQL predicate; `expr` maps a dimension to its column expression.
+    fn sql(&self, expr: &dyn Fn(&Dim) -> String) -> String {
+        let list = |values: &[String]| {
+            values
+                .iter()
+                .map(|v| format!("'{}'", esc(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            // A goal is one of a comma-separated list: match the element, not the text.
+            Filter::Is {
+                dim,
+                values,
+                negate,
+            } if *dim == Dim::Goal => {
+                let any = values
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "array_has(string_to_array(properties['goal'], ','), '{}')",
+                            esc(v)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                if *negate {
+                    format!("NOT COALESCE(({any}), false)")
+                } else {
+                    format!("COALESCE(({any}), false)")
+                }
+            }
+            Filter::Is {
+                dim,
+                values,
+                negate,
+            } => {
+                let e = expr(dim);
+                if *negate {
+                    // Plausible: `is_not` keeps events without the dimension.
+                    format!("({e} IS NULL OR {e} NOT IN ({}))", list(values))
+                } else {
+                    format!("{e} IN ({})", list(values))
+                }
+            }
+            Filter::Contains { dim, values } => {
+                let e = if *dim == Dim::Goal {
+                    "properties['goal']".to_string()
+                } else {
+                    expr(dim)
+                };
+                let any = values
+                    .iter()
+                    .map(|v| format!("strpos({e}, '{}') > 0", esc(v)))
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                format!("COALESCE(({any}), false)")
+            }
+            Filter::And(fs) => format!(
+                "({})",
+                fs.iter()
+                    .map(|f| f.sql(expr))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            ),
+            Filter::Or(fs) => format!(
+                "({})",
+                fs.iter()
+                    .map(|f| f.sql(expr))
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            ),
+            Filter::Not(f) => format!("(NOT {})", f.sql(expr)),
+        }
+    }
+}
+
+/// A SQL string literal's content.
+fn esc(s: &str) -> String {
+    s.replace('\'', "''")
+}
+
+/// What a sort key refers to.
+#[derive(Debug, Clone, PartialEq)]
+enum SortKey {
+    Metric(usize),
+    Dim(usize),
+}
+
 /// A validated query for one merchant.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub merchant_id: String,
     pub metrics: Vec<Metric>,
+    pub tz: Tz,
     pub from: DateTime<Utc>,
     /// Exclusive.
     pub to: DateTime<Utc>,
-    pub time: Option<TimeBucket>,
-    /// `event:page`: a breakdown by page path, top pages first.
-    pub by_page: bool,
+    pub dims: Vec<Dim>,
+    pub filter: Option<Filter>,
+    order: Vec<(SortKey, bool)>,
     pub limit: u32,
     pub offset: u32,
 }
 
+/// Where a part of the answer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Rollups,
+    Events,
+    Sessions,
+    /// Total visitors per time bucket (the denominator of `conversion_rate`).
+    Totals,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub kind: SourceKind,
+    pub sql: String,
+}
+
+/// Parses an IANA time zone name (`Europe/Berlin`); `None` or empty is UTC.
+pub fn parse_timezone(name: Option<&str>) -> Result<Tz, String> {
+    match name.map(str::trim).filter(|n| !n.is_empty()) {
+        None => Ok(Tz::UTC),
+        Some(n) => n
+            .parse::<Tz>()
+            .map_err(|_| format!("`{n}` is not an IANA time zone name")),
+    }
+}
+
 impl QueryRequest {
     /// Validates the request for `merchant_id` (the token's merchant, already checked to be
-    /// `site_id`), as of `now`.
-    pub fn plan(&self, merchant_id: &str, now: DateTime<Utc>) -> Result<Plan, QueryError> {
+    /// `site_id`) in the merchant's time zone `tz`, as of `now`.
+    pub fn plan(&self, merchant_id: &str, tz: Tz, now: DateTime<Utc>) -> Result<Plan, QueryError> {
         if self.metrics.is_empty() {
             return Err(bad("metrics", "at least one metric is required"));
         }
@@ -147,7 +470,7 @@ impl QueryRequest {
                     bad(
                         "metrics",
                         format!(
-                            "unknown or unsupported metric `{m}` (supported: {})",
+                            "unknown metric `{m}` (supported: {})",
                             METRICS
                                 .iter()
                                 .map(|(n, _)| *n)
@@ -161,62 +484,78 @@ impl QueryRequest {
             }
             metrics.push(metric);
         }
-        let (from, to) = date_range(&self.date_range, now)?;
-        let mut time = None;
-        let mut by_page = false;
+        let (from, to) = date_range(&self.date_range, tz, now)?;
+        let mut dims = Vec::new();
         for d in &self.dimensions {
-            let bucket = match d.as_str() {
-                "time:hour" => TimeBucket::Hour,
-                "time" | "time:day" => TimeBucket::Day,
-                "time:week" => TimeBucket::Week,
-                "time:month" => TimeBucket::Month,
-                "event:page" => {
-                    by_page = true;
-                    continue;
-                }
-                other => {
-                    return Err(bad(
-                        "dimensions",
-                        format!("dimension `{other}` is not supported yet (supported: time, time:hour, time:day, time:week, time:month, event:page)"),
-                    ))
-                }
-            };
-            if time.replace(bucket).is_some() {
+            let dim = Dim::parse("dimensions", d)?;
+            if dims.contains(&dim) {
+                return Err(bad("dimensions", format!("`{d}` is listed twice")));
+            }
+            if dim.is_time() && dims.iter().any(Dim::is_time) {
                 return Err(bad("dimensions", "at most one time dimension"));
             }
+            dims.push(dim);
         }
-        if by_page {
-            if time.is_some() {
+        if dims.iter().filter(|d| !d.is_time()).count() > 3 {
+            return Err(bad("dimensions", "at most three non-time dimensions"));
+        }
+        let filter = match self.filters.len() {
+            0 => None,
+            1 => Some(Filter::parse(&self.filters[0])?),
+            _ => Some(Filter::And(
+                self.filters
+                    .iter()
+                    .map(Filter::parse)
+                    .collect::<Result<_, _>>()?,
+            )),
+        };
+        let mut filter_dims = Vec::new();
+        if let Some(f) = &filter {
+            f.dims(&mut filter_dims);
+        }
+        let per_visit = metrics.iter().any(|m| !m.per_event());
+        let sessions_only =
+            dims.iter().any(Dim::is_session) || filter_dims.iter().any(Dim::is_session);
+        if per_visit || sessions_only {
+            let what = if per_visit {
+                "visit metrics"
+            } else {
+                "entry and exit pages"
+            };
+            if let Some(d) = dims.iter().find(|d| d.is_event_scoped()) {
                 return Err(bad(
                     "dimensions",
-                    "event:page together with a time dimension is not supported yet",
+                    format!("{what} cannot be broken down by {} yet", api_name(d)),
                 ));
             }
-            if let Some(m) = metrics
-                .iter()
-                .find(|m| !matches!(m, Metric::Visitors | Metric::Pageviews))
-            {
+            if let Some(d) = filter_dims.iter().find(|d| d.is_event_scoped()) {
+                return Err(bad(
+                    "filters",
+                    format!("{what} cannot be filtered by {} yet", api_name(d)),
+                ));
+            }
+        }
+        if metrics.contains(&Metric::ConversionRate) {
+            if !dims.contains(&Dim::Goal) {
                 return Err(bad(
                     "metrics",
-                    format!(
-                        "`{}` by event:page is not supported yet (visitors, pageviews are)",
-                        m.column()
-                    ),
+                    "conversion_rate needs the event:goal dimension",
                 ));
             }
-        }
-        if !self.filters.is_empty() {
-            return Err(bad("filters", "filters are not supported yet"));
-        }
-        if self.order_by.is_some() {
-            return Err(bad(
-                "order_by",
-                "order_by is not supported yet (time dimensions are returned in time order)",
-            ));
+            if sessions_only || filter.is_some() {
+                return Err(bad(
+                    "metrics",
+                    "conversion_rate with filters or entry/exit pages is not supported yet",
+                ));
+            }
         }
         if self.include.is_some() {
             return Err(bad("include", "include is not supported yet"));
         }
+        let order = match &self.order_by {
+            None => default_order(&dims),
+            Some(v) => parse_order(v, &self.metrics, &self.dimensions)?,
+        };
         let p = self.pagination.unwrap_or(Pagination {
             limit: default_limit(),
             offset: 0,
@@ -227,34 +566,110 @@ impl QueryRequest {
         Ok(Plan {
             merchant_id: merchant_id.to_string(),
             metrics,
+            tz,
             from,
             to,
-            time,
-            by_page,
+            dims,
+            filter,
+            order,
             limit: p.limit,
             offset: p.offset,
         })
     }
 }
 
-fn day_start(d: NaiveDate) -> DateTime<Utc> {
-    Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+fn api_name(d: &Dim) -> String {
+    match d {
+        Dim::Column { api, .. } => api.to_string(),
+        Dim::Goal => "event:goal".into(),
+        Dim::Prop(k) => format!("event:props:{k}"),
+        Dim::EntryPage => "visit:entry_page".into(),
+        Dim::ExitPage => "visit:exit_page".into(),
+        Dim::Time(_) => "time".into(),
+    }
 }
 
-/// `[from, to)` for a date range, UTC.
+/// Time ascending when there is a time dimension, else the first metric descending; the
+/// dimensions then break ties so pages are stable.
+fn default_order(dims: &[Dim]) -> Vec<(SortKey, bool)> {
+    let mut order = Vec::new();
+    if let Some(i) = dims.iter().position(Dim::is_time) {
+        order.push((SortKey::Dim(i), false));
+    }
+    order.push((SortKey::Metric(0), true));
+    order.extend((0..dims.len()).map(|i| (SortKey::Dim(i), false)));
+    order
+}
+
+fn parse_order(
+    v: &Value,
+    metrics: &[String],
+    dims: &[String],
+) -> Result<Vec<(SortKey, bool)>, QueryError> {
+    let f = "order_by";
+    let items = v
+        .as_array()
+        .ok_or_else(|| bad(f, "must be a list of [metric or dimension, asc|desc]"))?;
+    let mut order = Vec::new();
+    for item in items {
+        let pair = item.as_array().filter(|p| p.len() == 2);
+        let (key, dir) = match pair {
+            Some(p) => (p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")),
+            None => return Err(bad(f, format!("`{item}` is not [name, asc|desc]"))),
+        };
+        let desc = match dir {
+            "asc" => false,
+            "desc" => true,
+            _ => return Err(bad(f, format!("direction `{dir}` is not asc or desc"))),
+        };
+        let sort = if let Some(i) = metrics.iter().position(|m| m == key) {
+            SortKey::Metric(i)
+        } else if let Some(i) = dims
+            .iter()
+            .position(|d| d == key || (key == "time" && d.starts_with("time")))
+        {
+            SortKey::Dim(i)
+        } else {
+            return Err(bad(
+                f,
+                format!("`{key}` is neither a requested metric nor a requested dimension"),
+            ));
+        };
+        order.push((sort, desc));
+    }
+    // Ties still resolve deterministically.
+    order.extend((0..dims.len()).map(|i| (SortKey::Dim(i), false)));
+    Ok(order)
+}
+
+fn local_midnight(tz: Tz, d: NaiveDate) -> DateTime<Utc> {
+    let naive = d.and_hms_opt(0, 0, 0).unwrap_or_default();
+    // A midnight skipped by a DST change starts the day at the first instant after it.
+    tz.from_local_datetime(&naive)
+        .earliest()
+        .or_else(|| {
+            tz.from_local_datetime(&(naive + Duration::hours(1)))
+                .earliest()
+        })
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| Utc.from_utc_datetime(&naive))
+}
+
+/// `[from, to)` for a date range in `tz`, as UTC instants.
 fn date_range(
-    v: &serde_json::Value,
+    v: &Value,
+    tz: Tz,
     now: DateTime<Utc>,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>), QueryError> {
-    let today = now.date_naive();
-    let tomorrow = day_start(today) + Duration::days(1);
-    let first_of = |y: i32, m: u32| NaiveDate::from_ymd_opt(y, m, 1).map(day_start);
+    let today = now.with_timezone(&tz).date_naive();
+    let tomorrow = local_midnight(tz, today + Duration::days(1));
+    let first_of = |y: i32, m: u32| NaiveDate::from_ymd_opt(y, m, 1);
     match v {
-        serde_json::Value::String(s) => {
+        Value::String(s) => {
             let from = match s.as_str() {
-                "day" => Some(day_start(today)),
-                "7d" => Some(day_start(today) - Duration::days(6)),
-                "30d" => Some(day_start(today) - Duration::days(29)),
+                "day" => Some(today),
+                "7d" => Some(today - Duration::days(6)),
+                "30d" => Some(today - Duration::days(29)),
                 "month" => first_of(today.year(), today.month()),
                 "year" => first_of(today.year(), 1),
                 "12mo" => {
@@ -269,9 +684,9 @@ fn date_range(
                     format!("`{s}` is not one of day, 7d, 30d, month, 12mo, year, or [from, to]"),
                 )
             })?;
-            Ok((from, tomorrow))
+            Ok((local_midnight(tz, from), tomorrow))
         }
-        serde_json::Value::Array(a) if a.len() == 2 => {
+        Value::Array(a) if a.len() == 2 => {
             let date = |i: usize| {
                 a[i].as_str()
                     .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
@@ -286,7 +701,13 @@ fn date_range(
             if to < from {
                 return Err(bad("date_range", "the end is before the start"));
             }
-            Ok((day_start(from), day_start(to) + Duration::days(1)))
+            if (to - from).num_days() > 3 * 366 {
+                return Err(bad("date_range", "at most three years"));
+            }
+            Ok((
+                local_midnight(tz, from),
+                local_midnight(tz, to + Duration::days(1)),
+            ))
         }
         _ => Err(bad("date_range", "must be a period name or [from, to]")),
     }
@@ -301,234 +722,512 @@ impl Plan {
         )
     }
 
-    fn bucket(&self, column: &str) -> String {
-        match self.time {
-            Some(t) => format!(
-                "to_char(date_trunc('{}', {column}), '{}')",
-                t.trunc(),
-                t.format()
-            ),
-            None => "'all'".into(),
-        }
+    /// The label of `column`'s time bucket, in the merchant's time zone.
+    fn bucket(&self, t: TimeBucket, column: &str) -> String {
+        format!(
+            "to_char(date_trunc('{}', {column} AT TIME ZONE '{}'), '{}')",
+            t.trunc(),
+            self.tz.name(),
+            t.format()
+        )
     }
 
-    /// SQL for a page breakdown: the rollups have no breakdowns yet, so this reads `events`
-    /// (pageviews of the range, by URL path without query or fragment), top pages first.
-    pub fn pages_sql(&self) -> Option<String> {
-        self.by_page.then(|| {
+    /// Hourly UTC rollups can be regrouped into local buckets when every local hour is a
+    /// UTC hour: the zone's offset is whole hours over the whole range.
+    fn whole_hour_zone(&self) -> bool {
+        let whole = |t: DateTime<Utc>| {
+            self.tz
+                .offset_from_utc_datetime(&t.naive_utc())
+                .fix()
+                .local_minus_utc()
+                % 3600
+                == 0
+        };
+        whole(self.from) && whole(self.to)
+    }
+
+    /// Dimensions as `expr AS d0, ...` and the GROUP BY list; `expr` maps non-time ones.
+    fn dim_columns(&self, time_column: &str, expr: &dyn Fn(&Dim) -> String) -> (String, String) {
+        let mut select = Vec::new();
+        let mut not_null = Vec::new();
+        for (i, d) in self.dims.iter().enumerate() {
+            let e = match d {
+                Dim::Time(t) => self.bucket(*t, time_column),
+                other => {
+                    let e = expr(other);
+                    not_null.push(format!("{e} IS NOT NULL AND {e} <> ''"));
+                    e
+                }
+            };
+            select.push(format!("{e} AS d{i}, "));
+        }
+        let group = if self.dims.is_empty() {
+            String::new()
+        } else {
             format!(
-                "SELECT page AS bucket, count(*) AS pageviews, count(DISTINCT visitor_id) AS visitors \
-                 FROM (SELECT visitor_id, CASE WHEN p = '' THEN '/' ELSE p END AS page \
-                       FROM (SELECT visitor_id, \
-                                    split_part(split_part(regexp_replace(COALESCE(url, ''), \
-                                        '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*', ''), '?', 1), '#', 1) AS p \
-                             FROM events WHERE merchant_id = '{}' AND name = 'pageview' AND {}) raw) pages \
-                 GROUP BY page ORDER BY pageviews DESC, page LIMIT {} OFFSET {}",
-                self.merchant_id,
-                self.bounds("ts"),
-                self.limit,
-                self.offset
+                " GROUP BY {}",
+                (1..=self.dims.len())
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
-        })
+        };
+        let where_ = not_null
+            .iter()
+            .map(|c| format!(" AND {c}"))
+            .collect::<String>();
+        (select.concat(), format!("{where_}{group}"))
     }
 
-    /// SQL over the hourly rollups, if any metric needs it. `merchant_id` is the token's
-    /// merchant, validated by the registry, never request text.
-    pub fn rollups_sql(&self) -> Option<String> {
-        if self.by_page {
-            return None;
+    fn rollups_eligible(&self) -> bool {
+        self.filter.is_none()
+            && self.whole_hour_zone()
+            && self
+                .dims
+                .iter()
+                .all(|d| d.is_time() || d.breakdown().is_some())
+            && self.dims.iter().filter(|d| !d.is_time()).count() <= 1
+    }
+
+    fn sessions_only(&self) -> bool {
+        let mut fd = Vec::new();
+        if let Some(f) = &self.filter {
+            f.dims(&mut fd);
         }
-        self.metrics.iter().any(|m| m.in_rollups()).then(|| {
-            format!(
-                "SELECT {} AS bucket, \
-                        CAST(sum(events) AS BIGINT) AS events, \
+        self.dims.iter().any(Dim::is_session) || fd.iter().any(Dim::is_session)
+    }
+
+    /// The SQL that answers the query, one statement per source.
+    pub fn sources(&self) -> Vec<Source> {
+        let m = esc(&self.merchant_id);
+        let mut out = Vec::new();
+        let sessions_only = self.sessions_only();
+        let per_event = self.metrics.iter().any(|m| m.per_event());
+        if per_event && !sessions_only {
+            let kind = if self.rollups_eligible() {
+                SourceKind::Rollups
+            } else {
+                SourceKind::Events
+            };
+            out.push(Source {
+                kind,
+                sql: self.event_metrics_sql(kind, &m),
+            });
+        }
+        if sessions_only || self.metrics.iter().any(|m| !m.per_event()) {
+            out.push(Source {
+                kind: SourceKind::Sessions,
+                sql: self.sessions_sql(&m),
+            });
+        }
+        if self.metrics.contains(&Metric::ConversionRate) {
+            out.push(Source {
+                kind: SourceKind::Totals,
+                sql: self.totals_sql(&m),
+            });
+        }
+        out
+    }
+
+    /// The same answer computed from `events` alone (and `sessions`), never the rollups:
+    /// the baseline of the query benchmark and a cross-check.
+    pub fn events_sources(&self) -> Vec<Source> {
+        self.sources()
+            .into_iter()
+            .map(|s| match s.kind {
+                SourceKind::Rollups => Source {
+                    kind: SourceKind::Events,
+                    sql: self.event_metrics_sql(SourceKind::Events, &esc(&self.merchant_id)),
+                },
+                _ => s,
+            })
+            .collect()
+    }
+
+    fn event_metrics_sql(&self, kind: SourceKind, m: &str) -> String {
+        if kind == SourceKind::Rollups {
+            let breakdown = self.dims.iter().find_map(Dim::breakdown);
+            let (dims, group) = self.dim_columns("hour", &|_| "value".into());
+            let (table, extra) = match &breakdown {
+                Some(b) => (
+                    "breakdowns_hourly",
+                    format!(" AND dimension = '{}'", esc(b)),
+                ),
+                None => ("rollups_hourly", String::new()),
+            };
+            return format!(
+                "SELECT {dims}CAST(sum(events) AS BIGINT) AS events, \
                         CAST(sum(pageviews) AS BIGINT) AS pageviews, \
                         CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT) AS visitors \
-                 FROM rollups_hourly WHERE merchant_id = '{}' AND {} GROUP BY 1",
-                self.bucket("hour"),
-                self.merchant_id,
+                 FROM {table} WHERE merchant_id = '{m}'{extra} AND {}{group}",
                 self.bounds("hour")
-            )
-        })
-    }
-
-    /// SQL over the `sessions` view, if any metric needs it.
-    pub fn sessions_sql(&self) -> Option<String> {
-        if self.by_page {
-            return None;
+            );
         }
-        self.metrics.iter().any(|m| !m.in_rollups()).then(|| {
+        let (dims, group) = self.dim_columns("ts", &Dim::events_expr);
+        let filter = self
+            .filter
+            .as_ref()
+            .map(|f| format!(" AND {}", f.sql(&Dim::events_expr)))
+            .unwrap_or_default();
+        let bounds = self.bounds("ts");
+        // A goal breakdown counts an event once per goal it names.
+        let from = if self.dims.contains(&Dim::Goal) {
             format!(
-                "SELECT {} AS bucket, \
-                        count(*) AS visits, \
-                        round(100.0 * avg(CASE WHEN bounce THEN 1.0 ELSE 0.0 END)) AS bounce_rate, \
-                        round(avg(CAST(duration_ms AS DOUBLE)) / 1000.0) AS visit_duration, \
-                        round(avg(CAST(pageviews AS DOUBLE)), 2) AS views_per_visit \
-                 FROM sessions WHERE merchant_id = '{}' AND {} GROUP BY 1",
-                self.bucket("started_at"),
-                self.merchant_id,
-                self.bounds("started_at")
+                "(SELECT *, trim(unnest(string_to_array(properties['goal'], ','))) AS goal \
+                  FROM events WHERE merchant_id = '{m}' AND {bounds} AND properties['goal'] IS NOT NULL) g"
             )
-        })
+        } else {
+            "events".into()
+        };
+        format!(
+            "SELECT {dims}count(*) AS events, \
+                    CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
+                    count(DISTINCT visitor_id) AS visitors \
+             FROM {from} WHERE merchant_id = '{m}' AND {bounds}{filter}{group}"
+        )
     }
 
-    /// Merges the rows of both sources (JSON objects with `bucket` and metric columns) into
-    /// Plausible's `results`: `{"metrics": [...], "dimensions": [...]}` per bucket.
-    pub fn results(&self, rows: &[serde_json::Value]) -> Vec<serde_json::Value> {
-        use std::collections::BTreeMap;
-        if self.by_page {
-            // Already ordered (top pages first) and paginated by the SQL.
-            return rows
-                .iter()
-                .map(|row| {
-                    let metrics: Vec<serde_json::Value> = self
-                        .metrics
-                        .iter()
-                        .map(|m| row.get(m.column()).cloned().unwrap_or(0.into()))
-                        .collect();
-                    let page = row
-                        .get("bucket")
-                        .cloned()
-                        .unwrap_or(serde_json::Value::Null);
-                    serde_json::json!({"metrics": metrics, "dimensions": [page]})
-                })
-                .collect();
+    fn sessions_sql(&self, m: &str) -> String {
+        let expr = |d: &Dim| d.sessions_expr().unwrap_or_default();
+        let (dims, group) = self.dim_columns("started_at", &expr);
+        let filter = self
+            .filter
+            .as_ref()
+            .map(|f| format!(" AND {}", f.sql(&expr)))
+            .unwrap_or_default();
+        // Event metrics too, when the query is about entry or exit pages.
+        format!(
+            "SELECT {dims}count(*) AS visits, \
+                    round(100.0 * avg(CASE WHEN bounce THEN 1.0 ELSE 0.0 END)) AS bounce_rate, \
+                    round(avg(CAST(duration_ms AS DOUBLE)) / 1000.0) AS visit_duration, \
+                    round(avg(CAST(pageviews AS DOUBLE)), 2) AS views_per_visit, \
+                    count(DISTINCT visitor_id) AS visitors, \
+                    CAST(sum(pageviews) AS BIGINT) AS pageviews, \
+                    CAST(sum(events) AS BIGINT) AS events \
+             FROM sessions WHERE merchant_id = '{m}' AND {}{filter}{group}",
+            self.bounds("started_at")
+        )
+    }
+
+    fn totals_sql(&self, m: &str) -> String {
+        let time = self.dims.iter().find_map(|d| match d {
+            Dim::Time(t) => Some(*t),
+            _ => None,
+        });
+        let (col, table, visitors) = if self.whole_hour_zone() {
+            (
+                "hour",
+                "rollups_hourly",
+                "CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT)",
+            )
+        } else {
+            ("ts", "events", "count(DISTINCT visitor_id)")
+        };
+        match time {
+            Some(t) => format!(
+                "SELECT {} AS t, {visitors} AS total_visitors FROM {table} \
+                 WHERE merchant_id = '{m}' AND {} GROUP BY 1",
+                self.bucket(t, col),
+                self.bounds(col)
+            ),
+            None => format!(
+                "SELECT {visitors} AS total_visitors FROM {table} WHERE merchant_id = '{m}' AND {}",
+                self.bounds(col)
+            ),
         }
-        let mut by_bucket: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
+    }
+
+    /// Merges the rows of every source (JSON objects: `d0..` dimension values and metric
+    /// columns) into Plausible's `results`, sorted and paginated.
+    pub fn results(&self, rows: &[(SourceKind, Vec<Value>)]) -> Vec<Value> {
+        let time_index = self.dims.iter().position(Dim::is_time);
+        let mut merged: BTreeMap<String, (Vec<Value>, serde_json::Map<String, Value>)> =
             BTreeMap::new();
-        for row in rows {
-            let Some(obj) = row.as_object() else { continue };
-            let bucket = obj
-                .get("bucket")
-                .and_then(|b| b.as_str())
-                .unwrap_or("all")
-                .to_string();
-            let entry = by_bucket.entry(bucket).or_default();
-            for (k, v) in obj {
-                if k != "bucket" {
-                    entry.insert(k.clone(), v.clone());
+        let mut totals: HashMap<String, Value> = HashMap::new();
+        for (kind, rows) in rows {
+            for row in rows {
+                let Some(obj) = row.as_object() else { continue };
+                if *kind == SourceKind::Totals {
+                    let t = obj.get("t").map(Value::to_string).unwrap_or_default();
+                    totals.insert(t, obj.get("total_visitors").cloned().unwrap_or(Value::Null));
+                    continue;
+                }
+                let dims: Vec<Value> = (0..self.dims.len())
+                    .map(|i| obj.get(&format!("d{i}")).cloned().unwrap_or(Value::Null))
+                    .collect();
+                let key = serde_json::to_string(&dims).unwrap_or_default();
+                let entry = merged
+                    .entry(key)
+                    .or_insert_with(|| (dims, Default::default()));
+                for (k, v) in obj {
+                    // The sessions source also counts event metrics; the event source wins.
+                    if k.starts_with('d') && k[1..].chars().all(|c| c.is_ascii_digit()) {
+                        continue;
+                    }
+                    if *kind == SourceKind::Sessions && entry.1.contains_key(k) {
+                        continue;
+                    }
+                    entry.1.insert(k.clone(), v.clone());
                 }
             }
         }
-        if by_bucket.is_empty() && self.time.is_none() {
-            by_bucket.insert("all".into(), Default::default());
+        if merged.is_empty() && self.dims.is_empty() {
+            merged.insert(String::new(), (Vec::new(), Default::default()));
         }
-        by_bucket
-            .into_iter()
-            .skip(self.offset as usize)
-            .take(self.limit as usize)
-            .map(|(bucket, values)| {
-                let metrics: Vec<serde_json::Value> = self
+        let mut out: Vec<(Vec<Value>, Vec<Value>)> = merged
+            .into_values()
+            .map(|(dims, values)| {
+                let metrics = self
                     .metrics
                     .iter()
-                    .map(|m| {
-                        let v = values
-                            .get(m.column())
-                            .cloned()
-                            .unwrap_or(serde_json::Value::Null);
-                        // No rows means zero for counts; rates and averages stay null.
-                        match (m, v.is_null()) {
-                            (
-                                Metric::Visitors
-                                | Metric::Pageviews
-                                | Metric::Events
-                                | Metric::Visits,
-                                true,
-                            ) => 0.into(),
-                            _ => v,
+                    .map(|m| match m {
+                        Metric::ConversionRate => {
+                            let t = time_index.map(|i| dims[i].to_string()).unwrap_or_default();
+                            let visitors = values.get("visitors").and_then(Value::as_f64);
+                            let total = totals.get(&t).and_then(Value::as_f64);
+                            match (visitors, total) {
+                                (Some(v), Some(t)) if t > 0.0 => {
+                                    serde_json::json!((v * 10_000.0 / t).round() / 100.0)
+                                }
+                                _ => 0.into(),
+                            }
+                        }
+                        m => {
+                            let v = values.get(m.name()).cloned().unwrap_or(Value::Null);
+                            // No rows means zero for counts; rates and averages stay null.
+                            match (m, v.is_null()) {
+                                (
+                                    Metric::Visitors
+                                    | Metric::Pageviews
+                                    | Metric::Events
+                                    | Metric::Visits,
+                                    true,
+                                ) => 0.into(),
+                                _ => v,
+                            }
                         }
                     })
                     .collect();
-                let dimensions: Vec<serde_json::Value> = match self.time {
-                    Some(_) => vec![bucket.into()],
-                    None => vec![],
-                };
-                serde_json::json!({"metrics": metrics, "dimensions": dimensions})
+                (dims, metrics)
             })
+            .collect();
+        out.sort_by(|a, b| {
+            for (key, desc) in &self.order {
+                let (x, y) = match key {
+                    SortKey::Metric(i) => (a.1.get(*i), b.1.get(*i)),
+                    SortKey::Dim(i) => (a.0.get(*i), b.0.get(*i)),
+                };
+                let o = compare(x, y);
+                let o = if *desc { o.reverse() } else { o };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        });
+        out.into_iter()
+            .skip(self.offset as usize)
+            .take(self.limit as usize)
+            .map(|(dims, metrics)| serde_json::json!({"metrics": metrics, "dimensions": dims}))
             .collect()
+    }
+}
+
+/// Numbers by value, strings by text, nulls first.
+fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        (Some(Value::Null) | None, Some(Value::Null) | None) => Ordering::Equal,
+        (Some(Value::Null) | None, _) => Ordering::Less,
+        (_, Some(Value::Null) | None) => Ordering::Greater,
+        (Some(x), Some(y)) => x.to_string().cmp(&y.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn req(json: serde_json::Value) -> Result<QueryRequest, serde_json::Error> {
-        serde_json::from_value(json)
+    fn req(v: Value) -> QueryRequest {
+        serde_json::from_value(v).unwrap()
     }
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 15, 10, 30, 0).unwrap()
     }
 
+    fn plan(v: Value) -> Result<Plan, QueryError> {
+        req(v).plan("m_1", Tz::UTC, now())
+    }
+
     #[test]
-    fn date_ranges_resolve_to_utc_days() {
-        let r = |v: serde_json::Value| date_range(&v, now()).unwrap();
-        let (f, t) = r("7d".into());
+    fn date_ranges_resolve_in_the_merchants_zone() {
+        let r = |v: Value, tz: Tz| date_range(&v, tz, now()).unwrap();
+        let (f, t) = r("7d".into(), Tz::UTC);
         assert_eq!(f.to_rfc3339(), "2026-03-09T00:00:00+00:00");
         assert_eq!(t.to_rfc3339(), "2026-03-16T00:00:00+00:00");
-        assert_eq!(r("12mo".into()).0.to_rfc3339(), "2025-04-01T00:00:00+00:00");
         assert_eq!(
-            r("month".into()).0.to_rfc3339(),
+            r("12mo".into(), Tz::UTC).0.to_rfc3339(),
+            "2025-04-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            r("month".into(), Tz::UTC).0.to_rfc3339(),
             "2026-03-01T00:00:00+00:00"
         );
-        let (f, t) = r(serde_json::json!(["2026-01-01", "2026-01-31"]));
-        assert_eq!(
-            (f.to_rfc3339(), t.to_rfc3339()),
-            (
-                "2026-01-01T00:00:00+00:00".into(),
-                "2026-02-01T00:00:00+00:00".into()
-            )
-        );
-        assert!(date_range(&"fortnight".into(), now()).is_err());
-        assert!(date_range(&serde_json::json!(["2026-02-01", "2026-01-01"]), now()).is_err());
+        // 10:30 UTC is 19:30 in Tokyo; its day started at 15:00 UTC the day before.
+        let (f, t) = r("day".into(), Tz::Asia__Tokyo);
+        assert_eq!(f.to_rfc3339(), "2026-03-14T15:00:00+00:00");
+        assert_eq!(t.to_rfc3339(), "2026-03-15T15:00:00+00:00");
+        // 22:00 in Los Angeles is already the next day in UTC.
+        let late = Utc.with_ymd_and_hms(2026, 3, 16, 5, 0, 0).unwrap();
+        let (f, _) = date_range(&"day".into(), Tz::America__Los_Angeles, late).unwrap();
+        assert_eq!(f.to_rfc3339(), "2026-03-15T07:00:00+00:00");
+        let (f, t) = r(json!(["2026-01-01", "2026-01-31"]), Tz::Asia__Kolkata);
+        assert_eq!(f.to_rfc3339(), "2025-12-31T18:30:00+00:00");
+        assert_eq!(t.to_rfc3339(), "2026-01-31T18:30:00+00:00");
+        assert!(date_range(&"fortnight".into(), Tz::UTC, now()).is_err());
+        assert!(date_range(&json!(["2026-02-01", "2026-01-01"]), Tz::UTC, now()).is_err());
     }
 
     #[test]
     fn bad_fields_are_named() {
-        let plan = |v| req(v).unwrap().plan("m_1", now()).unwrap_err().field;
+        let field = |v| plan(v).unwrap_err().field;
+        let base = |extra: Value| {
+            let mut b = json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day"});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            b
+        };
+        assert_eq!(field(base(json!({"metrics": ["nope"]}))), "metrics");
+        assert_eq!(field(base(json!({"date_range": "x"}))), "date_range");
         assert_eq!(
-            plan(serde_json::json!({"site_id": "m_1", "metrics": ["nope"], "date_range": "day"})),
-            "metrics"
-        );
-        assert_eq!(
-            plan(serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "x"})),
-            "date_range"
-        );
-        assert_eq!(
-            plan(
-                serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day", "dimensions": ["visit:source"]})
-            ),
+            field(base(json!({"dimensions": ["visit:planet"]}))),
             "dimensions"
         );
         assert_eq!(
-            plan(
-                serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day", "filters": [["is", "event:page", ["/"]]]})
-            ),
+            field(base(json!({"dimensions": ["event:props:$os"]}))),
+            "dimensions"
+        );
+        assert_eq!(
+            field(base(json!({"filters": [["is", "event:page"]]}))),
             "filters"
         );
-        assert!(req(serde_json::json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "day", "metric": 1})).is_err());
+        assert_eq!(
+            field(base(json!({"filters": [["like", "event:page", ["/"]]]}))),
+            "filters"
+        );
+        assert_eq!(
+            field(base(json!({"order_by": [["pageviews", "desc"]]}))),
+            "order_by"
+        );
+        assert_eq!(
+            field(base(
+                json!({"metrics": ["bounce_rate"], "dimensions": ["event:page"]})
+            )),
+            "dimensions"
+        );
+        assert_eq!(
+            field(base(
+                json!({"metrics": ["visits"], "filters": [["is", "event:goal", ["Signup"]]]})
+            )),
+            "filters"
+        );
+        assert_eq!(
+            field(base(json!({"metrics": ["conversion_rate"]}))),
+            "metrics"
+        );
+        assert_eq!(
+            field(base(json!({"include": {"imports": true}}))),
+            "include"
+        );
     }
 
     #[test]
-    fn results_merge_sources_by_bucket_and_fill_zero_counts() {
-        let p = req(serde_json::json!({"site_id": "m_1", "metrics": ["visitors", "visits", "bounce_rate"], "date_range": "7d", "dimensions": ["time:day"]}))
-            .unwrap()
-            .plan("m_1", now())
+    fn unfiltered_breakdowns_use_rollups_and_filters_use_events() {
+        let p = plan(json!({"site_id": "m_1", "metrics": ["visitors", "pageviews"], "date_range": "7d", "dimensions": ["visit:country"]})).unwrap();
+        let s = p.sources();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].kind, SourceKind::Rollups);
+        assert!(
+            s[0].sql.contains("dimension = 'visit:country'"),
+            "{}",
+            s[0].sql
+        );
+
+        let p = plan(json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "7d", "dimensions": ["event:page"],
+            "filters": [["and", [["is", "visit:source", ["Google", "Bing"]], ["not", ["contains", "event:page", ["o'k"]]]]]]})).unwrap();
+        let s = p.sources();
+        assert_eq!(s[0].kind, SourceKind::Events);
+        assert!(
+            s[0].sql.contains("source IN ('Google', 'Bing')"),
+            "{}",
+            s[0].sql
+        );
+        assert!(s[0].sql.contains("strpos(path, 'o''k')"), "{}", s[0].sql);
+
+        // A half-hour zone cannot be regrouped from UTC hours.
+        let p = req(json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "7d", "dimensions": ["time:day"]}))
+            .plan("m_1", Tz::Asia__Kolkata, now())
             .unwrap();
+        assert_eq!(p.sources()[0].kind, SourceKind::Events);
+        assert!(p.sources()[0].sql.contains("AT TIME ZONE 'Asia/Kolkata'"));
+
+        let p = plan(json!({"site_id": "m_1", "metrics": ["visitors", "bounce_rate"], "date_range": "7d", "dimensions": ["visit:entry_page"]})).unwrap();
+        let kinds: Vec<_> = p.sources().iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, vec![SourceKind::Sessions]);
+    }
+
+    #[test]
+    fn results_merge_sources_sort_and_compute_conversion_rates() {
+        let p = plan(json!({"site_id": "m_1", "metrics": ["visitors", "visits", "bounce_rate"], "date_range": "7d", "dimensions": ["time:day"]})).unwrap();
         let rows = vec![
-            serde_json::json!({"bucket": "2026-03-10", "visitors": 3, "events": 9, "pageviews": 7}),
-            serde_json::json!({"bucket": "2026-03-10", "visits": 4, "bounce_rate": 50.0}),
-            serde_json::json!({"bucket": "2026-03-11", "visits": 1, "bounce_rate": 100.0}),
+            (
+                SourceKind::Rollups,
+                vec![
+                    json!({"d0": "2026-03-11", "visitors": 1, "events": 1, "pageviews": 1}),
+                    json!({"d0": "2026-03-10", "visitors": 3, "events": 9, "pageviews": 7}),
+                ],
+            ),
+            (
+                SourceKind::Sessions,
+                vec![json!({"d0": "2026-03-10", "visits": 4, "bounce_rate": 50.0, "visitors": 99})],
+            ),
         ];
         let out = p.results(&rows);
         assert_eq!(
             out[0],
-            serde_json::json!({"metrics": [3, 4, 50.0], "dimensions": ["2026-03-10"]})
+            json!({"metrics": [3, 4, 50.0], "dimensions": ["2026-03-10"]})
         );
         assert_eq!(
             out[1],
-            serde_json::json!({"metrics": [0, 1, 100.0], "dimensions": ["2026-03-11"]})
+            json!({"metrics": [1, 0, null], "dimensions": ["2026-03-11"]})
+        );
+
+        let p = plan(json!({"site_id": "m_1", "metrics": ["visitors", "conversion_rate"], "date_range": "7d", "dimensions": ["event:goal"]})).unwrap();
+        let rows = vec![
+            (
+                SourceKind::Rollups,
+                vec![
+                    json!({"d0": "Signup", "visitors": 10}),
+                    json!({"d0": "Purchase", "visitors": 30}),
+                ],
+            ),
+            (SourceKind::Totals, vec![json!({"total_visitors": 200})]),
+        ];
+        let out = p.results(&rows);
+        assert_eq!(
+            out[0],
+            json!({"metrics": [30, 15.0], "dimensions": ["Purchase"]})
+        );
+        assert_eq!(
+            out[1],
+            json!({"metrics": [10, 5.0], "dimensions": ["Signup"]})
         );
     }
 }

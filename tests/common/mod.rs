@@ -181,6 +181,19 @@ impl Cluster {
         self.ingest = Some(self.spawn("ingest", &all));
     }
 
+    /// Starts `beacon api` on a free loopback port; returns the role and its address.
+    pub fn spawn_api(&self) -> (Role, String) {
+        let role = self.spawn("api", &["api", "--listen", "127.0.0.1:0"]);
+        let addr = wait_for(Duration::from_secs(30), "metrics API address", || {
+            self.log("api").lines().find_map(|l| {
+                l.split("metrics API: http://")
+                    .nth(1)
+                    .map(|a| a.trim().to_string())
+            })
+        });
+        (role, addr)
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.data_dir().join(format!("{name}.log"))).unwrap_or_default()
     }

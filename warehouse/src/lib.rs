@@ -6,7 +6,8 @@
 //!   re-processing reads),
 //! - `events`: plugin output, with the `pipeline_version` that produced it,
 //! - `failed_events`: everything that failed validation, decoding or a plugin, with the reason,
-//! - `rollups_hourly`, `revenue_hourly`: mergeable hourly aggregates (see [`rollup`]).
+//! - `rollups_hourly`, `revenue_hourly`, `breakdowns_hourly`: mergeable hourly aggregates,
+//!   the last per breakdown dimension and value (see [`rollup`]).
 //!
 //! Views: `rollups`, `revenue` (merged rollups), `sessions`, `daily_metrics` (see [`views`]).
 //!
@@ -38,6 +39,7 @@ use iceberg_catalog_sql::{
 };
 use iceberg_datafusion::IcebergCatalogProvider;
 
+pub use datafusion::error::DataFusionError;
 pub use tables::TableKind;
 
 /// The catalog name: PyIceberg and other engines must open the catalog with this name.
@@ -58,6 +60,12 @@ pub enum WarehouseError {
     Io {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("table {table} was created by another Beacon version (columns: {have}; this version needs: {want}); schema upgrades are not supported yet: export and re-create the data directory")]
+    SchemaMismatch {
+        table: &'static str,
+        have: String,
+        want: String,
     },
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
     Missing(PathBuf),
@@ -98,6 +106,9 @@ pub struct Warehouse {
     layout: Layout,
     catalog: Arc<dyn Catalog>,
     provider: Arc<IcebergCatalogProvider>,
+    /// The read-only session [`Warehouse::sql`] shares: planning the views costs a few
+    /// milliseconds, and the table providers reload metadata on every scan anyway.
+    shared: tokio::sync::OnceCell<SessionContext>,
 }
 
 impl Warehouse {
@@ -117,6 +128,7 @@ impl Warehouse {
             layout,
             catalog,
             provider,
+            shared: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -168,9 +180,19 @@ impl Warehouse {
         Ok(ctx)
     }
 
+    /// Runs one read-only query in the shared session (statements that would change the
+    /// session, like `CREATE VIEW` or `SET`, are refused: use [`Warehouse::session`]).
     pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
-        let ctx = self.session().await?;
-        Ok(ctx.sql(query).await?.collect().await?)
+        let ctx = self.shared.get_or_try_init(|| self.session()).await?;
+        let options = datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        Ok(ctx
+            .sql_with_options(query, options)
+            .await?
+            .collect()
+            .await?)
     }
 
     /// The last JetStream sequence committed into `kind`, from its current snapshot.

@@ -8,6 +8,10 @@
 //! the sequence range are pinned, and each rollup commit records the last `events` sequence
 //! it covers ([`ROLLUP_SEQ_PROPERTY`]): a crash between runs neither skips nor double-counts.
 //!
+//! `breakdowns_hourly` holds the same per merchant-hour for each breakdown dimension and
+//! value ([`BREAKDOWNS`]), capped at [`BREAKDOWN_CAP`] values per run with the rest folded
+//! into [`OTHER`].
+//!
 //! Deltas accumulate small files; compaction (replace commits) will fold them later.
 
 use std::collections::HashMap;
@@ -41,6 +45,75 @@ pub const VIEWS: &[&str] = &[
      FROM revenue_hourly GROUP BY merchant_id, hour, currency",
 ];
 
+/// Breakdown dimensions kept in `breakdowns_hourly`: (API name, `events` column). Besides
+/// these, `event:goal` (each goal named in the `goal` property, as the goals plugin writes
+/// it) and `event:props:<key>` (every custom property not starting with `$`).
+pub const BREAKDOWNS: &[(&str, &str)] = &[
+    ("event:page", "path"),
+    ("event:hostname", "hostname"),
+    ("event:name", "name"),
+    ("visit:source", "source"),
+    ("visit:medium", "medium"),
+    ("visit:utm_source", "utm_source"),
+    ("visit:utm_medium", "utm_medium"),
+    ("visit:utm_campaign", "utm_campaign"),
+    ("visit:country", "country"),
+    ("visit:region", "region"),
+    ("visit:city", "city"),
+    ("visit:device", "device"),
+    ("visit:browser", "browser"),
+    ("visit:os", "os"),
+];
+
+/// Distinct values kept per merchant, hour, dimension and rollup run; the rest are folded
+/// into [`OTHER`]. Bounds a merchant-hour's rows however wild its URLs or properties are.
+pub const BREAKDOWN_CAP: usize = 1000;
+pub const OTHER: &str = "(other)";
+
+fn breakdowns_query(range: &str) -> String {
+    let names = BREAKDOWNS
+        .iter()
+        .map(|(n, _)| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let columns = BREAKDOWNS
+        .iter()
+        .map(|(_, c)| *c)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH base AS ( \
+             SELECT merchant_id, date_trunc('hour', ts) AS hour, name, visitor_id, \
+                    unnest(make_array({names})) AS dimension, \
+                    unnest(make_array({columns})) AS value \
+             FROM events_pinned WHERE {range} \
+             UNION ALL \
+             SELECT merchant_id, date_trunc('hour', ts), name, visitor_id, 'event:goal', \
+                    trim(unnest(string_to_array(properties['goal'], ','))) \
+             FROM events_pinned WHERE {range} AND properties['goal'] IS NOT NULL \
+             UNION ALL \
+             SELECT merchant_id, hour, name, visitor_id, 'event:props:' || k, v FROM ( \
+                 SELECT merchant_id, date_trunc('hour', ts) AS hour, name, visitor_id, \
+                        unnest(map_keys(properties)) AS k, unnest(map_values(properties)) AS v \
+                 FROM events_pinned WHERE {range} AND cardinality(properties) > 0) p \
+             WHERE NOT starts_with(k, '$')), \
+         agg AS ( \
+             SELECT merchant_id, hour, dimension, value, count(*) AS events, \
+                    sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS pageviews, \
+                    hll_sketch(visitor_id) AS visitors_hll \
+             FROM base WHERE value IS NOT NULL AND value <> '' GROUP BY 1, 2, 3, 4), \
+         ranked AS ( \
+             SELECT *, row_number() OVER (PARTITION BY merchant_id, hour, dimension \
+                                          ORDER BY events DESC, value) AS rank \
+             FROM agg) \
+         SELECT merchant_id, hour, dimension, \
+                CASE WHEN rank <= {BREAKDOWN_CAP} THEN value ELSE '{OTHER}' END AS value, \
+                sum(events) AS events, sum(pageviews) AS pageviews, \
+                hll_union(visitors_hll) AS visitors_hll \
+         FROM ranked GROUP BY 1, 2, 3, 4"
+    )
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RunStats {
     /// `events` sequence range aggregated: (from, to].
@@ -48,6 +121,7 @@ pub struct RunStats {
     pub to_seq: u64,
     pub rollup_rows: usize,
     pub revenue_rows: usize,
+    pub breakdown_rows: usize,
 }
 
 /// Brings both rollup tables up to the latest committed `events` snapshot.
@@ -63,7 +137,11 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
     };
     // One session for both tables, with the exact `events` snapshot whose sequence we record.
     let mut session = None;
-    for kind in [TableKind::RollupsHourly, TableKind::RevenueHourly] {
+    for kind in [
+        TableKind::RollupsHourly,
+        TableKind::RevenueHourly,
+        TableKind::BreakdownsHourly,
+    ] {
         let target = wh.table(kind).await?;
         let from_seq = snapshot_property_u64(&target, ROLLUP_SEQ_PROPERTY);
         if from_seq >= to_seq {
@@ -93,6 +171,7 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
                         sum(CASE WHEN revenue_micros IS NOT NULL THEN 1 ELSE 0 END) AS revenue_events \
                  FROM events_pinned WHERE {range} GROUP BY 1, 2"
             ),
+            TableKind::BreakdownsHourly => breakdowns_query(&range),
             _ => format!(
                 "SELECT merchant_id, date_trunc('hour', ts) AS hour, currency, \
                         count(*) AS orders, sum(revenue_micros) AS revenue_micros \
@@ -141,6 +220,7 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         .await?;
         match kind {
             TableKind::RollupsHourly => stats.rollup_rows = rows,
+            TableKind::BreakdownsHourly => stats.breakdown_rows = rows,
             _ => stats.revenue_rows = rows,
         }
     }
@@ -162,12 +242,13 @@ fn to_large_binary(col: &ArrayRef) -> Result<LargeBinaryArray, WarehouseError> {
 pub async fn run_loop(wh: Arc<Warehouse>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
         match run_once(&wh).await {
-            Ok(s) if s.rollup_rows + s.revenue_rows > 0 => {
+            Ok(s) if s.rollup_rows + s.revenue_rows + s.breakdown_rows > 0 => {
                 tracing::info!(
                     from = s.from_seq,
                     to = s.to_seq,
                     rows = s.rollup_rows,
                     revenue_rows = s.revenue_rows,
+                    breakdown_rows = s.breakdown_rows,
                     "rollups updated"
                 )
             }

@@ -18,7 +18,7 @@ use iceberg::spec::{
     SortField, SortOrder, Transform, Type, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
-use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
     DefaultFileNameGenerator, DefaultLocationGenerator,
@@ -39,6 +39,23 @@ pub const SEQ_PROPERTY: &str = "beacon.stream-seq";
 /// Rollup snapshots: the `events` stream sequence up to which they aggregate.
 pub const ROLLUP_SEQ_PROPERTY: &str = "beacon.events-seq";
 
+/// The derived dimension columns at the end of `events`, in order.
+pub const EVENT_DIMENSIONS: [&str; 13] = [
+    "hostname",
+    "path",
+    "source",
+    "medium",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "country",
+    "region",
+    "city",
+    "device",
+    "browser",
+    "os",
+];
+
 const MERCHANT_BUCKETS: u32 = 4;
 const TARGET_FILE_BYTES: usize = 128 << 20;
 
@@ -49,15 +66,17 @@ pub enum TableKind {
     FailedEvents,
     RollupsHourly,
     RevenueHourly,
+    BreakdownsHourly,
 }
 
 impl TableKind {
-    pub const ALL: [TableKind; 5] = [
+    pub const ALL: [TableKind; 6] = [
         TableKind::RawEvents,
         TableKind::Events,
         TableKind::FailedEvents,
         TableKind::RollupsHourly,
         TableKind::RevenueHourly,
+        TableKind::BreakdownsHourly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +86,7 @@ impl TableKind {
             TableKind::FailedEvents => "failed_events",
             TableKind::RollupsHourly => "rollups_hourly",
             TableKind::RevenueHourly => "revenue_hourly",
+            TableKind::BreakdownsHourly => "breakdowns_hourly",
         }
     }
 
@@ -130,6 +150,10 @@ impl TableKind {
                 ];
                 if self == TableKind::Events {
                     f.push(os(18, "pipeline_version"));
+                    // Derived breakdown dimensions (core-ingest's `dimensions` module).
+                    for (i, name) in EVENT_DIMENSIONS.iter().enumerate() {
+                        f.push(os(19 + i as i32, name));
+                    }
                 }
                 f
             }
@@ -162,6 +186,16 @@ impl TableKind {
                 long(4, "orders"),
                 long(5, "revenue_micros"),
             ],
+            TableKind::BreakdownsHourly => vec![
+                s(1, "merchant_id"),
+                ts(2, "hour"),
+                s(3, "dimension"),
+                s(4, "value"),
+                long(5, "events"),
+                long(6, "pageviews"),
+                NestedField::optional(7, "visitors_hll", Type::Primitive(PrimitiveType::Binary))
+                    .into(),
+            ],
         };
         Schema::builder()
             .with_schema_id(0)
@@ -180,10 +214,22 @@ impl TableKind {
                 .add_partition_field(9, "received_day", Transform::Day)?
                 .build(),
             // Rollups are small: one partition per month keeps their file count low.
-            TableKind::RollupsHourly | TableKind::RevenueHourly => b
+            TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly => b
                 .add_partition_field(2, "hour_month", Transform::Month)?
                 .build(),
         })
+    }
+
+    /// Parquet row group size. Rows are sorted by merchant first, so small groups let a
+    /// merchant's query skip most of a file by the groups' min/max statistics: small for
+    /// the rollups, which answer dashboards, larger for the event tables, which scans read.
+    fn row_group_rows(self) -> usize {
+        match self {
+            TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly => {
+                8 * 1024
+            }
+            _ => 64 * 1024,
+        }
     }
 
     /// Columns each written batch is sorted by.
@@ -192,6 +238,7 @@ impl TableKind {
             TableKind::RawEvents | TableKind::Events => &["merchant_id", "ts"],
             TableKind::FailedEvents => &["merchant_id", "received_at"],
             TableKind::RollupsHourly | TableKind::RevenueHourly => &["merchant_id", "hour"],
+            TableKind::BreakdownsHourly => &["merchant_id", "dimension", "hour"],
         }
     }
 }
@@ -210,6 +257,7 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
     }
     for kind in TableKind::ALL {
         if catalog.table_exists(&kind.ident()).await? {
+            check_schema(catalog, kind).await?;
             continue;
         }
         let schema = kind.schema()?;
@@ -259,6 +307,73 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
     Ok(())
 }
 
+/// Upgrades a table created by an older Beacon: columns this version appends (always
+/// optional) are added by a schema update, so old rows read them as NULL. Any other
+/// difference is refused before a write can fail with a less helpful error.
+async fn check_schema(catalog: &dyn Catalog, kind: TableKind) -> Result<(), WarehouseError> {
+    let table = catalog.load_table(&kind.ident()).await?;
+    let have: Vec<&str> = table
+        .metadata()
+        .current_schema()
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    let want_schema = kind.schema()?;
+    let want: Vec<&str> = want_schema
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    if have == want {
+        return Ok(());
+    }
+    let added = &want_schema.as_struct().fields()[have.len().min(want.len())..];
+    if want.starts_with(&have) && added.iter().all(|f| !f.required) {
+        let tx = Transaction::new(&table);
+        let mut action = tx.update_schema();
+        for f in added {
+            action = action.add_column(AddColumn::optional(&f.name, (*f.field_type).clone()));
+        }
+        let tx = action.apply(tx)?;
+        let table = tx.commit(catalog).await?;
+        // Scans read a snapshot with the schema it was written with: an empty snapshot
+        // (same watermark properties) makes the new columns readable (NULL in old files)
+        // before the next write.
+        if let Some(snapshot) = table.metadata().current_snapshot() {
+            let properties = snapshot
+                .summary()
+                .additional_properties
+                .iter()
+                .filter(|(k, _)| k.starts_with("beacon."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let schema = arrow_schema(&table)?;
+            append(
+                catalog,
+                kind,
+                &table,
+                RecordBatch::new_empty(schema),
+                properties,
+            )
+            .await?;
+        }
+        tracing::info!(
+            table = kind.name(),
+            added = added.len(),
+            "upgraded table schema"
+        );
+        return Ok(());
+    }
+    Err(WarehouseError::SchemaMismatch {
+        table: kind.name(),
+        have: have.join(", "),
+        want: want.join(", "),
+    })
+}
+
 /// The Arrow schema batches for `table` must have (field ids included).
 pub fn arrow_schema(table: &Table) -> Result<ArrowSchemaRef, WarehouseError> {
     Ok(Arc::new(schema_to_arrow_schema(
@@ -294,6 +409,7 @@ pub(crate) async fn append(
         let spec = md.default_partition_spec().clone();
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .set_max_row_group_row_count(Some(kind.row_group_rows()))
             .build();
         let parquet = ParquetWriterBuilder::new(props, schema.clone());
         let location = DefaultLocationGenerator::new(md)?;

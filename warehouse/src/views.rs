@@ -5,6 +5,8 @@
 //!   trackers without one, one visitor id) with no gap over 30 minutes: a session id reused
 //!   after 30 idle minutes starts a new visit, as in Google Analytics. Anonymous events
 //!   without either are visits of their own. Computed from `events`, so always current.
+//!   Entry and exit page (path), and the acquisition, geo and device columns of the visit's
+//!   first event.
 //! - `daily_metrics`: per merchant and UTC day: events, pageviews and unique visitors from
 //!   the hourly rollups (current up to the last rollup run, NULL for a day not rolled up yet;
 //!   visitors are merged HLL sketches, a true distinct estimate), and visits, bounce rate
@@ -14,7 +16,9 @@
 pub const VIEWS: &[&str] = &[
     "CREATE VIEW sessions AS \
      WITH keyed AS ( \
-         SELECT merchant_id, visitor_id, name, url, ts, revenue_micros, \
+         SELECT merchant_id, visitor_id, name, url, path, ts, revenue_micros, \
+                source, medium, utm_source, utm_medium, utm_campaign, \
+                country, region, city, device, browser, os, \
                 COALESCE(session_id, visitor_id, event_id) AS visit_key \
          FROM events), \
      gaps AS ( \
@@ -36,6 +40,19 @@ pub const VIEWS: &[&str] = &[
             CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
             first_value(url ORDER BY ts) AS entry_url, \
             last_value(url ORDER BY ts) AS exit_url, \
+            first_value(path ORDER BY ts) AS entry_page, \
+            last_value(path ORDER BY ts) AS exit_page, \
+            first_value(source ORDER BY ts) AS source, \
+            first_value(medium ORDER BY ts) AS medium, \
+            first_value(utm_source ORDER BY ts) AS utm_source, \
+            first_value(utm_medium ORDER BY ts) AS utm_medium, \
+            first_value(utm_campaign ORDER BY ts) AS utm_campaign, \
+            first_value(country ORDER BY ts) AS country, \
+            first_value(region ORDER BY ts) AS region, \
+            first_value(city ORDER BY ts) AS city, \
+            first_value(device ORDER BY ts) AS device, \
+            first_value(browser ORDER BY ts) AS browser, \
+            first_value(os ORDER BY ts) AS os, \
             sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) <= 1 AS bounce, \
             CAST(sum(revenue_micros) AS BIGINT) AS revenue_micros \
      FROM numbered GROUP BY merchant_id, visit_key, visit_no",
