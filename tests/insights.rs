@@ -14,7 +14,7 @@ use std::time::Duration;
 use beacon::traffic::{self, Generated, Site, TrafficConfig};
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
-use common::{http, wait_for, Cluster};
+use common::{http, Cluster};
 use serde_json::{json, Value};
 
 const SITES: usize = 12;
@@ -165,7 +165,6 @@ async fn metrics_api_matches_an_independent_computation_of_generated_traffic() {
     assert!(all.iter().all(|g| g.event.ts < now));
 
     // On time first, then the late events into hours already rolled up.
-    let c = &cluster;
     let mut clients = Vec::new();
     for key in &keys {
         clients.push(cluster.client(key).await.expect("client"));
@@ -183,10 +182,7 @@ async fn metrics_api_matches_an_independent_computation_of_generated_traffic() {
             }
             sent += batch.len() as i64;
         }
-        let want = sent;
-        wait_for(Duration::from_secs(120), "events rolled up", || {
-            (c.count("SELECT coalesce(sum(events), 0) FROM rollups") == want).then_some(())
-        });
+        cluster.wait_rolled_up(sent, Duration::from_secs(120));
     }
 
     let (_api, addr) = cluster.spawn_api();
@@ -194,10 +190,7 @@ async fn metrics_api_matches_an_independent_computation_of_generated_traffic() {
     for &(index, _) in CHECKED {
         let tz = zones[index];
         let site = &sites[index].merchant_id;
-        let token = cluster
-            .cli(&["merchant", "read-token", "--merchant", site])
-            .trim()
-            .to_string();
+        let token = cluster.read_token(site);
         let evs: Vec<&Generated> = all
             .iter()
             .filter(|g| &g.event.merchant_id == site)

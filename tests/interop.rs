@@ -9,22 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_for, Cluster};
-
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("BEACON_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/beacon/venv")
-        });
-    let py = venv.join("bin/python");
-    assert!(
-        py.exists(),
-        "{} missing: run scripts/setup.sh",
-        py.display()
-    );
-    py
-}
+use common::{venv_python, wait_for, Cluster};
 
 /// Waits for the child, killing it if it outlives `deadline` (a hung client fails the test
 /// instead of hanging it).

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, wait_for, Cluster};
+use common::{http, Cluster};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,16 +28,11 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
         for batch in events.chunks(500) {
             client.send(batch).await.expect("sent");
         }
-        let token = cluster
-            .cli(&["merchant", "read-token", "--merchant", &id])
-            .trim()
-            .to_string();
+        let token = cluster.read_token(&id);
         sites.push((id, token));
     }
+    cluster.wait_rolled_up(6_000, Duration::from_secs(60));
     let c = &cluster;
-    wait_for(Duration::from_secs(60), "events rolled up", || {
-        (c.count("SELECT coalesce(sum(events), 0) FROM rollups") == 6_000).then_some(())
-    });
     let (_api, addr) = cluster.spawn_api();
     let (a, a_token) = &sites[0];
     let (b, _) = &sites[1];

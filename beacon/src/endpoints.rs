@@ -26,6 +26,9 @@ pub struct Endpoints {
     /// Metrics API base URL (`POST /api/v2/query`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_http: Option<String>,
+    /// SQL over the Postgres wire protocol, `postgresql://127.0.0.1:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_pg: Option<String>,
     pub pid: u32,
 }
 

@@ -60,6 +60,9 @@ enum Command {
         /// Where the metrics API listens.
         #[arg(long, env = "BEACON_API_LISTEN", default_value = "127.0.0.1:0")]
         api_listen: SocketAddr,
+        /// Where SQL over the Postgres wire protocol listens.
+        #[arg(long, env = "BEACON_SQL_LISTEN", default_value = "127.0.0.1:0")]
+        sql_listen: SocketAddr,
         #[command(flatten)]
         admin: AdminArgs,
         #[command(flatten)]
@@ -132,6 +135,12 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, env = "BEACON_API_LISTEN", default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Where SQL over the Postgres wire protocol listens (users: merchant ids with a read
+        /// token as password, or admin token names with the secret).
+        #[arg(long, env = "BEACON_SQL_LISTEN", default_value = "127.0.0.1:0")]
+        sql_listen: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Admin HTTP API: plugin registry and pipelines for operators' tools (admin tokens).
     Admin {
@@ -227,14 +236,20 @@ impl AdminArgs {
     }
 }
 
-/// Serves the metrics API; returns its address and task.
+/// Serves the metrics API (HTTP) and SQL (Postgres wire protocol); returns their addresses
+/// and a task that ends when both have stopped.
 #[cfg(feature = "full")]
 async fn start_api(
     nats_url: &str,
     data_dir: &Path,
-    listen: SocketAddr,
+    (listen, sql_listen): (SocketAddr, SocketAddr),
+    admin_tokens: beacon_control::admin::AdminTokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+) -> Result<(
+    SocketAddr,
+    SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
     let warehouse = Arc::new(beacon_warehouse::Warehouse::open(data_dir).await?);
     let js = async_nats::jetstream::new(
         async_nats::connect(nats_url)
@@ -248,11 +263,37 @@ async fn start_api(
         .await
         .with_context(|| format!("metrics API: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(beacon_query::api::serve(
-        listener, warehouse, merchants, shutdown,
+    let sql_listener = tokio::net::TcpListener::bind(sql_listen)
+        .await
+        .with_context(|| format!("SQL: cannot listen on {sql_listen}"))?;
+    let sql_addr = sql_listener.local_addr()?;
+    let admin_tokens = Arc::new(admin_tokens);
+    let sql = beacon_query::pg::SqlServer::new(
+        warehouse.clone(),
+        merchants.clone(),
+        Arc::new(move |user: &str, password: &str| admin_tokens.check(password) == Some(user)),
+    );
+    // One shutdown signal for both servers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http = tokio::spawn(beacon_query::api::serve(
+        listener,
+        warehouse,
+        merchants,
+        stopped(stop_rx.clone()),
     ));
-    tracing::info!(%addr, "metrics API listening (HTTP)");
-    Ok((addr, task))
+    let pg = tokio::spawn(sql.serve(sql_listener, stopped(stop_rx)));
+    let task = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let (a, b) = (http.await, pg.await);
+        a.map_err(std::io::Error::other)??;
+        b.map_err(std::io::Error::other)?
+    });
+    tracing::info!(%addr, %sql_addr, "metrics API (HTTP) and SQL (Postgres wire) listening");
+    Ok((addr, sql_addr, task))
 }
 
 /// Serves the admin API; returns its address and task.
@@ -415,6 +456,7 @@ async fn run(cli: Cli) -> Result<()> {
             plugins_dir,
             admin_listen,
             api_listen,
+            sql_listen,
             admin,
             tuning,
             sandbox,
@@ -424,7 +466,7 @@ async fn run(cli: Cli) -> Result<()> {
                 edge_listen,
                 nats_url,
                 plugins_dir,
-                (admin_listen, admin, api_listen),
+                (admin_listen, admin, api_listen, sql_listen),
                 tuning,
                 sandbox,
             )
@@ -553,9 +595,19 @@ async fn run(cli: Cli) -> Result<()> {
             nats_url,
             data_dir,
             listen,
+            sql_listen,
+            admin,
         } => {
-            let (addr, task) = start_api(&nats_url, &data_dir, listen, shutdown_signal()).await?;
+            let (addr, sql_addr, task) = start_api(
+                &nats_url,
+                &data_dir,
+                (listen, sql_listen),
+                admin.tokens(&data_dir)?,
+                shutdown_signal(),
+            )
+            .await?;
             eprintln!("metrics API: http://{addr}");
+            eprintln!("SQL (Postgres wire): {sql_addr}");
             task.await??;
             Ok(())
         }
@@ -628,7 +680,7 @@ async fn up(
     edge_listen: SocketAddr,
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
-    (admin_listen, admin, api_listen): (SocketAddr, AdminArgs, SocketAddr),
+    (admin_listen, admin, api_listen, sql_listen): (SocketAddr, AdminArgs, SocketAddr, SocketAddr),
     tuning: Tuning,
     sandbox: SandboxArgs,
 ) -> Result<()> {
@@ -685,11 +737,17 @@ async fn up(
         .await?
     };
 
-    let (api_addr, api_task) = {
+    let (api_addr, sql_addr, api_task) = {
         let mut stop = stop_rx_api;
-        start_api(&nats_url, &data_dir, api_listen, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        start_api(
+            &nats_url,
+            &data_dir,
+            (api_listen, sql_listen),
+            admin.tokens(&data_dir)?,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
         .await?
     };
 
@@ -703,14 +761,17 @@ async fn up(
         warehouse: layout.warehouse_uri(),
         admin_http: Some(format!("http://{admin_addr}")),
         metrics_http: Some(format!("http://{api_addr}")),
+        sql_pg: Some(format!("postgresql://127.0.0.1:{}", sql_addr.port())),
         pid: std::process::id(),
     };
     endpoints.write(&data_dir)?;
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): psql -h {} -p {} -U <merchant id or admin>   (password: read token or admin token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
         if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
+        sql_addr.ip(),
+        sql_addr.port(),
         nats_url,
         endpoints.catalog_uri,
         endpoints.warehouse,

@@ -7,5 +7,6 @@
 //! - [`api`]: the HTTP server.
 
 pub mod api;
+pub mod pg;
 pub mod query;
 pub mod tokens;

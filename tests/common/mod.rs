@@ -181,6 +181,20 @@ impl Cluster {
         self.ingest = Some(self.spawn("ingest", &all));
     }
 
+    /// A read token for `merchant`'s metrics and SQL.
+    pub fn read_token(&self, merchant: &str) -> String {
+        self.cli(&["merchant", "read-token", "--merchant", merchant])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the rollups count `events` events in all.
+    pub fn wait_rolled_up(&self, events: i64, timeout: Duration) {
+        wait_for(timeout, "events rolled up", || {
+            (self.count("SELECT coalesce(sum(events), 0) FROM rollups") == events).then_some(())
+        });
+    }
+
     /// Starts `beacon api` on a free loopback port; returns the role and its address.
     pub fn spawn_api(&self) -> (Role, String) {
         let role = self.spawn("api", &["api", "--listen", "127.0.0.1:0"]);
@@ -374,4 +388,20 @@ pub fn http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The project venv's Python (scripts/setup.sh installs the third-party clients there).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("BEACON_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/beacon/venv")
+        });
+    let py = venv.join("bin/python");
+    assert!(
+        py.exists(),
+        "{} missing: run scripts/setup.sh",
+        py.display()
+    );
+    py
 }

@@ -155,6 +155,25 @@ impl Warehouse {
 
     /// A DataFusion session over the warehouse: tables by bare name, HLL functions, views.
     pub async fn session(&self) -> Result<SessionContext, WarehouseError> {
+        self.session_scoped(None).await
+    }
+
+    /// A session that sees one merchant's rows and nothing else: every table is replaced by
+    /// a view filtered on `merchant_id` whose plan holds the table's provider directly, so
+    /// no SQL in this session can name the unfiltered table (not by qualified name, not
+    /// through `information_schema`, not through a view: the views are rebuilt on the
+    /// filtered tables).
+    pub async fn merchant_session(
+        &self,
+        merchant_id: &str,
+    ) -> Result<SessionContext, WarehouseError> {
+        self.session_scoped(Some(merchant_id)).await
+    }
+
+    async fn session_scoped(
+        &self,
+        merchant: Option<&str>,
+    ) -> Result<SessionContext, WarehouseError> {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, NAMESPACE)
             .with_information_schema(true);
@@ -164,10 +183,25 @@ impl Warehouse {
         // snapshots, so nothing a session registers leaks into the shared Iceberg provider.
         let schema = Arc::new(MemorySchemaProvider::new());
         if let Some(iceberg) = self.provider.schema(NAMESPACE) {
+            let scratch = SessionContext::new();
             for name in iceberg.table_names() {
-                if let Some(table) = iceberg.table(&name).await? {
-                    schema.register_table(name, table)?;
-                }
+                let Some(table) = iceberg.table(&name).await? else {
+                    continue;
+                };
+                let table = match merchant {
+                    None => table,
+                    // Metadata tables (`events$snapshots`, ...) describe every merchant's
+                    // commits: not for a merchant's eyes.
+                    Some(_) if name.contains('$') => continue,
+                    Some(m) => {
+                        use datafusion::prelude::{col, lit};
+                        scratch
+                            .read_table(table)?
+                            .filter(col("merchant_id").eq(lit(m)))?
+                            .into_view()
+                    }
+                };
+                schema.register_table(name, table)?;
             }
         }
         let catalog = Arc::new(MemoryCatalogProvider::new());
