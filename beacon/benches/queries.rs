@@ -217,7 +217,7 @@ async fn main() {
         pct(&v, 0.5)
     };
     let overhead = format!(
-        "Per-query fixed costs (medians): new session with views {:.1} ms, `SELECT 1` {:.1} ms, one merchant's sum over `rollups_hourly` {:.1} ms.",
+        "Per-query fixed costs (medians): new session with views {:.1} ms, `SELECT 1` {:.1} ms, one merchant's sum over `rollups_hourly` through the catalog-backed provider (no metadata reuse) {:.1} ms.",
         med(0),
         med(1),
         med(2)

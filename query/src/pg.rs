@@ -110,7 +110,7 @@ impl SqlServer {
         let failed = |e: String| error("58000", format!("login check failed: {e}"));
         let ctx = if (self.admin)(user, password) {
             self.warehouse
-                .session()
+                .serving_session()
                 .await
                 .map_err(|e| failed(e.to_string()))?
         } else {

@@ -14,6 +14,7 @@
 //! Writers commit the last consumed JetStream sequence as a snapshot property
 //! ([`tables::SEQ_PROPERTY`]); that property is what makes ingest exactly-once.
 
+pub mod cached;
 pub mod hll;
 pub mod output;
 pub mod rollup;
@@ -109,6 +110,9 @@ pub struct Warehouse {
     /// The read-only session [`Warehouse::sql`] shares: planning the views costs a few
     /// milliseconds, and the table providers reload metadata on every scan anyway.
     shared: tokio::sync::OnceCell<SessionContext>,
+    /// Table providers that reuse metadata briefly ([`cached`]), shared by the sessions
+    /// that serve queries (the shared one and merchants').
+    cached: std::sync::Mutex<HashMap<String, Arc<cached::CachedTable>>>,
 }
 
 impl Warehouse {
@@ -129,6 +133,7 @@ impl Warehouse {
             catalog,
             provider,
             shared: tokio::sync::OnceCell::new(),
+            cached: Default::default(),
         })
     }
 
@@ -155,7 +160,7 @@ impl Warehouse {
 
     /// A DataFusion session over the warehouse: tables by bare name, HLL functions, views.
     pub async fn session(&self) -> Result<SessionContext, WarehouseError> {
-        self.session_scoped(None).await
+        self.session_scoped(None, false).await
     }
 
     /// A session that sees one merchant's rows and nothing else: every table is replaced by
@@ -163,16 +168,23 @@ impl Warehouse {
     /// no SQL in this session can name the unfiltered table (not by qualified name, not
     /// through `information_schema`, not through a view: the views are rebuilt on the
     /// filtered tables).
+    /// Its reads may be up to [`cached::REFRESH`] behind the last commit.
     pub async fn merchant_session(
         &self,
         merchant_id: &str,
     ) -> Result<SessionContext, WarehouseError> {
-        self.session_scoped(Some(merchant_id)).await
+        self.session_scoped(Some(merchant_id), true).await
+    }
+
+    /// A session for serving queries: every row, reads up to [`cached::REFRESH`] behind.
+    pub async fn serving_session(&self) -> Result<SessionContext, WarehouseError> {
+        self.session_scoped(None, true).await
     }
 
     async fn session_scoped(
         &self,
         merchant: Option<&str>,
+        cached: bool,
     ) -> Result<SessionContext, WarehouseError> {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, NAMESPACE)
@@ -188,6 +200,12 @@ impl Warehouse {
                 let Some(table) = iceberg.table(&name).await? else {
                     continue;
                 };
+                let table: Arc<dyn datafusion::catalog::TableProvider> =
+                    if cached && !name.contains('$') {
+                        self.cached_table(&name, table.schema())
+                    } else {
+                        table
+                    };
                 let table = match merchant {
                     None => table,
                     // Metadata tables (`events$snapshots`, ...) describe every merchant's
@@ -217,7 +235,10 @@ impl Warehouse {
     /// Runs one read-only query in the shared session (statements that would change the
     /// session, like `CREATE VIEW` or `SET`, are refused: use [`Warehouse::session`]).
     pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
-        let ctx = self.shared.get_or_try_init(|| self.session()).await?;
+        let ctx = self
+            .shared
+            .get_or_try_init(|| self.serving_session())
+            .await?;
         let options = datafusion::execution::context::SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -227,6 +248,26 @@ impl Warehouse {
             .await?
             .collect()
             .await?)
+    }
+
+    fn cached_table(
+        &self,
+        name: &str,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> Arc<cached::CachedTable> {
+        let mut map = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(cached::CachedTable::new(
+                    self.catalog.clone(),
+                    iceberg::TableIdent::new(
+                        iceberg::NamespaceIdent::new(NAMESPACE.into()),
+                        name.into(),
+                    ),
+                    schema,
+                ))
+            })
+            .clone()
     }
 
     /// The last JetStream sequence committed into `kind`, from its current snapshot.
