@@ -69,13 +69,15 @@ impl Drop for Role {
     }
 }
 
+/// Fields drop in order: the roles (killed), nats-server, and only then the directory, so
+/// no process writes into it after it is removed.
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
-    pub nats: NatsServer,
-    pub edge: Option<Role>,
-    pub ingest: Option<Role>,
     pub rollup: Option<Role>,
+    pub ingest: Option<Role>,
+    pub edge: Option<Role>,
+    pub nats: NatsServer,
     pub endpoints: Endpoints,
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
