@@ -16,7 +16,6 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
     let mut sites = Vec::new();
     for (i, name) in ["api-a", "api-b"].iter().enumerate() {
         let (id, key) = cluster.merchant(name);
-        let client = cluster.client(&key).await.expect("client");
         let events = beacon::demo::generate(
             70 + i as u64,
             "api.example",
@@ -25,9 +24,7 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
             2 * 3_600_000,
             400,
         );
-        for batch in events.chunks(500) {
-            client.send(batch).await.expect("sent");
-        }
+        cluster.send(&key, &events).await;
         let token = cluster.read_token(&id);
         sites.push((id, token));
     }

@@ -64,7 +64,6 @@ async fn sql_endpoint_keeps_merchants_apart_and_is_read_only() {
     let mut merchants = Vec::new();
     for (i, name) in ["sql-a", "sql-b"].iter().enumerate() {
         let (id, key) = cluster.merchant(name);
-        let client = cluster.client(&key).await.expect("client");
         let n = 1_000 + 500 * i;
         let events = beacon::demo::generate(
             90 + i as u64,
@@ -74,9 +73,7 @@ async fn sql_endpoint_keeps_merchants_apart_and_is_read_only() {
             7_200_000,
             200,
         );
-        for batch in events.chunks(500) {
-            client.send(batch).await.expect("sent");
-        }
+        cluster.send(&key, &events).await;
         let token = cluster.read_token(&id);
         merchants.push((id, key, token, n));
     }

@@ -35,7 +35,7 @@ async fn main() {
     let probes = env("BEACON_BENCH_PROBES", 40);
     let load_eps = env("BEACON_BENCH_LOAD_EPS", 5_000);
     let cluster = Cluster::start(true);
-    let (load_id, load_key) = cluster.merchant("load");
+    let (_, load_key) = cluster.merchant("load");
     let (probe_id, probe_key) = cluster.merchant("probe");
     let token = cluster
         .cli(&["merchant", "read-token", "--merchant", &probe_id])
@@ -66,7 +66,6 @@ async fn main() {
         })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = load_id;
 
     let client = cluster.client(&probe_key).await.expect("client");
     let get = |path: String| {

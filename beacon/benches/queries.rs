@@ -37,6 +37,16 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Who opens a dashboard: half the time one of the 100 biggest merchants, else anyone.
+fn pick<'a>(rng: &mut StdRng, sites: &'a [Site]) -> &'a Site {
+    let i = if rng.random_bool(0.5) {
+        rng.random_range(0..sites.len().min(100))
+    } else {
+        rng.random_range(0..sites.len())
+    };
+    &sites[i]
+}
+
 /// The four panels of a dashboard, for one merchant.
 fn dashboard(merchant: &str, now: chrono::DateTime<chrono::Utc>) -> Vec<Plan> {
     [
@@ -223,16 +233,6 @@ async fn main() {
         med(2)
     );
 
-    // Who opens dashboards: half the time one of the 100 biggest merchants, else anyone.
-    let pick = |rng: &mut StdRng| -> String {
-        let i = if rng.random_bool(0.5) {
-            rng.random_range(0..merchants.min(100))
-        } else {
-            rng.random_range(0..merchants)
-        };
-        sites[i].merchant_id.clone()
-    };
-
     // The answers agree with a scan of `events` (visitors within 2%: HLL), for the biggest
     // merchant and a few others, and the scan's latency is the baseline.
     let mut rng = StdRng::seed_from_u64(1);
@@ -242,7 +242,7 @@ async fn main() {
         let m = if i == 0 {
             sites[0].merchant_id.clone()
         } else {
-            pick(&mut rng)
+            pick(&mut rng, &sites).merchant_id.clone()
         };
         let plans = dashboard(&m, now);
         let t = Instant::now();
@@ -287,12 +287,7 @@ async fn main() {
                 let mut rng = StdRng::seed_from_u64(100 + c as u64);
                 let mut lat = Vec::new();
                 for _ in 0..per_client {
-                    let i = if rng.random_bool(0.5) {
-                        rng.random_range(0..sites.len().min(100))
-                    } else {
-                        rng.random_range(0..sites.len())
-                    };
-                    let plans = dashboard(&sites[i].merchant_id, now);
+                    let plans = dashboard(&pick(&mut rng, &sites).merchant_id, now);
                     let t = Instant::now();
                     run_dashboard(&wh, &plans, false).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);

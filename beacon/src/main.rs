@@ -301,11 +301,10 @@ async fn start_admin(
     nats_url: &str,
     data_dir: &Path,
     listen: SocketAddr,
-    admin: &AdminArgs,
+    tokens: beacon_control::admin::AdminTokens,
     limits: beacon_plugins::SandboxLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-    let tokens = admin.tokens(data_dir)?;
     let target = NatsTarget {
         nats_url: Some(nats_url.to_string()),
         data_dir: data_dir.to_path_buf(),
@@ -624,7 +623,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &nats_url,
                 &data_dir,
                 listen,
-                &admin,
+                admin.tokens(&data_dir)?,
                 sandbox.limits(),
                 shutdown_signal(),
             )
@@ -722,13 +721,15 @@ async fn up(
         stop_rx,
     ));
 
+    // One token set for the admin API and SQL logins (generated on first start).
+    let admin_tokens = admin.tokens(&data_dir)?;
     let (admin_addr, admin_task) = {
         let mut stop = stop_rx_admin;
         start_admin(
             &nats_url,
             &data_dir,
             admin_listen,
-            &admin,
+            admin_tokens.clone(),
             sandbox.limits(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -743,7 +744,7 @@ async fn up(
             &nats_url,
             &data_dir,
             (api_listen, sql_listen),
-            admin.tokens(&data_dir)?,
+            admin_tokens,
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

@@ -97,12 +97,18 @@ impl<'a> Dimensions<'a> {
             d.utm_campaign = utm.campaign;
             return d;
         };
-        let ref_host = split_url(referrer).host.unwrap_or("").to_ascii_lowercase();
-        let own_host = d.hostname.map(str::to_ascii_lowercase);
-        if ref_host.is_empty() || own_host.as_deref() == Some(ref_host.as_str()) {
+        let ref_host = split_url(referrer).host.unwrap_or("");
+        if ref_host.is_empty() || d.hostname.is_some_and(|h| h.eq_ignore_ascii_case(ref_host)) {
             return d; // internal navigation (or an unparseable referrer): not a landing
         }
-        let (source, medium) = classify(&ref_host);
+        // Hosts are nearly always lowercase already: allocate only when they are not.
+        let (source, medium) = if ref_host.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower = ref_host.to_ascii_lowercase();
+            let (source, medium) = classify(&lower);
+            (Cow::Owned(source.into_owned()), medium)
+        } else {
+            classify(ref_host)
+        };
         d.source = Some(source);
         d.medium = Some(Cow::Borrowed(medium));
         d.utm_medium = utm.medium;
@@ -202,19 +208,28 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ("news.ycombinator.com", "Hacker News", "social"),
 ];
 
-fn classify(host: &str) -> (Cow<'static, str>, &'static str) {
+/// `host` is `suffix` or a subdomain of it.
+fn is_domain_of(host: &str, suffix: &str) -> bool {
+    host.strip_suffix(suffix)
+        .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+}
+
+/// (source, medium) of a lowercase referrer host; an unknown host is its own source.
+fn classify(host: &str) -> (Cow<'_, str>, &'static str) {
     let bare = host.strip_prefix("www.").unwrap_or(host);
     for (suffix, source, medium) in KNOWN {
-        if bare == *suffix || bare.ends_with(&format!(".{suffix}")) {
+        if is_domain_of(bare, suffix) {
             return (Cow::Borrowed(source), medium);
         }
     }
     // google.com, google.de, google.co.uk, ... (but not mail.google.com, matched above).
-    let labels: Vec<&str> = bare.split('.').collect();
-    if labels.len() >= 2 && labels[..labels.len() - 1].contains(&"google") {
+    let google = bare
+        .rsplit_once('.')
+        .is_some_and(|(labels, _tld)| labels.split('.').any(|l| l == "google"));
+    if google {
         return (Cow::Borrowed("Google"), "search");
     }
-    (Cow::Owned(bare.to_string()), "referral")
+    (Cow::Borrowed(bare), "referral")
 }
 
 #[cfg(test)]
@@ -223,20 +238,10 @@ mod tests {
 
     fn event(name: &str, url: Option<&str>, referrer: Option<&str>) -> Event {
         Event {
-            event_id: "e".into(),
-            merchant_id: "m".into(),
             name: name.into(),
-            ts: 0,
-            received_at: 0,
             url: url.map(Into::into),
             referrer: referrer.map(Into::into),
-            title: None,
-            visitor_id: None,
-            session_id: None,
-            user_id: None,
-            revenue_micros: None,
-            currency: None,
-            properties: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -304,6 +309,15 @@ mod tests {
         assert_eq!(
             source("https://shop.example/b", Some("https://SHOP.example/a")),
             (None, None)
+        );
+        // Host case does not matter; an unknown host keeps its (lowercased) name.
+        assert_eq!(
+            source("https://shop.example/", Some("https://WWW.Google.COM/")),
+            s("Google", "search")
+        );
+        assert_eq!(
+            source("https://shop.example/", Some("https://Blog.Example/x")),
+            s("blog.example", "referral")
         );
         // Not a Google domain, despite the word.
         assert_eq!(

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// `merchant_id` and `received_at` are set by the edge from the authenticated connection and
 /// its own clock; whatever a client sends there is overwritten.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Client-generated unique id (a UUID is recommended); retries reuse it.
     pub event_id: String,

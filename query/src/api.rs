@@ -228,18 +228,7 @@ async fn sql_rows(
     warehouse: &Warehouse,
     sql: &str,
 ) -> Result<Vec<serde_json::Value>, WarehouseError> {
-    let batches = warehouse.sql(sql).await?;
-    if batches.iter().all(|b| b.num_rows() == 0) {
-        return Ok(Vec::new());
-    }
-    let json = beacon_warehouse::output::json(&batches)?;
-    serde_json::from_str(&json).map_err(|e| {
-        WarehouseError::DataFusion(datafusion_error(format!("query result JSON: {e}")))
-    })
-}
-
-fn datafusion_error(message: String) -> beacon_warehouse::DataFusionError {
-    beacon_warehouse::DataFusionError::Execution(message)
+    beacon_warehouse::output::json_rows(&warehouse.sql(sql).await?)
 }
 
 /// Runs `sources` (a plan's, or [`Plan::events_sources`]) and merges their rows into the

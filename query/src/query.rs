@@ -422,6 +422,8 @@ pub struct Plan {
     pub to: DateTime<Utc>,
     pub dims: Vec<Dim>,
     pub filter: Option<Filter>,
+    /// Grouped or filtered by entry/exit page: every metric comes from `sessions`.
+    sessions_only: bool,
     order: Vec<(SortKey, bool)>,
     pub limit: u32,
     pub offset: u32,
@@ -571,6 +573,7 @@ impl QueryRequest {
             to,
             dims,
             filter,
+            sessions_only,
             order,
             limit: p.limit,
             offset: p.offset,
@@ -789,19 +792,11 @@ impl Plan {
             && self.dims.iter().filter(|d| !d.is_time()).count() <= 1
     }
 
-    fn sessions_only(&self) -> bool {
-        let mut fd = Vec::new();
-        if let Some(f) = &self.filter {
-            f.dims(&mut fd);
-        }
-        self.dims.iter().any(Dim::is_session) || fd.iter().any(Dim::is_session)
-    }
-
     /// The SQL that answers the query, one statement per source.
     pub fn sources(&self) -> Vec<Source> {
         let m = esc(&self.merchant_id);
         let mut out = Vec::new();
-        let sessions_only = self.sessions_only();
+        let sessions_only = self.sessions_only;
         let per_event = self.metrics.iter().any(|m| m.per_event());
         if per_event && !sessions_only {
             let kind = if self.rollups_eligible() {

@@ -183,6 +183,14 @@ impl Cluster {
         self.ingest = Some(self.spawn("ingest", &all));
     }
 
+    /// Sends `events` with `write_key` in acknowledged batches of 500.
+    pub async fn send(&self, write_key: &str, events: &[beacon_proto::Event]) {
+        let client = self.client(write_key).await.expect("client");
+        for batch in events.chunks(500) {
+            client.send(batch).await.expect("sent");
+        }
+    }
+
     /// A read token for `merchant`'s metrics and SQL.
     pub fn read_token(&self, merchant: &str) -> String {
         self.cli(&["merchant", "read-token", "--merchant", merchant])

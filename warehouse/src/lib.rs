@@ -40,7 +40,6 @@ use iceberg_catalog_sql::{
 };
 use iceberg_datafusion::IcebergCatalogProvider;
 
-pub use datafusion::error::DataFusionError;
 pub use tables::TableKind;
 
 /// The catalog name: PyIceberg and other engines must open the catalog with this name.
@@ -55,6 +54,8 @@ pub enum WarehouseError {
     DataFusion(#[from] datafusion::error::DataFusionError),
     #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("Parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("{path}: {source}")]

@@ -24,6 +24,14 @@ pub fn json(batches: &[RecordBatch]) -> Result<String, WarehouseError> {
     Ok(out)
 }
 
+/// The rows as JSON objects (for programs that work on values, like the metrics API).
+pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<serde_json::Value>, WarehouseError> {
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Ok(Vec::new());
+    }
+    Ok(serde_json::from_str(&json(batches)?)?)
+}
+
 pub fn csv(batches: &[RecordBatch]) -> Result<String, WarehouseError> {
     let mut buf = Vec::new();
     {

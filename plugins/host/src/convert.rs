@@ -47,23 +47,34 @@ pub(crate) fn reborrow<'a>(e: &'a EventResult, props: &'a [(&'a str, &'a str)]) 
     event_param!(e, props)
 }
 
+/// Bytes of an event's strings plus fixed fields, `per_property` more per property.
+macro_rules! event_size {
+    ($e:expr, $per_property:expr) => {
+        64 + $e.event_id.len()
+            + $e.merchant_id.len()
+            + $e.name.len()
+            + [
+                &$e.url,
+                &$e.referrer,
+                &$e.title,
+                &$e.visitor_id,
+                &$e.session_id,
+                &$e.user_id,
+                &$e.currency,
+            ]
+            .into_iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.len()))
+            .sum::<usize>()
+            + $e.properties
+                .iter()
+                .map(|(k, v)| $per_property + k.len() + v.len())
+                .sum::<usize>()
+    };
+}
+
 /// Bytes of an input event as the guest sees them (strings plus fixed fields).
 pub(crate) fn param_size(e: &EventParam) -> usize {
-    let opt = |s: &Option<&str>| s.map_or(0, str::len);
-    64 + e.event_id.len()
-        + e.merchant_id.len()
-        + e.name.len()
-        + opt(&e.url)
-        + opt(&e.referrer)
-        + opt(&e.title)
-        + opt(&e.visitor_id)
-        + opt(&e.session_id)
-        + opt(&e.user_id)
-        + opt(&e.currency)
-        + e.properties
-            .iter()
-            .map(|(k, v)| 16 + k.len() + v.len())
-            .sum::<usize>()
+    event_size!(e, 16)
 }
 
 pub(crate) fn from_guest(e: EventResult) -> Event {
@@ -87,19 +98,5 @@ pub(crate) fn from_guest(e: EventResult) -> Event {
 }
 
 pub(crate) fn approx_size(e: &EventResult) -> usize {
-    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    64 + e.event_id.len()
-        + e.merchant_id.len()
-        + e.name.len()
-        + opt(&e.url)
-        + opt(&e.referrer)
-        + opt(&e.title)
-        + opt(&e.visitor_id)
-        + opt(&e.session_id)
-        + opt(&e.user_id)
-        + opt(&e.currency)
-        + e.properties
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
+    event_size!(e, 0)
 }
