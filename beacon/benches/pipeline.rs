@@ -17,20 +17,7 @@ use async_nats::jetstream;
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::{Envelope, Event};
 use beacon_warehouse::{TableKind, Warehouse};
-use common::Cluster;
-
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the ')'.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
+use common::{cpu_seconds, Cluster};
 
 fn padded_events(n: usize, seed: u64) -> Vec<Event> {
     let now = beacon_edge::now_ms();

@@ -11,6 +11,9 @@ pub struct Endpoints {
     /// RSocket over QUIC, `ip:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge_quic: Option<String>,
+    /// HTTP collectors, `http://ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_http: Option<String>,
     /// The edge's certificate (self-signed in development): trust it to connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge_ca_cert: Option<PathBuf>,

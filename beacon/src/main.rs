@@ -69,8 +69,10 @@ enum Command {
         tuning: Tuning,
         #[command(flatten)]
         sandbox: SandboxArgs,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
-    /// Edge role: RSocket/QUIC listener publishing to JetStream.
+    /// Edge role: RSocket/QUIC and HTTP collectors publishing to JetStream.
     Edge {
         #[arg(long, env = "BEACON_NATS_URL")]
         nats_url: String,
@@ -82,6 +84,8 @@ enum Command {
         edge_id: String,
         #[command(flatten)]
         sandbox: SandboxArgs,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
     /// Ingest role: JetStream -> Iceberg, exactly once.
     #[cfg(feature = "full")]
@@ -329,6 +333,18 @@ enum MerchantCommand {
         /// IANA time zone of the merchant's reports (`Europe/Berlin`); UTC by default.
         #[arg(long)]
         timezone: Option<String>,
+        /// Snowplow application id (`aid`) of the merchant's trackers (repeatable).
+        #[arg(long = "snowplow-app-id")]
+        snowplow_app_ids: Vec<String>,
+        /// GA4 data stream as `MEASUREMENT_ID:API_SECRET` (repeatable; the secret may be
+        /// empty for gtag hits only).
+        #[arg(long = "ga4")]
+        ga4: Vec<String>,
+        /// Plausible site domain (repeatable).
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+        #[command(flatten)]
+        limits: MerchantLimitArgs,
         #[command(flatten)]
         target: NatsTarget,
         #[arg(long, value_enum, default_value_t)]
@@ -377,6 +393,73 @@ impl SandboxArgs {
             max_output_bytes: mb(self.plugin_max_output_mb),
             ..Default::default()
         }
+    }
+}
+
+/// Per-merchant collection limits, enforced by each edge.
+#[derive(clap::Args, Clone, Default)]
+pub struct MerchantLimitArgs {
+    /// Sustained events per second at each edge.
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// Events accepted at once above the rate (default: 10 s worth).
+    #[arg(long, requires = "rate_limit")]
+    burst: Option<u32>,
+    /// Events per UTC day at each edge.
+    #[arg(long)]
+    daily_quota: Option<u64>,
+}
+
+impl MerchantLimitArgs {
+    fn limits(&self) -> Option<beacon_proto::bus::MerchantLimits> {
+        if self.rate_limit.is_none() && self.daily_quota.is_none() {
+            return None;
+        }
+        let rate = self.rate_limit.unwrap_or(u32::MAX / 16);
+        Some(beacon_proto::bus::MerchantLimits {
+            events_per_second: rate.max(1),
+            burst: self.burst.unwrap_or(rate.saturating_mul(10)).max(1),
+            daily_events: self.daily_quota,
+        })
+    }
+}
+
+/// Settings of an edge beside its QUIC listener.
+#[derive(clap::Args, Clone)]
+pub struct EdgeArgs {
+    /// Where the HTTP collectors (Snowplow, GA4, Plausible) and `GET /locate` listen.
+    #[arg(long, env = "BEACON_HTTP_LISTEN", default_value = "127.0.0.1:0")]
+    http_listen: SocketAddr,
+    /// This edge's region, for `locate` (us-east, eu-west, ap-south, ...).
+    #[arg(long, env = "BEACON_REGION", default_value = "local")]
+    region: String,
+    /// MaxMind-format City database (GeoLite2-City.mmdb) for geo enrichment.
+    #[arg(long, env = "BEACON_GEOIP")]
+    geoip: Option<PathBuf>,
+    /// Take HTTP clients' addresses from `X-Forwarded-For` (only behind your own proxy).
+    #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
+    /// Limits of merchants that have none of their own (default: unlimited).
+    #[command(flatten)]
+    default_limits: MerchantLimitArgs,
+}
+
+impl EdgeArgs {
+    fn apply(&self, cfg: &mut beacon_edge::EdgeConfig) -> Result<()> {
+        if self.region != "local" && !beacon_edge::locate::is_known_region(&self.region) {
+            let known: Vec<&str> = beacon_edge::locate::REGIONS.iter().map(|r| r.0).collect();
+            return Err(anyhow!(
+                "--region {}: not one of {}",
+                self.region,
+                known.join(", ")
+            ));
+        }
+        cfg.region = self.region.clone();
+        cfg.http_listen = Some(self.http_listen);
+        cfg.geoip = self.geoip.clone();
+        cfg.http.trust_forwarded_for = self.trust_forwarded_for;
+        cfg.default_limits = self.default_limits.limits();
+        Ok(())
     }
 }
 
@@ -459,10 +542,11 @@ async fn run(cli: Cli) -> Result<()> {
             admin,
             tuning,
             sandbox,
+            edge,
         } => {
             up(
                 data_dir,
-                edge_listen,
+                (edge_listen, edge),
                 nats_url,
                 plugins_dir,
                 (admin_listen, admin, api_listen, sql_listen),
@@ -477,15 +561,18 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             edge_id,
             sandbox,
+            edge: edge_args,
         } => {
             std::fs::create_dir_all(&data_dir)?;
             let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
             cfg.edge_id = edge_id;
             cfg.sandbox = sandbox.limits();
+            edge_args.apply(&mut cfg)?;
             let edge = beacon_edge::Edge::start(cfg).await?;
             Endpoints {
                 nats_url,
                 edge_quic: Some(edge.addr.to_string()),
+                edge_http: edge.http_addr.map(|a| format!("http://{a}")),
                 edge_ca_cert: Some(edge.cert_path.clone()),
                 data_dir: data_dir.clone(),
                 pid: std::process::id(),
@@ -549,6 +636,10 @@ async fn run(cli: Cli) -> Result<()> {
                 MerchantCommand::Create {
                     name,
                     timezone,
+                    snowplow_app_ids,
+                    ga4,
+                    domains,
+                    limits,
                     target,
                     format,
                 },
@@ -557,8 +648,10 @@ async fn run(cli: Cli) -> Result<()> {
                 tz.parse::<chrono_tz::Tz>()
                     .map_err(|_| anyhow!("--timezone {tz}: not an IANA time zone name"))?;
             }
+            let trackers = trackers(snowplow_app_ids, &ga4, &domains)?;
             let js = target.jetstream().await?;
-            let (merchant, key) = create_merchant(&js, &name, timezone).await?;
+            let (merchant, key) =
+                create_merchant(&js, &name, timezone, trackers, limits.limits()).await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -676,7 +769,7 @@ async fn run_ingest(
 #[cfg(feature = "full")]
 async fn up(
     data_dir: PathBuf,
-    edge_listen: SocketAddr,
+    (edge_listen, edge_args): (SocketAddr, EdgeArgs),
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
     (admin_listen, admin, api_listen, sql_listen): (SocketAddr, AdminArgs, SocketAddr, SocketAddr),
@@ -702,6 +795,7 @@ async fn up(
     let mut edge_cfg =
         beacon_edge::EdgeConfig::new(nats_url.clone(), edge_listen, data_dir.clone());
     edge_cfg.sandbox = sandbox.limits();
+    edge_args.apply(&mut edge_cfg)?;
     let edge = beacon_edge::Edge::start(edge_cfg).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -756,6 +850,7 @@ async fn up(
     let endpoints = Endpoints {
         nats_url: nats_url.clone(),
         edge_quic: Some(edge.addr.to_string()),
+        edge_http: edge.http_addr.map(|a| format!("http://{a}")),
         edge_ca_cert: Some(edge.cert_path.clone()),
         data_dir: data_dir.clone(),
         catalog_uri: layout.catalog_uri(),
@@ -767,9 +862,10 @@ async fn up(
     };
     endpoints.write(&data_dir)?;
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): psql -h {} -p {} -U <merchant id or admin>   (password: read token or admin token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  edge (HTTP):         http://{}   (Snowplow /com.snowplowanalytics.snowplow/tp2 and /i, GA4 /mp/collect and /g/collect, Plausible /api/event)\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): psql -h {} -p {} -U <merchant id or admin>   (password: read token or admin token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
+        edge.http_addr.map(|a| a.to_string()).unwrap_or_default(),
         if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
         sql_addr.ip(),
         sql_addr.port(),
@@ -799,10 +895,52 @@ async fn up(
     Ok(())
 }
 
+/// Tracker identities from `merchant create`'s flags.
+fn trackers(
+    snowplow_app_ids: Vec<String>,
+    ga4: &[String],
+    domains: &[String],
+) -> Result<beacon_proto::bus::Trackers> {
+    let mut streams: Vec<beacon_proto::bus::Ga4Stream> = Vec::new();
+    for g in ga4 {
+        let (mid, secret) = g.split_once(':').unwrap_or((g.as_str(), ""));
+        if mid.is_empty() {
+            return Err(anyhow!("--ga4 {g}: expected MEASUREMENT_ID:API_SECRET"));
+        }
+        let pos = match streams.iter().position(|s| s.measurement_id == mid) {
+            Some(p) => p,
+            None => {
+                streams.push(beacon_proto::bus::Ga4Stream {
+                    measurement_id: mid.to_string(),
+                    api_secrets_sha256: Vec::new(),
+                });
+                streams.len() - 1
+            }
+        };
+        if !secret.is_empty() {
+            streams[pos]
+                .api_secrets_sha256
+                .push(beacon_edge::registry::hash_write_key(secret));
+        }
+    }
+    let domains = domains
+        .iter()
+        .map(|d| beacon_proto::bus::normalize_domain(d))
+        .filter(|d| !d.is_empty())
+        .collect();
+    Ok(beacon_proto::bus::Trackers {
+        snowplow_app_ids,
+        ga4: streams,
+        domains,
+    })
+}
+
 async fn create_merchant(
     js: &async_nats::jetstream::Context,
     name: &str,
     timezone: Option<String>,
+    trackers: beacon_proto::bus::Trackers,
+    limits: Option<beacon_proto::bus::MerchantLimits>,
 ) -> Result<(beacon_proto::bus::Merchant, String)> {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -814,6 +952,8 @@ async fn create_merchant(
         write_key_sha256: beacon_edge::registry::hash_write_key(&key),
         created_at: beacon_edge::now_ms(),
         timezone,
+        trackers,
+        limits,
     };
     let store = beacon_edge::registry::open_bucket(js)
         .await
@@ -869,7 +1009,7 @@ async fn demo(
         .unwrap_or_default();
     while known.len() < merchants {
         let name = format!("demo-shop-{}", known.len() + 1);
-        let (m, key) = create_merchant(&js, &name, None).await?;
+        let (m, key) = create_merchant(&js, &name, None, Default::default(), None).await?;
         known.push(DemoMerchant {
             name,
             id: m.id,

@@ -34,6 +34,9 @@ pub async fn live_edges(
                     addr: String::new(),
                     pipelines: Default::default(),
                     updated_at: 0,
+                    region: String::new(),
+                    http_addr: None,
+                    in_flight: 0,
                 }),
             }
         }

@@ -20,6 +20,11 @@ pub struct Received {
     pub envelope: Envelope,
 }
 
+/// Set by the edge from the user agent; see `beacon_edge::enrich`.
+pub fn is_bot(e: &Event) -> bool {
+    e.properties.contains_key("$bot")
+}
+
 /// Builds the rows of `raw_events` (`processed == false`) or `events` from `items`.
 pub fn events_batch(
     schema: &SchemaRef,
@@ -30,7 +35,13 @@ pub fn events_batch(
         .iter()
         .flat_map(|r| -> Box<dyn Iterator<Item = (&Received, &Event)>> {
             if processed {
-                Box::new(r.envelope.processed_events().map(move |e| (*r, e)))
+                // Bots (flagged by the edge's enrichment) stay in `raw_events`, uncounted.
+                Box::new(
+                    r.envelope
+                        .processed_events()
+                        .filter(|e| !is_bot(e))
+                        .map(move |e| (*r, e)),
+                )
             } else {
                 Box::new(r.envelope.raw.iter().map(move |e| (*r, e)))
             }
@@ -91,7 +102,7 @@ pub fn events_batch(
         for r in items {
             for (pipeline, events) in r.envelope.processed_parts() {
                 let label = pipeline.map(|p| p.label());
-                for _ in events {
+                for _ in events.iter().filter(|e| !is_bot(e)) {
                     b.append_option(label.as_deref());
                 }
             }

@@ -4,6 +4,11 @@
 //! [`process::Processor`] (validate, plugin chain) -> [`publish::Publisher`] (JetStream, acked)
 //! -> answer to the client. The edge never links the warehouse: it only knows the bus.
 
+pub mod device;
+pub mod enrich;
+pub mod http;
+pub mod limits;
+pub mod locate;
 pub mod pipelines;
 pub mod process;
 pub mod publish;
@@ -19,6 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use beacon_plugins::{Runtime, SandboxLimits};
+use beacon_proto::bus::MerchantLimits;
 use beacon_proto::Limits;
 
 pub fn now_ms() -> i64 {
@@ -43,6 +49,8 @@ pub enum EdgeError {
     Plugins(#[from] beacon_plugins::PluginError),
     #[error(transparent)]
     Pipelines(#[from] pipelines::PipelineError),
+    #[error(transparent)]
+    Enrich(#[from] enrich::EnrichError),
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +63,15 @@ pub struct EdgeConfig {
     pub quic: quic::QuicLimits,
     pub event_limits: Limits,
     pub sandbox: SandboxLimits,
+    /// Where this edge is, for `locate` (see `locate::REGIONS`).
+    pub region: String,
+    /// HTTP collectors (Snowplow, GA4, Plausible) and `GET /locate`; `None`: QUIC only.
+    pub http_listen: Option<SocketAddr>,
+    pub http: http::HttpLimits,
+    /// MaxMind-format City database for geo enrichment; `None`: no geo.
+    pub geoip: Option<PathBuf>,
+    /// Rate limit of merchants whose record sets none; `None`: unlimited.
+    pub default_limits: Option<MerchantLimits>,
 }
 
 impl EdgeConfig {
@@ -67,6 +84,11 @@ impl EdgeConfig {
             quic: quic::QuicLimits::default(),
             event_limits: Limits::default(),
             sandbox: SandboxLimits::default(),
+            region: "local".into(),
+            http_listen: None,
+            http: http::HttpLimits::default(),
+            geoip: None,
+            default_limits: None,
         }
     }
 }
@@ -74,6 +96,8 @@ impl EdgeConfig {
 /// A running edge.
 pub struct Edge {
     pub addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
     pub cert_path: PathBuf,
     endpoint: quinn::Endpoint,
     processor: Arc<process::Processor>,
@@ -108,12 +132,18 @@ impl Edge {
         )?);
         let pipelines = pipelines::Pipelines::start(&js, runtime).await?;
         let status_bucket = status::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
-        let processor = Arc::new(process::Processor::new(
+        let enricher = Arc::new(enrich::Enricher::open(&js, cfg.geoip.as_deref()).await?);
+        let mut processor = process::Processor::new(
             cfg.edge_id.clone(),
             cfg.event_limits,
             pipelines.clone(),
             publish::Publisher::new(js, max_payload),
-        ));
+            enricher,
+            registry.clone(),
+        );
+        processor.default_limits = cfg.default_limits;
+        let processor = Arc::new(processor);
+        let locator = locate::Locator::new(status_bucket.clone());
 
         let identity = tls::Identity::load_or_create(&cfg.data_dir.join("tls"))?;
         let server_config = identity.server_config(quic::transport_config())?;
@@ -128,25 +158,61 @@ impl Edge {
             source,
         })?;
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (http_addr, http_task) = match cfg.http_listen {
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|source| EdgeError::Listen {
+                        addr: listen,
+                        source,
+                    })?;
+                let bound = listener.local_addr().map_err(|source| EdgeError::Listen {
+                    addr: listen,
+                    source,
+                })?;
+                let app = http::App {
+                    registry: registry.clone(),
+                    processor: processor.clone(),
+                    locator: locator.clone(),
+                    limits: cfg.http.clone(),
+                };
+                let mut stop = shutdown.clone();
+                let task = tokio::spawn(http::serve(listener, app, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }));
+                tracing::info!(addr = %bound, "HTTP collectors listening");
+                (Some(bound), Some(task))
+            }
+            None => (None, None),
+        };
         let shared = quic::Shared {
             registry,
             processor: processor.clone(),
+            locator,
             limits: cfg.quic.clone(),
             shutdown,
             bytes_in_flight: Arc::new(tokio::sync::Semaphore::new(
                 (cfg.quic.max_in_flight_bytes / 1024).max(1),
             )),
+            conns_per_ip: Arc::default(),
         };
         let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
         let reporter = tokio::spawn(status::report(
             status_bucket,
-            cfg.edge_id.clone(),
-            addr.to_string(),
+            status::Me {
+                edge_id: cfg.edge_id.clone(),
+                addr: addr.to_string(),
+                region: cfg.region.clone(),
+                http_addr: http_addr.map(|a| a.to_string()),
+            },
             pipelines,
+            processor.clone(),
         ));
-        tracing::info!(%addr, edge_id = %cfg.edge_id, "edge listening (RSocket over QUIC)");
+        tracing::info!(%addr, edge_id = %cfg.edge_id, region = %cfg.region, "edge listening (RSocket over QUIC)");
         Ok(Self {
             addr,
+            http_addr,
+            http_task,
             cert_path: identity.cert_path,
             endpoint,
             processor,
@@ -168,6 +234,9 @@ impl Edge {
         // Give the writers a moment to flush the last answers and the closing ERROR.
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.endpoint.close(0u32.into(), b"edge shutting down");
+        if let Some(http) = self.http_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+        }
         self.task.abort();
         self.reporter.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use beacon_proto::bus::OnFailure;
+use beacon_proto::bus::{MerchantLimits, OnFailure};
 use beacon_proto::envelope::{ENVELOPE_VERSION, ENVELOPE_VERSION_CANARY};
 use beacon_proto::event::RejectedEvent;
 use beacon_proto::{
@@ -15,8 +15,11 @@ use tokio::sync::Semaphore;
 
 use beacon_plugins::{ChainFailure, PluginError};
 
+use crate::enrich::{ClientCtx, EnrichError, Enricher};
+use crate::limits::{Limited, RateLimiter};
 use crate::pipelines::{Pipelines, Runnable, Stage};
 use crate::publish::{PublishError, Publisher};
+use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -33,6 +36,12 @@ pub enum ProcessError {
     /// This merchant's plugins are all busy; the client should retry the same batch.
     #[error("not stored, retry: this merchant's plugins are busy at this edge")]
     Busy,
+    /// Over the merchant's rate limit or daily quota; retry after the time it names.
+    #[error("not stored: {0}")]
+    Limited(#[from] Limited),
+    /// Enrichment could not run (the daily salt is on the bus); retry.
+    #[error("not stored, retry: {0}")]
+    Enrich(#[from] EnrichError),
 }
 
 pub struct Processor {
@@ -49,6 +58,11 @@ pub struct Processor {
     pipelines: Pipelines,
     publisher: Publisher,
     active: AtomicUsize,
+    pub enricher: Arc<Enricher>,
+    registry: Registry,
+    limiter: RateLimiter,
+    /// Limits of merchants whose record sets none; `None`: unlimited.
+    pub default_limits: Option<MerchantLimits>,
 }
 
 /// Consecutive sandbox-limit breaches after which a pipeline version is quarantined.
@@ -94,6 +108,8 @@ impl Processor {
         limits: Limits,
         pipelines: Pipelines,
         publisher: Publisher,
+        enricher: Arc<Enricher>,
+        registry: Registry,
     ) -> Self {
         Self {
             batch_prefix: format!("{edge_id}-{}", crate::now_ms()),
@@ -107,7 +123,25 @@ impl Processor {
             pipelines,
             publisher,
             active: AtomicUsize::new(0),
+            enricher,
+            registry,
+            limiter: RateLimiter::default(),
+            default_limits: None,
         }
+    }
+
+    /// Takes `n` events from the merchant's rate limit and daily quota.
+    pub fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
+        let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) else {
+            return Ok(());
+        };
+        self.limiter.take(
+            merchant_id,
+            n,
+            &limits,
+            crate::now_ms(),
+            std::time::Instant::now(),
+        )
     }
 
     /// Batches being processed or published right now.
@@ -115,25 +149,30 @@ impl Processor {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Processes one batch payload for an authenticated merchant.
-    pub async fn process(
-        self: &Arc<Self>,
-        merchant_id: &str,
-        payload: &[u8],
-        client_batch_id: Option<&str>,
-    ) -> Result<BatchResponse, ProcessError> {
-        let _in_flight = InFlight::new(&self.active);
-        let now = crate::now_ms();
-        // The batch id is the JetStream message id: with the client's own id, a retried
-        // batch (same id) within the duplicate window is stored once.
-        let batch_id = match client_batch_id {
+    /// The batch id is the JetStream message id: with the client's own id (or a request's
+    /// content key), a retried batch within the duplicate window is stored once.
+    fn batch_id(&self, merchant_id: &str, client_batch_id: Option<&str>) -> String {
+        match client_batch_id {
             Some(id) => format!("{merchant_id}:{id}"),
             None => format!(
                 "{}:{}",
                 self.batch_prefix,
                 self.seq.fetch_add(1, Ordering::Relaxed)
             ),
-        };
+        }
+    }
+
+    /// Processes one RSocket batch payload for an authenticated merchant.
+    pub async fn process(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        payload: &[u8],
+        client_batch_id: Option<&str>,
+        ctx: &ClientCtx,
+    ) -> Result<BatchResponse, ProcessError> {
+        let _in_flight = InFlight::new(&self.active);
+        let now = crate::now_ms();
+        let batch_id = self.batch_id(merchant_id, client_batch_id);
         let request: BatchRequest = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -152,11 +191,57 @@ impl Processor {
                 max: self.max_batch_events,
             });
         }
+        self.admit(merchant_id, request.events.len())?;
+        let mut events = request.events;
+        if ctx.ip.is_some() || ctx.user_agent.is_some() {
+            let salt = self.enricher.salt(now).await?;
+            let ua = ctx.user_agent.as_deref().map(crate::device::parse);
+            for e in &mut events {
+                self.enricher.enrich_parsed(
+                    e,
+                    merchant_id,
+                    ctx.ip,
+                    ctx.user_agent.as_deref(),
+                    ua.as_ref(),
+                    &salt,
+                );
+            }
+        }
+        self.publish_events(merchant_id, events, batch_id, now)
+            .await
+    }
 
-        let mut raw = Vec::with_capacity(request.events.len());
+    /// Processes events a collector decoded (and enriched) for `merchant_id`.
+    pub async fn process_events(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        events: Vec<Event>,
+        client_batch_id: Option<&str>,
+    ) -> Result<BatchResponse, ProcessError> {
+        let _in_flight = InFlight::new(&self.active);
+        let batch_id = self.batch_id(merchant_id, client_batch_id);
+        if events.len() > self.max_batch_events {
+            return Err(ProcessError::TooManyEvents {
+                count: events.len(),
+                max: self.max_batch_events,
+            });
+        }
+        self.publish_events(merchant_id, events, batch_id, crate::now_ms())
+            .await
+    }
+
+    /// Validation, plugins, publishing.
+    async fn publish_events(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        events: Vec<Event>,
+        batch_id: String,
+        now: i64,
+    ) -> Result<BatchResponse, ProcessError> {
+        let mut raw = Vec::with_capacity(events.len());
         let mut failures = Vec::new();
         let mut rejected = Vec::new();
-        for (index, mut event) in request.events.into_iter().enumerate() {
+        for (index, mut event) in events.into_iter().enumerate() {
             // Identity and receive time come from the connection and our clock, never the client.
             event.merchant_id = merchant_id.to_string();
             event.received_at = now;
@@ -281,7 +366,8 @@ impl Processor {
                 // Never storable as is: keep (the start of) it in failed_events and tell the
                 // client, who must split the batch.
                 let reason = e.to_string();
-                self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
+                let payload = serde_json::to_vec(&envelope.raw).unwrap_or_default();
+                self.keep_undecodable(merchant_id, &batch_id, now, &payload, &reason)
                     .await;
                 return Err(ProcessError::TooLarge(reason));
             }

@@ -14,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
+use crate::enrich::ClientCtx;
+use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};
 use crate::registry::Registry;
 
@@ -27,6 +29,8 @@ pub struct QuicLimits {
     /// envelope).
     pub max_in_flight_bytes: usize,
     pub setup_timeout: Duration,
+    /// Open connections from one IP address; more are refused at the handshake.
+    pub max_conns_per_ip: usize,
 }
 
 impl Default for QuicLimits {
@@ -36,6 +40,7 @@ impl Default for QuicLimits {
             max_in_flight_per_conn: 64,
             max_in_flight_bytes: 256 << 20,
             setup_timeout: Duration::from_secs(5),
+            max_conns_per_ip: 256,
         }
     }
 }
@@ -59,12 +64,53 @@ pub fn transport_config() -> quinn::TransportConfig {
 pub struct Shared {
     pub registry: Registry,
     pub processor: Arc<Processor>,
+    pub locator: Locator,
     pub limits: QuicLimits,
     /// Turns true when the edge shuts down: connections stop taking new batches, finish the
     /// ones in flight, and tell the client to reconnect elsewhere.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Shared by every connection; one permit per KiB of request payload.
     pub bytes_in_flight: Arc<Semaphore>,
+    pub conns_per_ip: ConnsPerIp,
+}
+
+/// Open connections per client address.
+pub type ConnsPerIp = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// Counts a connection against its IP for as long as it lives.
+struct IpSlot {
+    ip: std::net::IpAddr,
+    map: ConnsPerIp,
+}
+
+impl IpSlot {
+    fn take(shared: &Shared, ip: std::net::IpAddr) -> Option<Self> {
+        let mut m = shared
+            .conns_per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= shared.limits.max_conns_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            ip,
+            map: shared.conns_per_ip.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -84,12 +130,18 @@ impl Shared {
 pub async fn serve(endpoint: quinn::Endpoint, shared: Shared) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
+        let remote = incoming.remote_address();
+        let Some(slot) = IpSlot::take(&shared, remote.ip()) else {
+            tracing::warn!(%remote, "too many connections from this address; refused");
+            incoming.refuse();
+            continue;
+        };
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
                     let span = tracing::info_span!("conn", %remote);
                     handle(conn, shared).instrument(span).await;
+                    drop(slot);
                 }
                 Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
             }
@@ -196,6 +248,10 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     };
     tracing::debug!(merchant = %merchant_id, "setup accepted");
     let merchant: Arc<str> = merchant_id.into();
+    let ctx = Arc::new(ClientCtx {
+        ip: Some(conn.remote_address().ip()),
+        user_agent: None,
+    });
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_conn));
 
     let mut shutdown = shared.shutdown.clone();
@@ -226,6 +282,28 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         let stream_id = frame.get_stream_id();
         let flag = frame.get_flag();
         match frame.get_body() {
+            Body::RequestResponse(req) if wire::is_locate(req.get_metadata()) => {
+                let region = wire::locate_region(req.get_metadata())
+                    .filter(|r| crate::locate::is_known_region(r))
+                    .map(str::to_string)
+                    .or_else(|| {
+                        shared
+                            .processor
+                            .enricher
+                            .region_of(ctx.ip)
+                            .map(str::to_string)
+                    });
+                let answer = match shared.locator.locate(region.as_deref()).await {
+                    Ok(l) => wire::response_frame(
+                        stream_id,
+                        Bytes::from(serde_json::to_vec(&l).unwrap_or_default()),
+                    ),
+                    Err(e) => wire::error_frame(stream_id, wire::ERR_REJECTED, &e),
+                };
+                if tx.send(answer).await.is_err() {
+                    break;
+                }
+            }
             Body::RequestResponse(req) => {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
@@ -235,11 +313,15 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
-                let (processor, merchant, tx) =
-                    (shared.processor.clone(), merchant.clone(), tx.clone());
+                let (processor, merchant, tx, ctx) = (
+                    shared.processor.clone(),
+                    merchant.clone(),
+                    tx.clone(),
+                    ctx.clone(),
+                );
                 tokio::spawn(async move {
                     let answer = match processor
-                        .process(&merchant, &data, client_id.as_deref())
+                        .process(&merchant, &data, client_id.as_deref(), &ctx)
                         .await
                     {
                         Ok(resp) => wire::response_frame(
@@ -261,10 +343,11 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
-                let (processor, merchant) = (shared.processor.clone(), merchant.clone());
+                let (processor, merchant, ctx) =
+                    (shared.processor.clone(), merchant.clone(), ctx.clone());
                 tokio::spawn(async move {
                     if let Err(e) = processor
-                        .process(&merchant, &data, client_id.as_deref())
+                        .process(&merchant, &data, client_id.as_deref(), &ctx)
                         .await
                     {
                         tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
@@ -320,7 +403,10 @@ fn error_code(e: &ProcessError) -> u32 {
         | ProcessError::TooManyEvents { .. }
         | ProcessError::TooLarge(_) => wire::ERR_INVALID,
         // REJECTED: not processed, safe to retry.
-        ProcessError::NotDurable(_) | ProcessError::Busy => wire::ERR_REJECTED,
+        ProcessError::NotDurable(_)
+        | ProcessError::Busy
+        | ProcessError::Limited(_)
+        | ProcessError::Enrich(_) => wire::ERR_REJECTED,
     }
 }
 

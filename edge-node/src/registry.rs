@@ -1,11 +1,18 @@
-//! The edge's view of the merchant registry: write-key hash -> merchant id, fed by a watch
-//! on the JetStream KV bucket so new merchants and revoked keys apply without a restart.
+//! The edge's view of the merchant registry, fed by a watch on the JetStream KV bucket so
+//! new merchants, new tracker identities, changed limits and revoked keys apply without a
+//! restart.
+//!
+//! Keys of the bucket:
+//! - `m.<id>`: the `Merchant` record (trackers, limits, time zone);
+//! - `k.<sha256(write key)>`: merchant id of a write key;
+//! - `t.<sha256(claim)>`: merchant id owning a tracker identity (`TrackerId::claim`). Claims
+//!   are created with `create`, so two merchants can never own the same app id or domain.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream::kv;
-use beacon_proto::bus::Merchant;
+use beacon_proto::bus::{Merchant, MerchantLimits, TrackerId};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -19,58 +26,167 @@ pub fn write_key_key(hash: &str) -> String {
     format!("k.{hash}")
 }
 
+/// KV key of a tracker identity's claim.
+pub fn claim_key(id: &TrackerId) -> String {
+    format!("t.{}", hash_write_key(&id.claim()))
+}
+
 pub fn hash_write_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0} already belongs to merchant {1}")]
+    Claimed(TrackerId, String),
+    #[error("merchant {0} already exists")]
+    Exists(String),
+    #[error("registry: {0}")]
+    Nats(String),
+}
+
+fn nats(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Nats(e.to_string())
+}
+
+/// What a tracker identity resolves to.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub merchant_id: Arc<str>,
+    /// For GA4 streams: hashes of the accepted `api_secret`s.
+    pub api_secrets_sha256: Vec<String>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_key_hash: HashMap<String, Arc<str>>,
+    by_tracker: HashMap<TrackerId, Resolved>,
+    limits: HashMap<Arc<str>, MerchantLimits>,
+    /// Tracker ids each merchant indexed, so an updated record drops the ones it lost.
+    trackers_of: HashMap<Arc<str>, Vec<TrackerId>>,
+}
+
+impl Index {
+    fn put_merchant(&mut self, m: &Merchant) {
+        let id: Arc<str> = m.id.as_str().into();
+        self.remove_merchant(&id);
+        let mut ids = Vec::new();
+        for t in m.trackers.ids() {
+            let secrets = match &t {
+                TrackerId::Ga4(mid) => m
+                    .trackers
+                    .ga4
+                    .iter()
+                    .filter(|s| &s.measurement_id == mid)
+                    .flat_map(|s| s.api_secrets_sha256.iter().cloned())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            self.by_tracker.insert(
+                t.clone(),
+                Resolved {
+                    merchant_id: id.clone(),
+                    api_secrets_sha256: secrets,
+                },
+            );
+            ids.push(t);
+        }
+        self.trackers_of.insert(id.clone(), ids);
+        match m.limits {
+            Some(l) => self.limits.insert(id, l),
+            None => self.limits.remove(&id),
+        };
+    }
+
+    fn remove_merchant(&mut self, id: &str) {
+        if let Some(ids) = self.trackers_of.remove(id) {
+            for t in ids {
+                if self
+                    .by_tracker
+                    .get(&t)
+                    .is_some_and(|r| &*r.merchant_id == id)
+                {
+                    self.by_tracker.remove(&t);
+                }
+            }
+        }
+        self.limits.remove(id);
+    }
 }
 
 #[derive(Clone)]
 pub struct Registry {
     store: kv::Store,
-    by_key_hash: Arc<RwLock<HashMap<String, String>>>,
+    index: Arc<RwLock<Index>>,
 }
 
 impl Registry {
-    /// Loads every write key and keeps following changes in a background task.
+    /// Loads every merchant and write key and keeps following changes in a background task.
     pub async fn start(store: kv::Store) -> Result<Self, async_nats::Error> {
-        let by_key_hash: Arc<RwLock<HashMap<String, String>>> = Arc::default();
-        let mut watch = store.watch_with_history("k.>").await?;
-        let map = by_key_hash.clone();
+        let index: Arc<RwLock<Index>> = Arc::default();
+        let mut watch = store.watch_with_history(">").await?;
+        let idx = index.clone();
         tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { continue };
-                let Some(hash) = entry.key.strip_prefix("k.") else {
-                    continue;
-                };
-                let Ok(mut m) = map.write() else { return };
-                match entry.operation {
-                    kv::Operation::Put => {
-                        m.insert(
-                            hash.to_string(),
-                            String::from_utf8_lossy(&entry.value).into_owned(),
-                        );
+                let Ok(mut index) = idx.write() else { return };
+                let put = entry.operation == kv::Operation::Put;
+                if let Some(hash) = entry.key.strip_prefix("k.") {
+                    if put {
+                        let id = String::from_utf8_lossy(&entry.value);
+                        index
+                            .by_key_hash
+                            .insert(hash.to_string(), id.as_ref().into());
+                    } else {
+                        index.by_key_hash.remove(hash);
                     }
-                    kv::Operation::Delete | kv::Operation::Purge => {
-                        m.remove(hash);
+                } else if let Some(id) = entry.key.strip_prefix("m.") {
+                    match serde_json::from_slice::<Merchant>(&entry.value) {
+                        Ok(m) if put => index.put_merchant(&m),
+                        Ok(_) => index.remove_merchant(id),
+                        Err(_) if !put => index.remove_merchant(id),
+                        Err(e) => {
+                            tracing::warn!(merchant = id, error = %e, "unreadable merchant record")
+                        }
                     }
                 }
             }
         });
-        Ok(Self { store, by_key_hash })
+        Ok(Self { store, index })
     }
 
     /// The merchant a write key belongs to. A miss asks the bucket directly, so a merchant
     /// created a moment ago is not refused while the watch catches up.
     pub async fn merchant_for_key(&self, write_key: &str) -> Option<String> {
         let hash = hash_write_key(write_key);
-        if let Some(id) = self.by_key_hash.read().ok()?.get(&hash) {
-            return Some(id.clone());
+        if let Some(id) = self.index.read().ok()?.by_key_hash.get(&hash) {
+            return Some(id.to_string());
         }
         let value = self.store.get(write_key_key(&hash)).await.ok()??;
         let id = String::from_utf8_lossy(&value).into_owned();
-        if let Ok(mut m) = self.by_key_hash.write() {
-            m.insert(hash, id.clone());
+        if let Ok(mut m) = self.index.write() {
+            m.by_key_hash.insert(hash, id.as_str().into());
         }
         Some(id)
+    }
+
+    /// The merchant owning a tracker identity (same miss handling as write keys).
+    pub async fn resolve(&self, id: &TrackerId) -> Option<Resolved> {
+        if let Some(r) = self.index.read().ok()?.by_tracker.get(id) {
+            return Some(r.clone());
+        }
+        let owner = self.store.get(claim_key(id)).await.ok()??;
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        let record = self.store.get(merchant_key(&owner)).await.ok()??;
+        let merchant: Merchant = serde_json::from_slice(&record).ok()?;
+        let mut index = self.index.write().ok()?;
+        index.put_merchant(&merchant);
+        index.by_tracker.get(id).cloned()
+    }
+
+    /// The merchant's own limits, if it has any.
+    pub fn limits(&self, merchant_id: &str) -> Option<MerchantLimits> {
+        self.index.read().ok()?.limits.get(merchant_id).copied()
     }
 }
 
@@ -87,20 +203,71 @@ pub async fn open_bucket(
         .await?)
 }
 
-/// Registers a merchant and its write key (used by `beacon merchant create`).
-pub async fn create_merchant(
-    store: &kv::Store,
-    merchant: &Merchant,
-) -> Result<(), async_nats::Error> {
-    let json = serde_json::to_vec(merchant)?;
-    store
-        .create(merchant_key(&merchant.id), json.into())
-        .await?;
+/// Registers a merchant, its write key and its tracker identities (used by `beacon
+/// merchant create`). Identities are claimed first: one already owned by another merchant
+/// refuses the whole merchant, and the claims taken so far are released.
+pub async fn create_merchant(store: &kv::Store, merchant: &Merchant) -> Result<(), RegistryError> {
+    let mut claimed = Vec::new();
+    for t in merchant.trackers.ids() {
+        let key = claim_key(&t);
+        if let Err(e) = store
+            .create(&key, merchant.id.clone().into_bytes().into())
+            .await
+        {
+            for k in &claimed {
+                let _ = store.purge(k).await;
+            }
+            let owner = store
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|v| String::from_utf8_lossy(&v).into_owned());
+            return Err(match owner {
+                Some(o) => RegistryError::Claimed(t, o),
+                None => nats(e),
+            });
+        }
+        claimed.push(key);
+    }
+    let json = serde_json::to_vec(merchant).map_err(nats)?;
+    if let Err(e) = store.create(merchant_key(&merchant.id), json.into()).await {
+        for k in &claimed {
+            let _ = store.purge(k).await;
+        }
+        return Err(if e.kind() == kv::CreateErrorKind::AlreadyExists {
+            RegistryError::Exists(merchant.id.clone())
+        } else {
+            nats(e)
+        });
+    }
     store
         .put(
             write_key_key(&merchant.write_key_sha256),
             merchant.id.clone().into_bytes().into(),
         )
-        .await?;
+        .await
+        .map_err(nats)?;
+    Ok(())
+}
+
+/// Replaces a merchant's limits (`None`: the edge defaults). Edges apply it within a moment.
+pub async fn set_limits(
+    store: &kv::Store,
+    merchant_id: &str,
+    limits: Option<MerchantLimits>,
+) -> Result<(), RegistryError> {
+    let record = store
+        .get(merchant_key(merchant_id))
+        .await
+        .map_err(nats)?
+        .ok_or_else(|| nats(format!("no merchant {merchant_id}")))?;
+    let mut m: Merchant = serde_json::from_slice(&record).map_err(nats)?;
+    m.limits = limits;
+    let json = serde_json::to_vec(&m).map_err(nats)?;
+    store
+        .put(merchant_key(merchant_id), json.into())
+        .await
+        .map_err(nats)?;
     Ok(())
 }

@@ -8,7 +8,18 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use beacon_proto::bus::{self, EdgeStatus};
 
+use std::sync::Arc;
+
 use crate::pipelines::Pipelines;
+use crate::process::Processor;
+
+/// What an edge says about itself besides its pipelines.
+pub struct Me {
+    pub edge_id: String,
+    pub addr: String,
+    pub region: String,
+    pub http_addr: Option<String>,
+}
 
 /// Entries older than this are gone: an edge that stops refreshing is considered dead.
 pub const TTL: Duration = Duration::from_secs(15);
@@ -28,22 +39,25 @@ pub async fn open_bucket(js: &jetstream::Context) -> Result<kv::Store, async_nat
 
 /// Publishes this edge's status on every pipeline change (checked every 100 ms) and at least
 /// every 5 s, until the task is aborted.
-pub async fn report(store: kv::Store, edge_id: String, addr: String, pipelines: Pipelines) {
+pub async fn report(store: kv::Store, me: Me, pipelines: Pipelines, processor: Arc<Processor>) {
     let mut last: Option<EdgeStatus> = None;
     let mut last_put = tokio::time::Instant::now();
     loop {
         let status = EdgeStatus {
-            edge_id: edge_id.clone(),
-            addr: addr.clone(),
+            edge_id: me.edge_id.clone(),
+            addr: me.addr.clone(),
             pipelines: pipelines.versions(),
             updated_at: crate::now_ms(),
+            region: me.region.clone(),
+            http_addr: me.http_addr.clone(),
+            in_flight: processor.in_flight(),
         };
         let changed = last
             .as_ref()
             .is_none_or(|l| l.pipelines != status.pipelines);
         if changed || last_put.elapsed() >= REFRESH {
             match serde_json::to_vec(&status) {
-                Ok(json) => match store.put(&edge_id, json.into()).await {
+                Ok(json) => match store.put(&me.edge_id, json.into()).await {
                     Ok(_) => {
                         last = Some(status);
                         last_put = tokio::time::Instant::now();

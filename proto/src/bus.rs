@@ -32,6 +32,110 @@ pub struct Merchant {
     /// IANA time zone of the merchant's reports (dates and time buckets); UTC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
+    /// How the merchant's existing trackers name it at the HTTP collectors.
+    #[serde(default, skip_serializing_if = "Trackers::is_empty")]
+    pub trackers: Trackers,
+    /// Per-merchant collection limits; the edge's defaults apply when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<MerchantLimits>,
+}
+
+/// The identities third-party trackers send instead of a write key. Each one belongs to at
+/// most one merchant (claimed in the registry when the merchant is created); an identity no
+/// merchant claims is refused, never stored under a guess.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Trackers {
+    /// Snowplow `aid` (application id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snowplow_app_ids: Vec<String>,
+    /// GA4 data streams: `measurement_id` and its Measurement Protocol secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ga4: Vec<Ga4Stream>,
+    /// Plausible `domain` (site) names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+}
+
+impl Trackers {
+    pub fn is_empty(&self) -> bool {
+        self.snowplow_app_ids.is_empty() && self.ga4.is_empty() && self.domains.is_empty()
+    }
+
+    /// Every identity, as registry claims.
+    pub fn ids(&self) -> impl Iterator<Item = TrackerId> + '_ {
+        let apps = self
+            .snowplow_app_ids
+            .iter()
+            .cloned()
+            .map(TrackerId::SnowplowApp);
+        let ga4 = self
+            .ga4
+            .iter()
+            .map(|s| TrackerId::Ga4(s.measurement_id.clone()));
+        let domains = self
+            .domains
+            .iter()
+            .map(|d| TrackerId::Domain(normalize_domain(d)));
+        apps.chain(ga4).chain(domains)
+    }
+}
+
+/// A site name as registered and as looked up: lower case, without `www.` (as Plausible).
+pub fn normalize_domain(d: &str) -> String {
+    let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+    match d.strip_prefix("www.") {
+        Some(rest) => rest.to_string(),
+        None => d,
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ga4Stream {
+    pub measurement_id: String,
+    /// sha256 (hex) of each accepted `api_secret`; `/g/collect` hits need none (as Google's).
+    #[serde(default)]
+    pub api_secrets_sha256: Vec<String>,
+}
+
+/// One identity a tracker sends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TrackerId {
+    SnowplowApp(String),
+    Ga4(String),
+    Domain(String),
+}
+
+impl TrackerId {
+    /// The stable text a registry claim is keyed by.
+    pub fn claim(&self) -> String {
+        match self {
+            TrackerId::SnowplowApp(a) => format!("snowplow:{a}"),
+            TrackerId::Ga4(m) => format!("ga4:{m}"),
+            TrackerId::Domain(d) => format!("domain:{d}"),
+        }
+    }
+}
+
+impl std::fmt::Display for TrackerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrackerId::SnowplowApp(a) => write!(f, "Snowplow app id `{a}`"),
+            TrackerId::Ga4(m) => write!(f, "GA4 measurement id `{m}`"),
+            TrackerId::Domain(d) => write!(f, "domain `{d}`"),
+        }
+    }
+}
+
+/// Collection limits of one merchant, enforced per edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MerchantLimits {
+    /// Sustained events per second (token bucket refill).
+    pub events_per_second: u32,
+    /// Events accepted at once above the sustained rate (bucket size).
+    pub burst: u32,
+    /// Events per UTC day; `None` is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_events: Option<u64>,
 }
 
 /// KV bucket: `<merchant-id>.<version>` -> `PipelineDef` JSON. Definitions are immutable
@@ -51,6 +155,35 @@ pub struct EdgeStatus {
     /// with every change (activation, canary, rollback), so "applied" is `>=`.
     pub pipelines: std::collections::BTreeMap<String, u64>,
     pub updated_at: i64,
+    /// Where the edge is (`eu-west`, `us-east`, ...; see `beacon_edge::locate`).
+    #[serde(default)]
+    pub region: String,
+    /// HTTP collectors and `GET /locate`, `ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Batches being processed right now: a rough load figure for `locate`.
+    #[serde(default)]
+    pub in_flight: usize,
+}
+
+/// The answer to `locate` (`GET /locate`, or an RSocket request-response with metadata
+/// `locate`): live edges, nearest to the caller first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Location {
+    /// The caller's region as the edge understood it (asked for, or from its address).
+    pub region: Option<String>,
+    pub edges: Vec<LocatedEdge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocatedEdge {
+    pub edge_id: String,
+    pub region: String,
+    /// RSocket over QUIC, `ip:port`.
+    pub quic: String,
+    /// HTTP collectors, `ip:port`.
+    pub http: Option<String>,
+    pub in_flight: usize,
 }
 
 /// What happens to a batch when a plugin of its pipeline fails (trap, limit, error).

@@ -202,6 +202,20 @@ pub fn client_batch_id(metadata: Option<&Bytes>) -> Option<&str> {
     ok.then_some(m)
 }
 
+/// Request-response metadata asking for the nearest edges instead of sending a batch:
+/// `locate:` or `locate:<region>`. Batch ids cannot hold `:`, so the two never collide.
+pub const LOCATE_PREFIX: &str = "locate:";
+
+pub fn is_locate(metadata: Option<&Bytes>) -> bool {
+    metadata.is_some_and(|m| m.starts_with(LOCATE_PREFIX.as_bytes()))
+}
+
+/// The region a locate request names, if any.
+pub fn locate_region(metadata: Option<&Bytes>) -> Option<&str> {
+    let m = std::str::from_utf8(metadata?).ok()?;
+    m.strip_prefix(LOCATE_PREFIX).filter(|r| !r.is_empty())
+}
+
 pub fn setup_frame(write_key: &str) -> Frame {
     frame::Setup::builder(0, 0)
         .set_mime_metadata(AUTH_MIME)

@@ -22,9 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use beacon_proto::bus::Location;
 use beacon_proto::wire::{self, Body, Frame, FrameReader};
 use beacon_proto::{BatchResponse, Event};
+
+mod failover;
 use bytes::{Bytes, BytesMut};
+pub use failover::{EdgeTarget, FailoverClient};
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +73,9 @@ pub struct ClientConfig {
     pub ca_pem: Vec<u8>,
     pub write_key: String,
     pub request_timeout: Duration,
+    /// A connection silent this long is dead (keepalives go out at a quarter of it). Short
+    /// values make a dead edge noticed quickly, which is what failover needs.
+    pub idle_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -79,6 +86,7 @@ impl ClientConfig {
             ca_pem,
             write_key: write_key.into(),
             request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -101,7 +109,7 @@ impl Client {
     /// Connects, sends SETUP with the write key, and waits for the edge to accept it (a
     /// KEEPALIVE round trip), so a wrong key fails here with [`SdkError::Rejected`].
     pub async fn connect(cfg: ClientConfig) -> Result<Self, SdkError> {
-        let quic = quic_config(&cfg.ca_pem)?;
+        let quic = quic_config(&cfg.ca_pem, cfg.idle_timeout)?;
         let bind: SocketAddr = if cfg.addr.is_ipv6() {
             "[::]:0"
                 .parse()
@@ -177,6 +185,15 @@ impl Client {
                 encode_batch(events),
                 Some(Bytes::copy_from_slice(batch_id.as_bytes())),
             )
+            .await?;
+        serde_json::from_slice(&data).map_err(|e| SdkError::Protocol(e.to_string()))
+    }
+
+    /// The live edges nearest to `region` (or to this client's address), nearest first.
+    pub async fn locate(&self, region: Option<&str>) -> Result<Location, SdkError> {
+        let meta = format!("{}{}", wire::LOCATE_PREFIX, region.unwrap_or(""));
+        let data = self
+            .request_with(Bytes::new(), Some(Bytes::from(meta)))
             .await?;
         serde_json::from_slice(&data).map_err(|e| SdkError::Protocol(e.to_string()))
     }
@@ -364,7 +381,7 @@ async fn read_frames(conn: &quinn::Connection, pending: &Pending) -> Result<(), 
     }
 }
 
-fn quic_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, SdkError> {
+fn quic_config(ca_pem: &[u8], idle: Duration) -> Result<quinn::ClientConfig, SdkError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
@@ -386,10 +403,9 @@ fn quic_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, SdkError> {
         .map_err(|e| SdkError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(50))));
     transport.max_idle_timeout(Some(
-        Duration::from_secs(30)
-            .try_into()
+        idle.try_into()
             .map_err(|_| SdkError::Config("idle timeout".into()))?,
     ));
     cfg.transport_config(Arc::new(transport));

@@ -77,6 +77,8 @@ pub struct Cluster {
     pub edge: Option<Role>,
     pub nats: NatsServer,
     pub endpoints: Endpoints,
+    /// Extra arguments of `beacon edge` (geo database, limits, region).
+    pub edge_args: Vec<String>,
     pub dir: tempfile::TempDir,
 }
 
@@ -87,6 +89,11 @@ impl Cluster {
 
     /// nats-server + edge + ingest (+ rollups every second when `rollups`).
     pub fn start(rollups: bool) -> Self {
+        Self::start_with_edge(rollups, &[])
+    }
+
+    /// As `start`, with extra `beacon edge` arguments.
+    pub fn start_with_edge(rollups: bool, edge_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("beacon-test-")
             .tempdir()
@@ -94,6 +101,7 @@ impl Cluster {
         let nats = NatsServer::start(&dir.path().join("nats")).expect("start nats-server");
         let mut c = Self {
             endpoints: Endpoints::default(),
+            edge_args: edge_args.iter().map(|a| a.to_string()).collect(),
             dir,
             nats,
             edge: None,
@@ -134,7 +142,9 @@ impl Cluster {
             old.terminate();
         }
         let _ = std::fs::remove_file(Endpoints::path(self.data_dir()));
-        self.edge = Some(self.spawn("edge", &["edge", "--listen", "127.0.0.1:0"]));
+        let mut args = vec!["edge", "--listen", "127.0.0.1:0"];
+        args.extend(self.edge_args.iter().map(String::as_str));
+        self.edge = Some(self.spawn("edge", &args));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(e) = Endpoints::read(self.data_dir()) {
@@ -152,20 +162,24 @@ impl Cluster {
     /// Starts another edge (own id, data dir and port) on the same bus; returns it and the
     /// endpoints it wrote.
     pub fn spawn_edge(&self, id: &'static str) -> (Role, Endpoints) {
+        self.spawn_edge_with(id, &[])
+    }
+
+    /// As `spawn_edge`, with extra `beacon edge` arguments.
+    pub fn spawn_edge_with(&self, id: &'static str, extra: &[&str]) -> (Role, Endpoints) {
         let dir = self.data_dir().join(id);
         std::fs::create_dir_all(&dir).expect("edge dir");
-        let role = self.spawn(
+        let mut args = vec![
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--edge-id",
             id,
-            &[
-                "edge",
-                "--listen",
-                "127.0.0.1:0",
-                "--edge-id",
-                id,
-                "--data-dir",
-                dir.to_str().expect("utf8"),
-            ],
-        );
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        let role = self.spawn(id, &args);
         let endpoints = wait_for(Duration::from_secs(30), "second edge endpoints", || {
             Endpoints::read(&dir).ok()
         });
@@ -228,9 +242,14 @@ impl Cluster {
 
     /// Creates a merchant; returns (id, write key).
     pub fn merchant(&self, name: &str) -> (String, String) {
-        let v: Value =
-            serde_json::from_str(&self.cli(&["merchant", "create", name, "--format", "json"]))
-                .expect("merchant json");
+        self.merchant_with(name, &[])
+    }
+
+    /// Creates a merchant with extra `merchant create` flags (trackers, limits).
+    pub fn merchant_with(&self, name: &str, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["merchant", "create", name, "--format", "json"];
+        args.extend_from_slice(extra);
+        let v: Value = serde_json::from_str(&self.cli(&args)).expect("merchant json");
         (
             v["id"].as_str().expect("id").to_string(),
             v["write_key"].as_str().expect("key").to_string(),
@@ -373,31 +392,74 @@ pub fn http(
     token: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let r = http_with(addr, method, path, &headers, body);
+    (r.status, r.body)
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// As `http`, with request headers, returning the response headers too.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect HTTP API");
+    let addr = addr.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect HTTP");
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).expect("write");
     s.write_all(body).expect("write body");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let out = String::from_utf8_lossy(&raw);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
         .expect("status");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
 }
 
 /// The project venv's Python (scripts/setup.sh installs the third-party clients there).
@@ -414,4 +476,17 @@ pub fn venv_python() -> PathBuf {
         py.display()
     );
     py
+}
+
+/// CPU seconds (user + system) a process has used, from /proc (benchmarks).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the ')'.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }

@@ -1,0 +1,357 @@
+//! Collector benchmark on one edge (real nats-server, a `beacon edge` process with the test
+//! geo database; ingest stopped so it does not compete for the 2 cores). Prints a Markdown
+//! report: events/s and edge CPU per event for
+//!
+//! - baseline: the bare QUIC frame loop (in this process: decodes RSocket frames and answers,
+//!   nothing else), driven by the same SDK load;
+//! - RSocket/QUIC batches through the edge, ack after durable, enrichment, no plugin;
+//! - the same with a 2-plugin chain (UTM, PII);
+//! - HTTP Snowplow tp2 batches (wrk, 50 events per POST), ack after durable, enrichment
+//!   (UA parsing, cookieless id), 2-plugin chain;
+//! - HTTP floor: wrk `GET /healthz` (the HTTP stack alone, no decoding, no publishing).
+//!
+//! Run:
+//!
+//!     cargo bench -p beacon --bench collectors          # 200,000 events per QUIC phase
+//!     BEACON_BENCH_EVENTS=500000 BEACON_BENCH_SECS=20 cargo bench -p beacon --bench collectors
+//!
+//! Needs `wrk` (Debian package) for the HTTP phases; without it they are skipped.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use beacon_proto::wire::{self, Body, FrameReader};
+use beacon_proto::Event;
+use bytes::{Bytes, BytesMut};
+use common::{cpu_seconds, Cluster};
+
+struct Row {
+    name: String,
+    events: u64,
+    seconds: f64,
+    edge_cpu: Option<f64>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+}
+
+/// The bare frame loop: SETUP, KEEPALIVE echo, and an empty acknowledgement per request.
+async fn bare_server(dir: &std::path::Path) -> (std::net::SocketAddr, PathBuf, Arc<AtomicU64>) {
+    let id = beacon_edge::tls::Identity::load_or_create(dir).expect("tls");
+    let cfg = id
+        .server_config(beacon_edge::quic::transport_config())
+        .expect("server config");
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).expect("endpoint");
+    let addr = ep.local_addr().expect("addr");
+    let frames = Arc::new(AtomicU64::new(0));
+    let count = frames.clone();
+    tokio::spawn(async move {
+        while let Some(inc) = ep.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = inc.await else { return };
+                let Ok((_s, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let Ok((mut send, _r)) = conn.open_bi().await else {
+                    return;
+                };
+                let mut reader = FrameReader::new(wire::DEFAULT_MAX_FRAME_LEN);
+                let ack = Bytes::from_static(br#"{"batch_id":"b","accepted":0,"rejected":[]}"#);
+                while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+                    reader.extend(&chunk.bytes);
+                    let mut out = BytesMut::new();
+                    while let Ok(Some(f)) = reader.next_frame() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let id = f.get_stream_id();
+                        match f.get_body() {
+                            Body::Keepalive(_) => wire::encode(
+                                &wire::frame::Keepalive::builder(0, 0).build(),
+                                &mut out,
+                            ),
+                            Body::RequestResponse(_) => {
+                                wire::encode(&wire::response_frame(id, ack.clone()), &mut out)
+                            }
+                            _ => {}
+                        }
+                    }
+                    if !out.is_empty() && send.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, id.cert_path, frames)
+}
+
+async fn sdk_load(
+    addr: std::net::SocketAddr,
+    ca: Vec<u8>,
+    key: &str,
+    events: &[Event],
+    edge_pid: Option<u32>,
+    name: &str,
+) -> Row {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca.clone(), key);
+        cfg.request_timeout = Duration::from_secs(60);
+        clients.push(Arc::new(
+            beacon_sdk::Client::connect(cfg).await.expect("connect"),
+        ));
+    }
+    let cpu0 = edge_pid.map(cpu_seconds);
+    let started = Instant::now();
+    let per = events.len().div_ceil(clients.len());
+    let mut tasks = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let part = events[(i * per).min(events.len())..((i + 1) * per).min(events.len())].to_vec();
+        tasks.push(tokio::spawn(beacon::demo::send_all(
+            c.clone(),
+            part,
+            500,
+            8,
+        )));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("send");
+    }
+    Row {
+        name: name.into(),
+        events: events.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        edge_cpu: edge_pid.zip(cpu0).map(|(p, c)| cpu_seconds(p) - c),
+    }
+}
+
+const WRK_TP2: &str = r#"
+local B = 50
+local ev = '{"e":"pv","url":"https://bench.example/p/%d?utm_source=news","page":"Page %d","refr":"https://www.google.com/","aid":"AID","eid":"%d-%d","dtm":"1795673352516","stm":"1795673352600","ua":"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36","co":"{\\"schema\\":\\"iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1\\",\\"data\\":[{\\"schema\\":\\"iglu:com.acme/user/jsonschema/1-0-0\\",\\"data\\":{\\"tier\\":\\"gold\\",\\"email\\":\\"a@b.example\\"}}]}"}'
+local threads = {}
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread:set("tid", n)
+  table.insert(threads, thread)
+end
+counter = 0
+function request()
+  counter = counter + 1
+  local parts = {}
+  for i = 1, B do parts[i] = string.format(ev, i, i, tid, counter * B + i) end
+  local body = '{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4","data":[' .. table.concat(parts, ",") .. ']}'
+  return wrk.format("POST", "/com.snowplowanalytics.snowplow/tp2", {["Content-Type"] = "application/json"}, body)
+end
+"#;
+
+/// Prints wrk's totals as one JSON line for the bench to read.
+const WRK_DONE: &str = r#"
+function done(summary, latency, requests)
+  io.write(string.format('RESULT {"requests":%d,"non2xx":%d,"errors":%d,"us":%d,"p99_us":%d}\n',
+    summary.requests, summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.duration, latency:percentile(99)))
+end
+"#;
+
+fn wrk(
+    url: &str,
+    script: String,
+    secs: u64,
+    per_request: u64,
+    edge_pid: u32,
+    name: &str,
+) -> Option<Row> {
+    let dir = tempfile::tempdir().ok()?;
+    let path = dir.path().join("s.lua");
+    std::fs::write(&path, script).ok()?;
+    let cpu0 = cpu_seconds(edge_pid);
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--timeout",
+            "30s",
+            "-s",
+        ])
+        .arg(&path)
+        .arg(url)
+        .output()
+        .ok()?;
+    let cpu = cpu_seconds(edge_pid) - cpu0;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.lines().find_map(|l| l.strip_prefix("RESULT "))?;
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let requests = v["requests"].as_u64()?;
+    let bad = v["non2xx"].as_u64()? + v["errors"].as_u64()?;
+    assert_eq!(bad, 0, "{name}: {bad} failed requests\n{text}");
+    eprintln!(
+        "{name}: p99 {} ms per request",
+        v["p99_us"].as_u64()? / 1000
+    );
+    Some(Row {
+        name: name.into(),
+        events: requests * per_request,
+        seconds: v["us"].as_u64()? as f64 / 1e6,
+        edge_cpu: Some(cpu),
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::var("BEACON_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let secs: u64 = std::env::var("BEACON_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let geoip = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../edge-node/testdata/GeoIP2-City-Test.mmdb");
+    let mut cluster = Cluster::start_with_edge(false, &["--geoip", geoip.to_str().unwrap()]);
+    cluster.ingest.as_mut().expect("ingest").kill_hard();
+    let edge_pid = cluster.edge.as_ref().expect("edge").child.id();
+    let (_, plain_key) =
+        cluster.merchant_with("bench-plain", &["--snowplow-app-id", "bench-app-plain"]);
+    let (chained, chained_key) =
+        cluster.merchant_with("bench-chain", &["--snowplow-app-id", "bench-app"]);
+    let dir = cluster.data_dir().to_path_buf();
+    let nats = cluster.nats.url();
+    for (plugin, name) in [("beacon_plugin_utm", "utm"), ("beacon_plugin_pii", "pii")] {
+        let path = common::plugin_path(plugin);
+        common::cli_in(
+            &dir,
+            Some(&nats),
+            &["plugin", "upload", path.to_str().unwrap(), "--name", name],
+        );
+    }
+    common::cli_in(
+        &dir,
+        Some(&nats),
+        &[
+            "plugin",
+            "activate",
+            "--merchant",
+            &chained,
+            "--plugin",
+            "utm",
+            "--plugin",
+            "pii",
+            "--wait",
+            "10",
+        ],
+    );
+    let events = beacon::demo::generate(
+        3,
+        "bench.example",
+        n,
+        beacon_edge::now_ms() - 3_600_000,
+        3_600_000,
+        20_000,
+    );
+    let edge_addr = cluster
+        .endpoints
+        .edge_quic
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let edge_ca = std::fs::read(cluster.endpoints.edge_ca_cert.clone().unwrap()).unwrap();
+    let http = cluster.endpoints.edge_http.clone().expect("edge http");
+
+    // Warm-up (connections, allocator, plugin instances).
+    for key in [&plain_key, &chained_key] {
+        let warm = &events[..n.min(20_000)];
+        sdk_load(edge_addr, edge_ca.clone(), key, warm, None, "warm-up").await;
+    }
+
+    let bare_dir = tempfile::tempdir().expect("tmp");
+    let (bare_addr, bare_ca, frames) = bare_server(bare_dir.path()).await;
+    let bare_ca = std::fs::read(bare_ca).unwrap();
+    let mut rows = vec![
+        sdk_load(
+            bare_addr,
+            bare_ca,
+            "k",
+            &events,
+            None,
+            "baseline: bare QUIC frame loop (this process)",
+        )
+        .await,
+        sdk_load(
+            edge_addr,
+            edge_ca.clone(),
+            &plain_key,
+            &events,
+            Some(edge_pid),
+            "RSocket/QUIC -> edge -> JetStream, ack after durable, enrichment",
+        )
+        .await,
+        sdk_load(
+            edge_addr,
+            edge_ca,
+            &chained_key,
+            &events,
+            Some(edge_pid),
+            "RSocket/QUIC, ack after durable, enrichment + 2 plugins (utm, pii)",
+        )
+        .await,
+    ];
+    assert!(frames.load(Ordering::Relaxed) > 0);
+    let has_wrk = Command::new("wrk").arg("--version").output().is_ok();
+    if has_wrk {
+        rows.extend(wrk(
+            &format!("{http}/healthz"),
+            WRK_DONE.to_string(),
+            secs,
+            1,
+            edge_pid,
+            "HTTP floor: wrk GET /healthz (no decoding, no publishing; events = requests)",
+        ));
+        for (aid, name) in [
+            ("bench-app-plain", "HTTP Snowplow tp2 (wrk, 50 events/POST), ack after durable, enrichment"),
+            ("bench-app", "HTTP Snowplow tp2 (wrk, 50 events/POST), ack after durable, enrichment + 2 plugins"),
+        ] {
+            let script = WRK_TP2.replace("AID", aid) + WRK_DONE;
+            rows.extend(wrk(&http, script, secs, 50, edge_pid, name));
+        }
+    } else {
+        eprintln!("wrk not found: HTTP phases skipped (apt-get install wrk)");
+    }
+
+    // Peak resident memory of the edge over the whole run (VmHWM), against the bound the
+    // backpressure is meant to keep (256 MiB of QUIC request bytes in flight plus copies).
+    let hwm = std::fs::read_to_string(format!("/proc/{edge_pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    println!("\nedge peak RSS (VmHWM) over the run: {hwm}");
+    let base = rows[0].rate();
+    println!("\n| phase | events | seconds | events/s | vs bare QUIC loop | edge CPU us/event |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {} |",
+            r.name,
+            r.events,
+            r.seconds,
+            r.rate(),
+            r.rate() / base,
+            r.edge_cpu
+                .map(|c| format!("{:.2}", c * 1e6 / r.events as f64))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+}

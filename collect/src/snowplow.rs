@@ -1,0 +1,382 @@
+//! Snowplow tracker protocol: `POST /com.snowplowanalytics.snowplow/tp2` (a
+//! `payload_data` JSON document with one object per event) and `GET /i` (one event in the
+//! query string). Every value arrives as a string; `co`/`ue_pr` are JSON, `cx`/`ue_px` the
+//! same JSON in base64 (URL-safe or standard, with or without padding).
+//!
+//! Mapping (docs/COLLECTORS.md): `e=pv` -> `pageview`; `se` -> the action (`se_ac`) with
+//! `category`/`label`/`property`/`value`; `ue` -> the self-describing event's schema name
+//! with its data as properties; `tr`/`ti` -> `transaction` (revenue `tr_tt` in `tr_cu`) /
+//! `transaction_item`; `pp` -> `page_ping`. Contexts become `<schema name>.<field>`
+//! properties. Time: `ttm` if sent, else `dtm` corrected for the device clock's skew
+//! (Snowplow's derived timestamp: `now - (stm - dtm)`), else the edge clock.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use beacon_proto::bus::TrackerId;
+use beacon_proto::Event;
+use serde_json::{Map, Value};
+
+use super::{
+    amount_micros, canonical_name, content_key, currency, invalid, new_event_id, put_prop,
+    scalar_string, DecodeError, Decoded, Hit,
+};
+
+/// `POST /com.snowplowanalytics.snowplow/tp2`.
+pub fn decode_post(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("body is not JSON: {e}")))?;
+    let data = doc.get("data").and_then(Value::as_array).ok_or_else(|| {
+        invalid("expected a payload_data document: {\"schema\": ..., \"data\": [...]}")
+    })?;
+    let mut hits = Vec::with_capacity(data.len());
+    let mut all_have_ids = true;
+    for (i, item) in data.iter().enumerate() {
+        let obj = item
+            .as_object()
+            .ok_or_else(|| invalid(format!("data[{i}] is not an object")))?;
+        let fields: BTreeMap<&str, String> = obj
+            .iter()
+            .filter_map(|(k, v)| scalar_string(v).map(|s| (k.as_str(), s)))
+            .collect();
+        all_have_ids &= fields.contains_key("eid");
+        hits.push(decode_event(&fields, now_ms).map_err(|e| prefix(i, e))?);
+    }
+    Ok(Decoded {
+        dedup_key: all_have_ids.then(|| content_key(&[b"tp2", body])),
+        hits,
+        api_secret: None,
+    })
+}
+
+/// `GET /i?e=pv&...`.
+pub fn decode_get(query: &str, now_ms: i64) -> Result<Decoded, DecodeError> {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let fields: BTreeMap<&str, String> =
+        pairs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let hit = decode_event(&fields, now_ms)?;
+    Ok(Decoded {
+        dedup_key: fields
+            .contains_key("eid")
+            .then(|| content_key(&[b"i", query.as_bytes()])),
+        hits: vec![hit],
+        api_secret: None,
+    })
+}
+
+fn prefix(i: usize, e: DecodeError) -> DecodeError {
+    let DecodeError::Invalid(m) = e;
+    invalid(format!("data[{i}]: {m}"))
+}
+
+fn decode_event(f: &BTreeMap<&str, String>, now_ms: i64) -> Result<Hit, DecodeError> {
+    let get = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let aid = get("aid").ok_or_else(|| {
+        invalid("no `aid` (application id): set app_id in the tracker to the id registered for the merchant")
+    })?;
+    let kind = get("e").ok_or_else(|| invalid("no event type `e`"))?;
+    let mut props = BTreeMap::new();
+    let mut revenue_micros = None;
+    let mut cur = None;
+    let name = match kind {
+        "pv" => canonical_name("pv"),
+        "pp" => "page_ping".to_string(),
+        "se" => {
+            for (field, key) in [
+                ("se_ca", "category"),
+                ("se_la", "label"),
+                ("se_pr", "property"),
+                ("se_va", "value"),
+            ] {
+                if let Some(v) = get(field) {
+                    put_prop(&mut props, key, v.to_string());
+                }
+            }
+            get("se_ac").unwrap_or("structured").to_string()
+        }
+        "ue" => {
+            let json = json_field(f, "ue_pr", "ue_px")?
+                .ok_or_else(|| invalid("self-describing event (e=ue) without ue_pr or ue_px"))?;
+            // unstruct_event envelope -> the event's own {schema, data}.
+            let inner = json
+                .get("data")
+                .ok_or_else(|| invalid("ue_pr/ue_px has no `data`"))?;
+            let schema = inner
+                .get("schema")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("self-describing event without a schema"))?;
+            put_prop(&mut props, "schema", schema.to_string());
+            if let Some(Value::Object(data)) = inner.get("data") {
+                flatten_into(&mut props, None, data);
+            }
+            schema_name(schema)?.to_string()
+        }
+        "tr" => {
+            for (field, key) in [
+                ("tr_id", "order_id"),
+                ("tr_af", "affiliation"),
+                ("tr_tx", "tax"),
+                ("tr_sh", "shipping"),
+            ] {
+                if let Some(v) = get(field) {
+                    put_prop(&mut props, key, v.to_string());
+                }
+            }
+            if let (Some(total), Some(c)) = (get("tr_tt"), get("tr_cu").and_then(currency)) {
+                revenue_micros = amount_micros(&Value::String(total.to_string()));
+                cur = revenue_micros.map(|_| c);
+            }
+            "transaction".to_string()
+        }
+        "ti" => {
+            for (field, key) in [
+                ("ti_id", "order_id"),
+                ("ti_sk", "sku"),
+                ("ti_nm", "item_name"),
+                ("ti_ca", "item_category"),
+                ("ti_pr", "price"),
+                ("ti_qu", "quantity"),
+                ("ti_cu", "currency"),
+            ] {
+                if let Some(v) = get(field) {
+                    put_prop(&mut props, key, v.to_string());
+                }
+            }
+            "transaction_item".to_string()
+        }
+        other => other.to_string(),
+    };
+    if let Some(ctx) = json_field(f, "co", "cx")? {
+        let items = ctx
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("contexts (co/cx) without a `data` array"))?;
+        for c in items {
+            let schema = c.get("schema").and_then(Value::as_str).unwrap_or_default();
+            if let (Ok(prefix), Some(Value::Object(data))) = (schema_name(schema), c.get("data")) {
+                flatten_into(&mut props, Some(prefix), data);
+            }
+        }
+    }
+    let ts = timestamp(get("ttm"), get("dtm"), get("stm"), now_ms)?;
+    let event = Event {
+        event_id: get("eid").map_or_else(new_event_id, str::to_string),
+        name,
+        ts,
+        url: get("url").map(str::to_string),
+        referrer: get("refr").map(str::to_string),
+        title: get("page").map(str::to_string),
+        visitor_id: get("duid")
+            .or_else(|| get("nuid"))
+            .or_else(|| get("tnuid"))
+            .map(str::to_string),
+        session_id: get("sid").map(str::to_string),
+        user_id: get("uid").map(str::to_string),
+        revenue_micros,
+        currency: cur,
+        properties: props,
+        ..Default::default()
+    };
+    Ok(Hit {
+        tracker: TrackerId::SnowplowApp(aid.to_string()),
+        event,
+        user_agent: get("ua").map(str::to_string),
+    })
+}
+
+/// The event time in epoch ms: `ttm`, else `dtm` shifted by the device clock's skew.
+fn timestamp(
+    ttm: Option<&str>,
+    dtm: Option<&str>,
+    stm: Option<&str>,
+    now_ms: i64,
+) -> Result<i64, DecodeError> {
+    let ms = |field: &str, v: &str| {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|_| invalid(format!("`{field}` is not epoch milliseconds: {v:?}")))
+    };
+    if let Some(t) = ttm {
+        return ms("ttm", t);
+    }
+    match (dtm, stm) {
+        (Some(d), Some(s)) => {
+            let (d, s) = (ms("dtm", d)?, ms("stm", s)?);
+            // Time the event waited on the device, measured on the device clock.
+            Ok(now_ms - (s - d).clamp(0, 30 * 86_400_000))
+        }
+        (Some(d), None) => ms("dtm", d),
+        _ => Ok(now_ms),
+    }
+}
+
+/// JSON from the plain field or the base64 one.
+fn json_field(
+    f: &BTreeMap<&str, String>,
+    plain: &str,
+    b64: &str,
+) -> Result<Option<Value>, DecodeError> {
+    let text = match (f.get(plain), f.get(b64)) {
+        (Some(p), _) if !p.is_empty() => p.clone(),
+        (_, Some(b)) if !b.is_empty() => {
+            let bytes =
+                decode_base64(b).ok_or_else(|| invalid(format!("`{b64}` is not base64")))?;
+            String::from_utf8(bytes).map_err(|_| invalid(format!("`{b64}` is not UTF-8")))?
+        }
+        _ => return Ok(None),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| invalid(format!("`{plain}`/`{b64}` is not JSON: {e}")))
+}
+
+/// URL-safe or standard alphabet, padded or not (trackers differ).
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let normalised: String = s
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace() && *c != '=')
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(normalised)
+        .ok()
+}
+
+/// `iglu:com.acme/purchase/jsonschema/1-0-0` -> `purchase`.
+fn schema_name(schema: &str) -> Result<&str, DecodeError> {
+    schema
+        .strip_prefix("iglu:")
+        .and_then(|s| s.split('/').nth(1))
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid(format!("not an Iglu schema URI: {schema:?}")))
+}
+
+fn flatten_into(
+    props: &mut BTreeMap<String, String>,
+    prefix: Option<&str>,
+    data: &Map<String, Value>,
+) {
+    for (k, v) in data {
+        if let Some(s) = scalar_string(v) {
+            let key = match prefix {
+                Some(p) => format!("{p}.{k}"),
+                None => k.clone(),
+            };
+            put_prop(props, &key, s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_795_673_360_000;
+
+    fn b64url(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE.encode(s)
+    }
+
+    #[test]
+    fn post_batch_as_the_python_tracker_sends_it() {
+        let co = r#"{"schema": "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1", "data": [{"schema": "iglu:com.acme/merchant/jsonschema/1-0-0", "data": {"merchant_id": "m-1"}}]}"#;
+        let ue = r#"{"schema": "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0", "data": {"schema": "iglu:com.acme/purchase/jsonschema/1-0-0", "data": {"order_id": "o-9", "total": 19.99}}}"#;
+        let body = serde_json::json!({
+            "schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+            "data": [
+                {"e": "pv", "url": "https://shop.example/p/1", "page": "Product 1", "refr": "https://ref.example/",
+                 "co": co, "p": "srv", "uid": "user-42", "eid": "6fde19b1-0000-4000-8000-000000000001",
+                 "dtm": "1795673352516", "stm": "1795673352600", "tv": "py-1.1.0", "aid": "shop-1"},
+                {"e": "se", "se_ca": "checkout", "se_ac": "add-to-basket", "se_la": "sku-1", "se_va": "2.5",
+                 "eid": "6fde19b1-0000-4000-8000-000000000002", "aid": "shop-1", "dtm": "1795673352516"},
+                {"e": "ue", "ue_px": b64url(ue).trim_end_matches('=').to_string(), "ttm": "1700000000000",
+                 "eid": "6fde19b1-0000-4000-8000-000000000003", "aid": "shop-1"}
+            ]
+        });
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let d = decode_post(&bytes, NOW).unwrap();
+        assert_eq!(d.hits.len(), 3);
+        assert!(d.dedup_key.is_some());
+        let pv = &d.hits[0];
+        assert_eq!(pv.tracker, TrackerId::SnowplowApp("shop-1".into()));
+        assert_eq!(pv.event.name, "pageview");
+        assert_eq!(pv.event.url.as_deref(), Some("https://shop.example/p/1"));
+        assert_eq!(pv.event.referrer.as_deref(), Some("https://ref.example/"));
+        assert_eq!(pv.event.title.as_deref(), Some("Product 1"));
+        assert_eq!(pv.event.user_id.as_deref(), Some("user-42"));
+        assert_eq!(pv.event.ts, NOW - 84, "device skew corrected");
+        assert_eq!(pv.event.properties["merchant.merchant_id"], "m-1");
+        let se = &d.hits[1].event;
+        assert_eq!(se.name, "add-to-basket");
+        assert_eq!(se.properties["category"], "checkout");
+        assert_eq!(se.properties["value"], "2.5");
+        assert_eq!(se.ts, 1795673352516);
+        let ue = &d.hits[2].event;
+        assert_eq!(ue.name, "purchase");
+        assert_eq!(ue.ts, 1_700_000_000_000);
+        assert_eq!(ue.properties["order_id"], "o-9");
+        assert_eq!(ue.properties["total"], "19.99");
+        assert_eq!(
+            ue.properties["schema"],
+            "iglu:com.acme/purchase/jsonschema/1-0-0"
+        );
+    }
+
+    #[test]
+    fn get_pixel_with_padded_base64_context() {
+        let co = r#"{"schema":"iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0","data":[{"schema":"iglu:com.acme/user/jsonschema/1-0-0","data":{"tier":"gold","$country":"XX"}}]}"#;
+        let q = format!(
+            "e=pv&url=https%3A%2F%2Fshop.example%2Fp%2F1&aid=shop-1&eid=e-1&duid=d-1&sid=s-1&cx={}",
+            b64url(co)
+        );
+        let d = decode_get(&q, NOW).unwrap();
+        let e = &d.hits[0].event;
+        assert_eq!(e.visitor_id.as_deref(), Some("d-1"));
+        assert_eq!(e.session_id.as_deref(), Some("s-1"));
+        assert_eq!(e.properties["user.tier"], "gold");
+        // Reserved names cannot be set by a browser.
+        assert!(!e.properties.keys().any(|k| k.starts_with('$')));
+        assert_eq!(e.ts, NOW);
+    }
+
+    #[test]
+    fn transactions_carry_revenue() {
+        let q = "e=tr&aid=a&tr_id=o-1&tr_tt=19.99&tr_cu=eur";
+        let e = decode_get(q, NOW).unwrap().hits.remove(0).event;
+        assert_eq!(e.name, "transaction");
+        assert_eq!(e.revenue_micros, Some(19_990_000));
+        assert_eq!(e.currency.as_deref(), Some("EUR"));
+        assert!(
+            decode_get(q, NOW).unwrap().dedup_key.is_none(),
+            "no eid: not idempotent"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = |b: &str| decode_post(b.as_bytes(), NOW).unwrap_err().to_string();
+        assert!(err("{").contains("not JSON"));
+        assert!(err(r#"{"data": 3}"#).contains("payload_data"));
+        assert!(err(r#"{"data": [{"e": "pv"}]}"#).contains("data[0]: no `aid`"));
+        assert!(err(r#"{"data": [{"e": "ue", "aid": "a", "ue_px": "!!"}]}"#).contains("not base64"));
+        assert!(err(r#"{"data": [{"e": "pv", "aid": "a", "dtm": "soon"}]}"#).contains("`dtm`"));
+    }
+
+    #[test]
+    fn base64_variants() {
+        for s in ["eyJhIjoxfQ==", "eyJhIjoxfQ", "eyJhIjoxfQ%3D%3D"] {
+            let s = s.replace("%3D", "=");
+            assert_eq!(decode_base64(&s).unwrap(), br#"{"a":1}"#);
+        }
+        assert_eq!(
+            decode_base64("-_-_").unwrap(),
+            decode_base64("+/+/").unwrap()
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Enrichment at the edge, before plugins, recorded in the raw event (so re-processing sees
+//! the same input and needs neither the IP, the geo database nor the salt of that day):
+//!
+//! - geo: `$country`, `$region`, `$city` from a MaxMind-format City database (optional:
+//!   without one there is no geo, not an error);
+//! - device: `$device` (Desktop, Mobile, Tablet), `$browser`, `$os` from the user agent;
+//! - bots: `$bot` set to the crawler's name; ingest keeps such events in `raw_events` only,
+//!   so they are stored but not counted;
+//! - cookieless visitor id when the tracker sent none: `sha256(salt, merchant, ip, ua)`,
+//!   with a salt shared by all edges and replaced every UTC day (Plausible's scheme): a
+//!   visitor is recognisable within a day and never across days.
+//!
+//! The IP address itself is never stored: it is used for the lookups and the hash, then
+//! dropped. Values a trusted sender set itself (the `$` properties, `visitor_id`) are kept.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use beacon_proto::Event;
+use sha2::{Digest, Sha256};
+
+use crate::device::{self, UserAgent};
+
+/// KV bucket of daily salts, `YYYYMMDD` -> 32 random bytes. Entries expire after two days:
+/// once a day's salt is gone, that day's visitor ids can no longer be recomputed.
+pub const SALTS_BUCKET: &str = "beacon_salts";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichError {
+    #[error("cannot open the geo database {path}: {reason}")]
+    Geo { path: String, reason: String },
+    #[error("daily salt unavailable: {0}")]
+    Salt(String),
+}
+
+/// The request's client, as far as the edge can tell.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCtx {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+/// One UTC day's salt.
+#[derive(Clone)]
+pub struct Salt {
+    day: i64,
+    bytes: Arc<[u8]>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Geo {
+    pub country: Option<String>,
+    pub region: Option<String>,
+    pub city: Option<String>,
+}
+
+/// A MaxMind-format City database (GeoLite2/GeoIP2 City, or DB-IP's compatible files).
+pub struct GeoDb(maxminddb::Reader<Vec<u8>>);
+
+impl GeoDb {
+    pub fn open(path: &Path) -> Result<Self, EnrichError> {
+        maxminddb::Reader::open_readfile(path)
+            .map(GeoDb)
+            .map_err(|e| EnrichError::Geo {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Option<Geo> {
+        let city = self
+            .0
+            .lookup(ip)
+            .ok()?
+            .decode::<maxminddb::geoip2::City>()
+            .ok()??;
+        let sub = city.subdivisions.first();
+        Some(Geo {
+            country: city.country.iso_code.map(str::to_owned),
+            region: sub.and_then(|s| s.iso_code).map(str::to_owned),
+            city: city.city.names.english.map(str::to_owned),
+        })
+    }
+}
+
+pub struct Enricher {
+    geo: Option<GeoDb>,
+    salts: kv::Store,
+    current: Mutex<Option<Salt>>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Enricher {
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        geoip: Option<&Path>,
+    ) -> Result<Self, EnrichError> {
+        let geo = geoip.map(GeoDb::open).transpose()?;
+        let salts = js
+            .create_key_value(kv::Config {
+                bucket: SALTS_BUCKET.into(),
+                max_age: std::time::Duration::from_secs(2 * 86_400),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| EnrichError::Salt(e.to_string()))?;
+        Ok(Self {
+            geo,
+            salts,
+            current: Mutex::new(None),
+        })
+    }
+
+    pub fn has_geo(&self) -> bool {
+        self.geo.is_some()
+    }
+
+    /// The salt of the UTC day of `now_ms`, created by whichever edge asks first.
+    pub async fn salt(&self, now_ms: i64) -> Result<Salt, EnrichError> {
+        let day = now_ms.div_euclid(DAY_MS);
+        if let Some(s) = self.current.lock().ok().and_then(|c| c.clone()) {
+            if s.day == day {
+                return Ok(s);
+            }
+        }
+        let key = format!("d{day}");
+        let err = |e: &dyn std::fmt::Display| EnrichError::Salt(e.to_string());
+        let bytes = match self.salts.get(&key).await.map_err(|e| err(&e))? {
+            Some(v) => v.to_vec(),
+            None => {
+                let fresh: [u8; 32] = rand::random();
+                match self.salts.create(&key, fresh.to_vec().into()).await {
+                    Ok(_) => fresh.to_vec(),
+                    // Another edge created it first: use theirs, so ids agree fleet-wide.
+                    Err(_) => self
+                        .salts
+                        .get(&key)
+                        .await
+                        .map_err(|e| err(&e))?
+                        .ok_or_else(|| EnrichError::Salt("salt vanished".into()))?
+                        .to_vec(),
+                }
+            }
+        };
+        let salt = Salt {
+            day,
+            bytes: bytes.into(),
+        };
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(salt.clone());
+        }
+        Ok(salt)
+    }
+
+    pub fn geo(&self, ip: IpAddr) -> Option<Geo> {
+        self.geo.as_ref()?.lookup(ip)
+    }
+
+    /// The serving region of the client's country, for `locate`.
+    pub fn region_of(&self, ip: Option<IpAddr>) -> Option<&'static str> {
+        let country = self.geo(ip?)?.country?;
+        crate::locate::region_of_country(&country)
+    }
+
+    /// Fills in what the event lacks from the client's address and user agent.
+    pub fn enrich(
+        &self,
+        e: &mut Event,
+        merchant: &str,
+        ip: Option<IpAddr>,
+        user_agent: Option<&str>,
+        salt: &Salt,
+    ) {
+        let ua = user_agent.map(device::parse);
+        self.enrich_parsed(e, merchant, ip, user_agent, ua.as_ref(), salt);
+    }
+
+    /// As [`Self::enrich`], with the user agent already parsed (batches share one).
+    pub fn enrich_parsed(
+        &self,
+        e: &mut Event,
+        merchant: &str,
+        ip: Option<IpAddr>,
+        user_agent: Option<&str>,
+        ua: Option<&UserAgent>,
+        salt: &Salt,
+    ) {
+        let props = &mut e.properties;
+        if let Some(ip) = ip {
+            if !props.contains_key("$country") {
+                if let Some(g) = self.geo(ip) {
+                    for (k, v) in [
+                        ("$country", g.country),
+                        ("$region", g.region),
+                        ("$city", g.city),
+                    ] {
+                        if let Some(v) = v {
+                            props.insert(k.to_string(), v);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(ua) = ua {
+            if let Some(bot) = &ua.bot {
+                props.entry("$bot".into()).or_insert_with(|| bot.clone());
+            }
+            for (k, v) in [
+                ("$device", &ua.device),
+                ("$browser", &ua.browser),
+                ("$os", &ua.os),
+            ] {
+                if let Some(v) = v {
+                    props.entry(k.to_string()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+        if e.visitor_id.is_none() {
+            if let (Some(ip), Some(ua)) = (ip, user_agent) {
+                e.visitor_id = Some(cookieless_id(salt, merchant, ip, ua));
+            }
+        }
+    }
+}
+
+/// Plausible's scheme: the same visitor of the same site on the same day gets the same id;
+/// nothing links it to the IP without that day's salt, which expires.
+pub fn cookieless_id(salt: &Salt, merchant: &str, ip: IpAddr, user_agent: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        &salt.bytes[..],
+        merchant.as_bytes(),
+        ip.to_string().as_bytes(),
+        user_agent.as_bytes(),
+    ] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    format!("c{}", hex::encode(&h.finalize()[..12]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn salt(day: i64, b: u8) -> Salt {
+        Salt {
+            day,
+            bytes: vec![b; 32].into(),
+        }
+    }
+
+    #[test]
+    fn cookieless_ids_rotate_with_the_salt_and_separate_merchants() {
+        let ip: IpAddr = "81.2.69.142".parse().unwrap();
+        let ua = "Mozilla/5.0";
+        let a = cookieless_id(&salt(1, 1), "m1", ip, ua);
+        assert_eq!(a, cookieless_id(&salt(1, 1), "m1", ip, ua));
+        assert_ne!(a, cookieless_id(&salt(2, 2), "m1", ip, ua));
+        assert_ne!(a, cookieless_id(&salt(1, 1), "m2", ip, ua));
+        assert_ne!(
+            a,
+            cookieless_id(&salt(1, 1), "m1", "81.2.69.143".parse().unwrap(), ua)
+        );
+        assert!(!a.contains("81.2"));
+    }
+
+    #[test]
+    fn geo_from_the_test_database() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/GeoIP2-City-Test.mmdb");
+        let db = GeoDb::open(&path).unwrap();
+        let g = db.lookup("81.2.69.142".parse().unwrap()).unwrap();
+        assert_eq!(g.country.as_deref(), Some("GB"));
+        assert_eq!(g.region.as_deref(), Some("ENG"));
+        assert_eq!(g.city.as_deref(), Some("London"));
+        let se = db.lookup("89.160.20.112".parse().unwrap()).unwrap();
+        assert_eq!(se.city.as_deref(), Some("Linköping"));
+        assert_eq!(db.lookup("127.0.0.1".parse().unwrap()), None);
+        assert!(GeoDb::open(Path::new("/nonexistent.mmdb")).is_err());
+    }
+}

@@ -1,0 +1,402 @@
+//! The HTTP collectors: existing trackers' wire shapes on one port, beside RSocket/QUIC.
+//!
+//! Status discipline (what trackers' retry logic expects):
+//! - 2xx only once every event of the request is durable in JetStream (events that fail
+//!   validation are durable too: in `failed_events`);
+//! - 4xx for input that will never be valid (malformed, unknown merchant, bad secret, over a
+//!   size limit), with a short reason; trackers drop these;
+//! - 429 (rate limit) and 503 (pipeline cannot take it now) with `Retry-After`; trackers
+//!   retry, and requests that carry their own event ids are stored once.
+//!
+//! CORS: browser trackers send with credentials, so the origin is echoed (never `*`) with
+//! `Access-Control-Allow-Credentials: true`, and preflights are answered.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use beacon_proto::bus::TrackerId;
+
+use crate::enrich::ClientCtx;
+use crate::limits::Limited;
+use crate::locate::Locator;
+use crate::process::{ProcessError, Processor};
+use crate::registry::{hash_write_key, Registry};
+use beacon_collect::{self as collect, ga4, Decoded};
+
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Largest request body (tp2 batches, multi-hit gtag bodies).
+    pub max_body: usize,
+    /// Take the client address from the first `X-Forwarded-For` hop (behind a trusted proxy
+    /// or CDN only: anyone can send the header).
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_body: 1 << 20,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct App {
+    pub registry: Registry,
+    pub processor: Arc<Processor>,
+    pub locator: Locator,
+    pub limits: HttpLimits,
+}
+
+pub fn router(app: App) -> Router {
+    let max_body = app.limits.max_body;
+    Router::new()
+        .route("/com.snowplowanalytics.snowplow/tp2", post(snowplow_post))
+        .route("/i", get(snowplow_get))
+        .route("/mp/collect", post(mp_collect))
+        .route("/debug/mp/collect", post(mp_debug))
+        .route("/g/collect", get(gtag).post(gtag))
+        .route("/api/event", post(plausible))
+        .route("/locate", get(locate))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(cors))
+        .with_state(app)
+}
+
+/// Serves until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "HTTP collector stopped");
+    }
+}
+
+async fn cors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let preflight = req.method() == Method::OPTIONS;
+    let requested = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let mut resp = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    if let Some(origin) = origin {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        if preflight {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                requested.unwrap_or_else(|| HeaderValue::from_static("Content-Type")),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+        }
+    }
+    resp
+}
+
+/// Why a request was not taken, as the tracker must see it.
+#[derive(Debug)]
+pub enum HttpError {
+    BadRequest(String),
+    Unauthorized(String),
+    Forbidden(String),
+    TooLarge(String),
+    Limited(Limited),
+    Unavailable(String),
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (status, msg, retry_after) = match self {
+            HttpError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, None),
+            HttpError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m, None),
+            HttpError::Forbidden(m) => (StatusCode::FORBIDDEN, m, None),
+            HttpError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m, None),
+            HttpError::Limited(l) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                l.to_string(),
+                Some(l.retry_after_ms().div_ceil(1000)),
+            ),
+            HttpError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m, Some(1)),
+        };
+        let mut resp = (status, msg).into_response();
+        if let Some(secs) = retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<ProcessError> for HttpError {
+    fn from(e: ProcessError) -> Self {
+        match e {
+            ProcessError::Decode(m) => HttpError::BadRequest(m),
+            e @ ProcessError::TooManyEvents { .. } => HttpError::TooLarge(e.to_string()),
+            ProcessError::TooLarge(m) => HttpError::TooLarge(m),
+            ProcessError::Limited(l) => HttpError::Limited(l),
+            e @ (ProcessError::NotDurable(_) | ProcessError::Busy | ProcessError::Enrich(_)) => {
+                HttpError::Unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+fn client_ctx(app: &App, peer: SocketAddr, headers: &HeaderMap) -> ClientCtx {
+    let forwarded = app
+        .limits
+        .trust_forwarded_for
+        .then(|| headers.get("x-forwarded-for"))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|ip| ip.trim().parse::<IpAddr>().ok());
+    ClientCtx {
+        ip: Some(forwarded.unwrap_or(peer.ip())),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    }
+}
+
+/// How a GA4 stream must authenticate.
+#[derive(Clone, Copy, PartialEq)]
+enum Secret {
+    /// Measurement Protocol: `api_secret` must be one of the stream's.
+    Required,
+    /// gtag hits: the measurement id alone (as Google).
+    None,
+}
+
+impl App {
+    /// Resolves, enriches and stores a decoded request; the number of events stored.
+    async fn accept(
+        &self,
+        decoded: Decoded,
+        ctx: &ClientCtx,
+        secret: Secret,
+    ) -> Result<usize, HttpError> {
+        // Group by merchant, in request order; every identity must resolve before anything
+        // is stored, so a request is taken whole or not at all.
+        let mut groups: Vec<(Arc<str>, Vec<collect::Hit>)> = Vec::new();
+        let mut resolved: Vec<(TrackerId, Arc<str>)> = Vec::new();
+        for hit in decoded.hits {
+            let merchant = match resolved.iter().find(|(t, _)| *t == hit.tracker) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let r = self.registry.resolve(&hit.tracker).await.ok_or_else(|| {
+                        HttpError::Forbidden(format!(
+                            "unknown {}: no merchant registered it",
+                            hit.tracker
+                        ))
+                    })?;
+                    if secret == Secret::Required {
+                        let ok = decoded
+                            .api_secret
+                            .as_deref()
+                            .is_some_and(|s| r.api_secrets_sha256.contains(&hash_write_key(s)));
+                        if !ok {
+                            return Err(HttpError::Unauthorized(format!(
+                                "api_secret is not valid for {}",
+                                hit.tracker
+                            )));
+                        }
+                    }
+                    resolved.push((hit.tracker.clone(), r.merchant_id.clone()));
+                    r.merchant_id
+                }
+            };
+            match groups.iter_mut().find(|(m, _)| *m == merchant) {
+                Some((_, hits)) => hits.push(hit),
+                None => groups.push((merchant, vec![hit])),
+            }
+        }
+        let mut stored = 0;
+        for (i, (merchant, hits)) in groups.into_iter().enumerate() {
+            self.processor
+                .admit(&merchant, hits.len())
+                .map_err(HttpError::Limited)?;
+            let salt = self
+                .processor
+                .enricher
+                .salt(crate::now_ms())
+                .await
+                .map_err(|e| HttpError::Unavailable(e.to_string()))?;
+            let events = hits
+                .into_iter()
+                .map(|h| {
+                    let mut e = h.event;
+                    let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
+                    self.processor
+                        .enricher
+                        .enrich(&mut e, &merchant, ctx.ip, ua, &salt);
+                    e
+                })
+                .collect();
+            let batch_id = decoded.dedup_key.as_ref().map(|k| format!("http-{k}-{i}"));
+            let resp = self
+                .processor
+                .process_events(&merchant, events, batch_id.as_deref())
+                .await?;
+            stored += resp.accepted;
+        }
+        Ok(stored)
+    }
+}
+
+/// 1x1 transparent GIF: what a Snowplow pixel request expects back.
+const PIXEL: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x01, 0x44, 0x00, 0x3b,
+];
+
+async fn snowplow_post(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<&'static str, HttpError> {
+    let decoded = collect::snowplow::decode_post(&body, crate::now_ms())
+        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
+    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
+        .await?;
+    Ok("ok")
+}
+
+async fn snowplow_get(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let decoded = collect::snowplow::decode_get(query.as_deref().unwrap_or(""), crate::now_ms())
+        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
+    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
+        .await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (header::CACHE_CONTROL, "no-cache, no-store"),
+        ],
+        PIXEL,
+    )
+        .into_response())
+}
+
+async fn mp_collect(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    let decoded =
+        ga4::decode_mp(query.as_deref().unwrap_or(""), &body, crate::now_ms()).map_err(|msgs| {
+            let text: Vec<String> = msgs
+                .iter()
+                .map(|m| format!("{}: {}", m.field_path, m.description))
+                .collect();
+            HttpError::BadRequest(text.join("; "))
+        })?;
+    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::Required)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Google's validation server: reports, never stores.
+async fn mp_debug(RawQuery(query): RawQuery, body: Bytes) -> Response {
+    let msgs = match ga4::decode_mp(query.as_deref().unwrap_or(""), &body, crate::now_ms()) {
+        Ok(_) => Vec::new(),
+        Err(m) => m,
+    };
+    axum::Json(serde_json::json!({ "validationMessages": msgs })).into_response()
+}
+
+async fn gtag(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    let decoded = ga4::decode_gtag(query.as_deref().unwrap_or(""), &body, crate::now_ms())
+        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
+    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn plausible(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, &'static str), HttpError> {
+    let decoded = collect::plausible::decode(&body, crate::now_ms())
+        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
+    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
+        .await?;
+    Ok((StatusCode::ACCEPTED, "ok"))
+}
+
+#[derive(serde::Deserialize)]
+struct LocateQuery {
+    region: Option<String>,
+}
+
+async fn locate(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<LocateQuery>,
+) -> Response {
+    let ctx = client_ctx(&app, peer, &headers);
+    let region = q
+        .region
+        .filter(|r| crate::locate::is_known_region(r))
+        .or_else(|| app.processor.enricher.region_of(ctx.ip).map(str::to_string));
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        app.locator.locate(region.as_deref()),
+    )
+    .await
+    {
+        Ok(Ok(answer)) => axum::Json(answer).into_response(),
+        Ok(Err(e)) => HttpError::Unavailable(e).into_response(),
+        Err(_) => HttpError::Unavailable("edge registry did not answer".into()).into_response(),
+    }
+}

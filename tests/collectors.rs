@@ -1,0 +1,376 @@
+//! The HTTP collectors with real third-party clients, enrichment, status discipline,
+//! retries without duplicates, rate limits and CORS.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{http_with, venv_python, wait_for, Cluster};
+use serde_json::Value;
+
+fn geoip() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../edge-node/testdata/GeoIP2-City-Test.mmdb")
+        .display()
+        .to_string()
+}
+
+fn collector_cluster() -> (Cluster, String) {
+    let c = Cluster::start_with_edge(false, &["--geoip", &geoip(), "--trust-forwarded-for"]);
+    let http = c
+        .endpoints
+        .edge_http
+        .clone()
+        .expect("edge_http in endpoints.json");
+    (c, http)
+}
+
+fn rows(c: &Cluster, merchant: &str, table: &str, n: i64) -> Vec<Value> {
+    let q = format!("SELECT * FROM {table} WHERE merchant_id = '{merchant}' ORDER BY ts, name");
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{n} rows in {table}"),
+        || {
+            let r = c.sql(&q);
+            (r.len() as i64 >= n).then_some(r)
+        },
+    )
+}
+
+fn prop<'a>(row: &'a Value, key: &str) -> Option<&'a str> {
+    // Maps come back from SQL as [{"key": k, "value": v}] or {k: v} depending on the writer.
+    let p = &row["properties"];
+    if let Some(obj) = p.as_object() {
+        return obj.get(key).and_then(Value::as_str);
+    }
+    p.as_array()?
+        .iter()
+        .find(|kv| kv["key"] == key)
+        .and_then(|kv| kv["value"].as_str())
+}
+
+fn find(rows: &[Value], pred: impl Fn(&Value) -> bool) -> &Value {
+    rows.iter()
+        .find(|r| pred(r))
+        .unwrap_or_else(|| panic!("no such row in {rows:#?}"))
+}
+
+#[test]
+fn real_trackers_arrive_enriched() {
+    let (c, http) = collector_cluster();
+    let (m, _) = c.merchant_with(
+        "shop",
+        &[
+            "--snowplow-app-id",
+            "shop-1",
+            "--ga4",
+            "G-TEST123:SECRET123",
+            "--domain",
+            "www.Shop.example",
+        ],
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/trackers.py");
+    let out = Command::new(venv_python())
+        .arg(&script)
+        .arg(&http)
+        .output()
+        .expect("run trackers.py");
+    assert!(
+        out.status.success(),
+        "trackers.py failed: {}\n{}\nedge log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.log("edge")
+    );
+    let sent: Value = serde_json::from_slice(out.stdout.trim_ascii()).expect("script JSON");
+    assert_eq!(sent["plausible_cors"], "https://shop.example");
+
+    // Snowplow 3 (POST) + 2 (GET), GA4 2, plausible-events 2, hand-made Plausible 1.
+    let raw = rows(&c, &m, "raw_events", 10);
+    assert_eq!(raw.len(), 10, "{raw:#?}");
+
+    // Snowplow POST, base64 off: page view with its context, the tracker's subject.
+    let pv = find(&raw, |r| r["url"] == "https://shop.example/post/p/1");
+    assert_eq!(pv["name"], "pageview");
+    assert_eq!(pv["title"], "Product 1");
+    assert_eq!(pv["referrer"], "https://www.google.com/");
+    assert_eq!(pv["user_id"], "user-42");
+    assert_eq!(prop(pv, "merchant.tier"), Some("gold"));
+    // The tracker's `ua` field, not the request's python-requests agent, is the user's.
+    assert_eq!(prop(pv, "$browser"), Some("Chrome"));
+    assert_eq!(prop(pv, "$device"), Some("Desktop"));
+    assert_eq!(prop(pv, "$bot"), None);
+    let se = find(&raw, |r| r["name"] == "add-to-basket");
+    assert_eq!(prop(se, "category"), Some("checkout"));
+    assert_eq!(prop(se, "value"), Some("2.5"));
+    for method in ["post", "get"] {
+        let buy = find(&raw, |r| {
+            prop(r, "order_id") == Some(&format!("o-{method}"))
+        });
+        assert_eq!(buy["name"], "purchase");
+        assert_eq!(prop(buy, "total"), Some("19.99"));
+        assert_eq!(
+            prop(buy, "schema"),
+            Some("iglu:com.acme/purchase/jsonschema/1-0-0")
+        );
+    }
+    // GET, base64 on: the context came through cx.
+    let get_pv = find(&raw, |r| r["url"] == "https://shop.example/get/p/1");
+    assert_eq!(prop(get_pv, "merchant.tier"), Some("gold"));
+
+    // GA4 Measurement Protocol.
+    let ga_pv = find(&raw, |r| r["url"] == "https://shop.example/ga/landing");
+    assert_eq!(ga_pv["name"], "pageview");
+    assert_eq!(ga_pv["visitor_id"], "555.1700000000");
+    assert_eq!(ga_pv["user_id"], "user-ga");
+    let ga_buy = find(&raw, |r| prop(r, "transaction_id") == Some("t-ga"));
+    assert_eq!(ga_buy["revenue_micros"], 9_500_000);
+    assert_eq!(ga_buy["currency"], "EUR");
+
+    // plausible-events: its own app:// URLs; visitor id is cookieless (no id sent).
+    let pl = find(&raw, |r| r["name"] == "signup");
+    assert_eq!(prop(pl, "plan"), Some("pro"));
+    let cookieless = pl["visitor_id"].as_str().expect("cookieless visitor id");
+    assert!(
+        cookieless.starts_with('c') && cookieless.len() == 25,
+        "{cookieless}"
+    );
+    // Geo from X-Forwarded-For (trusted here): 89.160.20.112 is Linköping in the test db.
+    assert_eq!(prop(pl, "$country"), Some("SE"));
+    assert_eq!(prop(pl, "$city"), Some("Linköping"));
+    let home = find(&raw, |r| r["url"] == "app://localhost/pl/home");
+    assert_eq!(
+        home["visitor_id"], pl["visitor_id"],
+        "same visitor, same day: same id"
+    );
+
+    // Plausible short keys from a phone behind a proxy.
+    let phone = find(&raw, |r| r["name"] == "Purchase");
+    assert_eq!(phone["revenue_micros"], 19_990_000);
+    assert_eq!(phone["referrer"], "https://news.example/");
+    assert_eq!(prop(phone, "$country"), Some("GB"));
+    assert_eq!(prop(phone, "$region"), Some("ENG"));
+    assert_eq!(prop(phone, "$city"), Some("London"));
+    assert_eq!(prop(phone, "$device"), Some("Mobile"));
+    assert_eq!(prop(phone, "$os"), Some("iOS"));
+    assert_ne!(phone["visitor_id"], pl["visitor_id"]);
+    // The IP itself is stored nowhere.
+    let dump = serde_json::to_string(&raw).unwrap();
+    for ip in ["81.2.69.142", "89.160.20.112", "127.0.0.1"] {
+        assert!(!dump.contains(ip), "{ip} stored");
+    }
+    // Derived dimensions downstream use the enrichment.
+    let ev = c.sql(&format!(
+        "SELECT country, device, source FROM events WHERE merchant_id = '{m}' AND name = 'Purchase'"
+    ));
+    assert_eq!(ev[0]["country"], "GB");
+    assert_eq!(ev[0]["device"], "Mobile");
+}
+
+#[test]
+fn status_discipline_retries_bots_limits_and_cors() {
+    let (c, http) = collector_cluster();
+    let (m, _) = c.merchant_with(
+        "shop",
+        &[
+            "--snowplow-app-id",
+            "app-a",
+            "--ga4",
+            "G-A:right-secret",
+            "--domain",
+            "a.example",
+        ],
+    );
+    let (limited, _) = c.merchant_with(
+        "limited",
+        &[
+            "--domain",
+            "limited.example",
+            "--rate-limit",
+            "1",
+            "--burst",
+            "3",
+        ],
+    );
+    let post = |path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        http_with(&http, "POST", path, headers, body)
+    };
+    const TP2: &str = "/com.snowplowanalytics.snowplow/tp2";
+    let batch = |aid: &str, eid: &str| {
+        serde_json::json!({"schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+            "data": [{"e": "pv", "url": "https://a.example/", "aid": aid, "eid": eid, "duid": "d-1",
+                      "dtm": "1795673352516", "stm": "1795673352516"}]})
+        .to_string()
+    };
+
+    // A retried batch (same body, same event ids) is stored once.
+    let body = batch("app-a", "11111111-1111-4111-8111-111111111111");
+    assert_eq!(post(TP2, &[], body.as_bytes()).status, 200);
+    assert_eq!(post(TP2, &[], body.as_bytes()).status, 200);
+
+    // Input that will never be valid: 4xx with a reason, nothing stored.
+    let r = post(TP2, &[], batch("nobody", "e-x").as_bytes());
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body.contains("unknown Snowplow app id `nobody`"),
+        "{}",
+        r.body
+    );
+    let r = post(TP2, &[], b"{\"data\": [");
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("not JSON"), "{}", r.body);
+    let r = post(TP2, &[], &vec![b' '; 2 << 20]);
+    assert_eq!(r.status, 413);
+    let mp = serde_json::json!({"client_id": "1.2", "events": [{"name": "page_view", "params": {"page_location": "https://a.example/mp"}}]}).to_string();
+    let r = post(
+        "/mp/collect?measurement_id=G-A&api_secret=wrong",
+        &[],
+        mp.as_bytes(),
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post(
+        "/mp/collect?measurement_id=G-NONE&api_secret=x",
+        &[],
+        mp.as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let many: Vec<Value> = (0..26)
+        .map(|_| serde_json::json!({"name": "click"}))
+        .collect();
+    let too_many = serde_json::json!({"client_id": "1.2", "events": many}).to_string();
+    let r = post(
+        "/mp/collect?measurement_id=G-A&api_secret=right-secret",
+        &[],
+        too_many.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("over Google's limit of 25"), "{}", r.body);
+    // Google's validation endpoint shape; stores nothing.
+    let r = post(
+        "/debug/mp/collect?measurement_id=G-A&api_secret=x",
+        &[],
+        too_many.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["validationMessages"][0]["fieldPath"], "events");
+    assert_eq!(
+        post(
+            "/mp/collect?measurement_id=G-A&api_secret=right-secret",
+            &[],
+            mp.as_bytes()
+        )
+        .status,
+        204
+    );
+    // gtag hits: query + two body lines.
+    let r = post(
+        "/g/collect?v=2&tid=G-A&cid=9.9&dl=https%3A%2F%2Fa.example%2Fg",
+        &[],
+        b"en=page_view\nen=scroll&epn.percent=90",
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    // A bot is kept in raw_events, with its name, and not counted in events.
+    let pl = |ua: &str, u: &str| {
+        let body = format!(r#"{{"n":"pageview","u":"{u}","d":"a.example"}}"#);
+        post(
+            "/api/event",
+            &[("User-Agent", ua), ("Content-Type", "text/plain")],
+            body.as_bytes(),
+        )
+    };
+    assert_eq!(
+        pl(
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "https://a.example/bot"
+        )
+        .status,
+        202
+    );
+
+    // CORS as browser trackers need it.
+    let r = http_with(
+        &http,
+        "OPTIONS",
+        TP2,
+        &[
+            ("Origin", "https://a.example"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://a.example")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("content-type")
+    );
+    let r = http_with(
+        &http,
+        "GET",
+        "/i?e=pv&aid=app-a&eid=22222222-2222-4222-8222-222222222222&url=https%3A%2F%2Fa.example%2Fpixel",
+        &[("Origin", "https://a.example")],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("image/gif"));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://a.example")
+    );
+
+    // Rate limit: a burst of 3, then 429 with Retry-After; other merchants unaffected.
+    let lim = |n: usize| {
+        let body = format!(r#"{{"n":"pageview","u":"https://limited.example/{n}"}}"#);
+        post(
+            "/api/event",
+            &[(
+                "User-Agent",
+                "Mozilla/5.0 (X11; Linux x86_64) Firefox/121.0",
+            )],
+            body.as_bytes(),
+        )
+    };
+    for n in 0..3 {
+        assert_eq!(lim(n).status, 202);
+    }
+    let r = lim(3);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.body.contains("rate limit of 1 events/s"), "{}", r.body);
+    assert_eq!(
+        pl(
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/121.0",
+            "https://a.example/ok"
+        )
+        .status,
+        202
+    );
+
+    // Stored: tp2 once (not twice), the MP page view, 2 gtag hits, the bot, the pixel, /ok.
+    let raw = rows(&c, &m, "raw_events", 7);
+    let urls: Vec<&str> = raw.iter().filter_map(|r| r["url"].as_str()).collect();
+    assert_eq!(
+        urls.iter().filter(|u| **u == "https://a.example/").count(),
+        1,
+        "{urls:?}"
+    );
+    assert_eq!(raw.len(), 7, "{urls:?}");
+    let bot = find(&raw, |r| r["url"] == "https://a.example/bot");
+    assert_eq!(prop(bot, "$bot"), Some("Googlebot"));
+    let scroll = find(&raw, |r| r["name"] == "scroll");
+    assert_eq!(prop(scroll, "percent"), Some("90"));
+    assert_eq!(scroll["visitor_id"], "9.9");
+    let counted = rows(&c, &m, "events", 6);
+    assert!(counted.iter().all(|r| r["url"] != "https://a.example/bot"));
+    assert_eq!(counted.len(), 6);
+    assert_eq!(rows(&c, &limited, "raw_events", 3).len(), 3);
+}
