@@ -207,6 +207,179 @@ fn wrk(
     })
 }
 
+fn p99_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Fairness: a victim merchant's acknowledged 10-event batches, one at a time, alone and
+/// then while another merchant (rate-limited at 20k events/s) floods the same edge from 8
+/// connections with 500-event batches, offering 100k events/s (5x its limit). The victim runs on its own thread
+/// and runtime, and the flood sends pre-encoded bytes, so the bench process's own work
+/// does not stand in for the edge's.
+async fn flood_fairness(
+    addr: std::net::SocketAddr,
+    ca: &[u8],
+    victim_key: &str,
+    flooder_key: &str,
+    events: &[Event],
+) -> String {
+    let connect = |key: &str| {
+        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca.to_vec(), key);
+        cfg.request_timeout = Duration::from_secs(60);
+        beacon_sdk::Client::connect(cfg)
+    };
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (alone_tx, alone_rx) = std::sync::mpsc::channel::<f64>();
+    let victim_cfg = {
+        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca.to_vec(), victim_key);
+        cfg.request_timeout = Duration::from_secs(60);
+        cfg
+    };
+    let probe_events: Vec<Event> = events[..1000.min(events.len())].to_vec();
+    let victim = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let victim = beacon_sdk::Client::connect(victim_cfg)
+                .await
+                .expect("victim");
+            let probe = |n: usize| {
+                let (victim, ev) = (&victim, &probe_events);
+                async move {
+                    let mut lat = Vec::with_capacity(n);
+                    for i in 0..n {
+                        let b = &ev[(i * 10) % (ev.len() - 10)..][..10];
+                        let t = Instant::now();
+                        victim.send(b).await.expect("victim batch");
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    lat
+                }
+            };
+            let _ = alone_tx.send(p99_ms(probe(2000).await));
+            let _ = go_rx.recv();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            p99_ms(probe(2000).await)
+        })
+    });
+    let alone = alone_rx.recv().expect("alone");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acked, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let body = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({ "events": &events[..500] })).expect("json"),
+    );
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let c = Arc::new(connect(flooder_key).await.expect("connect flooder"));
+        for _ in 0..4 {
+            let (c, stop, acked, limited, body) = (
+                c.clone(),
+                stop.clone(),
+                acked.clone(),
+                limited.clone(),
+                body.clone(),
+            );
+            flood.push(tokio::spawn(async move {
+                // 32 senders x one 500-event batch per 160 ms = 100k events/s offered.
+                let mut tick = tokio::time::interval(Duration::from_millis(160));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    match c.request(body.clone()).await {
+                        Ok(_) => acked.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => limited.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+    }
+    let _ = go_tx.send(());
+    let during = tokio::task::spawn_blocking(move || victim.join().expect("victim thread"))
+        .await
+        .expect("join");
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        let _ = f.await;
+    }
+    format!(
+        "flood fairness (flooder offers 100k events/s against a 20k/s limit): victim p99 {alone:.1} ms alone, {during:.1} ms during the flood ({:.2}x); flooder: {} batches acknowledged, {} refused",
+        during / alone.max(0.001),
+        acked.load(Ordering::Relaxed),
+        limited.load(Ordering::Relaxed)
+    )
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Backpressure under a stalled bus: nats-server is stopped (SIGSTOP) while 16 connections
+/// each try to keep 64 batches of 500 events in flight. The edge must stop reading rather
+/// than buffer; its resident memory is sampled for 8 s.
+async fn stalled_bus_flood(
+    cluster: &Cluster,
+    addr: std::net::SocketAddr,
+    ca: &[u8],
+    key: &str,
+    events: &[Event],
+    edge_pid: u32,
+) -> String {
+    let batch: Arc<Vec<Event>> = Arc::new(events[..500.min(events.len())].to_vec());
+    let batch_bytes = serde_json::to_vec(&serde_json::json!({"events": &*batch}))
+        .map(|v| v.len())
+        .unwrap_or(0);
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut cfg = beacon_sdk::ClientConfig::new(addr, ca.to_vec(), key);
+        cfg.request_timeout = Duration::from_secs(120);
+        clients.push(Arc::new(
+            beacon_sdk::Client::connect(cfg).await.expect("connect"),
+        ));
+    }
+    let before = rss_kib(edge_pid);
+    let nats = cluster.nats.pid();
+    // SAFETY: signals to a child process we own.
+    unsafe { libc::kill(nats as i32, libc::SIGSTOP) };
+    let mut tasks = Vec::new();
+    for c in &clients {
+        for _ in 0..64 {
+            let (c, b) = (c.clone(), batch.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = c.send(&b).await;
+            }));
+        }
+    }
+    let mut peak = before;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        peak = peak.max(rss_kib(edge_pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(nats as i32, libc::SIGCONT) };
+    for t in tasks {
+        let _ = t.await;
+    }
+    format!(
+        "stalled bus: {} batches of {} KiB offered ({} MiB); edge RSS {} MiB before, peak {} MiB while stalled",
+        16 * 64,
+        batch_bytes / 1024,
+        (16 * 64 * batch_bytes) >> 20,
+        before >> 10,
+        peak >> 10
+    )
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::var("BEACON_BENCH_EVENTS")
@@ -269,6 +442,7 @@ async fn main() {
         .unwrap();
     let edge_ca = std::fs::read(cluster.endpoints.edge_ca_cert.clone().unwrap()).unwrap();
     let http = cluster.endpoints.edge_http.clone().expect("edge http");
+    let edge_ca_for_stall = edge_ca.clone();
 
     // Warm-up (connections, allocator, plugin instances).
     for key in [&plain_key, &chained_key] {
@@ -330,6 +504,27 @@ async fn main() {
         eprintln!("wrk not found: HTTP phases skipped (apt-get install wrk)");
     }
 
+    let (_, flooder_key) = cluster.merchant_with(
+        "bench-flooder",
+        &["--rate-limit", "20000", "--burst", "20000"],
+    );
+    let fairness = flood_fairness(
+        edge_addr,
+        &edge_ca_for_stall,
+        &plain_key,
+        &flooder_key,
+        &events,
+    )
+    .await;
+    let stall = stalled_bus_flood(
+        &cluster,
+        edge_addr,
+        &edge_ca_for_stall,
+        &plain_key,
+        &events,
+        edge_pid,
+    )
+    .await;
     // Peak resident memory of the edge over the whole run (VmHWM), against the bound the
     // backpressure is meant to keep (256 MiB of QUIC request bytes in flight plus copies).
     let hwm = std::fs::read_to_string(format!("/proc/{edge_pid}/status"))
@@ -338,6 +533,8 @@ async fn main() {
         .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
         .unwrap_or_default();
     println!("\nedge peak RSS (VmHWM) over the run: {hwm}");
+    println!("{fairness}");
+    println!("{stall}");
     let base = rows[0].rate();
     println!("\n| phase | events | seconds | events/s | vs bare QUIC loop | edge CPU us/event |");
     println!("|---|---|---|---|---|---|");

@@ -439,6 +439,9 @@ pub struct EdgeArgs {
     /// Take HTTP clients' addresses from `X-Forwarded-For` (only behind your own proxy).
     #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
+    /// Open connections per client address, on each listener (QUIC and HTTP).
+    #[arg(long, env = "BEACON_MAX_CONNS_PER_IP", default_value_t = 256)]
+    max_conns_per_ip: usize,
     /// Limits of merchants that have none of their own (default: unlimited).
     #[command(flatten)]
     default_limits: MerchantLimitArgs,
@@ -458,6 +461,8 @@ impl EdgeArgs {
         cfg.http_listen = Some(self.http_listen);
         cfg.geoip = self.geoip.clone();
         cfg.http.trust_forwarded_for = self.trust_forwarded_for;
+        cfg.http.max_conns_per_ip = self.max_conns_per_ip;
+        cfg.quic.max_conns_per_ip = self.max_conns_per_ip;
         cfg.default_limits = self.default_limits.limits();
         Ok(())
     }

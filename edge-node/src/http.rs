@@ -11,18 +11,19 @@
 //! CORS: browser trackers send with credentials, so the origin is echoed (never `*`) with
 //! `Access-Control-Allow-Credentials: true`, and preflights are answered.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use beacon_proto::bus::TrackerId;
 
+use crate::conn_limit::{ClientAddr, ConnLimit, LimitedListener};
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
 use crate::locate::Locator;
@@ -37,6 +38,8 @@ pub struct HttpLimits {
     /// Take the client address from the first `X-Forwarded-For` hop (behind a trusted proxy
     /// or CDN only: anyone can send the header).
     pub trust_forwarded_for: bool,
+    /// Open connections from one address (the peer's, not the forwarded one).
+    pub max_conns_per_ip: usize,
 }
 
 impl Default for HttpLimits {
@@ -44,6 +47,7 @@ impl Default for HttpLimits {
         Self {
             max_body: 1 << 20,
             trust_forwarded_for: false,
+            max_conns_per_ip: 256,
         }
     }
 }
@@ -78,7 +82,11 @@ pub async fn serve(
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
+    let listener = LimitedListener {
+        inner: listener,
+        limit: ConnLimit::new(app.limits.max_conns_per_ip),
+    };
+    let service = router(app).into_make_service_with_connect_info::<ClientAddr>();
     if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
@@ -174,22 +182,41 @@ impl From<ProcessError> for HttpError {
     }
 }
 
-fn client_ctx(app: &App, peer: SocketAddr, headers: &HeaderMap) -> ClientCtx {
-    let forwarded = app
-        .limits
-        .trust_forwarded_for
-        .then(|| headers.get("x-forwarded-for"))
-        .flatten()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|ip| ip.trim().parse::<IpAddr>().ok());
-    ClientCtx {
-        ip: Some(forwarded.unwrap_or(peer.ip())),
-        user_agent: headers
-            .get(header::USER_AGENT)
+/// The client of a request (address and user agent), as the handlers need it.
+struct Client(ClientCtx);
+
+impl axum::extract::FromRequestParts<App> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &App,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<ClientAddr>>()
+            .map(|ConnectInfo(ClientAddr(a))| a.ip());
+        let headers = &parts.headers;
+        let forwarded = app
+            .limits
+            .trust_forwarded_for
+            .then(|| headers.get("x-forwarded-for"))
+            .flatten()
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+            .and_then(|v| v.split(',').next())
+            .and_then(|ip| ip.trim().parse::<IpAddr>().ok());
+        Ok(Client(ClientCtx {
+            ip: forwarded.or(peer),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }))
     }
+}
+
+fn bad(e: impl std::fmt::Display) -> HttpError {
+    HttpError::BadRequest(e.to_string())
 }
 
 /// How a GA4 stream must authenticate.
@@ -202,13 +229,23 @@ enum Secret {
 }
 
 impl App {
-    /// Resolves, enriches and stores a decoded request; the number of events stored.
+    /// Resolves, enriches and stores a decoded request (of `request_len` bytes); the number of
+    /// events stored.
     async fn accept(
         &self,
         decoded: Decoded,
+        request_len: usize,
         ctx: &ClientCtx,
         secret: Secret,
     ) -> Result<usize, HttpError> {
+        // Memory for the request's events: full means the bus or the plugins are behind.
+        let _memory = self
+            .processor
+            .budget
+            .try_reserve(request_len)
+            .ok_or_else(|| {
+                HttpError::Unavailable("edge at capacity (batches in flight), retry".into())
+            })?;
         // Group by merchant, in request order; every identity must resolve before anything
         // is stored, so a request is taken whole or not at all.
         let mut groups: Vec<(Arc<str>, Vec<collect::Hit>)> = Vec::new();
@@ -255,14 +292,29 @@ impl App {
                 .salt(crate::now_ms())
                 .await
                 .map_err(|e| HttpError::Unavailable(e.to_string()))?;
+            // Hits of a request nearly always share one user agent: parse it once.
+            let mut parsed: Option<(String, crate::device::UserAgent)> = None;
             let events = hits
                 .into_iter()
                 .map(|h| {
                     let mut e = h.event;
                     let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
-                    self.processor
-                        .enricher
-                        .enrich(&mut e, &merchant, ctx.ip, ua, &salt);
+                    let info = ua.map(|ua| match &parsed {
+                        Some((text, info)) if text == ua => info.clone(),
+                        _ => {
+                            let info = crate::device::parse(ua);
+                            parsed = Some((ua.to_string(), info.clone()));
+                            info
+                        }
+                    });
+                    self.processor.enricher.enrich_parsed(
+                        &mut e,
+                        &merchant,
+                        ctx.ip,
+                        ua,
+                        info.as_ref(),
+                        &salt,
+                    );
                     e
                 })
                 .collect();
@@ -286,27 +338,28 @@ const PIXEL: &[u8] = &[
 
 async fn snowplow_post(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     body: Bytes,
 ) -> Result<&'static str, HttpError> {
-    let decoded = collect::snowplow::decode_post(&body, crate::now_ms())
-        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
-    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
-        .await?;
+    let decoded = collect::snowplow::decode_post(&body, crate::now_ms()).map_err(bad)?;
+    app.accept(decoded, body.len(), &ctx, Secret::None).await?;
     Ok("ok")
 }
 
 async fn snowplow_get(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
     let decoded = collect::snowplow::decode_get(query.as_deref().unwrap_or(""), crate::now_ms())
-        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
-    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
-        .await?;
+        .map_err(bad)?;
+    app.accept(
+        decoded,
+        query.as_deref().map_or(0, str::len),
+        &ctx,
+        Secret::None,
+    )
+    .await?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/gif"),
@@ -319,8 +372,7 @@ async fn snowplow_get(
 
 async fn mp_collect(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<StatusCode, HttpError> {
@@ -332,7 +384,7 @@ async fn mp_collect(
                 .collect();
             HttpError::BadRequest(text.join("; "))
         })?;
-    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::Required)
+    app.accept(decoded, body.len(), &ctx, Secret::Required)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -348,28 +400,29 @@ async fn mp_debug(RawQuery(query): RawQuery, body: Bytes) -> Response {
 
 async fn gtag(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<StatusCode, HttpError> {
-    let decoded = ga4::decode_gtag(query.as_deref().unwrap_or(""), &body, crate::now_ms())
-        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
-    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
-        .await?;
+    let decoded =
+        ga4::decode_gtag(query.as_deref().unwrap_or(""), &body, crate::now_ms()).map_err(bad)?;
+    app.accept(
+        decoded,
+        body.len() + query.as_deref().map_or(0, str::len),
+        &ctx,
+        Secret::None,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn plausible(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     body: Bytes,
 ) -> Result<(StatusCode, &'static str), HttpError> {
-    let decoded = collect::plausible::decode(&body, crate::now_ms())
-        .map_err(|e| HttpError::BadRequest(e.to_string()))?;
-    app.accept(decoded, &client_ctx(&app, peer, &headers), Secret::None)
-        .await?;
+    let decoded = collect::plausible::decode(&body, crate::now_ms()).map_err(bad)?;
+    app.accept(decoded, body.len(), &ctx, Secret::None).await?;
     Ok((StatusCode::ACCEPTED, "ok"))
 }
 
@@ -380,11 +433,9 @@ struct LocateQuery {
 
 async fn locate(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Client(ctx): Client,
     Query(q): Query<LocateQuery>,
 ) -> Response {
-    let ctx = client_ctx(&app, peer, &headers);
     let region = q
         .region
         .filter(|r| crate::locate::is_known_region(r))

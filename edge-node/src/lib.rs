@@ -4,6 +4,7 @@
 //! [`process::Processor`] (validate, plugin chain) -> [`publish::Publisher`] (JetStream, acked)
 //! -> answer to the client. The edge never links the warehouse: it only knows the bus.
 
+pub mod conn_limit;
 pub mod device;
 pub mod enrich;
 pub mod http;
@@ -72,6 +73,8 @@ pub struct EdgeConfig {
     pub geoip: Option<PathBuf>,
     /// Rate limit of merchants whose record sets none; `None`: unlimited.
     pub default_limits: Option<MerchantLimits>,
+    /// Memory for batches in flight, both listeners together (see `process::Budget`).
+    pub in_flight_memory: usize,
 }
 
 impl EdgeConfig {
@@ -89,6 +92,7 @@ impl EdgeConfig {
             http: http::HttpLimits::default(),
             geoip: None,
             default_limits: None,
+            in_flight_memory: 256 << 20,
         }
     }
 }
@@ -142,6 +146,7 @@ impl Edge {
             registry.clone(),
         );
         processor.default_limits = cfg.default_limits;
+        processor.budget = process::Budget::new(cfg.in_flight_memory);
         let processor = Arc::new(processor);
         let locator = locate::Locator::new(status_bucket.clone());
 
@@ -191,10 +196,7 @@ impl Edge {
             locator,
             limits: cfg.quic.clone(),
             shutdown,
-            bytes_in_flight: Arc::new(tokio::sync::Semaphore::new(
-                (cfg.quic.max_in_flight_bytes / 1024).max(1),
-            )),
-            conns_per_ip: Arc::default(),
+            conns_per_ip: conn_limit::ConnLimit::new(cfg.quic.max_conns_per_ip),
         };
         let task = tokio::spawn(quic::serve(endpoint.clone(), shared));
         let reporter = tokio::spawn(status::report(

@@ -38,6 +38,8 @@ struct Bucket {
     last: Instant,
     day: i64,
     used_today: u64,
+    /// Recent batch size (moving average): what the next batch will probably need.
+    typical: f64,
 }
 
 #[derive(Default)]
@@ -48,6 +50,40 @@ pub struct RateLimiter {
 const DAY_MS: i64 = 86_400_000;
 
 impl RateLimiter {
+    /// Refuses at once while `merchant`'s bucket is empty or its quota used up, before a
+    /// batch is even decoded: a flood over the limit then costs the edge almost nothing.
+    pub fn precheck(
+        &self,
+        merchant: &str,
+        limits: &MerchantLimits,
+        now_ms: i64,
+        now: Instant,
+    ) -> Result<(), Limited> {
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = buckets.get(merchant) else {
+            return Ok(());
+        };
+        let rate = f64::from(limits.events_per_second.max(1));
+        let tokens = b.tokens + now.duration_since(b.last).as_secs_f64() * rate;
+        // Enough for a batch of the usual size (at most the burst), else it would only be
+        // received to be refused.
+        let need = b.typical.clamp(1.0, f64::from(limits.burst.max(1)));
+        if tokens < need {
+            return Err(Limited::Rate {
+                rate: limits.events_per_second,
+                retry_after_ms: (((need - tokens) / rate * 1000.0).ceil() as u64).max(1),
+            });
+        }
+        let day = now_ms.div_euclid(DAY_MS);
+        match limits.daily_events {
+            Some(quota) if b.day == day && b.used_today >= quota => Err(Limited::Quota {
+                quota,
+                retry_after_ms: ((day + 1) * DAY_MS - now_ms).max(1000) as u64,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Takes `n` events from `merchant`'s allowance, or says when to retry. `now_ms` is the
     /// wall clock (for the quota's UTC day), `now` the monotonic one (for the bucket).
     pub fn take(
@@ -71,7 +107,9 @@ impl RateLimiter {
             last: now,
             day,
             used_today: 0,
+            typical: 1.0,
         });
+        b.typical = 0.8 * b.typical + 0.2 * n as f64;
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
         b.last = now;
         if b.day != day {
@@ -147,6 +185,25 @@ mod tests {
             .take("m", 500, &LIMITS, ms, t0 + Duration::from_secs(1))
             .unwrap_err();
         assert_eq!(err.retry_after_ms(), 4000);
+    }
+
+    #[test]
+    fn precheck_refuses_only_an_empty_bucket() {
+        let l = RateLimiter::default();
+        let t0 = Instant::now();
+        let ms = 1_790_000_000_000;
+        assert!(l.precheck("m", &LIMITS, ms, t0).is_ok(), "unknown merchant");
+        assert!(l.take("m", 10, &LIMITS, ms, t0).is_ok());
+        // Typical batch now ~2.8 events; 190 left.
+        assert!(l.precheck("m", &LIMITS, ms, t0).is_ok());
+        assert!(l.take("m", 190, &LIMITS, ms, t0).is_ok());
+        assert!(l.precheck("m", &LIMITS, ms, t0).is_err(), "empty");
+        // Typical is now ~40 events: 0.4 s of refill before a batch is read again.
+        let err = l.precheck("m", &LIMITS, ms, t0).unwrap_err();
+        assert!((390..=410).contains(&err.retry_after_ms()), "{err:?}");
+        assert!(l
+            .precheck("m", &LIMITS, ms, t0 + std::time::Duration::from_millis(410))
+            .is_ok());
     }
 
     #[test]

@@ -63,6 +63,51 @@ pub struct Processor {
     limiter: RateLimiter,
     /// Limits of merchants whose record sets none; `None`: unlimited.
     pub default_limits: Option<MerchantLimits>,
+    pub budget: Budget,
+}
+
+/// Memory for batches in flight, shared by every connection of both listeners. A batch
+/// holds its request bytes, the decoded events, the envelope and its JSON at once: about
+/// `EXPANSION` times the request (measured with the bus stalled, docs/BENCHMARKS.md), so a
+/// request of `n` bytes reserves `EXPANSION * n`. When the budget is used up, QUIC stops
+/// reading (flow control pushes back) and HTTP answers 503 at once.
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    total_kib: usize,
+}
+
+impl Budget {
+    pub const EXPANSION: usize = 5;
+
+    pub fn new(bytes: usize) -> Self {
+        let total_kib = (bytes >> 10).clamp(1, u32::MAX as usize);
+        Self {
+            sem: Arc::new(Semaphore::new(total_kib)),
+            total_kib,
+        }
+    }
+
+    fn kib(&self, request_len: usize) -> u32 {
+        // A request larger than the whole budget may still run alone.
+        ((request_len * Self::EXPANSION) / 1024 + 1).min(self.total_kib) as u32
+    }
+
+    /// Waits for room for a request of `request_len` bytes.
+    pub async fn reserve(&self, request_len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.sem
+            .clone()
+            .acquire_many_owned(self.kib(request_len))
+            .await
+            .ok()
+    }
+
+    /// Room for a request now, or `None` when the edge is full.
+    pub fn try_reserve(&self, request_len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.sem
+            .clone()
+            .try_acquire_many_owned(self.kib(request_len))
+            .ok()
+    }
 }
 
 /// Consecutive sandbox-limit breaches after which a pipeline version is quarantined.
@@ -127,7 +172,21 @@ impl Processor {
             registry,
             limiter: RateLimiter::default(),
             default_limits: None,
+            budget: Budget::new(256 << 20),
         }
+    }
+
+    /// Refuses a merchant whose allowance is used up, before its batch is decoded.
+    pub fn precheck(&self, merchant_id: &str) -> Result<(), Limited> {
+        let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) else {
+            return Ok(());
+        };
+        self.limiter.precheck(
+            merchant_id,
+            &limits,
+            crate::now_ms(),
+            std::time::Instant::now(),
+        )
     }
 
     /// Takes `n` events from the merchant's rate limit and daily quota.
@@ -171,6 +230,7 @@ impl Processor {
         ctx: &ClientCtx,
     ) -> Result<BatchResponse, ProcessError> {
         let _in_flight = InFlight::new(&self.active);
+        self.precheck(merchant_id)?;
         let now = crate::now_ms();
         let batch_id = self.batch_id(merchant_id, client_batch_id);
         let request: BatchRequest = match serde_json::from_slice(payload) {

@@ -1,8 +1,9 @@
 //! The RSocket-over-QUIC listener: one thin async loop per connection around the pure
 //! framing in `beacon_proto::wire`.
 //!
-//! Backpressure: each connection has a bounded number of requests in flight. When they are
-//! all busy (JetStream slow, plugins slow), the loop stops reading the QUIC stream, the
+//! Backpressure: each connection has a bounded number of requests in flight, and all
+//! batches in flight share the edge's memory budget (`process::Budget`). When either is
+//! used up (JetStream slow, plugins slow), the loop stops reading the QUIC stream, the
 //! receive window fills, and QUIC flow control stops the client. Nothing is buffered
 //! without bound.
 
@@ -14,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
+use crate::conn_limit::ConnLimit;
 use crate::enrich::ClientCtx;
 use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};
@@ -23,11 +25,6 @@ use crate::registry::Registry;
 pub struct QuicLimits {
     pub max_frame_len: usize,
     pub max_in_flight_per_conn: usize,
-    /// Request bytes being processed across all connections. When reached, every connection
-    /// stops reading until batches finish: memory stays bounded whatever the number of
-    /// connections (each in-flight byte costs a small multiple in decoded events and
-    /// envelope).
-    pub max_in_flight_bytes: usize,
     pub setup_timeout: Duration,
     /// Open connections from one IP address; more are refused at the handshake.
     pub max_conns_per_ip: usize,
@@ -38,7 +35,6 @@ impl Default for QuicLimits {
         Self {
             max_frame_len: wire::DEFAULT_MAX_FRAME_LEN,
             max_in_flight_per_conn: 64,
-            max_in_flight_bytes: 256 << 20,
             setup_timeout: Duration::from_secs(5),
             max_conns_per_ip: 256,
         }
@@ -69,61 +65,7 @@ pub struct Shared {
     /// Turns true when the edge shuts down: connections stop taking new batches, finish the
     /// ones in flight, and tell the client to reconnect elsewhere.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Shared by every connection; one permit per KiB of request payload.
-    pub bytes_in_flight: Arc<Semaphore>,
-    pub conns_per_ip: ConnsPerIp,
-}
-
-/// Open connections per client address.
-pub type ConnsPerIp = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// Counts a connection against its IP for as long as it lives.
-struct IpSlot {
-    ip: std::net::IpAddr,
-    map: ConnsPerIp,
-}
-
-impl IpSlot {
-    fn take(shared: &Shared, ip: std::net::IpAddr) -> Option<Self> {
-        let mut m = shared
-            .conns_per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= shared.limits.max_conns_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            ip,
-            map: shared.conns_per_ip.clone(),
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl Shared {
-    /// Reserves room for a request of `len` bytes, waiting (and so not reading) while the
-    /// edge is full.
-    async fn reserve(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let kib = (len / 1024 + 1).min(self.limits.max_in_flight_bytes / 1024) as u32;
-        self.bytes_in_flight
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .ok()
-    }
+    pub conns_per_ip: ConnLimit,
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -131,7 +73,7 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Shared) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
         let remote = incoming.remote_address();
-        let Some(slot) = IpSlot::take(&shared, remote.ip()) else {
+        let Some(slot) = shared.conns_per_ip.take(remote.ip()) else {
             tracing::warn!(%remote, "too many connections from this address; refused");
             incoming.refuse();
             continue;
@@ -257,6 +199,22 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     let mut shutdown = shared.shutdown.clone();
     let mut closing = None;
     loop {
+        // Over its rate limit, a merchant's connection is not read until the allowance
+        // refills: a flood is then held back by QUIC flow control at no cost to the edge,
+        // instead of being received, decrypted and refused batch after batch.
+        if let Err(limited) = shared.processor.precheck(&merchant) {
+            let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {
+                    closing = Some(Outcome::Error(
+                        wire::ERR_CONN_CLOSED,
+                        "edge shutting down: reconnect and resend unacknowledged batches".into(),
+                    ));
+                    break;
+                }
+            }
+        }
         // `next_frame` is cancel-safe: partial frames stay in `reader`.
         let next = tokio::select! {
             f = next_frame(&mut recv, &mut reader) => f,
@@ -309,7 +267,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
-                let Some(bytes_permit) = shared.reserve(data.len()).await else {
+                let Some(bytes_permit) = shared.processor.budget.reserve(data.len()).await else {
                     break;
                 };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
@@ -339,7 +297,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     break;
                 };
                 let data = req.get_data().cloned().unwrap_or_default();
-                let Some(bytes_permit) = shared.reserve(data.len()).await else {
+                let Some(bytes_permit) = shared.processor.budget.reserve(data.len()).await else {
                     break;
                 };
                 let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
