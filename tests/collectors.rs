@@ -355,22 +355,81 @@ fn status_discipline_retries_bots_limits_and_cors() {
         202
     );
 
-    // Stored: tp2 once (not twice), the MP page view, 2 gtag hits, the bot, the pixel, /ok.
-    let raw = rows(&c, &m, "raw_events", 7);
+    // Operators change a merchant without a restart: lift the limit, add a site; an identity
+    // another merchant owns is refused.
+    c.cli(&[
+        "merchant",
+        "update",
+        "--merchant",
+        &limited,
+        "--default-limits",
+    ]);
+    wait_for(Duration::from_secs(10), "limit lifted at the edge", || {
+        (lim(4).status == 202).then_some(())
+    });
+    c.cli(&[
+        "merchant",
+        "update",
+        "--merchant",
+        &m,
+        "--domain",
+        "b.example",
+    ]);
+    wait_for(
+        Duration::from_secs(10),
+        "new domain known at the edge",
+        || {
+            let body = br#"{"n":"pageview","u":"https://b.example/new"}"#;
+            (post(
+                "/api/event",
+                &[(
+                    "User-Agent",
+                    "Mozilla/5.0 (X11; Linux x86_64) Firefox/121.0",
+                )],
+                body,
+            )
+            .status
+                == 202)
+                .then_some(())
+        },
+    );
+    let refused = std::process::Command::new(common::beacon_bin())
+        .args([
+            "merchant",
+            "update",
+            "--merchant",
+            &limited,
+            "--domain",
+            "a.example",
+        ])
+        .env("BEACON_DATA_DIR", c.data_dir())
+        .env("BEACON_NATS_URL", c.nats.url())
+        .output()
+        .expect("run beacon");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("already belongs to merchant"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Stored: tp2 once (not twice), the MP page view, 2 gtag hits, the bot, the pixel, /ok,
+    // and the new domain's page view.
+    let raw = rows(&c, &m, "raw_events", 8);
     let urls: Vec<&str> = raw.iter().filter_map(|r| r["url"].as_str()).collect();
     assert_eq!(
         urls.iter().filter(|u| **u == "https://a.example/").count(),
         1,
         "{urls:?}"
     );
-    assert_eq!(raw.len(), 7, "{urls:?}");
+    assert_eq!(raw.len(), 8, "{urls:?}");
     let bot = find(&raw, |r| r["url"] == "https://a.example/bot");
     assert_eq!(prop(bot, "$bot"), Some("Googlebot"));
     let scroll = find(&raw, |r| r["name"] == "scroll");
     assert_eq!(prop(scroll, "percent"), Some("90"));
     assert_eq!(scroll["visitor_id"], "9.9");
-    let counted = rows(&c, &m, "events", 6);
+    let counted = rows(&c, &m, "events", 7);
     assert!(counted.iter().all(|r| r["url"] != "https://a.example/bot"));
-    assert_eq!(counted.len(), 6);
-    assert_eq!(rows(&c, &limited, "raw_events", 3).len(), 3);
+    assert_eq!(counted.len(), 7);
+    assert_eq!(rows(&c, &limited, "raw_events", 4).len(), 4);
 }

@@ -350,6 +350,27 @@ enum MerchantCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Add tracker identities to a merchant, or change its collection limits.
+    Update {
+        #[arg(long)]
+        merchant: String,
+        /// Snowplow application id (`aid`) to add (repeatable).
+        #[arg(long = "snowplow-app-id")]
+        snowplow_app_ids: Vec<String>,
+        /// GA4 data stream `MEASUREMENT_ID:API_SECRET` to add (repeatable).
+        #[arg(long = "ga4")]
+        ga4: Vec<String>,
+        /// Plausible site domain to add (repeatable).
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+        #[command(flatten)]
+        limits: MerchantLimitArgs,
+        /// Remove the merchant's own limits (the edges' defaults apply).
+        #[arg(long, conflicts_with_all = ["rate_limit", "daily_quota"])]
+        default_limits: bool,
+        #[command(flatten)]
+        target: NatsTarget,
+    },
     /// Create a read token for a merchant's metrics API (`POST /api/v2/query`); prints it.
     #[cfg(feature = "full")]
     ReadToken {
@@ -671,6 +692,34 @@ async fn run(cli: Cli) -> Result<()> {
                     merchant.id, merchant.name
                 ),
             }
+            Ok(())
+        }
+        Command::Merchant {
+            command:
+                MerchantCommand::Update {
+                    merchant,
+                    snowplow_app_ids,
+                    ga4,
+                    domains,
+                    limits,
+                    default_limits,
+                    target,
+                },
+        } => {
+            let add = trackers(snowplow_app_ids, &ga4, &domains)?;
+            let limits = if default_limits {
+                Some(None)
+            } else {
+                limits.limits().map(Some)
+            };
+            let js = target.jetstream().await?;
+            let store = beacon_edge::registry::open_bucket(&js)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let m = beacon_edge::registry::update_merchant(&store, &merchant, &add, limits)
+                .await
+                .map_err(|e| anyhow!("updating merchant {merchant}: {e}"))?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
             Ok(())
         }
         #[cfg(feature = "full")]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream::kv;
-use beacon_proto::bus::{Merchant, MerchantLimits, TrackerId};
+use beacon_proto::bus::{Merchant, MerchantLimits, TrackerId, Trackers};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -251,23 +251,80 @@ pub async fn create_merchant(store: &kv::Store, merchant: &Merchant) -> Result<(
     Ok(())
 }
 
-/// Replaces a merchant's limits (`None`: the edge defaults). Edges apply it within a moment.
-pub async fn set_limits(
+/// Adds tracker identities to a merchant and, when `limits` is `Some`, replaces its limits
+/// (`Some(None)`: back to the edge defaults). New identities are claimed first, as at
+/// creation; the record is then written conditionally on the revision read, so concurrent
+/// updates cannot overwrite each other. Edges apply it within a moment.
+pub async fn update_merchant(
     store: &kv::Store,
     merchant_id: &str,
-    limits: Option<MerchantLimits>,
-) -> Result<(), RegistryError> {
-    let record = store
-        .get(merchant_key(merchant_id))
+    add: &Trackers,
+    limits: Option<Option<MerchantLimits>>,
+) -> Result<Merchant, RegistryError> {
+    let entry = store
+        .entry(merchant_key(merchant_id))
         .await
         .map_err(nats)?
-        .ok_or_else(|| nats(format!("no merchant {merchant_id}")))?;
-    let mut m: Merchant = serde_json::from_slice(&record).map_err(nats)?;
-    m.limits = limits;
+        .filter(|e| e.operation == kv::Operation::Put)
+        .ok_or_else(|| RegistryError::Nats(format!("no merchant {merchant_id}")))?;
+    let mut m: Merchant = serde_json::from_slice(&entry.value).map_err(nats)?;
+    for t in add.ids() {
+        let key = claim_key(&t);
+        if store
+            .create(&key, merchant_id.as_bytes().to_vec().into())
+            .await
+            .is_err()
+        {
+            let owner = store
+                .get(&key)
+                .await
+                .map_err(nats)?
+                .map(|v| String::from_utf8_lossy(&v).into_owned());
+            match owner {
+                Some(o) if o == merchant_id => {}
+                Some(o) => return Err(RegistryError::Claimed(t, o)),
+                None => return Err(nats(format!("could not claim {t}"))),
+            }
+        }
+    }
+    let tr = &mut m.trackers;
+    for a in &add.snowplow_app_ids {
+        if !tr.snowplow_app_ids.contains(a) {
+            tr.snowplow_app_ids.push(a.clone());
+        }
+    }
+    for d in &add.domains {
+        if !tr.domains.contains(d) {
+            tr.domains.push(d.clone());
+        }
+    }
+    for g in &add.ga4 {
+        match tr
+            .ga4
+            .iter_mut()
+            .find(|s| s.measurement_id == g.measurement_id)
+        {
+            Some(s) => {
+                for h in &g.api_secrets_sha256 {
+                    if !s.api_secrets_sha256.contains(h) {
+                        s.api_secrets_sha256.push(h.clone());
+                    }
+                }
+            }
+            None => tr.ga4.push(g.clone()),
+        }
+    }
+    if let Some(l) = limits {
+        m.limits = l;
+    }
     let json = serde_json::to_vec(&m).map_err(nats)?;
     store
-        .put(merchant_key(merchant_id), json.into())
+        .update(merchant_key(merchant_id), json.into(), entry.revision)
         .await
-        .map_err(nats)?;
-    Ok(())
+        .map_err(|e| {
+            nats(format!(
+                "merchant {merchant_id} changed meanwhile, retry: {e}"
+            ))
+        })?;
+    Ok(m)
 }
