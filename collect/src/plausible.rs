@@ -59,7 +59,6 @@ pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
         return Err(invalid("no `domain` and none in the url"));
     }
     let mut event = Event {
-        event_id: new_event_id(),
         name: canonical_name(name),
         ts: now_ms,
         url: Some(url),
@@ -112,10 +111,8 @@ pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
         .into_iter()
         .map(|d| {
             let mut e = event.clone();
-            if !e.event_id.is_empty() {
-                // One id per site: the copies are distinct events of distinct merchants.
-                e.event_id = new_event_id();
-            }
+            // One id per site: the copies are distinct events of distinct merchants.
+            e.event_id = new_event_id();
             Hit {
                 tracker: TrackerId::Domain(d),
                 event: e,

@@ -118,7 +118,14 @@ impl Index {
 pub struct Registry {
     store: kv::Store,
     index: Arc<RwLock<Index>>,
+    /// Keys recently looked up in the bucket and not found: a stream of made-up keys or
+    /// identities then costs a map lookup, not a bus round trip each.
+    misses: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
+
+/// How long a miss is remembered (a merchant created meanwhile waits at most this long,
+/// unless the watch delivers it sooner).
+const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Registry {
     /// Loads every merchant and write key and keeps following changes in a background task.
@@ -152,7 +159,34 @@ impl Registry {
                 }
             }
         });
-        Ok(Self { store, index })
+        Ok(Self {
+            store,
+            index,
+            misses: Arc::default(),
+        })
+    }
+
+    fn recently_missed(&self, key: &str) -> bool {
+        let mut m = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(key) {
+            Some(at) if at.elapsed() < MISS_TTL => true,
+            Some(_) => {
+                m.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn missed(&self, key: String) {
+        let mut m = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= 100_000 {
+            m.retain(|_, at| at.elapsed() < MISS_TTL);
+            if m.len() >= 100_000 {
+                m.clear();
+            }
+        }
+        m.insert(key, std::time::Instant::now());
     }
 
     /// The merchant a write key belongs to. A miss asks the bucket directly, so a merchant
@@ -162,7 +196,14 @@ impl Registry {
         if let Some(id) = self.index.read().ok()?.by_key_hash.get(&hash) {
             return Some(id.to_string());
         }
-        let value = self.store.get(write_key_key(&hash)).await.ok()??;
+        let key = write_key_key(&hash);
+        if self.recently_missed(&key) {
+            return None;
+        }
+        let Some(value) = self.store.get(&key).await.ok()? else {
+            self.missed(key);
+            return None;
+        };
         let id = String::from_utf8_lossy(&value).into_owned();
         if let Ok(mut m) = self.index.write() {
             m.by_key_hash.insert(hash, id.as_str().into());
@@ -175,7 +216,14 @@ impl Registry {
         if let Some(r) = self.index.read().ok()?.by_tracker.get(id) {
             return Some(r.clone());
         }
-        let owner = self.store.get(claim_key(id)).await.ok()??;
+        let key = claim_key(id);
+        if self.recently_missed(&key) {
+            return None;
+        }
+        let Some(owner) = self.store.get(&key).await.ok()? else {
+            self.missed(key);
+            return None;
+        };
         let owner = String::from_utf8_lossy(&owner).into_owned();
         let record = self.store.get(merchant_key(&owner)).await.ok()??;
         let merchant: Merchant = serde_json::from_slice(&record).ok()?;
