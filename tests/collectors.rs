@@ -209,6 +209,10 @@ fn status_discipline_retries_bots_limits_and_cors() {
     let body = batch("app-a", "11111111-1111-4111-8111-111111111111");
     assert_eq!(post(TP2, &[], body.as_bytes()).status, 200);
     assert_eq!(post(TP2, &[], body.as_bytes()).status, 200);
+    // Trackers re-stamp the sent time (`stm`) on a retry: still the same events.
+    let restamped = body.replacen("\"stm\":\"1795673352516\"", "\"stm\":\"1795673359999\"", 1);
+    assert_ne!(restamped, body);
+    assert_eq!(post(TP2, &[], restamped.as_bytes()).status, 200);
 
     // Input that will never be valid: 4xx with a reason, nothing stored.
     let r = post(TP2, &[], batch("nobody", "e-x").as_bytes());

@@ -457,7 +457,8 @@ pub struct EdgeArgs {
     /// MaxMind-format City database (GeoLite2-City.mmdb) for geo enrichment.
     #[arg(long, env = "BEACON_GEOIP")]
     geoip: Option<PathBuf>,
-    /// Take HTTP clients' addresses from `X-Forwarded-For` (only behind your own proxy).
+    /// Take HTTP clients' addresses from the last `X-Forwarded-For` hop (the one your proxy
+    /// appended; only behind your own proxy).
     #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
     /// Open connections per client address, on each listener (QUIC and HTTP).

@@ -27,6 +27,8 @@ pub const MAX_PARAM_NAME: usize = 40;
 pub const MAX_PARAM_VALUE: usize = 100;
 pub const MAX_USER_PROPERTY_NAME: usize = 24;
 pub const MAX_USER_PROPERTY_VALUE: usize = 36;
+/// Hits in one gtag request body (each repeats the shared query parameters).
+pub const MAX_GTAG_HITS: usize = 100;
 
 /// One broken rule, as Google's validation server reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -273,6 +275,13 @@ pub fn decode_gtag(query: &str, body: &[u8], now_ms: i64) -> Result<Decoded, Dec
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    if lines.len() > MAX_GTAG_HITS {
+        return Err(invalid(format!(
+            "{} hits in one request, over the limit of {MAX_GTAG_HITS}",
+            lines.len()
+        )));
+    }
+
     let mut hits = Vec::new();
     let mut one = |own: &str| -> Result<(), DecodeError> {
         let mut p: BTreeMap<String, String> = shared.iter().cloned().collect();

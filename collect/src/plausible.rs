@@ -13,6 +13,9 @@ use super::{
     DecodeError, Decoded, Hit,
 };
 
+/// Sites one event may be counted for (`d: "a.example,all.example"`): each is a copy.
+pub const MAX_DOMAINS: usize = 16;
+
 pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
     let doc: Value =
         serde_json::from_slice(body).map_err(|e| invalid(format!("body is not JSON: {e}")))?;
@@ -33,13 +36,14 @@ pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
     let hash_mode =
         field("h", "hash_mode").is_some_and(|v| v.as_bool() == Some(true) || v.as_i64() == Some(1));
     let url = match (hash_mode, parsed.fragment()) {
-        // Hash-based routing: `/#/pricing` is the page `/pricing`.
+        // Hash-based routing: `/app/#/pricing` is the page `/app/pricing` (port, base path
+        // and query kept).
         (true, Some(f)) if f.starts_with('/') => {
-            format!(
-                "{}://{}{f}",
-                parsed.scheme(),
-                parsed.host_str().unwrap_or_default()
-            )
+            let mut u = parsed.clone();
+            let path = format!("{}{f}", parsed.path().trim_end_matches('/'));
+            u.set_fragment(None);
+            u.set_path(&path);
+            u.to_string()
         }
         _ => raw_url.to_string(),
     };
@@ -55,8 +59,17 @@ pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
             .into_iter()
             .collect(),
     };
+    let mut domains = domains;
+    domains.sort();
+    domains.dedup();
     if domains.is_empty() {
         return Err(invalid("no `domain` and none in the url"));
+    }
+    if domains.len() > MAX_DOMAINS {
+        return Err(invalid(format!(
+            "{} domains in one event, over the limit of {MAX_DOMAINS}",
+            domains.len()
+        )));
     }
     let mut event = Event {
         name: canonical_name(name),
@@ -165,6 +178,21 @@ mod tests {
             d.hits[0].event.url.as_deref(),
             Some("https://www.shop.example/pricing")
         );
+        let port = br#"{"n":"pageview","u":"https://a.example:8443/app/?q=1#/pricing","h":1}"#;
+        assert_eq!(
+            decode(port, NOW).unwrap().hits[0].event.url.as_deref(),
+            Some("https://a.example:8443/app/pricing?q=1")
+        );
+        let same = br#"{"n":"pageview","u":"https://a.example/","d":"a.example,www.a.example"}"#;
+        assert_eq!(decode(same, NOW).unwrap().hits.len(), 1);
+        let many = format!(
+            r#"{{"n":"x","u":"https://a/","d":"{}"}}"#,
+            (0..100)
+                .map(|i| format!("d{i}.example"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert!(decode(many.as_bytes(), NOW).is_err());
         assert_eq!(
             d.hits[0].event.properties.get("bot").map(String::as_str),
             Some("no")

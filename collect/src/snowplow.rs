@@ -46,13 +46,11 @@ pub fn decode_post(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
         }
     })?;
     let mut hits = Vec::with_capacity(doc.data.len());
-    let mut all_have_ids = true;
     for (i, fields) in doc.data.iter().enumerate() {
-        all_have_ids &= fields.contains_key("eid");
         hits.push(decode_event(fields, now_ms).map_err(|e| prefix(i, e))?);
     }
     Ok(Decoded {
-        dedup_key: all_have_ids.then(|| content_key(&[b"tp2", body])),
+        dedup_key: retry_key(&doc.data),
         hits,
         api_secret: None,
     })
@@ -65,12 +63,23 @@ pub fn decode_get(query: &str, now_ms: i64) -> Result<Decoded, DecodeError> {
         .collect();
     let hit = decode_event(&fields, now_ms)?;
     Ok(Decoded {
-        dedup_key: fields
-            .contains_key("eid")
-            .then(|| content_key(&[b"i", query.as_bytes()])),
+        dedup_key: retry_key(std::slice::from_ref(&fields)),
         hits: vec![hit],
         api_secret: None,
     })
+}
+
+/// The idempotency key of a request whose every event has an `eid`: app ids and event ids
+/// in order. Trackers re-stamp `stm` (sent time) on each attempt, so the body itself changes
+/// between a request and its retry; the events it carries do not.
+fn retry_key(events: &[Fields]) -> Option<String> {
+    let mut parts: Vec<&[u8]> = vec![b"sp"];
+    for f in events {
+        let eid = f.get("eid").filter(|v| !v.0.is_empty())?;
+        parts.push(f.get("aid").map_or(&b""[..], |a| a.0.as_bytes()));
+        parts.push(eid.0.as_bytes());
+    }
+    Some(content_key(&parts))
 }
 
 /// A tracker field's text: JSON strings as they are (borrowed when unescaped), numbers and
@@ -283,7 +292,7 @@ fn timestamp(
         (Some(d), Some(s)) => {
             let (d, s) = (ms("dtm", d)?, ms("stm", s)?);
             // Time the event waited on the device, measured on the device clock.
-            Ok(now_ms - (s - d).clamp(0, 30 * 86_400_000))
+            Ok(now_ms - s.saturating_sub(d).clamp(0, 30 * 86_400_000))
         }
         (Some(d), None) => ms("dtm", d),
         _ => Ok(now_ms),

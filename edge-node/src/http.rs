@@ -35,8 +35,8 @@ use beacon_collect::{self as collect, ga4, Decoded};
 pub struct HttpLimits {
     /// Largest request body (tp2 batches, multi-hit gtag bodies).
     pub max_body: usize,
-    /// Take the client address from the first `X-Forwarded-For` hop (behind a trusted proxy
-    /// or CDN only: anyone can send the header).
+    /// Take the client address from the last `X-Forwarded-For` hop, the one the trusted
+    /// proxy or CDN appended (behind one only: anyone can send the header).
     pub trust_forwarded_for: bool,
     /// Open connections from one address (the peer's, not the forwarded one).
     pub max_conns_per_ip: usize,
@@ -203,7 +203,9 @@ impl axum::extract::FromRequestParts<App> for Client {
             .then(|| headers.get("x-forwarded-for"))
             .flatten()
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            // The hop our proxy appended (the rightmost): whatever is left of it came from
+            // the client and can be anything.
+            .and_then(|v| v.rsplit(',').next())
             .and_then(|ip| ip.trim().parse::<IpAddr>().ok());
         Ok(Client(ClientCtx {
             ip: forwarded.or(peer),
@@ -229,37 +231,51 @@ enum Secret {
 }
 
 impl App {
-    /// Resolves, enriches and stores a decoded request (of `request_len` bytes); the number of
-    /// events stored.
+    /// Memory for a request of `len` bytes, reserved before it is decoded: full means the
+    /// bus or the plugins are behind, and the tracker should retry.
+    fn memory(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, HttpError> {
+        self.processor.budget.try_reserve(len).ok_or_else(|| {
+            HttpError::Unavailable("edge at capacity (batches in flight), retry".into())
+        })
+    }
+
+    /// Resolves, enriches and stores a decoded request; the number of events stored.
+    ///
+    /// Every identity must resolve (and every merchant's rate limit admit its share) before
+    /// anything is published. With several merchants in one request, a failure while
+    /// publishing a later share leaves the earlier ones stored: the tracker's retry is then
+    /// deduplicated only when the request is idempotent (`dedup_key`).
     async fn accept(
         &self,
         decoded: Decoded,
-        request_len: usize,
         ctx: &ClientCtx,
         secret: Secret,
     ) -> Result<usize, HttpError> {
-        // Memory for the request's events: full means the bus or the plugins are behind.
-        let _memory = self
-            .processor
-            .budget
-            .try_reserve(request_len)
-            .ok_or_else(|| {
-                HttpError::Unavailable("edge at capacity (batches in flight), retry".into())
-            })?;
-        // Group by merchant, in request order; every identity must resolve before anything
-        // is stored, so a request is taken whole or not at all.
+        if decoded.hits.len() > self.processor.max_batch_events {
+            return Err(HttpError::TooLarge(format!(
+                "{} events in one request, over the limit of {}",
+                decoded.hits.len(),
+                self.processor.max_batch_events
+            )));
+        }
         let mut groups: Vec<(Arc<str>, Vec<collect::Hit>)> = Vec::new();
         let mut resolved: Vec<(TrackerId, Arc<str>)> = Vec::new();
         for hit in decoded.hits {
             let merchant = match resolved.iter().find(|(t, _)| *t == hit.tracker) {
                 Some((_, m)) => m.clone(),
                 None => {
-                    let r = self.registry.resolve(&hit.tracker).await.ok_or_else(|| {
-                        HttpError::Forbidden(format!(
-                            "unknown {}: no merchant registered it",
-                            hit.tracker
-                        ))
-                    })?;
+                    let r = self
+                        .registry
+                        .resolve(&hit.tracker)
+                        .await
+                        // The registry could not be asked: temporary, not "unknown".
+                        .map_err(|e| HttpError::Unavailable(e.to_string()))?
+                        .ok_or_else(|| {
+                            HttpError::Forbidden(format!(
+                                "unknown {}: no merchant registered it",
+                                hit.tracker
+                            ))
+                        })?;
                     if secret == Secret::Required {
                         let ok = decoded
                             .api_secret
@@ -281,51 +297,85 @@ impl App {
                 None => groups.push((merchant, vec![hit])),
             }
         }
+        // Take every share's allowance first; give them all back if one is refused.
+        for (n, (merchant, hits)) in groups.iter().enumerate() {
+            if let Err(l) = self.processor.admit(merchant, hits.len()) {
+                for (m, h) in &groups[..n] {
+                    self.processor.refund(m, h.len());
+                }
+                return Err(HttpError::Limited(l));
+            }
+        }
         let mut stored = 0;
+        let mut pending: Vec<(Arc<str>, usize)> =
+            groups.iter().map(|(m, h)| (m.clone(), h.len())).collect();
         for (i, (merchant, hits)) in groups.into_iter().enumerate() {
-            self.processor
-                .admit(&merchant, hits.len())
-                .map_err(HttpError::Limited)?;
-            let salt = self
-                .processor
-                .enricher
-                .salt(crate::now_ms())
-                .await
-                .map_err(|e| HttpError::Unavailable(e.to_string()))?;
-            // Hits of a request nearly always share one user agent: parse it once.
-            let mut parsed: Option<(String, crate::device::UserAgent)> = None;
-            let events = hits
-                .into_iter()
-                .map(|h| {
-                    let mut e = h.event;
-                    let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
-                    let info = ua.map(|ua| match &parsed {
-                        Some((text, info)) if text == ua => info.clone(),
-                        _ => {
-                            let info = crate::device::parse(ua);
-                            parsed = Some((ua.to_string(), info.clone()));
-                            info
-                        }
-                    });
-                    self.processor.enricher.enrich_parsed(
-                        &mut e,
-                        &merchant,
-                        ctx.ip,
-                        ua,
-                        info.as_ref(),
-                        &salt,
-                    );
-                    e
-                })
-                .collect();
-            let batch_id = decoded.dedup_key.as_ref().map(|k| format!("http-{k}-{i}"));
-            let resp = self
-                .processor
-                .process_events(&merchant, events, batch_id.as_deref())
-                .await?;
-            stored += resp.accepted;
+            let result = self
+                .store_share(&merchant, hits, ctx, decoded.dedup_key.as_deref(), i)
+                .await;
+            match result {
+                Ok(n) => {
+                    stored += n;
+                    pending[i].1 = 0;
+                }
+                Err(e) => {
+                    for (m, n) in &pending[i..] {
+                        self.processor.refund(m, *n);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(stored)
+    }
+
+    /// Enriches and publishes one merchant's share of a request.
+    async fn store_share(
+        &self,
+        merchant: &str,
+        hits: Vec<collect::Hit>,
+        ctx: &ClientCtx,
+        dedup_key: Option<&str>,
+        i: usize,
+    ) -> Result<usize, HttpError> {
+        let salt = self
+            .processor
+            .enricher
+            .salt(crate::now_ms())
+            .await
+            .map_err(|e| HttpError::Unavailable(e.to_string()))?;
+        // Hits of a request nearly always share one user agent: parse it once.
+        let mut parsed: Option<(String, crate::device::UserAgent)> = None;
+        let events = hits
+            .into_iter()
+            .map(|h| {
+                let mut e = h.event;
+                let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
+                let info = ua.map(|ua| match &parsed {
+                    Some((text, info)) if text == ua => info.clone(),
+                    _ => {
+                        let info = crate::device::parse(ua);
+                        parsed = Some((ua.to_string(), info.clone()));
+                        info
+                    }
+                });
+                self.processor.enricher.enrich_parsed(
+                    &mut e,
+                    merchant,
+                    ctx.ip,
+                    ua,
+                    info.as_ref(),
+                    &salt,
+                );
+                e
+            })
+            .collect();
+        let batch_id = dedup_key.map(|k| format!("http-{k}-{i}"));
+        let resp = self
+            .processor
+            .process_events(merchant, events, batch_id.as_deref())
+            .await?;
+        Ok(resp.accepted)
     }
 }
 
@@ -341,8 +391,9 @@ async fn snowplow_post(
     Client(ctx): Client,
     body: Bytes,
 ) -> Result<&'static str, HttpError> {
+    let _memory = app.memory(body.len())?;
     let decoded = collect::snowplow::decode_post(&body, crate::now_ms()).map_err(bad)?;
-    app.accept(decoded, body.len(), &ctx, Secret::None).await?;
+    app.accept(decoded, &ctx, Secret::None).await?;
     Ok("ok")
 }
 
@@ -351,15 +402,10 @@ async fn snowplow_get(
     Client(ctx): Client,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
+    let _memory = app.memory(query.as_deref().map_or(0, str::len))?;
     let decoded = collect::snowplow::decode_get(query.as_deref().unwrap_or(""), crate::now_ms())
         .map_err(bad)?;
-    app.accept(
-        decoded,
-        query.as_deref().map_or(0, str::len),
-        &ctx,
-        Secret::None,
-    )
-    .await?;
+    app.accept(decoded, &ctx, Secret::None).await?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/gif"),
@@ -376,6 +422,7 @@ async fn mp_collect(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<StatusCode, HttpError> {
+    let _memory = app.memory(body.len())?;
     let decoded =
         ga4::decode_mp(query.as_deref().unwrap_or(""), &body, crate::now_ms()).map_err(|msgs| {
             let text: Vec<String> = msgs
@@ -384,8 +431,7 @@ async fn mp_collect(
                 .collect();
             HttpError::BadRequest(text.join("; "))
         })?;
-    app.accept(decoded, body.len(), &ctx, Secret::Required)
-        .await?;
+    app.accept(decoded, &ctx, Secret::Required).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -404,15 +450,10 @@ async fn gtag(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<StatusCode, HttpError> {
+    let _memory = app.memory(body.len() + query.as_deref().map_or(0, str::len))?;
     let decoded =
         ga4::decode_gtag(query.as_deref().unwrap_or(""), &body, crate::now_ms()).map_err(bad)?;
-    app.accept(
-        decoded,
-        body.len() + query.as_deref().map_or(0, str::len),
-        &ctx,
-        Secret::None,
-    )
-    .await?;
+    app.accept(decoded, &ctx, Secret::None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -421,8 +462,9 @@ async fn plausible(
     Client(ctx): Client,
     body: Bytes,
 ) -> Result<(StatusCode, &'static str), HttpError> {
+    let _memory = app.memory(body.len())?;
     let decoded = collect::plausible::decode(&body, crate::now_ms()).map_err(bad)?;
-    app.accept(decoded, body.len(), &ctx, Secret::None).await?;
+    app.accept(decoded, &ctx, Secret::None).await?;
     Ok((StatusCode::ACCEPTED, "ok"))
 }
 

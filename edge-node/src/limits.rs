@@ -84,6 +84,16 @@ impl RateLimiter {
         }
     }
 
+    /// Gives back `n` events taken for a batch that was then not stored (bus unavailable,
+    /// refused downstream): a retry must not be charged twice.
+    pub fn refund(&self, merchant: &str, n: usize, limits: &MerchantLimits) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = buckets.get_mut(merchant) {
+            b.tokens = (b.tokens + n as f64).min(f64::from(limits.burst.max(1)));
+            b.used_today = b.used_today.saturating_sub(n as u64);
+        }
+    }
+
     /// Takes `n` events from `merchant`'s allowance, or says when to retry. `now_ms` is the
     /// wall clock (for the quota's UTC day), `now` the monotonic one (for the bucket).
     pub fn take(

@@ -189,6 +189,13 @@ impl Processor {
         )
     }
 
+    /// Gives back what `admit` took for a batch that was not stored.
+    pub fn refund(&self, merchant_id: &str, n: usize) {
+        if let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) {
+            self.limiter.refund(merchant_id, n, &limits);
+        }
+    }
+
     /// Takes `n` events from the merchant's rate limit and daily quota.
     pub fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
         let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) else {
@@ -251,10 +258,17 @@ impl Processor {
                 max: self.max_batch_events,
             });
         }
-        self.admit(merchant_id, request.events.len())?;
+        let n = request.events.len();
+        self.admit(merchant_id, n)?;
         let mut events = request.events;
         if ctx.ip.is_some() || ctx.user_agent.is_some() {
-            let salt = self.enricher.salt(now).await?;
+            let salt = match self.enricher.salt(now).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.refund(merchant_id, n);
+                    return Err(e.into());
+                }
+            };
             let ua = ctx.user_agent.as_deref().map(crate::device::parse);
             for e in &mut events {
                 self.enricher.enrich_parsed(
@@ -267,11 +281,17 @@ impl Processor {
                 );
             }
         }
-        self.publish_events(merchant_id, events, batch_id, now)
-            .await
+        let result = self
+            .publish_events(merchant_id, events, batch_id, now)
+            .await;
+        if result.is_err() {
+            self.refund(merchant_id, n);
+        }
+        result
     }
 
-    /// Processes events a collector decoded (and enriched) for `merchant_id`.
+    /// Processes events a collector decoded (and enriched) for `merchant_id`. The caller has
+    /// admitted them (`admit`) and refunds them if this fails.
     pub async fn process_events(
         self: &Arc<Self>,
         merchant_id: &str,

@@ -21,6 +21,10 @@ use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};
 use crate::registry::Registry;
 
+/// Longest an answer waits for room in a connection's send queue (a client that does not
+/// read its answers); the batch is durable either way.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct QuicLimits {
     pub max_frame_len: usize,
@@ -174,10 +178,12 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     );
                 }
                 match shared.registry.merchant_for_key(&key).await {
-                    Some(id) => id,
-                    None => {
+                    Ok(Some(id)) => id,
+                    Ok(None) => {
                         return Outcome::Error(wire::ERR_REJECT_SETUP, "unknown write key".into())
                     }
+                    // Temporary: CONNECTION_CLOSE tells the client to reconnect and retry.
+                    Err(e) => return Outcome::Error(wire::ERR_CONN_CLOSED, e.to_string()),
                 }
             }
             _ => {
@@ -202,7 +208,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         // Over its rate limit, a merchant's connection is not read until the allowance
         // refills: a flood is then held back by QUIC flow control at no cost to the edge,
         // instead of being received, decrypted and refused batch after batch.
-        if let Err(limited) = shared.processor.precheck(&merchant) {
+        while let Err(limited) = shared.processor.precheck(&merchant) {
             let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -288,8 +294,16 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                         ),
                         Err(e) => wire::error_frame(stream_id, error_code(&e), &e.to_string()),
                     };
-                    let _ = tx.send(answer).await;
-                    drop((permit, bytes_permit));
+                    // The memory goes back before the answer is queued: a client that stops
+                    // reading answers must not hold the edge's shared budget.
+                    drop((data, bytes_permit));
+                    if tokio::time::timeout(ANSWER_TIMEOUT, tx.send(answer))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("client not reading answers; dropping one");
+                    }
+                    drop(permit);
                 });
             }
             Body::RequestFNF(req) => {

@@ -118,8 +118,9 @@ impl Index {
 pub struct Registry {
     store: kv::Store,
     index: Arc<RwLock<Index>>,
-    /// Keys recently looked up in the bucket and not found: a stream of made-up keys or
-    /// identities then costs a map lookup, not a bus round trip each.
+    /// Keys recently looked up in the bucket and not found: a key or identity repeated
+    /// while unknown costs a map lookup, not a bus round trip each (each new one still
+    /// costs one lookup).
     misses: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
 
@@ -190,46 +191,64 @@ impl Registry {
     }
 
     /// The merchant a write key belongs to. A miss asks the bucket directly, so a merchant
-    /// created a moment ago is not refused while the watch catches up.
-    pub async fn merchant_for_key(&self, write_key: &str) -> Option<String> {
+    /// created a moment ago is not refused while the watch catches up. `Err`: the bucket
+    /// could not be asked (retry), unlike `Ok(None)` (no such key).
+    pub async fn merchant_for_key(&self, write_key: &str) -> Result<Option<String>, RegistryError> {
         let hash = hash_write_key(write_key);
-        if let Some(id) = self.index.read().ok()?.by_key_hash.get(&hash) {
-            return Some(id.to_string());
+        if let Some(id) = self
+            .index
+            .read()
+            .ok()
+            .and_then(|i| i.by_key_hash.get(&hash).cloned())
+        {
+            return Ok(Some(id.to_string()));
         }
         let key = write_key_key(&hash);
         if self.recently_missed(&key) {
-            return None;
+            return Ok(None);
         }
-        let Some(value) = self.store.get(&key).await.ok()? else {
+        let Some(value) = self.store.get(&key).await.map_err(nats)? else {
             self.missed(key);
-            return None;
+            return Ok(None);
         };
         let id = String::from_utf8_lossy(&value).into_owned();
         if let Ok(mut m) = self.index.write() {
             m.by_key_hash.insert(hash, id.as_str().into());
         }
-        Some(id)
+        Ok(Some(id))
     }
 
     /// The merchant owning a tracker identity (same miss handling as write keys).
-    pub async fn resolve(&self, id: &TrackerId) -> Option<Resolved> {
-        if let Some(r) = self.index.read().ok()?.by_tracker.get(id) {
-            return Some(r.clone());
+    pub async fn resolve(&self, id: &TrackerId) -> Result<Option<Resolved>, RegistryError> {
+        if let Some(r) = self
+            .index
+            .read()
+            .ok()
+            .and_then(|i| i.by_tracker.get(id).cloned())
+        {
+            return Ok(Some(r));
         }
         let key = claim_key(id);
         if self.recently_missed(&key) {
-            return None;
+            return Ok(None);
         }
-        let Some(owner) = self.store.get(&key).await.ok()? else {
+        let Some(owner) = self.store.get(&key).await.map_err(nats)? else {
             self.missed(key);
-            return None;
+            return Ok(None);
         };
         let owner = String::from_utf8_lossy(&owner).into_owned();
-        let record = self.store.get(merchant_key(&owner)).await.ok()??;
-        let merchant: Merchant = serde_json::from_slice(&record).ok()?;
-        let mut index = self.index.write().ok()?;
-        index.put_merchant(&merchant);
-        index.by_tracker.get(id).cloned()
+        let record = self.store.get(merchant_key(&owner)).await.map_err(nats)?;
+        let merchant = record.and_then(|r| serde_json::from_slice::<Merchant>(&r).ok());
+        let found = merchant.and_then(|m| {
+            let mut index = self.index.write().ok()?;
+            index.put_merchant(&m);
+            index.by_tracker.get(id).cloned()
+        });
+        if found.is_none() {
+            // A claim whose merchant does not list it (an interrupted update): unknown.
+            self.missed(key);
+        }
+        Ok(found)
     }
 
     /// The merchant's own limits, if it has any.
@@ -262,16 +281,8 @@ pub async fn create_merchant(store: &kv::Store, merchant: &Merchant) -> Result<(
             .create(&key, merchant.id.clone().into_bytes().into())
             .await
         {
-            for k in &claimed {
-                let _ = store.purge(k).await;
-            }
-            let owner = store
-                .get(&key)
-                .await
-                .ok()
-                .flatten()
-                .map(|v| String::from_utf8_lossy(&v).into_owned());
-            return Err(match owner {
+            release(store, &claimed).await;
+            return Err(match claim_owner(store, &key).await {
                 Some(o) => RegistryError::Claimed(t, o),
                 None => nats(e),
             });
@@ -280,9 +291,7 @@ pub async fn create_merchant(store: &kv::Store, merchant: &Merchant) -> Result<(
     }
     let json = serde_json::to_vec(merchant).map_err(nats)?;
     if let Err(e) = store.create(merchant_key(&merchant.id), json.into()).await {
-        for k in &claimed {
-            let _ = store.purge(k).await;
-        }
+        release(store, &claimed).await;
         return Err(if e.kind() == kv::CreateErrorKind::AlreadyExists {
             RegistryError::Exists(merchant.id.clone())
         } else {
@@ -316,24 +325,25 @@ pub async fn update_merchant(
         .filter(|e| e.operation == kv::Operation::Put)
         .ok_or_else(|| RegistryError::Nats(format!("no merchant {merchant_id}")))?;
     let mut m: Merchant = serde_json::from_slice(&entry.value).map_err(nats)?;
+    // Claims made here are released if anything after them fails, as in `create_merchant`.
+    let mut claimed = Vec::new();
     for t in add.ids() {
         let key = claim_key(&t);
         if store
             .create(&key, merchant_id.as_bytes().to_vec().into())
             .await
-            .is_err()
+            .is_ok()
         {
-            let owner = store
-                .get(&key)
-                .await
-                .map_err(nats)?
-                .map(|v| String::from_utf8_lossy(&v).into_owned());
-            match owner {
-                Some(o) if o == merchant_id => {}
-                Some(o) => return Err(RegistryError::Claimed(t, o)),
-                None => return Err(nats(format!("could not claim {t}"))),
-            }
+            claimed.push(key);
+            continue;
         }
+        let err = match claim_owner(store, &key).await {
+            Some(o) if o == merchant_id => continue,
+            Some(o) => RegistryError::Claimed(t, o),
+            None => nats(format!("could not claim {t}")),
+        };
+        release(store, &claimed).await;
+        return Err(err);
     }
     let tr = &mut m.trackers;
     for a in &add.snowplow_app_ids {
@@ -366,13 +376,27 @@ pub async fn update_merchant(
         m.limits = l;
     }
     let json = serde_json::to_vec(&m).map_err(nats)?;
-    store
+    if let Err(e) = store
         .update(merchant_key(merchant_id), json.into(), entry.revision)
         .await
-        .map_err(|e| {
-            nats(format!(
-                "merchant {merchant_id} changed meanwhile, retry: {e}"
-            ))
-        })?;
+    {
+        release(store, &claimed).await;
+        return Err(nats(format!(
+            "merchant {merchant_id} changed meanwhile, retry: {e}"
+        )));
+    }
     Ok(m)
+}
+
+/// The merchant holding a claim, if it can be read.
+async fn claim_owner(store: &kv::Store, key: &str) -> Option<String> {
+    let v = store.get(key).await.ok()??;
+    Some(String::from_utf8_lossy(&v).into_owned())
+}
+
+/// Gives up claims taken by a registration that then failed.
+async fn release(store: &kv::Store, claims: &[String]) {
+    for k in claims {
+        let _ = store.purge(k).await;
+    }
 }

@@ -71,6 +71,8 @@ impl FailoverClient {
     ) -> Result<BatchResponse, SdkError> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(20);
+        // REJECTED answers in a row from the current edge: alive, but not storing.
+        let mut rejected = 0u32;
         loop {
             let attempt = match self.client().await {
                 Ok((i, c)) => c
@@ -86,15 +88,24 @@ impl FailoverClient {
             if !err.is_retryable() || started.elapsed() >= self.give_up_after {
                 return Err(err);
             }
-            let edge_gone =
-                !matches!(&err, SdkError::Remote { code, .. } if *code == wire::ERR_REJECTED);
-            if edge_gone {
-                // Move on; the next `client()` connects to the following edge.
-                if let Some(c) = client {
-                    self.abandon(i, &c).await;
-                }
+            let Some(client) = client else {
+                // No edge took a connection this round: wait before the next round.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            };
+            let is_rejected =
+                matches!(&err, SdkError::Remote { code, .. } if *code == wire::ERR_REJECTED);
+            if is_rejected {
+                rejected += 1;
+            }
+            if !is_rejected || rejected >= 3 {
+                // Gone, or alive but unable to store (cut off from the bus): move on; the
+                // next `client()` connects to the following edge.
+                self.abandon(i, &client).await;
+                rejected = 0;
             } else {
-                // The edge is alive but cannot take it now (busy, rate limit): wait.
+                // Busy or over a rate limit: wait, then try the same edge again.
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

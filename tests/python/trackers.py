@@ -103,7 +103,7 @@ body = json.dumps({"n": "Purchase", "u": "https://www.shop.example/pl/checkout",
                    "r": "https://news.example/", "p": json.dumps({"plan": "pro"}),
                    "$": json.dumps({"amount": "19.99", "currency": "EUR"})}).encode()
 req = urllib.request.Request(f"{BASE}/api/event", data=body, method="POST", headers={
-    "Content-Type": "text/plain", "User-Agent": IPHONE, "X-Forwarded-For": "81.2.69.142, 10.0.0.1",
+    "Content-Type": "text/plain", "User-Agent": IPHONE, "X-Forwarded-For": "10.9.9.9, 81.2.69.142",
     "Origin": "https://shop.example"})
 with urllib.request.urlopen(req, timeout=10) as r:
     if r.status != 202:
