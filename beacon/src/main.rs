@@ -333,16 +333,8 @@ enum MerchantCommand {
         /// IANA time zone of the merchant's reports (`Europe/Berlin`); UTC by default.
         #[arg(long)]
         timezone: Option<String>,
-        /// Snowplow application id (`aid`) of the merchant's trackers (repeatable).
-        #[arg(long = "snowplow-app-id")]
-        snowplow_app_ids: Vec<String>,
-        /// GA4 data stream as `MEASUREMENT_ID:API_SECRET` (repeatable; the secret may be
-        /// empty for gtag hits only).
-        #[arg(long = "ga4")]
-        ga4: Vec<String>,
-        /// Plausible site domain (repeatable).
-        #[arg(long = "domain")]
-        domains: Vec<String>,
+        #[command(flatten)]
+        trackers: TrackerArgs,
         #[command(flatten)]
         limits: MerchantLimitArgs,
         #[command(flatten)]
@@ -354,15 +346,9 @@ enum MerchantCommand {
     Update {
         #[arg(long)]
         merchant: String,
-        /// Snowplow application id (`aid`) to add (repeatable).
-        #[arg(long = "snowplow-app-id")]
-        snowplow_app_ids: Vec<String>,
-        /// GA4 data stream `MEASUREMENT_ID:API_SECRET` to add (repeatable).
-        #[arg(long = "ga4")]
-        ga4: Vec<String>,
-        /// Plausible site domain to add (repeatable).
-        #[arg(long = "domain")]
-        domains: Vec<String>,
+        /// Identities to add.
+        #[command(flatten)]
+        trackers: TrackerArgs,
         #[command(flatten)]
         limits: MerchantLimitArgs,
         /// Remove the merchant's own limits (the edges' defaults apply).
@@ -663,9 +649,7 @@ async fn run(cli: Cli) -> Result<()> {
                 MerchantCommand::Create {
                     name,
                     timezone,
-                    snowplow_app_ids,
-                    ga4,
-                    domains,
+                    trackers,
                     limits,
                     target,
                     format,
@@ -675,7 +659,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tz.parse::<chrono_tz::Tz>()
                     .map_err(|_| anyhow!("--timezone {tz}: not an IANA time zone name"))?;
             }
-            let trackers = trackers(snowplow_app_ids, &ga4, &domains)?;
+            let trackers = trackers.trackers()?;
             let js = target.jetstream().await?;
             let (merchant, key) =
                 create_merchant(&js, &name, timezone, trackers, limits.limits()).await?;
@@ -699,15 +683,13 @@ async fn run(cli: Cli) -> Result<()> {
             command:
                 MerchantCommand::Update {
                     merchant,
-                    snowplow_app_ids,
-                    ga4,
-                    domains,
+                    trackers,
                     limits,
                     default_limits,
                     target,
                 },
         } => {
-            let add = trackers(snowplow_app_ids, &ga4, &domains)?;
+            let add = trackers.trackers()?;
             let limits = if default_limits {
                 Some(None)
             } else {
@@ -950,44 +932,58 @@ async fn up(
     Ok(())
 }
 
-/// Tracker identities from `merchant create`'s flags.
-fn trackers(
+/// The identities existing trackers send (`merchant create` and `update`).
+#[derive(clap::Args, Clone, Default)]
+pub struct TrackerArgs {
+    /// Snowplow application id (`aid`) of the merchant's trackers (repeatable).
+    #[arg(long = "snowplow-app-id")]
     snowplow_app_ids: Vec<String>,
-    ga4: &[String],
-    domains: &[String],
-) -> Result<beacon_proto::bus::Trackers> {
-    let mut streams: Vec<beacon_proto::bus::Ga4Stream> = Vec::new();
-    for g in ga4 {
-        let (mid, secret) = g.split_once(':').unwrap_or((g.as_str(), ""));
-        if mid.is_empty() {
-            return Err(anyhow!("--ga4 {g}: expected MEASUREMENT_ID:API_SECRET"));
-        }
-        let pos = match streams.iter().position(|s| s.measurement_id == mid) {
-            Some(p) => p,
-            None => {
-                streams.push(beacon_proto::bus::Ga4Stream {
-                    measurement_id: mid.to_string(),
-                    api_secrets_sha256: Vec::new(),
-                });
-                streams.len() - 1
+    /// GA4 data stream as `MEASUREMENT_ID:API_SECRET` (repeatable; the secret may be empty
+    /// for gtag hits only).
+    #[arg(long = "ga4")]
+    ga4: Vec<String>,
+    /// Plausible site domain (repeatable).
+    #[arg(long = "domain")]
+    domains: Vec<String>,
+}
+
+impl TrackerArgs {
+    fn trackers(&self) -> Result<beacon_proto::bus::Trackers> {
+        let (snowplow_app_ids, ga4, domains) =
+            (self.snowplow_app_ids.clone(), &self.ga4, &self.domains);
+        let mut streams: Vec<beacon_proto::bus::Ga4Stream> = Vec::new();
+        for g in ga4 {
+            let (mid, secret) = g.split_once(':').unwrap_or((g.as_str(), ""));
+            if mid.is_empty() {
+                return Err(anyhow!("--ga4 {g}: expected MEASUREMENT_ID:API_SECRET"));
             }
-        };
-        if !secret.is_empty() {
-            streams[pos]
-                .api_secrets_sha256
-                .push(beacon_edge::registry::hash_write_key(secret));
+            let pos = match streams.iter().position(|s| s.measurement_id == mid) {
+                Some(p) => p,
+                None => {
+                    streams.push(beacon_proto::bus::Ga4Stream {
+                        measurement_id: mid.to_string(),
+                        api_secrets_sha256: Vec::new(),
+                    });
+                    streams.len() - 1
+                }
+            };
+            if !secret.is_empty() {
+                streams[pos]
+                    .api_secrets_sha256
+                    .push(beacon_edge::registry::hash_write_key(secret));
+            }
         }
+        let domains = domains
+            .iter()
+            .map(|d| beacon_proto::bus::normalize_domain(d))
+            .filter(|d| !d.is_empty())
+            .collect();
+        Ok(beacon_proto::bus::Trackers {
+            snowplow_app_ids,
+            ga4: streams,
+            domains,
+        })
     }
-    let domains = domains
-        .iter()
-        .map(|d| beacon_proto::bus::normalize_domain(d))
-        .filter(|d| !d.is_empty())
-        .collect();
-    Ok(beacon_proto::bus::Trackers {
-        snowplow_app_ids,
-        ga4: streams,
-        domains,
-    })
 }
 
 async fn create_merchant(

@@ -166,64 +166,60 @@ impl Enricher {
         crate::locate::region_of_country(&country)
     }
 
-    /// Fills in what the event lacks from the client's address and user agent.
-    pub fn enrich(
+    /// Fills in what a batch's events lack from the client's address and each event's user
+    /// agent (the request's, or one the payload carried). The batch has one client: the geo
+    /// lookup runs once, and a user agent is parsed once for the run of events that share it.
+    pub async fn enrich_batch<'a>(
         &self,
-        e: &mut Event,
         merchant: &str,
         ip: Option<IpAddr>,
-        user_agent: Option<&str>,
-        salt: &Salt,
-    ) {
-        let ua = user_agent.map(device::parse);
-        self.enrich_parsed(e, merchant, ip, user_agent, ua.as_ref(), salt);
-    }
-
-    /// As [`Self::enrich`], with the user agent already parsed (batches share one).
-    pub fn enrich_parsed(
-        &self,
-        e: &mut Event,
-        merchant: &str,
-        ip: Option<IpAddr>,
-        user_agent: Option<&str>,
-        ua: Option<&UserAgent>,
-        salt: &Salt,
-    ) {
-        let props = &mut e.properties;
-        if let Some(ip) = ip {
-            if !props.contains_key("$country") {
-                if let Some(g) = self.geo(ip) {
-                    for (k, v) in [
-                        ("$country", g.country),
-                        ("$region", g.region),
-                        ("$city", g.city),
-                    ] {
-                        if let Some(v) = v {
-                            props.insert(k.to_string(), v);
-                        }
+        events: impl IntoIterator<Item = (&'a mut Event, Option<&'a str>)>,
+    ) -> Result<(), EnrichError> {
+        let salt = self.salt(crate::now_ms()).await?;
+        let geo = ip.and_then(|ip| self.geo(ip));
+        let mut parsed: Option<(&str, UserAgent)> = None;
+        for (e, user_agent) in events {
+            let ua = user_agent.map(|text| match &parsed {
+                Some((t, info)) if *t == text => info.clone(),
+                _ => {
+                    let info = device::parse(text);
+                    parsed = Some((text, info.clone()));
+                    info
+                }
+            });
+            let props = &mut e.properties;
+            if let Some(g) = geo.as_ref().filter(|_| !props.contains_key("$country")) {
+                for (k, v) in [
+                    ("$country", &g.country),
+                    ("$region", &g.region),
+                    ("$city", &g.city),
+                ] {
+                    if let Some(v) = v {
+                        props.insert(k.to_string(), v.clone());
                     }
                 }
             }
-        }
-        if let Some(ua) = ua {
-            if let Some(bot) = &ua.bot {
-                props.entry("$bot".into()).or_insert_with(|| bot.clone());
+            if let Some(ua) = ua {
+                if let Some(bot) = ua.bot {
+                    props.entry("$bot".into()).or_insert(bot);
+                }
+                for (k, v) in [
+                    ("$device", ua.device),
+                    ("$browser", ua.browser),
+                    ("$os", ua.os),
+                ] {
+                    if let Some(v) = v {
+                        props.entry(k.to_string()).or_insert(v);
+                    }
+                }
             }
-            for (k, v) in [
-                ("$device", &ua.device),
-                ("$browser", &ua.browser),
-                ("$os", &ua.os),
-            ] {
-                if let Some(v) = v {
-                    props.entry(k.to_string()).or_insert_with(|| v.clone());
+            if e.visitor_id.is_none() {
+                if let (Some(ip), Some(ua)) = (ip, user_agent) {
+                    e.visitor_id = Some(cookieless_id(&salt, merchant, ip, ua));
                 }
             }
         }
-        if e.visitor_id.is_none() {
-            if let (Some(ip), Some(ua)) = (ip, user_agent) {
-                e.visitor_id = Some(cookieless_id(salt, merchant, ip, ua));
-            }
-        }
+        Ok(())
     }
 }
 
@@ -231,10 +227,15 @@ impl Enricher {
 /// nothing links it to the IP without that day's salt, which expires.
 pub fn cookieless_id(salt: &Salt, merchant: &str, ip: IpAddr, user_agent: &str) -> String {
     let mut h = Sha256::new();
+    // As 16 bytes (IPv4 mapped), not as text: no allocation per event.
+    let ip = match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
     for part in [
         &salt.bytes[..],
         merchant.as_bytes(),
-        ip.to_string().as_bytes(),
+        &ip,
         user_agent.as_bytes(),
     ] {
         h.update((part.len() as u32).to_be_bytes());

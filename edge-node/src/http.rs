@@ -338,38 +338,18 @@ impl App {
         dedup_key: Option<&str>,
         i: usize,
     ) -> Result<usize, HttpError> {
-        let salt = self
-            .processor
+        let mut hits = hits;
+        let batch = hits.iter_mut().map(|h| {
+            // A user agent in the payload (Snowplow `ua`) is the end user's; else the request's.
+            let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
+            (&mut h.event, ua)
+        });
+        self.processor
             .enricher
-            .salt(crate::now_ms())
+            .enrich_batch(merchant, ctx.ip, batch)
             .await
             .map_err(|e| HttpError::Unavailable(e.to_string()))?;
-        // Hits of a request nearly always share one user agent: parse it once.
-        let mut parsed: Option<(String, crate::device::UserAgent)> = None;
-        let events = hits
-            .into_iter()
-            .map(|h| {
-                let mut e = h.event;
-                let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
-                let info = ua.map(|ua| match &parsed {
-                    Some((text, info)) if text == ua => info.clone(),
-                    _ => {
-                        let info = crate::device::parse(ua);
-                        parsed = Some((ua.to_string(), info.clone()));
-                        info
-                    }
-                });
-                self.processor.enricher.enrich_parsed(
-                    &mut e,
-                    merchant,
-                    ctx.ip,
-                    ua,
-                    info.as_ref(),
-                    &salt,
-                );
-                e
-            })
-            .collect();
+        let events = hits.into_iter().map(|h| h.event).collect();
         let batch_id = dedup_key.map(|k| format!("http-{k}-{i}"));
         let resp = self
             .processor

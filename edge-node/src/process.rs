@@ -176,9 +176,14 @@ impl Processor {
         }
     }
 
+    /// The merchant's own limits, else the edge's defaults; `None`: unlimited.
+    fn limits_of(&self, merchant_id: &str) -> Option<MerchantLimits> {
+        self.registry.limits(merchant_id).or(self.default_limits)
+    }
+
     /// Refuses a merchant whose allowance is used up, before its batch is decoded.
     pub fn precheck(&self, merchant_id: &str) -> Result<(), Limited> {
-        let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) else {
+        let Some(limits) = self.limits_of(merchant_id) else {
             return Ok(());
         };
         self.limiter.precheck(
@@ -191,14 +196,14 @@ impl Processor {
 
     /// Gives back what `admit` took for a batch that was not stored.
     pub fn refund(&self, merchant_id: &str, n: usize) {
-        if let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) {
+        if let Some(limits) = self.limits_of(merchant_id) {
             self.limiter.refund(merchant_id, n, &limits);
         }
     }
 
     /// Takes `n` events from the merchant's rate limit and daily quota.
     pub fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
-        let Some(limits) = self.registry.limits(merchant_id).or(self.default_limits) else {
+        let Some(limits) = self.limits_of(merchant_id) else {
             return Ok(());
         };
         self.limiter.take(
@@ -262,23 +267,11 @@ impl Processor {
         self.admit(merchant_id, n)?;
         let mut events = request.events;
         if ctx.ip.is_some() || ctx.user_agent.is_some() {
-            let salt = match self.enricher.salt(now).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.refund(merchant_id, n);
-                    return Err(e.into());
-                }
-            };
-            let ua = ctx.user_agent.as_deref().map(crate::device::parse);
-            for e in &mut events {
-                self.enricher.enrich_parsed(
-                    e,
-                    merchant_id,
-                    ctx.ip,
-                    ctx.user_agent.as_deref(),
-                    ua.as_ref(),
-                    &salt,
-                );
+            let ua = ctx.user_agent.as_deref();
+            let batch = events.iter_mut().map(|e| (e, ua));
+            if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
+                self.refund(merchant_id, n);
+                return Err(e.into());
             }
         }
         let result = self
