@@ -111,25 +111,11 @@ async fn sdk_load(
         ));
     }
     let cpu0 = edge_pid.map(cpu_seconds);
-    let started = Instant::now();
-    let per = events.len().div_ceil(clients.len());
-    let mut tasks = Vec::new();
-    for (i, c) in clients.iter().enumerate() {
-        let part = events[(i * per).min(events.len())..((i + 1) * per).min(events.len())].to_vec();
-        tasks.push(tokio::spawn(beacon::demo::send_all(
-            c.clone(),
-            part,
-            500,
-            8,
-        )));
-    }
-    for t in tasks {
-        t.await.expect("join").expect("send");
-    }
+    let seconds = common::send_split(&clients, events).await;
     Row {
         name: name.into(),
         events: events.len() as u64,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         edge_cpu: edge_pid.zip(cpu0).map(|(p, c)| cpu_seconds(p) - c),
     }
 }

@@ -62,22 +62,7 @@ async fn send_through_edge(
         clients.push(Arc::new(cluster.client(key).await.expect("connect")));
     }
     let (edge0, nats0) = (cpu_seconds(edge_pid), cpu_seconds(nats_pid));
-    let started = Instant::now();
-    let per = events.len().div_ceil(connections);
-    let mut tasks = Vec::new();
-    for (i, c) in clients.iter().enumerate() {
-        let part = events[(i * per).min(events.len())..((i + 1) * per).min(events.len())].to_vec();
-        tasks.push(tokio::spawn(beacon::demo::send_all(
-            c.clone(),
-            part,
-            500,
-            8,
-        )));
-    }
-    for t in tasks {
-        t.await.expect("join").expect("send");
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = common::send_split(&clients, events).await;
     Phase {
         name,
         events: events.len(),

@@ -490,3 +490,27 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
 }
+
+/// Benchmark load: `events` split evenly over `clients`, each sending acknowledged batches
+/// of 500 with 8 in flight; returns the wall seconds until every batch is durable.
+pub async fn send_split(
+    clients: &[std::sync::Arc<beacon_sdk::Client>],
+    events: &[beacon_proto::Event],
+) -> f64 {
+    let started = Instant::now();
+    let per = events.len().div_ceil(clients.len().max(1));
+    let mut tasks = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let part = events[(i * per).min(events.len())..((i + 1) * per).min(events.len())].to_vec();
+        tasks.push(tokio::spawn(beacon::demo::send_all(
+            c.clone(),
+            part,
+            500,
+            8,
+        )));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("send");
+    }
+    started.elapsed().as_secs_f64()
+}
