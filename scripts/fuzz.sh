@@ -17,7 +17,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 status=0
-for target in rsocket_frames snowplow ga4 plausible; do
+for target in rsocket_frames snowplow ga4 plausible metrics_request sql_front; do
   # The checked-in seeds stay as they are; libFuzzer grows a working copy.
   corpus="$CARGO_TARGET_DIR/corpus/$target"
   mkdir -p "$corpus" "fuzz/artifacts/$target"

@@ -21,34 +21,7 @@ struct Psql {
 impl Psql {
     /// Runs one statement; Ok(unaligned rows) or Err(stderr).
     fn run(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port,
-                "-U",
-                user,
-                "-d",
-                "beacon",
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .env("PGSSLMODE", "disable")
-            .output()
-            .expect("psql runs (scripts/setup.sh installs postgresql-client)");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        common::psql(&self.port, user, password, sql)
     }
 
     fn value(&self, user: &str, password: &str, sql: &str) -> String {

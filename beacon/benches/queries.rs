@@ -70,6 +70,17 @@ async fn run_dashboard(
     plans: &[Plan],
     from_events: bool,
 ) -> Vec<Vec<serde_json::Value>> {
+    // As the API serves a request: a session under the query budget (generous here: the
+    // bench measures speed, not refusals).
+    static BUDGET: std::sync::OnceLock<Arc<beacon_query::budget::Budget>> =
+        std::sync::OnceLock::new();
+    let budget = BUDGET.get_or_init(|| {
+        beacon_query::budget::Budget::new(beacon_query::budget::QueryLimits {
+            concurrent_per_merchant: 1024,
+            concurrent_total: 1024,
+            ..Default::default()
+        })
+    });
     let mut out = Vec::new();
     for plan in plans {
         let sources: Vec<Source> = if from_events {
@@ -77,8 +88,11 @@ async fn run_dashboard(
         } else {
             plan.sources()
         };
+        let ctx = beacon_query::api::budgeted_session(wh, budget, &plan.merchant_id)
+            .await
+            .expect("session");
         out.push(
-            beacon_query::api::execute(wh, plan, &sources)
+            beacon_query::api::execute(&ctx, plan, &sources)
                 .await
                 .expect("query"),
         );

@@ -71,6 +71,8 @@ enum Command {
         sandbox: SandboxArgs,
         #[command(flatten)]
         edge: EdgeArgs,
+        #[command(flatten)]
+        query: QueryArgs,
     },
     /// Edge role: RSocket/QUIC and HTTP collectors publishing to JetStream.
     Edge {
@@ -145,6 +147,8 @@ enum Command {
         sql_listen: SocketAddr,
         #[command(flatten)]
         admin: AdminArgs,
+        #[command(flatten)]
+        query: QueryArgs,
     },
     /// Admin HTTP API: plugin registry and pipelines for operators' tools (admin tokens).
     Admin {
@@ -197,6 +201,80 @@ struct Tuning {
     ingest_max_batch: usize,
 }
 
+/// What query work may cost: the metrics API and SQL run on their own runtime, apart from
+/// collection, under these limits (docs/SQL.md, docs/METRICS-API.md).
+#[cfg(feature = "full")]
+#[derive(clap::Args, Clone)]
+struct QueryArgs {
+    /// Statement timeout of every query, and the most `SET statement_timeout` may ask.
+    #[arg(long, env = "BEACON_QUERY_TIMEOUT_MS", default_value_t = 30_000)]
+    query_timeout_ms: u64,
+    /// Memory one query may hold (MiB); past it the query fails with a clear error.
+    #[arg(long, env = "BEACON_QUERY_MEMORY_MB", default_value_t = 512)]
+    query_memory_mb: usize,
+    /// Memory all queries together may hold (MiB).
+    #[arg(long, env = "BEACON_QUERY_MEMORY_TOTAL_MB", default_value_t = 2048)]
+    query_memory_total_mb: usize,
+    /// Queries running at once for one merchant (or admin login).
+    #[arg(
+        long,
+        env = "BEACON_QUERY_CONCURRENT_PER_MERCHANT",
+        default_value_t = 4
+    )]
+    query_concurrent_per_merchant: usize,
+    /// Queries running at once in all.
+    #[arg(long, env = "BEACON_QUERY_CONCURRENT_TOTAL", default_value_t = 32)]
+    query_concurrent_total: usize,
+    /// Threads of the query runtime (default: the number of cores; they run at a lower
+    /// CPU priority than collection).
+    #[arg(long, env = "BEACON_QUERY_THREADS")]
+    query_threads: Option<usize>,
+    /// Largest SQL text accepted (bytes).
+    #[arg(long, env = "BEACON_SQL_MAX_BYTES", default_value_t = 64 * 1024)]
+    sql_max_bytes: usize,
+    /// SQL connections from one address.
+    #[arg(long, env = "BEACON_SQL_MAX_CONNS_PER_IP", default_value_t = 32)]
+    sql_max_conns_per_ip: usize,
+    /// SQL connections in all.
+    #[arg(long, env = "BEACON_SQL_MAX_CONNS", default_value_t = 512)]
+    sql_max_conns: usize,
+}
+
+#[cfg(feature = "full")]
+impl QueryArgs {
+    fn limits(&self) -> beacon_query::budget::QueryLimits {
+        let defaults = beacon_query::budget::QueryLimits::default();
+        beacon_query::budget::QueryLimits {
+            statement_timeout: Duration::from_millis(self.query_timeout_ms.max(1)),
+            memory_per_query: self.query_memory_mb.max(1) << 20,
+            memory_total: self.query_memory_total_mb.max(1) << 20,
+            concurrent_per_merchant: self.query_concurrent_per_merchant.max(1),
+            concurrent_total: self.query_concurrent_total.max(1),
+            sql: beacon_query::sql_limits::SqlLimits {
+                max_bytes: self.sql_max_bytes.max(1),
+                ..defaults.sql
+            },
+            ..defaults
+        }
+    }
+
+    fn listener(&self) -> beacon_query::pg::ListenerLimits {
+        beacon_query::pg::ListenerLimits {
+            max_conns_per_ip: self.sql_max_conns_per_ip.max(1),
+            max_conns: self.sql_max_conns.max(1),
+            ..Default::default()
+        }
+    }
+
+    fn runtime(&self) -> beacon_query::runtime::RuntimeSettings {
+        let defaults = beacon_query::runtime::RuntimeSettings::default();
+        beacon_query::runtime::RuntimeSettings {
+            threads: self.query_threads.unwrap_or(defaults.threads).max(1),
+            ..defaults
+        }
+    }
+}
+
 #[derive(clap::Args, Clone)]
 pub struct AdminArgs {
     /// Admin tokens, `name:secret,...` (secrets of 16+ characters). Without any, a token
@@ -240,64 +318,104 @@ impl AdminArgs {
     }
 }
 
-/// Serves the metrics API (HTTP) and SQL (Postgres wire protocol); returns their addresses
-/// and a task that ends when both have stopped.
+/// The metrics API and the SQL endpoint, running on their own runtime.
+#[cfg(feature = "full")]
+struct QueryServers {
+    api: SocketAddr,
+    sql: SocketAddr,
+    /// Ends when both servers have stopped.
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Kept until the servers have stopped; dropping it stops what still runs on it.
+    runtime: beacon_query::runtime::QueryRuntime,
+}
+
+#[cfg(feature = "full")]
+impl QueryServers {
+    async fn wait(self) -> Result<()> {
+        let result = self.task.await;
+        // Dropped off the async context (a runtime must not be dropped inside another).
+        let runtime = self.runtime;
+        let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
+        result??;
+        Ok(())
+    }
+}
+
+/// Serves the metrics API (HTTP) and SQL (Postgres wire protocol) on a query runtime of
+/// their own (large stacks, lower CPU priority), so no query can delay collection.
 #[cfg(feature = "full")]
 async fn start_api(
     nats_url: &str,
     data_dir: &Path,
     (listen, sql_listen): (SocketAddr, SocketAddr),
     admin_tokens: beacon_control::admin::AdminTokens,
+    query: &QueryArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(
-    SocketAddr,
-    SocketAddr,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-)> {
-    let warehouse = Arc::new(beacon_warehouse::Warehouse::open(data_dir).await?);
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats_url)
-            .await
-            .with_context(|| format!("connecting to NATS at {nats_url}"))?,
-    );
-    let merchants = beacon_edge::registry::open_bucket(&js)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("metrics API: cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let sql_listener = tokio::net::TcpListener::bind(sql_listen)
-        .await
-        .with_context(|| format!("SQL: cannot listen on {sql_listen}"))?;
-    let sql_addr = sql_listener.local_addr()?;
-    let admin_tokens = Arc::new(admin_tokens);
-    let sql = beacon_query::pg::SqlServer::new(
-        warehouse.clone(),
-        merchants.clone(),
-        Arc::new(move |user: &str, password: &str| admin_tokens.check(password) == Some(user)),
-    );
-    // One shutdown signal for both servers.
+) -> Result<QueryServers> {
+    let runtime = beacon_query::runtime::QueryRuntime::new(query.runtime())
+        .context("starting the query runtime")?;
+    let (nats_url, data_dir) = (nats_url.to_string(), data_dir.to_path_buf());
+    let (limits, listener_limits) = (query.limits(), query.listener());
+    // One shutdown signal for both servers, crossing runtimes.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let http = tokio::spawn(beacon_query::api::serve(
-        listener,
-        warehouse,
-        merchants,
-        stopped(stop_rx.clone()),
-    ));
-    let pg = tokio::spawn(sql.serve(sql_listener, stopped(stop_rx)));
+    let started = runtime.spawn(async move {
+        let warehouse = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+        let js = async_nats::jetstream::new(
+            async_nats::connect(&nats_url)
+                .await
+                .with_context(|| format!("connecting to NATS at {nats_url}"))?,
+        );
+        let merchants = beacon_edge::registry::open_bucket(&js)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("metrics API: cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let sql_listener = tokio::net::TcpListener::bind(sql_listen)
+            .await
+            .with_context(|| format!("SQL: cannot listen on {sql_listen}"))?;
+        let sql_addr = sql_listener.local_addr()?;
+        let admin_tokens = Arc::new(admin_tokens);
+        let budget = beacon_query::budget::Budget::new(limits);
+        let sql = beacon_query::pg::SqlServer::new(
+            warehouse.clone(),
+            merchants.clone(),
+            Arc::new(move |user: &str, password: &str| admin_tokens.check(password) == Some(user)),
+            budget.clone(),
+            listener_limits,
+        );
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let http = tokio::spawn(beacon_query::api::serve(
+            listener,
+            warehouse,
+            merchants,
+            budget,
+            stopped(stop_rx.clone()),
+        ));
+        let pg = tokio::spawn(sql.serve(sql_listener, stopped(stop_rx)));
+        let task = tokio::spawn(async move {
+            let (a, b) = (http.await, pg.await);
+            a.map_err(std::io::Error::other)??;
+            b.map_err(std::io::Error::other)?
+        });
+        anyhow::Ok((addr, sql_addr, task))
+    });
+    let (api, sql, served) = started.await??;
     let task = tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
-        let (a, b) = (http.await, pg.await);
-        a.map_err(std::io::Error::other)??;
-        b.map_err(std::io::Error::other)?
+        served.await.map_err(std::io::Error::other)?
     });
-    tracing::info!(%addr, %sql_addr, "metrics API (HTTP) and SQL (Postgres wire) listening");
-    Ok((addr, sql_addr, task))
+    tracing::info!(%api, %sql, "metrics API (HTTP) and SQL (Postgres wire) listening on the query runtime");
+    Ok(QueryServers {
+        api,
+        sql,
+        task,
+        runtime,
+    })
 }
 
 /// Serves the admin API; returns its address and task.
@@ -508,6 +626,14 @@ fn main() -> Result<()> {
         .init();
     apply_config_file()?;
     let cli = Cli::parse();
+    // Before any thread or file: everything this process and its nats-server write is
+    // private to this user; and the descriptor limit is the hard one, so the listeners'
+    // own caps bind first.
+    beacon_serve::process::private_files();
+    match beacon_serve::process::raise_fd_limit() {
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -556,6 +682,7 @@ async fn run(cli: Cli) -> Result<()> {
             tuning,
             sandbox,
             edge,
+            query,
         } => {
             up(
                 data_dir,
@@ -563,7 +690,7 @@ async fn run(cli: Cli) -> Result<()> {
                 nats_url,
                 plugins_dir,
                 (admin_listen, admin, api_listen, sql_listen),
-                tuning,
+                (tuning, query),
                 sandbox,
             )
             .await
@@ -577,6 +704,7 @@ async fn run(cli: Cli) -> Result<()> {
             edge: edge_args,
         } => {
             std::fs::create_dir_all(&data_dir)?;
+            tighten_data_dir(&data_dir)?;
             let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
             cfg.edge_id = edge_id;
             cfg.sandbox = sandbox.limits();
@@ -726,19 +854,20 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             sql_listen,
             admin,
+            query,
         } => {
-            let (addr, sql_addr, task) = start_api(
+            let servers = start_api(
                 &nats_url,
                 &data_dir,
                 (listen, sql_listen),
                 admin.tokens(&data_dir)?,
+                &query,
                 shutdown_signal(),
             )
             .await?;
-            eprintln!("metrics API: http://{addr}");
-            eprintln!("SQL (Postgres wire): {sql_addr}");
-            task.await??;
-            Ok(())
+            eprintln!("metrics API: http://{}", servers.api);
+            eprintln!("SQL (Postgres wire): {}", servers.sql);
+            servers.wait().await
         }
         Command::Plugin { command } => plugin_cmd::run(command).await,
         Command::Admin {
@@ -810,11 +939,12 @@ async fn up(
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
     (admin_listen, admin, api_listen, sql_listen): (SocketAddr, AdminArgs, SocketAddr, SocketAddr),
-    tuning: Tuning,
+    (tuning, query): (Tuning, QueryArgs),
     sandbox: SandboxArgs,
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
+    tighten_data_dir(&data_dir)?;
     let _locks = (
         beacon::lock::lock_role(&data_dir, "ingest")?,
         beacon::lock::lock_role(&data_dir, "rollup")?,
@@ -869,19 +999,21 @@ async fn up(
         .await?
     };
 
-    let (api_addr, sql_addr, api_task) = {
+    let query_servers = {
         let mut stop = stop_rx_api;
         start_api(
             &nats_url,
             &data_dir,
             (api_listen, sql_listen),
             admin_tokens,
+            &query,
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
         )
         .await?
     };
+    let (api_addr, sql_addr) = (query_servers.api, query_servers.sql);
 
     let layout = beacon_warehouse::Layout::new(&data_dir);
     let endpoints = Endpoints {
@@ -925,10 +1057,31 @@ async fn up(
     }
     let _ = rollups.await;
     let _ = admin_task.await;
-    let _ = api_task.await;
+    if let Err(e) = query_servers.wait().await {
+        eprintln!("query servers: {e}");
+    }
     if let Some(n) = nats {
         n.stop();
     }
+    Ok(())
+}
+
+/// An installation written before files were private: bring it to 0700/0600 now, and say
+/// so. A data directory already 0700 is taken as done (no walk over millions of files).
+fn tighten_data_dir(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data_dir)?.permissions().mode() & 0o777;
+    if mode == 0o700 {
+        return Ok(());
+    }
+    let done = beacon_serve::process::tighten(data_dir)
+        .with_context(|| format!("making {} private", data_dir.display()))?;
+    tracing::info!(
+        dir = %data_dir.display(),
+        dirs = done.dirs,
+        files = done.files,
+        "data directory made private to this user (directories 0700, files 0600)"
+    );
     Ok(())
 }
 

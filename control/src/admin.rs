@@ -253,7 +253,13 @@ pub async fn serve(
     tokens: AdminTokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(control, tokens))
-        .with_graceful_shutdown(shutdown)
-        .await
+    beacon_serve::http::serve(
+        listener,
+        router(control, tokens),
+        beacon_serve::http::HttpLimits::default(),
+        "admin-http",
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use beacon_proto::bus::TrackerId;
 
-use crate::conn_limit::{ClientAddr, ConnLimit, LimitedListener};
+use crate::conn_limit::ClientAddr;
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
 use crate::locate::Locator;
@@ -76,23 +76,18 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Serves until `shutdown` resolves; in-flight requests finish first.
+/// Serves until `shutdown` resolves; in-flight requests finish first. Connections are
+/// capped per address and in total, with header and body deadlines ([`beacon_serve::http`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let listener = LimitedListener {
-        inner: listener,
-        limit: ConnLimit::new(app.limits.max_conns_per_ip),
+    let limits = beacon_serve::http::HttpLimits {
+        max_conns_per_ip: app.limits.max_conns_per_ip,
+        ..Default::default()
     };
-    let service = router(app).into_make_service_with_connect_info::<ClientAddr>();
-    if let Err(e) = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "HTTP collector stopped");
-    }
+    beacon_serve::http::serve(listener, router(app), limits, "edge-http", shutdown).await;
 }
 
 async fn cors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {

@@ -274,13 +274,82 @@ impl Processor {
                 return Err(e.into());
             }
         }
+        let chunk = self.chunk_len(&events, Some(payload.len()));
         let result = self
-            .publish_events(merchant_id, events, batch_id, now)
+            .publish_chunked(merchant_id, events, batch_id, now, chunk)
             .await;
         if result.is_err() {
             self.refund(merchant_id, n);
         }
         result
+    }
+
+    /// Events per envelope for `events` (which arrived as `wire_bytes`, when known): an
+    /// envelope carries each event up to three times (raw, processed, canary or JSON
+    /// escaping) plus what enrichment adds, and must fit the bus's largest message. A batch
+    /// the client was allowed to send (10,000 events in 1 MiB) can need several.
+    fn chunk_len(&self, events: &[Event], wire_bytes: Option<usize>) -> usize {
+        const ENRICHMENT: usize = 512;
+        let n = events.len().max(1);
+        let per_event = match wire_bytes {
+            Some(b) => b.div_ceil(n),
+            None => {
+                // A few evenly spaced events stand for the batch.
+                let step = (n / 8).max(1);
+                let sample: Vec<usize> = events
+                    .iter()
+                    .step_by(step)
+                    .take(8)
+                    .map(|e| serde_json::to_vec(e).map_or(0, |v| v.len()))
+                    .collect();
+                sample.iter().sum::<usize>() / sample.len().max(1)
+            }
+        };
+        (self.publisher.max_payload() / (3 * per_event + ENRICHMENT)).clamp(1, n)
+    }
+
+    /// [`Self::publish_events`] in envelopes of at most `chunk` events. Envelope `k` of a
+    /// split batch has the id `<batch id>~<k>`: the split depends only on the events, so a
+    /// retried batch maps onto the same ids and JetStream drops the envelopes it stored.
+    async fn publish_chunked(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        mut events: Vec<Event>,
+        batch_id: String,
+        now: i64,
+        chunk: usize,
+    ) -> Result<BatchResponse, ProcessError> {
+        if events.len() <= chunk {
+            return self
+                .publish_events(merchant_id, events, batch_id, now)
+                .await;
+        }
+        let mut total = BatchResponse {
+            batch_id: batch_id.clone(),
+            accepted: 0,
+            rejected: Vec::new(),
+            plugin_error: None,
+        };
+        let (mut offset, mut k) = (0, 0);
+        while !events.is_empty() {
+            let rest = events.split_off(chunk.min(events.len()));
+            let part = std::mem::replace(&mut events, rest);
+            let len = part.len();
+            let r = self
+                .publish_events(merchant_id, part, format!("{batch_id}~{k}"), now)
+                .await?;
+            total.accepted += r.accepted;
+            total.rejected.extend(r.rejected.into_iter().map(|mut x| {
+                x.index += offset;
+                x
+            }));
+            if total.plugin_error.is_none() {
+                total.plugin_error = r.plugin_error;
+            }
+            offset += len;
+            k += 1;
+        }
+        Ok(total)
     }
 
     /// Processes events a collector decoded (and enriched) for `merchant_id`. The caller has
@@ -299,7 +368,8 @@ impl Processor {
                 max: self.max_batch_events,
             });
         }
-        self.publish_events(merchant_id, events, batch_id, crate::now_ms())
+        let chunk = self.chunk_len(&events, None);
+        self.publish_chunked(merchant_id, events, batch_id, crate::now_ms(), chunk)
             .await
     }
 

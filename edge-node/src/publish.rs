@@ -64,6 +64,11 @@ impl Publisher {
         }
     }
 
+    /// The largest envelope the server takes (its `max_payload`).
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
     /// Publishes and waits for JetStream's ack; returns the stream sequence.
     pub async fn publish(&self, envelope: &Envelope) -> Result<u64, PublishError> {
         let payload = Bytes::from(envelope.to_json());

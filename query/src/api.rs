@@ -2,7 +2,11 @@
 //!
 //! A read token belongs to one merchant: asking for another `site_id` is 403, whatever the
 //! site; a missing or unknown token is 401; a request that can never be valid is 400 with a
-//! message naming the field.
+//! message naming the field (complexity limits included, checked before any SQL is built).
+//!
+//! Every request runs in a session derived for it under the query budget
+//! ([`crate::budget`]): over the merchant's running-query slots it is 429 with
+//! `Retry-After`, past the statement timeout 504, over its memory share 422.
 
 use std::sync::Arc;
 
@@ -16,24 +20,80 @@ use axum::{Json, Router};
 use beacon_warehouse::Warehouse;
 
 use beacon_warehouse::WarehouseError;
+use datafusion::prelude::SessionContext;
 
+use crate::budget::{is_out_of_memory, Budget, Scope, Stopped};
 use crate::query::{Plan, QueryRequest, Source};
 
 #[derive(Clone)]
 struct AppState {
     warehouse: Arc<Warehouse>,
     merchants: kv::Store,
+    budget: Arc<Budget>,
 }
 
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+        let mut resp = (self.0, Json(serde_json::json!({"error": self.1}))).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
-pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store) -> Router {
+/// The answer for a query that failed: the budget's stops are the client's to act on.
+fn query_failed(e: WarehouseError) -> ApiError {
+    if let WarehouseError::DataFusion(df) = &e {
+        match Stopped::of(df) {
+            Some(s @ (Stopped::Busy { .. } | Stopped::ServerBusy(_))) => {
+                return ApiError(StatusCode::TOO_MANY_REQUESTS, s.to_string())
+            }
+            Some(s @ Stopped::Timeout(_)) => {
+                return ApiError(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{s}: narrow the date range or the filters"),
+                )
+            }
+            Some(s @ Stopped::Cancelled) => {
+                return ApiError(StatusCode::SERVICE_UNAVAILABLE, s.to_string())
+            }
+            None if is_out_of_memory(df) => {
+                return ApiError(StatusCode::UNPROCESSABLE_ENTITY, df.to_string())
+            }
+            None => {}
+        }
+    }
+    tracing::error!(error = %e, "metrics query");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the warehouse could not answer".into(),
+    )
+}
+
+/// A session for one request of `merchant`, under the query budget.
+async fn session(app: &AppState, merchant: &str) -> Result<SessionContext, ApiError> {
+    budgeted_session(&app.warehouse, &app.budget, merchant)
+        .await
+        .map_err(query_failed)
+}
+
+/// A session over every row whose queries run under `budget` for `merchant` (the metrics
+/// API scopes rows in its SQL; public for the query benchmark).
+pub async fn budgeted_session(
+    warehouse: &Warehouse,
+    budget: &Arc<Budget>,
+    merchant: &str,
+) -> Result<SessionContext, WarehouseError> {
+    let base = warehouse.shared_session().await?;
+    let scope = Scope::new(merchant, budget.limits().statement_timeout);
+    Ok(budget.session(base, scope)?)
+}
+
+pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store, budget: Arc<Budget>) -> Router {
     Router::new()
         .route("/api/v2/query", post(query))
         .route("/api/v1/stats/realtime/visitors", get(realtime))
@@ -43,6 +103,7 @@ pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store) -> Router {
         .with_state(AppState {
             warehouse,
             merchants,
+            budget,
         })
 }
 
@@ -120,8 +181,10 @@ async fn realtime_counts(app: &AppState, merchant: &str) -> Result<serde_json::V
                 count(*) AS events \
          FROM events WHERE merchant_id = '{merchant}' AND ts >= TIMESTAMP '{since}'"
     );
-    let row = rows(app, &sql)
-        .await?
+    let ctx = session(app, merchant).await?;
+    let row = sql_rows(&ctx, &sql)
+        .await
+        .map_err(query_failed)?
         .into_iter()
         .next()
         .unwrap_or_default();
@@ -186,15 +249,8 @@ async fn query(
         .plan(&merchant, tz, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let sources = plan.sources();
-    let results = execute(&app.warehouse, &plan, &sources)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "metrics query");
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the warehouse could not answer".into(),
-            )
-        })?;
+    let ctx = session(&app, &merchant).await?;
+    let results = execute(&ctx, &plan, &sources).await.map_err(query_failed)?;
     let from = plan.from.with_timezone(&plan.tz);
     let to = plan.to.with_timezone(&plan.tz);
     Ok(Json(serde_json::json!({
@@ -213,46 +269,49 @@ async fn query(
     })))
 }
 
-/// Runs `sql` and returns its rows as JSON objects.
-async fn rows(app: &AppState, sql: &str) -> Result<Vec<serde_json::Value>, ApiError> {
-    sql_rows(&app.warehouse, sql).await.map_err(|e| {
-        tracing::error!(error = %e, "metrics query");
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the warehouse could not answer".into(),
-        )
-    })
-}
-
+/// Runs `sql` (read-only) in `ctx` and returns its rows as JSON objects.
 async fn sql_rows(
-    warehouse: &Warehouse,
+    ctx: &SessionContext,
     sql: &str,
 ) -> Result<Vec<serde_json::Value>, WarehouseError> {
-    beacon_warehouse::output::json_rows(&warehouse.sql(sql).await?)
+    let options = datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let batches = ctx.sql_with_options(sql, options).await?.collect().await?;
+    beacon_warehouse::output::json_rows(&batches)
 }
 
 /// Runs `sources` (a plan's, or [`Plan::events_sources`]) and merges their rows into the
 /// API's `results`: what the handler does, public for the query benchmark.
 pub async fn execute(
-    warehouse: &Warehouse,
+    ctx: &SessionContext,
     plan: &Plan,
     sources: &[Source],
 ) -> Result<Vec<serde_json::Value>, WarehouseError> {
     let mut rows = Vec::new();
     for source in sources {
-        rows.push((source.kind, sql_rows(warehouse, &source.sql).await?));
+        rows.push((source.kind, sql_rows(ctx, &source.sql).await?));
     }
     Ok(plan.results(&rows))
 }
 
-/// Serves the metrics API on `listener` until `shutdown` resolves.
+/// Serves the metrics API on `listener` until `shutdown` resolves (connections capped,
+/// header and body deadlines: [`beacon_serve::http`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     warehouse: Arc<Warehouse>,
     merchants: kv::Store,
+    budget: Arc<Budget>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(warehouse, merchants))
-        .with_graceful_shutdown(shutdown)
-        .await
+    beacon_serve::http::serve(
+        listener,
+        router(warehouse, merchants, budget),
+        beacon_serve::http::HttpLimits::default(),
+        "metrics-http",
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

@@ -1,12 +1,22 @@
-//! Beacon's metrics API: what a merchant's dashboard asks, answered from the warehouse.
+//! Beacon's metrics API and SQL endpoint: what a merchant's dashboard and analysts ask,
+//! answered from the warehouse, on a runtime of their own and under per-query budgets.
 //!
 //! - [`query`]: the request, in the shape of Plausible's Stats API v2 (`POST /api/v2/query`),
-//!   validated field by field, and its translation to SQL over the rollups (counts and
-//!   unique visitors) and the `sessions` view (visits, bounce rate, duration).
+//!   validated field by field (with complexity limits), and its translation to SQL over the
+//!   rollups (counts and unique visitors) and the `sessions` view (visits, bounce rate,
+//!   duration).
 //! - [`tokens`]: per-merchant read tokens (stored hashed in the merchants KV bucket).
 //! - [`api`]: the HTTP server.
+//! - [`pg`]: SQL over the Postgres wire protocol; [`pg_rows`]: what the wire needs of rows.
+//! - [`sql_limits`]: limits on SQL text, checked before parsing.
+//! - [`budget`]: what one query may cost (memory, time, slots), enforced in DataFusion.
+//! - [`runtime`]: the query runtime, apart from collection.
 
 pub mod api;
+pub mod budget;
 pub mod pg;
+pub mod pg_rows;
 pub mod query;
+pub mod runtime;
+pub mod sql_limits;
 pub mod tokens;

@@ -258,21 +258,101 @@ pub enum Filter {
     Not(Box<Filter>),
 }
 
+/// Complexity limits of a request's filters, checked while they are read (before any SQL is
+/// built): a filter tree is walked recursively here and turned into SQL that DataFusion
+/// parses and plans recursively, so its depth and size are bounded.
+pub mod filter_limits {
+    /// Nesting of `and` / `or` / `not`.
+    pub const MAX_DEPTH: usize = 8;
+    /// Filters in one request, counting every `and`, `or`, `not` and leaf.
+    pub const MAX_FILTERS: usize = 200;
+    /// Values in one `is` / `is_not` list.
+    pub const MAX_VALUES: usize = 1000;
+    /// Values in one `contains` list (each is its own substring test).
+    pub const MAX_CONTAINS_VALUES: usize = 100;
+    /// Values in all lists of one request.
+    pub const MAX_TOTAL_VALUES: usize = 5000;
+}
+
+/// What a request's filters have used of [`filter_limits`] so far.
+#[derive(Default)]
+struct FilterBudget {
+    filters: usize,
+    values: usize,
+}
+
+impl FilterBudget {
+    fn enter(&mut self, depth: usize) -> Result<(), QueryError> {
+        use filter_limits::*;
+        if depth > MAX_DEPTH {
+            return Err(bad(
+                "filters",
+                format!("nested deeper than {MAX_DEPTH} levels of and/or/not"),
+            ));
+        }
+        self.filters += 1;
+        if self.filters > MAX_FILTERS {
+            return Err(bad(
+                "filters",
+                format!("more than {MAX_FILTERS} filters in one query (use `is` with a list of values instead of `or` of many filters)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn values(&mut self, n: usize) -> Result<(), QueryError> {
+        use filter_limits::*;
+        self.values += n;
+        if self.values > MAX_TOTAL_VALUES {
+            return Err(bad(
+                "filters",
+                format!("more than {MAX_TOTAL_VALUES} filter values in one query"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `items` joined by `op` as a balanced tree of parentheses: `N` terms nest `log2 N` deep
+/// in the SQL, not `N` deep as a flat chain would be to the parser and planner.
+fn balanced(items: &[String], op: &str) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        _ => {
+            let (a, b) = items.split_at(items.len() / 2);
+            format!("({} {op} {})", balanced(a, op), balanced(b, op))
+        }
+    }
+}
+
 impl Filter {
-    fn parse(v: &Value) -> Result<Filter, QueryError> {
+    fn parse_within(
+        v: &Value,
+        depth: usize,
+        budget: &mut FilterBudget,
+    ) -> Result<Filter, QueryError> {
         let f = "filters";
+        budget.enter(depth)?;
         let a = v
             .as_array()
-            .ok_or_else(|| bad(f, format!("`{v}` is not a filter array")))?;
+            .ok_or_else(|| bad(f, format!("`{}` is not a filter array", short(v))))?;
         let op = a.first().and_then(Value::as_str).unwrap_or("");
         match (op, a.len()) {
             ("and" | "or", 2) => {
-                let subs = a[1]
+                let list = a[1]
                     .as_array()
                     .filter(|s| !s.is_empty())
-                    .ok_or_else(|| bad(f, format!("`{op}` takes a non-empty list of filters")))?
+                    .ok_or_else(|| bad(f, format!("`{op}` takes a non-empty list of filters")))?;
+                if list.len() > filter_limits::MAX_FILTERS {
+                    return Err(bad(
+                        f,
+                        format!("`{op}` of more than {} filters", filter_limits::MAX_FILTERS),
+                    ));
+                }
+                let subs = list
                     .iter()
-                    .map(Filter::parse)
+                    .map(|s| Filter::parse_within(s, depth + 1, budget))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(if op == "and" {
                     Filter::And(subs)
@@ -280,16 +360,27 @@ impl Filter {
                     Filter::Or(subs)
                 })
             }
-            ("not", 2) => Ok(Filter::Not(Box::new(Filter::parse(&a[1])?))),
+            ("not", 2) => Ok(Filter::Not(Box::new(Filter::parse_within(
+                &a[1],
+                depth + 1,
+                budget,
+            )?))),
             ("is" | "is_not" | "contains", 3) => {
                 let dim = Dim::parse(f, a[1].as_str().unwrap_or(""))?;
                 if dim.is_time() {
                     return Err(bad(f, "filter by time with date_range instead"));
                 }
-                let values = a[2]
+                let max = if op == "contains" {
+                    filter_limits::MAX_CONTAINS_VALUES
+                } else {
+                    filter_limits::MAX_VALUES
+                };
+                let list = a[2]
                     .as_array()
-                    .filter(|v| !v.is_empty() && v.len() <= 1000)
-                    .ok_or_else(|| bad(f, format!("`{op}` takes a list of 1-1000 values")))?
+                    .filter(|v| !v.is_empty() && v.len() <= max)
+                    .ok_or_else(|| bad(f, format!("`{op}` takes a list of 1-{max} values")))?;
+                budget.values(list.len())?;
+                let values = list
                     .iter()
                     .map(|v| match v {
                         Value::String(s) => Ok(s.clone()),
@@ -309,7 +400,7 @@ impl Filter {
             }
             _ => Err(bad(
                 f,
-                format!("`{v}`: expected [is|is_not|contains, dimension, [values]], [and|or, [filters]] or [not, filter]"),
+                format!("`{}`: expected [is|is_not|contains, dimension, [values]], [and|or, [filters]] or [not, filter]", short(v)),
             )),
         }
     }
@@ -338,16 +429,18 @@ impl Filter {
                 values,
                 negate,
             } if *dim == Dim::Goal => {
-                let any = values
-                    .iter()
-                    .map(|v| {
-                        format!(
-                            "array_has(string_to_array(properties['goal'], ','), '{}')",
-                            esc(v)
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" OR ");
+                let any = balanced(
+                    &values
+                        .iter()
+                        .map(|v| {
+                            format!(
+                                "array_has(string_to_array(properties['goal'], ','), '{}')",
+                                esc(v)
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                    "OR",
+                );
                 if *negate {
                     format!("NOT COALESCE(({any}), false)")
                 } else {
@@ -373,29 +466,34 @@ impl Filter {
                 } else {
                     expr(dim)
                 };
-                let any = values
-                    .iter()
-                    .map(|v| format!("strpos({e}, '{}') > 0", esc(v)))
-                    .collect::<Vec<_>>()
-                    .join(" OR ");
+                let any = balanced(
+                    &values
+                        .iter()
+                        .map(|v| format!("strpos({e}, '{}') > 0", esc(v)))
+                        .collect::<Vec<_>>(),
+                    "OR",
+                );
                 format!("COALESCE(({any}), false)")
             }
             Filter::And(fs) => format!(
                 "({})",
-                fs.iter()
-                    .map(|f| f.sql(expr))
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
+                balanced(&fs.iter().map(|f| f.sql(expr)).collect::<Vec<_>>(), "AND")
             ),
             Filter::Or(fs) => format!(
                 "({})",
-                fs.iter()
-                    .map(|f| f.sql(expr))
-                    .collect::<Vec<_>>()
-                    .join(" OR ")
+                balanced(&fs.iter().map(|f| f.sql(expr)).collect::<Vec<_>>(), "OR")
             ),
             Filter::Not(f) => format!("(NOT {})", f.sql(expr)),
         }
+    }
+}
+
+/// A request value for an error message: at most 80 characters of its JSON.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text,
     }
 }
 
@@ -501,13 +599,23 @@ impl QueryRequest {
         if dims.iter().filter(|d| !d.is_time()).count() > 3 {
             return Err(bad("dimensions", "at most three non-time dimensions"));
         }
+        let mut budget = FilterBudget::default();
         let filter = match self.filters.len() {
             0 => None,
-            1 => Some(Filter::parse(&self.filters[0])?),
+            1 => Some(Filter::parse_within(&self.filters[0], 1, &mut budget)?),
+            n if n > filter_limits::MAX_FILTERS => {
+                return Err(bad(
+                    "filters",
+                    format!(
+                        "more than {} filters in one query",
+                        filter_limits::MAX_FILTERS
+                    ),
+                ))
+            }
             _ => Some(Filter::And(
                 self.filters
                     .iter()
-                    .map(Filter::parse)
+                    .map(|f| Filter::parse_within(f, 2, &mut budget))
                     .collect::<Result<_, _>>()?,
             )),
         };
@@ -701,6 +809,16 @@ fn date_range(
                     })
             };
             let (from, to) = (date(0)?, date(1)?);
+            let (earliest, latest) = (
+                NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default(),
+                NaiveDate::from_ymd_opt(2200, 12, 31).unwrap_or_default(),
+            );
+            if from < earliest || to > latest {
+                return Err(bad(
+                    "date_range",
+                    "dates must be between 1970-01-01 and 2200-12-31",
+                ));
+            }
             if to < from {
                 return Err(bad("date_range", "the end is before the start"));
             }
@@ -1058,6 +1176,82 @@ mod tests {
 
     fn plan(v: Value) -> Result<Plan, QueryError> {
         req(v).plan("m_1", Tz::UTC, now())
+    }
+
+    fn with_filters(filters: Value) -> Result<Plan, QueryError> {
+        plan(
+            json!({"site_id": "m_1", "metrics": ["visitors"], "date_range": "7d", "filters": filters}),
+        )
+    }
+
+    #[test]
+    fn a_long_or_becomes_a_balanced_tree_not_a_chain() {
+        let leaves: Vec<Value> = (0..150)
+            .map(|i| json!(["is", "event:page", [format!("/p{i}")]]))
+            .collect();
+        let p = with_filters(json!([["or", leaves]])).unwrap();
+        let sql = p.filter.as_ref().unwrap().sql(&Dim::events_expr);
+        // Nesting depth of the SQL: about log2(150), not 150.
+        let mut depth = 0i32;
+        let mut max = 0;
+        for c in sql.chars() {
+            match c {
+                '(' => {
+                    depth += 1;
+                    max = max.max(depth);
+                }
+                ')' => depth -= 1,
+                _ => {}
+            }
+        }
+        assert!(max <= 12, "nesting {max}: {sql}");
+        assert_eq!(sql.matches(" OR ").count(), 149);
+    }
+
+    #[test]
+    fn filter_complexity_is_refused_with_the_limit_named() {
+        let leaf = json!(["is", "event:page", ["/a"]]);
+        let msg = |f: Value| with_filters(f).unwrap_err().to_string();
+        // 2,200 terms of one `or` (the request that used to overflow the planner's stack).
+        let many: Vec<Value> = (0..2200).map(|_| leaf.clone()).collect();
+        assert!(msg(json!([["or", many]])).contains("more than 200 filters"));
+        // 38 nested `not`s.
+        let mut deep = leaf.clone();
+        for _ in 0..38 {
+            deep = json!(["not", deep]);
+        }
+        assert!(msg(json!([deep])).contains("nested deeper than 8"));
+        // Too many values in all.
+        let big: Vec<Value> = (0..6)
+            .map(|i| {
+                json!([
+                    "is",
+                    "event:page",
+                    (0..1000).map(|j| format!("/{i}/{j}")).collect::<Vec<_>>()
+                ])
+            })
+            .collect();
+        assert!(msg(json!(big)).contains("more than 5000 filter values"));
+        let contains: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        assert!(msg(json!([["contains", "event:page", contains]])).contains("1-100 values"));
+        // Within the limits, fine.
+        let mut ok = leaf.clone();
+        for _ in 0..7 {
+            ok = json!(["not", ok]);
+        }
+        assert!(with_filters(json!([ok])).is_ok());
+    }
+
+    #[test]
+    fn dates_outside_what_timestamps_hold_are_a_400_not_a_failure_later() {
+        for range in [
+            json!(["0001-01-01", "0001-12-31"]),
+            json!(["9999-01-01", "9999-01-02"]),
+        ] {
+            let e = date_range(&range, Tz::UTC, now()).unwrap_err();
+            assert_eq!(e.field, "date_range");
+            assert!(e.message.contains("between 1970-01-01 and 2200-12-31"));
+        }
     }
 
     #[test]

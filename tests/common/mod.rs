@@ -514,3 +514,152 @@ pub async fn send_split(
     }
     started.elapsed().as_secs_f64()
 }
+
+/// One `beacon up` (everything in one process, as the README's first command runs it) on
+/// loopback, with its own data directory; killed on drop.
+pub struct Up {
+    pub child: Child,
+    pub endpoints: Endpoints,
+    pub dir: tempfile::TempDir,
+}
+
+/// A merchant of an [`Up`]: id, write key and a read token.
+#[derive(Clone)]
+pub struct Merchant {
+    pub id: String,
+    pub write_key: String,
+    pub token: String,
+}
+
+impl Up {
+    /// Starts `beacon up` (HTTP collectors on, rollups every second, `extra` flags) and waits
+    /// for its endpoints file.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("beacon-up-")
+            .tempdir()
+            .expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("up.log")).expect("log");
+        let child = Command::new(beacon_bin())
+            .args(["up", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--ingest-max-wait-ms",
+                "200",
+                "--rollup-interval",
+                "1",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,async_nats=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn beacon up");
+        let data = dir.path().join("data");
+        let endpoints = wait_for(Duration::from_secs(90), "endpoints.json", || {
+            Endpoints::read(&data).ok()
+        });
+        Self {
+            child,
+            endpoints,
+            dir,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn merchant(&self, name: &str, extra: &[&str]) -> Merchant {
+        let mut args = vec!["merchant", "create", name, "--format", "json"];
+        args.extend_from_slice(extra);
+        let v: Value =
+            serde_json::from_str(&cli_in(&self.data(), None, &args)).expect("merchant json");
+        let id = v["id"].as_str().expect("id").to_string();
+        let token = cli_in(
+            &self.data(),
+            None,
+            &["merchant", "read-token", "--merchant", &id],
+        )
+        .trim()
+        .to_string();
+        Merchant {
+            id,
+            write_key: v["write_key"].as_str().expect("key").to_string(),
+            token,
+        }
+    }
+
+    pub fn sql_port(&self) -> String {
+        let url = self.endpoints.sql_pg.clone().expect("sql_pg");
+        url.rsplit(':').next().expect("port").to_string()
+    }
+
+    pub fn api(&self) -> String {
+        self.endpoints.metrics_http.clone().expect("metrics_http")
+    }
+
+    pub fn edge_http(&self) -> String {
+        self.endpoints.edge_http.clone().expect("edge_http")
+    }
+
+    /// psql as `m`: Ok(rows, unaligned) or Err(stderr).
+    pub fn psql(&self, m: &Merchant, sql: &str) -> Result<String, String> {
+        psql(&self.sql_port(), &m.id, &m.token, sql)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// Asserts the process is still running.
+    pub fn still_up(&mut self) {
+        assert!(
+            self.child.try_wait().expect("wait").is_none(),
+            "beacon up died; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One statement through `psql` on 127.0.0.1: Ok(rows, unaligned) or Err(stderr).
+pub fn psql(port: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-U",
+            user,
+            "-d",
+            "beacon",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("psql runs (scripts/setup.sh installs postgresql-client)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}

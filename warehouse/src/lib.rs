@@ -251,6 +251,12 @@ impl Warehouse {
             .await?)
     }
 
+    /// The shared serving session (every row, read-only use only): the base from which
+    /// per-request sessions with their own budgets are derived (see `beacon-query`).
+    pub async fn shared_session(&self) -> Result<&SessionContext, WarehouseError> {
+        self.shared.get_or_try_init(|| self.serving_session()).await
+    }
+
     fn cached_table(
         &self,
         name: &str,

@@ -1,0 +1,52 @@
+//! Metrics-API requests, structure-aware: the bytes are a small program that builds a filter
+//! tree (leaves, `not`, `and`/`or` of the last few) and picks metrics, dimensions and dates,
+//! so deep nesting and long chains are reached at once. Every request must either be refused
+//! with a field-named error or plan into SQL that passes the SQL text limits (depth and chains
+//! bounded), and never panic.
+#![no_main]
+use beacon_query::query::QueryRequest;
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Value};
+
+const DIMS: &[&str] = &["event:page", "visit:source", "visit:country", "event:goal", "event:props:plan", "visit:entry_page", "time:hour", "nope"];
+const METRICS: &[&str] = &["visitors", "pageviews", "events", "visits", "bounce_rate", "conversion_rate", "x"];
+
+fuzz_target!(|data: &[u8]| {
+    let mut stack: Vec<Value> = Vec::new();
+    let mut metrics = vec![];
+    let mut dims = vec![];
+    let mut it = data.iter().copied();
+    while let Some(op) = it.next() {
+        let arg = it.next().unwrap_or(0) as usize;
+        match op % 8 {
+            0 => stack.push(json!([["is", "is_not", "contains"][arg % 3], DIMS[arg % DIMS.len()], (0..=(arg % 5)).map(|i| format!("/v{i}'\\\"")).collect::<Vec<_>>()])),
+            1 => if let Some(f) = stack.pop() { stack.push(json!(["not", f])) },
+            2 | 3 => {
+                let n = (arg % 16).max(1).min(stack.len());
+                if n > 0 {
+                    let subs = stack.split_off(stack.len() - n);
+                    stack.push(json!([if op % 8 == 2 { "and" } else { "or" }, subs]));
+                }
+            }
+            4 => if let Some(f) = stack.last().cloned() { for _ in 0..(arg % 64) { stack.push(f.clone()) } },
+            5 => metrics.push(METRICS[arg % METRICS.len()]),
+            6 => dims.push(DIMS[arg % DIMS.len()]),
+            _ => stack.push(json!(arg)),
+        }
+        if stack.len() > 5000 { break; }
+    }
+    if metrics.is_empty() { metrics.push("visitors"); }
+    let request = json!({"site_id": "m_1", "metrics": metrics, "date_range": "30d",
+                         "dimensions": dims, "filters": stack});
+    let Ok(req) = serde_json::from_value::<QueryRequest>(request) else { return };
+    let now = chrono::DateTime::from_timestamp(1_795_673_360, 0).unwrap_or_default();
+    if let Ok(plan) = req.plan("m_1", chrono_tz::Tz::UTC, now) {
+        let generous = beacon_query::sql_limits::SqlLimits { max_bytes: 4 << 20, max_tokens: 1 << 20,
+            max_set_operations: 16, max_boolean_terms: 1 << 20, max_depth: 64, max_not_depth: 16 };
+        for source in plan.sources() {
+            if let Err(e) = beacon_query::sql_limits::check(&source.sql, &generous) {
+                panic!("a valid request planned into SQL over the limits: {e}");
+            }
+        }
+    }
+});
