@@ -252,7 +252,7 @@ impl Budget {
         let mine = match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
-                self.forget_idle(&who, sem);
+                forget_idle(&self.per_who, &who, sem);
                 return Err(external(Stopped::Busy {
                     who,
                     limit: self.limits.concurrent_per_merchant,
@@ -263,7 +263,7 @@ impl Budget {
             Ok(Ok(p)) => p,
             _ => {
                 drop(mine);
-                self.forget_idle(&who, sem);
+                forget_idle(&self.per_who, &who, sem);
                 return Err(external(Stopped::ServerBusy(self.limits.concurrent_total)));
             }
         };
@@ -274,10 +274,6 @@ impl Budget {
             who,
             per_who: self.per_who.clone(),
         })
-    }
-
-    fn forget_idle(&self, who: &str, sem: Arc<Semaphore>) {
-        forget_idle(&self.per_who, who, sem);
     }
 }
 

@@ -553,6 +553,20 @@ async fn plan_query(stmt: &Statement, ctx: &SessionContext) -> PgWireResult<Logi
     crate::pg_rows::maps_as_json(plan).map_err(api)
 }
 
+/// `None` (let the session's own hooks answer) for `SHOW` and transaction no-ops; the
+/// read-only refusal for anything else that is not a query.
+fn refuse_unless_harmless<T>(stmt: &Statement) -> Option<PgWireResult<T>> {
+    match stmt {
+        Statement::ShowVariable { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => None,
+        other => Some(Err(refused(other))),
+    }
+}
+
 fn refused(stmt: &Statement) -> PgWireError {
     error(
         "42501",
@@ -671,13 +685,7 @@ impl QueryHook for Guard {
                 };
                 Some(run.await)
             }
-            Statement::ShowVariable { .. }
-            | Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::StartTransaction { .. }
-            | Statement::Commit { .. }
-            | Statement::Rollback { .. } => None,
-            other => Some(Err(refused(other))),
+            other => refuse_unless_harmless(other),
         }
     }
 
@@ -696,13 +704,7 @@ impl QueryHook for Guard {
             {
                 None
             }
-            Statement::ShowVariable { .. }
-            | Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::StartTransaction { .. }
-            | Statement::Commit { .. }
-            | Statement::Rollback { .. } => None,
-            other => Some(Err(refused(other))),
+            other => refuse_unless_harmless(other),
         }
     }
 

@@ -663,3 +663,19 @@ pub fn psql(port: &str, user: &str, password: &str, sql: &str) -> Result<String,
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// A benchmark setting from the environment, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile of `sorted` (NaN when empty).
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}

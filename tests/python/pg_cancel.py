@@ -33,11 +33,11 @@ def run():
 worker = threading.Thread(target=run)
 worker.start()
 started.wait()
-# The query is running once the server has it; a cancel before that is a no-op, so repeat
-# until the worker ends (bounded).
+# A cancel that reaches the server before the query runs is a no-op, so cancel again until
+# the worker has its answer (waiting on the worker, bounded).
 deadline = time.monotonic() + 20
 while worker.is_alive() and time.monotonic() < deadline:
-    time.sleep(0.3)
     conn.cancel_safe()
+    worker.join(timeout=0.3)
 worker.join(timeout=30)
 print(json.dumps(result))
