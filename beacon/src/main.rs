@@ -39,6 +39,8 @@ pub enum Format {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// The whole pipeline on this machine: nats-server, edge, ingest and rollups.
     #[cfg(feature = "full")]
@@ -73,6 +75,8 @@ enum Command {
         edge: EdgeArgs,
         #[command(flatten)]
         query: QueryArgs,
+        #[command(flatten)]
+        maintain: MaintainArgs,
     },
     /// Edge role: RSocket/QUIC and HTTP collectors publishing to JetStream.
     Edge {
@@ -111,6 +115,24 @@ enum Command {
             value_name = "SECONDS"
         )]
         interval: u64,
+        #[command(flatten)]
+        maintain: MaintainArgs,
+    },
+    /// Table maintenance, once: compact small files, fold rollup deltas, rewrite manifests,
+    /// expire old snapshots, delete files nothing references. Safe while the pipeline runs
+    /// (the warehouse role also runs it on a schedule: `--maintain-interval`).
+    #[cfg(feature = "full")]
+    Maintain {
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+        /// Only these tables (repeatable; default: all).
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Show what would be compacted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        maintain: MaintainArgs,
     },
     /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly,
     /// revenue_hourly; views: rollups, revenue, sessions, daily_metrics).
@@ -185,6 +207,58 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+}
+
+/// Table maintenance (docs/ARCHITECTURE.md, "Commits and maintenance").
+#[cfg(feature = "full")]
+#[derive(clap::Args, Clone)]
+struct MaintainArgs {
+    /// Seconds between scheduled maintenance runs in the warehouse role (0: never).
+    #[arg(long, env = "BEACON_MAINTAIN_INTERVAL", default_value_t = 600)]
+    maintain_interval: u64,
+    /// Snapshots younger than this many seconds are kept (time travel, readers in flight).
+    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_SECS", default_value_t = 3600)]
+    snapshot_retain_secs: u64,
+    /// At least this many snapshots per table are kept.
+    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_LAST", default_value_t = 5)]
+    snapshot_retain_last: usize,
+    /// Unreferenced files younger than this many seconds are kept (a writer may be about to
+    /// commit them).
+    #[arg(long, env = "BEACON_ORPHAN_AGE_SECS", default_value_t = 3600)]
+    orphan_age_secs: u64,
+    /// Most input MiB compacted into one file (bounds memory).
+    #[arg(long, env = "BEACON_COMPACT_BIN_MB", default_value_t = 64)]
+    compact_bin_mb: u64,
+}
+
+#[cfg(feature = "full")]
+impl MaintainArgs {
+    fn options(&self, dry_run: bool) -> beacon_warehouse::maintain::MaintainOptions {
+        beacon_warehouse::maintain::MaintainOptions {
+            dry_run,
+            bin_bytes: self.compact_bin_mb.max(1) << 20,
+            retain: Duration::from_secs(self.snapshot_retain_secs),
+            retain_last: self.snapshot_retain_last.max(1),
+            orphan_age: Duration::from_secs(self.orphan_age_secs),
+            ..Default::default()
+        }
+    }
+
+    /// The scheduled loop, when enabled.
+    fn spawn(
+        &self,
+        wh: Arc<beacon_warehouse::Warehouse>,
+        stop: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        (self.maintain_interval > 0).then(|| {
+            tokio::spawn(beacon_warehouse::maintain::run_loop(
+                wh,
+                Duration::from_secs(self.maintain_interval),
+                self.options(false),
+                stop,
+            ))
+        })
+    }
 }
 
 #[cfg(feature = "full")]
@@ -683,6 +757,7 @@ async fn run(cli: Cli) -> Result<()> {
             sandbox,
             edge,
             query,
+            maintain,
         } => {
             up(
                 data_dir,
@@ -690,7 +765,7 @@ async fn run(cli: Cli) -> Result<()> {
                 nats_url,
                 plugins_dir,
                 (admin_listen, admin, api_listen, sql_listen),
-                (tuning, query),
+                (tuning, query, maintain),
                 sandbox,
             )
             .await
@@ -742,10 +817,15 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "full")]
-        Command::Rollup { data_dir, interval } => {
+        Command::Rollup {
+            data_dir,
+            interval,
+            maintain,
+        } => {
             let _lock = beacon::lock::lock_role(&data_dir, "rollup")?;
             let (tx, rx) = watch::channel(false);
             let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+            let maintenance = maintain.spawn(wh.clone(), rx.clone());
             let task = tokio::spawn(beacon_warehouse::rollup::run_loop(
                 wh,
                 Duration::from_secs(interval),
@@ -754,8 +834,18 @@ async fn run(cli: Cli) -> Result<()> {
             shutdown_signal().await;
             let _ = tx.send(true);
             task.await?;
+            if let Some(m) = maintenance {
+                m.await?;
+            }
             Ok(())
         }
+        #[cfg(feature = "full")]
+        Command::Maintain {
+            data_dir,
+            tables,
+            dry_run,
+            maintain,
+        } => run_maintain(&data_dir, &tables, maintain.options(dry_run)).await,
         #[cfg(feature = "full")]
         Command::Sql {
             query,
@@ -917,6 +1007,56 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 #[cfg(feature = "full")]
+/// `beacon maintain`: one maintenance pass with a progress display, then a report per table.
+#[cfg(feature = "full")]
+async fn run_maintain(
+    data_dir: &Path,
+    tables: &[String],
+    options: beacon_warehouse::maintain::MaintainOptions,
+) -> Result<()> {
+    use beacon_warehouse::TableKind;
+    let kinds = if tables.is_empty() {
+        TableKind::ALL.to_vec()
+    } else {
+        tables
+            .iter()
+            .map(|t| {
+                TableKind::from_name(t).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no table {t:?}; tables: {}",
+                        TableKind::ALL.map(|k| k.name()).join(", ")
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let wh = beacon_warehouse::Warehouse::open_existing(data_dir).await?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{prefix:>18} {msg:<8} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |table: &str, step: &str, done: u64, total: u64| {
+        bar.set_prefix(table.to_string());
+        bar.set_message(step.to_string());
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let mut reports = Vec::new();
+    for kind in kinds {
+        reports.push(
+            beacon_warehouse::maintain::maintain_table(&wh, kind, &options, &progress).await?,
+        );
+    }
+    bar.finish_and_clear();
+    if options.dry_run {
+        println!("dry run: nothing was changed; \"after\" is what a run would leave");
+    }
+    for r in &reports {
+        println!("{r}");
+    }
+    Ok(())
+}
+
 async fn run_ingest(
     nats_url: String,
     data_dir: PathBuf,
@@ -939,7 +1079,7 @@ async fn up(
     nats_url: Option<String>,
     plugins_dir: Option<PathBuf>,
     (admin_listen, admin, api_listen, sql_listen): (SocketAddr, AdminArgs, SocketAddr, SocketAddr),
-    (tuning, query): (Tuning, QueryArgs),
+    (tuning, query, maintain): (Tuning, QueryArgs, MaintainArgs),
     sandbox: SandboxArgs,
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
@@ -976,6 +1116,7 @@ async fn up(
         wh.clone(),
         stop_rx.clone(),
     ));
+    let maintenance = maintain.spawn(wh.clone(), stop_rx.clone());
     let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
         wh.clone(),
         Duration::from_secs(tuning.rollup_interval),
@@ -1056,6 +1197,9 @@ async fn up(
         eprintln!("ingest task failed: {e}");
     }
     let _ = rollups.await;
+    if let Some(m) = maintenance {
+        let _ = m.await;
+    }
     let _ = admin_task.await;
     if let Err(e) = query_servers.wait().await {
         eprintln!("query servers: {e}");

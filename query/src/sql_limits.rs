@@ -118,11 +118,8 @@ pub fn check(sql: &str, limits: &SqlLimits) -> Result<(), SqlLimitError> {
                     }
                 }
             }
-            Token::RParen => {
-                if open.pop() == Some(true) {
-                    not_depth -= 1;
-                }
-            }
+            // Closing a `NOT (` group leaves one level of negation.
+            Token::RParen => not_depth -= usize::from(open.pop() == Some(true)),
             Token::Word(w) => match w.keyword {
                 Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT => {
                     set_ops += 1;

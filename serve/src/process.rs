@@ -32,6 +32,8 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
+    // `rlim_t` is not `u64` on every target.
+    #[allow(clippy::unnecessary_cast)]
     Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
 }
 

@@ -16,7 +16,9 @@
 
 pub mod cached;
 pub mod hll;
+pub mod maintain;
 pub mod output;
+pub mod replace;
 pub mod rollup;
 pub mod tables;
 pub mod views;
@@ -69,6 +71,16 @@ pub enum WarehouseError {
         have: String,
         want: String,
     },
+    #[error("catalog database: {0}")]
+    Catalog(sqlx::Error),
+    #[error("catalog inconsistent: {0}")]
+    CatalogCorrupt(String),
+    #[error("commit to {table} kept conflicting with other writers ({attempts} attempts)")]
+    CommitConflict { table: String, attempts: u32 },
+    #[error("{path} is no longer live in {table}: another job rewrote it first")]
+    NotLive { table: String, path: String },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
     Missing(PathBuf),
 }
@@ -114,6 +126,8 @@ pub struct Warehouse {
     /// Table providers that reuse metadata briefly ([`cached`]), shared by the sessions
     /// that serve queries (the shared one and merchants').
     cached: std::sync::Mutex<HashMap<String, Arc<cached::CachedTable>>>,
+    /// The catalog compare-and-swap that replace commits use (opened on first use).
+    swap: tokio::sync::OnceCell<replace::CatalogSwap>,
 }
 
 impl Warehouse {
@@ -135,6 +149,7 @@ impl Warehouse {
             provider,
             shared: tokio::sync::OnceCell::new(),
             cached: Default::default(),
+            swap: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -153,6 +168,41 @@ impl Warehouse {
 
     pub fn catalog(&self) -> &Arc<dyn Catalog> {
         &self.catalog
+    }
+
+    /// The catalog compare-and-swap for [`replace`] commits.
+    pub async fn swap(&self) -> Result<&replace::CatalogSwap, WarehouseError> {
+        self.swap
+            .get_or_try_init(|| async {
+                replace::CatalogSwap::connect(&sqlx_uri(&self.layout), CATALOG_NAME).await
+            })
+            .await
+    }
+
+    /// Removes and adds data files of `kind` in one atomic snapshot (see [`replace`]).
+    pub async fn replace(
+        &self,
+        kind: TableKind,
+        rewrite: &replace::Rewrite,
+    ) -> Result<replace::Outcome, WarehouseError> {
+        replace::replace(
+            self.catalog.as_ref(),
+            self.swap().await?,
+            &kind.ident(),
+            rewrite,
+        )
+        .await
+    }
+
+    /// Writes `batch` as data files of `kind` (sorted and partitioned like appends) without
+    /// committing them: the `added` side of a [`replace`].
+    pub async fn write_files(
+        &self,
+        kind: TableKind,
+        batch: RecordBatch,
+    ) -> Result<Vec<iceberg::spec::DataFile>, WarehouseError> {
+        let table = self.table(kind).await?;
+        tables::write_files(kind, &table, batch).await
     }
 
     pub async fn table(&self, kind: TableKind) -> Result<Table, WarehouseError> {
@@ -295,16 +345,18 @@ impl Warehouse {
     }
 }
 
+/// The sqlx URI of the catalog database (the same one the SQL catalog opens).
+fn sqlx_uri(layout: &Layout) -> String {
+    format!("sqlite:{}?mode=rwc", layout.catalog_db.display())
+}
+
 async fn open_catalog(layout: &Layout) -> Result<Arc<dyn Catalog>, WarehouseError> {
     let catalog = SqlCatalogBuilder::default()
         .with_storage_factory(Arc::new(LocalFsStorageFactory))
         .load(
             CATALOG_NAME,
             HashMap::from([
-                (
-                    SQL_CATALOG_PROP_URI.to_string(),
-                    format!("sqlite:{}?mode=rwc", layout.catalog_db.display()),
-                ),
+                (SQL_CATALOG_PROP_URI.to_string(), sqlx_uri(layout)),
                 (
                     SQL_CATALOG_PROP_WAREHOUSE.to_string(),
                     layout.warehouse_dir.display().to_string(),

@@ -14,8 +14,8 @@ use arrow::datatypes::SchemaRef as ArrowSchemaRef;
 use arrow::record_batch::RecordBatch;
 use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
 use iceberg::spec::{
-    DataFileFormat, MapType, NestedField, NullOrder, PrimitiveType, Schema, SortDirection,
-    SortField, SortOrder, Transform, Type, UnboundPartitionSpec,
+    DataFile, DataFileFormat, MapType, NestedField, NullOrder, PrimitiveType, Schema,
+    SortDirection, SortField, SortOrder, Transform, Type, UnboundPartitionSpec,
 };
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
@@ -57,7 +57,7 @@ pub const EVENT_DIMENSIONS: [&str; 13] = [
 ];
 
 const MERCHANT_BUCKETS: u32 = 4;
-const TARGET_FILE_BYTES: usize = 128 << 20;
+pub(crate) const TARGET_FILE_BYTES: usize = 128 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TableKind {
@@ -88,6 +88,10 @@ impl TableKind {
             TableKind::RevenueHourly => "revenue_hourly",
             TableKind::BreakdownsHourly => "breakdowns_hourly",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     pub fn ident(self) -> TableIdent {
@@ -233,7 +237,7 @@ impl TableKind {
     }
 
     /// Columns each written batch is sorted by.
-    fn sort_columns(self) -> &'static [&'static str] {
+    pub(crate) fn sort_columns(self) -> &'static [&'static str] {
         match self {
             TableKind::RawEvents | TableKind::Events => &["merchant_id", "ts"],
             TableKind::FailedEvents => &["merchant_id", "received_at"],
@@ -400,39 +404,7 @@ pub(crate) async fn append(
     batch: RecordBatch,
     properties: HashMap<String, String>,
 ) -> Result<(), WarehouseError> {
-    let batch = sort_batch(batch, kind.sort_columns())?;
-    let data_files = if batch.num_rows() == 0 {
-        Vec::new()
-    } else {
-        let md = table.metadata();
-        let schema = md.current_schema().clone();
-        let spec = md.default_partition_spec().clone();
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-            .set_max_row_group_row_count(Some(kind.row_group_rows()))
-            .build();
-        let parquet = ParquetWriterBuilder::new(props, schema.clone());
-        let location = DefaultLocationGenerator::new(md)?;
-        // A unique prefix per write: the generator numbers files from zero each time.
-        let names = DefaultFileNameGenerator::new(
-            uuid::Uuid::now_v7().to_string(),
-            None,
-            DataFileFormat::Parquet,
-        );
-        let rolling = RollingFileWriterBuilder::new(
-            parquet,
-            TARGET_FILE_BYTES,
-            table.file_io().clone(),
-            location,
-            names,
-        );
-        let mut fanout: FanoutWriter<_> = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
-        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)?;
-        for (key, part) in splitter.split(&batch)? {
-            fanout.write(key, part).await?;
-        }
-        fanout.close().await?
-    };
+    let data_files = write_files(kind, table, batch).await?;
     if data_files.is_empty() && properties.is_empty() {
         return Ok(());
     }
@@ -447,6 +419,47 @@ pub(crate) async fn append(
     let tx = action.apply(tx)?;
     tx.commit(catalog).await?;
     Ok(())
+}
+
+/// Writes `batch` as data files of `table` (sorted by the table's sort columns, split by
+/// partition, zstd Parquet) without committing them.
+pub(crate) async fn write_files(
+    kind: TableKind,
+    table: &Table,
+    batch: RecordBatch,
+) -> Result<Vec<DataFile>, WarehouseError> {
+    let batch = sort_batch(batch, kind.sort_columns())?;
+    if batch.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let md = table.metadata();
+    let schema = md.current_schema().clone();
+    let spec = md.default_partition_spec().clone();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(kind.row_group_rows()))
+        .build();
+    let parquet = ParquetWriterBuilder::new(props, schema.clone());
+    let location = DefaultLocationGenerator::new(md)?;
+    // A unique prefix per write: the generator numbers files from zero each time.
+    let names = DefaultFileNameGenerator::new(
+        uuid::Uuid::now_v7().to_string(),
+        None,
+        DataFileFormat::Parquet,
+    );
+    let rolling = RollingFileWriterBuilder::new(
+        parquet,
+        TARGET_FILE_BYTES,
+        table.file_io().clone(),
+        location,
+        names,
+    );
+    let mut fanout: FanoutWriter<_> = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
+    let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)?;
+    for (key, part) in splitter.split(&batch)? {
+        fanout.write(key, part).await?;
+    }
+    Ok(fanout.close().await?)
 }
 
 fn sort_batch(batch: RecordBatch, columns: &[&str]) -> Result<RecordBatch, WarehouseError> {

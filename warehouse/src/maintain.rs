@@ -1,0 +1,569 @@
+//! Table maintenance: compaction, rollup folding, manifest rewriting, snapshot expiry and
+//! deletion of files nothing references any more. Safe while ingest and rollups commit: every
+//! rewrite is one [`replace`](crate::replace) commit that removes only files that are still
+//! live (a concurrent append is kept; a concurrent rewrite of the same files makes this one
+//! abort and try again next run), and expiry keeps every snapshot younger than the retention.
+//!
+//! What runs, per table:
+//! 1. **compact**: per partition, files under 3/4 of the target size are packed into bins of at
+//!    most [`MaintainOptions::bin_bytes`] input bytes; each bin of two or more files is read,
+//!    sorted and written back as one file (rollup tables are *folded* on the way: one row per
+//!    key, sums added and HLL sketches unioned, so a month of 30-second deltas becomes one row
+//!    per merchant-hour). All bins of a table land in one `replace` snapshot that also
+//!    rewrites the manifests into one.
+//! 2. **rewrite manifests** when nothing was compacted but the manifest count is high.
+//! 3. **expire snapshots** older than [`MaintainOptions::retain`] (keeping at least
+//!    [`MaintainOptions::retain_last`]), through the `iceberg` crate's own action.
+//! 4. **delete** data files, manifests, manifest lists and metadata JSON files that no retained
+//!    snapshot or metadata-log entry references and that are older than
+//!    [`MaintainOptions::orphan_age`] (so a writer's staged but not yet committed files
+//!    survive). Local-disk warehouses only for now.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arrow::array::{Array, ArrayRef};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef as ArrowSchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use iceberg::scan::FileScanTask;
+use iceberg::spec::{DataFile, DataFileFormat, ManifestContentType, Operation};
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+
+use crate::replace::{self, Outcome, Rewrite};
+use crate::tables::{self, TARGET_FILE_BYTES};
+use crate::{TableKind, Warehouse, WarehouseError};
+
+#[derive(Debug, Clone)]
+pub struct MaintainOptions {
+    /// Plan and report only; write nothing.
+    pub dry_run: bool,
+    /// Most input bytes (compressed) read into one compacted file: bounds memory.
+    pub bin_bytes: u64,
+    /// Snapshots younger than this are kept (time travel, readers in flight).
+    pub retain: Duration,
+    /// At least this many snapshots are kept whatever their age.
+    pub retain_last: usize,
+    /// Unreferenced files younger than this are kept: a writer may be about to commit them.
+    pub orphan_age: Duration,
+    /// Rewrite manifests (without compaction) once a snapshot has more than this many.
+    pub max_manifests: usize,
+}
+
+impl Default for MaintainOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            bin_bytes: 64 << 20,
+            retain: Duration::from_secs(3600),
+            retain_last: 5,
+            orphan_age: Duration::from_secs(3600),
+            max_manifests: 16,
+        }
+    }
+}
+
+/// What one table's maintenance found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableReport {
+    pub table: &'static str,
+    pub files_before: u64,
+    pub bytes_before: u64,
+    pub rows_before: u64,
+    pub manifests_before: u64,
+    pub files_after: u64,
+    pub bytes_after: u64,
+    pub rows_after: u64,
+    pub manifests_after: u64,
+    /// Bins compacted (each: several files in, one or a few out).
+    pub bins: u64,
+    pub files_compacted: u64,
+    pub snapshots_expired: u64,
+    pub files_deleted: u64,
+    pub bytes_deleted: u64,
+    /// Set when the rewrite lost to another job and was skipped until the next run.
+    pub skipped: Option<String>,
+}
+
+impl std::fmt::Display for TableReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<18} files {:>6} -> {:<6} bytes {:>11} -> {:<11} rows {:>10} -> {:<10} manifests {:>4} -> {:<4} bins {:>3}  expired {:>4}  deleted {} files ({} bytes)",
+            self.table,
+            self.files_before,
+            self.files_after,
+            self.bytes_before,
+            self.bytes_after,
+            self.rows_before,
+            self.rows_after,
+            self.manifests_before,
+            self.manifests_after,
+            self.bins,
+            self.snapshots_expired,
+            self.files_deleted,
+            self.bytes_deleted,
+        )?;
+        if let Some(why) = &self.skipped {
+            write!(f, "  (rewrite skipped: {why})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a long run: (table, step, done, total).
+pub type Progress<'a> = &'a (dyn Fn(&str, &str, u64, u64) + Send + Sync);
+
+/// Maintains `kind` (see the module docs for the steps).
+pub async fn maintain_table(
+    wh: &Warehouse,
+    kind: TableKind,
+    options: &MaintainOptions,
+    progress: Progress<'_>,
+) -> Result<TableReport, WarehouseError> {
+    let table = wh.table(kind).await?;
+    let live = live_files(&table).await?;
+    let mut report = TableReport {
+        table: kind.name(),
+        files_before: live.files.len() as u64,
+        bytes_before: live.files.iter().map(|f| f.0.file_size_in_bytes()).sum(),
+        rows_before: live.files.iter().map(|f| f.0.record_count()).sum(),
+        manifests_before: live.manifests,
+        ..Default::default()
+    };
+    let bins = plan_bins(&live.files, options.bin_bytes);
+    report.bins = bins.len() as u64;
+    report.files_compacted = bins.iter().map(|b| b.len() as u64).sum();
+
+    if !options.dry_run {
+        let rewrite_manifests = bins.is_empty() && live.manifests as usize > options.max_manifests;
+        if !bins.is_empty() || rewrite_manifests {
+            let mut rewrite = Rewrite::new(
+                Operation::Replace,
+                format!("maintain-{}", uuid::Uuid::now_v7()),
+            );
+            rewrite.merge_manifests = true;
+            let total = bins.len() as u64;
+            for (i, bin) in bins.iter().enumerate() {
+                progress(kind.name(), "compact", i as u64, total);
+                let batch = read_files(&table, bin).await?;
+                let batch = if is_rollup(kind) {
+                    fold(kind, &table, batch).await?
+                } else {
+                    batch
+                };
+                rewrite
+                    .added
+                    .extend(tables::write_files(kind, &table, batch).await?);
+                rewrite
+                    .removed
+                    .extend(bin.iter().map(|f| f.0.file_path().to_string()));
+            }
+            progress(kind.name(), "compact", total, total);
+            match replace::replace(
+                wh.catalog().as_ref(),
+                wh.swap().await?,
+                &kind.ident(),
+                &rewrite,
+            )
+            .await
+            {
+                Ok(Outcome::Committed { .. }) | Ok(Outcome::AlreadyApplied { .. }) => {}
+                Err(e @ WarehouseError::NotLive { .. }) => {
+                    // Another maintenance run got there first: our output is unreferenced
+                    // (deleted below once old enough) and the next run re-plans.
+                    report.skipped = Some(e.to_string());
+                    for f in &rewrite.added {
+                        let _ = table.file_io().delete(f.file_path()).await;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        progress(kind.name(), "expire", 0, 1);
+        report.snapshots_expired = expire(wh, kind, options).await?;
+        progress(kind.name(), "delete", 0, 1);
+        let (files, bytes) = delete_unreferenced(wh, kind, options).await?;
+        report.files_deleted = files;
+        report.bytes_deleted = bytes;
+    }
+
+    let table = wh.table(kind).await?;
+    let after = live_files(&table).await?;
+    report.files_after = after.files.len() as u64;
+    report.bytes_after = after.files.iter().map(|f| f.0.file_size_in_bytes()).sum();
+    report.rows_after = after.files.iter().map(|f| f.0.record_count()).sum();
+    report.manifests_after = after.manifests;
+    if options.dry_run {
+        // What a real run would leave: each bin becomes one file.
+        report.files_after = report.files_after - report.files_compacted + report.bins;
+    }
+    Ok(report)
+}
+
+/// Maintains every table in `kinds`, one after another.
+pub async fn maintain(
+    wh: &Warehouse,
+    kinds: &[TableKind],
+    options: &MaintainOptions,
+    progress: Progress<'_>,
+) -> Result<Vec<TableReport>, WarehouseError> {
+    let mut reports = Vec::new();
+    for kind in kinds {
+        reports.push(maintain_table(wh, *kind, options, progress).await?);
+    }
+    Ok(reports)
+}
+
+/// Runs [`maintain`] over all tables every `interval` (the warehouse role's schedule);
+/// errors are logged and retried next round.
+pub async fn run_loop(
+    wh: Arc<Warehouse>,
+    interval: Duration,
+    options: MaintainOptions,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        for kind in TableKind::ALL {
+            match maintain_table(&wh, kind, &options, &|_, _, _, _| {}).await {
+                Ok(r) if r.bins + r.snapshots_expired + r.files_deleted > 0 => {
+                    tracing::info!(report = %r, "maintenance")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(table = kind.name(), error = %e, "maintenance failed; will retry")
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+fn is_rollup(kind: TableKind) -> bool {
+    matches!(
+        kind,
+        TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly
+    )
+}
+
+struct Live {
+    /// Live data files with the partition spec id of the manifest listing them.
+    files: Vec<(DataFile, i32)>,
+    manifests: u64,
+}
+
+async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
+    let mut live = Live {
+        files: Vec::new(),
+        manifests: 0,
+    };
+    let Some(snapshot) = table.metadata().current_snapshot() else {
+        return Ok(live);
+    };
+    let list = table.manifest_list_reader(snapshot).load().await?;
+    for manifest in list.entries() {
+        live.manifests += 1;
+        if manifest.content != ManifestContentType::Data {
+            continue;
+        }
+        let loaded = manifest.load_manifest(table.file_io()).await?;
+        for e in loaded.entries().iter().filter(|e| e.is_alive()) {
+            live.files
+                .push((e.data_file().clone(), manifest.partition_spec_id));
+        }
+    }
+    Ok(live)
+}
+
+/// Bins of small files to compact: per partition, files under 3/4 of the target size,
+/// smallest first, packed up to `bin_bytes`; a bin needs at least two files.
+fn plan_bins(files: &[(DataFile, i32)], bin_bytes: u64) -> Vec<Vec<(DataFile, i32)>> {
+    let small = (TARGET_FILE_BYTES as u64) * 3 / 4;
+    let mut by_partition: BTreeMap<(i32, String), Vec<&(DataFile, i32)>> = BTreeMap::new();
+    for f in files {
+        if f.0.file_size_in_bytes() < small && f.0.file_format() == DataFileFormat::Parquet {
+            // Debug text orders partitions stably (Struct has no Ord).
+            by_partition
+                .entry((f.1, format!("{:?}", f.0.partition())))
+                .or_default()
+                .push(f);
+        }
+    }
+    let mut bins = Vec::new();
+    for (_, mut group) in by_partition {
+        group.sort_by_key(|f| f.0.file_size_in_bytes());
+        let mut bin: Vec<(DataFile, i32)> = Vec::new();
+        let mut bytes = 0;
+        for f in group {
+            let size = f.0.file_size_in_bytes();
+            if !bin.is_empty() && bytes + size > bin_bytes {
+                if bin.len() > 1 {
+                    bins.push(std::mem::take(&mut bin));
+                } else {
+                    bin.clear();
+                }
+                bytes = 0;
+            }
+            bytes += size;
+            bin.push(f.clone());
+        }
+        if bin.len() > 1 {
+            bins.push(bin);
+        }
+    }
+    bins
+}
+
+/// Reads `files` of `table` with its current schema (older files get NULL for newer columns).
+async fn read_files(
+    table: &Table,
+    files: &[(DataFile, i32)],
+) -> Result<RecordBatch, WarehouseError> {
+    let md = table.metadata();
+    let schema = md.current_schema().clone();
+    let field_ids: Vec<i32> = schema.as_struct().fields().iter().map(|f| f.id).collect();
+    let mut tasks = Vec::with_capacity(files.len());
+    for (f, spec_id) in files {
+        let spec = md.partition_spec_by_id(*spec_id).cloned();
+        tasks.push(Ok(FileScanTask::builder()
+            .with_file_size_in_bytes(f.file_size_in_bytes())
+            .with_start(0)
+            .with_length(f.file_size_in_bytes())
+            .with_record_count(Some(f.record_count()))
+            .with_data_file_path(f.file_path().to_string())
+            .with_data_file_format(f.file_format())
+            .with_schema(schema.clone())
+            .with_project_field_ids(field_ids.clone())
+            .with_partition(Some(f.partition().clone()))
+            .with_partition_spec(spec)
+            .with_case_sensitive(true)
+            .build()));
+    }
+    let stream = table
+        .reader_builder()
+        .build()
+        .read(Box::pin(futures::stream::iter(tasks)))?
+        .stream();
+    let batches: Vec<RecordBatch> = stream.try_collect().await?;
+    let arrow_schema = tables::arrow_schema(table)?;
+    conform(&batches, &arrow_schema)
+}
+
+/// One batch with exactly `schema` (field ids included), from batches with the same columns
+/// in the same order but possibly other physical types (Binary vs LargeBinary, Int64 sums).
+pub(crate) fn conform(
+    batches: &[RecordBatch],
+    schema: &ArrowSchemaRef,
+) -> Result<RecordBatch, WarehouseError> {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if rows == 0 {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (i, field) in schema.fields().iter().enumerate() {
+        let parts = batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let col = b.column(i);
+                if col.data_type() == field.data_type() {
+                    Ok(col.clone())
+                } else {
+                    cast(col, field.data_type())
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        columns.push(arrow::compute::concat(&refs)?);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Folds a rollup table's delta rows into one row per key (what its views compute anyway).
+async fn fold(
+    kind: TableKind,
+    table: &Table,
+    batch: RecordBatch,
+) -> Result<RecordBatch, WarehouseError> {
+    let query = match kind {
+        TableKind::RollupsHourly => {
+            "SELECT merchant_id, hour, sum(events), sum(pageviews), hll_union(visitors_hll), \
+                    sum(revenue_events) FROM t GROUP BY merchant_id, hour"
+        }
+        TableKind::RevenueHourly => {
+            "SELECT merchant_id, hour, currency, sum(orders), sum(revenue_micros) \
+             FROM t GROUP BY merchant_id, hour, currency"
+        }
+        TableKind::BreakdownsHourly => {
+            "SELECT merchant_id, hour, dimension, value, sum(events), sum(pageviews), \
+                    hll_union(visitors_hll) FROM t GROUP BY merchant_id, hour, dimension, value"
+        }
+        _ => return Ok(batch),
+    };
+    let ctx = SessionContext::new();
+    crate::hll::register(&ctx);
+    // Arrow field-id metadata is irrelevant to the aggregation; drop it for DataFusion.
+    let plain = Arc::new(arrow::datatypes::Schema::new(
+        batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_metadata(HashMap::new()))
+            .collect::<Vec<_>>(),
+    ));
+    let input = RecordBatch::try_new(plain.clone(), batch.columns().to_vec())?;
+    ctx.register_table("t", Arc::new(MemTable::try_new(plain, vec![vec![input]])?))?;
+    let folded = ctx.sql(query).await?.collect().await?;
+    let schema = tables::arrow_schema(table)?;
+    let folded = folded
+        .iter()
+        .map(|b| {
+            // `hll_union` yields Binary; the table's sketch column is LargeBinary.
+            let cols = b
+                .columns()
+                .iter()
+                .map(|c| match c.data_type() {
+                    DataType::Binary => cast(c, &DataType::LargeBinary),
+                    _ => Ok(c.clone()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(
+                Arc::new(arrow::datatypes::Schema::new(
+                    cols.iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            arrow::datatypes::Field::new(
+                                format!("c{i}"),
+                                c.data_type().clone(),
+                                true,
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                )),
+                cols,
+            )?)
+        })
+        .collect::<Result<Vec<_>, WarehouseError>>()?;
+    conform(&folded, &schema)
+}
+
+/// Expires snapshots per the options; returns how many were removed.
+async fn expire(
+    wh: &Warehouse,
+    kind: TableKind,
+    options: &MaintainOptions,
+) -> Result<u64, WarehouseError> {
+    let table = wh.table(kind).await?;
+    let before = table.metadata().snapshots().count() as u64;
+    let cutoff = SystemTime::now()
+        .checked_sub(options.retain)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let expirable = table
+        .metadata()
+        .snapshots()
+        .filter(|s| s.timestamp_ms() < cutoff)
+        .count();
+    if before as usize <= options.retain_last || expirable == 0 {
+        return Ok(0);
+    }
+    let tx = Transaction::new(&table);
+    let action = tx
+        .expire_snapshots()
+        .expire_older_than_ms(cutoff)
+        .retain_last(options.retain_last.max(1));
+    let tx = action.apply(tx)?;
+    let table = tx.commit(wh.catalog().as_ref()).await?;
+    Ok(before.saturating_sub(table.metadata().snapshots().count() as u64))
+}
+
+/// Deletes files under the table's location that nothing retained references (see module
+/// docs). Returns (files, bytes) deleted.
+async fn delete_unreferenced(
+    wh: &Warehouse,
+    kind: TableKind,
+    options: &MaintainOptions,
+) -> Result<(u64, u64), WarehouseError> {
+    let table = wh.table(kind).await?;
+    let md = table.metadata();
+    let Some(root) = local_path(md.location()) else {
+        tracing::debug!(
+            table = kind.name(),
+            "unreferenced-file cleanup is local-disk only"
+        );
+        return Ok((0, 0));
+    };
+    let mut keep: HashSet<PathBuf> = HashSet::new();
+    if let Some(current) = table.metadata_location() {
+        keep.extend(local_path(current));
+    }
+    for entry in md.metadata_log() {
+        keep.extend(local_path(&entry.metadata_file));
+    }
+    let mut seen_manifests: HashSet<String> = HashSet::new();
+    for snapshot in md.snapshots() {
+        keep.extend(local_path(snapshot.manifest_list()));
+        let list = table.manifest_list_reader(snapshot).load().await?;
+        for manifest in list.entries() {
+            keep.extend(local_path(&manifest.manifest_path));
+            if !seen_manifests.insert(manifest.manifest_path.clone()) {
+                continue;
+            }
+            let loaded = manifest.load_manifest(table.file_io()).await?;
+            for e in loaded.entries().iter().filter(|e| e.is_alive()) {
+                keep.extend(local_path(e.file_path()));
+            }
+        }
+    }
+    let cutoff = SystemTime::now()
+        .checked_sub(options.orphan_age)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut deleted = (0u64, 0u64);
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if keep.contains(&path) || meta.modified().map_or(true, |m| m > cutoff) {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                deleted.0 += 1;
+                deleted.1 += meta.len();
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// The local path of a `file://` (or bare absolute) location; `None` for object storage.
+fn local_path(location: &str) -> Option<PathBuf> {
+    let path = location
+        .strip_prefix("file://")
+        .or_else(|| location.strip_prefix("file:"))
+        .unwrap_or(location);
+    path.starts_with('/').then(|| Path::new(path).to_path_buf())
+}

@@ -1,0 +1,474 @@
+//! Atomic replace commits: one Iceberg snapshot that removes some data files and adds others.
+//!
+//! The `iceberg` crate (0.10) can only fast-append; its snapshot producer and commit types are
+//! crate-private. This module writes the same thing per the Iceberg spec from the crate's
+//! public spec types, and can be swapped for upstream's `RewriteFiles` when it exists:
+//!
+//! 1. load the table; if a snapshot in the current ancestry carries this job's id
+//!    ([`JOB_PROPERTY`]), the job was already applied: done (idempotent re-runs after a crash);
+//! 2. read every data manifest of the current snapshot; every file to remove must be live
+//!    (else [`WarehouseError::NotLive`]: someone else rewrote it, the job is stale);
+//! 3. manifests without a removed file are carried over untouched; the entries of the others
+//!    go into one rewritten manifest, as `existing` (original snapshot id and sequence numbers
+//!    kept) or `deleted`; the added files into one new manifest;
+//! 4. a v2 manifest list, a snapshot (operation `replace`, `overwrite` or `delete`) whose
+//!    summary carries the parent's `beacon.*` properties forward (ingest's sequence
+//!    watermarks: without them exactly-once breaks at the next restart), then the new metadata
+//!    JSON with that snapshot on `main`;
+//! 5. a compare-and-swap on the catalog row, exactly as the SQL catalog commits: `UPDATE ...
+//!    WHERE metadata_location = <the one we read>`, which must change exactly one row.
+//!
+//! On a lost swap (an ingest append or a rollup landed meanwhile) the staged files are deleted
+//! and everything is redone from step 1 on the new current snapshot, so concurrent appends are
+//! kept. A crash anywhere before the swap leaves only unreferenced files (maintenance deletes
+//! orphans); after it, the job id makes a re-run a no-op.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use iceberg::spec::{
+    DataContentType, DataFile, DataFileFormat, FormatVersion, ManifestContentType, ManifestFile,
+    ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot, SnapshotSummaryCollector,
+    Summary, MAIN_BRANCH,
+};
+use iceberg::table::Table;
+use iceberg::{Catalog, MetadataLocation, TableIdent};
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
+use sqlx::AnyPool;
+
+use crate::WarehouseError;
+
+/// Snapshot property naming the job that produced a replace (never carried forward).
+pub const JOB_PROPERTY: &str = "beacon.job";
+/// How often a replace is re-based after losing the swap before it gives up.
+const MAX_ATTEMPTS: u32 = 20;
+
+/// What one replace commit does.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    /// `Replace` (same rows, new files: compaction), `Overwrite` (changed rows) or `Delete`.
+    pub operation: Operation,
+    /// Paths of data files to remove; each must be live in the snapshot the commit is based on.
+    pub removed: Vec<String>,
+    /// New data files (written to the table's location with its current spec).
+    pub added: Vec<DataFile>,
+    /// Extra snapshot properties; they override the carried-forward `beacon.*` ones.
+    pub properties: HashMap<String, String>,
+    /// Unique per job: a job whose id is already in the table's ancestry is not applied again.
+    pub job_id: String,
+    /// Also fold every other data manifest into the rewritten one (manifest compaction).
+    pub merge_manifests: bool,
+}
+
+impl Rewrite {
+    pub fn new(operation: Operation, job_id: impl Into<String>) -> Self {
+        Self {
+            operation,
+            removed: Vec::new(),
+            added: Vec::new(),
+            properties: HashMap::new(),
+            job_id: job_id.into(),
+            merge_manifests: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed as `snapshot_id` after `attempts` tries (1 = no conflict).
+    Committed { snapshot_id: i64, attempts: u32 },
+    /// The job id was already in the ancestry, at `snapshot_id`: nothing was written.
+    AlreadyApplied { snapshot_id: i64 },
+}
+
+/// The compare-and-swap on the SQL catalog's table row, as `iceberg-catalog-sql` does it.
+pub struct CatalogSwap {
+    pool: AnyPool,
+    catalog_name: String,
+}
+
+impl CatalogSwap {
+    /// `uri` is the catalog database's sqlx URI (`sqlite:...`, `postgres://...`).
+    pub async fn connect(uri: &str, catalog_name: &str) -> Result<Self, WarehouseError> {
+        install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(uri)
+            .await
+            .map_err(WarehouseError::Catalog)?;
+        Ok(Self {
+            pool,
+            catalog_name: catalog_name.to_string(),
+        })
+    }
+
+    /// Points `ident` at `new` if it still points at `expected`. `Ok(false)`: someone else
+    /// committed first.
+    async fn swap(
+        &self,
+        ident: &TableIdent,
+        expected: &str,
+        new: &str,
+    ) -> Result<bool, WarehouseError> {
+        let result = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+               AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) \
+               AND metadata_location = ?",
+        )
+        .bind(new)
+        .bind(expected)
+        .bind(&self.catalog_name)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .bind(expected)
+        .execute(&self.pool)
+        .await
+        .map_err(WarehouseError::Catalog)?;
+        match result.rows_affected() {
+            0 => Ok(false),
+            1 => Ok(true),
+            n => Err(WarehouseError::CatalogCorrupt(format!(
+                "swapping {ident} changed {n} catalog rows"
+            ))),
+        }
+    }
+}
+
+/// Applies `rewrite` to the table `ident` in one atomic snapshot (see the module docs).
+pub async fn replace(
+    catalog: &dyn Catalog,
+    swap: &CatalogSwap,
+    ident: &TableIdent,
+    rewrite: &Rewrite,
+) -> Result<Outcome, WarehouseError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let table = catalog.load_table(ident).await?;
+        if let Some(snapshot_id) = applied(&table, &rewrite.job_id) {
+            return Ok(Outcome::AlreadyApplied { snapshot_id });
+        }
+        let staged = stage(&table, rewrite).await?;
+        let current = table.metadata_location_result()?.to_string();
+        fault_point("before-swap");
+        if swap
+            .swap(ident, &current, &staged.metadata_location)
+            .await?
+        {
+            fault_point("after-swap");
+            tracing::info!(
+                table = %ident,
+                snapshot = staged.snapshot_id,
+                removed = rewrite.removed.len(),
+                added = rewrite.added.len(),
+                attempt,
+                job = %rewrite.job_id,
+                "replace committed"
+            );
+            return Ok(Outcome::Committed {
+                snapshot_id: staged.snapshot_id,
+                attempts: attempt,
+            });
+        }
+        // Lost the race: nothing references what we staged.
+        for path in &staged.written {
+            let _ = table.file_io().delete(path).await;
+        }
+        tracing::debug!(table = %ident, attempt, "replace lost the swap; re-basing");
+        // Appends commit every second or so: a short, growing pause lets them through.
+        tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+    }
+    Err(WarehouseError::CommitConflict {
+        table: ident.to_string(),
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
+/// The snapshot in the current ancestry that `job_id` produced, if any.
+pub fn applied(table: &Table, job_id: &str) -> Option<i64> {
+    let md = table.metadata();
+    let mut next = md.current_snapshot_id();
+    while let Some(id) = next {
+        let snapshot = md.snapshot_by_id(id)?;
+        if snapshot.summary().additional_properties.get(JOB_PROPERTY) == Some(&job_id.to_string()) {
+            return Some(id);
+        }
+        next = snapshot.parent_snapshot_id();
+    }
+    None
+}
+
+/// Test-only crash points (`BEACON_FAULT_REPLACE=before-swap|after-swap`): the process dies
+/// as if killed, so the kill -9 tests hit the two moments that matter every time.
+fn fault_point(at: &str) {
+    if std::env::var("BEACON_FAULT_REPLACE").is_ok_and(|v| v == at) {
+        eprintln!("BEACON_FAULT_REPLACE: dying {at}");
+        std::process::abort();
+    }
+}
+
+struct Staged {
+    snapshot_id: i64,
+    metadata_location: String,
+    /// Every file written for this attempt (manifests, manifest list, metadata JSON).
+    written: Vec<String>,
+}
+
+async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseError> {
+    let md = table.metadata();
+    if md.format_version() != FormatVersion::V2 {
+        return Err(WarehouseError::Unsupported(format!(
+            "replace commits are written for format v2; {} is {}",
+            table.identifier(),
+            md.format_version()
+        )));
+    }
+    let file_io = table.file_io();
+    let schema = md.current_schema().clone();
+    let spec = md.default_partition_spec().clone();
+    let base = md.current_snapshot();
+    let snapshot_id = unique_snapshot_id(table);
+    let seq = md.next_sequence_number();
+    let commit_id = uuid::Uuid::now_v7();
+    let metadata_dir = format!("{}/metadata", md.location());
+    let mut written = Vec::new();
+
+    let removed: HashSet<&str> = rewrite.removed.iter().map(String::as_str).collect();
+    let mut found: HashSet<String> = HashSet::new();
+    let mut summary = SnapshotSummaryCollector::default();
+    let mut totals = Totals::default();
+    let mut carried: Vec<ManifestFile> = Vec::new();
+    let mut rewritten = None;
+    let mut rewritten_entries = 0usize;
+
+    if let Some(base) = base {
+        let list = table.manifest_list_reader(base).load().await?;
+        // (`consume_entries` is not `Send`: copy the list out.)
+        for manifest in list.entries().to_vec() {
+            if manifest.content != ManifestContentType::Data {
+                // Beacon writes no delete files; another engine's are kept as they are.
+                carried.push(manifest);
+                continue;
+            }
+            let loaded = manifest.load_manifest(file_io).await?;
+            let live: Vec<_> = loaded.entries().iter().filter(|e| e.is_alive()).collect();
+            let touched = live.iter().any(|e| removed.contains(e.file_path()));
+            if !touched && !rewrite.merge_manifests {
+                for e in &live {
+                    totals.add(e.data_file());
+                }
+                carried.push(manifest);
+                continue;
+            }
+            let writer = match rewritten.as_mut() {
+                Some(w) => w,
+                None => {
+                    let path = format!("{metadata_dir}/{commit_id}-m0.avro");
+                    written.push(path.clone());
+                    let spec = md
+                        .partition_spec_by_id(manifest.partition_spec_id)
+                        .cloned()
+                        .unwrap_or_else(|| spec.clone());
+                    rewritten.insert(
+                        ManifestWriterBuilder::new(
+                            file_io.new_output(&path)?,
+                            Some(snapshot_id),
+                            schema.clone(),
+                            spec.as_ref().clone(),
+                        )
+                        .build_v2_data(),
+                    )
+                }
+            };
+            for e in live {
+                let data_seq = e
+                    .sequence_number()
+                    .ok_or_else(|| missing_seq(e.file_path()))?;
+                let file_seq = e.file_sequence_number;
+                if removed.contains(e.file_path()) {
+                    found.insert(e.file_path().to_string());
+                    summary.remove_file(e.data_file(), schema.clone(), spec.clone());
+                    writer.add_delete_file(e.data_file().clone(), data_seq, file_seq)?;
+                } else {
+                    let added_by = e.snapshot_id().ok_or_else(|| missing_seq(e.file_path()))?;
+                    totals.add(e.data_file());
+                    writer.add_existing_file(
+                        e.data_file().clone(),
+                        added_by,
+                        data_seq,
+                        file_seq,
+                    )?;
+                }
+                rewritten_entries += 1;
+            }
+        }
+    }
+    if found.len() != removed.len() {
+        let missing = rewrite
+            .removed
+            .iter()
+            .find(|p| !found.contains(*p))
+            .cloned()
+            .unwrap_or_default();
+        return Err(WarehouseError::NotLive {
+            table: table.identifier().to_string(),
+            path: missing,
+        });
+    }
+
+    // Added files go into the rewritten manifest when there is one (one manifest after a
+    // merge), else into their own.
+    let mut writer = match rewritten {
+        Some(w) => Some(w),
+        None if !rewrite.added.is_empty() => {
+            let path = format!("{metadata_dir}/{commit_id}-m1.avro");
+            written.push(path.clone());
+            Some(
+                ManifestWriterBuilder::new(
+                    file_io.new_output(&path)?,
+                    Some(snapshot_id),
+                    schema.clone(),
+                    spec.as_ref().clone(),
+                )
+                .build_v2_data(),
+            )
+        }
+        None => None,
+    };
+    for file in &rewrite.added {
+        // (The crate does not expose a data file's spec id: added files must come from
+        // `write_files`, which writes with the current spec.)
+        if file.content_type() != DataContentType::Data {
+            return Err(WarehouseError::Unsupported(format!(
+                "{} is not a data file of {}",
+                file.file_path(),
+                table.identifier()
+            )));
+        }
+        summary.add_file(file, schema.clone(), spec.clone());
+        totals.add(file);
+        if let Some(w) = writer.as_mut() {
+            w.add_file(file.clone(), seq)?;
+            rewritten_entries += 1;
+        }
+    }
+    let mut manifests = carried;
+    if let Some(w) = writer {
+        if rewritten_entries > 0 {
+            manifests.push(w.write_manifest_file().await?);
+        }
+    }
+
+    let list_path = format!(
+        "{metadata_dir}/snap-{snapshot_id}-1-{commit_id}.{}",
+        DataFileFormat::Avro
+    );
+    written.push(list_path.clone());
+    let mut list = ManifestListWriter::v2(
+        file_io.new_output(&list_path)?.writer().await?,
+        snapshot_id,
+        md.current_snapshot_id(),
+        seq,
+    );
+    list.add_manifests(manifests.into_iter())?;
+    list.close().await?;
+
+    // Properties: the parent's `beacon.*` (watermarks) carried forward, then the caller's,
+    // then this job's id, then the computed counts (which nobody may shadow).
+    let mut properties: HashMap<String, String> = base
+        .map(|s| {
+            s.summary()
+                .additional_properties
+                .iter()
+                .filter(|(k, _)| k.starts_with("beacon.") && k.as_str() != JOB_PROPERTY)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    properties.extend(rewrite.properties.clone());
+    properties.insert(JOB_PROPERTY.into(), rewrite.job_id.clone());
+    properties.extend(summary.build());
+    properties.extend(totals.properties());
+
+    let now = chrono_now_ms().max(md.last_updated_ms() + 1);
+    let snapshot = Snapshot::builder()
+        .with_manifest_list(list_path)
+        .with_snapshot_id(snapshot_id)
+        .with_parent_snapshot_id(md.current_snapshot_id())
+        .with_sequence_number(seq)
+        .with_summary(Summary {
+            operation: rewrite.operation.clone(),
+            additional_properties: properties,
+        })
+        .with_schema_id(md.current_schema_id())
+        .with_timestamp_ms(now)
+        .build();
+    let current = table.metadata_location_result()?.to_string();
+    let new_metadata = md
+        .clone()
+        .into_builder(Some(current.clone()))
+        .set_branch_snapshot(snapshot, MAIN_BRANCH)?
+        .build()?
+        .metadata;
+    let location = MetadataLocation::from_str(&current)?
+        .with_next_version()
+        .with_new_metadata(&new_metadata);
+    new_metadata.write_to(file_io, &location).await?;
+    let metadata_location = location.to_string();
+    written.push(metadata_location.clone());
+    Ok(Staged {
+        snapshot_id,
+        metadata_location,
+        written,
+    })
+}
+
+/// `total-*` summary fields, counted from the live files of the new snapshot.
+#[derive(Default)]
+struct Totals {
+    records: u64,
+    files: u64,
+    bytes: u64,
+}
+
+impl Totals {
+    fn add(&mut self, file: &DataFile) {
+        self.records += file.record_count();
+        self.files += 1;
+        self.bytes += file.file_size_in_bytes();
+    }
+
+    fn properties(&self) -> [(String, String); 6] {
+        [
+            ("total-records".into(), self.records.to_string()),
+            ("total-data-files".into(), self.files.to_string()),
+            ("total-files-size".into(), self.bytes.to_string()),
+            ("total-delete-files".into(), "0".into()),
+            ("total-position-deletes".into(), "0".into()),
+            ("total-equality-deletes".into(), "0".into()),
+        ]
+    }
+}
+
+fn missing_seq(path: &str) -> WarehouseError {
+    WarehouseError::CatalogCorrupt(format!(
+        "manifest entry for {path} has no sequence number or snapshot id after inheritance"
+    ))
+}
+
+fn unique_snapshot_id(table: &Table) -> i64 {
+    loop {
+        let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+        let id = ((a ^ b) & (i64::MAX as u64)) as i64;
+        if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
+            return id;
+        }
+    }
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,337 @@
+//! The replace commit and maintenance against real Iceberg tables on local disk (SQLite
+//! catalog), through the crate's public API only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    new_null_array, ArrayRef, Int64Array, LargeBinaryArray, StringArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use beacon_warehouse::maintain::{self, MaintainOptions};
+use beacon_warehouse::replace::{Outcome, Rewrite, JOB_PROPERTY};
+use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
+use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
+use iceberg::spec::Operation;
+
+const HOUR_US: i64 = 3_600_000_000;
+/// 2026-11-02T00:00:00Z
+const DAY0_US: i64 = 1_793_577_600_000_000;
+
+/// `n` rows for `kind` (any table): ids `prefix-0..n`, merchants m0..m3, times spread over two
+/// days so rows land in several partitions, all with JetStream sequence `seq`.
+async fn rows(wh: &Warehouse, kind: TableKind, prefix: &str, n: usize, seq: u64) -> RecordBatch {
+    let table = wh.table(kind).await.unwrap();
+    let schema = arrow_schema(&table).unwrap();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| -> ArrayRef {
+            match (f.name().as_str(), f.data_type()) {
+                ("stream_seq", _) => {
+                    Arc::new(Int64Array::from_iter_values((0..n).map(|_| seq as i64)))
+                }
+                ("merchant_id", _) => Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("m{}", i % 4)),
+                )),
+                (_, DataType::Utf8) if !f.is_nullable() || f.name() == "visitor_id" => Arc::new(
+                    StringArray::from_iter_values((0..n).map(|i| format!("{prefix}-{i}"))),
+                ),
+                (_, DataType::Timestamp(TimeUnit::Microsecond, tz)) => Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(
+                        (0..n).map(|i| DAY0_US + (i as i64 % 48) * HOUR_US),
+                    )
+                    .with_timezone_opt(tz.clone()),
+                ),
+                (_, DataType::Int64) if !f.is_nullable() => {
+                    Arc::new(Int64Array::from_iter_values((0..n).map(|i| i as i64 + 1)))
+                }
+                (_, DataType::LargeBinary) => {
+                    Arc::new(LargeBinaryArray::from_iter((0..n).map(|_| None::<&[u8]>)))
+                }
+                (_, t) => new_null_array(t, n),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).unwrap()
+}
+
+async fn count(wh: &Warehouse, sql: &str) -> i64 {
+    let ctx = wh.session().await.unwrap();
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let col = batches[0].column(0);
+    arrow::compute::cast(col, &DataType::Int64)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
+/// Query results as JSON text, through an uncached session (sees the latest commit).
+async fn query_json(wh: &Warehouse, sql: &str) -> String {
+    let ctx = wh.session().await.unwrap();
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    beacon_warehouse::output::json(&batches).unwrap()
+}
+
+async fn live_paths(wh: &Warehouse, kind: TableKind) -> Vec<String> {
+    let table = wh.table(kind).await.unwrap();
+    let Some(snapshot) = table.metadata().current_snapshot() else {
+        return vec![];
+    };
+    let list = table.manifest_list_reader(snapshot).load().await.unwrap();
+    let mut paths = vec![];
+    for m in list.entries() {
+        let manifest = m.load_manifest(table.file_io()).await.unwrap();
+        for e in manifest.entries().iter().filter(|e| e.is_alive()) {
+            paths.push(e.file_path().to_string());
+        }
+    }
+    paths.sort();
+    paths
+}
+
+fn seq_props(seq: u64) -> HashMap<String, String> {
+    HashMap::from([(SEQ_PROPERTY.to_string(), seq.to_string())])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_swaps_files_in_one_snapshot_and_carries_watermarks_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Warehouse::open(dir.path()).await.unwrap();
+    let kind = TableKind::FailedEvents;
+    for (i, prefix) in ["a", "b", "c"].iter().enumerate() {
+        let seq = 10 * (i as u64 + 1);
+        let batch = rows(&wh, kind, prefix, 10, seq).await;
+        wh.append(kind, batch, seq_props(seq)).await.unwrap();
+    }
+    let before = live_paths(&wh, kind).await;
+    let old_snapshot = wh
+        .table(kind)
+        .await
+        .unwrap()
+        .metadata()
+        .current_snapshot_id()
+        .unwrap();
+    assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 30);
+
+    // Replace everything with one file holding the same 30 rows plus 5 new ones ("overwrite").
+    let mut all = vec![];
+    for p in ["a", "b", "c"] {
+        all.push(rows(&wh, kind, p, 10, 0).await);
+    }
+    all.push(rows(&wh, kind, "d", 5, 0).await);
+    let batch = arrow::compute::concat_batches(&all[0].schema(), &all).unwrap();
+    let mut rewrite = Rewrite::new(Operation::Overwrite, "job-1");
+    rewrite.removed = before.clone();
+    rewrite.added = wh.write_files(kind, batch).await.unwrap();
+    rewrite
+        .properties
+        .insert("beacon.reason".into(), "test".into());
+    let outcome = wh.replace(kind, &rewrite).await.unwrap();
+    assert!(matches!(outcome, Outcome::Committed { attempts: 1, .. }));
+
+    assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 35);
+    let after = live_paths(&wh, kind).await;
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "old files still live"
+    );
+    let table = wh.table(kind).await.unwrap();
+    let current = table.metadata().current_snapshot().unwrap();
+    let props = &current.summary().additional_properties;
+    assert_eq!(current.summary().operation, Operation::Overwrite);
+    assert_eq!(props.get(SEQ_PROPERTY).map(String::as_str), Some("30"));
+    assert_eq!(props.get("beacon.reason").map(String::as_str), Some("test"));
+    assert_eq!(props.get(JOB_PROPERTY).map(String::as_str), Some("job-1"));
+    assert_eq!(props.get("total-records").map(String::as_str), Some("35"));
+    assert_eq!(wh.committed_seq(kind).await.unwrap(), 30);
+
+    // Time travel to before the replace still reads the old files.
+    let ctx = wh.session().await.unwrap();
+    let pinned = iceberg_datafusion::IcebergStaticTableProvider::try_new_from_table_snapshot(
+        table.clone(),
+        old_snapshot,
+    )
+    .await
+    .unwrap();
+    ctx.register_table("old", Arc::new(pinned)).unwrap();
+    let old = ctx
+        .sql("SELECT count(*) FROM old")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        old[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        30
+    );
+
+    // The same job again is a no-op; a job naming a file that is gone aborts.
+    assert!(matches!(
+        wh.replace(kind, &rewrite).await.unwrap(),
+        Outcome::AlreadyApplied { .. }
+    ));
+    assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 35);
+    let mut stale = Rewrite::new(Operation::Delete, "job-2");
+    stale.removed = vec![before[0].clone()];
+    match wh.replace(kind, &stale).await {
+        Err(WarehouseError::NotLive { path, .. }) => assert_eq!(path, before[0]),
+        other => panic!("expected NotLive, got {other:?}"),
+    }
+
+    // A delete: rows go, the watermark stays.
+    let mut delete = Rewrite::new(Operation::Delete, "job-3");
+    delete.removed = after.clone();
+    wh.replace(kind, &delete).await.unwrap();
+    assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 0);
+    assert_eq!(wh.committed_seq(kind).await.unwrap(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaces_racing_appends_keep_every_row_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Arc::new(Warehouse::open(dir.path()).await.unwrap());
+    let kind = TableKind::Events;
+    const APPENDS: usize = 40;
+    const ROWS: usize = 25;
+    let appender = {
+        let wh = wh.clone();
+        tokio::spawn(async move {
+            for i in 0..APPENDS {
+                let batch = rows(&wh, kind, &format!("e{i}"), ROWS, i as u64 + 1).await;
+                wh.append(kind, batch, seq_props(i as u64 + 1))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Compact whatever is live, again and again, while the appends land.
+    let mut compactions = 0;
+    let mut conflicts = 0;
+    let mut runs = 0;
+    while !appender.is_finished() || compactions == 0 {
+        runs += 1;
+        assert!(runs < 500, "no compaction in {runs} maintenance runs");
+        let report =
+            maintain::maintain_table(&wh, kind, &MaintainOptions::default(), &|_, _, _, _| {})
+                .await
+                .unwrap();
+        if report.bins > 0 {
+            compactions += 1;
+        }
+        if report.skipped.is_some() {
+            conflicts += 1;
+        }
+    }
+    appender.await.unwrap();
+    let total = (APPENDS * ROWS) as i64;
+    assert_eq!(count(&wh, "SELECT count(*) FROM events").await, total);
+    assert_eq!(
+        count(&wh, "SELECT count(DISTINCT event_id) FROM events").await,
+        total
+    );
+    assert_eq!(wh.committed_seq(kind).await.unwrap(), APPENDS as u64);
+    assert!(
+        compactions > 0,
+        "nothing was compacted ({conflicts} conflicts)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_compacts_folds_expires_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Warehouse::open(dir.path()).await.unwrap();
+    for i in 0..6u64 {
+        let batch = rows(&wh, TableKind::Events, &format!("e{i}"), 50, i + 1).await;
+        wh.append(TableKind::Events, batch, seq_props(i + 1))
+            .await
+            .unwrap();
+        beacon_warehouse::rollup::run_once(&wh).await.unwrap();
+    }
+    let rollup_rows_before = count(&wh, "SELECT count(*) FROM rollups_hourly").await;
+    let merged = "SELECT merchant_id, hour, events, pageviews, visitors FROM rollups \
+                  ORDER BY merchant_id, hour";
+    let view_before = query_json(&wh, merged).await;
+    let events_files = live_paths(&wh, TableKind::Events).await.len();
+
+    let options = MaintainOptions {
+        retain: Duration::ZERO,
+        retain_last: 1,
+        orphan_age: Duration::ZERO,
+        ..Default::default()
+    };
+    let dry = maintain::maintain_table(
+        &wh,
+        TableKind::Events,
+        &MaintainOptions {
+            dry_run: true,
+            ..options.clone()
+        },
+        &|_, _, _, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(live_paths(&wh, TableKind::Events).await.len(), events_files);
+    assert!(dry.bins > 0);
+
+    let reports = maintain::maintain(&wh, &TableKind::ALL, &options, &|_, _, _, _| {})
+        .await
+        .unwrap();
+    let events = &reports[1];
+    assert_eq!(events.table, "events");
+    assert_eq!(events.files_before as usize, events_files);
+    assert_eq!(events.files_after, dry.files_after);
+    assert_eq!(events.rows_after, events.rows_before);
+    // 48 hourly timestamps over two days, 4 merchant buckets at most: 8 partitions.
+    assert!(events.files_after <= 8, "{events}");
+    assert!(events.manifests_after <= 1, "{events}");
+    assert!(events.snapshots_expired > 0, "{events}");
+    assert!(events.files_deleted > 0, "{events}");
+    assert_eq!(count(&wh, "SELECT count(*) FROM events").await, 300);
+    assert_eq!(wh.committed_seq(TableKind::Events).await.unwrap(), 6);
+
+    // Rollup deltas folded into one row per key; the merged view reads the same.
+    let rollups = &reports[3];
+    assert_eq!(rollups.table, "rollups_hourly");
+    let rollup_rows_after = count(&wh, "SELECT count(*) FROM rollups_hourly").await;
+    assert!(
+        rollup_rows_after < rollup_rows_before,
+        "{rollup_rows_after} rows after, {rollup_rows_before} before"
+    );
+    assert_eq!(
+        rollup_rows_after,
+        count(&wh, "SELECT count(*) FROM rollups").await
+    );
+    assert_eq!(view_before, query_json(&wh, merged).await);
+    // The rollup watermark survived, so the next run adds nothing twice.
+    let again = beacon_warehouse::rollup::run_once(&wh).await.unwrap();
+    assert_eq!(again.rollup_rows, 0);
+
+    // Only files a retained snapshot references remain on disk.
+    let table = wh.table(TableKind::Events).await.unwrap();
+    let location = table.metadata().location().trim_start_matches("file://");
+    let data_files = walk(&std::path::Path::new(location).join("data"));
+    assert_eq!(data_files, events.files_after as usize, "{events}");
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            n += walk(&entry.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
