@@ -7,6 +7,7 @@
 //! time, and a dashboard's p50/p99 (the metrics API's four dashboard panels).
 //!
 //!     cargo bench -p beacon --bench soak                      # 3,600 commits of 250 events
+//!     BEACON_SOAK_MAINTAIN_EVERY=120 BEACON_SOAK_RETAIN=300   # the defaults, in commits
 //!     BEACON_SOAK_COMMITS=600 cargo bench -p beacon --bench soak
 //!
 //! Everything runs in one process, one step after another (maintenance never overlaps a
@@ -62,9 +63,9 @@ impl Figures {
 fn dashboard(merchant: &str, now: chrono::DateTime<chrono::Utc>) -> Vec<Plan> {
     [
         json!({"metrics": ["visitors", "pageviews"], "dimensions": ["time:hour"], "date_range": "day"}),
-        json!({"metrics": ["visitors", "pageviews"], "dimensions": ["event:page"], "pagination": {"limit": 10}, "date_range": "7d"}),
-        json!({"metrics": ["visitors"], "dimensions": ["visit:source"], "pagination": {"limit": 10}, "date_range": "7d"}),
-        json!({"metrics": ["visitors"], "dimensions": ["visit:country"], "pagination": {"limit": 10}, "date_range": "7d"}),
+        json!({"metrics": ["visitors", "pageviews"], "dimensions": ["event:page"], "pagination": {"limit": 10}, "date_range": "day"}),
+        json!({"metrics": ["visitors"], "dimensions": ["visit:source"], "pagination": {"limit": 10}, "date_range": "day"}),
+        json!({"metrics": ["visitors"], "dimensions": ["visit:country"], "pagination": {"limit": 10}, "date_range": "day"}),
     ]
     .into_iter()
     .map(|mut q| {
@@ -129,16 +130,31 @@ async fn table_figures(wh: &Warehouse) -> Vec<(&'static str, u64, u64, u64, u64)
     out
 }
 
-/// One phase over a fresh warehouse; returns (start, end, seconds spent in maintenance).
-async fn phase(
-    events: &[Event],
+/// What both phases run.
+struct Soak<'a> {
+    events: &'a [Event],
     commits: usize,
     rows: usize,
     window: usize,
-    maintain_every: Option<usize>,
-    merchants: &[String],
+    /// The commit after which the "start" figures are taken.
+    start_at: usize,
+    retain_commits: usize,
+    merchants: &'a [String],
     now: chrono::DateTime<chrono::Utc>,
-) -> (Figures, Figures, f64) {
+}
+
+/// One phase over a fresh warehouse; returns (start, end, seconds spent in maintenance).
+async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figures, f64) {
+    let Soak {
+        events,
+        commits,
+        rows,
+        window,
+        start_at,
+        retain_commits,
+        merchants,
+        now,
+    } = *soak;
     let dir = tempfile::Builder::new()
         .prefix("beacon-soak-")
         .tempdir()
@@ -147,8 +163,11 @@ async fn phase(
     let raw_schema =
         arrow_schema(&wh.table(TableKind::RawEvents).await.expect("raw")).expect("schema");
     let schema = arrow_schema(&wh.table(TableKind::Events).await.expect("events")).expect("schema");
+    // Simulated time runs faster than the clock: retention is counted in commits (one per
+    // simulated second) instead.
     let options = MaintainOptions {
         retain: Duration::ZERO,
+        retain_last: retain_commits,
         orphan_age: Duration::ZERO,
         ..Default::default()
     };
@@ -191,16 +210,8 @@ async fn phase(
             rollup::run_once(&wh).await.expect("rollup");
             rollup_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        if let Some(every) = maintain_every {
-            if seq as usize % every == 0 {
-                let started = Instant::now();
-                maintain::maintain(&wh, &TableKind::ALL, &options, &|_, _, _, _| {})
-                    .await
-                    .expect("maintain");
-                maintain_s += started.elapsed().as_secs_f64();
-            }
-        }
-        if seq as usize == window || seq as usize == commits {
+        // Measured before this commit's maintenance: the worst point of a maintenance cycle.
+        if seq as usize == start_at || seq as usize == commits {
             let recent = &mut commit_ms[commit_ms.len().saturating_sub(window)..].to_vec();
             recent.sort_by(f64::total_cmp);
             let rolls = &rollup_ms[rollup_ms
@@ -215,11 +226,20 @@ async fn phase(
                 dash_p50: pct(&dash, 0.5),
                 dash_p99: pct(&dash, 0.99),
             };
-            if seq as usize == window {
+            if seq as usize == start_at {
                 start = figures;
             } else {
                 eprintln!("phase done: maintenance {}", maintain_every.is_some());
                 return (start, figures, maintain_s);
+            }
+        }
+        if let Some(every) = maintain_every {
+            if seq as usize % every == 0 {
+                let started = Instant::now();
+                maintain::maintain(&wh, &TableKind::ALL, &options, &|_, _, _, _| {})
+                    .await
+                    .expect("maintain");
+                maintain_s += started.elapsed().as_secs_f64();
             }
         }
         if seq % 300 == 0 {
@@ -240,7 +260,9 @@ async fn main() {
     let window = env_usize("BEACON_SOAK_WINDOW", 120)
         .min(commits / 2)
         .max(ROLLUP_EVERY);
-    let maintain_every = env_usize("BEACON_SOAK_MAINTAIN_EVERY", 300);
+    let maintain_every = env_usize("BEACON_SOAK_MAINTAIN_EVERY", 120);
+    // `beacon up`'s defaults: maintenance every 120 s, snapshots kept for 300 s.
+    let retain = env_usize("BEACON_SOAK_RETAIN", 300).max(1);
     let dashboards_n = env_usize("BEACON_SOAK_DASHBOARDS", 40);
 
     // 2026-11-02T00:00:00Z: one day of traffic, in time order, cycled if too short.
@@ -263,23 +285,36 @@ async fn main() {
         .into_iter()
         .map(|g| g.event)
         .collect();
+    // Arrival order is time order, and each commit is one simulated second: events get the
+    // time of the second they are committed in (a visit's events spread out; nothing here
+    // reads visits), so the run covers `commits` seconds of one day.
     events.sort_by_key(|e| e.ts);
-    let now = chrono::DateTime::from_timestamp_millis(start_ms + 86_400_000).expect("now");
+    for (i, e) in events.iter_mut().enumerate() {
+        e.ts = start_ms + (i / rows) as i64 * 1000 + ((i % rows) * 1000 / rows) as i64;
+    }
+    let now = chrono::DateTime::from_timestamp_millis(start_ms + 12 * 3_600_000).expect("now");
+    // "Start" once the snapshot retention has filled (steady state), at a maintenance point.
+    let start_at = retain.max(window).div_ceil(maintain_every) * maintain_every;
+    assert!(
+        start_at < commits,
+        "BEACON_SOAK_COMMITS must be past the retention ({start_at} commits)"
+    );
     let who: Vec<String> = (0..dashboards_n)
         .map(|i| sites[i % sites.len().min(20)].merchant_id.clone())
         .collect();
 
-    let (off_start, off_end, _) = phase(&events, commits, rows, window, None, &who, now).await;
-    let (on_start, on_end, maintain_s) = phase(
-        &events,
+    let soak = Soak {
+        events: &events,
         commits,
         rows,
         window,
-        Some(maintain_every),
-        &who,
+        start_at,
+        retain_commits: retain,
+        merchants: &who,
         now,
-    )
-    .await;
+    };
+    let (off_start, off_end, _) = phase(&soak, None).await;
+    let (on_start, on_end, maintain_s) = phase(&soak, Some(maintain_every)).await;
 
     let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { f64::NAN };
     let row = |name: &str, f: &dyn Fn(&Figures) -> f64, unit: &str| {
@@ -294,7 +329,7 @@ async fn main() {
         )
     };
     println!(
-        "\n{commits} commits of {rows} events ({} events, {merchants} merchants), rollups every {ROLLUP_EVERY} commits, maintenance every {maintain_every} commits when on; start = after commit {window}, end = after commit {commits} (latencies over the last {window} commits).\n",
+        "\n{commits} commits of {rows} events ({} events, {merchants} merchants), rollups every {ROLLUP_EVERY} commits, maintenance every {maintain_every} commits when on (keeping the last {retain} snapshots); start = after commit {start_at}, end = after commit {commits}, both just before that commit's maintenance (latencies and rollup times over the last {window} commits before each). Dashboards: the four panels over the current day.\n",
         commits * rows
     );
     println!(

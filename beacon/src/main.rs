@@ -214,13 +214,13 @@ enum Command {
 #[derive(clap::Args, Clone)]
 struct MaintainArgs {
     /// Seconds between scheduled maintenance runs in the warehouse role (0: never).
-    #[arg(long, env = "BEACON_MAINTAIN_INTERVAL", default_value_t = 600)]
+    #[arg(long, env = "BEACON_MAINTAIN_INTERVAL", default_value_t = 120)]
     maintain_interval: u64,
     /// Snapshots younger than this many seconds are kept (time travel, readers in flight).
-    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_SECS", default_value_t = 3600)]
+    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_SECS", default_value_t = 300)]
     snapshot_retain_secs: u64,
     /// At least this many snapshots per table are kept.
-    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_LAST", default_value_t = 5)]
+    #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_LAST", default_value_t = 10)]
     snapshot_retain_last: usize,
     /// Unreferenced files younger than this many seconds are kept (a writer may be about to
     /// commit them).

@@ -5,8 +5,10 @@
 //! abort and try again next run), and expiry keeps every snapshot younger than the retention.
 //!
 //! What runs, per table:
-//! 1. **compact**: per partition, files under 3/4 of the target size are packed into bins of at
-//!    most [`MaintainOptions::bin_bytes`] input bytes; each bin of two or more files is read,
+//! 1. **compact**: per partition and size tier ([`plan_bins`]: tiered, so data is rewritten a
+//!    logarithmic number of times, not on every run), files under 3/4 of the target size are
+//!    packed into bins of at most [`MaintainOptions::bin_bytes`] input bytes; each bin of two
+//!    or more files is read,
 //!    sorted and written back as one file (rollup tables are *folded* on the way: one row per
 //!    key, sums added and HLL sketches unioned, so a month of 30-second deltas becomes one row
 //!    per merchant-hour). All bins of a table land in one `replace` snapshot that also
@@ -61,8 +63,8 @@ impl Default for MaintainOptions {
         Self {
             dry_run: false,
             bin_bytes: 64 << 20,
-            retain: Duration::from_secs(3600),
-            retain_last: 5,
+            retain: Duration::from_secs(300),
+            retain_last: 10,
             orphan_age: Duration::from_secs(3600),
             max_manifests: 16,
         }
@@ -290,22 +292,46 @@ async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
     Ok(live)
 }
 
-/// Bins of small files to compact: per partition, files under 3/4 of the target size,
-/// smallest first, packed up to `bin_bytes`; a bin needs at least two files.
+/// Size tiers for compaction: tier 0 is under [`TIER_BASE`], tier k holds
+/// [`TIER_BASE`] x 4^(k-1) up to 4^k.
+const TIER_BASE: u64 = 1 << 20;
+/// Files a tier needs before it is compacted (tier 0, the fresh small files: two).
+const TIER_MIN_FILES: usize = 4;
+
+fn tier(size: u64) -> u32 {
+    let mut tier = 0;
+    let mut bound = TIER_BASE;
+    while size >= bound && bound < u64::MAX {
+        tier += 1;
+        bound = bound.saturating_mul(4);
+    }
+    tier
+}
+
+/// Bins to compact, size-tiered so that data is rewritten O(log size) times rather than on
+/// every run: per partition, files under 3/4 of the target size are grouped by [`tier`]; a
+/// tier with enough files (two in tier 0, four above) is packed, smallest first, into bins
+/// of at most `bin_bytes`; a bin needs at least two files. Four files of one tier make about
+/// one file of the next.
 fn plan_bins(files: &[(DataFile, i32)], bin_bytes: u64) -> Vec<Vec<(DataFile, i32)>> {
     let small = (TARGET_FILE_BYTES as u64) * 3 / 4;
-    let mut by_partition: BTreeMap<(i32, String), Vec<&(DataFile, i32)>> = BTreeMap::new();
+    type Key = (i32, String, u32);
+    let mut groups: BTreeMap<Key, Vec<&(DataFile, i32)>> = BTreeMap::new();
     for f in files {
-        if f.0.file_size_in_bytes() < small && f.0.file_format() == DataFileFormat::Parquet {
+        let size = f.0.file_size_in_bytes();
+        if size < small && f.0.file_format() == DataFileFormat::Parquet {
             // Debug text orders partitions stably (Struct has no Ord).
-            by_partition
-                .entry((f.1, format!("{:?}", f.0.partition())))
+            groups
+                .entry((f.1, format!("{:?}", f.0.partition()), tier(size)))
                 .or_default()
                 .push(f);
         }
     }
     let mut bins = Vec::new();
-    for (_, mut group) in by_partition {
+    for ((_, _, tier), mut group) in groups {
+        if group.len() < if tier == 0 { 2 } else { TIER_MIN_FILES } {
+            continue;
+        }
         group.sort_by_key(|f| f.0.file_size_in_bytes());
         let mut bin: Vec<(DataFile, i32)> = Vec::new();
         let mut bytes = 0;
@@ -566,4 +592,20 @@ fn local_path(location: &str) -> Option<PathBuf> {
         .or_else(|| location.strip_prefix("file:"))
         .unwrap_or(location);
     path.starts_with('/').then(|| Path::new(path).to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_grow_by_four() {
+        assert_eq!(tier(0), 0);
+        assert_eq!(tier(TIER_BASE - 1), 0);
+        assert_eq!(tier(TIER_BASE), 1);
+        assert_eq!(tier(4 * TIER_BASE - 1), 1);
+        assert_eq!(tier(4 * TIER_BASE), 2);
+        assert_eq!(tier(64 * TIER_BASE), 4);
+        assert!(tier(u64::MAX) < 32);
+    }
 }
