@@ -205,7 +205,7 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
             .await
             .expect("append");
         commit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        if seq as usize % ROLLUP_EVERY == 0 {
+        if (seq as usize).is_multiple_of(ROLLUP_EVERY) {
             let started = Instant::now();
             rollup::run_once(&wh).await.expect("rollup");
             rollup_ms.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -234,7 +234,7 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
             }
         }
         if let Some(every) = maintain_every {
-            if seq as usize % every == 0 {
+            if (seq as usize).is_multiple_of(every) {
                 let started = Instant::now();
                 maintain::maintain(&wh, &TableKind::ALL, &options, &|_, _, _, _| {})
                     .await
@@ -242,7 +242,7 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
                 maintain_s += started.elapsed().as_secs_f64();
             }
         }
-        if seq % 300 == 0 {
+        if seq.is_multiple_of(300) {
             eprintln!(
                 "{seq}/{commits} commits (maintenance {})",
                 maintain_every.is_some()

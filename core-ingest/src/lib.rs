@@ -32,6 +32,8 @@ pub enum IngestError {
     Warehouse(#[from] WarehouseError),
     #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("table writer task failed: {0}")]
+    Task(String),
 }
 
 fn nats<E: std::fmt::Display>(e: E) -> IngestError {
@@ -157,13 +159,7 @@ pub async fn run(
         "ingest started"
     );
 
-    let schemas = {
-        let mut m = HashMap::new();
-        for kind in TABLES {
-            m.insert(kind, arrow_schema(&wh.table(kind).await?)?);
-        }
-        m
-    };
+    let mut writer = Writer::new(wh.clone(), committed).await?;
 
     loop {
         if *shutdown.borrow() {
@@ -200,40 +196,12 @@ pub async fn run(
         }
         let Some(last) = last else { continue };
         let started = Instant::now();
-        let max_seq = received.iter().map(|r| r.seq).max().unwrap_or(0);
-        let mut rows = 0;
-        for kind in TABLES {
-            let done = committed[&kind];
-            let todo: Vec<&Received> = received.iter().filter(|r| r.seq > done).collect();
-            if todo.is_empty() {
-                continue;
-            }
-            let schema = &schemas[&kind];
-            let batch = match kind {
-                TableKind::RawEvents => convert::events_batch(schema, &todo, false)?,
-                TableKind::Events => convert::events_batch(schema, &todo, true)?,
-                _ => convert::failures_batch(schema, &todo)?,
-            };
-            // Tables without rows for these messages need no commit: their sequence may lag
-            // but they hold nothing from the skipped range, so a replay adds nothing. Once
-            // the lag is large, an empty commit moves the sequence on, so a restart does not
-            // re-read days of stream for a table that rarely gets rows (failed_events).
-            if batch.num_rows() == 0 && max_seq - done < MAX_SEQ_LAG {
-                continue;
-            }
-            rows += batch.num_rows();
-            wh.append(
-                kind,
-                batch,
-                HashMap::from([(SEQ_PROPERTY.to_string(), max_seq.to_string())]),
-            )
-            .await?;
-            committed.insert(kind, max_seq);
-        }
+        let envelopes = received.len();
+        let (rows, max_seq) = writer.commit(received).await?;
         // AckPolicy::All: acking the last message acks the whole batch.
         last.double_ack().await.map_err(nats)?;
         tracing::debug!(
-            envelopes = received.len(),
+            envelopes,
             rows,
             max_seq,
             ms = started.elapsed().as_millis() as u64,
@@ -242,8 +210,99 @@ pub async fn run(
     }
 }
 
+/// Writes consumed envelopes into the three tables, exactly once: each table skips the
+/// sequences it already holds and commits its own watermark ([`SEQ_PROPERTY`]).
+pub struct Writer {
+    wh: Arc<Warehouse>,
+    schemas: HashMap<TableKind, arrow::datatypes::SchemaRef>,
+    committed: HashMap<TableKind, u64>,
+}
+
+impl Writer {
+    /// `committed`: each table's watermark, as read from its current snapshot.
+    pub async fn new(
+        wh: Arc<Warehouse>,
+        committed: HashMap<TableKind, u64>,
+    ) -> Result<Self, IngestError> {
+        let mut schemas = HashMap::new();
+        for kind in TABLES {
+            schemas.insert(kind, arrow_schema(&wh.table(kind).await?)?);
+        }
+        Ok(Self {
+            wh,
+            schemas,
+            committed,
+        })
+    }
+
+    /// Converts and commits `received` (in stream order) to every table that does not hold
+    /// it yet. The tables are written concurrently, each on its own task (conversion, sort
+    /// and Parquet encoding are CPU work): one commit costs the slowest table, not the sum.
+    /// Returns (rows written, highest sequence). On an error, the tables that committed keep
+    /// their new watermark and the rest are retried from the stream.
+    pub async fn commit(&mut self, received: Vec<Received>) -> Result<(usize, u64), IngestError> {
+        let max_seq = received.iter().map(|r| r.seq).max().unwrap_or(0);
+        let received = Arc::new(received);
+        let mut tasks = Vec::new();
+        for kind in TABLES {
+            let done = self.committed[&kind];
+            if !received.iter().any(|r| r.seq > done) {
+                continue;
+            }
+            let (wh, received) = (self.wh.clone(), received.clone());
+            let schema = self.schemas[&kind].clone();
+            tasks.push(tokio::spawn(async move {
+                let todo: Vec<&Received> = received.iter().filter(|r| r.seq > done).collect();
+                let batch = match kind {
+                    TableKind::RawEvents => convert::events_batch(&schema, &todo, false)?,
+                    TableKind::Events => convert::events_batch(&schema, &todo, true)?,
+                    _ => convert::failures_batch(&schema, &todo)?,
+                };
+                // Tables without rows for these messages need no commit: their sequence may
+                // lag but they hold nothing from the skipped range, so a replay adds nothing.
+                // Once the lag is large, an empty commit moves the sequence on, so a restart
+                // does not re-read days of stream for a table that rarely gets rows
+                // (failed_events).
+                if batch.num_rows() == 0 && max_seq - done < MAX_SEQ_LAG {
+                    return Ok::<_, IngestError>((kind, 0, false));
+                }
+                let rows = batch.num_rows();
+                wh.append(
+                    kind,
+                    batch,
+                    HashMap::from([(SEQ_PROPERTY.to_string(), max_seq.to_string())]),
+                )
+                .await?;
+                Ok((kind, rows, true))
+            }));
+        }
+        let mut rows = 0;
+        let mut first_error = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok((kind, n, wrote))) => {
+                    rows += n;
+                    if wrote {
+                        self.committed.insert(kind, max_seq);
+                    }
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(join) => {
+                    first_error.get_or_insert(IngestError::Task(join.to_string()));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok((rows, max_seq)),
+        }
+    }
+}
+
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.
-fn decode(seq: u64, payload: &[u8]) -> Received {
+pub fn decode(seq: u64, payload: &[u8]) -> Received {
     let envelope = match Envelope::from_json(payload) {
         Ok(env) if beacon_proto::envelope::is_supported(env.v) => env,
         Ok(env) => unreadable(

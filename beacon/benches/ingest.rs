@@ -1,0 +1,226 @@
+//! Ingest throughput into Iceberg: core-ingest's writer (envelope JSON as it comes off the
+//! bus -> `raw_events` and `events`, sorted, partitioned, zstd Parquet, one commit per table
+//! with its watermark) against the bare `iceberg` writer appending the same rows, already as
+//! Arrow batches (partition split, library-default Parquet settings, fast append, one table
+//! after the other): what the library alone can do. Both in the same run, on fresh warehouses.
+//!
+//!     cargo bench -p beacon --bench ingest                       # 1M events, 100 envelopes of 500 per commit
+//!     BEACON_BENCH_EVENTS=200000 cargo bench -p beacon --bench ingest
+//!
+//! Rows count both tables (one event = two rows). Prints a Markdown report.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use beacon::traffic::{self, Site, TrafficConfig};
+use beacon_ingest::convert::{events_batch, Received};
+use beacon_proto::envelope::ENVELOPE_VERSION;
+use beacon_proto::{Envelope, Event};
+use beacon_warehouse::tables::arrow_schema;
+use beacon_warehouse::{TableKind, Warehouse};
+use common::env_usize;
+use iceberg::arrow::RecordBatchPartitionSplitter;
+use iceberg::spec::DataFileFormat;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::PartitioningWriter;
+use parquet::file::properties::WriterProperties;
+
+fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<Vec<u8>> {
+    events
+        .chunks(per_envelope)
+        .enumerate()
+        .map(|(i, chunk)| {
+            Envelope {
+                v: ENVELOPE_VERSION,
+                batch_id: format!("bench:{i}"),
+                merchant_id: chunk[0].merchant_id.clone(),
+                edge_id: "bench".into(),
+                received_at: chunk[0].ts,
+                pipeline: None,
+                raw: chunk.to_vec(),
+                processed: None,
+                canary: None,
+                failures: Vec::new(),
+            }
+            .to_json()
+        })
+        .collect()
+}
+
+/// Core-ingest's path, timed from the envelope bytes to the last commit.
+async fn beacon_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
+    let committed = [
+        TableKind::RawEvents,
+        TableKind::Events,
+        TableKind::FailedEvents,
+    ]
+    .into_iter()
+    .map(|k| (k, 0))
+    .collect();
+    let mut writer = beacon_ingest::Writer::new(wh.clone(), committed)
+        .await
+        .expect("writer");
+    let started = Instant::now();
+    let mut rows = 0;
+    for (c, chunk) in payloads.chunks(per_commit).enumerate() {
+        let received: Vec<Received> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| beacon_ingest::decode((c * per_commit + i + 1) as u64, p))
+            .collect();
+        rows += writer.commit(received).await.expect("commit").0;
+    }
+    (started.elapsed().as_secs_f64(), rows)
+}
+
+/// The bare library: the same rows as Arrow batches (built before the clock starts).
+async fn bare_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wh = Warehouse::open(dir.path()).await.expect("warehouse");
+    let mut commits: Vec<Vec<(TableKind, RecordBatch)>> = Vec::new();
+    for (c, chunk) in payloads.chunks(per_commit).enumerate() {
+        let received: Vec<Received> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| beacon_ingest::decode((c * per_commit + i + 1) as u64, p))
+            .collect();
+        let refs: Vec<&Received> = received.iter().collect();
+        let mut tables = Vec::new();
+        for (kind, processed) in [(TableKind::RawEvents, false), (TableKind::Events, true)] {
+            let schema = arrow_schema(&wh.table(kind).await.expect("table")).expect("schema");
+            tables.push((
+                kind,
+                events_batch(&schema, &refs, processed).expect("batch"),
+            ));
+        }
+        commits.push(tables);
+    }
+    let started = Instant::now();
+    let mut rows = 0;
+    for tables in commits {
+        for (kind, batch) in tables {
+            rows += batch.num_rows();
+            let table = wh.table(kind).await.expect("table");
+            let md = table.metadata();
+            let schema = md.current_schema().clone();
+            let parquet = ParquetWriterBuilder::new(WriterProperties::default(), schema.clone());
+            let rolling = RollingFileWriterBuilder::new(
+                parquet,
+                128 << 20,
+                table.file_io().clone(),
+                DefaultLocationGenerator::new(md).expect("locations"),
+                DefaultFileNameGenerator::new(
+                    uuid::Uuid::now_v7().to_string(),
+                    None,
+                    DataFileFormat::Parquet,
+                ),
+            );
+            let mut fanout: FanoutWriter<_> =
+                FanoutWriter::new(DataFileWriterBuilder::new(rolling));
+            let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(
+                schema,
+                md.default_partition_spec().clone(),
+            )
+            .expect("splitter");
+            for (key, part) in splitter.split(&batch).expect("split") {
+                fanout.write(key, part).await.expect("write");
+            }
+            let files = fanout.close().await.expect("close");
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .fast_append()
+                .with_check_duplicate(false)
+                .add_data_files(files)
+                .apply(tx)
+                .expect("append");
+            tx.commit(wh.catalog().as_ref()).await.expect("commit");
+        }
+    }
+    (started.elapsed().as_secs_f64(), rows)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let events_n = env_usize("BEACON_BENCH_EVENTS", 1_000_000);
+    let per_envelope = env_usize("BEACON_BENCH_ENVELOPE", 500);
+    let per_commit = env_usize("BEACON_BENCH_COMMIT", 100);
+    let merchants = env_usize("BEACON_BENCH_MERCHANTS", 1000);
+    let sites: Vec<Site> = (0..merchants)
+        .map(|i| Site {
+            merchant_id: format!("ing-{i}"),
+            host: format!("ing{i}.example"),
+        })
+        .collect();
+    let config = TrafficConfig {
+        seed: 5,
+        events: events_n,
+        start_ms: 1_793_577_600_000,
+        days: 2,
+        zipf_s: 1.0,
+        late_share: 0.0,
+    };
+    // Arrival order: edges batch per merchant, and batches from all merchants interleave.
+    let mut events: Vec<Event> = traffic::generate(&config, &sites)
+        .into_iter()
+        .map(|g| g.event)
+        .collect();
+    events.sort_by_key(|e| e.ts);
+    let mut by_merchant: HashMap<String, Vec<Event>> = HashMap::new();
+    for e in events {
+        by_merchant
+            .entry(e.merchant_id.clone())
+            .or_default()
+            .push(e);
+    }
+    let mut merchant_ids: Vec<_> = by_merchant.keys().cloned().collect();
+    merchant_ids.sort();
+    let mut payloads = Vec::new();
+    for m in merchant_ids {
+        payloads.extend(envelopes(
+            by_merchant.remove(&m).unwrap_or_default(),
+            per_envelope,
+        ));
+    }
+    // Interleave merchants: a stable shuffle by index.
+    let n = payloads.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|i| (i * 2_654_435_761usize) % n.max(1));
+    let payloads: Vec<Vec<u8>> = order.into_iter().map(|i| payloads[i].clone()).collect();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    eprintln!(
+        "{} envelopes, {:.1} MiB of JSON",
+        payloads.len(),
+        bytes as f64 / 1048576.0
+    );
+
+    let (bare_s, bare_rows) = bare_path(&payloads, per_commit).await;
+    let (beacon_s, beacon_rows) = beacon_path(&payloads, per_commit).await;
+    assert_eq!(bare_rows, beacon_rows, "both paths write the same rows");
+    let bare = bare_rows as f64 / bare_s;
+    let ours = beacon_rows as f64 / beacon_s;
+    println!(
+        "\n{events_n} events ({beacon_rows} rows in `raw_events` + `events`), envelopes of {per_envelope}, {per_commit} envelopes per commit ({} commits per table).\n",
+        payloads.len().div_ceil(per_commit)
+    );
+    println!("| path | seconds | rows/s | vs bare writer |");
+    println!("|---|---|---|---|");
+    println!("| bare `iceberg` writer (Arrow in, defaults, tables one after the other) | {bare_s:.2} | {bare:.0} | 1.00x |");
+    println!(
+        "| core-ingest (JSON envelopes in, sorted, zstd, tables concurrently) | {beacon_s:.2} | {ours:.0} | **{:.2}x** |",
+        ours / bare
+    );
+}
