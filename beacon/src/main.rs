@@ -244,21 +244,41 @@ impl MaintainArgs {
         }
     }
 
-    /// The scheduled loop, when enabled.
+    /// The scheduled loop, when enabled, on a runtime of its own: one thread at low CPU
+    /// priority, because compaction is seconds of CPU at a time (Parquet encoding inside
+    /// futures) and must not hold a worker of the runtime that collects events.
     fn spawn(
         &self,
         wh: Arc<beacon_warehouse::Warehouse>,
         stop: watch::Receiver<bool>,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        (self.maintain_interval > 0).then(|| {
-            tokio::spawn(beacon_warehouse::maintain::run_loop(
-                wh,
-                Duration::from_secs(self.maintain_interval),
-                self.options(false),
-                stop,
-            ))
-        })
+    ) -> Result<Option<Maintenance>> {
+        if self.maintain_interval == 0 {
+            return Ok(None);
+        }
+        let runtime =
+            beacon_query::runtime::QueryRuntime::new(beacon_query::runtime::RuntimeSettings {
+                threads: 1,
+                stack_bytes: 8 << 20,
+                nice: 15,
+            })?;
+        let task = runtime.spawn(beacon_warehouse::maintain::run_loop(
+            wh,
+            Duration::from_secs(self.maintain_interval),
+            self.options(false),
+            stop,
+        ));
+        Ok(Some(Maintenance {
+            task,
+            _runtime: runtime,
+        }))
     }
+}
+
+/// The scheduled maintenance task and the runtime it runs on (dropped after the task ends).
+#[cfg(feature = "full")]
+struct Maintenance {
+    task: tokio::task::JoinHandle<()>,
+    _runtime: beacon_query::runtime::QueryRuntime,
 }
 
 #[cfg(feature = "full")]
@@ -825,7 +845,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _lock = beacon::lock::lock_role(&data_dir, "rollup")?;
             let (tx, rx) = watch::channel(false);
             let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
-            let maintenance = maintain.spawn(wh.clone(), rx.clone());
+            let maintenance = maintain.spawn(wh.clone(), rx.clone())?;
             let task = tokio::spawn(beacon_warehouse::rollup::run_loop(
                 wh,
                 Duration::from_secs(interval),
@@ -835,7 +855,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _ = tx.send(true);
             task.await?;
             if let Some(m) = maintenance {
-                m.await?;
+                m.task.await?;
             }
             Ok(())
         }
@@ -1116,7 +1136,7 @@ async fn up(
         wh.clone(),
         stop_rx.clone(),
     ));
-    let maintenance = maintain.spawn(wh.clone(), stop_rx.clone());
+    let maintenance = maintain.spawn(wh.clone(), stop_rx.clone())?;
     let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
         wh.clone(),
         Duration::from_secs(tuning.rollup_interval),
@@ -1198,7 +1218,7 @@ async fn up(
     }
     let _ = rollups.await;
     if let Some(m) = maintenance {
-        let _ = m.await;
+        let _ = m.task.await;
     }
     let _ = admin_task.await;
     if let Err(e) = query_servers.wait().await {
