@@ -34,10 +34,11 @@ def main() -> None:
             entry["by_merchant"] = {
                 m: n for m, n in zip(by["merchant_id"].to_pylist(), by["event_id_count"].to_pylist())
             }
-            # A pushed-down filter, as another engine would plan it.
-            one = sorted(entry["by_merchant"])[0]
-            entry["filtered_rows"] = table.scan(row_filter=f"merchant_id == '{one}'").to_arrow().num_rows
-            entry["filtered_merchant"] = one
+            # A pushed-down filter, as another engine would plan it (when there are rows).
+            if entry["by_merchant"]:
+                one = sorted(entry["by_merchant"])[0]
+                entry["filtered_rows"] = table.scan(row_filter=f"merchant_id == '{one}'").to_arrow().num_rows
+                entry["filtered_merchant"] = one
         out[name] = entry
     print(json.dumps(out))
 

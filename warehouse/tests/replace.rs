@@ -94,6 +94,32 @@ async fn live_paths(wh: &Warehouse, kind: TableKind) -> Vec<String> {
     paths
 }
 
+/// What PyIceberg (another engine) reads from the warehouse in `dir`: the JSON that
+/// `tests/python/pyiceberg_read.py` prints (rows per table, distinct ids, ...).
+fn pyiceberg(dir: &std::path::Path) -> serde_json::Value {
+    let venv = std::env::var_os("BEACON_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/beacon/venv")
+        });
+    let layout = beacon_warehouse::Layout::new(dir);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/pyiceberg_read.py");
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(script)
+        .arg(&layout.catalog_db)
+        .arg(layout.warehouse_uri())
+        .output()
+        .expect("run python (scripts/setup.sh makes the venv)");
+    assert!(
+        out.status.success(),
+        "pyiceberg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("pyiceberg json")
+}
+
 fn seq_props(seq: u64) -> HashMap<String, String> {
     HashMap::from([(SEQ_PROPERTY.to_string(), seq.to_string())])
 }
@@ -135,6 +161,9 @@ async fn replace_swaps_files_in_one_snapshot_and_carries_watermarks_forward() {
     assert!(matches!(outcome, Outcome::Committed { attempts: 1, .. }));
 
     assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 35);
+    let py = pyiceberg(dir.path());
+    assert_eq!(py["failed_events"]["rows"], 35, "{py}");
+    assert_eq!(py["failed_events"]["distinct_event_ids"], 35, "{py}");
     let after = live_paths(&wh, kind).await;
     assert!(
         after.iter().all(|p| !before.contains(p)),
@@ -194,6 +223,7 @@ async fn replace_swaps_files_in_one_snapshot_and_carries_watermarks_forward() {
     delete.removed = after.clone();
     wh.replace(kind, &delete).await.unwrap();
     assert_eq!(count(&wh, "SELECT count(*) FROM failed_events").await, 0);
+    assert_eq!(pyiceberg(dir.path())["failed_events"]["rows"], 0);
     assert_eq!(wh.committed_seq(kind).await.unwrap(), 30);
 }
 
