@@ -104,7 +104,8 @@ impl CatalogSwap {
     }
 
     /// Points `ident` at `new` if it still points at `expected`. `Ok(false)`: someone else
-    /// committed first.
+    /// committed first. (`?` placeholders: the SQLite catalog's bind style; a PostgreSQL
+    /// catalog needs `$n`.)
     async fn swap(
         &self,
         ident: &TableIdent,
