@@ -19,7 +19,12 @@ fuzz_target!(|data: &[u8]| {
     while let Some(op) = it.next() {
         let arg = it.next().unwrap_or(0) as usize;
         match op % 8 {
-            0 => stack.push(json!([["is", "is_not", "contains"][arg % 3], DIMS[arg % DIMS.len()], (0..=(arg % 5)).map(|i| format!("/v{i}'\\\"")).collect::<Vec<_>>()])),
+            0 => {
+                let op = ["is", "is_not", "contains"][arg % 3];
+                let dim = DIMS[arg % DIMS.len()];
+                let values: Vec<String> = (0..=(arg % 5)).map(|i| format!("/v{i}'\\\"")).collect();
+                stack.push(json!([op, dim, values]));
+            }
             1 => if let Some(f) = stack.pop() { stack.push(json!(["not", f])) },
             2 | 3 => {
                 let n = (arg % 16).max(1).min(stack.len());
