@@ -223,7 +223,9 @@ struct MaintainArgs {
     #[arg(long, env = "BEACON_SNAPSHOT_RETAIN_LAST", default_value_t = 10)]
     snapshot_retain_last: usize,
     /// Unreferenced files younger than this many seconds are kept (a writer may be about to
-    /// commit them).
+    /// commit them). Below the longest write (a compaction, an ingest commit) this can delete
+    /// files a concurrent writer is about to commit: use small values only when nothing else
+    /// writes.
     #[arg(long, env = "BEACON_ORPHAN_AGE_SECS", default_value_t = 3600)]
     orphan_age_secs: u64,
     /// Most input MiB compacted into one file (bounds memory).
@@ -1026,7 +1028,6 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[cfg(feature = "full")]
 /// `beacon maintain`: one maintenance pass with a progress display, then a report per table.
 #[cfg(feature = "full")]
 async fn run_maintain(
@@ -1061,12 +1062,7 @@ async fn run_maintain(
         bar.set_length(total);
         bar.set_position(done);
     };
-    let mut reports = Vec::new();
-    for kind in kinds {
-        reports.push(
-            beacon_warehouse::maintain::maintain_table(&wh, kind, &options, &progress).await?,
-        );
-    }
+    let reports = beacon_warehouse::maintain::maintain(&wh, &kinds, &options, &progress).await?;
     bar.finish_and_clear();
     if options.dry_run {
         println!("dry run: nothing was changed; \"after\" is what a run would leave");
@@ -1077,6 +1073,7 @@ async fn run_maintain(
     Ok(())
 }
 
+#[cfg(feature = "full")]
 async fn run_ingest(
     nats_url: String,
     data_dir: PathBuf,

@@ -170,8 +170,9 @@ impl Warehouse {
         &self.catalog
     }
 
-    /// The catalog compare-and-swap for [`replace`] commits.
-    pub async fn swap(&self) -> Result<&replace::CatalogSwap, WarehouseError> {
+    /// The catalog compare-and-swap for [`replace`] commits (only with this warehouse's
+    /// catalog: [`Warehouse::replace`] pairs them).
+    pub(crate) async fn swap(&self) -> Result<&replace::CatalogSwap, WarehouseError> {
         self.swap
             .get_or_try_init(|| async {
                 replace::CatalogSwap::connect(&sqlx_uri(&self.layout), CATALOG_NAME).await
@@ -286,16 +287,10 @@ impl Warehouse {
     /// Runs one read-only query in the shared session (statements that would change the
     /// session, like `CREATE VIEW` or `SET`, are refused: use [`Warehouse::session`]).
     pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
-        let ctx = self
-            .shared
-            .get_or_try_init(|| self.serving_session())
-            .await?;
-        let options = datafusion::execution::context::SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        Ok(ctx
-            .sql_with_options(query, options)
+        Ok(self
+            .shared_session()
+            .await?
+            .sql_with_options(query, read_only())
             .await?
             .collect()
             .await?)
@@ -343,6 +338,15 @@ impl Warehouse {
         let table = self.table(kind).await?;
         tables::append(self.catalog.as_ref(), kind, &table, batch, properties).await
     }
+}
+
+/// SQL options that refuse anything but queries: no DDL (`CREATE VIEW`), DML or statements
+/// (`SET`). Every read path plans with these.
+pub fn read_only() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
 }
 
 /// The sqlx URI of the catalog database (the same one the SQL catalog opens).

@@ -10,9 +10,9 @@
 //!    packed into bins of at most [`MaintainOptions::bin_bytes`] input bytes; each bin of two
 //!    or more files is read,
 //!    sorted and written back as one file (rollup tables are *folded* on the way: one row per
-//!    key, sums added and HLL sketches unioned, so a month of 30-second deltas becomes one row
-//!    per merchant-hour). All bins of a table land in one `replace` snapshot that also
-//!    rewrites the manifests into one.
+//!    key within the bin, sums added and HLL sketches unioned, so the 30-second deltas of the
+//!    files in a bin become one row per merchant-hour). All bins of a table land in one
+//!    `replace` snapshot that also rewrites the manifests into one.
 //! 2. **rewrite manifests** when nothing was compacted but the manifest count is high.
 //! 3. **expire snapshots** older than [`MaintainOptions::retain`] (keeping at least
 //!    [`MaintainOptions::retain_last`]), through the `iceberg` crate's own action.
@@ -26,9 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arrow::array::{Array, ArrayRef};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, SchemaRef as ArrowSchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
@@ -38,7 +35,7 @@ use iceberg::spec::{DataFile, DataFileFormat, ManifestContentType, Operation};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 
-use crate::replace::{self, Outcome, Rewrite};
+use crate::replace::Rewrite;
 use crate::tables::{self, TARGET_FILE_BYTES};
 use crate::{TableKind, Warehouse, WarehouseError};
 
@@ -131,81 +128,73 @@ pub async fn maintain_table(
 ) -> Result<TableReport, WarehouseError> {
     let table = wh.table(kind).await?;
     let live = live_files(&table).await?;
+    let (files, bytes, rows) = live.stats();
+    let bins = plan_bins(&live.files, options.bin_bytes);
     let mut report = TableReport {
         table: kind.name(),
-        files_before: live.files.len() as u64,
-        bytes_before: live.files.iter().map(|f| f.0.file_size_in_bytes()).sum(),
-        rows_before: live.files.iter().map(|f| f.0.record_count()).sum(),
+        files_before: files,
+        bytes_before: bytes,
+        rows_before: rows,
         manifests_before: live.manifests,
+        bins: bins.len() as u64,
+        files_compacted: bins.iter().map(|b| b.len() as u64).sum(),
         ..Default::default()
     };
-    let bins = plan_bins(&live.files, options.bin_bytes);
-    report.bins = bins.len() as u64;
-    report.files_compacted = bins.iter().map(|b| b.len() as u64).sum();
-
-    if !options.dry_run {
-        let rewrite_manifests = bins.is_empty() && live.manifests as usize > options.max_manifests;
-        if !bins.is_empty() || rewrite_manifests {
-            let mut rewrite = Rewrite::new(
-                Operation::Replace,
-                format!("maintain-{}", uuid::Uuid::now_v7()),
-            );
-            rewrite.merge_manifests = true;
-            let total = bins.len() as u64;
-            for (i, bin) in bins.iter().enumerate() {
-                progress(kind.name(), "compact", i as u64, total);
-                let batch = read_files(&table, bin).await?;
-                let batch = if is_rollup(kind) {
-                    fold(kind, &table, batch).await?
-                } else {
-                    batch
-                };
-                rewrite
-                    .added
-                    .extend(tables::write_files(kind, &table, batch).await?);
-                rewrite
-                    .removed
-                    .extend(bin.iter().map(|f| f.0.file_path().to_string()));
-            }
-            progress(kind.name(), "compact", total, total);
-            match replace::replace(
-                wh.catalog().as_ref(),
-                wh.swap().await?,
-                &kind.ident(),
-                &rewrite,
-            )
-            .await
-            {
-                Ok(Outcome::Committed { .. }) | Ok(Outcome::AlreadyApplied { .. }) => {}
-                Err(e @ WarehouseError::NotLive { .. }) => {
-                    // Another maintenance run got there first: our output is unreferenced
-                    // (deleted below once old enough) and the next run re-plans.
-                    report.skipped = Some(e.to_string());
-                    for f in &rewrite.added {
-                        let _ = table.file_io().delete(f.file_path()).await;
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        progress(kind.name(), "expire", 0, 1);
-        report.snapshots_expired = expire(wh, kind, options).await?;
-        progress(kind.name(), "delete", 0, 1);
-        let (files, bytes) = delete_unreferenced(wh, kind, options).await?;
-        report.files_deleted = files;
-        report.bytes_deleted = bytes;
-    }
-
-    let table = wh.table(kind).await?;
-    let after = live_files(&table).await?;
-    report.files_after = after.files.len() as u64;
-    report.bytes_after = after.files.iter().map(|f| f.0.file_size_in_bytes()).sum();
-    report.rows_after = after.files.iter().map(|f| f.0.record_count()).sum();
-    report.manifests_after = after.manifests;
     if options.dry_run {
-        // What a real run would leave: each bin becomes one file.
-        report.files_after = report.files_after - report.files_compacted + report.bins;
+        // What a run would leave: each bin becomes one file (bytes and rows as they are,
+        // though folding shrinks a rollup table's rows).
+        report.files_after = files - report.files_compacted + report.bins;
+        (report.bytes_after, report.rows_after) = (bytes, rows);
+        report.manifests_after = live.manifests;
+        return Ok(report);
     }
+
+    let mut changed = false;
+    if !bins.is_empty() || live.manifests as usize > options.max_manifests {
+        let mut rewrite = Rewrite::new(
+            Operation::Replace,
+            format!("maintain-{}", uuid::Uuid::now_v7()),
+        );
+        rewrite.merge_manifests = true;
+        let total = bins.len() as u64;
+        for (i, bin) in bins.iter().enumerate() {
+            progress(kind.name(), "compact", i as u64, total);
+            let batch = fold(kind, &table, read_files(&table, bin).await?).await?;
+            rewrite
+                .added
+                .extend(tables::write_files(kind, &table, batch).await?);
+            rewrite
+                .removed
+                .extend(bin.iter().map(|f| f.file.file_path().to_string()));
+        }
+        progress(kind.name(), "compact", total, total);
+        match wh.replace(kind, &rewrite).await {
+            Ok(_) => changed = true,
+            Err(e @ WarehouseError::NotLive { .. }) => {
+                // Another maintenance run got there first: our output is unreferenced (the
+                // next runs delete it once old enough) and the next run re-plans.
+                report.skipped = Some(e.to_string());
+                (report.bins, report.files_compacted) = (0, 0);
+                for f in &rewrite.added {
+                    let _ = table.file_io().delete(f.file_path()).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    progress(kind.name(), "expire", 0, 1);
+    report.snapshots_expired = expire(wh, kind, options).await?;
+    changed |= report.snapshots_expired > 0;
+    progress(kind.name(), "delete", 0, 1);
+    (report.files_deleted, report.bytes_deleted) = delete_unreferenced(wh, kind, options).await?;
+
+    let after = if changed {
+        live_files(&wh.table(kind).await?).await?
+    } else {
+        live
+    };
+    (report.files_after, report.bytes_after, report.rows_after) = after.stats();
+    report.manifests_after = after.manifests;
     Ok(report)
 }
 
@@ -256,17 +245,29 @@ pub async fn run_loop(
     }
 }
 
-fn is_rollup(kind: TableKind) -> bool {
-    matches!(
-        kind,
-        TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly
-    )
+/// A live data file and the partition spec of the manifest that lists it.
+#[derive(Clone)]
+struct LiveFile {
+    file: DataFile,
+    spec_id: i32,
 }
 
 struct Live {
-    /// Live data files with the partition spec id of the manifest listing them.
-    files: Vec<(DataFile, i32)>,
+    files: Vec<LiveFile>,
     manifests: u64,
+}
+
+impl Live {
+    /// (files, bytes, rows)
+    fn stats(&self) -> (u64, u64, u64) {
+        self.files.iter().fold((0, 0, 0), |(n, b, r), f| {
+            (
+                n + 1,
+                b + f.file.file_size_in_bytes(),
+                r + f.file.record_count(),
+            )
+        })
+    }
 }
 
 async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
@@ -285,8 +286,10 @@ async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
         }
         let loaded = manifest.load_manifest(table.file_io()).await?;
         for e in loaded.entries().iter().filter(|e| e.is_alive()) {
-            live.files
-                .push((e.data_file().clone(), manifest.partition_spec_id));
+            live.files.push(LiveFile {
+                file: e.data_file().clone(),
+                spec_id: manifest.partition_spec_id,
+            });
         }
     }
     Ok(live)
@@ -295,7 +298,8 @@ async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
 /// Size tiers for compaction: tier 0 is under [`TIER_BASE`], tier k holds
 /// [`TIER_BASE`] x 4^(k-1) up to 4^k.
 const TIER_BASE: u64 = 1 << 20;
-/// Files a tier needs before it is compacted (tier 0, the fresh small files: two).
+/// Files a tier above 0 needs before it is compacted (tier 0, the fresh small files, needs
+/// two).
 const TIER_MIN_FILES: usize = 4;
 
 fn tier(size: u64) -> u32 {
@@ -313,16 +317,16 @@ fn tier(size: u64) -> u32 {
 /// tier with enough files (two in tier 0, four above) is packed, smallest first, into bins
 /// of at most `bin_bytes`; a bin needs at least two files. Four files of one tier make about
 /// one file of the next.
-fn plan_bins(files: &[(DataFile, i32)], bin_bytes: u64) -> Vec<Vec<(DataFile, i32)>> {
+fn plan_bins(files: &[LiveFile], bin_bytes: u64) -> Vec<Vec<LiveFile>> {
     let small = (TARGET_FILE_BYTES as u64) * 3 / 4;
     type Key = (i32, String, u32);
-    let mut groups: BTreeMap<Key, Vec<&(DataFile, i32)>> = BTreeMap::new();
+    let mut groups: BTreeMap<Key, Vec<&LiveFile>> = BTreeMap::new();
     for f in files {
-        let size = f.0.file_size_in_bytes();
-        if size < small && f.0.file_format() == DataFileFormat::Parquet {
+        let size = f.file.file_size_in_bytes();
+        if size < small && f.file.file_format() == DataFileFormat::Parquet {
             // Debug text orders partitions stably (Struct has no Ord).
             groups
-                .entry((f.1, format!("{:?}", f.0.partition()), tier(size)))
+                .entry((f.spec_id, format!("{:?}", f.file.partition()), tier(size)))
                 .or_default()
                 .push(f);
         }
@@ -332,11 +336,11 @@ fn plan_bins(files: &[(DataFile, i32)], bin_bytes: u64) -> Vec<Vec<(DataFile, i3
         if group.len() < if tier == 0 { 2 } else { TIER_MIN_FILES } {
             continue;
         }
-        group.sort_by_key(|f| f.0.file_size_in_bytes());
-        let mut bin: Vec<(DataFile, i32)> = Vec::new();
+        group.sort_by_key(|f| f.file.file_size_in_bytes());
+        let mut bin: Vec<LiveFile> = Vec::new();
         let mut bytes = 0;
         for f in group {
-            let size = f.0.file_size_in_bytes();
+            let size = f.file.file_size_in_bytes();
             if !bin.is_empty() && bytes + size > bin_bytes {
                 if bin.len() > 1 {
                     bins.push(std::mem::take(&mut bin));
@@ -356,15 +360,12 @@ fn plan_bins(files: &[(DataFile, i32)], bin_bytes: u64) -> Vec<Vec<(DataFile, i3
 }
 
 /// Reads `files` of `table` with its current schema (older files get NULL for newer columns).
-async fn read_files(
-    table: &Table,
-    files: &[(DataFile, i32)],
-) -> Result<RecordBatch, WarehouseError> {
+async fn read_files(table: &Table, files: &[LiveFile]) -> Result<RecordBatch, WarehouseError> {
     let md = table.metadata();
     let schema = md.current_schema().clone();
     let field_ids: Vec<i32> = schema.as_struct().fields().iter().map(|f| f.id).collect();
     let mut tasks = Vec::with_capacity(files.len());
-    for (f, spec_id) in files {
+    for LiveFile { file: f, spec_id } in files {
         let spec = md.partition_spec_by_id(*spec_id).cloned();
         tasks.push(Ok(FileScanTask::builder()
             .with_file_size_in_bytes(f.file_size_in_bytes())
@@ -386,41 +387,11 @@ async fn read_files(
         .read(Box::pin(futures::stream::iter(tasks)))?
         .stream();
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
-    let arrow_schema = tables::arrow_schema(table)?;
-    conform(&batches, &arrow_schema)
+    tables::conform(&batches, &tables::arrow_schema(table)?)
 }
 
-/// One batch with exactly `schema` (field ids included), from batches with the same columns
-/// in the same order but possibly other physical types (Binary vs LargeBinary, Int64 sums).
-pub(crate) fn conform(
-    batches: &[RecordBatch],
-    schema: &ArrowSchemaRef,
-) -> Result<RecordBatch, WarehouseError> {
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    if rows == 0 {
-        return Ok(RecordBatch::new_empty(schema.clone()));
-    }
-    let mut columns = Vec::with_capacity(schema.fields().len());
-    for (i, field) in schema.fields().iter().enumerate() {
-        let parts = batches
-            .iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| {
-                let col = b.column(i);
-                if col.data_type() == field.data_type() {
-                    Ok(col.clone())
-                } else {
-                    cast(col, field.data_type())
-                }
-            })
-            .collect::<Result<Vec<ArrayRef>, _>>()?;
-        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
-        columns.push(arrow::compute::concat(&refs)?);
-    }
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
-}
-
-/// Folds a rollup table's delta rows into one row per key (what its views compute anyway).
+/// Folds a rollup table's delta rows into one row per key (what its views compute anyway);
+/// other tables' batches are returned as they are.
 async fn fold(
     kind: TableKind,
     table: &Table,
@@ -455,37 +426,8 @@ async fn fold(
     let input = RecordBatch::try_new(plain.clone(), batch.columns().to_vec())?;
     ctx.register_table("t", Arc::new(MemTable::try_new(plain, vec![vec![input]])?))?;
     let folded = ctx.sql(query).await?.collect().await?;
-    let schema = tables::arrow_schema(table)?;
-    let folded = folded
-        .iter()
-        .map(|b| {
-            // `hll_union` yields Binary; the table's sketch column is LargeBinary.
-            let cols = b
-                .columns()
-                .iter()
-                .map(|c| match c.data_type() {
-                    DataType::Binary => cast(c, &DataType::LargeBinary),
-                    _ => Ok(c.clone()),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(RecordBatch::try_new(
-                Arc::new(arrow::datatypes::Schema::new(
-                    cols.iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            arrow::datatypes::Field::new(
-                                format!("c{i}"),
-                                c.data_type().clone(),
-                                true,
-                            )
-                        })
-                        .collect::<Vec<_>>(),
-                )),
-                cols,
-            )?)
-        })
-        .collect::<Result<Vec<_>, WarehouseError>>()?;
-    conform(&folded, &schema)
+    // (`conform` also turns `hll_union`'s Binary into the table's LargeBinary.)
+    tables::conform(&folded, &tables::arrow_schema(table)?)
 }
 
 /// Expires snapshots per the options; returns how many were removed.

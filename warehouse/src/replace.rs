@@ -12,8 +12,8 @@
 //!    go into one rewritten manifest, as `existing` (original snapshot id and sequence numbers
 //!    kept) or `deleted`; the added files into one new manifest;
 //! 4. a v2 manifest list, a snapshot (operation `replace`, `overwrite` or `delete`) whose
-//!    summary carries the parent's `beacon.*` properties forward (ingest's sequence
-//!    watermarks: without them exactly-once breaks at the next restart), then the new metadata
+//!    summary carries the parent's watermarks forward (`beacon.stream-seq`,
+//!    `beacon.events-seq`: without them exactly-once breaks at the next restart), then the new metadata
 //!    JSON with that snapshot on `main`;
 //! 5. a compare-and-swap on the catalog row, exactly as the SQL catalog commits: `UPDATE ...
 //!    WHERE metadata_location = <the one we read>`, which must change exactly one row.
@@ -21,7 +21,8 @@
 //! On a lost swap (an ingest append or a rollup landed meanwhile) the staged files are deleted
 //! and everything is redone from step 1 on the new current snapshot, so concurrent appends are
 //! kept. A crash anywhere before the swap leaves only unreferenced files (maintenance deletes
-//! orphans); after it, the job id makes a re-run a no-op.
+//! orphans); after it, the job id makes a re-run a no-op (as long as the job's snapshot has not
+//! been expired: idempotency holds within the snapshot retention).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -29,8 +30,8 @@ use std::time::Duration;
 
 use iceberg::spec::{
     DataContentType, DataFile, DataFileFormat, FormatVersion, ManifestContentType, ManifestFile,
-    ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot, SnapshotSummaryCollector,
-    Summary, MAIN_BRANCH,
+    ManifestListWriter, ManifestWriter, ManifestWriterBuilder, Operation, Snapshot,
+    SnapshotSummaryCollector, Summary, MAIN_BRANCH,
 };
 use iceberg::table::Table;
 use iceberg::{Catalog, MetadataLocation, TableIdent};
@@ -53,7 +54,8 @@ pub struct Rewrite {
     pub removed: Vec<String>,
     /// New data files (written to the table's location with its current spec).
     pub added: Vec<DataFile>,
-    /// Extra snapshot properties; they override the carried-forward `beacon.*` ones.
+    /// Extra properties of this snapshot (not carried into later ones); they override the
+    /// carried-forward watermarks.
     pub properties: HashMap<String, String>,
     /// Unique per job: a job whose id is already in the table's ancestry is not applied again.
     pub job_id: String,
@@ -83,14 +85,14 @@ pub enum Outcome {
 }
 
 /// The compare-and-swap on the SQL catalog's table row, as `iceberg-catalog-sql` does it.
-pub struct CatalogSwap {
+pub(crate) struct CatalogSwap {
     pool: AnyPool,
     catalog_name: String,
 }
 
 impl CatalogSwap {
     /// `uri` is the catalog database's sqlx URI (`sqlite:...`, `postgres://...`).
-    pub async fn connect(uri: &str, catalog_name: &str) -> Result<Self, WarehouseError> {
+    pub(crate) async fn connect(uri: &str, catalog_name: &str) -> Result<Self, WarehouseError> {
         install_default_drivers();
         let pool = AnyPoolOptions::new()
             .max_connections(2)
@@ -137,8 +139,9 @@ impl CatalogSwap {
     }
 }
 
-/// Applies `rewrite` to the table `ident` in one atomic snapshot (see the module docs).
-pub async fn replace(
+/// Applies `rewrite` to the table `ident` in one atomic snapshot (see the module docs). Use
+/// [`Warehouse::replace`](crate::Warehouse::replace), which pairs the catalog with its swap.
+pub(crate) async fn replace(
     catalog: &dyn Catalog,
     swap: &CatalogSwap,
     ident: &TableIdent,
@@ -261,24 +264,19 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
                 carried.push(manifest);
                 continue;
             }
+            if manifest.partition_spec_id != spec.spec_id() {
+                // Beacon never evolves a partition spec; rewriting across specs is not done.
+                return Err(WarehouseError::Unsupported(format!(
+                    "{} lists files of partition spec {}, not the current one",
+                    manifest.manifest_path, manifest.partition_spec_id
+                )));
+            }
             let writer = match rewritten.as_mut() {
                 Some(w) => w,
                 None => {
                     let path = format!("{metadata_dir}/{commit_id}-m0.avro");
                     written.push(path.clone());
-                    let spec = md
-                        .partition_spec_by_id(manifest.partition_spec_id)
-                        .cloned()
-                        .unwrap_or_else(|| spec.clone());
-                    rewritten.insert(
-                        ManifestWriterBuilder::new(
-                            file_io.new_output(&path)?,
-                            Some(snapshot_id),
-                            schema.clone(),
-                            spec.as_ref().clone(),
-                        )
-                        .build_v2_data(),
-                    )
+                    rewritten.insert(manifest_writer(table, snapshot_id, &path)?)
                 }
             };
             for e in live {
@@ -324,15 +322,7 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
         None if !rewrite.added.is_empty() => {
             let path = format!("{metadata_dir}/{commit_id}-m1.avro");
             written.push(path.clone());
-            Some(
-                ManifestWriterBuilder::new(
-                    file_io.new_output(&path)?,
-                    Some(snapshot_id),
-                    schema.clone(),
-                    spec.as_ref().clone(),
-                )
-                .build_v2_data(),
-            )
+            Some(manifest_writer(table, snapshot_id, &path)?)
         }
         None => None,
     };
@@ -374,18 +364,9 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
     list.add_manifests(manifests.into_iter())?;
     list.close().await?;
 
-    // Properties: the parent's `beacon.*` (watermarks) carried forward, then the caller's,
-    // then this job's id, then the computed counts (which nobody may shadow).
-    let mut properties: HashMap<String, String> = base
-        .map(|s| {
-            s.summary()
-                .additional_properties
-                .iter()
-                .filter(|(k, _)| k.starts_with("beacon.") && k.as_str() != JOB_PROPERTY)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Properties: the parent's watermarks carried forward, then the caller's (for this
+    // snapshot only), then this job's id, then the computed counts (which nobody may shadow).
+    let mut properties = crate::tables::watermarks(base);
     properties.extend(rewrite.properties.clone());
     properties.insert(JOB_PROPERTY.into(), rewrite.job_id.clone());
     properties.extend(summary.build());
@@ -422,6 +403,23 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
         metadata_location,
         written,
     })
+}
+
+/// A v2 data-manifest writer for `snapshot_id` at `path`, in the table's current schema and
+/// partition spec.
+fn manifest_writer(
+    table: &Table,
+    snapshot_id: i64,
+    path: &str,
+) -> Result<ManifestWriter, WarehouseError> {
+    let md = table.metadata();
+    Ok(ManifestWriterBuilder::new(
+        table.file_io().new_output(path)?,
+        Some(snapshot_id),
+        md.current_schema().clone(),
+        md.default_partition_spec().as_ref().clone(),
+    )
+    .build_v2_data())
 }
 
 /// `total-*` summary fields, counted from the live files of the new snapshot.
@@ -472,4 +470,112 @@ fn chrono_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::DataType;
+    use arrow::record_batch::RecordBatch;
+
+    use super::*;
+    use crate::{TableKind, Warehouse};
+
+    /// `n` `failed_events` rows with ids `prefix-i`.
+    async fn rows(wh: &Warehouse, prefix: &str, n: usize) -> RecordBatch {
+        let schema =
+            crate::tables::arrow_schema(&wh.table(TableKind::FailedEvents).await.unwrap()).unwrap();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| -> ArrayRef {
+                match f.data_type() {
+                    DataType::Utf8 => Arc::new(StringArray::from_iter_values(
+                        (0..n).map(|i| format!("{prefix}-{i}")),
+                    )),
+                    DataType::Int64 => Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                    DataType::Timestamp(_, tz) => Arc::new(
+                        TimestampMicrosecondArray::from_iter_values(
+                            (0..n).map(|_| 1_793_577_600_000_000),
+                        )
+                        .with_timezone_opt(tz.clone()),
+                    ),
+                    t => arrow::array::new_null_array(t, n),
+                }
+            })
+            .collect();
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+
+    /// The swap notices a commit that landed after the replace was staged, and the retry
+    /// re-bases on it: the append is kept, the replaced file is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_swap_over_a_newer_commit_fails_and_the_retry_keeps_that_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::open(dir.path()).await.unwrap();
+        let kind = TableKind::FailedEvents;
+        wh.append(kind, rows(&wh, "a", 3).await, Default::default())
+            .await
+            .unwrap();
+        let base = wh.table(kind).await.unwrap();
+        let old_file = {
+            let list = base
+                .manifest_list_reader(base.metadata().current_snapshot().unwrap())
+                .load()
+                .await
+                .unwrap();
+            let manifest = list.entries()[0]
+                .load_manifest(base.file_io())
+                .await
+                .unwrap();
+            manifest.entries()[0].file_path().to_string()
+        };
+        let mut rewrite = Rewrite::new(Operation::Delete, "delete-a");
+        rewrite.removed = vec![old_file];
+        let staged = stage(&base, &rewrite).await.unwrap();
+
+        // Ingest commits meanwhile.
+        wh.append(kind, rows(&wh, "b", 2).await, Default::default())
+            .await
+            .unwrap();
+        let swapped = wh
+            .swap()
+            .await
+            .unwrap()
+            .swap(
+                &kind.ident(),
+                base.metadata_location().unwrap(),
+                &staged.metadata_location,
+            )
+            .await
+            .unwrap();
+        assert!(!swapped, "the swap must see the newer commit");
+
+        // The whole replace re-bases on the append: b's rows stay, a's go.
+        assert!(matches!(
+            wh.replace(kind, &rewrite).await.unwrap(),
+            Outcome::Committed { .. }
+        ));
+        let batches = wh
+            .session()
+            .await
+            .unwrap()
+            .sql("SELECT event_id FROM failed_events ORDER BY event_id")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let ids: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let col = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                let col = col.as_any().downcast_ref::<StringArray>().unwrap().clone();
+                col.iter().flatten().map(str::to_string).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(ids, ["b-0", "b-1"]);
+    }
 }

@@ -18,10 +18,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, AsArray, LargeBinaryArray};
-use arrow::compute::cast;
-use arrow::datatypes::DataType;
-use arrow::record_batch::RecordBatch;
 use iceberg_datafusion::IcebergStaticTableProvider;
 use tokio::sync::watch;
 
@@ -180,36 +176,9 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
             ),
         };
         let batches = ctx.sql(&query).await?.collect().await?;
-        let schema = arrow_schema(&target)?;
-        let mut columns: Vec<Vec<ArrayRef>> = vec![Vec::new(); schema.fields().len()];
-        let mut rows = 0;
-        for b in &batches {
-            rows += b.num_rows();
-            for (i, field) in schema.fields().iter().enumerate() {
-                let col = b.column(i);
-                let col = match field.data_type() {
-                    DataType::LargeBinary => Arc::new(to_large_binary(col)?) as ArrayRef,
-                    t => cast(col, t)?,
-                };
-                columns[i].push(col);
-            }
-        }
-        let merged: Vec<ArrayRef> = columns
-            .iter()
-            .map(|parts| {
-                let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
-                if refs.is_empty() {
-                    Ok(arrow::array::new_empty_array(&DataType::Null))
-                } else {
-                    arrow::compute::concat(&refs)
-                }
-            })
-            .collect::<Result<_, _>>()?;
-        let batch = if rows == 0 {
-            RecordBatch::new_empty(schema.clone())
-        } else {
-            RecordBatch::try_new(schema.clone(), merged)?
-        };
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        // (`conform` casts the sums and turns `hll_sketch`'s Binary into LargeBinary.)
+        let batch = tables::conform(&batches, &arrow_schema(&target)?)?;
         tables::append(
             wh.catalog().as_ref(),
             kind,
@@ -225,16 +194,6 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         }
     }
     Ok(stats)
-}
-
-fn to_large_binary(col: &ArrayRef) -> Result<LargeBinaryArray, WarehouseError> {
-    Ok(match col.data_type() {
-        DataType::Binary => col.as_binary::<i32>().iter().collect(),
-        DataType::LargeBinary => col.as_binary::<i64>().clone(),
-        _ => cast(col, &DataType::LargeBinary)?
-            .as_binary::<i64>()
-            .clone(),
-    })
 }
 
 /// Runs [`run_once`] every `interval` until `shutdown` turns true; errors are logged and

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::array::{Array, ArrayRef};
+use arrow::compute::{cast, lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::SchemaRef as ArrowSchemaRef;
 use arrow::record_batch::RecordBatch;
 use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
@@ -347,13 +348,7 @@ async fn check_schema(catalog: &dyn Catalog, kind: TableKind) -> Result<(), Ware
         // (same watermark properties) makes the new columns readable (NULL in old files)
         // before the next write.
         if let Some(snapshot) = table.metadata().current_snapshot() {
-            let properties = snapshot
-                .summary()
-                .additional_properties
-                .iter()
-                .filter(|(k, _)| k.starts_with("beacon."))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let properties = watermarks(Some(snapshot));
             let schema = arrow_schema(&table)?;
             append(
                 catalog,
@@ -383,6 +378,52 @@ pub fn arrow_schema(table: &Table) -> Result<ArrowSchemaRef, WarehouseError> {
     Ok(Arc::new(schema_to_arrow_schema(
         table.metadata().current_schema(),
     )?))
+}
+
+/// One batch with exactly `schema` (field ids included), from batches with the same columns
+/// in the same order but possibly other physical types (Binary vs LargeBinary, Int64 sums).
+pub(crate) fn conform(
+    batches: &[RecordBatch],
+    schema: &ArrowSchemaRef,
+) -> Result<RecordBatch, WarehouseError> {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if rows == 0 {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (i, field) in schema.fields().iter().enumerate() {
+        let parts = batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let col = b.column(i);
+                if col.data_type() == field.data_type() {
+                    Ok(col.clone())
+                } else {
+                    cast(col, field.data_type())
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        columns.push(arrow::compute::concat(&refs)?);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// The current snapshot's watermark properties (ingest's and the rollups' stream
+/// sequences): what every commit that is not an ingest or rollup commit must carry forward,
+/// or the next restart re-reads (and re-commits) what the table already holds.
+pub(crate) fn watermarks(snapshot: Option<&iceberg::spec::SnapshotRef>) -> HashMap<String, String> {
+    let Some(snapshot) = snapshot else {
+        return HashMap::new();
+    };
+    [SEQ_PROPERTY, ROLLUP_SEQ_PROPERTY]
+        .into_iter()
+        .filter_map(|k| {
+            let v = snapshot.summary().additional_properties.get(k)?;
+            Some((k.to_string(), v.clone()))
+        })
+        .collect()
 }
 
 /// An integer snapshot property of the current snapshot; 0 when absent.
