@@ -13,18 +13,6 @@ use common::{venv_python, wait_for, Cluster};
 
 /// Waits for the child, killing it if it outlives `deadline` (a hung client fails the test
 /// instead of hanging it).
-fn wait_with_deadline(mut child: std::process::Child, deadline: Duration) -> std::process::Output {
-    let start = std::time::Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsocket_py_quic_client_sends_request_response_and_fire_and_forget() {
     let cluster = Cluster::start(false);
@@ -57,7 +45,7 @@ async fn rsocket_py_quic_client_sends_request_response_and_fire_and_forget() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run python");
-    let out = wait_with_deadline(out, Duration::from_secs(60));
+    let out = common::wait_with_deadline(out, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "rsocket-py client failed: {}\n{}",
@@ -114,28 +102,8 @@ async fn pyiceberg_reads_the_same_counts_and_sums_as_beacon_sql() {
             .then_some(())
     });
 
-    let endpoints = &cluster.endpoints;
     let data_dir = cluster.data_dir();
-    let layout = beacon_warehouse::Layout::new(data_dir);
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/pyiceberg_read.py");
-    let child = Command::new(venv_python())
-        .arg(&script)
-        .arg(&layout.catalog_db)
-        .arg(layout.warehouse_uri())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run python");
-    let out = wait_with_deadline(child, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "pyiceberg failed ({}): {}",
-        endpoints.nats_url,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("json");
+    let v = common::pyiceberg_read(data_dir);
     let sql = |q: &str| c.count(q);
     for table in ["raw_events", "events"] {
         assert_eq!(

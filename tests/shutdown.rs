@@ -5,33 +5,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beacon::endpoints::Endpoints;
-use common::{beacon_bin, cli_in, first_int, sigterm, sql_in, wait_for};
+use common::{cli_in, first_int, sigterm, sql_in, wait_for};
 
 fn start_up(dir: &std::path::Path) -> (Child, Endpoints) {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("up.log"))
-        .expect("log");
-    let child = Command::new(beacon_bin())
-        .args(["up", "--data-dir"])
-        .arg(dir)
-        .args(["--ingest-max-wait-ms", "200"])
-        .env("RUST_LOG", "info,async_nats=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn beacon up");
-    let endpoints = wait_for(Duration::from_secs(60), "endpoints.json", || {
-        Endpoints::read(dir).ok()
-    });
-    (child, endpoints)
+    common::spawn_up(dir, &dir.join("up.log"), &[])
 }
 
 fn count(dir: &std::path::Path, sql: &str) -> i64 {

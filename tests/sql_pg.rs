@@ -6,10 +6,9 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{venv_python, wait_for, Cluster};
+use common::{wait_for, Cluster};
 
 const ADMIN: &str = "ops";
 const ADMIN_SECRET: &str = "s3cret-admin-token-0123456789";
@@ -175,20 +174,17 @@ async fn sql_endpoint_keeps_merchants_apart_and_is_read_only() {
     }
 
     // A driver on the extended protocol (server-side parameters) gets the same isolation.
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/pg_extended.py");
-    let out = Command::new(venv_python())
-        .arg(&script)
-        .args(["127.0.0.1", &port, a, a_token, b])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = common::python_json(
+        "pg_extended.py",
+        [
+            "127.0.0.1",
+            port.as_str(),
+            a.as_str(),
+            a_token.as_str(),
+            b.as_str(),
+        ],
+        Duration::from_secs(120),
     );
-    let got: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("psycopg script prints JSON");
     let pageviews = psql.value(
         ADMIN,
         ADMIN_SECRET,

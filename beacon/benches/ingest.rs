@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
-use beacon::traffic::{self, Site, TrafficConfig};
+use beacon::traffic::{self, TrafficConfig};
 use beacon_ingest::convert::{events_batch, Received};
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::{Envelope, Event};
@@ -59,6 +59,15 @@ fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Decodes `chunk` as core-ingest does, numbering it from stream sequence `first + 1`.
+fn decode(first: usize, chunk: &[Vec<u8>]) -> Vec<Received> {
+    chunk
+        .iter()
+        .enumerate()
+        .map(|(i, p)| beacon_ingest::decode((first + i + 1) as u64, p))
+        .collect()
+}
+
 /// Core-ingest's path, timed from the envelope bytes to the last commit.
 async fn beacon_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -77,11 +86,7 @@ async fn beacon_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
     let started = Instant::now();
     let mut rows = 0;
     for (c, chunk) in payloads.chunks(per_commit).enumerate() {
-        let received: Vec<Received> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, p)| beacon_ingest::decode((c * per_commit + i + 1) as u64, p))
-            .collect();
+        let received = decode(c * per_commit, chunk);
         rows += writer.commit(received).await.expect("commit").0;
     }
     (started.elapsed().as_secs_f64(), rows)
@@ -93,11 +98,7 @@ async fn bare_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
     let wh = Warehouse::open(dir.path()).await.expect("warehouse");
     let mut commits: Vec<Vec<(TableKind, RecordBatch)>> = Vec::new();
     for (c, chunk) in payloads.chunks(per_commit).enumerate() {
-        let received: Vec<Received> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, p)| beacon_ingest::decode((c * per_commit + i + 1) as u64, p))
-            .collect();
+        let received = decode(c * per_commit, chunk);
         let refs: Vec<&Received> = received.iter().collect();
         let mut tables = Vec::new();
         for (kind, processed) in [(TableKind::RawEvents, false), (TableKind::Events, true)] {
@@ -159,12 +160,7 @@ async fn main() {
     let per_envelope = env_usize("BEACON_BENCH_ENVELOPE", 500);
     let per_commit = env_usize("BEACON_BENCH_COMMIT", 100);
     let merchants = env_usize("BEACON_BENCH_MERCHANTS", 1000);
-    let sites: Vec<Site> = (0..merchants)
-        .map(|i| Site {
-            merchant_id: format!("ing-{i}"),
-            host: format!("ing{i}.example"),
-        })
-        .collect();
+    let sites = traffic::sites(merchants, |i| format!("ing-{i}"));
     let config = TrafficConfig {
         seed: 5,
         events: events_n,

@@ -185,12 +185,7 @@ async fn main() {
         zipf_s: 1.0,
         late_share: 0.0,
     };
-    let sites: Vec<Site> = (0..merchants)
-        .map(|i| Site {
-            merchant_id: format!("m_bench_{i:05}"),
-            host: format!("site{i}.example"),
-        })
-        .collect();
+    let sites = traffic::sites(merchants, |i| format!("m_bench_{i:05}"));
 
     let wh = Arc::new(Warehouse::open(&dir).await.expect("warehouse"));
     let have = wh.committed_seq(TableKind::Events).await.expect("seq");

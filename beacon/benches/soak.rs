@@ -1,7 +1,7 @@
 //! Soak benchmark: commits like production for a long time, with maintenance off and then on,
-//! over the same traffic in one run. Each simulated second is one ingest commit (`raw_events`
-//! and `events`, as core-ingest writes them) of realistic multi-merchant traffic; every 30
-//! commits the rollups run; with maintenance on, `maintain` runs over every table every
+//! over the same traffic in one run. Each simulated second is one ingest commit of realistic
+//! multi-merchant traffic (through core-ingest's `Writer`: `raw_events` and `events`
+//! concurrently, with their watermarks); every 30 commits the rollups run; with maintenance on, `maintain` runs over every table every
 //! `BEACON_SOAK_MAINTAIN_EVERY` commits. At the start and at the end it reports file counts and
 //! bytes per table, manifests and metadata JSON size, ingest commit latency p50/p99, rollup run
 //! time, and a dashboard's p50/p99 (the metrics API's four dashboard panels).
@@ -20,13 +20,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beacon::traffic::{self, Site, TrafficConfig};
-use beacon_ingest::convert::{events_batch, Received};
+use beacon::traffic::{self, TrafficConfig};
+use beacon_ingest::convert::Received;
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::{Envelope, Event};
 use beacon_query::query::{Plan, QueryRequest};
 use beacon_warehouse::maintain::{self, MaintainOptions};
-use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
 use beacon_warehouse::{rollup, TableKind, Warehouse};
 use common::{env_usize, pct};
 use serde_json::json;
@@ -160,9 +159,20 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
         .tempdir()
         .expect("tempdir");
     let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
-    let raw_schema =
-        arrow_schema(&wh.table(TableKind::RawEvents).await.expect("raw")).expect("schema");
-    let schema = arrow_schema(&wh.table(TableKind::Events).await.expect("events")).expect("schema");
+    // core-ingest's own writer: the tables it commits, concurrently, with their watermarks.
+    let mut writer = beacon_ingest::Writer::new(
+        wh.clone(),
+        [
+            TableKind::RawEvents,
+            TableKind::Events,
+            TableKind::FailedEvents,
+        ]
+        .into_iter()
+        .map(|k| (k, 0))
+        .collect(),
+    )
+    .await
+    .expect("writer");
     // Simulated time runs faster than the clock: retention is counted in commits (one per
     // simulated second) instead.
     let options = MaintainOptions {
@@ -194,16 +204,8 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
                 failures: Vec::new(),
             },
         };
-        let props = || [(SEQ_PROPERTY.to_string(), seq.to_string())].into();
         let started = Instant::now();
-        let raw = events_batch(&raw_schema, &[&received], false).expect("raw batch");
-        let processed = events_batch(&schema, &[&received], true).expect("batch");
-        wh.append(TableKind::RawEvents, raw, props())
-            .await
-            .expect("append raw");
-        wh.append(TableKind::Events, processed, props())
-            .await
-            .expect("append");
+        writer.commit(vec![received]).await.expect("commit");
         commit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         if (seq as usize).is_multiple_of(ROLLUP_EVERY) {
             let started = Instant::now();
@@ -267,12 +269,7 @@ async fn main() {
 
     // 2026-11-02T00:00:00Z: one day of traffic, in time order, cycled if too short.
     let start_ms = 1_793_577_600_000;
-    let sites: Vec<Site> = (0..merchants)
-        .map(|i| Site {
-            merchant_id: format!("soak-{i}"),
-            host: format!("soak{i}.example"),
-        })
-        .collect();
+    let sites = traffic::sites(merchants, |i| format!("soak-{i}"));
     let config = TrafficConfig {
         seed: 11,
         events: commits * rows,

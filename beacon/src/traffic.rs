@@ -26,6 +26,16 @@ pub struct Site {
     pub host: String,
 }
 
+/// `n` sites: merchant ids from `merchant_id(i)`, hosts `site<i>.example`.
+pub fn sites(n: usize, merchant_id: impl Fn(usize) -> String) -> Vec<Site> {
+    (0..n)
+        .map(|i| Site {
+            merchant_id: merchant_id(i),
+            host: format!("site{i}.example"),
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct TrafficConfig {
     pub seed: u64,
@@ -346,12 +356,7 @@ mod tests {
     }
 
     fn sites(n: usize) -> Vec<Site> {
-        (0..n)
-            .map(|i| Site {
-                merchant_id: format!("m_{i}"),
-                host: format!("site{i}.example"),
-            })
-            .collect()
+        super::sites(n, |i| format!("m_{i}"))
     }
 
     #[test]

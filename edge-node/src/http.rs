@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use beacon_proto::bus::TrackerId;
 
-use crate::conn_limit::ClientAddr;
+use beacon_serve::conn_limit::ClientAddr;
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
 use crate::locate::Locator;

@@ -4,7 +4,7 @@
 //! [`process::Processor`] (validate, plugin chain) -> [`publish::Publisher`] (JetStream, acked)
 //! -> answer to the client. The edge never links the warehouse: it only knows the bus.
 
-pub use beacon_serve::conn_limit;
+use beacon_serve::conn_limit;
 pub mod device;
 pub mod enrich;
 pub mod http;

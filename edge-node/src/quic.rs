@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
-use crate::conn_limit::ConnLimit;
+use beacon_serve::conn_limit::ConnLimit;
 use crate::enrich::ClientCtx;
 use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};

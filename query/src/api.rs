@@ -274,11 +274,11 @@ async fn sql_rows(
     ctx: &SessionContext,
     sql: &str,
 ) -> Result<Vec<serde_json::Value>, WarehouseError> {
-    let options = datafusion::execution::context::SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
-    let batches = ctx.sql_with_options(sql, options).await?.collect().await?;
+    let batches = ctx
+        .sql_with_options(sql, beacon_warehouse::read_only())
+        .await?
+        .collect()
+        .await?;
     beacon_warehouse::output::json_rows(&batches)
 }
 

@@ -249,21 +249,24 @@ impl Budget {
                 })
                 .clone()
         };
-        let mine = match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+        // One deadline for both slots: the documented wait is the whole wait.
+        let deadline = tokio::time::Instant::now() + wait;
+        let mine = match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
-                forget_idle(&self.per_who, &who, sem);
+                forget_idle(&self.per_who, &who, &sem);
                 return Err(external(Stopped::Busy {
                     who,
                     limit: self.limits.concurrent_per_merchant,
                 }));
             }
         };
-        let all = match tokio::time::timeout(wait, self.total.clone().acquire_owned()).await {
+        let all = match tokio::time::timeout_at(deadline, self.total.clone().acquire_owned()).await
+        {
             Ok(Ok(p)) => p,
             _ => {
                 drop(mine);
-                forget_idle(&self.per_who, &who, sem);
+                forget_idle(&self.per_who, &who, &sem);
                 return Err(external(Stopped::ServerBusy(self.limits.concurrent_total)));
             }
         };
@@ -279,10 +282,11 @@ impl Budget {
 
 /// Drops `who`'s slot counter when nobody holds or waits for it (the map stays as small as
 /// the set of merchants querying right now).
-fn forget_idle(map: &Mutex<HashMap<String, Arc<Semaphore>>>, who: &str, sem: Arc<Semaphore>) {
+fn forget_idle(map: &Mutex<HashMap<String, Arc<Semaphore>>>, who: &str, sem: &Arc<Semaphore>) {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    // The map's reference and ours: nobody else is waiting or running.
-    if Arc::strong_count(&sem) == 2 {
+    // The map's reference and the caller's: nobody else is waiting or running. (Taken by
+    // reference: a clone here would count itself and the entry would never go.)
+    if Arc::strong_count(sem) == 2 {
         map.remove(who);
     }
 }
@@ -299,7 +303,7 @@ struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         drop(self.mine.take());
-        forget_idle(&self.per_who, &self.who, self.sem.clone());
+        forget_idle(&self.per_who, &self.who, &self.sem);
     }
 }
 
@@ -689,6 +693,8 @@ mod tests {
         assert_eq!(run(&other, "SELECT 1").await.unwrap()[0].num_rows(), 1);
         drop(held);
         assert_eq!(run(&again, "SELECT 1").await.unwrap()[0].num_rows(), 1);
+        // Nobody holds or waits for a slot any more: the per-merchant counters are gone.
+        assert!(budget.per_who.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -33,7 +33,6 @@ use beacon_serve::conn_limit::{ConnLimit, Refused};
 use beacon_serve::tcp::Acceptor;
 use beacon_warehouse::Warehouse;
 use datafusion::common::ParamValues;
-use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatementAst;
@@ -544,10 +543,7 @@ async fn plan_query(stmt: &Statement, ctx: &SessionContext) -> PgWireResult<Logi
         .statement_to_plan(DfStatementAst::Statement(Box::new(stmt.clone())))
         .await
         .map_err(api)?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
+    beacon_warehouse::read_only()
         .verify_plan(&plan)
         .map_err(api)?;
     crate::pg_rows::maps_as_json(plan).map_err(api)

@@ -115,5 +115,13 @@ mod tests {
     fn the_fd_soft_limit_ends_at_the_hard_limit() {
         let (soft, hard) = raise_fd_limit().unwrap();
         assert_eq!(soft, hard);
+        // What the kernel now holds, not just what the function said.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(lim.rlim_cur, lim.rlim_max);
     }
 }

@@ -463,6 +463,64 @@ pub fn http_with(
 }
 
 /// The project venv's Python (scripts/setup.sh installs the third-party clients there).
+/// Runs `tests/python/<script>` with the venv's Python and `args` (killed after
+/// `deadline`); panics with its stderr unless it succeeds; returns its stdout as JSON.
+pub fn python_json<A: AsRef<std::ffi::OsStr>>(
+    script: &str,
+    args: impl IntoIterator<Item = A>,
+    deadline: Duration,
+) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(script);
+    let child = Command::new(venv_python())
+        .arg(&path)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let out = wait_with_deadline(child, deadline);
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What PyIceberg (another engine) reads from the warehouse under `data_dir`
+/// (`tests/python/pyiceberg_read.py`: rows, distinct ids and sums per table).
+pub fn pyiceberg_read(data_dir: &Path) -> Value {
+    let layout = beacon_warehouse::Layout::new(data_dir);
+    python_json(
+        "pyiceberg_read.py",
+        [
+            layout.catalog_db.clone().into_os_string(),
+            layout.warehouse_uri().into(),
+        ],
+        Duration::from_secs(120),
+    )
+}
+
+/// Waits for `child` at most `deadline` (then kills it) and collects its output.
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> std::process::Output {
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
 pub fn venv_python() -> PathBuf {
     let venv = std::env::var_os("BEACON_VENV")
         .map(PathBuf::from)
@@ -531,6 +589,31 @@ pub struct Merchant {
     pub token: String,
 }
 
+/// Starts `beacon up --data-dir <data>` (ingest commits every 200 ms, then `extra` flags),
+/// appending its log to `log`, and waits for its endpoints file.
+pub fn spawn_up(data: &Path, log: &Path, extra: &[&str]) -> (Child, Endpoints) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let child = Command::new(beacon_bin())
+        .args(["up", "--data-dir"])
+        .arg(data)
+        .args(["--ingest-max-wait-ms", "200"])
+        .args(extra)
+        .env("RUST_LOG", "info,async_nats=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn beacon up");
+    let endpoints = wait_for(Duration::from_secs(90), "endpoints.json", || {
+        Endpoints::read(data).ok()
+    });
+    (child, endpoints)
+}
+
 impl Up {
     /// Starts `beacon up` (HTTP collectors on, rollups every second, `extra` flags) and waits
     /// for its endpoints file.
@@ -539,29 +622,10 @@ impl Up {
             .prefix("beacon-up-")
             .tempdir()
             .expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("up.log")).expect("log");
-        let child = Command::new(beacon_bin())
-            .args(["up", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--ingest-max-wait-ms",
-                "200",
-                "--rollup-interval",
-                "1",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info,async_nats=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn beacon up");
-        let data = dir.path().join("data");
-        let endpoints = wait_for(Duration::from_secs(90), "endpoints.json", || {
-            Endpoints::read(&data).ok()
-        });
+        let mut args = vec!["--rollup-interval", "1", "--http-listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let (child, endpoints) =
+            spawn_up(&dir.path().join("data"), &dir.path().join("up.log"), &args);
         Self {
             child,
             endpoints,
