@@ -48,12 +48,6 @@ fn activate(dir: &std::path::Path, nats: &str, merchant: &str, args: &[&str]) ->
     plugin_json(dir, nats, &all)
 }
 
-fn wait_for_count(c: &Cluster, query: &str, want: i64) {
-    wait_for(Duration::from_secs(60), query, || {
-        (c.count(query) == want).then_some(())
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activate_and_roll_back_on_two_live_edges_while_50k_events_flow() {
     let cluster = Cluster::start(false);
@@ -168,7 +162,7 @@ async fn activate_and_roll_back_on_two_live_edges_while_50k_events_flow() {
     sender.await.expect("sender");
 
     let scope = format!("FROM events WHERE merchant_id = '{m}'");
-    wait_for_count(&cluster, &format!("SELECT count(*) {scope}"), 50_000);
+    cluster.wait_count(&format!("SELECT count(*) {scope}"), 50_000);
     assert_eq!(
         cluster.count(&format!("SELECT count(DISTINCT event_id) {scope}")),
         50_000
@@ -282,7 +276,7 @@ async fn a_canary_takes_a_stable_share_of_visitors_then_is_promoted() {
         client.send(batch).await.expect("sent");
     }
     let scope = format!("FROM events WHERE merchant_id = '{m}'");
-    wait_for_count(&cluster, &format!("SELECT count(*) {scope}"), 6_000);
+    cluster.wait_count(&format!("SELECT count(*) {scope}"), 6_000);
     // A visitor sees one version only, and the labels match what ran.
     assert_eq!(
         cluster
@@ -313,7 +307,7 @@ async fn a_canary_takes_a_stable_share_of_visitors_then_is_promoted() {
     assert!(promoted["pipeline"]["canary"].is_null());
     let more = events_for(&m, 13, 1_000, 300);
     client.send(&more).await.expect("sent");
-    wait_for_count(&cluster, &format!("SELECT count(*) {scope}"), 7_000);
+    cluster.wait_count(&format!("SELECT count(*) {scope}"), 7_000);
     let ids: Vec<String> = more.iter().map(|e| format!("'{}'", e.event_id)).collect();
     assert_eq!(
         cluster.count(&format!(
@@ -384,8 +378,7 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         "{r:?}"
     );
     let scope = format!("WHERE merchant_id = '{m}'");
-    wait_for_count(
-        &cluster,
+    cluster.wait_count(
         &format!("SELECT count(*) FROM events {scope} AND pipeline_version IS NULL"),
         100,
     );
@@ -413,16 +406,8 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
     let told = trapped.plugin_error.unwrap_or_default();
     assert!(told.contains("trapped"), "{told}");
     assert!(!told.contains("panics on purpose"), "{told}");
-    wait_for_count(
-        &cluster,
-        &format!("SELECT count(*) FROM raw_events {scope}"),
-        200,
-    );
-    wait_for_count(
-        &cluster,
-        &format!("SELECT count(*) FROM failed_events {scope}"),
-        200,
-    );
+    cluster.wait_count(&format!("SELECT count(*) FROM raw_events {scope}"), 200);
+    cluster.wait_count(&format!("SELECT count(*) FROM failed_events {scope}"), 200);
     assert_eq!(
         cluster.count(&format!("SELECT count(*) FROM events {scope}")),
         100,
@@ -489,11 +474,7 @@ async fn failing_plugins_hold_or_pass_through_and_are_always_recorded() {
         .await
         .expect("acknowledged");
     assert!(r.plugin_error.is_none(), "{:?}", r.plugin_error);
-    wait_for_count(
-        &cluster,
-        &format!("SELECT count(*) FROM raw_events {scope}"),
-        250,
-    );
+    cluster.wait_count(&format!("SELECT count(*) FROM raw_events {scope}"), 250);
     // Plugin failures travel without payloads; ingest fills them in from the raw events.
     assert_eq!(
         cluster.count(&format!(

@@ -53,6 +53,7 @@ fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<Vec<u8>> {
                 processed: None,
                 canary: None,
                 failures: Vec::new(),
+                shares: Vec::new(),
             }
             .to_json()
         })

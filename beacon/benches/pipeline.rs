@@ -94,6 +94,7 @@ async fn publish_direct(cluster: &Cluster, events: &[Event]) -> Phase {
             processed: None,
             canary: None,
             failures: Vec::new(),
+            shares: Vec::new(),
         };
         let mut h = async_nats::HeaderMap::new();
         h.insert(async_nats::header::NATS_MESSAGE_ID, env.batch_id.as_str());

@@ -142,6 +142,7 @@ async fn load(
                 processed: None,
                 canary: None,
                 failures: Vec::new(),
+                shares: Vec::new(),
             },
         };
         let batch = events_batch(&schema, &[&received], true).expect("batch");

@@ -202,6 +202,7 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
                 processed: None,
                 canary: None,
                 failures: Vec::new(),
+                shares: Vec::new(),
             },
         };
         let started = Instant::now();

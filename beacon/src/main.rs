@@ -28,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+#[cfg(feature = "full")]
+mod history_cmd;
 mod plugin_cmd;
 
 #[derive(Clone, Copy, ValueEnum, Default)]
@@ -149,6 +151,13 @@ enum Command {
         #[command(subcommand)]
         command: MerchantCommand,
     },
+    /// Re-run stored pipeline versions over raw events and replace what they produced
+    /// (`beacon reprocess history`: the audit trail).
+    #[cfg(feature = "full")]
+    Reprocess(history_cmd::ReprocessArgs),
+    /// Remove a person's rows (by user or visitor id) from every table.
+    #[cfg(feature = "full")]
+    Forget(history_cmd::ForgetArgs),
     /// Processing plugins.
     Plugin {
         #[command(subcommand)]
@@ -982,6 +991,10 @@ async fn run(cli: Cli) -> Result<()> {
             servers.wait().await
         }
         Command::Plugin { command } => plugin_cmd::run(command).await,
+        #[cfg(feature = "full")]
+        Command::Reprocess(args) => history_cmd::reprocess(args).await,
+        #[cfg(feature = "full")]
+        Command::Forget(args) => history_cmd::forget(args).await,
         Command::Admin {
             nats_url,
             data_dir,

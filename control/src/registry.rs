@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use beacon_plugins::{Plugin, Runtime};
+use beacon_plugins::{Chain, Plugin, Runtime};
 use beacon_proto::bus::PluginInfo;
 use beacon_proto::Event;
 use futures::StreamExt;
@@ -197,6 +197,16 @@ impl Control {
         }
         let bytes = self.component(sha256).await?;
         self.compile(sha256, bytes).await
+    }
+
+    /// A stored pipeline version as a runnable chain (components from the object store,
+    /// compiled with this control's sandbox limits): what re-processing re-runs.
+    pub async fn chain(&self, def: &beacon_proto::bus::PipelineDef) -> Result<Chain, ControlError> {
+        let mut plugins = Vec::with_capacity(def.plugins.len());
+        for p in &def.plugins {
+            plugins.push((p.clone(), self.load(&p.sha256).await?));
+        }
+        Ok(Chain::new(def.to_ref(), plugins))
     }
 
     async fn compile(&self, sha256: &str, bytes: Vec<u8>) -> Result<Arc<Plugin>, ControlError> {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
+    ArrayRef, BooleanBuilder, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
     TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, SchemaRef};
@@ -109,6 +109,25 @@ pub fn events_batch(
         }
         columns.push(Arc::new(b.finish()));
         columns.extend(dimension_columns(&rows));
+    } else {
+        // Lineage: where each raw event sat in its batch and what the edge made of it, so
+        // re-processing can re-run the batch exactly (`beacon reprocess`).
+        let mut index = Int64Builder::with_capacity(n);
+        let mut version = Int64Builder::with_capacity(n);
+        let mut canary = BooleanBuilder::with_capacity(n);
+        let mut outcome = StringBuilder::with_capacity(n, n * 10);
+        for r in items {
+            for (i, l) in r.envelope.lineage().into_iter().enumerate() {
+                index.append_value(i as i64);
+                version.append_option(l.version.map(|v| v as i64));
+                canary.append_option(l.canary);
+                outcome.append_value(l.outcome.as_str());
+            }
+        }
+        columns.push(Arc::new(index.finish()));
+        columns.push(Arc::new(version.finish()));
+        columns.push(Arc::new(canary.finish()));
+        columns.push(Arc::new(outcome.finish()));
     }
     RecordBatch::try_new(schema.clone(), columns)
 }

@@ -23,13 +23,13 @@ use axum::routing::{get, post};
 use axum::Router;
 use beacon_proto::bus::TrackerId;
 
-use beacon_serve::conn_limit::ClientAddr;
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
 use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};
 use crate::registry::{hash_write_key, Registry};
 use beacon_collect::{self as collect, ga4, Decoded};
+use beacon_serve::conn_limit::ClientAddr;
 
 #[derive(Debug, Clone)]
 pub struct HttpLimits {

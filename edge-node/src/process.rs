@@ -9,11 +9,11 @@ use beacon_proto::envelope::{ENVELOPE_VERSION, ENVELOPE_VERSION_CANARY};
 use beacon_proto::event::RejectedEvent;
 use beacon_proto::{
     BatchRequest, BatchResponse, CanaryPart, Envelope, Event, Failure, FailureStage, Limits,
-    PipelineRef,
+    Outcome, PipelineRef, Share,
 };
 use tokio::sync::Semaphore;
 
-use beacon_plugins::{ChainFailure, PluginError};
+use beacon_plugins::{stage as plugin_stage, PluginError};
 
 use crate::enrich::{ClientCtx, EnrichError, Enricher};
 use crate::limits::{Limited, RateLimiter};
@@ -129,6 +129,7 @@ struct StageOutcome {
     failures: Vec<Failure>,
     /// `plugin: reason`, for the client's answer.
     error: Option<String>,
+    outcome: Outcome,
 }
 
 /// Counts a batch as in flight for as long as it lives.
@@ -413,6 +414,7 @@ impl Processor {
         let mut pipeline = None;
         let mut processed = None;
         let mut canary = None;
+        let mut shares = Vec::new();
         let runnable = self.pipelines.get(merchant_id);
         if let Some(Runnable::Unavailable(u)) = runnable.as_deref() {
             tracing::warn!(merchant = merchant_id, batch_id, version = u.version, error = %u.reason, "pipeline unavailable");
@@ -431,21 +433,40 @@ impl Processor {
                     payload: String::new(),
                 });
             }
-            if u.on_failure == OnFailure::Hold {
+            let outcome = if u.on_failure == OnFailure::Hold {
                 processed = Some(Vec::new());
-            }
+                Outcome::Held
+            } else {
+                Outcome::PassedThrough
+            };
+            shares.push(Share {
+                version: Some(u.version),
+                canary: false,
+                outcome,
+                raw: Vec::new(),
+            });
         }
         if let Some(Runnable::Ready(active)) = runnable.as_deref() {
             // Share of the batch per pipeline version: canary by a stable hash of the visitor.
             // Without a canary the whole batch is the stable share: lent to the stage and
             // given back, not copied.
-            let (to_canary, to_stable): (Vec<Event>, Vec<Event>) = match &active.canary {
-                Some(_) => raw
-                    .iter()
-                    .cloned()
-                    .partition(|e| active.is_canary(e.visitor_id.as_deref(), &e.event_id)),
-                None => (Vec::new(), std::mem::take(&mut raw)),
-            };
+            // The split is recorded (positions in `raw`) so re-processing can tell the shares apart.
+            let (mut to_canary, mut to_stable) = (Vec::new(), Vec::new());
+            let (mut canary_at, mut stable_at) = (Vec::new(), Vec::new());
+            match &active.canary {
+                Some(_) => {
+                    for (i, e) in raw.iter().enumerate() {
+                        if active.is_canary(e.visitor_id.as_deref(), &e.event_id) {
+                            to_canary.push(e.clone());
+                            canary_at.push(i as u32);
+                        } else {
+                            to_stable.push(e.clone());
+                            stable_at.push(i as u32);
+                        }
+                    }
+                }
+                None => to_stable = std::mem::take(&mut raw),
+            }
             // A merchant's plugins run on at most `plugin_slots` blocking threads at once, so
             // one merchant's expensive (or hostile) plugin cannot take every core.
             // The wait is bounded: a merchant whose slow plugins back up must get "retry
@@ -465,6 +486,12 @@ impl Processor {
                 plugin_error = Some(reason);
             }
             failures.extend(stable.failures);
+            shares.push(Share {
+                version: Some(active.stable.chain.pipeline().version),
+                canary: false,
+                outcome: stable.outcome,
+                raw: stable_at,
+            });
             pipeline = stable.pipeline;
             processed = Some(stable.events);
             if let Some((stage, _)) = &active.canary {
@@ -475,6 +502,12 @@ impl Processor {
                     plugin_error.get_or_insert(reason);
                 }
                 failures.extend(part.failures);
+                shares.push(Share {
+                    version: Some(stage.chain.pipeline().version),
+                    canary: true,
+                    outcome: part.outcome,
+                    raw: canary_at,
+                });
                 canary = Some(CanaryPart {
                     pipeline: part.pipeline,
                     events: part.events,
@@ -502,6 +535,7 @@ impl Processor {
             processed,
             canary,
             failures,
+            shares,
         };
         match self.publisher.publish(&envelope).await {
             Ok(_) => {}
@@ -555,6 +589,7 @@ impl Processor {
                 events: Vec::new(),
                 failures: Vec::new(),
                 error: None,
+                outcome: Outcome::Processed,
             };
             return (outcome, events);
         }
@@ -576,21 +611,9 @@ impl Processor {
         let input = Arc::new(events);
         let lent = input.clone();
         // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
+        // Plugin output must be as valid as client input.
         let result = tokio::task::spawn_blocking(move || {
-            let out = runner.run(&lent)?;
-            // Plugin output must be as valid as client input.
-            for (i, e) in out.iter().enumerate() {
-                if let Err(v) = e.validate(&limits, now) {
-                    return Err(ChainFailure {
-                        plugin: format!("pipeline v{}", runner.pipeline().version),
-                        error: PluginError::InvalidOutput(format!(
-                            "output event {i} ({}): {v}",
-                            e.event_id
-                        )),
-                    });
-                }
-            }
-            Ok(out)
+            plugin_stage::run_checked(&runner, &lent, &limits, now)
         })
         .await;
         // The task has ended (finished or unwound), so its clone of the input is gone.
@@ -603,6 +626,7 @@ impl Processor {
                     events: out,
                     failures: Vec::new(),
                     error: None,
+                    outcome: Outcome::Processed,
                 };
                 return (outcome, events);
             }
@@ -699,38 +723,23 @@ impl Processor {
         let version = stage.chain.pipeline().version;
         let held = stage.on_failure == OnFailure::Hold;
         tracing::warn!(merchant = merchant_id, batch_id, version, plugin = ?plugin, error = %reason, held, "plugin failed");
-        let failures = events
-            .iter()
-            .map(|e| Failure {
-                stage: FailureStage::Plugin,
-                event_id: e.event_id.clone(),
-                plugin: plugin.clone(),
-                pipeline_version: Some(version),
-                reason: reason.clone(),
-                // The raw event is in the envelope's `raw`; ingest fills the payload in from
-                // there, so a failing plugin does not double the envelope past max_payload.
-                payload: String::new(),
-            })
-            .collect();
         let error = Some(match &plugin {
             Some(p) => format!("{p}: {public}"),
             None => public,
         });
-        if held {
-            StageOutcome {
-                pipeline: Some(stage.chain.pipeline().clone()),
-                events: Vec::new(),
-                failures,
-                error,
-            }
-        } else {
-            // Passed through unprocessed (the failure path: a copy is fine here).
-            StageOutcome {
-                pipeline: None,
-                events: events.to_vec(),
-                failures,
-                error,
-            }
+        let failed = plugin_stage::failed(
+            stage.chain.pipeline(),
+            stage.on_failure,
+            events,
+            plugin,
+            &reason,
+        );
+        StageOutcome {
+            pipeline: failed.pipeline,
+            events: failed.events,
+            failures: failed.failures,
+            error,
+            outcome: failed.outcome,
         }
     }
 

@@ -15,11 +15,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
-use beacon_serve::conn_limit::ConnLimit;
 use crate::enrich::ClientCtx;
 use crate::locate::Locator;
 use crate::process::{ProcessError, Processor};
 use crate::registry::Registry;
+use beacon_serve::conn_limit::ConnLimit;
 
 /// Longest an answer waits for room in a connection's send queue (a client that does not
 /// read its answers); the batch is durable either way.

@@ -49,6 +49,61 @@ pub struct Envelope {
     pub canary: Option<CanaryPart>,
     #[serde(default)]
     pub failures: Vec<Failure>,
+    /// How the edge processed the raw events, one entry per share of the batch (stable,
+    /// canary): the lineage re-processing needs. Envelopes from edges that predate it have
+    /// none; [`Envelope::lineage`] then derives what it can.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+}
+
+/// One share of a batch and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The pipeline version that ran (or should have run) on it; `None`: no pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Whether this is the canary share.
+    #[serde(default)]
+    pub canary: bool,
+    pub outcome: Outcome,
+    /// Positions in `raw` of this share's events, ascending; empty when the share is the
+    /// whole batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw: Vec<u32>,
+}
+
+/// What a share's pipeline made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The chain ran; its output is in `events`.
+    Processed,
+    /// The chain failed (or could not run) and the policy is `hold`: nothing in `events`.
+    Held,
+    /// The chain failed and the policy is `pass-through`: the raw events, unlabelled.
+    PassedThrough,
+    /// The merchant has no pipeline: the raw events are the processed ones.
+    Unprocessed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Held => "held",
+            Self::PassedThrough => "passed_through",
+            Self::Unprocessed => "unprocessed",
+        }
+    }
+}
+
+/// The lineage of one raw event, as `raw_events` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawLineage {
+    pub version: Option<u64>,
+    /// `None` when an older edge did not record the split.
+    pub canary: Option<bool>,
+    pub outcome: Outcome,
 }
 
 /// Events a canary pipeline produced. `pipeline` is `None` when the canary failed and its
@@ -142,6 +197,7 @@ impl Envelope {
             raw: Vec::new(),
             processed: None,
             canary: None,
+            shares: Vec::new(),
             failures: vec![Failure {
                 stage: FailureStage::Decode,
                 event_id: String::new(),
@@ -170,6 +226,66 @@ impl Envelope {
     /// The events that belong in the `events` table.
     pub fn processed_events(&self) -> impl Iterator<Item = &Event> {
         self.processed_parts().flat_map(|(_, events)| events.iter())
+    }
+
+    /// Per raw event (in `raw` order), the share it was in and what became of it. Without
+    /// recorded shares (older edges) it is derived from the pipeline and the failures, and
+    /// the canary split is unknown.
+    pub fn lineage(&self) -> Vec<RawLineage> {
+        let n = self.raw.len();
+        if !self.shares.is_empty() {
+            let mut out = vec![
+                RawLineage {
+                    version: None,
+                    canary: Some(false),
+                    outcome: Outcome::Unprocessed,
+                };
+                n
+            ];
+            for share in &self.shares {
+                let l = RawLineage {
+                    version: share.version,
+                    canary: Some(share.canary),
+                    outcome: share.outcome,
+                };
+                if share.raw.is_empty() {
+                    out.iter_mut().for_each(|o| *o = l);
+                } else {
+                    for &i in &share.raw {
+                        if let Some(o) = out.get_mut(i as usize) {
+                            *o = l;
+                        }
+                    }
+                }
+            }
+            return out;
+        }
+        let failed_version = self
+            .failures
+            .iter()
+            .find(|f| f.stage == FailureStage::Plugin)
+            .map(|f| f.pipeline_version);
+        let l = match failed_version {
+            Some(version) => RawLineage {
+                version: version.or(self.pipeline.as_ref().map(|p| p.version)),
+                canary: None,
+                outcome: if self.processed.as_ref().is_some_and(|p| p.is_empty()) {
+                    Outcome::Held
+                } else {
+                    Outcome::PassedThrough
+                },
+            },
+            None => RawLineage {
+                version: self.pipeline.as_ref().map(|p| p.version),
+                canary: self.canary.is_none().then_some(false),
+                outcome: if self.pipeline.is_some() {
+                    Outcome::Processed
+                } else {
+                    Outcome::Unprocessed
+                },
+            },
+        };
+        vec![l; n]
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -217,7 +333,91 @@ mod tests {
                 reason: "fuel".into(),
                 payload: "{}".into(),
             }],
+            shares: vec![Share {
+                version: Some(3),
+                canary: true,
+                outcome: Outcome::Held,
+                raw: vec![0, 2],
+            }],
         };
         assert_eq!(Envelope::from_json(&env.to_json()).unwrap(), env);
+    }
+
+    fn event(id: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "event_id": id, "merchant_id": "m1", "name": "pageview", "ts": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lineage_follows_recorded_shares_and_is_derived_without_them() {
+        let pipeline = |version| PipelineRef {
+            merchant_id: "m1".into(),
+            version,
+            plugins: vec![],
+        };
+        let mut env =
+            Envelope::undecodable("b".into(), "m1".into(), "e".into(), 1, b"", "x".into());
+        env.failures.clear();
+        env.raw = vec![event("a"), event("b"), event("c")];
+        env.pipeline = Some(pipeline(3));
+        env.processed = Some(vec![event("a"), event("c")]);
+        env.shares = vec![
+            Share {
+                version: Some(3),
+                canary: false,
+                outcome: Outcome::Processed,
+                raw: vec![0, 2],
+            },
+            Share {
+                version: Some(4),
+                canary: true,
+                outcome: Outcome::Held,
+                raw: vec![1],
+            },
+        ];
+        let l = env.lineage();
+        assert_eq!(
+            l[0],
+            RawLineage {
+                version: Some(3),
+                canary: Some(false),
+                outcome: Outcome::Processed
+            }
+        );
+        assert_eq!(
+            l[1],
+            RawLineage {
+                version: Some(4),
+                canary: Some(true),
+                outcome: Outcome::Held
+            }
+        );
+        assert_eq!(l[2], l[0]);
+
+        // An older edge's envelope: a held plugin failure, no split recorded.
+        env.shares.clear();
+        env.canary = None;
+        env.processed = Some(Vec::new());
+        env.failures = vec![Failure {
+            stage: FailureStage::Plugin,
+            event_id: "a".into(),
+            plugin: None,
+            pipeline_version: Some(3),
+            reason: "trap".into(),
+            payload: String::new(),
+        }];
+        let l = env.lineage();
+        assert!(l
+            .iter()
+            .all(|l| l.outcome == Outcome::Held && l.version == Some(3)));
+        env.pipeline = None;
+        env.processed = None;
+        env.failures.clear();
+        assert!(env
+            .lineage()
+            .iter()
+            .all(|l| l.outcome == Outcome::Unprocessed && l.canary == Some(false)));
     }
 }

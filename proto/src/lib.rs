@@ -9,5 +9,7 @@ pub mod envelope;
 pub mod event;
 pub mod wire;
 
-pub use envelope::{CanaryPart, Envelope, Failure, FailureStage, PipelineRef, PluginRef};
+pub use envelope::{
+    CanaryPart, Envelope, Failure, FailureStage, Outcome, PipelineRef, PluginRef, RawLineage, Share,
+};
 pub use event::{BatchRequest, BatchResponse, Event, Limits, ValidationError};

@@ -212,6 +212,13 @@ impl Cluster {
             .to_string()
     }
 
+    /// Waits until `query` (a count) gives `want`.
+    pub fn wait_count(&self, query: &str, want: i64) {
+        wait_for(Duration::from_secs(60), query, || {
+            (self.count(query) == want).then_some(())
+        });
+    }
+
     /// Waits until the rollups count `events` events in all.
     pub fn wait_rolled_up(&self, events: i64, timeout: Duration) {
         wait_for(timeout, "events rolled up", || {

@@ -19,6 +19,7 @@ pub mod hll;
 pub mod maintain;
 pub mod output;
 pub mod replace;
+pub mod rewrite;
 pub mod rollup;
 pub mod tables;
 pub mod views;
@@ -79,6 +80,13 @@ pub enum WarehouseError {
     CommitConflict { table: String, attempts: u32 },
     #[error("{path} is no longer live in {table}: another job rewrote it first")]
     NotLive { table: String, path: String },
+    #[error("{table} changed under the job: its {property} is {found}, the job was planned at {expected}; plan again")]
+    Stale {
+        table: String,
+        property: String,
+        expected: String,
+        found: String,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
@@ -204,6 +212,11 @@ impl Warehouse {
     ) -> Result<Vec<iceberg::spec::DataFile>, WarehouseError> {
         let table = self.table(kind).await?;
         tables::write_files(kind, &table, batch).await
+    }
+
+    /// Deletes a data file written for `kind` that no commit references (a failed job's).
+    pub async fn delete_file(&self, kind: TableKind, path: &str) -> Result<(), WarehouseError> {
+        Ok(self.table(kind).await?.file_io().delete(path).await?)
     }
 
     pub async fn table(&self, kind: TableKind) -> Result<Table, WarehouseError> {

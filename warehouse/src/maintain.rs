@@ -247,13 +247,13 @@ pub async fn run_loop(
 
 /// A live data file and the partition spec of the manifest that lists it.
 #[derive(Clone)]
-struct LiveFile {
-    file: DataFile,
-    spec_id: i32,
+pub(crate) struct LiveFile {
+    pub(crate) file: DataFile,
+    pub(crate) spec_id: i32,
 }
 
-struct Live {
-    files: Vec<LiveFile>,
+pub(crate) struct Live {
+    pub(crate) files: Vec<LiveFile>,
     manifests: u64,
 }
 
@@ -270,7 +270,7 @@ impl Live {
     }
 }
 
-async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
+pub(crate) async fn live_files(table: &Table) -> Result<Live, WarehouseError> {
     let mut live = Live {
         files: Vec::new(),
         manifests: 0,
@@ -360,7 +360,10 @@ fn plan_bins(files: &[LiveFile], bin_bytes: u64) -> Vec<Vec<LiveFile>> {
 }
 
 /// Reads `files` of `table` with its current schema (older files get NULL for newer columns).
-async fn read_files(table: &Table, files: &[LiveFile]) -> Result<RecordBatch, WarehouseError> {
+pub(crate) async fn read_files(
+    table: &Table,
+    files: &[LiveFile],
+) -> Result<RecordBatch, WarehouseError> {
     let md = table.metadata();
     let schema = md.current_schema().clone();
     let field_ids: Vec<i32> = schema.as_struct().fields().iter().map(|f| f.id).collect();

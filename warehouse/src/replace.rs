@@ -54,13 +54,17 @@ pub struct Rewrite {
     pub removed: Vec<String>,
     /// New data files (written to the table's location with its current spec).
     pub added: Vec<DataFile>,
-    /// Extra properties of this snapshot (not carried into later ones); they override the
-    /// carried-forward watermarks.
+    /// Extra properties of this snapshot (not carried into later ones); a watermark given
+    /// here replaces the carried-forward one only if it is higher.
     pub properties: HashMap<String, String>,
     /// Unique per job: a job whose id is already in the table's ancestry is not applied again.
     pub job_id: String,
     /// Also fold every other data manifest into the rewritten one (manifest compaction).
     pub merge_manifests: bool,
+    /// Snapshot properties the current snapshot must still carry at every attempt (a job
+    /// computed from a watermark must not land over a commit that moved it): else
+    /// [`WarehouseError::Stale`].
+    pub require: Vec<(String, String)>,
 }
 
 impl Rewrite {
@@ -72,6 +76,7 @@ impl Rewrite {
             properties: HashMap::new(),
             job_id: job_id.into(),
             merge_manifests: false,
+            require: Vec::new(),
         }
     }
 }
@@ -151,6 +156,21 @@ pub(crate) async fn replace(
         let table = catalog.load_table(ident).await?;
         if let Some(snapshot_id) = applied(&table, &rewrite.job_id) {
             return Ok(Outcome::AlreadyApplied { snapshot_id });
+        }
+        for (property, expected) in &rewrite.require {
+            let found = table
+                .metadata()
+                .current_snapshot()
+                .and_then(|s| s.summary().additional_properties.get(property).cloned())
+                .unwrap_or_default();
+            if &found != expected {
+                return Err(WarehouseError::Stale {
+                    table: ident.to_string(),
+                    property: property.clone(),
+                    expected: expected.clone(),
+                    found,
+                });
+            }
         }
         let staged = stage(&table, rewrite).await?;
         let current = table.metadata_location_result()?.to_string();
@@ -367,7 +387,18 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
     // Properties: the parent's watermarks carried forward, then the caller's (for this
     // snapshot only), then this job's id, then the computed counts (which nobody may shadow).
     let mut properties = crate::tables::watermarks(base);
-    properties.extend(rewrite.properties.clone());
+    for (k, v) in &rewrite.properties {
+        // A watermark only moves forward: a job's own never lowers a newer commit's.
+        let keep = match (properties.get(k), v.parse::<u64>()) {
+            (Some(have), Ok(new)) if crate::tables::is_watermark(k) => {
+                have.parse::<u64>().is_ok_and(|have| have > new)
+            }
+            _ => false,
+        };
+        if !keep {
+            properties.insert(k.clone(), v.clone());
+        }
+    }
     properties.insert(JOB_PROPERTY.into(), rewrite.job_id.clone());
     properties.extend(summary.build());
     properties.extend(totals.properties());

@@ -158,24 +158,11 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
             }
         };
         let range = format!("stream_seq > {from_seq} AND stream_seq <= {to_seq}");
-        let query = match kind {
-            TableKind::RollupsHourly => format!(
-                "SELECT merchant_id, date_trunc('hour', ts) AS hour, \
-                        count(*) AS events, \
-                        sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS pageviews, \
-                        hll_sketch(visitor_id) AS visitors_hll, \
-                        sum(CASE WHEN revenue_micros IS NOT NULL THEN 1 ELSE 0 END) AS revenue_events \
-                 FROM events_pinned WHERE {range} GROUP BY 1, 2"
-            ),
-            TableKind::BreakdownsHourly => breakdowns_query(&range),
-            _ => format!(
-                "SELECT merchant_id, date_trunc('hour', ts) AS hour, currency, \
-                        count(*) AS orders, sum(revenue_micros) AS revenue_micros \
-                 FROM events_pinned WHERE {range} AND revenue_micros IS NOT NULL AND currency IS NOT NULL \
-                 GROUP BY 1, 2, 3"
-            ),
-        };
-        let batches = ctx.sql(&query).await?.collect().await?;
+        let batches = ctx
+            .sql(&rollup_query(kind, &range))
+            .await?
+            .collect()
+            .await?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         // (`conform` casts the sums and turns `hll_sketch`'s Binary into LargeBinary.)
         let batch = tables::conform(&batches, &arrow_schema(&target)?)?;
@@ -194,6 +181,218 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         }
     }
     Ok(stats)
+}
+
+/// The aggregation of `kind` over the `events_pinned` rows that `range` selects.
+fn rollup_query(kind: TableKind, range: &str) -> String {
+    let range = format!("({range})");
+    match kind {
+            TableKind::RollupsHourly => format!(
+                "SELECT merchant_id, date_trunc('hour', ts) AS hour, \
+                        count(*) AS events, \
+                        sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS pageviews, \
+                        hll_sketch(visitor_id) AS visitors_hll, \
+                        sum(CASE WHEN revenue_micros IS NOT NULL THEN 1 ELSE 0 END) AS revenue_events \
+                 FROM events_pinned WHERE {range} GROUP BY 1, 2"
+            ),
+            TableKind::BreakdownsHourly => breakdowns_query(&range),
+            _ => format!(
+                "SELECT merchant_id, date_trunc('hour', ts) AS hour, currency, \
+                        count(*) AS orders, sum(revenue_micros) AS revenue_micros \
+                 FROM events_pinned WHERE {range} AND revenue_micros IS NOT NULL AND currency IS NOT NULL \
+                 GROUP BY 1, 2, 3"
+        ),
+    }
+}
+
+/// Hours `[from, to)` (epoch microseconds, whole hours) of one merchant's rollups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourSpan {
+    pub merchant_id: String,
+    pub from_us: i64,
+    pub to_us: i64,
+}
+
+const HOUR_US: i64 = 3_600_000_000;
+
+impl HourSpan {
+    /// The whole hours covering the timestamps `[min_us, max_us]`.
+    pub fn covering(merchant_id: &str, min_us: i64, max_us: i64) -> Self {
+        Self {
+            merchant_id: merchant_id.to_string(),
+            from_us: min_us.div_euclid(HOUR_US) * HOUR_US,
+            to_us: (max_us.div_euclid(HOUR_US) + 1) * HOUR_US,
+        }
+    }
+}
+
+/// What [`rebuild`] did to one rollup table.
+#[derive(Debug)]
+pub struct Rebuilt {
+    pub kind: TableKind,
+    pub report: crate::rewrite::RowReport,
+    /// The `events` sequence the rebuilt rows cover (the table's watermark).
+    pub events_seq: u64,
+}
+
+/// Rebuilds the rollup rows of `spans` from `events` as it is now: each rollup table's rows
+/// of those merchant-hours are replaced by one fresh row per key aggregating every `events`
+/// row up to the table's watermark, in one replace commit per table (job `<job_id>/<table>`).
+/// Needed when `events` rows were replaced or removed (re-processing, forgetting): deltas
+/// can add, but an HLL sketch cannot subtract a visitor.
+///
+/// A rollup run that moves a table's watermark meanwhile makes the commit stale (it may hold
+/// deltas of old rows); the table is then rebuilt again from the new watermark.
+pub async fn rebuild(
+    wh: &Warehouse,
+    spans: &[HourSpan],
+    job_id: &str,
+) -> Result<Vec<Rebuilt>, WarehouseError> {
+    let mut out = Vec::new();
+    if spans.is_empty() {
+        return Ok(out);
+    }
+    for kind in [
+        TableKind::RollupsHourly,
+        TableKind::RevenueHourly,
+        TableKind::BreakdownsHourly,
+    ] {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match rebuild_table(wh, kind, spans, &format!("{job_id}/{}", kind.name())).await {
+                Ok(r) => {
+                    out.push(r);
+                    break;
+                }
+                Err(WarehouseError::Stale { .. } | WarehouseError::NotLive { .. })
+                    if attempt < 20 =>
+                {
+                    tracing::debug!(
+                        table = kind.name(),
+                        attempt,
+                        "rollup rebuild raced a commit; again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn rebuild_table(
+    wh: &Warehouse,
+    kind: TableKind,
+    spans: &[HourSpan],
+    job_id: &str,
+) -> Result<Rebuilt, WarehouseError> {
+    let target = wh.table(kind).await?;
+    let seq = snapshot_property_u64(&target, ROLLUP_SEQ_PROPERTY);
+    let report = crate::rewrite::RowReport::default();
+    if seq == 0 {
+        // Nothing rolled up yet: the next run aggregates everything.
+        return Ok(Rebuilt {
+            kind,
+            report,
+            events_seq: 0,
+        });
+    }
+    let events = wh.table(TableKind::Events).await?;
+    let ctx = wh.session().await?;
+    if let Some(snapshot) = events.metadata().current_snapshot() {
+        let pinned = IcebergStaticTableProvider::try_new_from_table_snapshot(
+            events.clone(),
+            snapshot.snapshot_id(),
+        )
+        .await?;
+        ctx.register_table("events_pinned", Arc::new(pinned))?;
+    }
+    let spans_sql = spans
+        .iter()
+        .map(|s| {
+            format!(
+                "(merchant_id = '{}' AND ts >= '{}' AND ts < '{}')",
+                s.merchant_id.replace('\'', "''"),
+                rfc3339(s.from_us),
+                rfc3339(s.to_us)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let range = format!("stream_seq <= {seq} AND ({spans_sql})");
+    let batches = ctx
+        .sql(&rollup_query(kind, &range))
+        .await?
+        .collect()
+        .await?;
+    let fresh = tables::conform(&batches, &arrow_schema(&target)?)?;
+    let by_merchant: HashMap<&str, Vec<(i64, i64)>> =
+        spans.iter().fold(HashMap::new(), |mut m, s| {
+            m.entry(s.merchant_id.as_str())
+                .or_default()
+                .push((s.from_us, s.to_us));
+            m
+        });
+    let drop = |b: &arrow::record_batch::RecordBatch| -> Result<
+        arrow::array::BooleanArray,
+        arrow::error::ArrowError,
+    > {
+        let merchants = crate::rewrite::str_column(b, "merchant_id")?;
+        let hours = crate::rewrite::i64_column(b, "hour")?;
+        Ok(merchants
+            .iter()
+            .zip(hours.iter())
+            .map(|(m, h)| {
+                Some(match (m.and_then(|m| by_merchant.get(m)), h) {
+                    (Some(ranges), Some(h)) => ranges.iter().any(|(a, b)| *a <= h && h < *b),
+                    _ => false,
+                })
+            })
+            .collect())
+    };
+    let mut prune = Vec::new();
+    if by_merchant.len() == 1 {
+        prune.push(crate::rewrite::Prune::string(
+            "merchant_id",
+            &spans[0].merchant_id,
+        ));
+    }
+    let (lo, hi) = spans.iter().fold((i64::MAX, i64::MIN), |(lo, hi), s| {
+        (lo.min(s.from_us), hi.max(s.to_us - 1))
+    });
+    prune.push(crate::rewrite::Prune::long("hour", lo, hi));
+    let report = crate::rewrite::rewrite_rows(
+        wh,
+        &target,
+        crate::rewrite::RowRewrite {
+            kind,
+            job_id: job_id.to_string(),
+            prune,
+            drop: &drop,
+            added: Some(fresh),
+            added_files: Vec::new(),
+            on_dropped: None,
+            require: vec![(ROLLUP_SEQ_PROPERTY.to_string(), seq.to_string())],
+            properties: HashMap::new(),
+            dry_run: false,
+            keep_dropped: false,
+        },
+    )
+    .await?;
+    Ok(Rebuilt {
+        kind,
+        report,
+        events_seq: seq,
+    })
+}
+
+/// `2026-12-03T10:00:00.000000Z` for epoch microseconds.
+pub fn rfc3339(us: i64) -> String {
+    match arrow::temporal_conversions::timestamp_us_to_datetime(us) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => "1970-01-01T00:00:00Z".into(),
+    }
 }
 
 /// Runs [`run_once`] every `interval` until `shutdown` turns true; errors are logged and

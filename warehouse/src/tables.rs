@@ -153,6 +153,21 @@ impl TableKind {
                     s(16, "batch_id"),
                     long(17, "stream_seq"),
                 ];
+                if self == TableKind::RawEvents {
+                    // Lineage (see `Envelope::lineage`): position in the batch, the pipeline
+                    // version and share that processed it, and the outcome.
+                    f.push(olong(18, "batch_index"));
+                    f.push(olong(19, "pipeline_version"));
+                    f.push(
+                        NestedField::optional(
+                            20,
+                            "canary",
+                            Type::Primitive(PrimitiveType::Boolean),
+                        )
+                        .into(),
+                    );
+                    f.push(os(21, "outcome"));
+                }
                 if self == TableKind::Events {
                     f.push(os(18, "pipeline_version"));
                     // Derived breakdown dimensions (core-ingest's `dimensions` module).
@@ -424,6 +439,11 @@ pub(crate) fn watermarks(snapshot: Option<&iceberg::spec::SnapshotRef>) -> HashM
             Some((k.to_string(), v.clone()))
         })
         .collect()
+}
+
+/// Whether `key` is one of the watermark properties (which only ever grow).
+pub(crate) fn is_watermark(key: &str) -> bool {
+    key == SEQ_PROPERTY || key == ROLLUP_SEQ_PROPERTY
 }
 
 /// An integer snapshot property of the current snapshot; 0 when absent.

@@ -14,6 +14,7 @@
 mod convert;
 mod log;
 mod sandbox;
+pub mod stage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

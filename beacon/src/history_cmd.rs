@@ -1,0 +1,293 @@
+//! `beacon reprocess` and `beacon forget`: rewriting history (see `beacon-reprocess`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use beacon_reprocess::forget::{ForgetRequest, Person};
+use beacon_reprocess::{Jobs, Request, Scope};
+use clap::{Args, Subcommand};
+
+use crate::plugin_cmd;
+use crate::{Format, NatsTarget, SandboxArgs};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ReprocessArgs {
+    #[command(subcommand)]
+    command: Option<ReprocessCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum ReprocessCommand {
+    /// Past re-processing and forget jobs (the audit trail), oldest first.
+    History {
+        #[command(flatten)]
+        target: NatsTarget,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Merchant to re-process (repeatable).
+    #[arg(long = "merchant", value_name = "ID")]
+    merchants: Vec<String>,
+    /// Every merchant with events received in the range.
+    #[arg(long, conflicts_with = "merchants")]
+    all_merchants: bool,
+    /// Start of the edge receive-time range (RFC 3339, or a UTC date YYYY-MM-DD), inclusive.
+    #[arg(long)]
+    from: Option<String>,
+    /// End of the range, exclusive.
+    #[arg(long)]
+    to: Option<String>,
+    /// The stored pipeline version to re-run (default: each merchant's active one).
+    #[arg(long)]
+    pipeline_version: Option<u64>,
+    /// Show rows and per-day figures before and after; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Why (kept in the audit record; required unless --dry-run).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Who (default: $USER).
+    #[arg(long)]
+    who: Option<String>,
+    /// Batches re-run at once (default: the cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    #[command(flatten)]
+    target: NatsTarget,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    #[arg(long)]
+    merchant: String,
+    /// The person's user id.
+    #[arg(long, conflicts_with = "visitor", required_unless_present = "visitor")]
+    user: Option<String>,
+    /// The person's visitor id.
+    #[arg(long)]
+    visitor: Option<String>,
+    /// Count what would be removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Why (kept in the audit record; required unless --dry-run).
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[arg(long)]
+    who: Option<String>,
+    #[command(flatten)]
+    target: NatsTarget,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+fn who(given: &Option<String>) -> String {
+    given
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".into())
+}
+
+/// RFC 3339, or `YYYY-MM-DD` (midnight UTC), as epoch milliseconds.
+fn parse_time(s: &str) -> Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc().timestamp_millis());
+        }
+    }
+    bail!("{s:?}: not an RFC 3339 time (2026-12-03T10:00:00Z) or a date (2026-12-03)")
+}
+
+pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
+    if let Some(ReprocessCommand::History { target, format }) = args.command {
+        let jobs = Jobs::open(&target.jetstream().await?).await?;
+        let list = jobs.list().await?;
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+            _ => {
+                println!("job\tkind\tstate\twho\treason\tscope\tcounts\tcommits");
+                for r in list {
+                    println!(
+                        "{}\t{}\t{:?}\t{}\t{}\t{}\t{}\t{}",
+                        r.id,
+                        r.kind,
+                        r.state,
+                        r.who,
+                        r.reason,
+                        r.scope,
+                        serde_json::to_string(&r.counts)?,
+                        serde_json::to_string(&r.commits)?
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    let a = args.run;
+    if a.merchants.is_empty() && !a.all_merchants {
+        bail!("name the merchants (--merchant, repeatable) or --all-merchants");
+    }
+    let (Some(from), Some(to)) = (&a.from, &a.to) else {
+        bail!("--from and --to are required");
+    };
+    let request = Request {
+        scope: Scope {
+            merchants: a.merchants.clone(),
+            from_ms: parse_time(from)?,
+            to_ms: parse_time(to)?,
+        },
+        version: a.pipeline_version,
+        dry_run: a.dry_run,
+        who: who(&a.who),
+        reason: a.reason.clone(),
+        limits: beacon_proto::Limits::default(),
+        workers: a
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    let control = plugin_cmd::control_with(&a.target, a.sandbox.limits()).await?;
+    let js = a.target.jetstream().await?;
+    let jobs = Jobs::open(&js).await?;
+    let wh = open_warehouse(&a.target.data_dir).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} raw events [{elapsed_precise}] {per_sec} ETA {eta}",
+        )
+        .map_err(|e| anyhow!("{e}"))?,
+    );
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = beacon_reprocess::reprocess(&wh, &control, &js, &jobs, &request, &progress).await;
+    bar.finish_and_clear();
+    let report = report?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        _ => {
+            println!(
+                "{} job {}{}: {} batches, {} raw events (snapshot {:?}, up to stream sequence {}) in {:.1} s",
+                if report.dry_run { "dry run of" } else { "re-processed:" },
+                report.job_id,
+                if report.resumed { " (resumed)" } else { "" },
+                report.batches,
+                report.raw_rows,
+                report.raw_snapshot,
+                report.watermark,
+                report.seconds
+            );
+            println!(
+                "versions: {}",
+                report
+                    .versions
+                    .iter()
+                    .map(|(m, v)| format!("{m}={}", v.map_or("none".into(), |v| format!("v{v}"))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "events rows {} -> {}, failed_events rows {} -> {}, rollup rows rebuilt {}",
+                report.events_before,
+                report.events_after,
+                report.failed_before,
+                report.failed_after,
+                report.rollup_rows_rebuilt
+            );
+            println!("merchant\tday\tevents\tpageviews\tvisitors\trevenue");
+            for d in &report.days {
+                let revenue = d
+                    .revenue_micros
+                    .iter()
+                    .map(|(c, (b, a))| {
+                        format!("{c} {:.2} -> {:.2}", *b as f64 / 1e6, *a as f64 / 1e6)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                println!(
+                    "{}\t{}\t{} -> {}\t{} -> {}\t{} -> {}\t{}",
+                    d.merchant_id,
+                    d.day,
+                    d.events.0,
+                    d.events.1,
+                    d.pageviews.0,
+                    d.pageviews.1,
+                    d.visitors.0,
+                    d.visitors.1,
+                    revenue
+                );
+            }
+            for (table, snapshot) in &report.commits {
+                println!("committed {table}: snapshot {snapshot}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn forget(a: ForgetArgs) -> Result<()> {
+    let person = match (&a.user, &a.visitor) {
+        (Some(u), None) => Person::User(u.clone()),
+        (None, Some(v)) => Person::Visitor(v.clone()),
+        _ => bail!("give exactly one of --user and --visitor"),
+    };
+    let jobs = Jobs::open(&a.target.jetstream().await?).await?;
+    let wh = open_warehouse(&a.target.data_dir).await?;
+    let request = ForgetRequest {
+        merchant_id: a.merchant.clone(),
+        person,
+        who: who(&a.who),
+        reason: a.reason.clone(),
+        dry_run: a.dry_run,
+    };
+    let report = beacon_reprocess::forget::forget(&wh, &jobs, &request).await?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        _ => {
+            println!(
+                "{} job {}: rows {} in {:.1} s; rollup rows rebuilt {}",
+                if report.dry_run {
+                    "dry run of"
+                } else {
+                    "forgot:"
+                },
+                report.job_id,
+                serde_json::to_string(&report.rows)?,
+                report.seconds,
+                report.rollup_rows_rebuilt
+            );
+            if !report.dry_run {
+                println!(
+                    "The old files stay readable through older snapshots until maintenance expires them \
+                     (scheduled: snapshots older than the retention, default 300 s; now: \
+                     `beacon maintain --snapshot-retain-secs 0 --snapshot-retain-last 1 --orphan-age-secs 0` \
+                     while nothing else writes). Copies also stay in the JetStream stream until its retention drops them."
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn open_warehouse(data_dir: &std::path::Path) -> Result<Arc<beacon_warehouse::Warehouse>> {
+    let dir: PathBuf = data_dir.to_path_buf();
+    Ok(Arc::new(
+        beacon_warehouse::Warehouse::open_existing(&dir)
+            .await
+            .with_context(|| format!("opening the warehouse in {}", dir.display()))?,
+    ))
+}

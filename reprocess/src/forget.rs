@@ -1,0 +1,252 @@
+//! Forgetting a person: their rows out of `raw_events`, `events` and `failed_events`, and
+//! the rollup hours they counted in rebuilt.
+//!
+//! Each table's files that hold the person's rows are rewritten without them in one replace
+//! commit (job `<job>/<table>`, so a re-run after a crash does not redo a table). The old
+//! files stay readable through older snapshots until maintenance expires those snapshots and
+//! deletes the files no snapshot references; only then is the data gone from disk. The audit
+//! record keeps a sha256 of the id, never the id itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use arrow::array::{Array, BooleanArray};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use beacon_proto::Event;
+use beacon_warehouse::replace::Outcome as CommitOutcome;
+use beacon_warehouse::rewrite::{self, Prune, RowRewrite};
+use beacon_warehouse::rollup::{self, HourSpan};
+use beacon_warehouse::{TableKind, Warehouse};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{JobRecord, Jobs};
+use crate::ReprocessError;
+
+/// Whose rows to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Person {
+    User(String),
+    Visitor(String),
+}
+
+impl Person {
+    fn column(&self) -> &'static str {
+        match self {
+            Person::User(_) => "user_id",
+            Person::Visitor(_) => "visitor_id",
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Person::User(u) | Person::Visitor(u) => u,
+        }
+    }
+
+    /// Whether a kept event (a `failed_events` payload) is this person's.
+    fn owns(&self, e: &Event) -> bool {
+        match self {
+            Person::User(u) => e.user_id.as_deref() == Some(u),
+            Person::Visitor(v) => e.visitor_id.as_deref() == Some(v),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForgetRequest {
+    pub merchant_id: String,
+    pub person: Person,
+    pub who: String,
+    pub reason: String,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForgetReport {
+    pub job_id: String,
+    pub resumed: bool,
+    pub dry_run: bool,
+    /// Table -> rows removed (or, dry, that would be).
+    pub rows: BTreeMap<String, u64>,
+    /// Table -> files rewritten.
+    pub files: BTreeMap<String, u64>,
+    pub commits: BTreeMap<String, i64>,
+    pub rollup_rows_rebuilt: u64,
+    pub seconds: f64,
+}
+
+pub async fn forget(
+    wh: &Warehouse,
+    jobs: &Jobs,
+    req: &ForgetRequest,
+) -> Result<ForgetReport, ReprocessError> {
+    let started = std::time::Instant::now();
+    crate::check_merchant(&req.merchant_id)?;
+    let id = req.person.id();
+    if id.is_empty() {
+        return Err(ReprocessError::Invalid("an empty id matches no one".into()));
+    }
+    if !req.dry_run && req.reason.trim().is_empty() {
+        return Err(ReprocessError::Invalid(
+            "forgetting needs a reason (--reason): it goes into the audit record".into(),
+        ));
+    }
+    let scope = serde_json::json!({
+        "merchant": req.merchant_id,
+        "person": req.person.column(),
+        "sha256": hex::encode(Sha256::digest(id.as_bytes())),
+    });
+    let resumed = if req.dry_run {
+        None
+    } else {
+        jobs.unfinished("forget", &scope).await?
+    };
+    let job_id = resumed
+        .as_ref()
+        .map_or_else(|| format!("fg-{}", uuid::Uuid::now_v7()), |r| r.id.clone());
+    let mut report = ForgetReport {
+        job_id: job_id.clone(),
+        resumed: resumed.is_some(),
+        dry_run: req.dry_run,
+        ..Default::default()
+    };
+    let mut record = JobRecord::start(
+        &job_id,
+        "forget",
+        &req.who,
+        &req.reason,
+        scope,
+        resumed.as_ref(),
+    );
+    if !req.dry_run {
+        jobs.put(&record).await?;
+    }
+    let result = run(wh, req, &job_id, &mut report).await;
+    report.seconds = started.elapsed().as_secs_f64();
+    if req.dry_run {
+        return result.map(|()| report);
+    }
+    let mut counts = report.rows.clone();
+    counts.insert("rollup_rows_rebuilt".into(), report.rollup_rows_rebuilt);
+    record.finish(&result, counts, report.commits.clone());
+    jobs.put(&record).await?;
+    result.map(|()| report)
+}
+
+async fn run(
+    wh: &Warehouse,
+    req: &ForgetRequest,
+    job_id: &str,
+    report: &mut ForgetReport,
+) -> Result<(), ReprocessError> {
+    let merchant = req.merchant_id.as_str();
+    let person = &req.person;
+    let column = person.column();
+    let by_column = |b: &RecordBatch| -> Result<BooleanArray, ArrowError> {
+        let m = rewrite::str_column(b, "merchant_id")?;
+        let p = rewrite::str_column(b, column)?;
+        Ok(m.iter()
+            .zip(p.iter())
+            .map(|(m, p)| Some(m == Some(merchant) && p == Some(person.id())))
+            .collect())
+    };
+    // A kept payload is the event's JSON (validation and plugin failures) or, for a batch
+    // that did not decode, the raw text: matched by the id as a JSON string.
+    let quoted = serde_json::to_string(person.id()).unwrap_or_default();
+    let by_payload = |b: &RecordBatch| -> Result<BooleanArray, ArrowError> {
+        let m = rewrite::str_column(b, "merchant_id")?;
+        let payload = rewrite::str_column(b, "payload")?;
+        Ok((0..b.num_rows())
+            .map(|i| {
+                if !m.is_valid(i) || m.value(i) != merchant || !payload.is_valid(i) {
+                    return Some(false);
+                }
+                let text = payload.value(i);
+                Some(match serde_json::from_str::<Event>(text) {
+                    Ok(e) => person.owns(&e),
+                    Err(_) => text.contains(&quoted),
+                })
+            })
+            .collect())
+    };
+    let span = Mutex::new((i64::MAX, i64::MIN));
+    let on_events = |b: &RecordBatch| -> Result<(), ArrowError> {
+        let ts = rewrite::i64_column(b, "ts")?;
+        let mut s = span.lock().unwrap_or_else(|p| p.into_inner());
+        for t in ts.iter().flatten() {
+            s.0 = s.0.min(t);
+            s.1 = s.1.max(t);
+        }
+        Ok(())
+    };
+    let noop = |_: &RecordBatch| -> Result<(), ArrowError> { Ok(()) };
+    let steps: [(
+        TableKind,
+        rewrite::Mask,
+        &rewrite::OnDropped<'_>,
+        Vec<Prune>,
+    ); 3] = [
+        (
+            TableKind::RawEvents,
+            &by_column,
+            &noop,
+            vec![
+                Prune::string("merchant_id", merchant),
+                Prune::string(column, person.id()),
+            ],
+        ),
+        (
+            TableKind::Events,
+            &by_column,
+            &on_events,
+            vec![
+                Prune::string("merchant_id", merchant),
+                Prune::string(column, person.id()),
+            ],
+        ),
+        (
+            TableKind::FailedEvents,
+            &by_payload,
+            &noop,
+            vec![Prune::string("merchant_id", merchant)],
+        ),
+    ];
+    for (kind, drop, on_dropped, prune) in steps {
+        let r = rewrite::rewrite_current(
+            wh,
+            RowRewrite {
+                kind,
+                job_id: format!("{job_id}/{}", kind.name()),
+                prune,
+                drop,
+                added: None,
+                added_files: Vec::new(),
+                on_dropped: Some(on_dropped),
+                require: Vec::new(),
+                properties: HashMap::new(),
+                dry_run: req.dry_run,
+                keep_dropped: false,
+            },
+        )
+        .await?;
+        report.rows.insert(kind.name().into(), r.rows_dropped);
+        report.files.insert(kind.name().into(), r.files_rewritten);
+        if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.outcome {
+            report.commits.insert(kind.name().into(), snapshot_id);
+        }
+    }
+    let (lo, hi) = span.into_inner().unwrap_or_else(|p| p.into_inner());
+    if req.dry_run || lo > hi {
+        return Ok(());
+    }
+    let spans = [HourSpan::covering(merchant, lo, hi)];
+    for r in rollup::rebuild(wh, &spans, job_id).await? {
+        report.rollup_rows_rebuilt += r.report.rows_added;
+        if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {
+            report.commits.insert(r.kind.name().into(), snapshot_id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,659 @@
+//! Rewriting history: re-processing `raw_events` with a stored pipeline version, and
+//! forgetting a person.
+//!
+//! **Re-processing** ([`reprocess`]). A job covers some merchants' batches received in
+//! `[from, to)`. It pins the `raw_events` snapshot and the watermark `W` = the lowest ingest
+//! sequence committed in all three event tables, so every batch with `stream_seq <= W` is
+//! wholly in `raw_events`, `events` and `failed_events`, and every batch after it lands in
+//! files the job never touches (the rule for traffic that arrives while a job runs: it is
+//! processed once, by the edge, with whatever version is active then). It reads the scope's
+//! raw rows in lineage order (`stream_seq`, `batch_index`: one JetStream message is one edge
+//! batch), re-runs each batch through the chosen version exactly as the edge does
+//! ([`beacon_plugins::stage`]: same chain, sandbox limits, output validation, failure policy)
+//! on all cores, converts the output with core-ingest's own conversion, and replaces those
+//! batches' rows of `events` and their plugin failures in `failed_events`, one atomic replace
+//! commit per table. Then the rollup hours it touched are rebuilt
+//! ([`beacon_warehouse::rollup::rebuild`]). Readers see all old or all new rows per table.
+//!
+//! Every commit carries the job id (`<job>/<table>`), so a re-run after a crash skips what
+//! landed and redoes the rest from the same pinned snapshot and watermark (kept in the job's
+//! audit record, [`audit`]): nothing is written twice.
+//!
+//! **Forgetting** ([`forget`]). A person's rows (by user id or visitor id) are dropped from
+//! the three event tables by rewriting the files that hold them, and their rollup hours are
+//! rebuilt. Old snapshots still reference the old files until maintenance expires them.
+
+pub mod audit;
+pub mod forget;
+pub mod rows;
+mod stats;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use beacon_control::Control;
+use beacon_ingest::convert::{self, Received};
+use beacon_plugins::{stage, Chain};
+use beacon_proto::bus::OnFailure;
+use beacon_proto::{Limits, Outcome, Share};
+use beacon_warehouse::replace::{self, Outcome as CommitOutcome};
+use beacon_warehouse::rewrite::{self, Prune, RowRewrite};
+use beacon_warehouse::rollup::{self, HourSpan};
+use beacon_warehouse::tables::{self, SEQ_PROPERTY};
+use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
+use futures::StreamExt;
+use iceberg_datafusion::IcebergStaticTableProvider;
+use serde::Serialize;
+
+pub use audit::{JobRecord, JobState, Jobs};
+pub use stats::DayDelta;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReprocessError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Control(#[from] beacon_control::ControlError),
+    #[error(transparent)]
+    Warehouse(#[from] WarehouseError),
+    #[error("query: {0}")]
+    Query(#[from] datafusion::error::DataFusionError),
+    #[error("Arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("Iceberg: {0}")]
+    Iceberg(#[from] iceberg::Error),
+    #[error("worker: {0}")]
+    Worker(String),
+}
+
+/// Which batches a job covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Scope {
+    /// Empty: every merchant with raw events in the range.
+    pub merchants: Vec<String>,
+    /// Edge receive time, epoch milliseconds, `[from, to)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub scope: Scope,
+    /// The pipeline version to re-run for every merchant in scope; `None`: each merchant's
+    /// active version (none: stored unprocessed).
+    pub version: Option<u64>,
+    pub dry_run: bool,
+    pub who: String,
+    pub reason: String,
+    /// Event validation limits (the edge's).
+    pub limits: Limits,
+    /// Batches re-run at once (default: the cores).
+    pub workers: usize,
+}
+
+/// What a job did (or, dry, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub job_id: String,
+    pub resumed: bool,
+    pub dry_run: bool,
+    pub versions: BTreeMap<String, Option<u64>>,
+    pub raw_snapshot: Option<i64>,
+    pub watermark: u64,
+    pub batches: u64,
+    pub raw_rows: u64,
+    pub events_before: u64,
+    pub events_after: u64,
+    pub failed_before: u64,
+    pub failed_after: u64,
+    /// Table -> snapshot id of the job's commit.
+    pub commits: BTreeMap<String, i64>,
+    pub rollup_rows_rebuilt: u64,
+    pub days: Vec<DayDelta>,
+    pub seconds: f64,
+}
+
+/// Progress of a running job: raw rows re-run so far, out of the scope's total.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Validates merchant ids the way the registry does (they end up in SQL literals).
+fn check_merchant(m: &str) -> Result<(), ReprocessError> {
+    if m.is_empty()
+        || m.len() > 64
+        || !m
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ReprocessError::Invalid(format!(
+            "merchant id {m:?}: 1-64 of [A-Za-z0-9_-]"
+        )));
+    }
+    Ok(())
+}
+
+fn ts_literal(ms: i64) -> String {
+    rollup::rfc3339(ms.saturating_mul(1000))
+}
+
+/// Re-processes `req.scope` (see the crate docs).
+pub async fn reprocess(
+    wh: &Warehouse,
+    control: &Control,
+    js: &async_nats::jetstream::Context,
+    jobs: &Jobs,
+    req: &Request,
+    progress: Progress<'_>,
+) -> Result<Report, ReprocessError> {
+    let started = std::time::Instant::now();
+    let scope = &req.scope;
+    for m in &scope.merchants {
+        check_merchant(m)?;
+    }
+    if scope.from_ms >= scope.to_ms {
+        return Err(ReprocessError::Invalid("--from must be before --to".into()));
+    }
+    if !req.dry_run && req.reason.trim().is_empty() {
+        return Err(ReprocessError::Invalid(
+            "a re-processing run needs a reason (--reason): it goes into the audit record".into(),
+        ));
+    }
+    let scope_json = serde_json::json!({ "scope": scope, "version": req.version });
+    let resumed = if req.dry_run {
+        None
+    } else {
+        jobs.unfinished("reprocess", &scope_json).await?
+    };
+    let floor = match &resumed {
+        Some(_) => 0,
+        None => ingest_ack_floor(js).await?,
+    };
+    let raw = wh.table(TableKind::RawEvents).await?;
+    let (job_id, raw_snapshot, watermark) = match &resumed {
+        Some(r) => (r.id.clone(), r.raw_snapshot, r.watermark),
+        None => {
+            // Ingest acknowledges a message only once all three tables hold its rows (a table
+            // with no rows for it commits nothing, so the tables' own watermarks can lag):
+            // everything up to the ack floor is complete, and the raw snapshot loaded after
+            // reading the floor holds all of it.
+            let w = floor;
+            let raw_seq = tables::snapshot_property_u64(&raw, SEQ_PROPERTY);
+            if raw_seq < w {
+                return Err(ReprocessError::Invalid(format!(
+                    "raw_events is at stream sequence {raw_seq}, behind ingest's acknowledged {w}"
+                )));
+            }
+            (
+                format!("rp-{}", uuid::Uuid::now_v7()),
+                raw.metadata().current_snapshot_id(),
+                w,
+            )
+        }
+    };
+    let mut report = Report {
+        job_id: job_id.clone(),
+        resumed: resumed.is_some(),
+        dry_run: req.dry_run,
+        raw_snapshot,
+        watermark,
+        ..Default::default()
+    };
+    let Some(raw_snapshot) = raw_snapshot else {
+        return Ok(report);
+    };
+
+    let ctx = wh.session().await?;
+    let pinned = IcebergStaticTableProvider::try_new_from_table_snapshot(raw, raw_snapshot).await?;
+    ctx.register_table("raw_pinned", Arc::new(pinned))?;
+    let merchant_sql = if scope.merchants.is_empty() {
+        "TRUE".to_string()
+    } else {
+        format!(
+            "merchant_id IN ({})",
+            scope
+                .merchants
+                .iter()
+                .map(|m| format!("'{m}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let where_in = |from: i64, to: i64| {
+        format!(
+            "{merchant_sql} AND received_at >= '{}' AND received_at < '{}' AND stream_seq <= {watermark}",
+            ts_literal(from),
+            ts_literal(to)
+        )
+    };
+    let whole = where_in(scope.from_ms, scope.to_ms);
+
+    // The chain per merchant: the requested version, else the active one.
+    let merchants: Vec<String> = if scope.merchants.is_empty() {
+        let batches = ctx
+            .sql(&format!(
+                "SELECT DISTINCT merchant_id FROM raw_pinned WHERE {whole} ORDER BY 1"
+            ))
+            .await?
+            .collect()
+            .await?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let col = rewrite::str_column(b, "merchant_id")?;
+            out.extend(col.iter().flatten().map(str::to_string));
+        }
+        out
+    } else {
+        scope.merchants.clone()
+    };
+    let mut chains: HashMap<String, Option<(Arc<Chain>, OnFailure)>> = HashMap::new();
+    for m in &merchants {
+        let version = match req.version {
+            Some(v) => Some(v),
+            None => control.current(m).await?.map(|c| c.pipeline.active.version),
+        };
+        let chain = match version {
+            Some(v) => {
+                let def = control.version(m, v).await?;
+                Some((Arc::new(control.chain(&def).await?), def.on_failure))
+            }
+            None => None,
+        };
+        report.versions.insert(m.clone(), version);
+        chains.insert(m.clone(), chain);
+    }
+
+    let mut record = JobRecord::start(
+        &job_id,
+        "reprocess",
+        &req.who,
+        &req.reason,
+        scope_json,
+        resumed.as_ref(),
+    );
+    record.versions = report.versions.clone();
+    record.raw_snapshot = Some(raw_snapshot);
+    record.watermark = watermark;
+    if !req.dry_run {
+        jobs.put(&record).await?;
+    }
+    let result = run_job(
+        wh,
+        req,
+        &ctx,
+        &chains,
+        &where_in,
+        &whole,
+        &mut report,
+        progress,
+    )
+    .await;
+    report.seconds = started.elapsed().as_secs_f64();
+    if req.dry_run {
+        return result.map(|()| report);
+    }
+    let counts = BTreeMap::from([
+        ("batches".into(), report.batches),
+        ("raw_rows".into(), report.raw_rows),
+        ("events_before".into(), report.events_before),
+        ("events_after".into(), report.events_after),
+        ("failed_before".into(), report.failed_before),
+        ("failed_after".into(), report.failed_after),
+        ("rollup_rows_rebuilt".into(), report.rollup_rows_rebuilt),
+    ]);
+    record.finish(&result, counts, report.commits.clone());
+    jobs.put(&record).await?;
+    result.map(|()| report)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_job(
+    wh: &Warehouse,
+    req: &Request,
+    ctx: &datafusion::prelude::SessionContext,
+    chains: &HashMap<String, Option<(Arc<Chain>, OnFailure)>>,
+    where_in: &(dyn Fn(i64, i64) -> String + Sync),
+    whole: &str,
+    report: &mut Report,
+    progress: Progress<'_>,
+) -> Result<(), ReprocessError> {
+    let job = report.job_id.clone();
+    let events_job = format!("{job}/events");
+    let failed_job = format!("{job}/failed_events");
+    // Steps a crashed run of this job committed already.
+    let events_done = replace::applied(&wh.table(TableKind::Events).await?, &events_job);
+    let failed_done = replace::applied(&wh.table(TableKind::FailedEvents).await?, &failed_job);
+    for (kind, done) in [
+        (TableKind::Events, events_done),
+        (TableKind::FailedEvents, failed_done),
+    ] {
+        if let Some(snapshot) = done {
+            report.commits.insert(kind.name().into(), snapshot);
+        }
+    }
+    let (events_done, failed_done) = (events_done.is_some(), failed_done.is_some());
+    let total = first_count(
+        ctx,
+        &format!("SELECT count(*) AS n FROM raw_pinned WHERE {whole}"),
+    )
+    .await?;
+    let events_schema = tables::arrow_schema(&wh.table(TableKind::Events).await?)?;
+    let failed_schema = tables::arrow_schema(&wh.table(TableKind::FailedEvents).await?)?;
+    let after = Mutex::new(stats::Stats::default());
+    let mut seqs: HashSet<i64> = HashSet::new();
+    let mut spans: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut events_files = Vec::new();
+    let mut failed_files = Vec::new();
+    let (write_events, write_failed) = (!req.dry_run && !events_done, !req.dry_run && !failed_done);
+    let workers = req.workers.max(1);
+
+    // A day of the scope at a time bounds the memory a job holds.
+    let mut from = req.scope.from_ms;
+    while from < req.scope.to_ms {
+        let to = ((from.div_euclid(DAY_MS) + 1) * DAY_MS).min(req.scope.to_ms);
+        let batches = ctx
+            .sql(&format!(
+                "SELECT {} FROM raw_pinned WHERE {} ORDER BY {}",
+                rows::COLUMNS,
+                where_in(from, to),
+                rows::ORDER
+            ))
+            .await?
+            .collect()
+            .await?;
+        from = to;
+        let envelopes = rows::envelopes(&batches)?;
+        drop(batches);
+        if envelopes.is_empty() {
+            continue;
+        }
+        let limits = req.limits;
+        let done: Vec<Received> = futures::stream::iter(envelopes.into_iter().map(|mut r| {
+            let chain = chains.get(&r.envelope.merchant_id).cloned().flatten();
+            tokio::task::spawn_blocking(move || {
+                rerun(
+                    &mut r,
+                    chain.as_ref().map(|(c, f)| (c.as_ref(), *f)),
+                    &limits,
+                );
+                r
+            })
+        }))
+        .buffered(workers)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| ReprocessError::Worker(e.to_string()))?;
+        let mut n = 0u64;
+        {
+            let mut after = after.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &done {
+                seqs.insert(r.seq as i64);
+                n += r.envelope.raw.len() as u64;
+                report.failed_after += r.envelope.failures.len() as u64;
+                let span = spans
+                    .entry(r.envelope.merchant_id.clone())
+                    .or_insert((i64::MAX, i64::MIN));
+                for e in r.envelope.raw.iter().chain(r.envelope.processed_events()) {
+                    span.0 = span.0.min(e.ts);
+                    span.1 = span.1.max(e.ts);
+                }
+                for e in r
+                    .envelope
+                    .processed_events()
+                    .filter(|e| !convert::is_bot(e))
+                {
+                    after.add_event(e);
+                    report.events_after += 1;
+                }
+            }
+        }
+        report.batches += done.len() as u64;
+        report.raw_rows += n;
+        progress(report.raw_rows, total);
+        let refs: Vec<&Received> = done.iter().collect();
+        if write_events {
+            let batch = convert::events_batch(&events_schema, &refs, true)?;
+            events_files.extend(wh.write_files(TableKind::Events, batch).await?);
+        }
+        if write_failed {
+            let batch = convert::failures_batch(&failed_schema, &refs)?;
+            failed_files.extend(wh.write_files(TableKind::FailedEvents, batch).await?);
+        }
+    }
+
+    // Replace the scope's rows: `events` first, then its plugin failures.
+    let before = Mutex::new(stats::Stats::default());
+    let before_spans: Mutex<BTreeMap<String, (i64, i64)>> = Mutex::new(BTreeMap::new());
+    let seq_range = (
+        seqs.iter().copied().min().unwrap_or(0),
+        seqs.iter().copied().max().unwrap_or(0),
+    );
+    let mut prune = vec![Prune::long("stream_seq", seq_range.0, seq_range.1)];
+    if req.scope.merchants.len() == 1 {
+        prune.push(Prune::string("merchant_id", &req.scope.merchants[0]));
+    }
+    let drop_events = |b: &arrow::record_batch::RecordBatch| rows::in_set(b, "stream_seq", &seqs);
+    let on_events = |b: &arrow::record_batch::RecordBatch| {
+        let mut before = before.lock().unwrap_or_else(|p| p.into_inner());
+        before.add_rows(b)?;
+        let merchants = rewrite::str_column(b, "merchant_id")?;
+        let ts = rewrite::i64_column(b, "ts")?;
+        let mut spans = before_spans.lock().unwrap_or_else(|p| p.into_inner());
+        for (m, t) in merchants.iter().zip(ts.iter()) {
+            if let (Some(m), Some(t)) = (m, t) {
+                let s = spans.entry(m.to_string()).or_insert((i64::MAX, i64::MIN));
+                s.0 = s.0.min(t / 1000);
+                s.1 = s.1.max(t / 1000);
+            }
+        }
+        Ok(())
+    };
+    let drop_failed = |b: &arrow::record_batch::RecordBatch| {
+        let in_scope = rows::in_set(b, "stream_seq", &seqs)?;
+        let stage = rewrite::str_column(b, "stage")?;
+        Ok(in_scope
+            .iter()
+            .zip(stage.iter())
+            .map(|(s, st)| Some(s == Some(true) && st == Some("plugin")))
+            .collect())
+    };
+    let failed_count = Mutex::new(0u64);
+    let on_failed = |b: &arrow::record_batch::RecordBatch| {
+        *failed_count.lock().unwrap_or_else(|p| p.into_inner()) += b.num_rows() as u64;
+        Ok(())
+    };
+    let steps: [(
+        TableKind,
+        &str,
+        rewrite::Mask,
+        &rewrite::OnDropped<'_>,
+        Vec<_>,
+        bool,
+    ); 2] = [
+        (
+            TableKind::Events,
+            &events_job,
+            &drop_events,
+            &on_events,
+            events_files,
+            events_done,
+        ),
+        (
+            TableKind::FailedEvents,
+            &failed_job,
+            &drop_failed,
+            &on_failed,
+            failed_files,
+            failed_done,
+        ),
+    ];
+    for (kind, job_id, drop, on_dropped, files, done) in steps {
+        if done {
+            continue;
+        }
+        let r = commit_rows(
+            wh,
+            kind,
+            job_id,
+            &prune,
+            drop,
+            on_dropped,
+            &files,
+            report.watermark,
+            req.dry_run,
+        )
+        .await;
+        if r.is_err() || matches!(r, Ok(None)) {
+            for f in &files {
+                let _ = wh.delete_file(kind, f.file_path()).await;
+            }
+        }
+        if let Some(snapshot) = r? {
+            report.commits.insert(kind.name().into(), snapshot);
+        }
+    }
+    report.failed_before = *failed_count.lock().unwrap_or_else(|p| p.into_inner());
+    let before = before.into_inner().unwrap_or_else(|p| p.into_inner());
+    report.events_before = before.rows();
+    report.days = stats::deltas(
+        &before,
+        &after.into_inner().unwrap_or_else(|p| p.into_inner()),
+    );
+    if req.dry_run {
+        return Ok(());
+    }
+
+    // Rollups of every hour the old or the new rows fall in.
+    for (m, (lo, hi)) in before_spans.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        let s = spans.entry(m).or_insert((lo, hi));
+        s.0 = s.0.min(lo);
+        s.1 = s.1.max(hi);
+    }
+    let hour_spans: Vec<HourSpan> = spans
+        .iter()
+        .filter(|(_, (lo, hi))| lo <= hi)
+        .map(|(m, (lo, hi))| HourSpan::covering(m, lo * 1000, hi * 1000))
+        .collect();
+    for r in rollup::rebuild(wh, &hour_spans, &job).await? {
+        report.rollup_rows_rebuilt += r.report.rows_added;
+        if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {
+            report.commits.insert(r.kind.name().into(), snapshot_id);
+        }
+    }
+    Ok(())
+}
+
+/// One table's row rewrite (re-planned when maintenance rewrote a file first). Returns the
+/// committed snapshot (`None`: dry run, nothing to change, or already applied).
+#[allow(clippy::too_many_arguments)]
+async fn commit_rows(
+    wh: &Warehouse,
+    kind: TableKind,
+    job_id: &str,
+    prune: &[Prune],
+    drop: rewrite::Mask<'_>,
+    on_dropped: &rewrite::OnDropped<'_>,
+    files: &[iceberg::spec::DataFile],
+    watermark: u64,
+    dry_run: bool,
+) -> Result<Option<i64>, ReprocessError> {
+    let r = rewrite::rewrite_current(
+        wh,
+        RowRewrite {
+            kind,
+            job_id: job_id.to_string(),
+            prune: prune.to_vec(),
+            drop,
+            added: None,
+            added_files: files.to_vec(),
+            on_dropped: Some(on_dropped),
+            require: Vec::new(),
+            // Every message up to the job's watermark is complete in this table (ingest
+            // acknowledged it): a table that had no rows for the last ones learns so.
+            properties: HashMap::from([(SEQ_PROPERTY.to_string(), watermark.to_string())]),
+            dry_run,
+            keep_dropped: false,
+        },
+    )
+    .await?;
+    Ok(match r.outcome {
+        Some(CommitOutcome::Committed { snapshot_id, .. }) => Some(snapshot_id),
+        _ => None,
+    })
+}
+
+/// Re-runs one batch as the edge would: the chain over all its raw events (re-processing
+/// applies one version; no canary split), output validated against the batch's receive
+/// time, failures by the version's policy.
+fn rerun(r: &mut Received, chain: Option<(&Chain, OnFailure)>, limits: &Limits) {
+    let env = &mut r.envelope;
+    let Some((chain, on_failure)) = chain else {
+        // No pipeline: the raw events are the processed ones.
+        env.shares = vec![Share {
+            version: None,
+            canary: false,
+            outcome: Outcome::Unprocessed,
+            raw: Vec::new(),
+        }];
+        return;
+    };
+    let version = chain.pipeline().version;
+    let (pipeline, processed, failures, outcome) =
+        match stage::run_checked(chain, &env.raw, limits, env.received_at) {
+            Ok(out) => (
+                Some(chain.pipeline().clone()),
+                Some(out),
+                Vec::new(),
+                Outcome::Processed,
+            ),
+            Err(f) => {
+                let failed = stage::failed(
+                    chain.pipeline(),
+                    on_failure,
+                    &env.raw,
+                    Some(f.plugin),
+                    &f.error.to_string(),
+                );
+                let processed = (failed.outcome == Outcome::Held).then(Vec::new);
+                (failed.pipeline, processed, failed.failures, failed.outcome)
+            }
+        };
+    env.pipeline = pipeline;
+    env.processed = processed;
+    env.failures = failures;
+    env.shares = vec![Share {
+        version: Some(version),
+        canary: false,
+        outcome,
+        raw: Vec::new(),
+    }];
+}
+
+/// The last stream sequence core-ingest has acknowledged (0 before it ever ran).
+pub async fn ingest_ack_floor(js: &async_nats::jetstream::Context) -> Result<u64, ReprocessError> {
+    use beacon_proto::bus::{EVENTS_STREAM, INGEST_CONSUMER};
+    let Ok(stream) = js.get_stream(EVENTS_STREAM).await else {
+        return Ok(0);
+    };
+    match stream.consumer_info(INGEST_CONSUMER).await {
+        Ok(info) => Ok(info.ack_floor.stream_sequence),
+        Err(e) if e.to_string().contains("not found") => Ok(0),
+        Err(e) => Err(ReprocessError::Nats(e.to_string())),
+    }
+}
+
+async fn first_count(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> Result<u64, ReprocessError> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    Ok(batches
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| rewrite::i64_column(b, "n").ok())
+        .map_or(0, |c| c.value(0) as u64))
+}
