@@ -113,6 +113,9 @@ pub struct Report {
     pub rollup_rows_rebuilt: u64,
     pub days: Vec<DayDelta>,
     pub seconds: f64,
+    /// Seconds per phase: read (raw rows in lineage order), rerun (plugins), write (new
+    /// files), events / failed_events (the replace commits), rollups (the rebuild).
+    pub phases: BTreeMap<String, f64>,
 }
 
 /// Progress of a running job: raw rows re-run so far, out of the scope's total.
@@ -139,13 +142,28 @@ fn ts_literal(ms: i64) -> String {
     rollup::rfc3339(ms.saturating_mul(1000))
 }
 
-/// Re-processes `req.scope` (see the crate docs).
+/// Re-processes `req.scope` (see the crate docs), up to ingest's acknowledged sequence.
 pub async fn reprocess(
     wh: &Warehouse,
     control: &Control,
     js: &async_nats::jetstream::Context,
     jobs: &Jobs,
     req: &Request,
+    progress: Progress<'_>,
+) -> Result<Report, ReprocessError> {
+    let floor = ingest_ack_floor(js).await?;
+    reprocess_at(wh, control, jobs, req, floor, progress).await
+}
+
+/// [`reprocess`] with the watermark given: every message up to `floor` must be complete in
+/// all three event tables (ingest's ack floor, or, with no ingest running, the tables'
+/// common sequence). A resumed job keeps its own.
+pub async fn reprocess_at(
+    wh: &Warehouse,
+    control: &Control,
+    jobs: &Jobs,
+    req: &Request,
+    floor: u64,
     progress: Progress<'_>,
 ) -> Result<Report, ReprocessError> {
     let started = std::time::Instant::now();
@@ -166,10 +184,6 @@ pub async fn reprocess(
         None
     } else {
         jobs.unfinished("reprocess", &scope_json).await?
-    };
-    let floor = match &resumed {
-        Some(_) => 0,
-        None => ingest_ack_floor(js).await?,
     };
     let raw = wh.table(TableKind::RawEvents).await?;
     let (job_id, raw_snapshot, watermark) = match &resumed {
@@ -353,6 +367,11 @@ async fn run_job(
     let mut from = req.scope.from_ms;
     while from < req.scope.to_ms {
         let to = ((from.div_euclid(DAY_MS) + 1) * DAY_MS).min(req.scope.to_ms);
+        let mut clock = std::time::Instant::now();
+        let mut lap = |report: &mut Report, phase: &str| {
+            *report.phases.entry(phase.into()).or_default() += clock.elapsed().as_secs_f64();
+            clock = std::time::Instant::now();
+        };
         let batches = ctx
             .sql(&format!(
                 "SELECT {} FROM raw_pinned WHERE {} ORDER BY {}",
@@ -366,6 +385,7 @@ async fn run_job(
         from = to;
         let envelopes = rows::envelopes(&batches)?;
         drop(batches);
+        lap(report, "read");
         if envelopes.is_empty() {
             continue;
         }
@@ -414,6 +434,7 @@ async fn run_job(
         report.batches += done.len() as u64;
         report.raw_rows += n;
         progress(report.raw_rows, total);
+        lap(report, "rerun");
         let refs: Vec<&Received> = done.iter().collect();
         if write_events {
             let batch = convert::events_batch(&events_schema, &refs, true)?;
@@ -423,6 +444,7 @@ async fn run_job(
             let batch = convert::failures_batch(&failed_schema, &refs)?;
             failed_files.extend(wh.write_files(TableKind::FailedEvents, batch).await?);
         }
+        lap(report, "write");
     }
 
     // Replace the scope's rows: `events` first, then its plugin failures.
@@ -495,6 +517,7 @@ async fn run_job(
         if done {
             continue;
         }
+        let clock = std::time::Instant::now();
         let r = commit_rows(
             wh,
             kind,
@@ -515,6 +538,9 @@ async fn run_job(
         if let Some(snapshot) = r? {
             report.commits.insert(kind.name().into(), snapshot);
         }
+        report
+            .phases
+            .insert(kind.name().into(), clock.elapsed().as_secs_f64());
     }
     report.failed_before = *failed_count.lock().unwrap_or_else(|p| p.into_inner());
     let before = before.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -538,7 +564,12 @@ async fn run_job(
         .filter(|(_, (lo, hi))| lo <= hi)
         .map(|(m, (lo, hi))| HourSpan::covering(m, lo * 1000, hi * 1000))
         .collect();
-    for r in rollup::rebuild(wh, &hour_spans, &job).await? {
+    let clock = std::time::Instant::now();
+    let rebuilt = rollup::rebuild(wh, &hour_spans, &job).await?;
+    report
+        .phases
+        .insert("rollups".into(), clock.elapsed().as_secs_f64());
+    for r in rebuilt {
         report.rollup_rows_rebuilt += r.report.rows_added;
         if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {
             report.commits.insert(r.kind.name().into(), snapshot_id);

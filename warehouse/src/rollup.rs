@@ -248,23 +248,20 @@ pub async fn rebuild(
     spans: &[HourSpan],
     job_id: &str,
 ) -> Result<Vec<Rebuilt>, WarehouseError> {
-    let mut out = Vec::new();
     if spans.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    for kind in [
+    // The three tables are independent: rebuilt concurrently.
+    let runs = [
         TableKind::RollupsHourly,
         TableKind::RevenueHourly,
         TableKind::BreakdownsHourly,
-    ] {
+    ]
+    .map(|kind| async move {
         let mut attempt = 0;
         loop {
             attempt += 1;
             match rebuild_table(wh, kind, spans, &format!("{job_id}/{}", kind.name())).await {
-                Ok(r) => {
-                    out.push(r);
-                    break;
-                }
                 Err(WarehouseError::Stale { .. } | WarehouseError::NotLive { .. })
                     if attempt < 20 =>
                 {
@@ -274,11 +271,11 @@ pub async fn rebuild(
                         "rollup rebuild raced a commit; again"
                     );
                 }
-                Err(e) => return Err(e),
+                r => return r,
             }
         }
-    }
-    Ok(out)
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
 }
 
 async fn rebuild_table(
