@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use beacon_proto::Event;
-use common::{cli_in, plugin_path, wait_for, Cluster};
+use common::{cli_in, http, plugin_path, wait_for, Cluster};
 use serde_json::Value;
 
 /// The same traffic for every merchant given the same seed (ids, visitors, pages, times).
@@ -339,7 +339,8 @@ async fn a_batch_held_by_a_failing_plugin_is_recovered_by_reprocessing_with_a_fi
         400
     );
 
-    // The fix becomes active; re-processing (default: the active version) recovers the batch.
+    // The fix becomes active; re-processing (default: the active version), asked for over
+    // the admin API, recovers the batch.
     activate(
         &c,
         &m,
@@ -351,22 +352,76 @@ async fn a_batch_held_by_a_failing_plugin_is_recovered_by_reprocessing_with_a_fi
         ],
     );
     let to = chrono::Utc::now().to_rfc3339();
-    let report = json(&c.cli(&[
-        "reprocess",
-        "--merchant",
-        &m,
-        "--from",
-        &from,
-        "--to",
-        &to,
-        "--reason",
-        "plugin fixed",
-        "--format",
-        "json",
-    ]));
+    let _admin = c.spawn(
+        "admin",
+        &[
+            "admin",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-tokens",
+            "ops:0123456789abcdef0123",
+        ],
+    );
+    let addr = wait_for(Duration::from_secs(30), "admin API address", || {
+        c.log("admin").lines().find_map(|l| {
+            l.split("admin API: http://")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        })
+    });
+    let secret = Some("0123456789abcdef0123");
+    let body = |v: Value| v.to_string().into_bytes();
+    let ask = |v: Value| http(&addr, "POST", "/v1/reprocess", secret, &body(v));
+    assert_eq!(http(&addr, "POST", "/v1/reprocess", None, b"{}").0, 401);
+    for (bad, why) in [
+        (
+            serde_json::json!({"merchants": [&m], "from": &to, "to": &from, "reason": "x"}),
+            "before",
+        ),
+        (
+            serde_json::json!({"merchants": [&m], "from": &from, "to": &to}),
+            "reason",
+        ),
+        (
+            serde_json::json!({"merchants": ["no'quote"], "from": &from, "to": &to, "reason": "x"}),
+            "merchant id",
+        ),
+        (
+            serde_json::json!({"from": &from, "to": &to, "reason": "x"}),
+            "all_merchants",
+        ),
+        (
+            serde_json::json!({"merchants": [&m], "from": "yesterday", "to": &to, "reason": "x"}),
+            "RFC 3339",
+        ),
+    ] {
+        let (status, text) = ask(bad);
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains(why), "{why}: {text}");
+    }
+    let (status, text) =
+        ask(serde_json::json!({"merchants": [&m], "from": &from, "to": &to, "bogus": 1}));
+    assert!(
+        (400..500).contains(&status),
+        "unknown fields are refused: {status} {text}"
+    );
+    let (status, text) = ask(serde_json::json!({
+        "merchants": [&m], "from": &from, "to": &to, "reason": "plugin fixed"
+    }));
+    assert_eq!(status, 202, "{text}");
+    let job_id = json(&text)["job_id"].as_str().expect("job id").to_string();
+    let report = wait_for(Duration::from_secs(60), "job done", || {
+        let (_, text) = http(&addr, "GET", "/v1/jobs", secret, b"");
+        json(&text)
+            .as_array()?
+            .iter()
+            .find(|j| j["id"] == job_id.as_str() && j["state"] == "done")
+            .cloned()
+    });
+    assert_eq!(report["who"], "ops", "{report}");
     assert_eq!(report["versions"][&m], 2, "{report}");
-    assert_eq!(report["failed_before"], 400, "{report}");
-    assert_eq!(report["failed_after"], 0, "{report}");
+    assert_eq!(report["counts"]["failed_before"], 400, "{report}");
+    assert_eq!(report["counts"]["failed_after"], 0, "{report}");
     assert_eq!(
         c.count(&format!(
             "SELECT count(*) FROM events WHERE merchant_id = '{m}' AND properties['fixed'] = 'yes' AND pipeline_version = 'v2'"

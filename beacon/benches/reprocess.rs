@@ -180,6 +180,7 @@ async fn main() {
         reason: "bench".into(),
         limits: beacon_proto::Limits::default(),
         workers,
+        job_id: None,
     };
 
     let all = request(Vec::new(), start_ms - DAY_MS, start_ms + 3 * DAY_MS);

@@ -158,7 +158,9 @@ pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
         workers: a
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        job_id: None,
     };
+    request.validate()?;
     let control = plugin_cmd::control_with(&a.target, a.sandbox.limits()).await?;
     let js = a.target.jetstream().await?;
     let jobs = Jobs::open(&js).await?;
@@ -253,7 +255,9 @@ pub async fn forget(a: ForgetArgs) -> Result<()> {
         who: who(&a.who),
         reason: a.reason.clone(),
         dry_run: a.dry_run,
+        job_id: None,
     };
+    request.validate()?;
     let report = beacon_reprocess::forget::forget(&wh, &jobs, &request).await?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -290,4 +294,244 @@ async fn open_warehouse(data_dir: &std::path::Path) -> Result<Arc<beacon_warehou
             .await
             .with_context(|| format!("opening the warehouse in {}", dir.display()))?,
     ))
+}
+
+/// The admin API's history routes, served beside the control plane's by `beacon up` and
+/// `beacon admin` (when the data directory holds a warehouse):
+/// - `POST /v1/reprocess` `{"merchants": [..] | "all_merchants": true, "from", "to",
+///   "pipeline_version"?, "dry_run"?, "reason"}`: validated as the CLI validates; a dry run
+///   answers with the report, a real run with `202 {"job_id"}` and runs in the background;
+/// - `POST /v1/forget` `{"merchant", "user" | "visitor", "dry_run"?, "reason"}`: the same;
+/// - `GET /v1/jobs`: the audit trail.
+///
+/// Jobs run one at a time on a runtime of their own (one thread at low CPU priority; the
+/// plugins on its blocking threads), never on the one that collects events.
+pub struct JobService {
+    wh: Arc<beacon_warehouse::Warehouse>,
+    control: beacon_control::Control,
+    js: async_nats::jetstream::Context,
+    jobs: Jobs,
+    runtime: beacon_query::runtime::QueryRuntime,
+    one_at_a_time: Arc<tokio::sync::Semaphore>,
+}
+
+impl JobService {
+    /// `None` when `data_dir` holds no warehouse (an admin role on another machine).
+    pub async fn open(
+        target: &NatsTarget,
+        limits: beacon_plugins::SandboxLimits,
+    ) -> Result<Option<Arc<Self>>> {
+        let Ok(wh) = beacon_warehouse::Warehouse::open_existing(&target.data_dir).await else {
+            return Ok(None);
+        };
+        let js = target.jetstream().await?;
+        let runtime =
+            beacon_query::runtime::QueryRuntime::new(beacon_query::runtime::RuntimeSettings {
+                threads: 1,
+                stack_bytes: 8 << 20,
+                nice: 15,
+            })?;
+        Ok(Some(Arc::new(Self {
+            wh: Arc::new(wh),
+            control: plugin_cmd::control_with(target, limits).await?,
+            jobs: Jobs::open(&js).await?,
+            js,
+            runtime,
+            one_at_a_time: Arc::new(tokio::sync::Semaphore::new(1)),
+        })))
+    }
+
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        use axum::routing::{get, post};
+        axum::Router::new()
+            .route("/v1/reprocess", post(post_reprocess))
+            .route("/v1/forget", post(post_forget))
+            .route("/v1/jobs", get(list_jobs))
+            .with_state(self)
+    }
+}
+
+type ApiResponse = axum::response::Response;
+
+fn api_error(status: axum::http::StatusCode, e: impl std::fmt::Display) -> ApiResponse {
+    use axum::response::IntoResponse;
+    (
+        status,
+        axum::Json(serde_json::json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+fn invalid(e: impl std::fmt::Display) -> ApiResponse {
+    api_error(axum::http::StatusCode::UNPROCESSABLE_ENTITY, e)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReprocessBody {
+    #[serde(default)]
+    merchants: Vec<String>,
+    #[serde(default)]
+    all_merchants: bool,
+    from: String,
+    to: String,
+    #[serde(default)]
+    pipeline_version: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetBody {
+    merchant: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    visitor: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn post_reprocess(
+    axum::extract::State(s): axum::extract::State<Arc<JobService>>,
+    axum::Extension(caller): axum::Extension<beacon_control::admin::Caller>,
+    body: axum::body::Bytes,
+) -> ApiResponse {
+    use axum::response::IntoResponse;
+    // Parsed by hand (as the control plane's routes): a bad body's message names the field.
+    let body: ReprocessBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return api_error(axum::http::StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    if body.merchants.is_empty() != body.all_merchants {
+        return invalid("give `merchants` or `all_merchants: true` (one of the two)");
+    }
+    let (from, to) = match (parse_time(&body.from), parse_time(&body.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return invalid(e),
+    };
+    let mut request = Request {
+        scope: Scope {
+            merchants: body.merchants,
+            from_ms: from,
+            to_ms: to,
+        },
+        version: body.pipeline_version,
+        dry_run: body.dry_run,
+        who: caller.0,
+        reason: body.reason,
+        limits: beacon_proto::Limits::default(),
+        workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        job_id: None,
+    };
+    if let Err(e) = request.validate() {
+        return invalid(e);
+    }
+    if !request.dry_run {
+        // The id the job will have: a crashed one's with this scope (resumed), else new.
+        request.job_id = Some(
+            match s.jobs.unfinished("reprocess", &request.scope_json()).await {
+                Ok(Some(r)) => r.id,
+                Ok(None) => format!("rp-{}", uuid::Uuid::now_v7()),
+                Err(e) => return api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+            },
+        );
+    }
+    let job_id = request.job_id.clone();
+    let svc = s.clone();
+    let run = s.runtime.spawn(async move {
+        let _turn = svc.one_at_a_time.acquire().await;
+        beacon_reprocess::reprocess(
+            &svc.wh,
+            &svc.control,
+            &svc.js,
+            &svc.jobs,
+            &request,
+            &|_, _| {},
+        )
+        .await
+    });
+    match job_id {
+        Some(id) => {
+            tracing::info!(job = %id, "re-processing job started from the admin API");
+            (
+                axum::http::StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({"job_id": id})),
+            )
+                .into_response()
+        }
+        None => match run.await {
+            Ok(Ok(report)) => axum::Json(report).into_response(),
+            Ok(Err(e)) => invalid(e),
+            Err(e) => api_error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+    }
+}
+
+async fn post_forget(
+    axum::extract::State(s): axum::extract::State<Arc<JobService>>,
+    axum::Extension(caller): axum::Extension<beacon_control::admin::Caller>,
+    body: axum::body::Bytes,
+) -> ApiResponse {
+    use axum::response::IntoResponse;
+    let body: ForgetBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return api_error(axum::http::StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    let person = match (body.user, body.visitor) {
+        (Some(u), None) => Person::User(u),
+        (None, Some(v)) => Person::Visitor(v),
+        _ => return invalid("give exactly one of `user` and `visitor`"),
+    };
+    let mut request = ForgetRequest {
+        merchant_id: body.merchant,
+        person,
+        who: caller.0,
+        reason: body.reason,
+        dry_run: body.dry_run,
+        job_id: None,
+    };
+    if let Err(e) = request.validate() {
+        return invalid(e);
+    }
+    if !request.dry_run {
+        request.job_id = Some(
+            match s.jobs.unfinished("forget", &request.scope_json()).await {
+                Ok(Some(r)) => r.id,
+                Ok(None) => format!("fg-{}", uuid::Uuid::now_v7()),
+                Err(e) => return api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+            },
+        );
+    }
+    let job_id = request.job_id.clone();
+    let svc = s.clone();
+    let run = s.runtime.spawn(async move {
+        let _turn = svc.one_at_a_time.acquire().await;
+        beacon_reprocess::forget::forget(&svc.wh, &svc.jobs, &request).await
+    });
+    match job_id {
+        Some(id) => (
+            axum::http::StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"job_id": id})),
+        )
+            .into_response(),
+        None => match run.await {
+            Ok(Ok(report)) => axum::Json(report).into_response(),
+            Ok(Err(e)) => invalid(e),
+            Err(e) => api_error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+    }
+}
+
+async fn list_jobs(axum::extract::State(s): axum::extract::State<Arc<JobService>>) -> ApiResponse {
+    use axum::response::IntoResponse;
+    match s.jobs.list().await {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }

@@ -536,13 +536,21 @@ async fn start_admin(
         nats_url: Some(nats_url.to_string()),
         data_dir: data_dir.to_path_buf(),
     };
-    let control = plugin_cmd::control_with(&target, limits).await?;
+    let control = plugin_cmd::control_with(&target, limits.clone()).await?;
+    // History rewrites (re-processing, forgetting) where the warehouse is.
+    #[cfg(feature = "full")]
+    let extra = match history_cmd::JobService::open(&target, limits).await? {
+        Some(jobs) => jobs.router(),
+        None => axum::Router::new(),
+    };
+    #[cfg(not(feature = "full"))]
+    let extra = axum::Router::new();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("admin API: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(beacon_control::admin::serve(
-        listener, control, tokens, shutdown,
+        listener, control, tokens, extra, shutdown,
     ));
     tracing::info!(%addr, "admin API listening (HTTP)");
     Ok((addr, task))

@@ -71,9 +71,10 @@ impl AdminTokens {
     }
 }
 
-/// Who made the request (the admin token's name).
+/// Who made the request (the admin token's name): a request extension every handler, also
+/// those of [`router`]'s `extra` routes, can read.
 #[derive(Clone)]
-struct Caller(String);
+pub struct Caller(pub String);
 
 struct ApiError(StatusCode, String);
 
@@ -98,8 +99,9 @@ impl From<ControlError> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// The admin API router.
-pub fn router(control: Control, tokens: AdminTokens) -> Router {
+/// The admin API router. `extra` routes (served by the binary, e.g. history rewrites that
+/// need the warehouse) sit behind the same authentication.
+pub fn router(control: Control, tokens: AdminTokens, extra: Router) -> Router {
     let max_upload = control.runtime.limits().max_component_bytes + 4096;
     let tokens = Arc::new(tokens);
     Router::new()
@@ -110,11 +112,12 @@ pub fn router(control: Control, tokens: AdminTokens) -> Router {
         .route("/v1/merchants/{m}/pipeline/history", get(history))
         .route("/v1/merchants/{m}/pipeline/versions/{n}", get(version))
         .route("/v1/edges", get(edges))
+        .with_state(control)
+        .merge(extra)
         .layer(DefaultBodyLimit::max(max_upload))
         .layer(middleware::from_fn(move |req, next| {
             authenticate(tokens.clone(), req, next)
         }))
-        .with_state(control)
 }
 
 async fn authenticate(tokens: Arc<AdminTokens>, mut req: Request, next: Next) -> Response {
@@ -251,11 +254,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Control,
     tokens: AdminTokens,
+    extra: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     beacon_serve::http::serve(
         listener,
-        router(control, tokens),
+        router(control, tokens, extra),
         beacon_serve::http::HttpLimits::default(),
         "admin-http",
         shutdown,

@@ -61,6 +61,33 @@ pub struct ForgetRequest {
     pub who: String,
     pub reason: String,
     pub dry_run: bool,
+    /// The id for a new job (default: a fresh `fg-<uuid>`); a resumed job keeps its own.
+    pub job_id: Option<String>,
+}
+
+impl ForgetRequest {
+    /// What every entry point (CLI, admin API) checks before anything runs.
+    pub fn validate(&self) -> Result<(), ReprocessError> {
+        crate::check_merchant(&self.merchant_id)?;
+        if self.person.id().is_empty() {
+            return Err(ReprocessError::Invalid("an empty id matches no one".into()));
+        }
+        if !self.dry_run && self.reason.trim().is_empty() {
+            return Err(ReprocessError::Invalid(
+                "forgetting needs a reason: it goes into the audit record".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What identifies the job for resuming; the id only as a hash.
+    pub fn scope_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "merchant": self.merchant_id,
+            "person": self.person.column(),
+            "sha256": hex::encode(Sha256::digest(self.person.id().as_bytes())),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -83,29 +110,18 @@ pub async fn forget(
     req: &ForgetRequest,
 ) -> Result<ForgetReport, ReprocessError> {
     let started = std::time::Instant::now();
-    crate::check_merchant(&req.merchant_id)?;
-    let id = req.person.id();
-    if id.is_empty() {
-        return Err(ReprocessError::Invalid("an empty id matches no one".into()));
-    }
-    if !req.dry_run && req.reason.trim().is_empty() {
-        return Err(ReprocessError::Invalid(
-            "forgetting needs a reason (--reason): it goes into the audit record".into(),
-        ));
-    }
-    let scope = serde_json::json!({
-        "merchant": req.merchant_id,
-        "person": req.person.column(),
-        "sha256": hex::encode(Sha256::digest(id.as_bytes())),
-    });
+    req.validate()?;
+    let scope = req.scope_json();
     let resumed = if req.dry_run {
         None
     } else {
         jobs.unfinished("forget", &scope).await?
     };
-    let job_id = resumed
-        .as_ref()
-        .map_or_else(|| format!("fg-{}", uuid::Uuid::now_v7()), |r| r.id.clone());
+    let job_id = match (&resumed, &req.job_id) {
+        (Some(r), _) => r.id.clone(),
+        (None, Some(id)) => id.clone(),
+        (None, None) => format!("fg-{}", uuid::Uuid::now_v7()),
+    };
     let mut report = ForgetReport {
         job_id: job_id.clone(),
         resumed: resumed.is_some(),

@@ -91,6 +91,31 @@ pub struct Request {
     pub limits: Limits,
     /// Batches re-run at once (default: the cores).
     pub workers: usize,
+    /// The id for a new job (default: a fresh `rp-<uuid>`); a resumed job keeps its own.
+    pub job_id: Option<String>,
+}
+
+impl Request {
+    /// What every entry point (CLI, admin API) checks before anything runs.
+    pub fn validate(&self) -> Result<(), ReprocessError> {
+        for m in &self.scope.merchants {
+            check_merchant(m)?;
+        }
+        if self.scope.from_ms >= self.scope.to_ms {
+            return Err(ReprocessError::Invalid("`from` must be before `to`".into()));
+        }
+        if !self.dry_run && self.reason.trim().is_empty() {
+            return Err(ReprocessError::Invalid(
+                "a re-processing run needs a reason: it goes into the audit record".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What identifies the job for resuming: the scope and the version asked for.
+    pub fn scope_json(&self) -> serde_json::Value {
+        serde_json::json!({ "scope": self.scope, "version": self.version })
+    }
 }
 
 /// What a job did (or, dry, would do).
@@ -168,18 +193,8 @@ pub async fn reprocess_at(
 ) -> Result<Report, ReprocessError> {
     let started = std::time::Instant::now();
     let scope = &req.scope;
-    for m in &scope.merchants {
-        check_merchant(m)?;
-    }
-    if scope.from_ms >= scope.to_ms {
-        return Err(ReprocessError::Invalid("--from must be before --to".into()));
-    }
-    if !req.dry_run && req.reason.trim().is_empty() {
-        return Err(ReprocessError::Invalid(
-            "a re-processing run needs a reason (--reason): it goes into the audit record".into(),
-        ));
-    }
-    let scope_json = serde_json::json!({ "scope": scope, "version": req.version });
+    req.validate()?;
+    let scope_json = req.scope_json();
     let resumed = if req.dry_run {
         None
     } else {
@@ -201,7 +216,9 @@ pub async fn reprocess_at(
                 )));
             }
             (
-                format!("rp-{}", uuid::Uuid::now_v7()),
+                req.job_id
+                    .clone()
+                    .unwrap_or_else(|| format!("rp-{}", uuid::Uuid::now_v7())),
                 raw.metadata().current_snapshot_id(),
                 w,
             )
