@@ -236,6 +236,13 @@ pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
             for (table, snapshot) in &report.commits {
                 println!("committed {table}: snapshot {snapshot}");
             }
+            if report.unacknowledged_at_start > 0 {
+                println!(
+                    "warning: {} messages were not yet ingested when the job started; batches among them \
+                     that an old version processed are not covered: run the job again once ingest has caught up",
+                    report.unacknowledged_at_start
+                );
+            }
         }
     }
     Ok(())
@@ -313,6 +320,9 @@ pub struct JobService {
     jobs: Jobs,
     runtime: beacon_query::runtime::QueryRuntime,
     one_at_a_time: Arc<tokio::sync::Semaphore>,
+    /// Jobs this process has started and not finished (an unfinished record whose id is not
+    /// here belongs to a run that died: the same request resumes it).
+    running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl JobService {
@@ -338,7 +348,45 @@ impl JobService {
             js,
             runtime,
             one_at_a_time: Arc::new(tokio::sync::Semaphore::new(1)),
+            running: Default::default(),
         })))
+    }
+
+    /// The id a new real job gets: an interrupted one's with the same scope (resumed), else
+    /// a fresh one; refused (409) while this process still runs that scope.
+    async fn claim(
+        &self,
+        kind: &str,
+        prefix: &str,
+        scope: &serde_json::Value,
+    ) -> Result<String, ApiResponse> {
+        let id = match self.jobs.unfinished(kind, scope).await {
+            Ok(Some(r)) => r.id,
+            Ok(None) => format!("{prefix}-{}", uuid::Uuid::now_v7()),
+            Err(e) => return Err(api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e)),
+        };
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if !running.insert(id.clone()) {
+            return Err(api_error(
+                axum::http::StatusCode::CONFLICT,
+                format!("job {id} over this scope is still running (GET /v1/jobs)"),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Forgets a finished job of this process and logs how it ended (the caller got 202).
+    fn release<T, E: std::fmt::Display>(&self, id: &Option<String>, outcome: &Result<T, E>) {
+        if let Some(id) = id {
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            match outcome {
+                Ok(_) => tracing::info!(job = %id, "history job finished"),
+                Err(e) => tracing::error!(job = %id, error = %e, "history job failed"),
+            }
+        }
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {
@@ -433,20 +481,16 @@ async fn post_reprocess(
         return invalid(e);
     }
     if !request.dry_run {
-        // The id the job will have: a crashed one's with this scope (resumed), else new.
-        request.job_id = Some(
-            match s.jobs.unfinished("reprocess", &request.scope_json()).await {
-                Ok(Some(r)) => r.id,
-                Ok(None) => format!("rp-{}", uuid::Uuid::now_v7()),
-                Err(e) => return api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
-            },
-        );
+        match s.claim("reprocess", "rp", &request.scope_json()).await {
+            Ok(id) => request.job_id = Some(id),
+            Err(response) => return response,
+        }
     }
     let job_id = request.job_id.clone();
     let svc = s.clone();
     let run = s.runtime.spawn(async move {
         let _turn = svc.one_at_a_time.acquire().await;
-        beacon_reprocess::reprocess(
+        let r = beacon_reprocess::reprocess(
             &svc.wh,
             &svc.control,
             &svc.js,
@@ -454,7 +498,9 @@ async fn post_reprocess(
             &request,
             &|_, _| {},
         )
-        .await
+        .await;
+        svc.release(&request.job_id, &r);
+        r
     });
     match job_id {
         Some(id) => {
@@ -500,19 +546,18 @@ async fn post_forget(
         return invalid(e);
     }
     if !request.dry_run {
-        request.job_id = Some(
-            match s.jobs.unfinished("forget", &request.scope_json()).await {
-                Ok(Some(r)) => r.id,
-                Ok(None) => format!("fg-{}", uuid::Uuid::now_v7()),
-                Err(e) => return api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
-            },
-        );
+        match s.claim("forget", "fg", &request.scope_json()).await {
+            Ok(id) => request.job_id = Some(id),
+            Err(response) => return response,
+        }
     }
     let job_id = request.job_id.clone();
     let svc = s.clone();
     let run = s.runtime.spawn(async move {
         let _turn = svc.one_at_a_time.acquire().await;
-        beacon_reprocess::forget::forget(&svc.wh, &svc.jobs, &request).await
+        let r = beacon_reprocess::forget::forget(&svc.wh, &svc.jobs, &request).await;
+        svc.release(&request.job_id, &r);
+        r
     });
     match job_id {
         Some(id) => (

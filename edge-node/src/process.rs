@@ -486,12 +486,16 @@ impl Processor {
                 plugin_error = Some(reason);
             }
             failures.extend(stable.failures);
-            shares.push(Share {
-                version: Some(active.stable.chain.pipeline().version),
-                canary: false,
-                outcome: stable.outcome,
-                raw: stable_at,
-            });
+            // An empty position list means "the whole batch": only without a canary. A
+            // share that got no events is not recorded at all.
+            if active.canary.is_none() || !stable_at.is_empty() {
+                shares.push(Share {
+                    version: Some(active.stable.chain.pipeline().version),
+                    canary: false,
+                    outcome: stable.outcome,
+                    raw: stable_at,
+                });
+            }
             pipeline = stable.pipeline;
             processed = Some(stable.events);
             if let Some((stage, _)) = &active.canary {
@@ -502,12 +506,14 @@ impl Processor {
                     plugin_error.get_or_insert(reason);
                 }
                 failures.extend(part.failures);
-                shares.push(Share {
-                    version: Some(stage.chain.pipeline().version),
-                    canary: true,
-                    outcome: part.outcome,
-                    raw: canary_at,
-                });
+                if !canary_at.is_empty() {
+                    shares.push(Share {
+                        version: Some(stage.chain.pipeline().version),
+                        canary: true,
+                        outcome: part.outcome,
+                        raw: canary_at,
+                    });
+                }
                 canary = Some(CanaryPart {
                     pipeline: part.pipeline,
                     events: part.events,

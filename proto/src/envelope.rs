@@ -66,8 +66,8 @@ pub struct Share {
     #[serde(default)]
     pub canary: bool,
     pub outcome: Outcome,
-    /// Positions in `raw` of this share's events, ascending; empty when the share is the
-    /// whole batch.
+    /// Positions in `raw` of this share's events, ascending. Empty only when this is the
+    /// envelope's one share and so the whole batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raw: Vec<u32>,
 }
@@ -242,13 +242,14 @@ impl Envelope {
                 };
                 n
             ];
+            let whole = self.shares.len() == 1;
             for share in &self.shares {
                 let l = RawLineage {
                     version: share.version,
                     canary: Some(share.canary),
                     outcome: share.outcome,
                 };
-                if share.raw.is_empty() {
+                if share.raw.is_empty() && whole {
                     out.iter_mut().for_each(|o| *o = l);
                 } else {
                     for &i in &share.raw {
@@ -395,6 +396,12 @@ mod tests {
             }
         );
         assert_eq!(l[2], l[0]);
+        // A second share with no positions covers nothing (only a lone share is the batch).
+        env.shares[1].raw.clear();
+        assert!(env
+            .lineage()
+            .iter()
+            .all(|l| l.canary == Some(false) && l.version == Some(3)));
 
         // An older edge's envelope: a held plugin failure, no split recorded.
         env.shares.clear();

@@ -50,6 +50,10 @@ pub struct JobRecord {
     pub commits: BTreeMap<String, i64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Per merchant, the times `[min, max]` (epoch ms) of the rows the job replaces or
+    /// removes: the rollup hours to rebuild, kept so a resumed job still rebuilds them.
+    #[serde(default)]
+    pub spans: BTreeMap<String, (i64, i64)>,
 }
 
 impl JobRecord {
@@ -77,6 +81,7 @@ impl JobRecord {
             counts: BTreeMap::new(),
             commits: BTreeMap::new(),
             error: None,
+            spans: resumed.map(|r| r.spans.clone()).unwrap_or_default(),
         }
     }
 
@@ -121,6 +126,13 @@ impl Jobs {
             serde_json::to_vec(record).map_err(|e| ReprocessError::Invalid(e.to_string()))?;
         self.kv.put(&record.id, value.into()).await.map_err(nats)?;
         Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, ReprocessError> {
+        match self.kv.get(id).await.map_err(nats)? {
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => Ok(None),
+        }
     }
 
     /// Every job, oldest first.

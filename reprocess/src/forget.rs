@@ -139,7 +139,7 @@ pub async fn forget(
     if !req.dry_run {
         jobs.put(&record).await?;
     }
-    let result = run(wh, req, &job_id, &mut report).await;
+    let result = run(wh, req, &job_id, &mut report, jobs, &mut record).await;
     report.seconds = started.elapsed().as_secs_f64();
     if req.dry_run {
         return result.map(|()| report);
@@ -156,6 +156,8 @@ async fn run(
     req: &ForgetRequest,
     job_id: &str,
     report: &mut ForgetReport,
+    jobs: &Jobs,
+    record: &mut JobRecord,
 ) -> Result<(), ReprocessError> {
     let merchant = req.merchant_id.as_str();
     let person = &req.person;
@@ -191,7 +193,7 @@ async fn run(
     let on_events = |b: &RecordBatch| -> Result<(), ArrowError> {
         let ts = rewrite::i64_column(b, "ts")?;
         let mut s = span.lock().unwrap_or_else(|p| p.into_inner());
-        for t in ts.iter().flatten() {
+        for t in ts.iter().flatten().map(|us| us.div_euclid(1000)) {
             s.0 = s.0.min(t);
             s.1 = s.1.max(t);
         }
@@ -229,6 +231,34 @@ async fn run(
             vec![Prune::string("merchant_id", merchant)],
         ),
     ];
+    if !req.dry_run {
+        // The hours to rebuild, found (a read-only pass over `events`) and kept before
+        // anything is removed: a resumed job cannot see the rows it already removed.
+        rewrite::rewrite_current(
+            wh,
+            RowRewrite {
+                kind: TableKind::Events,
+                job_id: format!("{job_id}/events"),
+                prune: steps[1].3.clone(),
+                drop: &by_column,
+                added: None,
+                added_files: Vec::new(),
+                on_dropped: Some(&on_events),
+                require: Vec::new(),
+                properties: HashMap::new(),
+                dry_run: true,
+                keep_dropped: false,
+            },
+        )
+        .await?;
+        let (lo, hi) = *span.lock().unwrap_or_else(|p| p.into_inner());
+        if lo <= hi {
+            let s = record.spans.entry(merchant.to_string()).or_insert((lo, hi));
+            s.0 = s.0.min(lo);
+            s.1 = s.1.max(hi);
+        }
+        jobs.put(record).await?;
+    }
     for (kind, drop, on_dropped, prune) in steps {
         let r = rewrite::rewrite_current(
             wh,
@@ -253,11 +283,13 @@ async fn run(
             report.commits.insert(kind.name().into(), snapshot_id);
         }
     }
-    let (lo, hi) = span.into_inner().unwrap_or_else(|p| p.into_inner());
-    if req.dry_run || lo > hi {
+    if req.dry_run {
         return Ok(());
     }
-    let spans = [HourSpan::covering(merchant, lo, hi)];
+    let Some(&(lo, hi)) = record.spans.get(merchant) else {
+        return Ok(());
+    };
+    let spans = [HourSpan::covering(merchant, lo * 1000, hi * 1000)];
     for r in rollup::rebuild(wh, &spans, job_id).await? {
         report.rollup_rows_rebuilt += r.report.rows_added;
         if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {

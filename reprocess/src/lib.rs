@@ -66,6 +66,9 @@ pub enum ReprocessError {
     Iceberg(#[from] iceberg::Error),
     #[error("worker: {0}")]
     Worker(String),
+    /// The job cannot finish as planned (ends `failed`; the same command starts a new one).
+    #[error("{0}")]
+    Superseded(String),
 }
 
 /// Which batches a job covers.
@@ -127,6 +130,9 @@ pub struct Report {
     pub versions: BTreeMap<String, Option<u64>>,
     pub raw_snapshot: Option<i64>,
     pub watermark: u64,
+    /// Messages on the bus that ingest had not acknowledged when the job started: batches
+    /// among them are not in scope, whatever version processed them.
+    pub unacknowledged_at_start: u64,
     pub batches: u64,
     pub raw_rows: u64,
     pub events_before: u64,
@@ -177,7 +183,13 @@ pub async fn reprocess(
     progress: Progress<'_>,
 ) -> Result<Report, ReprocessError> {
     let floor = ingest_ack_floor(js).await?;
-    reprocess_at(wh, control, jobs, req, floor, progress).await
+    let last = match js.get_stream(beacon_proto::bus::EVENTS_STREAM).await {
+        Ok(mut stream) => stream.info().await.map_or(floor, |i| i.state.last_sequence),
+        Err(_) => floor,
+    };
+    let mut report = reprocess_at(wh, control, jobs, req, floor, progress).await?;
+    report.unacknowledged_at_start = last.saturating_sub(floor);
+    Ok(report)
 }
 
 /// [`reprocess`] with the watermark given: every message up to `floor` must be complete in
@@ -195,12 +207,37 @@ pub async fn reprocess_at(
     let scope = &req.scope;
     req.validate()?;
     let scope_json = req.scope_json();
-    let resumed = if req.dry_run {
+    let mut resumed = if req.dry_run {
         None
     } else {
         jobs.unfinished("reprocess", &scope_json).await?
     };
     let raw = wh.table(TableKind::RawEvents).await?;
+    if let Some(r) = &resumed {
+        let pinned_gone = r
+            .raw_snapshot
+            .is_some_and(|id| raw.metadata().snapshot_by_id(id).is_none());
+        if pinned_gone {
+            // Expired before the job could resume: that job ends failed, and a fresh one
+            // (new pin, new watermark) does the whole scope again (its steps are idempotent
+            // in effect: the same rows replace the same rows).
+            let mut old = r.clone();
+            old.finish(
+                &Err::<(), _>("its pinned raw_events snapshot expired before it could resume; superseded by a new job"),
+                old.counts.clone(),
+                old.commits.clone(),
+            );
+            old.state = JobState::Failed;
+            jobs.put(&old).await?;
+            resumed = None;
+        }
+    } else if let Some(id) = &req.job_id {
+        if jobs.get(id).await?.is_some() {
+            return Err(ReprocessError::Invalid(format!(
+                "job id {id} is already in the audit trail"
+            )));
+        }
+    }
     let (job_id, raw_snapshot, watermark) = match &resumed {
         Some(r) => (r.id.clone(), r.raw_snapshot, r.watermark),
         None => {
@@ -210,6 +247,13 @@ pub async fn reprocess_at(
             // reading the floor holds all of it.
             let w = floor;
             let raw_seq = tables::snapshot_property_u64(&raw, SEQ_PROPERTY);
+            if w == 0 && raw_seq > 0 {
+                // Ingest recreates its consumer when it starts: no floor to trust right now.
+                return Err(ReprocessError::Invalid(
+                    "ingest has acknowledged nothing (is it starting?): try again once it runs"
+                        .into(),
+                ));
+            }
             if raw_seq < w {
                 return Err(ReprocessError::Invalid(format!(
                     "raw_events is at stream sequence {raw_seq}, behind ingest's acknowledged {w}"
@@ -281,9 +325,12 @@ pub async fn reprocess_at(
     };
     let mut chains: HashMap<String, Option<(Arc<Chain>, OnFailure)>> = HashMap::new();
     for m in &merchants {
-        let version = match req.version {
-            Some(v) => Some(v),
-            None => control.current(m).await?.map(|c| c.pipeline.active.version),
+        // A resumed job re-runs what it started with, whatever is active now.
+        let recorded = resumed.as_ref().and_then(|r| r.versions.get(m).copied());
+        let version = match (recorded, req.version) {
+            (Some(v), _) => v,
+            (None, Some(v)) => Some(v),
+            (None, None) => control.current(m).await?.map(|c| c.pipeline.active.version),
         };
         let chain = match version {
             Some(v) => {
@@ -313,10 +360,15 @@ pub async fn reprocess_at(
     let result = run_job(
         wh,
         req,
-        &ctx,
-        &chains,
-        &where_in,
-        &whole,
+        Job {
+            ctx: &ctx,
+            chains: &chains,
+            where_in: &where_in,
+            whole: &whole,
+            raw_snapshot,
+            jobs,
+            record: &mut record,
+        },
         &mut report,
         progress,
     )
@@ -335,21 +387,40 @@ pub async fn reprocess_at(
         ("rollup_rows_rebuilt".into(), report.rollup_rows_rebuilt),
     ]);
     record.finish(&result, counts, report.commits.clone());
+    if matches!(result, Err(ReprocessError::Superseded(_))) {
+        record.state = JobState::Failed;
+    }
     jobs.put(&record).await?;
     result.map(|()| report)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a planned job works with.
+struct Job<'a> {
+    ctx: &'a datafusion::prelude::SessionContext,
+    chains: &'a HashMap<String, Option<(Arc<Chain>, OnFailure)>>,
+    where_in: &'a (dyn Fn(i64, i64) -> String + Sync),
+    whole: &'a str,
+    raw_snapshot: i64,
+    jobs: &'a Jobs,
+    record: &'a mut JobRecord,
+}
+
 async fn run_job(
     wh: &Warehouse,
     req: &Request,
-    ctx: &datafusion::prelude::SessionContext,
-    chains: &HashMap<String, Option<(Arc<Chain>, OnFailure)>>,
-    where_in: &(dyn Fn(i64, i64) -> String + Sync),
-    whole: &str,
+    job_ctx: Job<'_>,
     report: &mut Report,
     progress: Progress<'_>,
 ) -> Result<(), ReprocessError> {
+    let Job {
+        ctx,
+        chains,
+        where_in,
+        whole,
+        raw_snapshot,
+        jobs,
+        record,
+    } = job_ctx;
     let job = report.job_id.clone();
     let events_job = format!("{job}/events");
     let failed_job = format!("{job}/failed_events");
@@ -365,11 +436,9 @@ async fn run_job(
         }
     }
     let (events_done, failed_done) = (events_done.is_some(), failed_done.is_some());
-    let total = first_count(
-        ctx,
-        &format!("SELECT count(*) AS n FROM raw_pinned WHERE {whole}"),
-    )
-    .await?;
+    // The scope's size and its actual time span (a wide range with little in it must not
+    // cost a query per empty day).
+    let (total, first_ms, last_ms) = scope_extent(ctx, whole).await?;
     let events_schema = tables::arrow_schema(&wh.table(TableKind::Events).await?)?;
     let failed_schema = tables::arrow_schema(&wh.table(TableKind::FailedEvents).await?)?;
     let after = Mutex::new(stats::Stats::default());
@@ -381,9 +450,10 @@ async fn run_job(
     let workers = req.workers.max(1);
 
     // A day of the scope at a time bounds the memory a job holds.
-    let mut from = req.scope.from_ms;
-    while from < req.scope.to_ms {
-        let to = ((from.div_euclid(DAY_MS) + 1) * DAY_MS).min(req.scope.to_ms);
+    let mut from = req.scope.from_ms.max(first_ms);
+    let end = req.scope.to_ms.min(last_ms.saturating_add(1));
+    while from < end {
+        let to = ((from.div_euclid(DAY_MS) + 1) * DAY_MS).min(end);
         let mut clock = std::time::Instant::now();
         let mut lap = |report: &mut Report, phase: &str| {
             *report.phases.entry(phase.into()).or_default() += clock.elapsed().as_secs_f64();
@@ -462,6 +532,30 @@ async fn run_job(
             failed_files.extend(wh.write_files(TableKind::FailedEvents, batch).await?);
         }
         lap(report, "write");
+    }
+
+    // The hours to rebuild, kept before anything is committed (a resumed job has no old rows
+    // to look at for the steps already done).
+    if !req.dry_run {
+        for (m, (lo, hi)) in &spans {
+            let s = record.spans.entry(m.clone()).or_insert((*lo, *hi));
+            s.0 = s.0.min(*lo);
+            s.1 = s.1.max(*hi);
+        }
+        jobs.put(record).await?;
+        // A forget that ran since the pin must not be undone by rows re-run from the pinned
+        // snapshot.
+        let pinned_at = wh
+            .table(TableKind::RawEvents)
+            .await?
+            .metadata()
+            .snapshot_by_id(raw_snapshot)
+            .map_or(record.started_at, |s| s.timestamp_ms());
+        if let Some(forget) = forget_since(jobs, &req.scope.merchants, pinned_at).await? {
+            return Err(ReprocessError::Superseded(format!(
+                "{forget} ran while this job was planned on older raw events; run the same command again once it is done"
+            )));
+        }
     }
 
     // Replace the scope's rows: `events` first, then its plugin failures.
@@ -570,12 +664,20 @@ async fn run_job(
         return Ok(());
     }
 
-    // Rollups of every hour the old or the new rows fall in.
-    for (m, (lo, hi)) in before_spans.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    // Rollups of every hour the old or the new rows fall in (the recorded spans too).
+    let recorded = record.spans.clone();
+    for (m, (lo, hi)) in before_spans
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .chain(recorded)
+    {
         let s = spans.entry(m).or_insert((lo, hi));
         s.0 = s.0.min(lo);
         s.1 = s.1.max(hi);
     }
+    record.spans = spans.clone();
+    jobs.put(record).await?;
     let hour_spans: Vec<HourSpan> = spans
         .iter()
         .filter(|(_, (lo, hi))| lo <= hi)
@@ -681,6 +783,50 @@ fn rerun(r: &mut Received, chain: Option<(&Chain, OnFailure)>, limits: &Limits) 
     }];
 }
 
+/// The scope's raw rows: how many, and the first and last receive time (epoch ms).
+async fn scope_extent(
+    ctx: &datafusion::prelude::SessionContext,
+    whole: &str,
+) -> Result<(u64, i64, i64), ReprocessError> {
+    let batches = ctx
+        .sql(&format!(
+            "SELECT count(*) AS n, CAST(min(received_at) AS BIGINT) AS lo, \
+                    CAST(max(received_at) AS BIGINT) AS hi FROM raw_pinned WHERE {whole}"
+        ))
+        .await?
+        .collect()
+        .await?;
+    let Some(b) = batches.first().filter(|b| b.num_rows() > 0) else {
+        return Ok((0, 0, 0));
+    };
+    use arrow::array::Array;
+    let n = rewrite::i64_column(b, "n")?;
+    let (lo, hi) = (rewrite::i64_column(b, "lo")?, rewrite::i64_column(b, "hi")?);
+    if n.value(0) == 0 || lo.is_null(0) || hi.is_null(0) {
+        return Ok((0, 0, 0));
+    }
+    // (Timestamps cast to BIGINT are microseconds.)
+    Ok((n.value(0) as u64, lo.value(0) / 1000, hi.value(0) / 1000))
+}
+
+/// A forget job for a merchant in `merchants` (empty: any) that has not finished, or
+/// finished after `since_ms`: its removals are not in the pinned raw snapshot, and rows re-run
+/// from it would bring the person back. (Asked of the audit trail, not of the table's
+/// snapshots, which maintenance expires.)
+async fn forget_since(
+    jobs: &Jobs,
+    merchants: &[String],
+    since_ms: i64,
+) -> Result<Option<String>, ReprocessError> {
+    Ok(jobs.list().await?.into_iter().find_map(|j| {
+        let merchant = j.scope.get("merchant").and_then(|m| m.as_str())?;
+        let relevant = j.kind == "forget"
+            && (merchants.is_empty() || merchants.iter().any(|m| m == merchant))
+            && (j.state == JobState::Running || j.finished_at.is_some_and(|t| t >= since_ms));
+        relevant.then(|| format!("forget job {} for {merchant}", j.id))
+    }))
+}
+
 /// The last stream sequence core-ingest has acknowledged (0 before it ever ran).
 pub async fn ingest_ack_floor(js: &async_nats::jetstream::Context) -> Result<u64, ReprocessError> {
     use beacon_proto::bus::{EVENTS_STREAM, INGEST_CONSUMER};
@@ -692,16 +838,4 @@ pub async fn ingest_ack_floor(js: &async_nats::jetstream::Context) -> Result<u64
         Err(e) if e.to_string().contains("not found") => Ok(0),
         Err(e) => Err(ReprocessError::Nats(e.to_string())),
     }
-}
-
-async fn first_count(
-    ctx: &datafusion::prelude::SessionContext,
-    sql: &str,
-) -> Result<u64, ReprocessError> {
-    let batches = ctx.sql(sql).await?.collect().await?;
-    Ok(batches
-        .first()
-        .filter(|b| b.num_rows() > 0)
-        .and_then(|b| rewrite::i64_column(b, "n").ok())
-        .map_or(0, |c| c.value(0) as u64))
 }

@@ -87,6 +87,8 @@ pub enum WarehouseError {
         expected: String,
         found: String,
     },
+    #[error("{path} was deleted before the job could commit it (unreferenced-file deletion: raise --orphan-age-secs above the job's duration)")]
+    StagedFileGone { path: String },
     #[error("{0}")]
     Unsupported(String),
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]

@@ -265,11 +265,19 @@ async fn stage(table: &Table, rewrite: &Rewrite) -> Result<Staged, WarehouseErro
     let mut rewritten = None;
     let mut rewritten_entries = 0usize;
 
+    // Only adding files (a rollup delta): the parent's manifests are carried without reading
+    // them, and the totals continue the parent's.
+    let parent_totals = base.and_then(|b| Totals::from_summary(b.summary()));
+    let append_only = rewrite.removed.is_empty() && !rewrite.merge_manifests;
+    let append_only = append_only && (base.is_none() || parent_totals.is_some());
+    if let (true, Some(t)) = (append_only, parent_totals) {
+        totals = t;
+    }
     if let Some(base) = base {
         let list = table.manifest_list_reader(base).load().await?;
         // (`consume_entries` is not `Send`: copy the list out.)
         for manifest in list.entries().to_vec() {
-            if manifest.content != ManifestContentType::Data {
+            if manifest.content != ManifestContentType::Data || append_only {
                 // Beacon writes no delete files; another engine's are kept as they are.
                 carried.push(manifest);
                 continue;
@@ -454,7 +462,7 @@ fn manifest_writer(
 }
 
 /// `total-*` summary fields, counted from the live files of the new snapshot.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Totals {
     records: u64,
     files: u64,
@@ -462,6 +470,16 @@ struct Totals {
 }
 
 impl Totals {
+    /// A snapshot's `total-*` fields, if it has them all.
+    fn from_summary(summary: &Summary) -> Option<Self> {
+        let get = |k: &str| summary.additional_properties.get(k)?.parse::<u64>().ok();
+        Some(Self {
+            records: get("total-records")?,
+            files: get("total-data-files")?,
+            bytes: get("total-files-size")?,
+        })
+    }
+
     fn add(&mut self, file: &DataFile) {
         self.records += file.record_count();
         self.files += 1;

@@ -173,6 +173,15 @@ pub async fn rewrite_rows(
             return Ok(());
         }
         own = rewrite.added.len();
+        for f in &rr.added_files {
+            // Written earlier by the caller: maintenance deletes unreferenced files older than
+            // its orphan age, and a commit must never point at a file that is gone.
+            if !base.file_io().exists(f.file_path()).await? {
+                return Err(WarehouseError::StagedFileGone {
+                    path: f.file_path().to_string(),
+                });
+            }
+        }
         rewrite.added.extend(rr.added_files.iter().cloned());
         if report.rows_added == 0 && report.rows_kept == 0 {
             rewrite.operation = Operation::Delete;

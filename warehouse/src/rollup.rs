@@ -21,7 +21,13 @@ use std::time::Duration;
 use iceberg_datafusion::IcebergStaticTableProvider;
 use tokio::sync::watch;
 
-use crate::tables::{self, arrow_schema, snapshot_property_u64, ROLLUP_SEQ_PROPERTY, SEQ_PROPERTY};
+use iceberg::spec::Operation;
+
+use crate::replace::Rewrite;
+use crate::tables::{
+    self, arrow_schema, snapshot_property_u64, ROLLUP_GEN_PROPERTY, ROLLUP_SEQ_PROPERTY,
+    SEQ_PROPERTY,
+};
 use crate::{TableKind, Warehouse, WarehouseError};
 
 /// Views every SQL session gets: the merged rollups.
@@ -121,7 +127,24 @@ pub struct RunStats {
 }
 
 /// Brings both rollup tables up to the latest committed `events` snapshot.
+///
+/// Each table's delta is committed only if the table still has the watermark and the
+/// generation ([`ROLLUP_GEN_PROPERTY`]) read *before* `events` was pinned: a second rollup
+/// runner or a rebuild of past hours (re-processing, forgetting) that landed meanwhile makes
+/// this run skip the table (the next run redoes it), never count rows twice or stale.
 pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
+    let kinds = [
+        TableKind::RollupsHourly,
+        TableKind::RevenueHourly,
+        TableKind::BreakdownsHourly,
+    ];
+    let mut targets = Vec::with_capacity(kinds.len());
+    for kind in kinds {
+        let target = wh.table(kind).await?;
+        let from_seq = snapshot_property_u64(&target, ROLLUP_SEQ_PROPERTY);
+        let generation = tables::snapshot_property(&target, ROLLUP_GEN_PROPERTY);
+        targets.push((kind, target, from_seq, generation));
+    }
     let events = wh.table(TableKind::Events).await?;
     let Some(snapshot) = events.metadata().current_snapshot().cloned() else {
         return Ok(RunStats::default());
@@ -133,13 +156,7 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
     };
     // One session for both tables, with the exact `events` snapshot whose sequence we record.
     let mut session = None;
-    for kind in [
-        TableKind::RollupsHourly,
-        TableKind::RevenueHourly,
-        TableKind::BreakdownsHourly,
-    ] {
-        let target = wh.table(kind).await?;
-        let from_seq = snapshot_property_u64(&target, ROLLUP_SEQ_PROPERTY);
+    for (kind, target, from_seq, generation) in targets {
         if from_seq >= to_seq {
             continue;
         }
@@ -166,14 +183,29 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         // (`conform` casts the sums and turns `hll_sketch`'s Binary into LargeBinary.)
         let batch = tables::conform(&batches, &arrow_schema(&target)?)?;
-        tables::append(
-            wh.catalog().as_ref(),
-            kind,
-            &target,
-            batch,
-            HashMap::from([(ROLLUP_SEQ_PROPERTY.to_string(), to_seq.to_string())]),
-        )
-        .await?;
+        let mut delta = Rewrite::new(
+            Operation::Append,
+            format!("rollup-{}", uuid::Uuid::now_v7()),
+        );
+        delta.added = tables::write_files(kind, &target, batch).await?;
+        delta.properties = HashMap::from([(ROLLUP_SEQ_PROPERTY.to_string(), to_seq.to_string())]);
+        delta.require = vec![
+            (ROLLUP_SEQ_PROPERTY.to_string(), seq_text(from_seq)),
+            (ROLLUP_GEN_PROPERTY.to_string(), generation),
+        ];
+        match wh.replace(kind, &delta).await {
+            Ok(_) => {}
+            Err(e) => {
+                for f in &delta.added {
+                    let _ = target.file_io().delete(f.file_path()).await;
+                }
+                if let WarehouseError::Stale { .. } = e {
+                    tracing::debug!(table = kind.name(), error = %e, "rollup delta raced a rebuild or another runner; next run");
+                    continue;
+                }
+                return Err(e);
+            }
+        }
         match kind {
             TableKind::RollupsHourly => stats.rollup_rows = rows,
             TableKind::BreakdownsHourly => stats.breakdown_rows = rows,
@@ -202,6 +234,15 @@ fn rollup_query(kind: TableKind, range: &str) -> String {
                  FROM events_pinned WHERE {range} AND revenue_micros IS NOT NULL AND currency IS NOT NULL \
                  GROUP BY 1, 2, 3"
         ),
+    }
+}
+
+/// A rollup watermark as its snapshot property reads: absent (empty) before the first run.
+fn seq_text(seq: u64) -> String {
+    if seq == 0 {
+        String::new()
+    } else {
+        seq.to_string()
     }
 }
 
@@ -371,7 +412,11 @@ async fn rebuild_table(
             added_files: Vec::new(),
             on_dropped: None,
             require: vec![(ROLLUP_SEQ_PROPERTY.to_string(), seq.to_string())],
-            properties: HashMap::new(),
+            // A new generation: delta runs that read `events` before this are refused.
+            properties: HashMap::from([(
+                ROLLUP_GEN_PROPERTY.to_string(),
+                uuid::Uuid::now_v7().to_string(),
+            )]),
             dry_run: false,
             keep_dropped: false,
         },

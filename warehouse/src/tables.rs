@@ -39,6 +39,10 @@ use crate::{WarehouseError, NAMESPACE};
 pub const SEQ_PROPERTY: &str = "beacon.stream-seq";
 /// Rollup snapshots: the `events` stream sequence up to which they aggregate.
 pub const ROLLUP_SEQ_PROPERTY: &str = "beacon.events-seq";
+/// Rollup snapshots: changed by every rebuild of past hours, so a delta run that read
+/// `events` before the rebuild cannot land after it (its commit requires the generation it
+/// started with).
+pub const ROLLUP_GEN_PROPERTY: &str = "beacon.rollup-gen";
 
 /// The derived dimension columns at the end of `events`, in order.
 pub const EVENT_DIMENSIONS: [&str; 13] = [
@@ -426,13 +430,13 @@ pub(crate) fn conform(
 }
 
 /// The current snapshot's watermark properties (ingest's and the rollups' stream
-/// sequences): what every commit that is not an ingest or rollup commit must carry forward,
+/// sequences, the rollup generation): what every commit that is not an ingest or rollup commit must carry forward,
 /// or the next restart re-reads (and re-commits) what the table already holds.
 pub(crate) fn watermarks(snapshot: Option<&iceberg::spec::SnapshotRef>) -> HashMap<String, String> {
     let Some(snapshot) = snapshot else {
         return HashMap::new();
     };
-    [SEQ_PROPERTY, ROLLUP_SEQ_PROPERTY]
+    [SEQ_PROPERTY, ROLLUP_SEQ_PROPERTY, ROLLUP_GEN_PROPERTY]
         .into_iter()
         .filter_map(|k| {
             let v = snapshot.summary().additional_properties.get(k)?;
@@ -444,6 +448,15 @@ pub(crate) fn watermarks(snapshot: Option<&iceberg::spec::SnapshotRef>) -> HashM
 /// Whether `key` is one of the watermark properties (which only ever grow).
 pub(crate) fn is_watermark(key: &str) -> bool {
     key == SEQ_PROPERTY || key == ROLLUP_SEQ_PROPERTY
+}
+
+/// A snapshot property of the current snapshot; empty when absent.
+pub fn snapshot_property(table: &Table, key: &str) -> String {
+    table
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| s.summary().additional_properties.get(key).cloned())
+        .unwrap_or_default()
 }
 
 /// An integer snapshot property of the current snapshot; 0 when absent.
