@@ -397,6 +397,7 @@ mod tests {
         );
         assert_eq!(l[2], l[0]);
         // A second share with no positions covers nothing (only a lone share is the batch).
+        env.shares[0].raw = vec![0, 1, 2];
         env.shares[1].raw.clear();
         assert!(env
             .lineage()
