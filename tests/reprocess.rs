@@ -23,10 +23,7 @@ fn json(out: &str) -> Value {
 }
 
 fn activate(c: &Cluster, merchant: &str, args: &[&str]) -> Value {
-    let mut all = vec!["plugin", "activate", "--merchant", merchant];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--format", "json"]);
-    json(&c.cli(&all))
+    common::activate(c.data_dir(), &c.nats.url(), merchant, args)
 }
 
 /// Everything a merchant's `events` rows say, except what names the merchant or the
@@ -70,18 +67,6 @@ fn all_rows_of(c: &Cluster, m: &str) -> Vec<Value> {
     )));
     rows.extend(rollups_of(c, m));
     rows
-}
-
-fn wait_all_rolled_up(c: &Cluster) {
-    wait_for(
-        Duration::from_secs(90),
-        "rollups covering every event",
-        || {
-            let events = c.count("SELECT count(*) FROM events");
-            (events > 0 && c.count("SELECT coalesce(sum(events), 0) FROM rollups") == events)
-                .then_some(())
-        },
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +128,7 @@ async fn a_bad_version_rolled_back_and_reprocessed_matches_a_merchant_that_never
         &format!("SELECT count(*) FROM events WHERE merchant_id = '{ctl}'"),
         1500,
     );
-    wait_all_rolled_up(&c);
+    c.wait_rolled_up(3300, Duration::from_secs(90));
     assert_ne!(
         events_of(&c, &a),
         events_of(&c, &ctl),
@@ -257,7 +242,7 @@ async fn a_bad_version_rolled_back_and_reprocessed_matches_a_merchant_that_never
         &format!("SELECT count(*) FROM events WHERE merchant_id = '{live}'"),
         300 + live_sent as i64,
     );
-    wait_all_rolled_up(&c);
+    c.wait_rolled_up(3300 + live_sent as i64, Duration::from_secs(90));
     assert_eq!(events_of(&c, &a), events_of(&c, &ctl));
     assert_eq!(rollups_of(&c, &a), rollups_of(&c, &ctl));
     assert_eq!(all_rows_of(&c, &ctl), ctl_before);
@@ -434,7 +419,7 @@ async fn a_batch_held_by_a_failing_plugin_is_recovered_by_reprocessing_with_a_fi
         )),
         0
     );
-    wait_all_rolled_up(&c);
+    c.wait_rolled_up(400, Duration::from_secs(90));
     assert_eq!(
         c.count(&format!(
             "SELECT sum(events) FROM rollups WHERE merchant_id = '{m}'"
@@ -526,7 +511,7 @@ async fn a_forgotten_person_is_gone_from_every_table_and_from_the_files_after_ex
     }
     c.send(&key_other, &theirs).await;
     c.wait_count("SELECT count(*) FROM events", 600);
-    wait_all_rolled_up(&c);
+    c.wait_rolled_up(600, Duration::from_secs(90));
     let visitors_before = c.count(&format!(
         "SELECT CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT) FROM rollups_hourly WHERE merchant_id = '{m}'"
     ));
@@ -573,7 +558,7 @@ async fn a_forgotten_person_is_gone_from_every_table_and_from_the_files_after_ex
         450
     );
     // The rollups no longer count them (their visitor is gone from the sketches).
-    wait_all_rolled_up(&c);
+    c.wait_rolled_up(550, Duration::from_secs(90));
     let visitors_after = c.count(&format!(
         "SELECT CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT) FROM rollups_hourly WHERE merchant_id = '{m}'"
     ));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beacon_proto::Event;
-use common::{cli_in, client_for, first_int, http, plugin_path, wait_for, Cluster};
+use common::{activate, client_for, first_int, http, plugin_json, plugin_path, wait_for, Cluster};
 use serde_json::Value;
 
 fn path(plugin: &str) -> String {
@@ -30,22 +30,6 @@ fn events_for(merchant: &str, seed: u64, n: usize, visitors: u64) -> Vec<Event> 
         e.merchant_id = merchant.to_string();
     }
     events
-}
-
-/// Runs `beacon plugin ... --format json` and parses its output.
-fn plugin_json(dir: &std::path::Path, nats: &str, args: &[&str]) -> Value {
-    let mut all = vec!["plugin"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--format", "json"]);
-    let out = cli_in(dir, Some(nats), &all);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// `beacon plugin activate --merchant <merchant> <args> --format json`.
-fn activate(dir: &std::path::Path, nats: &str, merchant: &str, args: &[&str]) -> Value {
-    let mut all = vec!["activate", "--merchant", merchant];
-    all.extend_from_slice(args);
-    plugin_json(dir, nats, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,6 +353,22 @@ pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `beacon plugin ... --format json` against `dir` and `nats` and parses its output.
+pub fn plugin_json(dir: &Path, nats: &str, args: &[&str]) -> Value {
+    let mut all = vec!["plugin"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--format", "json"]);
+    let out = cli_in(dir, Some(nats), &all);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `beacon plugin activate --merchant <merchant> <args> --format json`.
+pub fn activate(dir: &Path, nats: &str, merchant: &str, args: &[&str]) -> Value {
+    let mut all = vec!["activate", "--merchant", merchant];
+    all.extend_from_slice(args);
+    plugin_json(dir, nats, &all)
+}
+
 /// Runs SQL through `beacon sql --format json` on `data_dir`.
 pub fn sql_in(data_dir: &Path, query: &str) -> Vec<Value> {
     let out = cli_in(data_dir, None, &["sql", query, "--format", "json"]);
@@ -515,17 +531,25 @@ pub fn pyiceberg_read(data_dir: &Path) -> Value {
     )
 }
 
-/// Waits for `child` at most `deadline` (then kills it) and collects its output.
-pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> std::process::Output {
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            break;
+/// Waits for `child` to exit (at most `deadline`, then kills it) and collects its output.
+/// A helper thread blocks on the child itself and hands the output over: no polling.
+pub fn wait_with_deadline(child: Child, deadline: Duration) -> std::process::Output {
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(deadline) {
+        Ok(output) => output,
+        Err(_) => {
+            // SAFETY: plain kill(2) on our own child's pid; the helper thread then reaps it.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            rx.recv().expect("waiter thread")
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
+    };
+    output.expect("output")
 }
 
 pub fn venv_python() -> PathBuf {
