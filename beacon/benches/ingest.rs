@@ -12,15 +12,12 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
 use beacon::traffic::{self, TrafficConfig};
 use beacon_ingest::convert::{events_batch, Received};
-use beacon_proto::envelope::ENVELOPE_VERSION;
-use beacon_proto::{Envelope, Event};
 use beacon_warehouse::tables::arrow_schema;
 use beacon_warehouse::{TableKind, Warehouse};
 use common::env_usize;
@@ -36,29 +33,6 @@ use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::PartitioningWriter;
 use parquet::file::properties::WriterProperties;
-
-fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<Vec<u8>> {
-    events
-        .chunks(per_envelope)
-        .enumerate()
-        .map(|(i, chunk)| {
-            Envelope {
-                v: ENVELOPE_VERSION,
-                batch_id: format!("bench:{i}"),
-                merchant_id: chunk[0].merchant_id.clone(),
-                edge_id: "bench".into(),
-                received_at: chunk[0].ts,
-                pipeline: None,
-                raw: chunk.to_vec(),
-                processed: None,
-                canary: None,
-                failures: Vec::new(),
-                shares: Vec::new(),
-            }
-            .to_json()
-        })
-        .collect()
-}
 
 /// Decodes `chunk` as core-ingest does, numbering it from stream sequence `first + 1`.
 fn decode(first: usize, chunk: &[Vec<u8>]) -> Vec<Received> {
@@ -171,32 +145,11 @@ async fn main() {
         late_share: 0.0,
     };
     // Arrival order: edges batch per merchant, and batches from all merchants interleave.
-    let mut events: Vec<Event> = traffic::generate(&config, &sites)
-        .into_iter()
-        .map(|g| g.event)
+    let events = traffic::events_in_time_order(&config, &sites);
+    let payloads: Vec<Vec<u8>> = traffic::envelopes(events, per_envelope)
+        .iter()
+        .map(|e| e.to_json())
         .collect();
-    events.sort_by_key(|e| e.ts);
-    let mut by_merchant: HashMap<String, Vec<Event>> = HashMap::new();
-    for e in events {
-        by_merchant
-            .entry(e.merchant_id.clone())
-            .or_default()
-            .push(e);
-    }
-    let mut merchant_ids: Vec<_> = by_merchant.keys().cloned().collect();
-    merchant_ids.sort();
-    let mut payloads = Vec::new();
-    for m in merchant_ids {
-        payloads.extend(envelopes(
-            by_merchant.remove(&m).unwrap_or_default(),
-            per_envelope,
-        ));
-    }
-    // Interleave merchants: a stable shuffle by index.
-    let n = payloads.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|i| (i * 2_654_435_761usize) % n.max(1));
-    let payloads: Vec<Vec<u8>> = order.into_iter().map(|i| payloads[i].clone()).collect();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     eprintln!(
         "{} envelopes, {:.1} MiB of JSON",

@@ -21,8 +21,6 @@ use std::time::Instant;
 use beacon::traffic::{self, TrafficConfig};
 use beacon_control::pipelines::{Activation, PluginSpec};
 use beacon_control::Control;
-use beacon_proto::envelope::ENVELOPE_VERSION;
-use beacon_proto::{Envelope, Event};
 use beacon_reprocess::{Jobs, Request, Scope};
 use beacon_warehouse::tables::{snapshot_property_u64, SEQ_PROPERTY};
 use beacon_warehouse::{rollup, TableKind, Warehouse};
@@ -46,58 +44,24 @@ async fn main() {
         zipf_s: 1.0,
         late_share: 0.0,
     };
-    let mut events: Vec<Event> = traffic::generate(&config, &sites)
-        .into_iter()
-        .map(|g| g.event)
-        .collect();
-    events.sort_by_key(|e| e.ts);
-    let mut by_merchant: HashMap<String, Vec<Event>> = HashMap::new();
-    for e in events {
-        by_merchant
+    let events = traffic::events_in_time_order(&config, &sites);
+    let total = events.len();
+    let mut per_merchant: HashMap<String, Vec<i64>> = HashMap::new();
+    for e in &events {
+        per_merchant
             .entry(e.merchant_id.clone())
             .or_default()
-            .push(e);
+            .push(e.ts);
     }
-    let total: usize = by_merchant.values().map(Vec::len).sum();
-    let largest = by_merchant
-        .iter()
-        .max_by_key(|(_, v)| v.len())
-        .map(|(m, _)| m.clone())
+    let (largest, largest_ts) = per_merchant
+        .into_iter()
+        .max_by_key(|(_, ts)| ts.len())
         .expect("merchants");
-    // One envelope per merchant batch, merchants interleaved (as edges publish them).
-    let mut payloads = Vec::new();
-    let mut ids: Vec<_> = by_merchant.keys().cloned().collect();
+    let envelopes = traffic::envelopes(events, per_envelope);
+    let mut ids: Vec<String> = envelopes.iter().map(|e| e.merchant_id.clone()).collect();
     ids.sort();
-    for m in &ids {
-        for (i, chunk) in by_merchant[m].chunks(per_envelope).enumerate() {
-            payloads.push(
-                Envelope {
-                    v: ENVELOPE_VERSION,
-                    batch_id: format!("{m}:{i}"),
-                    merchant_id: m.clone(),
-                    edge_id: "bench".into(),
-                    received_at: chunk[0].ts,
-                    pipeline: None,
-                    raw: chunk
-                        .iter()
-                        .map(|e| Event {
-                            received_at: chunk[0].ts,
-                            ..e.clone()
-                        })
-                        .collect(),
-                    processed: None,
-                    canary: None,
-                    failures: Vec::new(),
-                    shares: Vec::new(),
-                }
-                .to_json(),
-            );
-        }
-    }
-    let n = payloads.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|i| (i * 2_654_435_761usize) % n.max(1));
-    let payloads: Vec<Vec<u8>> = order.into_iter().map(|i| payloads[i].clone()).collect();
+    ids.dedup();
+    let payloads: Vec<Vec<u8>> = envelopes.iter().map(|e| e.to_json()).collect();
 
     // Baseline: core-ingest writing the same events.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -193,8 +157,8 @@ async fn main() {
 
     // One merchant-day of the largest merchant: its busiest UTC day.
     let mut per_day: HashMap<i64, usize> = HashMap::new();
-    for e in &by_merchant[&largest] {
-        *per_day.entry(e.ts.div_euclid(DAY_MS)).or_default() += 1;
+    for ts in &largest_ts {
+        *per_day.entry(ts.div_euclid(DAY_MS)).or_default() += 1;
     }
     let (day, _) = per_day.into_iter().max_by_key(|(_, n)| *n).expect("a day");
     let one = request(vec![largest.clone()], day * DAY_MS, (day + 1) * DAY_MS);

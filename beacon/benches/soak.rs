@@ -279,14 +279,10 @@ async fn main() {
         zipf_s: 1.0,
         late_share: 0.0,
     };
-    let mut events: Vec<Event> = traffic::generate(&config, &sites)
-        .into_iter()
-        .map(|g| g.event)
-        .collect();
     // Arrival order is time order, and each commit is one simulated second: events get the
     // time of the second they are committed in (a visit's events spread out; nothing here
     // reads visits), so the run covers `commits` seconds of one day.
-    events.sort_by_key(|e| e.ts);
+    let mut events = traffic::events_in_time_order(&config, &sites);
     for (i, e) in events.iter_mut().enumerate() {
         e.ts = start_ms + (i / rows) as i64 * 1000 + ((i % rows) * 1000 / rows) as i64;
     }

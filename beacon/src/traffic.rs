@@ -340,6 +340,59 @@ fn site_traffic(
     }
 }
 
+/// The events of [`generate`] alone, in time order (the order edges receive them).
+pub fn events_in_time_order(config: &TrafficConfig, sites: &[Site]) -> Vec<Event> {
+    let mut events: Vec<Event> = generate(config, sites)
+        .into_iter()
+        .map(|g| g.event)
+        .collect();
+    events.sort_by_key(|e| e.ts);
+    events
+}
+
+/// `events` as they reach the bus: per merchant, batches of `per_envelope` in time order
+/// (one edge batch each, received when its first event happened: every event of a batch gets
+/// that receive time, as the edge sets it), the merchants' batches interleaved by a stable
+/// shuffle, as many edges publish them.
+pub fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<beacon_proto::Envelope> {
+    let mut by_merchant: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    for e in events {
+        by_merchant
+            .entry(e.merchant_id.clone())
+            .or_default()
+            .push(e);
+    }
+    let mut out = Vec::new();
+    for (m, events) in by_merchant {
+        for (i, chunk) in events.chunks(per_envelope.max(1)).enumerate() {
+            let received_at = chunk[0].ts;
+            out.push(beacon_proto::Envelope {
+                v: beacon_proto::envelope::ENVELOPE_VERSION,
+                batch_id: format!("{m}:{i}"),
+                merchant_id: m.clone(),
+                edge_id: "bench".into(),
+                received_at,
+                pipeline: None,
+                raw: chunk
+                    .iter()
+                    .map(|e| Event {
+                        received_at,
+                        ..e.clone()
+                    })
+                    .collect(),
+                processed: None,
+                canary: None,
+                failures: Vec::new(),
+                shares: Vec::new(),
+            });
+        }
+    }
+    let n = out.len().max(1);
+    let mut order: Vec<(usize, beacon_proto::Envelope)> = out.into_iter().enumerate().collect();
+    order.sort_by_key(|(i, _)| (i * 2_654_435_761usize) % n);
+    order.into_iter().map(|(_, e)| e).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
