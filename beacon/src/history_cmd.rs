@@ -1,11 +1,10 @@
 //! `beacon reprocess` and `beacon forget`: rewriting history (see `beacon-reprocess`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use beacon_reprocess::forget::{ForgetRequest, Person};
-use beacon_reprocess::{Jobs, Request, Scope};
+use anyhow::{anyhow, Context, Result};
+use beacon_reprocess::forget::{ForgetAsk, ForgetRequest};
+use beacon_reprocess::{Ask, Jobs, ReprocessError, Request};
 use clap::{Args, Subcommand};
 
 use crate::plugin_cmd;
@@ -93,23 +92,7 @@ pub struct ForgetArgs {
 }
 
 fn who(given: &Option<String>) -> String {
-    given
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "operator".into())
-}
-
-/// RFC 3339, or `YYYY-MM-DD` (midnight UTC), as epoch milliseconds.
-fn parse_time(s: &str) -> Result<i64> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        if let Some(t) = d.and_hms_opt(0, 0, 0) {
-            return Ok(t.and_utc().timestamp_millis());
-        }
-    }
-    bail!("{s:?}: not an RFC 3339 time (2026-12-03T10:00:00Z) or a date (2026-12-03)")
+    given.clone().unwrap_or_else(crate::whoami)
 }
 
 pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
@@ -138,29 +121,16 @@ pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
         return Ok(());
     }
     let a = args.run;
-    if a.merchants.is_empty() && !a.all_merchants {
-        bail!("name the merchants (--merchant, repeatable) or --all-merchants");
-    }
-    let (Some(from), Some(to)) = (&a.from, &a.to) else {
-        bail!("--from and --to are required");
-    };
-    let request = Request {
-        scope: Scope {
-            merchants: a.merchants.clone(),
-            from_ms: parse_time(from)?,
-            to_ms: parse_time(to)?,
-        },
-        version: a.pipeline_version,
+    let ask = Ask {
+        merchants: a.merchants.clone(),
+        all_merchants: a.all_merchants,
+        from: a.from.clone().unwrap_or_default(),
+        to: a.to.clone().unwrap_or_default(),
+        pipeline_version: a.pipeline_version,
         dry_run: a.dry_run,
-        who: who(&a.who),
         reason: a.reason.clone(),
-        limits: beacon_proto::Limits::default(),
-        workers: a
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        job_id: None,
     };
-    request.validate()?;
+    let request = Request::from_ask(ask, who(&a.who), a.workers.unwrap_or_else(cores))?;
     let control = plugin_cmd::control_with(&a.target, a.sandbox.limits()).await?;
     let js = a.target.jetstream().await?;
     let jobs = Jobs::open(&js).await?;
@@ -249,22 +219,16 @@ pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
 }
 
 pub async fn forget(a: ForgetArgs) -> Result<()> {
-    let person = match (&a.user, &a.visitor) {
-        (Some(u), None) => Person::User(u.clone()),
-        (None, Some(v)) => Person::Visitor(v.clone()),
-        _ => bail!("give exactly one of --user and --visitor"),
+    let ask = ForgetAsk {
+        merchant: a.merchant.clone(),
+        user: a.user.clone(),
+        visitor: a.visitor.clone(),
+        dry_run: a.dry_run,
+        reason: a.reason.clone(),
     };
+    let request = ForgetRequest::from_ask(ask, who(&a.who))?;
     let jobs = Jobs::open(&a.target.jetstream().await?).await?;
     let wh = open_warehouse(&a.target.data_dir).await?;
-    let request = ForgetRequest {
-        merchant_id: a.merchant.clone(),
-        person,
-        who: who(&a.who),
-        reason: a.reason.clone(),
-        dry_run: a.dry_run,
-        job_id: None,
-    };
-    request.validate()?;
     let report = beacon_reprocess::forget::forget(&wh, &jobs, &request).await?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -294,13 +258,14 @@ pub async fn forget(a: ForgetArgs) -> Result<()> {
     Ok(())
 }
 
-async fn open_warehouse(data_dir: &std::path::Path) -> Result<Arc<beacon_warehouse::Warehouse>> {
-    let dir: PathBuf = data_dir.to_path_buf();
-    Ok(Arc::new(
-        beacon_warehouse::Warehouse::open_existing(&dir)
-            .await
-            .with_context(|| format!("opening the warehouse in {}", dir.display()))?,
-    ))
+async fn open_warehouse(data_dir: &std::path::Path) -> Result<beacon_warehouse::Warehouse> {
+    beacon_warehouse::Warehouse::open_existing(data_dir)
+        .await
+        .with_context(|| format!("opening the warehouse in {}", data_dir.display()))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The admin API's history routes, served beside the control plane's by `beacon up` and
@@ -314,7 +279,7 @@ async fn open_warehouse(data_dir: &std::path::Path) -> Result<Arc<beacon_warehou
 /// Jobs run one at a time on a runtime of their own (one thread at low CPU priority; the
 /// plugins on its blocking threads), never on the one that collects events.
 pub struct JobService {
-    wh: Arc<beacon_warehouse::Warehouse>,
+    wh: beacon_warehouse::Warehouse,
     control: beacon_control::Control,
     js: async_nats::jetstream::Context,
     jobs: Jobs,
@@ -335,14 +300,11 @@ impl JobService {
             return Ok(None);
         };
         let js = target.jetstream().await?;
-        let runtime =
-            beacon_query::runtime::QueryRuntime::new(beacon_query::runtime::RuntimeSettings {
-                threads: 1,
-                stack_bytes: 8 << 20,
-                nice: 15,
-            })?;
+        let runtime = beacon_query::runtime::QueryRuntime::new(
+            beacon_query::runtime::RuntimeSettings::background(),
+        )?;
         Ok(Some(Arc::new(Self {
-            wh: Arc::new(wh),
+            wh,
             control: plugin_cmd::control_with(target, limits).await?,
             jobs: Jobs::open(&js).await?,
             js,
@@ -352,40 +314,71 @@ impl JobService {
         })))
     }
 
-    /// The id a new real job gets: an interrupted one's with the same scope (resumed), else
-    /// a fresh one; refused (409) while this process still runs that scope.
-    async fn claim(
-        &self,
-        kind: &str,
-        prefix: &str,
-        scope: &serde_json::Value,
-    ) -> Result<String, ApiResponse> {
-        let id = match self.jobs.unfinished(kind, scope).await {
-            Ok(Some(r)) => r.id,
-            Ok(None) => format!("{prefix}-{}", uuid::Uuid::now_v7()),
-            Err(e) => return Err(api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e)),
-        };
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if !running.insert(id.clone()) {
-            return Err(api_error(
-                axum::http::StatusCode::CONFLICT,
-                format!("job {id} over this scope is still running (GET /v1/jobs)"),
-            ));
-        }
-        Ok(id)
-    }
-
-    /// Forgets a finished job of this process and logs how it ended (the caller got 202).
-    fn release<T, E: std::fmt::Display>(&self, id: &Option<String>, outcome: &Result<T, E>) {
-        if let Some(id) = id {
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-            match outcome {
-                Ok(_) => tracing::info!(job = %id, "history job finished"),
-                Err(e) => tracing::error!(job = %id, error = %e, "history job failed"),
+    /// Runs `job` on the jobs runtime, one at a time. A real job (`claim`: kind, id prefix,
+    /// scope) gets an id first, an interrupted one's with the same scope (resumed) or a fresh
+    /// one, and is answered `202 {"job_id"}` at once (refused with 409 while this process
+    /// still runs that scope); a dry run (`None`) is answered with its report.
+    async fn start<R, Fut>(
+        self: &Arc<Self>,
+        claim: Option<(&str, &str, serde_json::Value)>,
+        job: impl FnOnce(Arc<Self>, Option<String>) -> Fut + Send + 'static,
+    ) -> ApiResponse
+    where
+        R: serde::Serialize + Send + 'static,
+        Fut: std::future::Future<Output = Result<R, ReprocessError>> + Send + 'static,
+    {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let job_id = match claim {
+            None => None,
+            Some((kind, prefix, scope)) => {
+                let id = match self.jobs.unfinished(kind, &scope).await {
+                    Ok(Some(r)) => r.id,
+                    Ok(None) => format!("{prefix}-{}", uuid::Uuid::now_v7()),
+                    Err(e) => return api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+                };
+                let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                if !running.insert(id.clone()) {
+                    return api_error(
+                        StatusCode::CONFLICT,
+                        format!("job {id} over this scope is still running (GET /v1/jobs)"),
+                    );
+                }
+                Some(id)
             }
+        };
+        let svc = self.clone();
+        let id = job_id.clone();
+        let run = self.runtime.spawn(async move {
+            let _turn = svc.one_at_a_time.acquire().await;
+            let result = job(svc.clone(), id.clone()).await;
+            if let Some(id) = &id {
+                // The caller got 202: how the job ended goes to the log (and the audit).
+                svc.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                match &result {
+                    Ok(_) => tracing::info!(job = %id, "history job finished"),
+                    Err(e) => tracing::error!(job = %id, error = %e, "history job failed"),
+                }
+            }
+            result
+        });
+        match job_id {
+            Some(id) => {
+                tracing::info!(job = %id, "history job started from the admin API");
+                (
+                    StatusCode::ACCEPTED,
+                    axum::Json(serde_json::json!({ "job_id": id })),
+                )
+                    .into_response()
+            }
+            None => match run.await {
+                Ok(Ok(report)) => axum::Json(report).into_response(),
+                Ok(Err(e)) => invalid(e),
+                Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            },
         }
     }
 
@@ -414,163 +407,53 @@ fn invalid(e: impl std::fmt::Display) -> ApiResponse {
     api_error(axum::http::StatusCode::UNPROCESSABLE_ENTITY, e)
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReprocessBody {
-    #[serde(default)]
-    merchants: Vec<String>,
-    #[serde(default)]
-    all_merchants: bool,
-    from: String,
-    to: String,
-    #[serde(default)]
-    pipeline_version: Option<u64>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    reason: String,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ForgetBody {
-    merchant: String,
-    #[serde(default)]
-    user: Option<String>,
-    #[serde(default)]
-    visitor: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    reason: String,
+/// The JSON body of a request, parsed by hand (as the control plane's routes): a bad body's
+/// message names the field.
+#[allow(clippy::result_large_err)] // an HTTP answer, returned at once
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| api_error(axum::http::StatusCode::BAD_REQUEST, format!("body: {e}")))
 }
 
 async fn post_reprocess(
     axum::extract::State(s): axum::extract::State<Arc<JobService>>,
     axum::Extension(caller): axum::Extension<beacon_control::admin::Caller>,
-    body: axum::body::Bytes,
+    bytes: axum::body::Bytes,
 ) -> ApiResponse {
-    use axum::response::IntoResponse;
-    // Parsed by hand (as the control plane's routes): a bad body's message names the field.
-    let body: ReprocessBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return api_error(axum::http::StatusCode::BAD_REQUEST, format!("body: {e}")),
-    };
-    if body.merchants.is_empty() != body.all_merchants {
-        return invalid("give `merchants` or `all_merchants: true` (one of the two)");
-    }
-    let (from, to) = match (parse_time(&body.from), parse_time(&body.to)) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) | (_, Err(e)) => return invalid(e),
-    };
-    let mut request = Request {
-        scope: Scope {
-            merchants: body.merchants,
-            from_ms: from,
-            to_ms: to,
+    let request = match body::<Ask>(&bytes) {
+        Ok(ask) => match Request::from_ask(ask, caller.0, cores()) {
+            Ok(r) => r,
+            Err(e) => return invalid(e),
         },
-        version: body.pipeline_version,
-        dry_run: body.dry_run,
-        who: caller.0,
-        reason: body.reason,
-        limits: beacon_proto::Limits::default(),
-        workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        job_id: None,
+        Err(response) => return response,
     };
-    if let Err(e) = request.validate() {
-        return invalid(e);
-    }
-    if !request.dry_run {
-        match s.claim("reprocess", "rp", &request.scope_json()).await {
-            Ok(id) => request.job_id = Some(id),
-            Err(response) => return response,
-        }
-    }
-    let job_id = request.job_id.clone();
-    let svc = s.clone();
-    let run = s.runtime.spawn(async move {
-        let _turn = svc.one_at_a_time.acquire().await;
-        let r = beacon_reprocess::reprocess(
-            &svc.wh,
-            &svc.control,
-            &svc.js,
-            &svc.jobs,
-            &request,
-            &|_, _| {},
-        )
-        .await;
-        svc.release(&request.job_id, &r);
-        r
-    });
-    match job_id {
-        Some(id) => {
-            tracing::info!(job = %id, "re-processing job started from the admin API");
-            (
-                axum::http::StatusCode::ACCEPTED,
-                axum::Json(serde_json::json!({"job_id": id})),
-            )
-                .into_response()
-        }
-        None => match run.await {
-            Ok(Ok(report)) => axum::Json(report).into_response(),
-            Ok(Err(e)) => invalid(e),
-            Err(e) => api_error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e),
-        },
-    }
+    let claim = (!request.dry_run).then(|| ("reprocess", "rp", request.scope_json()));
+    s.start(claim, move |svc, job_id| async move {
+        let request = Request { job_id, ..request };
+        let (wh, control, js, jobs) = (&svc.wh, &svc.control, &svc.js, &svc.jobs);
+        beacon_reprocess::reprocess(wh, control, js, jobs, &request, &|_, _| {}).await
+    })
+    .await
 }
 
 async fn post_forget(
     axum::extract::State(s): axum::extract::State<Arc<JobService>>,
     axum::Extension(caller): axum::Extension<beacon_control::admin::Caller>,
-    body: axum::body::Bytes,
+    bytes: axum::body::Bytes,
 ) -> ApiResponse {
-    use axum::response::IntoResponse;
-    let body: ForgetBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return api_error(axum::http::StatusCode::BAD_REQUEST, format!("body: {e}")),
-    };
-    let person = match (body.user, body.visitor) {
-        (Some(u), None) => Person::User(u),
-        (None, Some(v)) => Person::Visitor(v),
-        _ => return invalid("give exactly one of `user` and `visitor`"),
-    };
-    let mut request = ForgetRequest {
-        merchant_id: body.merchant,
-        person,
-        who: caller.0,
-        reason: body.reason,
-        dry_run: body.dry_run,
-        job_id: None,
-    };
-    if let Err(e) = request.validate() {
-        return invalid(e);
-    }
-    if !request.dry_run {
-        match s.claim("forget", "fg", &request.scope_json()).await {
-            Ok(id) => request.job_id = Some(id),
-            Err(response) => return response,
-        }
-    }
-    let job_id = request.job_id.clone();
-    let svc = s.clone();
-    let run = s.runtime.spawn(async move {
-        let _turn = svc.one_at_a_time.acquire().await;
-        let r = beacon_reprocess::forget::forget(&svc.wh, &svc.jobs, &request).await;
-        svc.release(&request.job_id, &r);
-        r
-    });
-    match job_id {
-        Some(id) => (
-            axum::http::StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({"job_id": id})),
-        )
-            .into_response(),
-        None => match run.await {
-            Ok(Ok(report)) => axum::Json(report).into_response(),
-            Ok(Err(e)) => invalid(e),
-            Err(e) => api_error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e),
+    let request = match body::<ForgetAsk>(&bytes) {
+        Ok(ask) => match ForgetRequest::from_ask(ask, caller.0) {
+            Ok(r) => r,
+            Err(e) => return invalid(e),
         },
-    }
+        Err(response) => return response,
+    };
+    let claim = (!request.dry_run).then(|| ("forget", "fg", request.scope_json()));
+    s.start(claim, move |svc, job_id| async move {
+        let request = ForgetRequest { job_id, ..request };
+        beacon_reprocess::forget::forget(&svc.wh, &svc.jobs, &request).await
+    })
+    .await
 }
 
 async fn list_jobs(axum::extract::State(s): axum::extract::State<Arc<JobService>>) -> ApiResponse {

@@ -266,12 +266,9 @@ impl MaintainArgs {
         if self.maintain_interval == 0 {
             return Ok(None);
         }
-        let runtime =
-            beacon_query::runtime::QueryRuntime::new(beacon_query::runtime::RuntimeSettings {
-                threads: 1,
-                stack_bytes: 8 << 20,
-                nice: 15,
-            })?;
+        let runtime = beacon_query::runtime::QueryRuntime::new(
+            beacon_query::runtime::RuntimeSettings::background(),
+        )?;
         let task = runtime.spawn(beacon_warehouse::maintain::run_loop(
             wh,
             Duration::from_secs(self.maintain_interval),

@@ -489,7 +489,7 @@ fn reason_or(reason: &str, default: impl FnOnce() -> String) -> String {
 }
 
 /// Merchant ids are KV keys and subject tokens: refuse anything else early, by name.
-fn check_merchant(id: &str) -> Result<(), ControlError> {
+pub fn check_merchant(id: &str) -> Result<(), ControlError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id

@@ -33,6 +33,18 @@ impl Default for RuntimeSettings {
     }
 }
 
+impl RuntimeSettings {
+    /// For background work that must never hold a worker of the runtime collecting events
+    /// (scheduled maintenance, history rewrites): one worker at a low CPU priority.
+    pub fn background() -> Self {
+        Self {
+            threads: 1,
+            stack_bytes: 8 << 20,
+            nice: 15,
+        }
+    }
+}
+
 /// A tokio runtime for queries; dropping it stops what runs on it.
 pub struct QueryRuntime {
     runtime: Option<tokio::runtime::Runtime>,

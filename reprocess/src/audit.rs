@@ -8,6 +8,8 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use beacon_control::now_ms;
+
 use crate::ReprocessError;
 
 /// KV bucket: job id -> [`JobRecord`] JSON.
@@ -169,11 +171,4 @@ impl Jobs {
 
 fn nats<E: std::fmt::Display>(e: E) -> ReprocessError {
     ReprocessError::Nats(e.to_string())
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

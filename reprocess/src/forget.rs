@@ -7,7 +7,7 @@
 //! deletes the files no snapshot references; only then is the data gone from disk. The audit
 //! record keeps a sha256 of the id, never the id itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use arrow::array::{Array, BooleanArray};
@@ -16,12 +16,12 @@ use arrow::record_batch::RecordBatch;
 use beacon_proto::Event;
 use beacon_warehouse::replace::Outcome as CommitOutcome;
 use beacon_warehouse::rewrite::{self, Prune, RowRewrite};
-use beacon_warehouse::rollup::{self, HourSpan};
 use beacon_warehouse::{TableKind, Warehouse};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{JobRecord, Jobs};
+use crate::hours;
 use crate::ReprocessError;
 
 /// Whose rows to remove.
@@ -65,7 +65,46 @@ pub struct ForgetRequest {
     pub job_id: Option<String>,
 }
 
+/// What an operator asks to forget, named as the admin API's JSON body names it (the CLI's
+/// flags are the same names).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetAsk {
+    pub merchant: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub visitor: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub reason: String,
+}
+
 impl ForgetRequest {
+    /// The validated request for `ask`, made by `who`.
+    pub fn from_ask(ask: ForgetAsk, who: String) -> Result<Self, ReprocessError> {
+        let person = match (ask.user, ask.visitor) {
+            (Some(u), None) => Person::User(u),
+            (None, Some(v)) => Person::Visitor(v),
+            _ => {
+                return Err(ReprocessError::Invalid(
+                    "give exactly one of `user` and `visitor`".into(),
+                ))
+            }
+        };
+        let request = ForgetRequest {
+            merchant_id: ask.merchant,
+            person,
+            who,
+            reason: ask.reason,
+            dry_run: ask.dry_run,
+            job_id: None,
+        };
+        request.validate()?;
+        Ok(request)
+    }
+
     /// What every entry point (CLI, admin API) checks before anything runs.
     pub fn validate(&self) -> Result<(), ReprocessError> {
         crate::check_merchant(&self.merchant_id)?;
@@ -189,91 +228,49 @@ async fn run(
             })
             .collect())
     };
-    let span = Mutex::new((i64::MAX, i64::MIN));
-    let on_events = |b: &RecordBatch| -> Result<(), ArrowError> {
-        let ts = rewrite::i64_column(b, "ts")?;
-        let mut s = span.lock().unwrap_or_else(|p| p.into_inner());
-        for t in ts.iter().flatten().map(|us| us.div_euclid(1000)) {
-            s.0 = s.0.min(t);
-            s.1 = s.1.max(t);
-        }
-        Ok(())
-    };
-    let noop = |_: &RecordBatch| -> Result<(), ArrowError> { Ok(()) };
-    let steps: [(
-        TableKind,
-        rewrite::Mask,
-        &rewrite::OnDropped<'_>,
-        Vec<Prune>,
-    ); 3] = [
-        (
-            TableKind::RawEvents,
-            &by_column,
-            &noop,
-            vec![
-                Prune::string("merchant_id", merchant),
-                Prune::string(column, person.id()),
-            ],
-        ),
-        (
-            TableKind::Events,
-            &by_column,
-            &on_events,
-            vec![
-                Prune::string("merchant_id", merchant),
-                Prune::string(column, person.id()),
-            ],
-        ),
+    let by_person = vec![
+        Prune::string("merchant_id", merchant),
+        Prune::string(column, person.id()),
+    ];
+    let steps: [(TableKind, rewrite::Mask, Vec<Prune>); 3] = [
+        (TableKind::RawEvents, &by_column, by_person.clone()),
+        (TableKind::Events, &by_column, by_person.clone()),
         (
             TableKind::FailedEvents,
             &by_payload,
-            &noop,
             vec![Prune::string("merchant_id", merchant)],
         ),
     ];
+    let step = |kind: TableKind| format!("{job_id}/{}", kind.name());
     if !req.dry_run {
         // The hours to rebuild, found (a read-only pass over `events`) and kept before
         // anything is removed: a resumed job cannot see the rows it already removed.
+        let spans = Mutex::new(hours::Spans::new());
+        let on_events = |b: &RecordBatch| {
+            hours::widen_rows(&mut spans.lock().unwrap_or_else(|p| p.into_inner()), b)
+        };
         rewrite::rewrite_current(
             wh,
             RowRewrite {
-                kind: TableKind::Events,
-                job_id: format!("{job_id}/events"),
-                prune: steps[1].3.clone(),
-                drop: &by_column,
-                added: None,
-                added_files: Vec::new(),
+                prune: by_person,
                 on_dropped: Some(&on_events),
-                require: Vec::new(),
-                properties: HashMap::new(),
                 dry_run: true,
-                keep_dropped: false,
+                ..RowRewrite::new(TableKind::Events, step(TableKind::Events), &by_column)
             },
         )
         .await?;
-        let (lo, hi) = *span.lock().unwrap_or_else(|p| p.into_inner());
-        if lo <= hi {
-            let s = record.spans.entry(merchant.to_string()).or_insert((lo, hi));
-            s.0 = s.0.min(lo);
-            s.1 = s.1.max(hi);
+        for (m, (lo, hi)) in spans.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            hours::widen(&mut record.spans, &m, lo, hi);
         }
         jobs.put(record).await?;
     }
-    for (kind, drop, on_dropped, prune) in steps {
+    for (kind, drop, prune) in steps {
         let r = rewrite::rewrite_current(
             wh,
             RowRewrite {
-                kind,
-                job_id: format!("{job_id}/{}", kind.name()),
                 prune,
-                drop,
-                added: None,
-                added_files: Vec::new(),
-                on_dropped: Some(on_dropped),
-                require: Vec::new(),
-                properties: HashMap::new(),
                 dry_run: req.dry_run,
-                keep_dropped: false,
+                ..RowRewrite::new(kind, step(kind), drop)
             },
         )
         .await?;
@@ -283,18 +280,9 @@ async fn run(
             report.commits.insert(kind.name().into(), snapshot_id);
         }
     }
-    if req.dry_run {
-        return Ok(());
-    }
-    let Some(&(lo, hi)) = record.spans.get(merchant) else {
-        return Ok(());
-    };
-    let spans = [HourSpan::covering(merchant, lo * 1000, hi * 1000)];
-    for r in rollup::rebuild(wh, &spans, job_id).await? {
-        report.rollup_rows_rebuilt += r.report.rows_added;
-        if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {
-            report.commits.insert(r.kind.name().into(), snapshot_id);
-        }
+    if !req.dry_run {
+        report.rollup_rows_rebuilt =
+            hours::rebuild(wh, &record.spans, job_id, &mut report.commits).await?;
     }
     Ok(())
 }

@@ -25,6 +25,7 @@
 
 pub mod audit;
 pub mod forget;
+mod hours;
 pub mod rows;
 mod stats;
 
@@ -38,7 +39,7 @@ use beacon_proto::bus::OnFailure;
 use beacon_proto::{Limits, Outcome, Share};
 use beacon_warehouse::replace::{self, Outcome as CommitOutcome};
 use beacon_warehouse::rewrite::{self, Prune, RowRewrite};
-use beacon_warehouse::rollup::{self, HourSpan};
+use beacon_warehouse::rollup;
 use beacon_warehouse::tables::{self, SEQ_PROPERTY};
 use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
 use futures::StreamExt;
@@ -98,7 +99,70 @@ pub struct Request {
     pub job_id: Option<String>,
 }
 
+/// What an operator asks for, named as the admin API's JSON body names it (the CLI's flags
+/// are the same names): both entry points turn it into a [`Request`] the same way.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ask {
+    #[serde(default)]
+    pub merchants: Vec<String>,
+    #[serde(default)]
+    pub all_merchants: bool,
+    /// RFC 3339, or a UTC date `YYYY-MM-DD`.
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub pipeline_version: Option<u64>,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// RFC 3339, or `YYYY-MM-DD` (midnight UTC), as epoch milliseconds.
+pub fn parse_time(s: &str) -> Result<i64, ReprocessError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_millis())
+        .ok_or_else(|| {
+            ReprocessError::Invalid(format!(
+                "{s:?}: not an RFC 3339 time (2026-12-03T10:00:00Z) or a date (2026-12-03)"
+            ))
+        })
+}
+
 impl Request {
+    /// The validated request for `ask`, made by `who`.
+    pub fn from_ask(ask: Ask, who: String, workers: usize) -> Result<Self, ReprocessError> {
+        if ask.merchants.is_empty() != ask.all_merchants {
+            return Err(ReprocessError::Invalid(
+                "name the merchants (`merchants`, --merchant) or ask for all of them \
+                 (`all_merchants`, --all-merchants): one of the two"
+                    .into(),
+            ));
+        }
+        let request = Request {
+            scope: Scope {
+                merchants: ask.merchants,
+                from_ms: parse_time(&ask.from)?,
+                to_ms: parse_time(&ask.to)?,
+            },
+            version: ask.pipeline_version,
+            dry_run: ask.dry_run,
+            who,
+            reason: ask.reason,
+            limits: Limits::default(),
+            workers: workers.max(1),
+            job_id: None,
+        };
+        request.validate()?;
+        Ok(request)
+    }
+
     /// What every entry point (CLI, admin API) checks before anything runs.
     pub fn validate(&self) -> Result<(), ReprocessError> {
         for m in &self.scope.merchants {
@@ -154,19 +218,9 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
 const DAY_MS: i64 = 86_400_000;
 
-/// Validates merchant ids the way the registry does (they end up in SQL literals).
+/// Merchant ids as the control plane accepts them (they end up in SQL literals too).
 fn check_merchant(m: &str) -> Result<(), ReprocessError> {
-    if m.is_empty()
-        || m.len() > 64
-        || !m
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ReprocessError::Invalid(format!(
-            "merchant id {m:?}: 1-64 of [A-Za-z0-9_-]"
-        )));
-    }
-    Ok(())
+    Ok(beacon_control::pipelines::check_merchant(m)?)
 }
 
 fn ts_literal(ms: i64) -> String {
@@ -443,7 +497,7 @@ async fn run_job(
     let failed_schema = tables::arrow_schema(&wh.table(TableKind::FailedEvents).await?)?;
     let after = Mutex::new(stats::Stats::default());
     let mut seqs: HashSet<i64> = HashSet::new();
-    let mut spans: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut spans = hours::Spans::new();
     let mut events_files = Vec::new();
     let mut failed_files = Vec::new();
     let (write_events, write_failed) = (!req.dry_run && !events_done, !req.dry_run && !failed_done);
@@ -501,12 +555,16 @@ async fn run_job(
                 seqs.insert(r.seq as i64);
                 n += r.envelope.raw.len() as u64;
                 report.failed_after += r.envelope.failures.len() as u64;
-                let span = spans
-                    .entry(r.envelope.merchant_id.clone())
-                    .or_insert((i64::MAX, i64::MIN));
-                for e in r.envelope.raw.iter().chain(r.envelope.processed_events()) {
-                    span.0 = span.0.min(e.ts);
-                    span.1 = span.1.max(e.ts);
+                let (lo, hi) = r
+                    .envelope
+                    .raw
+                    .iter()
+                    .chain(r.envelope.processed_events())
+                    .fold((i64::MAX, i64::MIN), |(lo, hi), e| {
+                        (lo.min(e.ts), hi.max(e.ts))
+                    });
+                if lo <= hi {
+                    hours::widen(&mut spans, &r.envelope.merchant_id, lo, hi);
                 }
                 for e in r
                     .envelope
@@ -538,9 +596,7 @@ async fn run_job(
     // to look at for the steps already done).
     if !req.dry_run {
         for (m, (lo, hi)) in &spans {
-            let s = record.spans.entry(m.clone()).or_insert((*lo, *hi));
-            s.0 = s.0.min(*lo);
-            s.1 = s.1.max(*hi);
+            hours::widen(&mut record.spans, m, *lo, *hi);
         }
         jobs.put(record).await?;
         // A forget that ran since the pin must not be undone by rows re-run from the pinned
@@ -560,7 +616,7 @@ async fn run_job(
 
     // Replace the scope's rows: `events` first, then its plugin failures.
     let before = Mutex::new(stats::Stats::default());
-    let before_spans: Mutex<BTreeMap<String, (i64, i64)>> = Mutex::new(BTreeMap::new());
+    let before_spans = Mutex::new(hours::Spans::new());
     let seq_range = (
         seqs.iter().copied().min().unwrap_or(0),
         seqs.iter().copied().max().unwrap_or(0),
@@ -571,19 +627,14 @@ async fn run_job(
     }
     let drop_events = |b: &arrow::record_batch::RecordBatch| rows::in_set(b, "stream_seq", &seqs);
     let on_events = |b: &arrow::record_batch::RecordBatch| {
-        let mut before = before.lock().unwrap_or_else(|p| p.into_inner());
-        before.add_rows(b)?;
-        let merchants = rewrite::str_column(b, "merchant_id")?;
-        let ts = rewrite::i64_column(b, "ts")?;
-        let mut spans = before_spans.lock().unwrap_or_else(|p| p.into_inner());
-        for (m, t) in merchants.iter().zip(ts.iter()) {
-            if let (Some(m), Some(t)) = (m, t) {
-                let s = spans.entry(m.to_string()).or_insert((i64::MAX, i64::MIN));
-                s.0 = s.0.min(t / 1000);
-                s.1 = s.1.max(t / 1000);
-            }
-        }
-        Ok(())
+        before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_rows(b)?;
+        hours::widen_rows(
+            &mut before_spans.lock().unwrap_or_else(|p| p.into_inner()),
+            b,
+        )
     };
     let drop_failed = |b: &arrow::record_batch::RecordBatch| {
         let in_scope = rows::in_set(b, "stream_seq", &seqs)?;
@@ -665,35 +716,17 @@ async fn run_job(
     }
 
     // Rollups of every hour the old or the new rows fall in (the recorded spans too).
-    let recorded = record.spans.clone();
-    for (m, (lo, hi)) in before_spans
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .into_iter()
-        .chain(recorded)
-    {
-        let s = spans.entry(m).or_insert((lo, hi));
-        s.0 = s.0.min(lo);
-        s.1 = s.1.max(hi);
+    let old = before_spans.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (m, (lo, hi)) in old.iter().chain(&spans) {
+        hours::widen(&mut record.spans, m, *lo, *hi);
     }
-    record.spans = spans.clone();
     jobs.put(record).await?;
-    let hour_spans: Vec<HourSpan> = spans
-        .iter()
-        .filter(|(_, (lo, hi))| lo <= hi)
-        .map(|(m, (lo, hi))| HourSpan::covering(m, lo * 1000, hi * 1000))
-        .collect();
     let clock = std::time::Instant::now();
-    let rebuilt = rollup::rebuild(wh, &hour_spans, &job).await?;
+    report.rollup_rows_rebuilt =
+        hours::rebuild(wh, &record.spans, &job, &mut report.commits).await?;
     report
         .phases
         .insert("rollups".into(), clock.elapsed().as_secs_f64());
-    for r in rebuilt {
-        report.rollup_rows_rebuilt += r.report.rows_added;
-        if let Some(CommitOutcome::Committed { snapshot_id, .. }) = r.report.outcome {
-            report.commits.insert(r.kind.name().into(), snapshot_id);
-        }
-    }
     Ok(())
 }
 
@@ -714,19 +747,14 @@ async fn commit_rows(
     let r = rewrite::rewrite_current(
         wh,
         RowRewrite {
-            kind,
-            job_id: job_id.to_string(),
             prune: prune.to_vec(),
-            drop,
-            added: None,
             added_files: files.to_vec(),
             on_dropped: Some(on_dropped),
-            require: Vec::new(),
             // Every message up to the job's watermark is complete in this table (ingest
             // acknowledged it): a table that had no rows for the last ones learns so.
             properties: HashMap::from([(SEQ_PROPERTY.to_string(), watermark.to_string())]),
             dry_run,
-            keep_dropped: false,
+            ..RowRewrite::new(kind, job_id, drop)
         },
     )
     .await?;

@@ -158,11 +158,7 @@ pub(crate) async fn replace(
             return Ok(Outcome::AlreadyApplied { snapshot_id });
         }
         for (property, expected) in &rewrite.require {
-            let found = table
-                .metadata()
-                .current_snapshot()
-                .and_then(|s| s.summary().additional_properties.get(property).cloned())
-                .unwrap_or_default();
+            let found = crate::tables::snapshot_property(&table, property);
             if &found != expected {
                 return Err(WarehouseError::Stale {
                     table: ident.to_string(),

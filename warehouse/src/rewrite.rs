@@ -82,6 +82,26 @@ pub struct RowRewrite<'a> {
     pub keep_dropped: bool,
 }
 
+impl<'a> RowRewrite<'a> {
+    /// Drops the rows `drop` selects from every live file, adds nothing, commits for real:
+    /// set the other fields with struct update syntax.
+    pub fn new(kind: TableKind, job_id: impl Into<String>, drop: Mask<'a>) -> Self {
+        Self {
+            kind,
+            job_id: job_id.into(),
+            prune: Vec::new(),
+            drop,
+            added: None,
+            added_files: Vec::new(),
+            on_dropped: None,
+            require: Vec::new(),
+            properties: HashMap::new(),
+            dry_run: false,
+            keep_dropped: false,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RowReport {
     pub files_scanned: u64,

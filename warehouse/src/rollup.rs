@@ -404,21 +404,15 @@ async fn rebuild_table(
         wh,
         &target,
         crate::rewrite::RowRewrite {
-            kind,
-            job_id: job_id.to_string(),
             prune,
-            drop: &drop,
             added: Some(fresh),
-            added_files: Vec::new(),
-            on_dropped: None,
             require: vec![(ROLLUP_SEQ_PROPERTY.to_string(), seq.to_string())],
             // A new generation: delta runs that read `events` before this are refused.
             properties: HashMap::from([(
                 ROLLUP_GEN_PROPERTY.to_string(),
                 uuid::Uuid::now_v7().to_string(),
             )]),
-            dry_run: false,
-            keep_dropped: false,
+            ..crate::rewrite::RowRewrite::new(kind, job_id, &drop)
         },
     )
     .await?;

@@ -461,12 +461,7 @@ pub fn snapshot_property(table: &Table, key: &str) -> String {
 
 /// An integer snapshot property of the current snapshot; 0 when absent.
 pub fn snapshot_property_u64(table: &Table, key: &str) -> u64 {
-    table
-        .metadata()
-        .current_snapshot()
-        .and_then(|s| s.summary().additional_properties.get(key).cloned())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    snapshot_property(table, key).parse().unwrap_or(0)
 }
 
 /// Writes `batch` (sorted, split by partition, zstd Parquet) and commits it in one snapshot
