@@ -14,6 +14,7 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
     let cluster = Cluster::start(true);
     let now = beacon_edge::now_ms();
     let mut sites = Vec::new();
+    let mut write_keys = Vec::new();
     for (i, name) in ["api-a", "api-b"].iter().enumerate() {
         let (id, key) = cluster.merchant(name);
         let events = beacon::demo::generate(
@@ -27,6 +28,7 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
         cluster.send(&key, &events).await;
         let token = cluster.read_token(&id);
         sites.push((id, token));
+        write_keys.push(key);
     }
     cluster.wait_rolled_up(6_000, Duration::from_secs(60));
     let c = &cluster;
@@ -168,6 +170,71 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
         json!({"site_id": a, "metrics": ["bounce_rate"], "date_range": range, "dimensions": ["event:page"]}),
     );
     assert_eq!(status, 400, "{body}");
+
+    // The result cache: the same query again is answered from memory, identically; once
+    // new events are rolled up (a new snapshot of the table it reads) it is computed anew
+    // and counts them.
+    let daily = json!({"site_id": a, "metrics": ["visitors", "pageviews"], "date_range": range, "dimensions": ["time:day"]});
+    let ask = |body: &Value| {
+        let auth = format!("Bearer {a_token}");
+        let r = common::http_with(
+            &addr,
+            "POST",
+            "/api/v2/query",
+            &[("Authorization", auth.as_str())],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let cache = r.header("x-beacon-cache").unwrap_or("").to_string();
+        (cache, serde_json::from_str::<Value>(&r.body).expect("json"))
+    };
+    let pageviews = |body: &Value| -> i64 {
+        body["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| r["metrics"][1].as_i64().unwrap_or(0))
+            .sum()
+    };
+    let (first, before) = ask(&daily);
+    assert_eq!(first, "miss");
+    let (second, again) = ask(&daily);
+    assert_eq!(second, "hit");
+    assert_eq!(again["results"], before["results"]);
+    assert_eq!(before["meta"]["sources"], json!(["rollups"]), "{before}");
+    let more = beacon::demo::generate(90, "api.example", 500, now - 3_600_000, 3_600_000, 100);
+    cluster.send(&write_keys[0], &more).await;
+    cluster.wait_rolled_up(6_500, Duration::from_secs(60));
+    let want = c.count(&format!("SELECT count(*) {scope} AND name = 'pageview'"));
+    assert!(want > pageviews(&before), "the new events have page views");
+    let after = common::wait_for(Duration::from_secs(10), "a fresh answer", || {
+        let (cache, body) = ask(&daily);
+        (cache == "miss" && pageviews(&body) == want).then_some(body)
+    });
+    assert_eq!(ask(&daily).0, "hit");
+    assert_eq!(pageviews(&after), want);
+
+    // A changed time zone applies to the next request (the bucket's watch drops the cached
+    // one), not after the cache's fallback expiry.
+    let nats = async_nats::connect(cluster.nats.url()).await.expect("nats");
+    let bucket = beacon_edge::registry::open_bucket(&async_nats::jetstream::new(nats))
+        .await
+        .expect("merchants bucket");
+    let record = bucket
+        .get(format!("m.{a}"))
+        .await
+        .expect("get")
+        .expect("merchant");
+    let mut record: Value = serde_json::from_slice(&record).expect("merchant record");
+    record["timezone"] = json!("Asia/Tokyo");
+    bucket
+        .put(format!("m.{a}"), record.to_string().into())
+        .await
+        .expect("put");
+    common::wait_for(Duration::from_secs(5), "the new time zone", || {
+        let (_, body) = ask(&daily);
+        (body["meta"]["time_zone"] == "Asia/Tokyo").then_some(())
+    });
 
     // Realtime: unique visitors of the last 30 minutes, as SQL counts them (the window moves
     // with the clock, so compare with SQL run right after).

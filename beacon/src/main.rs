@@ -495,6 +495,7 @@ async fn start_api(
             warehouse,
             merchants,
             budget,
+            beacon_query::cache::CacheLimits::default(),
             stopped(stop_rx.clone()),
         ));
         let pg = tokio::spawn(sql.serve(sql_listener, stopped(stop_rx)));

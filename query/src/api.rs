@@ -23,13 +23,16 @@ use beacon_warehouse::WarehouseError;
 use datafusion::prelude::SessionContext;
 
 use crate::budget::{is_out_of_memory, Budget, Scope, Stopped};
+use crate::cache::{CacheLimits, ResultCache, Served};
+use crate::directory::{Directory, LookupError};
 use crate::query::{Plan, QueryRequest, Source};
 
 #[derive(Clone)]
 struct AppState {
     warehouse: Arc<Warehouse>,
-    merchants: kv::Store,
+    directory: Arc<Directory>,
     budget: Arc<Budget>,
+    answers: Arc<ResultCache>,
 }
 
 struct ApiError(StatusCode, String);
@@ -46,8 +49,8 @@ impl IntoResponse for ApiError {
 }
 
 /// The answer for a query that failed: the budget's stops are the client's to act on.
-fn query_failed(e: WarehouseError) -> ApiError {
-    if let WarehouseError::DataFusion(df) = &e {
+fn query_failed(e: &WarehouseError) -> ApiError {
+    if let WarehouseError::DataFusion(df) = e {
         match Stopped::of(df) {
             Some(s @ (Stopped::Busy { .. } | Stopped::ServerBusy(_))) => {
                 return ApiError(StatusCode::TOO_MANY_REQUESTS, s.to_string())
@@ -78,7 +81,7 @@ fn query_failed(e: WarehouseError) -> ApiError {
 async fn session(app: &AppState, merchant: &str) -> Result<SessionContext, ApiError> {
     budgeted_session(&app.warehouse, &app.budget, merchant)
         .await
-        .map_err(query_failed)
+        .map_err(|e| query_failed(&e))
 }
 
 /// A session over every row whose queries run under `budget` for `merchant` (the metrics
@@ -93,7 +96,12 @@ pub async fn budgeted_session(
     Ok(budget.session(base, scope)?)
 }
 
-pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store, budget: Arc<Budget>) -> Router {
+pub fn router(
+    warehouse: Arc<Warehouse>,
+    directory: Arc<Directory>,
+    budget: Arc<Budget>,
+    answers: Arc<ResultCache>,
+) -> Router {
     Router::new()
         .route("/api/v2/query", post(query))
         .route("/api/v1/stats/realtime/visitors", get(realtime))
@@ -102,8 +110,9 @@ pub fn router(warehouse: Arc<Warehouse>, merchants: kv::Store, budget: Arc<Budge
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(AppState {
             warehouse,
-            merchants,
+            directory,
             budget,
+            answers,
         })
 }
 
@@ -129,34 +138,13 @@ async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<String, ApiErr
                 "missing `Authorization: Bearer <read token>`".into(),
             )
         })?;
-    let merchant = crate::tokens::merchant_for(&app.merchants, token)
+    let merchant = app
+        .directory
+        .merchant_for(token)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("token check: {e}")))?
         .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "not a read token".into()))?;
-    Ok(merchant)
-}
-
-/// The merchant's report time zone (UTC unless set).
-async fn timezone(app: &AppState, merchant: &str) -> Result<chrono_tz::Tz, ApiError> {
-    let record = app
-        .merchants
-        .get(format!("m.{merchant}"))
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("merchant lookup: {e}"),
-            )
-        })?;
-    let tz = record
-        .and_then(|v| serde_json::from_slice::<beacon_proto::bus::Merchant>(&v).ok())
-        .and_then(|m| m.timezone);
-    crate::query::parse_timezone(tz.as_deref()).map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("merchant time zone: {e}"),
-        )
-    })
+    Ok(merchant.to_string())
 }
 
 fn forbidden() -> ApiError {
@@ -184,7 +172,7 @@ async fn realtime_counts(app: &AppState, merchant: &str) -> Result<serde_json::V
     let ctx = session(app, merchant).await?;
     let row = sql_rows(&ctx, &sql)
         .await
-        .map_err(query_failed)?
+        .map_err(|e| query_failed(&e))?
         .into_iter()
         .next()
         .unwrap_or_default();
@@ -237,24 +225,31 @@ async fn query(
     State(app): State<AppState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let merchant = authorize(&app, &headers).await?;
     let request: QueryRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("query body: {e}")))?;
     if request.site_id != merchant {
         return Err(forbidden());
     }
-    let tz = timezone(&app, &merchant).await?;
+    let tz = app.directory.timezone(&merchant).await.map_err(|e| {
+        let status = match *e {
+            LookupError::Bucket(_) => StatusCode::SERVICE_UNAVAILABLE,
+            LookupError::BadZone(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    })?;
     let plan = request
         .plan(&merchant, tz, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let sources = plan.sources();
-    let ctx = session(&app, &merchant).await?;
-    let results = execute(&ctx, &plan, &sources).await.map_err(query_failed)?;
+    let (results, served) = answer(&app.warehouse, &app.budget, &app.answers, &plan, &sources)
+        .await
+        .map_err(|e| query_failed(&e))?;
     let from = plan.from.with_timezone(&plan.tz);
     let to = plan.to.with_timezone(&plan.tz);
-    Ok(Json(serde_json::json!({
-        "results": results,
+    let mut response = Json(serde_json::json!({
+        "results": *results,
         "meta": {
             "time_zone": plan.tz.name(),
             "sources": sources.iter().map(|s| format!("{:?}", s.kind).to_lowercase()).collect::<Vec<_>>(),
@@ -266,7 +261,45 @@ async fn query(
             "dimensions": request.dimensions,
             "filters": request.filters,
         },
-    })))
+    }))
+    .into_response();
+    response.headers_mut().insert(
+        CACHE_HEADER,
+        header::HeaderValue::from_static(served.as_str()),
+    );
+    Ok(response)
+}
+
+/// Says whether the answer was computed for this request (`miss`) or served from the result
+/// cache (`hit`, including a computation this request waited for).
+pub const CACHE_HEADER: &str = "x-beacon-cache";
+
+/// The answer of `plan`: from `answers` while nothing its sources read has a new snapshot,
+/// else computed in a session under `budget` (what the handler does; public for the
+/// query benchmark).
+pub async fn answer(
+    warehouse: &Warehouse,
+    budget: &Arc<Budget>,
+    answers: &ResultCache,
+    plan: &Plan,
+    sources: &[Source],
+) -> Result<(Arc<Vec<serde_json::Value>>, Served), Arc<WarehouseError>> {
+    let mut tables: Vec<&str> = Vec::new();
+    for t in sources.iter().flat_map(|s| s.tables.iter()) {
+        if !tables.contains(t) {
+            tables.push(t);
+        }
+    }
+    let snapshots = warehouse
+        .serving_snapshots(&tables)
+        .await
+        .map_err(Arc::new)?;
+    answers
+        .get_or_compute(plan, sources, &snapshots, async {
+            let ctx = budgeted_session(warehouse, budget, &plan.merchant_id).await?;
+            execute(&ctx, plan, sources).await
+        })
+        .await
 }
 
 /// Runs `sql` (read-only) in `ctx` and returns its rows as JSON objects.
@@ -303,11 +336,20 @@ pub async fn serve(
     warehouse: Arc<Warehouse>,
     merchants: kv::Store,
     budget: Arc<Budget>,
+    cache: CacheLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let directory = Directory::start(merchants)
+        .await
+        .map_err(std::io::Error::other)?;
     beacon_serve::http::serve(
         listener,
-        router(warehouse, merchants, budget),
+        router(
+            warehouse,
+            directory,
+            budget,
+            Arc::new(ResultCache::new(cache)),
+        ),
         beacon_serve::http::HttpLimits::default(),
         "metrics-http",
         shutdown,

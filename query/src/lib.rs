@@ -5,7 +5,9 @@
 //!   validated field by field (with complexity limits), and its translation to SQL over the
 //!   rollups (counts and unique visitors) and the `sessions` view (visits, bounce rate,
 //!   duration).
-//! - [`tokens`]: per-merchant read tokens (stored hashed in the merchants KV bucket).
+//! - [`tokens`]: per-merchant read tokens (stored hashed in the merchants KV bucket);
+//!   [`directory`]: tokens and time zones answered from memory, following the bucket.
+//! - [`cache`]: answers kept per (merchant, query, snapshots read), with single flight.
 //! - [`api`]: the HTTP server.
 //! - [`pg`]: SQL over the Postgres wire protocol; [`pg_rows`]: what the wire needs of rows.
 //! - [`sql_limits`]: limits on SQL text, checked before parsing.
@@ -14,6 +16,8 @@
 
 pub mod api;
 pub mod budget;
+pub mod cache;
+pub mod directory;
 pub mod pg;
 pub mod pg_rows;
 pub mod query;

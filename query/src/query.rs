@@ -541,6 +541,8 @@ pub enum SourceKind {
 pub struct Source {
     pub kind: SourceKind,
     pub sql: String,
+    /// The warehouse tables the SQL reads (views resolved): what its answer depends on.
+    pub tables: &'static [&'static str],
 }
 
 /// Parses an IANA time zone name (`Europe/Berlin`); `None` or empty is UTC.
@@ -922,24 +924,42 @@ impl Plan {
             } else {
                 SourceKind::Events
             };
-            out.push(Source {
-                kind,
-                sql: self.event_metrics_sql(kind, &m),
-            });
+            out.push(self.event_metrics(kind, &m));
         }
         if sessions_only || self.metrics.iter().any(|m| !m.per_event()) {
             out.push(Source {
                 kind: SourceKind::Sessions,
                 sql: self.sessions_sql(&m),
+                tables: &["events"],
             });
         }
         if self.metrics.contains(&Metric::ConversionRate) {
             out.push(Source {
                 kind: SourceKind::Totals,
                 sql: self.totals_sql(&m),
+                tables: if self.whole_hour_zone() {
+                    &["rollups_hourly"]
+                } else {
+                    &["events"]
+                },
             });
         }
         out
+    }
+
+    fn event_metrics(&self, kind: SourceKind, m: &str) -> Source {
+        let tables: &'static [&'static str] = match kind {
+            SourceKind::Rollups if self.dims.iter().any(|d| d.breakdown().is_some()) => {
+                &["breakdowns_hourly"]
+            }
+            SourceKind::Rollups => &["rollups_hourly"],
+            _ => &["events"],
+        };
+        Source {
+            kind,
+            sql: self.event_metrics_sql(kind, m),
+            tables,
+        }
     }
 
     /// The same answer computed from `events` alone (and `sessions`), never the rollups:
@@ -948,10 +968,9 @@ impl Plan {
         self.sources()
             .into_iter()
             .map(|s| match s.kind {
-                SourceKind::Rollups => Source {
-                    kind: SourceKind::Events,
-                    sql: self.event_metrics_sql(SourceKind::Events, &esc(&self.merchant_id)),
-                },
+                SourceKind::Rollups => {
+                    self.event_metrics(SourceKind::Events, &esc(&self.merchant_id))
+                }
                 _ => s,
             })
             .collect()

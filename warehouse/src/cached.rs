@@ -5,7 +5,10 @@
 //! manifest list and manifests. For a dashboard that is most of a query's cost. Here the
 //! loaded `Table` is kept for [`REFRESH`]; after that the catalog is asked again, and the
 //! same `Table` (with its warm manifest cache) is kept when the metadata location has not
-//! changed. Reads are at most [`REFRESH`] behind the last commit.
+//! changed. Reads are at most [`REFRESH`] (plus one catalog load) behind the last commit.
+//!
+//! One task refreshes at a time and the others go on with the metadata they have, so a
+//! slow catalog load never queues every query on the table behind it.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -20,14 +23,15 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use iceberg::{Catalog, TableIdent};
 use iceberg_datafusion::IcebergStaticTableProvider;
-use tokio::sync::Mutex;
 
 /// How long loaded table metadata is reused.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
+#[derive(Clone)]
 struct Loaded {
     at: Instant,
     location: Option<String>,
+    snapshot: Option<i64>,
     provider: Arc<IcebergStaticTableProvider>,
 }
 
@@ -35,7 +39,10 @@ pub struct CachedTable {
     catalog: Arc<dyn Catalog>,
     ident: TableIdent,
     schema: SchemaRef,
-    loaded: Mutex<Option<Loaded>>,
+    /// What scans read now (held only to copy it out).
+    loaded: std::sync::Mutex<Option<Loaded>>,
+    /// Held by the one task that reloads from the catalog.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for CachedTable {
@@ -52,21 +59,40 @@ impl CachedTable {
             catalog,
             ident,
             schema,
-            loaded: Mutex::new(None),
+            loaded: std::sync::Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
-    async fn provider(&self) -> DfResult<Arc<IcebergStaticTableProvider>> {
-        let mut loaded = self.loaded.lock().await;
-        if let Some(l) = loaded.as_ref() {
+    fn current(&self) -> Option<Loaded> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn loaded(&self) -> DfResult<Loaded> {
+        let current = self.current();
+        if let Some(l) = &current {
             if l.at.elapsed() < REFRESH {
-                return Ok(l.provider.clone());
+                return Ok(l.clone());
             }
+        }
+        // Stale or never loaded: one task reloads; with metadata in hand the others keep
+        // reading it meanwhile, without any they wait for the reload.
+        let _refresh = match (self.refreshing.try_lock(), current) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some(l)) => return Ok(l),
+            (Err(_), None) => self.refreshing.lock().await,
+        };
+        if let Some(l) = self.current().filter(|l| l.at.elapsed() < REFRESH) {
+            return Ok(l);
         }
         let err = |e: iceberg::Error| DataFusionError::External(Box::new(e));
         let table = self.catalog.load_table(&self.ident).await.map_err(err)?;
         let location = table.metadata_location().map(str::to_string);
-        let provider = match loaded.take() {
+        let snapshot = table.metadata().current_snapshot_id();
+        let provider = match self.current() {
             Some(l) if l.location == location => l.provider,
             _ => Arc::new(
                 IcebergStaticTableProvider::try_new_from_table(table)
@@ -74,12 +100,20 @@ impl CachedTable {
                     .map_err(err)?,
             ),
         };
-        *loaded = Some(Loaded {
+        let fresh = Loaded {
             at: Instant::now(),
             location,
-            provider: provider.clone(),
-        });
-        Ok(provider)
+            snapshot,
+            provider,
+        };
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// The snapshot that scans of this table read now (`None` before the first commit):
+    /// with the other tables a query reads, what its answer depends on.
+    pub async fn snapshot_id(&self) -> DfResult<Option<i64>> {
+        Ok(self.loaded().await?.snapshot)
     }
 }
 
@@ -104,8 +138,9 @@ impl TableProvider for CachedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.provider()
+        self.loaded()
             .await?
+            .provider
             .scan(state, projection, filters, limit)
             .await
     }

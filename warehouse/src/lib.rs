@@ -93,6 +93,8 @@ pub enum WarehouseError {
     Unsupported(String),
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
     Missing(PathBuf),
+    #[error("no table named `{0}` in the warehouse")]
+    UnknownTable(String),
 }
 
 /// Where a data directory keeps the catalog and the table files.
@@ -335,6 +337,32 @@ impl Warehouse {
                 ))
             })
             .clone()
+    }
+
+    /// The snapshot ids that serving sessions read now for each of `tables` (by name), in
+    /// order: what a result computed from those tables depends on, so a cache of results
+    /// can key on them.
+    pub async fn serving_snapshots(
+        &self,
+        tables: &[&str],
+    ) -> Result<Vec<Option<i64>>, WarehouseError> {
+        let schema = self
+            .provider
+            .schema(NAMESPACE)
+            .ok_or_else(|| WarehouseError::UnknownTable(NAMESPACE.into()))?;
+        let mut out = Vec::with_capacity(tables.len());
+        for name in tables {
+            let table = schema
+                .table(name)
+                .await?
+                .ok_or_else(|| WarehouseError::UnknownTable((*name).into()))?;
+            out.push(
+                self.cached_table(name, table.schema())
+                    .snapshot_id()
+                    .await?,
+            );
+        }
+        Ok(out)
     }
 
     /// The last JetStream sequence committed into `kind`, from its current snapshot.
