@@ -38,6 +38,12 @@ if ! "$VENV/bin/python" -c "import rsocket, aioquic, pyiceberg.catalog.sql, pyar
   "$VENV/bin/pip" install -q "${PY_CLIENTS[@]}"
 fi
 
+# DuckDB, the peer the query benchmark measures Beacon against (benches only).
+if ! "$VENV/bin/python" -c "import duckdb" 2>/dev/null; then
+  say "installing DuckDB (the query benchmark's peer)"
+  "$VENV/bin/pip" install -q "duckdb==1.4.2"
+fi
+
 # psql, the client the SQL endpoint is tested with (Debian's postgresql-client).
 if ! command -v psql >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -470,6 +470,104 @@ async fn metrics_api_matches_an_independent_computation_of_generated_traffic() {
             })
             .collect();
         assert_eq!(got, want, "{ctx}: revenue");
+
+        // The same through the API, per currency, with the count of rows before paging.
+        let mut orders: BTreeMap<String, i64> = BTreeMap::new();
+        for g in &evs {
+            if let (Some(_), Some(c)) = (g.event.revenue_micros, &g.event.currency) {
+                *orders.entry(c.clone()).or_default() += 1;
+            }
+        }
+        let money =
+            |micros: i64, n: i64| json!((micros as f64 / n as f64 / 10_000.0).round() / 100.0);
+        let v = query(json!({"metrics": ["total_revenue", "average_revenue"],
+            "dimensions": ["event:currency"], "include": {"total_rows": true},
+            "pagination": {"limit": 1}}));
+        assert_eq!(
+            v["meta"]["total_rows"],
+            json!(want.len()),
+            "{ctx}: total_rows"
+        );
+        assert_eq!(
+            v["results"].as_array().map(Vec::len),
+            Some(want.len().min(1))
+        );
+        let v = query(json!({"metrics": ["total_revenue", "average_revenue"],
+            "dimensions": ["event:currency"]}));
+        let got = results(&v);
+        assert_eq!(got.len(), want.len(), "{ctx}: currencies {got:?}");
+        for (c, micros) in &want {
+            assert_eq!(
+                got[c],
+                json!([money(*micros, 1), money(*micros, orders[c])]),
+                "{ctx}: revenue in {c}"
+            );
+        }
+        // By goal in one currency, filtered (from `events`): an order counts under its goal.
+        if let Some(c) = want.keys().next() {
+            let v = query(
+                json!({"metrics": ["total_revenue"], "dimensions": ["event:goal"],
+                "filters": [["is", "event:currency", [c]]]}),
+            );
+            assert_eq!(v["meta"]["currency"], json!(c), "{ctx}");
+            let mut by_goal: BTreeMap<String, i64> = BTreeMap::new();
+            for g in &evs {
+                if let (Some(r), Some(cur), Some(goal)) =
+                    (g.event.revenue_micros, &g.event.currency, g.truth.goal)
+                {
+                    if cur == c {
+                        *by_goal.entry(goal.to_string()).or_default() += r;
+                    }
+                }
+            }
+            let got = results(&v);
+            assert_eq!(got.len(), by_goal.len(), "{ctx}: revenue goals {got:?}");
+            for (goal, micros) in &by_goal {
+                assert_eq!(
+                    got[goal],
+                    json!([money(*micros, 1)]),
+                    "{ctx}: revenue of {goal} in {c}"
+                );
+            }
+        }
+        // Several currencies without choosing one: refused, naming them.
+        if want.len() > 1 {
+            let mut body =
+                json!({"metrics": ["total_revenue"], "site_id": site, "date_range": range.clone()});
+            body["filters"] = json!([]);
+            let (status, text) = http(
+                &addr,
+                "POST",
+                "/api/v2/query",
+                Some(&token),
+                body.to_string().as_bytes(),
+            );
+            assert_eq!(status, 400, "{ctx}: {text}");
+            assert!(text.contains("several currencies"), "{ctx}: {text}");
+        }
+
+        // time_labels: every day of the range, also days without traffic, in order.
+        let v = query(
+            json!({"metrics": ["visitors"], "dimensions": ["time:day"], "include": {"time_labels": true}}),
+        );
+        let labels: Vec<String> = v["meta"]["time_labels"]
+            .as_array()
+            .expect("time_labels")
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default().to_string())
+            .collect();
+        let (first_day, last_day) = (local_day(first, tz), local_day(last, tz));
+        assert_eq!(
+            (labels.first(), labels.last()),
+            (Some(&first_day), Some(&last_day)),
+            "{ctx}"
+        );
+        let days = (chrono::NaiveDate::parse_from_str(&last_day, "%Y-%m-%d").expect("day")
+            - chrono::NaiveDate::parse_from_str(&first_day, "%Y-%m-%d").expect("day"))
+        .num_days() as usize
+            + 1;
+        assert_eq!(labels.len(), days, "{ctx}: one label per day");
+        assert!(results(&v).keys().all(|d| labels.contains(d)), "{ctx}");
     }
 
     // The checked-in OpenAPI document is what the server serves, and names every route.

@@ -16,7 +16,7 @@ use beacon::traffic::{self, Site, TrafficConfig};
 use beacon_ingest::convert::{events_batch, Received};
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::Envelope;
-use beacon_query::query::{Plan, QueryRequest, Source};
+use beacon_query::metrics::{MerchantSessions, Plan, QueryRequest, Source};
 use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
 use beacon_warehouse::{rollup, TableKind, Warehouse};
 use rand::rngs::StdRng;
@@ -37,36 +37,47 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+#[path = "queries/http.rs"]
+mod http;
+
 /// Who opens a dashboard: half the time one of the 100 biggest merchants, else anyone.
-fn pick<'a>(rng: &mut StdRng, sites: &'a [Site]) -> &'a Site {
-    let i = if rng.random_bool(0.5) {
-        rng.random_range(0..sites.len().min(100))
+fn pick_index(rng: &mut StdRng, sites: usize) -> usize {
+    if rng.random_bool(0.5) {
+        rng.random_range(0..sites.min(100))
     } else {
-        rng.random_range(0..sites.len())
-    };
-    &sites[i]
+        rng.random_range(0..sites)
+    }
 }
 
-/// The four panels of a dashboard, for one merchant.
-fn dashboard(merchant: &str, now: chrono::DateTime<chrono::Utc>) -> Vec<Plan> {
+fn pick<'a>(rng: &mut StdRng, sites: &'a [Site]) -> &'a Site {
+    &sites[pick_index(rng, sites.len())]
+}
+
+/// The four panels of a dashboard, without site and range (in-process and over HTTP).
+fn panels() -> [serde_json::Value; 4] {
     [
         json!({"metrics": ["visitors", "pageviews"], "dimensions": ["time:day"]}),
         json!({"metrics": ["visitors", "pageviews"], "dimensions": ["event:page"], "pagination": {"limit": 10}}),
         json!({"metrics": ["visitors"], "dimensions": ["visit:source"], "pagination": {"limit": 10}}),
         json!({"metrics": ["visitors"], "dimensions": ["visit:country"], "pagination": {"limit": 10}}),
     ]
-    .into_iter()
-    .map(|mut q| {
-        q["site_id"] = json!(merchant);
-        q["date_range"] = json!("30d");
-        let req: QueryRequest = serde_json::from_value(q).expect("request");
-        req.plan(merchant, chrono_tz::Tz::UTC, now).expect("plan")
-    })
-    .collect()
+}
+
+/// The four panels of a dashboard, for one merchant.
+fn dashboard(merchant: &str, now: chrono::DateTime<chrono::Utc>) -> Vec<Plan> {
+    panels()
+        .into_iter()
+        .map(|mut q| {
+            q["site_id"] = json!(merchant);
+            q["date_range"] = json!("30d");
+            let req: QueryRequest = serde_json::from_value(q).expect("request");
+            req.plan(merchant, chrono_tz::Tz::UTC, now).expect("plan")
+        })
+        .collect()
 }
 
 async fn run_dashboard(
-    wh: &Warehouse,
+    sessions: &MerchantSessions,
     plans: &[Plan],
     from_events: bool,
 ) -> Vec<Vec<serde_json::Value>> {
@@ -88,13 +99,15 @@ async fn run_dashboard(
         } else {
             plan.sources()
         };
-        let ctx = beacon_query::api::budgeted_session(wh, budget, &plan.merchant_id)
+        let ctx = sessions
+            .budgeted(budget, &plan.merchant_id)
             .await
             .expect("session");
         out.push(
-            beacon_query::api::execute(&ctx, plan, &sources)
+            beacon_query::metrics::execute(&ctx, plan, &sources)
                 .await
-                .expect("query"),
+                .expect("query")
+                .results,
         );
     }
     out
@@ -246,6 +259,8 @@ async fn main() {
     // The answers agree with a scan of `events` (visitors within 2%: HLL), for the biggest
     // merchant and a few others, and the scan's latency is the baseline.
     let mut rng = StdRng::seed_from_u64(1);
+    // Merchants' sessions kept as the API keeps them.
+    let sessions = Arc::new(MerchantSessions::new(wh.clone()));
     let mut baseline = Vec::new();
     let mut rollup_single = Vec::new();
     for i in 0..8 {
@@ -256,10 +271,10 @@ async fn main() {
         };
         let plans = dashboard(&m, now);
         let t = Instant::now();
-        let scanned = run_dashboard(&wh, &plans, true).await;
+        let scanned = run_dashboard(&sessions, &plans, true).await;
         baseline.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
-        let rolled = run_dashboard(&wh, &plans, false).await;
+        let rolled = run_dashboard(&sessions, &plans, false).await;
         rollup_single.push(t.elapsed().as_secs_f64() * 1000.0);
         for (a, b) in scanned.iter().zip(&rolled) {
             assert_eq!(a.len(), b.len(), "{m}: row counts differ");
@@ -291,7 +306,7 @@ async fn main() {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for c in 0..clients {
-            let wh = wh.clone();
+            let sessions = sessions.clone();
             let sites = sites.clone();
             tasks.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(100 + c as u64);
@@ -299,7 +314,7 @@ async fn main() {
                 for _ in 0..per_client {
                     let plans = dashboard(&pick(&mut rng, &sites).merchant_id, now);
                     let t = Instant::now();
-                    run_dashboard(&wh, &plans, false).await;
+                    run_dashboard(&sessions, &plans, false).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
                 lat
@@ -328,5 +343,137 @@ async fn main() {
         pct(&baseline, 0.5),
         pct(&baseline, 0.5) / pct(&rollup_single, 0.5).max(1e-9)
     ));
+    report.extend(over_http(wh.clone(), Arc::new(sites), &dir, now, &mut rng).await);
     println!("{}", report.join("\n"));
+}
+
+/// The HTTP section of the report: closed and open loop, cold and realistic, and DuckDB.
+async fn over_http(
+    wh: Arc<Warehouse>,
+    sites: Arc<Vec<Site>>,
+    data_dir: &std::path::Path,
+    now: chrono::DateTime<chrono::Utc>,
+    rng: &mut StdRng,
+) -> Vec<String> {
+    use http::Mix;
+    let nats_dir = tempfile::tempdir().expect("tempdir");
+    let server = http::start(wh, &sites, nats_dir.path()).await;
+    let today = now.date_naive();
+    let client = reqwest::Client::new();
+    let mut report = vec![
+        String::new(),
+        "Over HTTP (metrics API server with its result cache, on its own query runtime; read tokens in nats-server):".into(),
+        String::new(),
+        "| mix | load | dashboards | dashboards/s | p50 ms | p99 ms | answers from cache | late (>10 s) or refused |".into(),
+        "|---|---|---|---|---|---|---|---|".into(),
+    ];
+    let row = |mix: Mix, load: String, m: &http::Measured| {
+        format!(
+            "| {} | {load} | {} | {:.1} | {:.1} | {:.1} | {:.0}% | {} |",
+            mix.name(),
+            m.dashboards,
+            m.per_s,
+            m.p50,
+            m.p99,
+            100.0 * m.hit_rate,
+            m.late
+        )
+    };
+    let per_client_total = env("BEACON_BENCH_HTTP_DASHBOARDS", 256);
+    for mix in [Mix::Cold, Mix::Realistic] {
+        for clients in [1usize, 64] {
+            let per_client = (per_client_total / clients).max(4);
+            let m = http::closed_loop(&server, &sites, mix, clients, per_client, today).await;
+            report.push(row(mix, format!("{clients} clients"), &m));
+            eprintln!("{}", report.last().map_or("", String::as_str));
+        }
+    }
+    let secs = env("BEACON_BENCH_OPEN_SECS", 10) as f64;
+    for mix in [Mix::Cold, Mix::Realistic] {
+        let mut rate = 10.0;
+        loop {
+            let m = http::open_loop(&server, &sites, mix, rate, secs, today).await;
+            report.push(row(mix, format!("{rate:.0}/s open loop"), &m));
+            eprintln!("{}", report.last().map_or("", String::as_str));
+            if m.late > 0 || m.p99 > 1000.0 || rate >= 1280.0 {
+                break;
+            }
+            rate *= 2.0;
+        }
+    }
+
+    // DuckDB over the same Parquet files of `events`, against Beacon over HTTP for the same
+    // (cold) dashboards, one client.
+    let mut dashes = Vec::new();
+    let mut beacon_ms = Vec::new();
+    let mut beacon_rows = Vec::new();
+    for i in 0..41 {
+        let d = http::Dash {
+            merchant: pick_index(rng, sites.len()),
+            ends_days_ago: i,
+            // Not a range the loops above ask for: nothing cached.
+            days: 29,
+        };
+        http::asked(&d);
+        let to = today - chrono::Duration::days(d.ends_days_ago);
+        let from = to - chrono::Duration::days(d.days - 1);
+        dashes.push((
+            sites[d.merchant].merchant_id.clone(),
+            format!("{from}T00:00:00Z"),
+            format!("{}T00:00:00Z", to + chrono::Duration::days(1)),
+        ));
+        let bodies = http::bodies(&d, &sites, today);
+        let t = Instant::now();
+        http::dashboard(&client, &server.base, &server.tokens[d.merchant], &bodies)
+            .await
+            .expect("refused");
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let mut rows = Vec::new();
+        for b in &bodies {
+            let v: serde_json::Value = client
+                .post(format!("{}/api/v2/query", server.base))
+                .bearer_auth(&server.tokens[d.merchant])
+                .body(b.clone())
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("json");
+            rows.push(v["results"].as_array().map_or(0, Vec::len));
+        }
+        if i > 0 {
+            beacon_ms.push(ms);
+            beacon_rows.push(rows);
+        }
+    }
+    report.push(String::new());
+    match http::duckdb(data_dir, &dashes) {
+        Some((mut duck_ms, duck_rows)) => {
+            beacon_ms.sort_by(f64::total_cmp);
+            duck_ms.sort_by(f64::total_cmp);
+            let same = beacon_rows
+                .iter()
+                .zip(&duck_rows)
+                .filter(|(a, b)| a == b)
+                .count();
+            report.push(format!(
+                "DuckDB peer (same four queries over the same `events` Parquet files, one client, {} cold dashboards): \
+                 DuckDB p50 {:.1} ms / p99 {:.1} ms; Beacon over HTTP, cold, same dashboards: p50 {:.1} ms / p99 {:.1} ms: \
+                 DuckDB's p50 is **{:.1}x** Beacon's. Row counts equal for {same} of {} dashboards.",
+                duck_ms.len(),
+                pct(&duck_ms, 0.5),
+                pct(&duck_ms, 0.99),
+                pct(&beacon_ms, 0.5),
+                pct(&beacon_ms, 0.99),
+                pct(&duck_ms, 0.5) / pct(&beacon_ms, 0.5).max(1e-9),
+                beacon_rows.len().min(duck_rows.len()),
+            ));
+        }
+        None => report.push(
+            "DuckDB peer: not run (`duckdb` missing from the venv: scripts/setup.sh installs it)."
+                .into(),
+        ),
+    }
+    report
 }

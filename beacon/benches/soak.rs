@@ -24,7 +24,7 @@ use beacon::traffic::{self, TrafficConfig};
 use beacon_ingest::convert::Received;
 use beacon_proto::envelope::ENVELOPE_VERSION;
 use beacon_proto::{Envelope, Event};
-use beacon_query::query::{Plan, QueryRequest};
+use beacon_query::metrics::{Plan, QueryRequest};
 use beacon_warehouse::maintain::{self, MaintainOptions};
 use beacon_warehouse::{rollup, TableKind, Warehouse};
 use common::{env_usize, pct};
@@ -89,10 +89,10 @@ async fn dashboards(
     for m in merchants {
         let started = Instant::now();
         for plan in dashboard(m, now) {
-            let ctx = beacon_query::api::budgeted_session(wh, &budget, &plan.merchant_id)
+            let ctx = beacon_query::metrics::budgeted_session(wh, &budget, &plan.merchant_id)
                 .await
                 .expect("session");
-            beacon_query::api::execute(&ctx, &plan, &plan.sources())
+            beacon_query::metrics::execute(&ctx, &plan, &plan.sources())
                 .await
                 .expect("query");
         }

@@ -22,14 +22,14 @@ use beacon_warehouse::Warehouse;
 use beacon_warehouse::WarehouseError;
 use datafusion::prelude::SessionContext;
 
-use crate::budget::{is_out_of_memory, Budget, Scope, Stopped};
+use crate::budget::{is_out_of_memory, Budget, Stopped};
 use crate::cache::{CacheLimits, ResultCache, Served};
 use crate::directory::{Directory, LookupError};
-use crate::query::{Plan, QueryRequest, Source};
+use crate::metrics::{logical, Answer, AnswerError, MerchantSessions, Plan, QueryRequest, Source};
 
 #[derive(Clone)]
 struct AppState {
-    warehouse: Arc<Warehouse>,
+    sessions: Arc<MerchantSessions>,
     directory: Arc<Directory>,
     budget: Arc<Budget>,
     answers: Arc<ResultCache>,
@@ -79,25 +79,14 @@ fn query_failed(e: &WarehouseError) -> ApiError {
 
 /// A session for one request of `merchant`, under the query budget.
 async fn session(app: &AppState, merchant: &str) -> Result<SessionContext, ApiError> {
-    budgeted_session(&app.warehouse, &app.budget, merchant)
+    app.sessions
+        .budgeted(&app.budget, merchant)
         .await
         .map_err(|e| query_failed(&e))
 }
 
-/// A session over every row whose queries run under `budget` for `merchant` (the metrics
-/// API scopes rows in its SQL; public for the query benchmark).
-pub async fn budgeted_session(
-    warehouse: &Warehouse,
-    budget: &Arc<Budget>,
-    merchant: &str,
-) -> Result<SessionContext, WarehouseError> {
-    let base = warehouse.shared_session().await?;
-    let scope = Scope::new(merchant, budget.limits().statement_timeout);
-    Ok(budget.session(base, scope)?)
-}
-
 pub fn router(
-    warehouse: Arc<Warehouse>,
+    sessions: Arc<MerchantSessions>,
     directory: Arc<Directory>,
     budget: Arc<Budget>,
     answers: Arc<ResultCache>,
@@ -109,7 +98,7 @@ pub fn router(
         .route("/api/v2/openapi.json", get(openapi))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(AppState {
-            warehouse,
+            sessions,
             directory,
             budget,
             answers,
@@ -162,16 +151,12 @@ struct RealtimeParams {
 /// Visitors, page views and events of the last 30 minutes, from `events`, so as fresh as
 /// ingest (about a second).
 async fn realtime_counts(app: &AppState, merchant: &str) -> Result<serde_json::Value, ApiError> {
-    let since = (chrono::Utc::now() - chrono::Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%SZ");
-    let sql = format!(
-        "SELECT count(DISTINCT visitor_id) AS visitors, \
-                CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
-                count(*) AS events \
-         FROM events WHERE merchant_id = '{merchant}' AND ts >= TIMESTAMP '{since}'"
-    );
+    let since = chrono::Utc::now() - chrono::Duration::minutes(30);
     let ctx = session(app, merchant).await?;
-    let row = sql_rows(&ctx, &sql)
+    let batches = async { logical::recent(&ctx, since).await?.collect().await }
         .await
+        .map_err(|e| query_failed(&e.into()))?;
+    let row = beacon_warehouse::output::json_rows(&batches)
         .map_err(|e| query_failed(&e))?
         .into_iter()
         .next()
@@ -243,23 +228,35 @@ async fn query(
         .plan(&merchant, tz, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let sources = plan.sources();
-    let (results, served) = answer(&app.warehouse, &app.budget, &app.answers, &plan, &sources)
+    let (answer, served) = answer(&app.sessions, &app.budget, &app.answers, &plan, &sources)
         .await
-        .map_err(|e| query_failed(&e))?;
+        .map_err(|e| match &*e {
+            AnswerError::Invalid(q) => ApiError(StatusCode::BAD_REQUEST, q.to_string()),
+            AnswerError::Warehouse(w) => query_failed(w),
+        })?;
     let from = plan.from.with_timezone(&plan.tz);
     let to = plan.to.with_timezone(&plan.tz);
+    let mut meta = serde_json::Map::new();
+    meta.insert("time_zone".into(), plan.tz.name().into());
+    meta.insert(
+        "sources".into(),
+        sources
+            .iter()
+            .map(|s| format!("{:?}", s.kind).to_lowercase())
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    meta.extend(answer.meta.clone());
     let mut response = Json(serde_json::json!({
-        "results": *results,
-        "meta": {
-            "time_zone": plan.tz.name(),
-            "sources": sources.iter().map(|s| format!("{:?}", s.kind).to_lowercase()).collect::<Vec<_>>(),
-        },
+        "results": answer.results,
+        "meta": meta,
         "query": {
             "site_id": merchant,
             "metrics": request.metrics,
             "date_range": [from.to_rfc3339(), to.to_rfc3339()],
             "dimensions": request.dimensions,
             "filters": request.filters,
+            "include": request.include,
         },
     }))
     .into_response();
@@ -275,58 +272,32 @@ async fn query(
 pub const CACHE_HEADER: &str = "x-beacon-cache";
 
 /// The answer of `plan`: from `answers` while nothing its sources read has a new snapshot,
-/// else computed in a session under `budget` (what the handler does; public for the
-/// query benchmark).
+/// else computed in the merchant's session under `budget` (what the handler does; public
+/// for the query benchmark).
 pub async fn answer(
-    warehouse: &Warehouse,
+    sessions: &MerchantSessions,
     budget: &Arc<Budget>,
     answers: &ResultCache,
     plan: &Plan,
     sources: &[Source],
-) -> Result<(Arc<Vec<serde_json::Value>>, Served), Arc<WarehouseError>> {
+) -> Result<(Arc<Answer>, Served), Arc<AnswerError>> {
     let mut tables: Vec<&str> = Vec::new();
     for t in sources.iter().flat_map(|s| s.tables.iter()) {
         if !tables.contains(t) {
             tables.push(t);
         }
     }
-    let snapshots = warehouse
+    let snapshots = sessions
+        .warehouse()
         .serving_snapshots(&tables)
         .await
-        .map_err(Arc::new)?;
+        .map_err(|e| Arc::new(AnswerError::from(e)))?;
     answers
         .get_or_compute(plan, sources, &snapshots, async {
-            let ctx = budgeted_session(warehouse, budget, &plan.merchant_id).await?;
-            execute(&ctx, plan, sources).await
+            let ctx = sessions.budgeted(budget, &plan.merchant_id).await?;
+            crate::metrics::execute(&ctx, plan, sources).await
         })
         .await
-}
-
-/// Runs `sql` (read-only) in `ctx` and returns its rows as JSON objects.
-async fn sql_rows(
-    ctx: &SessionContext,
-    sql: &str,
-) -> Result<Vec<serde_json::Value>, WarehouseError> {
-    let batches = ctx
-        .sql_with_options(sql, beacon_warehouse::read_only())
-        .await?
-        .collect()
-        .await?;
-    beacon_warehouse::output::json_rows(&batches)
-}
-
-/// Runs `sources` (a plan's, or [`Plan::events_sources`]) and merges their rows into the
-/// API's `results`: what the handler does, public for the query benchmark.
-pub async fn execute(
-    ctx: &SessionContext,
-    plan: &Plan,
-    sources: &[Source],
-) -> Result<Vec<serde_json::Value>, WarehouseError> {
-    let mut rows = Vec::new();
-    for source in sources {
-        rows.push((source.kind, sql_rows(ctx, &source.sql).await?));
-    }
-    Ok(plan.results(&rows))
 }
 
 /// Serves the metrics API on `listener` until `shutdown` resolves (connections capped,
@@ -345,7 +316,7 @@ pub async fn serve(
     beacon_serve::http::serve(
         listener,
         router(
-            warehouse,
+            Arc::new(MerchantSessions::new(warehouse)),
             directory,
             budget,
             Arc::new(ResultCache::new(cache)),

@@ -3,7 +3,7 @@
 //! A dashboard refreshed by many viewers asks the same few queries again and again, and
 //! between two rollup commits the answer cannot change. An answer is keyed by everything it
 //! depends on: the merchant and the validated query with its dates resolved in the
-//! merchant's time zone (the [`Plan`]), the SQL of its sources, and the snapshot id of every
+//! merchant's time zone (the [`Plan`]), how its sources read, and the snapshot id of every
 //! table those sources read ([`Source::tables`]). A commit to one of those tables changes
 //! the key, so a cached answer is never older than what an uncached query would read; it
 //! is simply not asked for again and ages out.
@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::query::{Plan, Source};
+use crate::metrics::{Answer, Plan, Source};
 
 /// How much the cache may hold.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +58,7 @@ impl Served {
 type Key = [u8; 32];
 
 pub struct ResultCache {
-    answers: Option<moka::future::Cache<Key, Arc<Vec<Value>>>>,
+    answers: Option<moka::future::Cache<Key, Arc<Answer>>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -68,9 +68,7 @@ impl ResultCache {
         let answers = (limits.max_bytes > 0).then(|| {
             moka::future::Cache::builder()
                 .max_capacity(limits.max_bytes)
-                .weigher(|_: &Key, v: &Arc<Vec<Value>>| {
-                    u32::try_from(weight(v)).unwrap_or(u32::MAX)
-                })
+                .weigher(|_: &Key, v: &Arc<Answer>| u32::try_from(weight(v)).unwrap_or(u32::MAX))
                 .time_to_live(limits.ttl)
                 .build()
         });
@@ -89,10 +87,10 @@ impl ResultCache {
         sources: &[Source],
         snapshots: &[Option<i64>],
         compute: F,
-    ) -> Result<(Arc<Vec<Value>>, Served), Arc<E>>
+    ) -> Result<(Arc<Answer>, Served), Arc<E>>
     where
         E: Send + Sync + 'static,
-        F: std::future::Future<Output = Result<Vec<Value>, E>>,
+        F: std::future::Future<Output = Result<Answer, E>>,
     {
         let Some(answers) = &self.answers else {
             self.misses.fetch_add(1, Ordering::Relaxed);
@@ -122,7 +120,7 @@ impl ResultCache {
 }
 
 /// What an answer costs to keep: about its size as JSON.
-fn weight(rows: &[Value]) -> usize {
+fn weight(answer: &Answer) -> usize {
     fn size(v: &Value) -> usize {
         match v {
             Value::Null | Value::Bool(_) => 8,
@@ -132,19 +130,24 @@ fn weight(rows: &[Value]) -> usize {
             Value::Object(o) => 48 + o.iter().map(|(k, v)| 24 + k.len() + size(v)).sum::<usize>(),
         }
     }
-    64 + rows.iter().map(size).sum::<usize>()
+    64 + answer.results.iter().map(size).sum::<usize>()
+        + answer
+            .meta
+            .iter()
+            .map(|(k, v)| 24 + k.len() + size(v))
+            .sum::<usize>()
 }
 
 /// Everything an answer depends on, hashed. The plan's debug form is complete (merchant,
-/// metrics, resolved instants, zone, dimensions, filter tree, order, page); the sources'
-/// SQL is included so a change in how a plan is answered never meets an old answer.
+/// metrics, resolved instants, zone, dimensions, filter tree, order, page, include); the
+/// sources say which tables answer it and how.
 fn key(plan: &Plan, sources: &[Source], snapshots: &[Option<i64>]) -> Key {
     let mut h = Sha256::new();
-    h.update(b"beacon-answer-v1\0");
+    h.update(b"beacon-answer-v2\0");
     h.update(format!("{plan:?}").as_bytes());
     for s in sources {
         h.update(b"\0source\0");
-        h.update(s.sql.as_bytes());
+        h.update(format!("{:?}/{}", s.kind, s.rolled_up).as_bytes());
         for t in s.tables {
             h.update(b"\0");
             h.update(t.as_bytes());
@@ -160,8 +163,15 @@ fn key(plan: &Plan, sources: &[Source], snapshots: &[Option<i64>]) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::query::QueryRequest;
+    use crate::metrics::QueryRequest;
     use serde_json::json;
+
+    fn answer(results: Vec<Value>) -> Answer {
+        Answer {
+            results,
+            meta: Default::default(),
+        }
+    }
 
     fn plan(merchant: &str, range: Value) -> Plan {
         let req: QueryRequest = serde_json::from_value(json!({
@@ -190,7 +200,7 @@ mod tests {
                         &[Some(snapshot)],
                         async move {
                             let n = computed.fetch_add(1, Ordering::SeqCst);
-                            Ok(vec![json!({"n": n})])
+                            Ok(answer(vec![json!({"n": n})]))
                         },
                     )
                     .await
@@ -230,7 +240,7 @@ mod tests {
                     .get_or_compute::<String, _>(&p, &sources, &[Some(7)], async move {
                         computed.fetch_add(1, Ordering::SeqCst);
                         let _ = gate.wait_for(|open| *open).await;
-                        Ok(vec![json!({"visitors": 3})])
+                        Ok(answer(vec![json!({"visitors": 3})]))
                     })
                     .await
                     .map(|(a, _)| a)
@@ -239,7 +249,7 @@ mod tests {
         let _ = release.send(true);
         for w in waiting {
             let answer = w.await.expect("task").expect("answer");
-            assert_eq!(*answer, vec![json!({"visitors": 3})]);
+            assert_eq!(answer.results, vec![json!({"visitors": 3})]);
         }
         assert_eq!(computed.load(Ordering::SeqCst), 1);
 
@@ -250,7 +260,7 @@ mod tests {
             .await;
         assert_eq!(failed.err().as_deref().map(String::as_str), Some("busy"));
         let (_, served) = cache
-            .get_or_compute::<String, _>(&p, &sources, &[None], async { Ok(vec![]) })
+            .get_or_compute::<String, _>(&p, &sources, &[None], async { Ok(answer(vec![])) })
             .await
             .expect("answer");
         assert_eq!(served, Served::Computed);

@@ -100,7 +100,8 @@ impl Directory {
                     .map(Arc::from))
             })
             .await?;
-        crate::query::parse_timezone(name.as_deref()).map_err(|e| Arc::new(LookupError::BadZone(e)))
+        crate::metrics::parse_timezone(name.as_deref())
+            .map_err(|e| Arc::new(LookupError::BadZone(e)))
     }
 }
 

@@ -1,10 +1,10 @@
 //! Beacon's metrics API and SQL endpoint: what a merchant's dashboard and analysts ask,
 //! answered from the warehouse, on a runtime of their own and under per-query budgets.
 //!
-//! - [`query`]: the request, in the shape of Plausible's Stats API v2 (`POST /api/v2/query`),
-//!   validated field by field (with complexity limits), and its translation to SQL over the
-//!   rollups (counts and unique visitors) and the `sessions` view (visits, bounce rate,
-//!   duration).
+//! - [`metrics`]: a query in the shape of Plausible's Stats API v2 (`POST /api/v2/query`),
+//!   from request to answer: validated field by field (with complexity limits), planned onto
+//!   the rollups, `events`, the `sessions` view and the revenue rollups, built as DataFusion
+//!   plans (no SQL text) in the merchant's session, and merged into results.
 //! - [`tokens`]: per-merchant read tokens (stored hashed in the merchants KV bucket);
 //!   [`directory`]: tokens and time zones answered from memory, following the bucket.
 //! - [`cache`]: answers kept per (merchant, query, snapshots read), with single flight.
@@ -18,9 +18,9 @@ pub mod api;
 pub mod budget;
 pub mod cache;
 pub mod directory;
+pub mod metrics;
 pub mod pg;
 pub mod pg_rows;
-pub mod query;
 pub mod runtime;
 pub mod sql_limits;
 pub mod tokens;

@@ -15,6 +15,7 @@
 //! ([`tables::SEQ_PROPERTY`]); that property is what makes ingest exactly-once.
 
 pub mod cached;
+pub mod dimensions;
 pub mod hll;
 pub mod maintain;
 pub mod output;

@@ -9,7 +9,7 @@
 //! it covers ([`ROLLUP_SEQ_PROPERTY`]): a crash between runs neither skips nor double-counts.
 //!
 //! `breakdowns_hourly` holds the same per merchant-hour for each breakdown dimension and
-//! value ([`BREAKDOWNS`]), capped at [`BREAKDOWN_CAP`] values per run with the rest folded
+//! value ([`crate::dimensions`]), capped at [`BREAKDOWN_CAP`] values per run with the rest folded
 //! into [`OTHER`].
 //!
 //! Deltas accumulate small files; compaction (replace commits) will fold them later.
@@ -47,40 +47,21 @@ pub const VIEWS: &[&str] = &[
      FROM revenue_hourly GROUP BY merchant_id, hour, currency",
 ];
 
-/// Breakdown dimensions kept in `breakdowns_hourly`: (API name, `events` column). Besides
-/// these, `event:goal` (each goal named in the `goal` property, as the goals plugin writes
-/// it) and `event:props:<key>` (every custom property not starting with `$`).
-pub const BREAKDOWNS: &[(&str, &str)] = &[
-    ("event:page", "path"),
-    ("event:hostname", "hostname"),
-    ("event:name", "name"),
-    ("visit:source", "source"),
-    ("visit:medium", "medium"),
-    ("visit:utm_source", "utm_source"),
-    ("visit:utm_medium", "utm_medium"),
-    ("visit:utm_campaign", "utm_campaign"),
-    ("visit:country", "country"),
-    ("visit:region", "region"),
-    ("visit:city", "city"),
-    ("visit:device", "device"),
-    ("visit:browser", "browser"),
-    ("visit:os", "os"),
-];
-
 /// Distinct values kept per merchant, hour, dimension and rollup run; the rest are folded
 /// into [`OTHER`]. Bounds a merchant-hour's rows however wild its URLs or properties are.
 pub const BREAKDOWN_CAP: usize = 1000;
 pub const OTHER: &str = "(other)";
 
 fn breakdowns_query(range: &str) -> String {
-    let names = BREAKDOWNS
-        .iter()
-        .map(|(n, _)| format!("'{n}'"))
+    // Besides the table's rolled-up dimensions, `event:goal` (each goal named in the `goal`
+    // property, as the goals plugin writes it) and `event:props:<key>` (every custom
+    // property not starting with `$`).
+    let names = crate::dimensions::rolled_up()
+        .map(|d| format!("'{}'", d.api))
         .collect::<Vec<_>>()
         .join(", ");
-    let columns = BREAKDOWNS
-        .iter()
-        .map(|(_, c)| *c)
+    let columns = crate::dimensions::rolled_up()
+        .map(|d| d.column)
         .collect::<Vec<_>>()
         .join(", ");
     format!(

@@ -44,22 +44,8 @@ pub const ROLLUP_SEQ_PROPERTY: &str = "beacon.events-seq";
 /// started with).
 pub const ROLLUP_GEN_PROPERTY: &str = "beacon.rollup-gen";
 
-/// The derived dimension columns at the end of `events`, in order.
-pub const EVENT_DIMENSIONS: [&str; 13] = [
-    "hostname",
-    "path",
-    "source",
-    "medium",
-    "utm_source",
-    "utm_medium",
-    "utm_campaign",
-    "country",
-    "region",
-    "city",
-    "device",
-    "browser",
-    "os",
-];
+/// The derived dimension columns at the end of `events`, in order (from the dimension table).
+pub use crate::dimensions::EVENT_DIMENSIONS;
 
 const MERCHANT_BUCKETS: u32 = 4;
 pub(crate) const TARGET_FILE_BYTES: usize = 128 << 20;
