@@ -25,7 +25,9 @@ use datafusion::prelude::SessionContext;
 use crate::budget::{is_out_of_memory, Budget, Stopped};
 use crate::cache::{CacheLimits, ResultCache, Served};
 use crate::directory::{Directory, LookupError};
-use crate::metrics::{logical, Answer, AnswerError, MerchantSessions, Plan, QueryRequest, Source};
+use crate::metrics::{
+    json_rows, logical, Answer, AnswerError, MerchantSessions, Plan, QueryRequest, Source,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -153,10 +155,11 @@ struct RealtimeParams {
 async fn realtime_counts(app: &AppState, merchant: &str) -> Result<serde_json::Value, ApiError> {
     let since = chrono::Utc::now() - chrono::Duration::minutes(30);
     let ctx = session(app, merchant).await?;
-    let batches = async { logical::recent(&ctx, since).await?.collect().await }
+    let recent = logical::recent(&ctx, since)
         .await
         .map_err(|e| query_failed(&e.into()))?;
-    let row = beacon_warehouse::output::json_rows(&batches)
+    let row = json_rows(recent)
+        .await
         .map_err(|e| query_failed(&e))?
         .into_iter()
         .next()

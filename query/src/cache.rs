@@ -147,7 +147,7 @@ fn key(plan: &Plan, sources: &[Source], snapshots: &[Option<i64>]) -> Key {
     h.update(format!("{plan:?}").as_bytes());
     for s in sources {
         h.update(b"\0source\0");
-        h.update(format!("{:?}/{}", s.kind, s.rolled_up).as_bytes());
+        h.update(format!("{:?}", s.kind).as_bytes());
         for t in s.tables {
             h.update(b"\0");
             h.update(t.as_bytes());

@@ -415,6 +415,8 @@ pub fn duckdb(
 const DUCKDB_SCRIPT: &str = r#"
 import duckdb, glob, json, sys, time
 data, dashes = sys.argv[1], json.loads(sys.argv[2])
+# Every data file of `events`: right here because the bench only appends (after a replace
+# commit, files no snapshot references would be read too).
 files = glob.glob(f"{data}/warehouse/**/events/data/**/*.parquet", recursive=True)
 con = duckdb.connect()
 con.execute("SET TimeZone = 'UTC'")

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beacon_warehouse::{Warehouse, WarehouseError};
+use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SessionContext;
+use serde_json::Value;
 
 use super::logical;
 use super::plan::{Plan, Source};
@@ -77,31 +79,15 @@ impl MerchantSessions {
         budget: &Arc<Budget>,
         merchant: &str,
     ) -> Result<SessionContext, WarehouseError> {
-        under_budget(&self.get(merchant).await?, budget, merchant)
+        let base = self.get(merchant).await?;
+        let scope = Scope::new(merchant, budget.limits().statement_timeout);
+        Ok(budget.session(&base, scope)?)
     }
 }
 
-/// A session derived from `base` for one request of `merchant`, under `budget`.
-fn under_budget(
-    base: &SessionContext,
-    budget: &Arc<Budget>,
-    merchant: &str,
-) -> Result<SessionContext, WarehouseError> {
-    let scope = Scope::new(merchant, budget.limits().statement_timeout);
-    Ok(budget.session(base, scope)?)
-}
-
-/// A budgeted session of `merchant` built afresh (benchmarks; the API keeps them).
-pub async fn budgeted_session(
-    warehouse: &Warehouse,
-    budget: &Arc<Budget>,
-    merchant: &str,
-) -> Result<SessionContext, WarehouseError> {
-    under_budget(
-        &warehouse.merchant_session(merchant).await?,
-        budget,
-        merchant,
-    )
+/// The rows of `df` as JSON objects.
+pub async fn json_rows(df: DataFrame) -> Result<Vec<Value>, WarehouseError> {
+    beacon_warehouse::output::json_rows(&df.collect().await?)
 }
 
 /// Runs `sources` (a plan's, or [`Plan::events_sources`]) in `ctx`, a session of the
@@ -113,8 +99,8 @@ pub async fn execute(
 ) -> Result<Answer, AnswerError> {
     let mut rows = Vec::with_capacity(sources.len());
     for source in sources {
-        let batches = logical::frame(ctx, plan, source).await?.collect().await?;
-        rows.push((source.kind, beacon_warehouse::output::json_rows(&batches)?));
+        let df = logical::frame(ctx, plan, source).await?;
+        rows.push((source.kind, json_rows(df).await?));
     }
     Ok(plan.results(&rows)?)
 }

@@ -26,34 +26,37 @@ use super::request::{Dim, Filter, TimeBucket};
 
 /// The plan of `source` in `ctx` (a merchant's session).
 pub async fn frame(ctx: &SessionContext, plan: &Plan, source: &Source) -> Result<DataFrame> {
-    match (source.kind, source.rolled_up) {
-        (SourceKind::Rollups, _) => event_metrics_rollups(ctx, plan).await,
-        (SourceKind::Events, _) => event_metrics(ctx, plan).await,
-        (SourceKind::Sessions, _) => visit_metrics(ctx, plan).await,
-        (SourceKind::Totals, rolled_up) => total_visitors(ctx, plan, rolled_up).await,
-        (SourceKind::Revenue, rolled_up) => revenue(ctx, plan, rolled_up).await,
+    match source.kind {
+        SourceKind::Rollups => event_metrics_rollups(ctx, plan, source.tables[0]).await,
+        SourceKind::Events => event_metrics(ctx, plan).await,
+        SourceKind::Sessions => visit_metrics(ctx, plan).await,
+        SourceKind::Totals => total_visitors(ctx, plan, source.rolled_up()).await,
+        SourceKind::Revenue => revenue(ctx, plan, source.rolled_up()).await,
     }
 }
 
-/// `[from, to)` on `column` (a timestamp of `df`'s schema, compared at its own type).
-fn bounds(df: &DataFrame, plan: &Plan, column: &str) -> Result<Expr> {
+/// The instant `t` as a literal of `column`'s type in `df` (compared at its own type, so
+/// no cast lands on the column and pruning by file statistics keeps working).
+fn instant(df: &DataFrame, column: &str, t: DateTime<Utc>) -> Result<Expr> {
     let ty = df
         .schema()
         .field_with_unqualified_name(column)?
         .data_type()
         .clone();
-    let at = |t: DateTime<Utc>| {
-        cast(
-            lit(ScalarValue::TimestampMicrosecond(
-                Some(t.timestamp_micros()),
-                Some("UTC".into()),
-            )),
-            ty.clone(),
-        )
-    };
+    Ok(cast(
+        lit(ScalarValue::TimestampMicrosecond(
+            Some(t.timestamp_micros()),
+            Some("UTC".into()),
+        )),
+        ty,
+    ))
+}
+
+/// `[from, to)` on `column`, a timestamp of `df`.
+fn bounds(df: &DataFrame, plan: &Plan, column: &str) -> Result<Expr> {
     Ok(col(column)
-        .gt_eq(at(plan.from))
-        .and(col(column).lt(at(plan.to))))
+        .gt_eq(instant(df, column, plan.from)?)
+        .and(col(column).lt(instant(df, column, plan.to)?)))
 }
 
 /// The label of `column`'s time bucket in the merchant's time zone (what `AT TIME ZONE`
@@ -281,13 +284,14 @@ fn hll_visitors(ctx: &SessionContext, name: &'static str) -> Result<Metric> {
     ))
 }
 
-async fn event_metrics_rollups(ctx: &SessionContext, plan: &Plan) -> Result<DataFrame> {
+/// From `table`, the one [`Plan::sources`] chose: `breakdowns_hourly` when the plan has a
+/// rolled-up breakdown, else `rollups_hourly`.
+async fn event_metrics_rollups(
+    ctx: &SessionContext,
+    plan: &Plan,
+    table: &str,
+) -> Result<DataFrame> {
     let breakdown = plan.dims.iter().find_map(Dim::breakdown);
-    let table = if breakdown.is_some() {
-        "breakdowns_hourly"
-    } else {
-        "rollups_hourly"
-    };
     let df = ctx.table(table).await?;
     let mut df = df.clone().filter(bounds(&df, plan, "hour")?)?;
     if let Some(b) = breakdown {
@@ -365,7 +369,7 @@ async fn total_visitors(ctx: &SessionContext, plan: &Plan, rolled_up: bool) -> R
 
 /// Orders and revenue (micros) per group and currency.
 async fn revenue(ctx: &SessionContext, plan: &Plan, rolled_up: bool) -> Result<DataFrame> {
-    let by_currency = plan.dims.contains(&Dim::currency());
+    let by_currency = plan.dims.iter().any(Dim::is_currency);
     let currency = |groups: &mut Vec<Expr>| {
         if !by_currency {
             groups.push(col("currency").alias("currency"));
@@ -408,28 +412,12 @@ async fn revenue(ctx: &SessionContext, plan: &Plan, rolled_up: bool) -> Result<D
 /// Visitors, page views and events of `events` since `since`: the realtime counters.
 pub async fn recent(ctx: &SessionContext, since: DateTime<Utc>) -> Result<DataFrame> {
     let events = ctx.table("events").await?;
-    let ty = events
-        .schema()
-        .field_with_unqualified_name("ts")?
-        .data_type()
-        .clone();
-    let since = cast(
-        lit(ScalarValue::TimestampMicrosecond(
-            Some(since.timestamp_micros()),
-            Some("UTC".into()),
-        )),
-        ty,
-    );
+    let since = instant(&events, "ts", since)?;
     aggregate(
         events.filter(col("ts").gt_eq(since))?,
         vec![],
         event_counts()?,
     )
-}
-
-/// A plan's source as the text DataFusion shows for it (for tests and `explain`).
-pub fn describe(df: &DataFrame) -> String {
-    format!("{}", df.logical_plan().display_indent())
 }
 
 /// A plan's filter as the predicate over `events` its plans apply (the fuzz target and

@@ -25,7 +25,7 @@ pub mod request;
 pub mod results;
 
 pub use dates::parse_timezone;
-pub use execute::{budgeted_session, execute, AnswerError, MerchantSessions};
+pub use execute::{execute, json_rows, AnswerError, MerchantSessions};
 pub use plan::{Plan, Source, SourceKind};
 pub use request::{filter_limits, Dim, Filter, Include, Metric, QueryError, QueryRequest};
 pub use results::Answer;

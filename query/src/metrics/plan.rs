@@ -56,10 +56,23 @@ pub enum SourceKind {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub kind: SourceKind,
-    /// Read from the rollup tables (else from `events`).
-    pub rolled_up: bool,
-    /// The warehouse tables it reads (views resolved): what its answer depends on.
+    /// The warehouse table it reads (views resolved): what its answer depends on, and,
+    /// for the rollup sources, the table its plan scans.
     pub tables: &'static [&'static str],
+}
+
+impl Source {
+    fn of(kind: SourceKind, rolled_up: bool, rollup: &'static [&'static str]) -> Source {
+        Source {
+            kind,
+            tables: if rolled_up { rollup } else { &["events"] },
+        }
+    }
+
+    /// Read from a rollup table (else from `events`).
+    pub fn rolled_up(&self) -> bool {
+        self.tables != ["events"]
+    }
 }
 
 impl QueryRequest {
@@ -275,10 +288,7 @@ impl Plan {
     fn revenue_rollups_eligible(&self) -> bool {
         self.filter.is_none()
             && self.whole_hour_zone()
-            && self
-                .dims
-                .iter()
-                .all(|d| d.is_time() || *d == Dim::currency())
+            && self.dims.iter().all(|d| d.is_time() || d.is_currency())
     }
 
     /// The sources that answer the query.
@@ -289,51 +299,35 @@ impl Plan {
             out.push(self.event_source(self.rollups_eligible()));
         }
         if self.sessions_only || has(Grain::Visit) {
-            out.push(Source {
-                kind: SourceKind::Sessions,
-                rolled_up: false,
-                tables: &["events"],
-            });
+            // The `sessions` view over `events`.
+            out.push(Source::of(SourceKind::Sessions, false, &[]));
         }
         if has(Grain::Revenue) {
             let rolled_up = self.revenue_rollups_eligible();
-            out.push(Source {
-                kind: SourceKind::Revenue,
+            out.push(Source::of(
+                SourceKind::Revenue,
                 rolled_up,
-                tables: if rolled_up {
-                    &["revenue_hourly"]
-                } else {
-                    &["events"]
-                },
-            });
+                &["revenue_hourly"],
+            ));
         }
         if self.metrics.contains(&Metric::ConversionRate) {
             let rolled_up = self.whole_hour_zone();
-            out.push(Source {
-                kind: SourceKind::Totals,
+            out.push(Source::of(
+                SourceKind::Totals,
                 rolled_up,
-                tables: if rolled_up {
-                    &["rollups_hourly"]
-                } else {
-                    &["events"]
-                },
-            });
+                &["rollups_hourly"],
+            ));
         }
         out
     }
 
     fn event_source(&self, rolled_up: bool) -> Source {
-        let (kind, tables): (_, &'static [&'static str]) = if !rolled_up {
-            (SourceKind::Events, &["events"])
+        if !rolled_up {
+            Source::of(SourceKind::Events, false, &[])
         } else if self.dims.iter().any(|d| d.breakdown().is_some()) {
-            (SourceKind::Rollups, &["breakdowns_hourly"])
+            Source::of(SourceKind::Rollups, true, &["breakdowns_hourly"])
         } else {
-            (SourceKind::Rollups, &["rollups_hourly"])
-        };
-        Source {
-            kind,
-            rolled_up,
-            tables,
+            Source::of(SourceKind::Rollups, true, &["rollups_hourly"])
         }
     }
 
@@ -344,23 +338,9 @@ impl Plan {
             .into_iter()
             .map(|s| match s.kind {
                 SourceKind::Rollups => self.event_source(false),
-                SourceKind::Revenue | SourceKind::Totals => Source {
-                    rolled_up: false,
-                    tables: &["events"],
-                    ..s
-                },
+                SourceKind::Revenue | SourceKind::Totals => Source::of(s.kind, false, &[]),
                 _ => s,
             })
             .collect()
-    }
-}
-
-impl Dim {
-    /// `event:currency`.
-    pub(crate) fn currency() -> Dim {
-        Dim::Column(
-            beacon_warehouse::dimensions::by_api("event:currency")
-                .expect("event:currency is in the dimension table"),
-        )
     }
 }

@@ -220,6 +220,11 @@ impl Dim {
         matches!(self, Dim::Time(_))
     }
 
+    /// `event:currency`: revenue is summed per currency, never across.
+    pub fn is_currency(&self) -> bool {
+        matches!(self, Dim::Column(d) if d.column == "currency")
+    }
+
     /// Needs the visit (only `sessions` knows it).
     pub fn is_session(&self) -> bool {
         matches!(self, Dim::EntryPage | Dim::ExitPage)

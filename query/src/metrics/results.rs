@@ -23,8 +23,9 @@ pub struct Answer {
 struct Row {
     dims: Vec<Value>,
     values: Map<String, Value>,
-    /// Revenue rows: currency -> (orders, revenue in micros).
-    revenue: BTreeMap<String, (i64, i64)>,
+    /// Orders and revenue in micros. One currency per row: several in one answer are
+    /// refused unless `event:currency` is a dimension.
+    revenue: (i64, i64),
 }
 
 impl Plan {
@@ -32,7 +33,8 @@ impl Plan {
     /// columns).
     pub fn results(&self, rows: &[(SourceKind, Vec<Value>)]) -> Result<Answer, QueryError> {
         let time_index = self.dims.iter().position(Dim::is_time);
-        let currency_index = self.dims.iter().position(|d| *d == Dim::currency());
+        let currency_index = self.dims.iter().position(Dim::is_currency);
+        let dim_columns: Vec<String> = (0..self.dims.len()).map(|i| format!("d{i}")).collect();
         let mut merged: BTreeMap<String, Row> = BTreeMap::new();
         let mut totals: HashMap<String, Value> = HashMap::new();
         let mut currencies = BTreeSet::new();
@@ -44,8 +46,9 @@ impl Plan {
                     totals.insert(t, obj.get("total_visitors").cloned().unwrap_or(Value::Null));
                     continue;
                 }
-                let dims: Vec<Value> = (0..self.dims.len())
-                    .map(|i| obj.get(&format!("d{i}")).cloned().unwrap_or(Value::Null))
+                let dims: Vec<Value> = dim_columns
+                    .iter()
+                    .map(|c| obj.get(c).cloned().unwrap_or(Value::Null))
                     .collect();
                 let key = serde_json::to_string(&dims).unwrap_or_default();
                 let entry = merged.entry(key).or_insert_with(|| Row {
@@ -59,18 +62,16 @@ impl Plan {
                         .unwrap_or_default()
                         .to_string();
                     let n = |k: &str| obj.get(k).and_then(Value::as_i64).unwrap_or(0);
-                    let sums = entry.revenue.entry(currency.clone()).or_default();
-                    sums.0 += n("orders");
-                    sums.1 += n("revenue_micros");
+                    entry.revenue.0 += n("orders");
+                    entry.revenue.1 += n("revenue_micros");
                     currencies.insert(currency);
                     continue;
                 }
                 for (k, v) in obj {
                     // The sessions source also counts event metrics; the event source wins.
-                    if k.starts_with('d') && k[1..].chars().all(|c| c.is_ascii_digit()) {
-                        continue;
-                    }
-                    if *kind == SourceKind::Sessions && entry.values.contains_key(k) {
+                    if dim_columns.contains(k)
+                        || (*kind == SourceKind::Sessions && entry.values.contains_key(k))
+                    {
                         continue;
                     }
                     entry.values.insert(k.clone(), v.clone());
@@ -152,10 +153,7 @@ impl Plan {
         time_index: Option<usize>,
         totals: &HashMap<String, Value>,
     ) -> Value {
-        let (orders, micros) = row
-            .revenue
-            .values()
-            .fold((0, 0), |(o, r), (o2, r2)| (o + o2, r + r2));
+        let (orders, micros) = row.revenue;
         match m {
             Metric::ConversionRate => {
                 let t = time_index
