@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use beacon::endpoints::Endpoints;
 #[cfg(feature = "full")]
-use beacon::nats::NatsServer;
 use clap::{Parser, Subcommand, ValueEnum};
 #[cfg(feature = "full")]
 use tokio::sync::watch;
@@ -452,6 +451,7 @@ async fn start_api(
     (listen, sql_listen): (SocketAddr, SocketAddr),
     admin_tokens: beacon_control::admin::AdminTokens,
     query: &QueryArgs,
+    health: beacon_serve::Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<QueryServers> {
     let runtime = beacon_query::runtime::QueryRuntime::new(query.runtime())
@@ -496,6 +496,7 @@ async fn start_api(
             merchants,
             budget,
             beacon_query::cache::CacheLimits::default(),
+            health,
             stopped(stop_rx.clone()),
         ));
         let pg = tokio::spawn(sql.serve(sql_listener, stopped(stop_rx)));
@@ -528,6 +529,7 @@ async fn start_admin(
     listen: SocketAddr,
     tokens: beacon_control::admin::AdminTokens,
     limits: beacon_plugins::SandboxLimits,
+    health: &beacon_serve::Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let target = NatsTarget {
@@ -548,7 +550,12 @@ async fn start_admin(
         .with_context(|| format!("admin API: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(beacon_control::admin::serve(
-        listener, control, tokens, extra, shutdown,
+        listener,
+        control,
+        tokens,
+        extra,
+        health.clone(),
+        shutdown,
     ));
     tracing::info!(%addr, "admin API listening (HTTP)");
     Ok((addr, task))
@@ -989,6 +996,7 @@ async fn run(cli: Cli) -> Result<()> {
                 (listen, sql_listen),
                 admin.tokens(&data_dir)?,
                 &query,
+                beacon_serve::Health::new(),
                 shutdown_signal(),
             )
             .await?;
@@ -1015,6 +1023,7 @@ async fn run(cli: Cli) -> Result<()> {
                 listen,
                 admin.tokens(&data_dir)?,
                 sandbox.limits(),
+                &beacon_serve::Health::new(),
                 shutdown_signal(),
             )
             .await?;
@@ -1104,7 +1113,7 @@ async fn run_ingest(
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
-    beacon_ingest::run_supervised(cfg, wh, shutdown).await;
+    beacon_ingest::run_supervised(cfg, wh, beacon_serve::Health::new(), shutdown).await;
     Ok(())
 }
 
@@ -1126,74 +1135,54 @@ async fn up(
         beacon::lock::lock_role(&data_dir, "rollup")?,
     );
     Endpoints::remove(&data_dir);
+    // The node's readiness (`/readyz` on the admin port): its nats-server, the warehouse
+    // opening, ingest, and the edge's and query servers' own checks.
+    let node = beacon_serve::Health::new();
     let (nats, nats_url) = match nats_url {
         Some(url) => (None, url),
         None => {
-            let server = NatsServer::start(&data_dir.join("nats"))?;
+            let server = beacon::nats::Supervised::start(&data_dir.join("nats"), node.clone())?;
             let url = server.url();
             (Some(server), url)
         }
     };
-    let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+    // Collection first, and independent of the warehouse: the edge only needs the bus.
     let mut edge_cfg =
         beacon_edge::EdgeConfig::new(nats_url.clone(), edge_listen, data_dir.clone());
     edge_cfg.sandbox = sandbox.limits();
     edge_args.apply(&mut edge_cfg)?;
     let edge = beacon_edge::Edge::start(edge_cfg).await?;
+    node.include(edge.health.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_rx_admin = stop_rx.clone();
-    let stop_rx_api = stop_rx.clone();
-    let mut ingest_cfg = beacon_ingest::IngestConfig::new(nats_url.clone());
-    ingest_cfg.max_batch = tuning.ingest_max_batch;
-    ingest_cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
-    let ingest = tokio::spawn(beacon_ingest::run_supervised(
-        ingest_cfg,
-        wh.clone(),
-        stop_rx.clone(),
-    ));
-    let maintenance = maintain.spawn(wh.clone(), stop_rx.clone())?;
-    let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
-        wh.clone(),
-        Duration::from_secs(tuning.rollup_interval),
-        stop_rx,
-    ));
+    let until_stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    // A warehouse that cannot be opened (a corrupt metadata file, a catalog being restored)
+    // holds back ingest, rollups and queries, not collection: the bus keeps the backlog,
+    // and the roles start as soon as it opens.
+    node.register(WAREHOUSE_CHECK);
+    let first = beacon_warehouse::Warehouse::open(&data_dir).await;
+    if let Err(e) = &first {
+        tracing::error!(error = %e, "the warehouse cannot be opened: collecting into the bus only, retrying");
+        node.set(WAREHOUSE_CHECK, Err(e.to_string()));
+    }
 
     // One token set for the admin API and SQL logins (generated on first start).
     let admin_tokens = admin.tokens(&data_dir)?;
-    let (admin_addr, admin_task) = {
-        let mut stop = stop_rx_admin;
-        start_admin(
-            &nats_url,
-            &data_dir,
-            admin_listen,
-            admin_tokens.clone(),
-            sandbox.limits(),
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await?
-    };
-
-    let query_servers = {
-        let mut stop = stop_rx_api;
-        start_api(
-            &nats_url,
-            &data_dir,
-            (api_listen, sql_listen),
-            admin_tokens,
-            &query,
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await?
-    };
-    let (api_addr, sql_addr) = (query_servers.api, query_servers.sql);
+    let (admin_addr, admin_task) = start_admin(
+        &nats_url,
+        &data_dir,
+        admin_listen,
+        admin_tokens.clone(),
+        sandbox.limits(),
+        &node,
+        until_stopped(stop_rx.clone()),
+    )
+    .await?;
 
     let layout = beacon_warehouse::Layout::new(&data_dir);
-    let endpoints = Endpoints {
+    let mut endpoints = Endpoints {
         nats_url: nats_url.clone(),
         edge_quic: Some(edge.addr.to_string()),
         edge_http: edge.http_addr.map(|a| format!("http://{a}")),
@@ -1202,19 +1191,43 @@ async fn up(
         catalog_uri: layout.catalog_uri(),
         warehouse: layout.warehouse_uri(),
         admin_http: Some(format!("http://{admin_addr}")),
-        metrics_http: Some(format!("http://{api_addr}")),
-        sql_pg: Some(format!("postgresql://127.0.0.1:{}", sql_addr.port())),
+        metrics_http: None,
+        sql_pg: None,
         pid: std::process::id(),
     };
+    let roles = WarehouseRoles {
+        nats_url: nats_url.clone(),
+        data_dir: data_dir.clone(),
+        listen: (api_listen, sql_listen),
+        admin_tokens,
+        tuning,
+        query,
+        maintain,
+        node: node.clone(),
+        stop: stop_rx.clone(),
+    };
+    let opened = match first {
+        Ok(wh) => {
+            node.set(WAREHOUSE_CHECK, Ok(()));
+            let running = roles.start(Arc::new(wh)).await?;
+            running.publish(&mut endpoints);
+            Some(running)
+        }
+        Err(_) => None,
+    };
     endpoints.write(&data_dir)?;
+    let warehouse_roles = match opened {
+        Some(running) => tokio::spawn(std::future::ready(Some(running))),
+        None => tokio::spawn(roles.start_when_open(endpoints.clone())),
+    };
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  edge (HTTP):         http://{}   (Snowplow /com.snowplowanalytics.snowplow/tp2 and /i, GA4 /mp/collect and /g/collect, Plausible /api/event)\n  admin API (HTTP):    http://{admin_addr}   token: {}\n  metrics API (HTTP):  http://{api_addr}/api/v2/query   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): psql -h {} -p {} -U <merchant id or admin>   (password: read token or admin token)\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  edge (HTTP):         http://{}   (Snowplow /com.snowplowanalytics.snowplow/tp2 and /i, GA4 /mp/collect and /g/collect, Plausible /api/event)\n  admin API (HTTP):    http://{admin_addr}   token: {}   (health: /healthz, /readyz)\n  metrics API (HTTP):  {}   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
         edge.http_addr.map(|a| a.to_string()).unwrap_or_default(),
         if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
-        sql_addr.ip(),
-        sql_addr.port(),
+        endpoints.metrics_http.as_deref().map(|a| format!("{a}/api/v2/query")).unwrap_or_else(|| "waiting for the warehouse (see /readyz)".into()),
+        endpoints.sql_pg.as_deref().map(|a| format!("psql {a}/beacon -U <merchant id or admin>   (password: read token or admin token)")).unwrap_or_else(|| "waiting for the warehouse (see /readyz)".into()),
         nats_url,
         endpoints.catalog_uri,
         endpoints.warehouse,
@@ -1229,21 +1242,145 @@ async fn up(
     // JetStream; ingest then commits what it has read; only then does NATS go away.
     edge.shutdown(Duration::from_secs(10)).await;
     let _ = stop_tx.send(true);
-    if let Err(e) = ingest.await {
-        eprintln!("ingest task failed: {e}");
-    }
-    let _ = rollups.await;
-    if let Some(m) = maintenance {
-        let _ = m.task.await;
+    if let Ok(Some(roles)) = warehouse_roles.await {
+        roles.wait().await;
     }
     let _ = admin_task.await;
-    if let Err(e) = query_servers.wait().await {
-        eprintln!("query servers: {e}");
-    }
     if let Some(n) = nats {
         n.stop();
     }
     Ok(())
+}
+
+/// The node's check that the warehouse opened (the query servers then probe it themselves).
+#[cfg(feature = "full")]
+const WAREHOUSE_CHECK: &str = "warehouse";
+
+/// What `beacon up` runs on the warehouse: ingest, rollups, maintenance and the query servers.
+#[cfg(feature = "full")]
+#[derive(Clone)]
+struct WarehouseRoles {
+    nats_url: String,
+    data_dir: PathBuf,
+    listen: (SocketAddr, SocketAddr),
+    admin_tokens: beacon_control::admin::AdminTokens,
+    tuning: Tuning,
+    query: QueryArgs,
+    maintain: MaintainArgs,
+    node: beacon_serve::Health,
+    stop: watch::Receiver<bool>,
+}
+
+#[cfg(feature = "full")]
+struct RunningRoles {
+    ingest: tokio::task::JoinHandle<()>,
+    rollups: tokio::task::JoinHandle<()>,
+    maintenance: Option<Maintenance>,
+    query: QueryServers,
+}
+
+#[cfg(feature = "full")]
+impl WarehouseRoles {
+    async fn start(&self, wh: Arc<beacon_warehouse::Warehouse>) -> Result<RunningRoles> {
+        let mut ingest_cfg = beacon_ingest::IngestConfig::new(self.nats_url.clone());
+        ingest_cfg.max_batch = self.tuning.ingest_max_batch;
+        ingest_cfg.max_wait = Duration::from_millis(self.tuning.ingest_max_wait_ms);
+        let ingest = tokio::spawn(beacon_ingest::run_supervised(
+            ingest_cfg,
+            wh.clone(),
+            self.node.clone(),
+            self.stop.clone(),
+        ));
+        let maintenance = self.maintain.spawn(wh.clone(), self.stop.clone())?;
+        let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
+            wh,
+            Duration::from_secs(self.tuning.rollup_interval),
+            self.stop.clone(),
+        ));
+        let api_health = beacon_serve::Health::new();
+        self.node.include(api_health.clone());
+        let mut stop = self.stop.clone();
+        let query = start_api(
+            &self.nats_url,
+            &self.data_dir,
+            self.listen,
+            self.admin_tokens.clone(),
+            &self.query,
+            api_health,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await?;
+        Ok(RunningRoles {
+            ingest,
+            rollups,
+            maintenance,
+            query,
+        })
+    }
+
+    /// Retries opening the warehouse (2 s, doubling to 30 s) until it opens or `beacon up`
+    /// stops; then starts the roles and adds the query servers to `endpoints.json`.
+    async fn start_when_open(self, mut endpoints: Endpoints) -> Option<RunningRoles> {
+        let mut stop = self.stop.clone();
+        let mut pause = Duration::from_secs(2);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|s| *s) => return None,
+            }
+            match beacon_warehouse::Warehouse::open(&self.data_dir).await {
+                Ok(wh) => match self.start(Arc::new(wh)).await {
+                    Ok(running) => {
+                        self.node.set(WAREHOUSE_CHECK, Ok(()));
+                        running.publish(&mut endpoints);
+                        if let Err(e) = endpoints.write(&self.data_dir) {
+                            tracing::error!(error = %e, "cannot update endpoints.json");
+                        }
+                        tracing::info!(
+                            metrics_api = ?endpoints.metrics_http,
+                            "the warehouse opened: ingest, rollups and queries started"
+                        );
+                        return Some(running);
+                    }
+                    Err(e) => {
+                        // Ports taken or a runtime that would not start: retrying cannot help.
+                        tracing::error!(error = %e, "the warehouse opened but its roles did not start");
+                        self.node.set(WAREHOUSE_CHECK, Err(format!("{e:#}")));
+                        return None;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "the warehouse still cannot be opened; retrying in {pause:?}");
+                    self.node.set(WAREHOUSE_CHECK, Err(e.to_string()));
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "full")]
+impl RunningRoles {
+    fn publish(&self, endpoints: &mut Endpoints) {
+        endpoints.metrics_http = Some(format!("http://{}", self.query.api));
+        endpoints.sql_pg = Some(format!("postgresql://127.0.0.1:{}", self.query.sql.port()));
+    }
+
+    /// Waits for every role to finish after the stop signal.
+    async fn wait(self) {
+        if let Err(e) = self.ingest.await {
+            eprintln!("ingest task failed: {e}");
+        }
+        let _ = self.rollups.await;
+        if let Some(m) = self.maintenance {
+            let _ = m.task.await;
+        }
+        if let Err(e) = self.query.wait().await {
+            eprintln!("query servers: {e}");
+        }
+    }
 }
 
 /// An installation written before files were private: bring it to 0700/0600 now, and say

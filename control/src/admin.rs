@@ -255,11 +255,13 @@ pub async fn serve(
     control: Control,
     tokens: AdminTokens,
     extra: Router,
+    health: beacon_serve::Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     beacon_serve::http::serve(
         listener,
-        router(control, tokens, extra),
+        // Health is outside the token check: orchestrators probe without credentials.
+        router(control, tokens, extra).merge(health.router()),
         beacon_serve::http::HttpLimits::default(),
         "admin-http",
         shutdown,

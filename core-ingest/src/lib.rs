@@ -76,17 +76,25 @@ const TABLES: [TableKind; 3] = [
 /// Runs [`run`] until `shutdown`, restarting it after errors (NATS or storage trouble) with
 /// a growing pause. A restart is the same recovery path as a crash: it resumes from the
 /// sequences committed in the tables, so nothing is lost or duplicated.
+///
+/// `health` gets an `ingest` check: passing while ingest consumes and commits, failing
+/// (with the error) from a failure until the next successful start.
 pub async fn run_supervised(
     cfg: IngestConfig,
     wh: Arc<Warehouse>,
+    health: beacon_serve::Health,
     shutdown: watch::Receiver<bool>,
 ) {
+    health.register(HEALTH_CHECK);
     let mut pause = Duration::from_millis(200);
     loop {
         let started = Instant::now();
-        match run(cfg.clone(), wh.clone(), shutdown.clone()).await {
+        match run(cfg.clone(), wh.clone(), &health, shutdown.clone()).await {
             Ok(()) => return,
-            Err(e) => tracing::error!(error = %e, "ingest failed; restarting in {pause:?}"),
+            Err(e) => {
+                tracing::error!(error = %e, "ingest failed; restarting in {pause:?}");
+                health.set(HEALTH_CHECK, Err(e.to_string()));
+            }
         }
         if started.elapsed() > Duration::from_secs(60) {
             pause = Duration::from_millis(200);
@@ -103,10 +111,14 @@ pub async fn run_supervised(
     }
 }
 
+/// The name of ingest's readiness check.
+pub const HEALTH_CHECK: &str = "ingest";
+
 /// Runs until `shutdown` turns true (finishing the batch in hand) or an error occurs.
 pub async fn run(
     cfg: IngestConfig,
     wh: Arc<Warehouse>,
+    health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let client = async_nats::ConnectOptions::new()
@@ -160,6 +172,7 @@ pub async fn run(
     );
 
     let mut writer = Writer::new(wh.clone(), committed).await?;
+    health.set(HEALTH_CHECK, Ok(()));
 
     loop {
         if *shutdown.borrow() {
@@ -200,6 +213,7 @@ pub async fn run(
         let (rows, max_seq) = writer.commit(received).await?;
         // AckPolicy::All: acking the last message acks the whole batch.
         last.double_ack().await.map_err(nats)?;
+        health.set(HEALTH_CHECK, Ok(()));
         tracing::debug!(
             envelopes,
             rows,

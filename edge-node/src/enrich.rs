@@ -22,6 +22,7 @@ use beacon_proto::Event;
 use sha2::{Digest, Sha256};
 
 use crate::device::{self, UserAgent};
+use crate::publish::Outcomes;
 
 /// KV bucket of daily salts, `YYYYMMDD` -> 32 random bytes. Entries expire after two days:
 /// once a day's salt is gone, that day's visitor ids can no longer be recomputed.
@@ -89,6 +90,8 @@ pub struct Enricher {
     geo: Option<GeoDb>,
     salts: kv::Store,
     current: Mutex<Option<Salt>>,
+    /// Creating a day's salt is a bus write: its outcome feeds the edge's readiness.
+    writes: Arc<Outcomes>,
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -97,6 +100,7 @@ impl Enricher {
     pub async fn open(
         js: &async_nats::jetstream::Context,
         geoip: Option<&Path>,
+        writes: Arc<Outcomes>,
     ) -> Result<Self, EnrichError> {
         let geo = geoip.map(GeoDb::open).transpose()?;
         let salts = js
@@ -112,6 +116,7 @@ impl Enricher {
             geo,
             salts,
             current: Mutex::new(None),
+            writes,
         })
     }
 
@@ -134,15 +139,19 @@ impl Enricher {
             None => {
                 let fresh: [u8; 32] = rand::random();
                 match self.salts.create(&key, fresh.to_vec().into()).await {
-                    Ok(_) => fresh.to_vec(),
+                    Ok(_) => {
+                        self.writes.ok();
+                        fresh.to_vec()
+                    }
                     // Another edge created it first: use theirs, so ids agree fleet-wide.
-                    Err(_) => self
-                        .salts
-                        .get(&key)
-                        .await
-                        .map_err(|e| err(&e))?
-                        .ok_or_else(|| EnrichError::Salt("salt vanished".into()))?
-                        .to_vec(),
+                    Err(create) => match self.salts.get(&key).await.map_err(|e| err(&e))? {
+                        Some(v) => v.to_vec(),
+                        None => {
+                            let e = format!("cannot store the day's salt: {create}");
+                            self.writes.failed(&e);
+                            return Err(EnrichError::Salt(e));
+                        }
+                    },
                 }
             }
         };

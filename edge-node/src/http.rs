@@ -58,10 +58,12 @@ pub struct App {
     pub processor: Arc<Processor>,
     pub locator: Locator,
     pub limits: HttpLimits,
+    pub health: beacon_serve::Health,
 }
 
 pub fn router(app: App) -> Router {
     let max_body = app.limits.max_body;
+    let health = app.health.router();
     Router::new()
         .route("/com.snowplowanalytics.snowplow/tp2", post(snowplow_post))
         .route("/i", get(snowplow_get))
@@ -70,7 +72,7 @@ pub fn router(app: App) -> Router {
         .route("/g/collect", get(gtag).post(gtag))
         .route("/api/event", post(plausible))
         .route("/locate", get(locate))
-        .route("/healthz", get(|| async { "ok" }))
+        .merge(health)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(cors))
         .with_state(app)

@@ -107,6 +107,9 @@ pub struct Edge {
     processor: Arc<process::Processor>,
     task: tokio::task::JoinHandle<()>,
     reporter: tokio::task::JoinHandle<()>,
+    probe: tokio::task::JoinHandle<()>,
+    /// Readiness (`/readyz` on the HTTP listener): the bus check.
+    pub health: beacon_serve::Health,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
 }
 
@@ -123,6 +126,23 @@ impl Edge {
             .map_err(|e| nats_err(&e))?;
         let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
+        // Ready = JetStream answers for the events stream (checked every second).
+        let health = beacon_serve::Health::new();
+        let publisher = publish::Publisher::new(js.clone(), max_payload);
+        // Bus writes other than events (status puts, salts): a store that fails them fails events too.
+        let status_puts = Arc::new(publish::Outcomes::default());
+        let probe = {
+            let (js, publishes, puts) = (js.clone(), publisher.outcomes(), status_puts.clone());
+            health.probe(
+                "bus",
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                move || {
+                    let (js, publishes, puts) = (js.clone(), publishes.clone(), puts.clone());
+                    async move { publish::probe(&js, &[&publishes, &puts]).await }
+                },
+            )
+        };
         publish::ensure_stream(&js)
             .await
             .map_err(|e| nats_err(&e))?;
@@ -136,12 +156,13 @@ impl Edge {
         )?);
         let pipelines = pipelines::Pipelines::start(&js, runtime).await?;
         let status_bucket = status::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
-        let enricher = Arc::new(enrich::Enricher::open(&js, cfg.geoip.as_deref()).await?);
+        let enricher =
+            Arc::new(enrich::Enricher::open(&js, cfg.geoip.as_deref(), status_puts.clone()).await?);
         let mut processor = process::Processor::new(
             cfg.edge_id.clone(),
             cfg.event_limits,
             pipelines.clone(),
-            publish::Publisher::new(js, max_payload),
+            publisher,
             enricher,
             registry.clone(),
         );
@@ -180,6 +201,7 @@ impl Edge {
                     processor: processor.clone(),
                     locator: locator.clone(),
                     limits: cfg.http.clone(),
+                    health: health.clone(),
                 };
                 let mut stop = shutdown.clone();
                 let task = tokio::spawn(http::serve(listener, app, async move {
@@ -209,6 +231,7 @@ impl Edge {
             },
             pipelines,
             processor.clone(),
+            status_puts,
         ));
         tracing::info!(%addr, edge_id = %cfg.edge_id, region = %cfg.region, "edge listening (RSocket over QUIC)");
         Ok(Self {
@@ -220,7 +243,9 @@ impl Edge {
             processor,
             task,
             reporter,
+            probe,
             shutdown_tx,
+            health,
         })
     }
 
@@ -241,6 +266,7 @@ impl Edge {
         }
         self.task.abort();
         self.reporter.abort();
+        self.probe.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }

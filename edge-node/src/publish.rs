@@ -4,6 +4,8 @@
 //! envelope's `batch_id` as `Nats-Msg-Id`, so a publish whose ack was lost is not stored
 //! twice (JetStream drops it inside the duplicate window).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -35,10 +37,73 @@ pub struct Publisher {
     max_payload: usize,
     /// How long to keep retrying one batch before telling the client to retry later.
     pub deadline: Duration,
+    outcomes: Arc<Outcomes>,
+}
+
+/// The latest publish outcomes, for readiness: a bus that answers questions but does not
+/// store (a full disk) must not look ready.
+#[derive(Default)]
+pub struct Outcomes {
+    /// Milliseconds since `epoch` (0: never).
+    last_ok: AtomicU64,
+    last_failure: AtomicU64,
+    error: Mutex<String>,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+/// How long a failed publish keeps the edge unready without a success after it. Bounded, so
+/// an edge that a load balancer stopped sending to gets traffic again and can find out.
+const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+
+impl Outcomes {
+    fn now(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn ok(&self) {
+        self.last_ok.store(self.now(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn failed(&self, error: &str) {
+        error.clone_into(&mut self.error.lock().unwrap_or_else(|p| p.into_inner()));
+        self.last_failure.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// `Err` while the latest publish failed, within the last [`FAILURE_MEMORY`].
+    pub fn check(&self) -> Result<(), String> {
+        let (ok, failed) = (
+            self.last_ok.load(Ordering::Relaxed),
+            self.last_failure.load(Ordering::Relaxed),
+        );
+        if failed > ok && self.now() - failed < FAILURE_MEMORY.as_millis() as u64 {
+            let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Err(format!("JetStream does not store: {error}"));
+        }
+        Ok(())
+    }
 }
 
 /// Creates (or updates) the events stream. Every role calls this at start, so it does not
 /// matter which starts first.
+/// Readiness of the bus: JetStream answers for the events stream, and the latest writes
+/// (if recent) were stored: event publishes, and the edge's status put every 5 s, which
+/// finds a store that fails while no events arrive (a full disk still answers questions
+/// but fails every write).
+pub async fn probe(js: &jetstream::Context, writes: &[&Outcomes]) -> Result<(), String> {
+    for outcomes in writes {
+        outcomes.check()?;
+    }
+    let mut stream = js
+        .get_stream(bus::EVENTS_STREAM)
+        .await
+        .map_err(|e| format!("JetStream: {e}"))?;
+    stream
+        .info()
+        .await
+        .map_err(|e| format!("JetStream stream {}: {e}", bus::EVENTS_STREAM))?;
+    Ok(())
+}
+
 pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Error> {
     js.create_or_update_stream(stream::Config {
         name: bus::EVENTS_STREAM.into(),
@@ -61,7 +126,13 @@ impl Publisher {
             js,
             max_payload,
             deadline: Duration::from_secs(10),
+            outcomes: Arc::default(),
         }
+    }
+
+    /// Its publish outcomes (shared), for a readiness check.
+    pub fn outcomes(&self) -> Arc<Outcomes> {
+        self.outcomes.clone()
     }
 
     /// The largest envelope the server takes (its `max_payload`).
@@ -96,6 +167,7 @@ impl Publisher {
             };
             let last = match attempt.await {
                 Ok(ack) => {
+                    self.outcomes.ok();
                     if ack.duplicate {
                         tracing::debug!(batch_id = %envelope.batch_id, "batch already stored (retry)");
                     }
@@ -103,6 +175,7 @@ impl Publisher {
                 }
                 Err(e) => e.to_string(),
             };
+            self.outcomes.failed(&last);
             if started.elapsed() + backoff > self.deadline {
                 return Err(PublishError::NotAcknowledged {
                     batch_id: envelope.batch_id.clone(),

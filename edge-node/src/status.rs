@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::pipelines::Pipelines;
 use crate::process::Processor;
+use crate::publish::Outcomes;
 
 /// What an edge says about itself besides its pipelines.
 pub struct Me {
@@ -39,7 +40,13 @@ pub async fn open_bucket(js: &jetstream::Context) -> Result<kv::Store, async_nat
 
 /// Publishes this edge's status on every pipeline change (checked every 100 ms) and at least
 /// every 5 s, until the task is aborted.
-pub async fn report(store: kv::Store, me: Me, pipelines: Pipelines, processor: Arc<Processor>) {
+pub async fn report(
+    store: kv::Store,
+    me: Me,
+    pipelines: Pipelines,
+    processor: Arc<Processor>,
+    puts: Arc<Outcomes>,
+) {
     let mut last: Option<EdgeStatus> = None;
     let mut last_put = tokio::time::Instant::now();
     loop {
@@ -59,10 +66,14 @@ pub async fn report(store: kv::Store, me: Me, pipelines: Pipelines, processor: A
             match serde_json::to_vec(&status) {
                 Ok(json) => match store.put(&me.edge_id, json.into()).await {
                     Ok(_) => {
+                        puts.ok();
                         last = Some(status);
                         last_put = tokio::time::Instant::now();
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not report edge status"),
+                    Err(e) => {
+                        puts.failed(&e.to_string());
+                        tracing::warn!(error = %e, "could not report edge status");
+                    }
                 },
                 Err(e) => tracing::warn!(error = %e, "could not encode edge status"),
             }

@@ -311,11 +311,25 @@ pub async fn serve(
     merchants: kv::Store,
     budget: Arc<Budget>,
     cache: CacheLimits,
+    health: beacon_serve::Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let directory = Directory::start(merchants)
         .await
         .map_err(std::io::Error::other)?;
+    // Ready = every table's metadata loads (a corrupt file is named in the check).
+    let probe = {
+        let warehouse = warehouse.clone();
+        health.probe(
+            "tables",
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(5),
+            move || {
+                let warehouse = warehouse.clone();
+                async move { warehouse.check().await.map_err(|e| e.to_string()) }
+            },
+        )
+    };
     beacon_serve::http::serve(
         listener,
         router(
@@ -323,11 +337,13 @@ pub async fn serve(
             directory,
             budget,
             Arc::new(ResultCache::new(cache)),
-        ),
+        )
+        .merge(health.router()),
         beacon_serve::http::HttpLimits::default(),
         "metrics-http",
         shutdown,
     )
     .await;
+    probe.abort();
     Ok(())
 }

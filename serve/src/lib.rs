@@ -6,6 +6,8 @@
 //! - [`http`]: HTTP/1.1 serving on those, with a header deadline, a body deadline, per-address
 //!   and total connection caps, and graceful shutdown (used by the edge's collectors, the
 //!   metrics API and the admin API);
+//! - [`health`]: `/healthz` (the process answers) and `/readyz` (its named checks pass),
+//!   with probes that run a check on an interval under a timeout;
 //! - [`process`]: start-up hygiene: the file-descriptor soft limit raised to the hard limit,
 //!   private file modes for everything the process writes, and tightening of an existing
 //!   data directory.
@@ -14,8 +16,10 @@
 //! plane, and must stay free of NATS, DataFusion and Iceberg.
 
 pub mod conn_limit;
+pub mod health;
 pub mod http;
 pub mod process;
 pub mod tcp;
 
 pub use conn_limit::{ClientAddr, ConnLimit, Slot};
+pub use health::Health;

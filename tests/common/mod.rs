@@ -518,15 +518,13 @@ pub fn python_json<A: AsRef<std::ffi::OsStr>>(
 }
 
 /// What PyIceberg (another engine) reads from the warehouse under `data_dir`
-/// (`tests/python/pyiceberg_read.py`: rows, distinct ids and sums per table).
+/// (`tests/python/pyiceberg_read.py`: rows, distinct ids and sums per table), given the
+/// catalog and warehouse URIs exactly as `beacon up` prints them.
 pub fn pyiceberg_read(data_dir: &Path) -> Value {
     let layout = beacon_warehouse::Layout::new(data_dir);
     python_json(
         "pyiceberg_read.py",
-        [
-            layout.catalog_db.clone().into_os_string(),
-            layout.warehouse_uri().into(),
-        ],
+        [layout.catalog_uri(), layout.warehouse_uri()],
         Duration::from_secs(120),
     )
 }

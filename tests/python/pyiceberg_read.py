@@ -1,13 +1,11 @@
 """Reads Beacon's Iceberg tables with PyIceberg (a different engine) and prints, as JSON,
 row counts, distinct event ids and revenue sums per table, plus per-merchant event counts.
 
-    python pyiceberg_read.py <data-dir>/catalog.db <warehouse uri>
+    python pyiceberg_read.py <catalog uri> <warehouse uri>
 
-SQLAlchemy (under PyIceberg's SQL catalog) wants an absolute SQLite path as
-`sqlite:////abs/path` (four slashes).
+Both exactly as `beacon up` prints them (and writes them to endpoints.json): the catalog
+URI is SQLAlchemy's `sqlite:////abs/path/catalog.db` (four slashes: an absolute path).
 """
-
-import os
 
 import json
 import sys
@@ -17,7 +15,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 
 def main() -> None:
-    uri = "sqlite:///" + os.path.abspath(sys.argv[1])
+    uri = sys.argv[1]
     warehouse = sys.argv[2]
     catalog = SqlCatalog("beacon", uri=uri, warehouse=warehouse)
     out = {"tables": sorted(".".join(t) for t in catalog.list_tables("analytics"))}

@@ -37,7 +37,7 @@ use datafusion::execution::context::SessionConfig;
 use datafusion::prelude::SessionContext;
 use iceberg::io::LocalFsStorageFactory;
 use iceberg::table::Table;
-use iceberg::{Catalog, CatalogBuilder};
+use iceberg::{Catalog, CatalogBuilder, NamespaceIdent, TableIdent};
 use iceberg_catalog_sql::{
     SqlBindStyle, SqlCatalogBuilder, SQL_CATALOG_PROP_BIND_STYLE, SQL_CATALOG_PROP_URI,
     SQL_CATALOG_PROP_WAREHOUSE,
@@ -72,6 +72,14 @@ pub enum WarehouseError {
         table: &'static str,
         have: String,
         want: String,
+    },
+    /// A table whose metadata cannot be read (a corrupt or missing metadata file): named,
+    /// with the file the catalog points at, so an operator knows what to restore.
+    #[error("table {table}: cannot load its metadata ({metadata}): {source}")]
+    TableMetadata {
+        table: String,
+        metadata: String,
+        source: Box<iceberg::Error>,
     },
     #[error("catalog database: {0}")]
     Catalog(sqlx::Error),
@@ -116,11 +124,10 @@ impl Layout {
 
     pub fn catalog_uri(&self) -> String {
         format!(
+            // SQLAlchemy's form (PyIceberg): `sqlite:///` + an absolute path, so four
+            // slashes; three would name a path relative to the reader's directory.
             "sqlite:///{}",
-            self.catalog_db
-                .display()
-                .to_string()
-                .trim_start_matches('/')
+            self.catalog_db.display()
         )
     }
 
@@ -152,7 +159,9 @@ impl Warehouse {
             source,
         })?;
         let catalog = open_catalog(&layout).await?;
-        tables::ensure_all(catalog.as_ref()).await?;
+        if let Err(e) = tables::ensure_all(catalog.as_ref()).await {
+            return Err(name_metadata_file(&layout, e).await);
+        }
         // The provider caches the table list, so it is built after the tables exist; it
         // reloads table metadata on every scan, so queries always see the latest commits.
         let provider = Arc::new(IcebergCatalogProvider::try_new(catalog.clone()).await?);
@@ -225,7 +234,27 @@ impl Warehouse {
     }
 
     pub async fn table(&self, kind: TableKind) -> Result<Table, WarehouseError> {
-        Ok(self.catalog.load_table(&kind.ident()).await?)
+        match self.catalog.load_table(&kind.ident()).await {
+            Ok(t) => Ok(t),
+            Err(source) => Err(name_metadata_file(
+                &self.layout,
+                WarehouseError::TableMetadata {
+                    table: kind.name().to_string(),
+                    metadata: String::new(),
+                    source: Box::new(source),
+                },
+            )
+            .await),
+        }
+    }
+
+    /// Loads every table's current metadata: the warehouse can answer and commit. The
+    /// readiness check of the roles that need the warehouse.
+    pub async fn check(&self) -> Result<(), WarehouseError> {
+        for kind in TableKind::ALL {
+            self.table(kind).await?;
+        }
+        Ok(())
     }
 
     /// A DataFusion session over the warehouse: tables by bare name, HLL functions, views.
@@ -394,6 +423,35 @@ pub fn read_only() -> datafusion::execution::context::SQLOptions {
 }
 
 /// The sqlx URI of the catalog database (the same one the SQL catalog opens).
+/// Fills in which metadata file a [`WarehouseError::TableMetadata`] is about (the catalog
+/// row's `metadata_location`); other errors pass through.
+async fn name_metadata_file(layout: &Layout, e: WarehouseError) -> WarehouseError {
+    match e {
+        WarehouseError::TableMetadata {
+            table,
+            metadata,
+            source,
+        } if metadata.is_empty() => {
+            let ident = TableIdent::new(NamespaceIdent::new(NAMESPACE.into()), table.clone());
+            let metadata =
+                match replace::CatalogSwap::connect(&sqlx_uri(layout), CATALOG_NAME).await {
+                    Ok(swap) => match swap.metadata_location(&ident).await {
+                        Ok(Some(location)) => location,
+                        Ok(None) => "no catalog row".into(),
+                        Err(e) => format!("catalog unreadable: {e}"),
+                    },
+                    Err(e) => format!("catalog unreadable: {e}"),
+                };
+            WarehouseError::TableMetadata {
+                table,
+                metadata,
+                source,
+            }
+        }
+        e => e,
+    }
+}
+
 fn sqlx_uri(layout: &Layout) -> String {
     format!("sqlite:{}?mode=rwc", layout.catalog_db.display())
 }

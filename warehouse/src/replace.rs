@@ -110,6 +110,24 @@ impl CatalogSwap {
         })
     }
 
+    /// Where the catalog says `ident`'s current metadata is (`None`: no such table).
+    pub(crate) async fn metadata_location(
+        &self,
+        ident: &TableIdent,
+    ) -> Result<Option<String>, WarehouseError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT metadata_location FROM iceberg_tables \
+             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?",
+        )
+        .bind(&self.catalog_name)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(WarehouseError::Catalog)?;
+        Ok(row.map(|(l,)| l))
+    }
+
     /// Points `ident` at `new` if it still points at `expected`. `Ok(false)`: someone else
     /// committed first. (`?` placeholders: the SQLite catalog's bind style; a PostgreSQL
     /// catalog needs `$n`.)

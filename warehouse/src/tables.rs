@@ -321,7 +321,13 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
 /// optional) are added by a schema update, so old rows read them as NULL. Any other
 /// difference is refused before a write can fail with a less helpful error.
 async fn check_schema(catalog: &dyn Catalog, kind: TableKind) -> Result<(), WarehouseError> {
-    let table = catalog.load_table(&kind.ident()).await?;
+    let table = catalog.load_table(&kind.ident()).await.map_err(|source| {
+        WarehouseError::TableMetadata {
+            table: kind.name().to_string(),
+            metadata: String::new(),
+            source: Box::new(source),
+        }
+    })?;
     let have: Vec<&str> = table
         .metadata()
         .current_schema()

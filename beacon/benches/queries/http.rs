@@ -180,6 +180,7 @@ pub async fn start(wh: Arc<Warehouse>, sites: &[Site], nats_dir: &std::path::Pat
             store,
             budget,
             beacon_query::cache::CacheLimits::default(),
+            beacon_serve::Health::new(),
             async move {
                 let _ = stopped.await;
             },

@@ -1,0 +1,501 @@
+//! The single `beacon up` heals itself (issue 17, fault test 8):
+//!
+//! - its nats-server killed with -9 while SDKs send with acknowledgements: the supervisor
+//!   restarts it on the same port and store without an operator, `/readyz` says what
+//!   happened, and every event id (each batch retried under its batch id until
+//!   acknowledged) is stored exactly once;
+//! - a corrupt byte in a table's metadata file: `beacon up` still starts and collects, its
+//!   log and `/readyz` name the table and the file, and once the file is repaired the
+//!   backlog is committed without a restart.
+//!
+//! Both also check `/healthz` and `/readyz` answers on the edge, admin and metrics ports.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use beacon::endpoints::Endpoints;
+use common::{cli_in, first_int, http, sigterm, spawn_up, sql_in, wait_for};
+use serde_json::Value;
+
+fn readyz(base: &str) -> (u16, Value) {
+    let (status, body) = http(base, "GET", "/readyz", None, b"");
+    let v = serde_json::from_str(&body).unwrap_or(Value::Null);
+    (status, v)
+}
+
+fn nats_pid(data: &Path) -> Option<i32> {
+    std::fs::read_to_string(data.join("nats/nats-server.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn merchant(data: &Path) -> String {
+    let v: Value = serde_json::from_str(&cli_in(
+        data,
+        None,
+        &["merchant", "create", "heal-shop", "--format", "json"],
+    ))
+    .expect("json");
+    v["write_key"].as_str().expect("key").to_string()
+}
+
+/// Sends `events` in batches of 50 from `clients` SDK connections, each batch retried under
+/// its own batch id until acknowledged (a tracker's retry by id), at most `deadline`.
+/// Adds acknowledged ids to `acked`; returns how many attempts failed (and were retried)
+/// and the longest a batch waited for its acknowledgement, retries included.
+async fn send_retrying(
+    endpoints: &Endpoints,
+    key: &str,
+    events: Vec<beacon_proto::Event>,
+    clients: usize,
+    acked: Arc<Mutex<HashSet<String>>>,
+    deadline: Duration,
+    pace: Duration,
+) -> (usize, Duration) {
+    let addr = endpoints
+        .edge_quic
+        .clone()
+        .expect("edge")
+        .parse()
+        .expect("addr");
+    let ca = std::fs::read(endpoints.edge_ca_cert.clone().expect("ca")).expect("ca");
+    let started = Instant::now();
+    let per = events.len().div_ceil(clients);
+    let mut tasks = Vec::new();
+    for part in events.chunks(per) {
+        let client = beacon_sdk::Client::connect(beacon_sdk::ClientConfig::new(
+            addr,
+            ca.clone(),
+            key.to_string(),
+        ))
+        .await
+        .expect("connect");
+        let (part, acked) = (part.to_vec(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut failures, mut longest) = (0, Duration::ZERO);
+            for batch in part.chunks(50) {
+                // A steady stream rather than one burst, so a fault lands mid-stream.
+                tokio::time::sleep(pace).await;
+                let batch_id = beacon_sdk::new_batch_id();
+                let first_try = Instant::now();
+                loop {
+                    assert!(
+                        started.elapsed() < deadline,
+                        "a batch was not acknowledged within {deadline:?}"
+                    );
+                    match client.send_batch(&batch_id, batch).await {
+                        Ok(ack) => {
+                            assert_eq!(ack.accepted, batch.len());
+                            acked
+                                .lock()
+                                .expect("lock")
+                                .extend(batch.iter().map(|e| e.event_id.clone()));
+                            longest = longest.max(first_try.elapsed());
+                            break;
+                        }
+                        Err(_) => {
+                            failures += 1;
+                            // A tracker's retry pause.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+            (failures, longest)
+        }));
+    }
+    let (mut failures, mut longest) = (0, Duration::ZERO);
+    for t in tasks {
+        let (f, l) = t.await.expect("sender");
+        failures += f;
+        longest = longest.max(l);
+    }
+    (failures, longest)
+}
+
+fn stored_ids(data: &Path) -> Vec<String> {
+    sql_in(data, "SELECT event_id FROM raw_events")
+        .iter()
+        .filter_map(|r| r["event_id"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_doubled() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-heal-")
+        .tempdir()
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let log = dir.path().join("up.log");
+    let (mut up, endpoints) = spawn_up(&data, &log, &["--http-listen", "127.0.0.1:0"]);
+    let key = merchant(&data);
+    let admin = endpoints.admin_http.clone().expect("admin");
+    let edge_http = endpoints.edge_http.clone().expect("edge http");
+    let api = endpoints.metrics_http.clone().expect("api");
+    for base in [&admin, &edge_http, &api] {
+        assert_eq!(http(base, "GET", "/healthz", None, b"").0, 200, "{base}");
+        wait_for(Duration::from_secs(20), "ready", || {
+            (readyz(base).0 == 200).then_some(())
+        });
+    }
+    let (_, node) = readyz(&admin);
+    for check in ["bus", "ingest", "nats-server", "tables", "warehouse"] {
+        assert_eq!(node["checks"][check]["ok"], true, "{check}: {node}");
+    }
+
+    let events = beacon::demo::generate(
+        17,
+        "heal.example",
+        24_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        300,
+    );
+    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sending = tokio::spawn({
+        let (endpoints, key, acked) = (endpoints.clone(), key.clone(), acked.clone());
+        async move {
+            send_retrying(
+                &endpoints,
+                &key,
+                events,
+                4,
+                acked,
+                Duration::from_secs(120),
+                Duration::from_millis(20),
+            )
+            .await
+        }
+    });
+    // Mid-stream: some batches acknowledged, most still to come.
+    let first = nats_pid(&data).expect("nats pid file");
+    wait_for(Duration::from_secs(60), "first acknowledgements", || {
+        (acked.lock().expect("lock").len() >= 1_000).then_some(())
+    });
+    // SAFETY: SIGKILL to the nats-server `beacon up` started (its pid file).
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    let killed_at = Instant::now();
+    let acked_at_kill = acked.lock().expect("lock").len();
+
+    // Restarted by the supervisor, no operator: a new pid, the node ready again, and the
+    // restart visible in /readyz.
+    let second = wait_for(Duration::from_secs(30), "a new nats-server", || {
+        nats_pid(&data).filter(|p| *p != first && alive(*p))
+    });
+    let node = wait_for(Duration::from_secs(60), "node ready again", || {
+        let (status, v) = readyz(&admin);
+        (status == 200).then_some(v)
+    });
+    let recovered = killed_at.elapsed();
+    assert!(
+        node["checks"]["nats-server"]["failures"].as_u64() >= Some(1),
+        "{node}"
+    );
+    let (failures, longest) = sending.await.expect("senders");
+    let acked = acked.lock().expect("lock").clone();
+    assert_eq!(acked, all, "every batch acknowledged in the end");
+    assert!(
+        acked_at_kill < all.len(),
+        "the kill must land mid-stream ({acked_at_kill} acknowledged)"
+    );
+
+    // Exactly once in the warehouse.
+    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
+        let ids = stored_ids(&data);
+        (ids.len() >= all.len()).then_some(ids)
+    });
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique, all, "every acknowledged id stored, nothing else");
+    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log_text.contains("nats-server died; restarting it"),
+        "{log_text}"
+    );
+    assert!(
+        data.join("nats/nats-server.log.1").exists(),
+        "the dead server's log is kept"
+    );
+    eprintln!(
+        "nats-server {first} killed, {second} ready: node ready again after {recovered:?}; \
+         {} events, {acked_at_kill} acknowledged before the kill, {failures} failed attempts \
+         retried, longest wait for an acknowledgement {longest:?}",
+        all.len()
+    );
+
+    sigterm(&up);
+    let status = up.wait().expect("wait");
+    assert!(status.success(), "beacon up exited with {status}");
+    assert!(!alive(second), "nats-server stopped with beacon up");
+}
+
+/// The current metadata file of `table` (the highest-numbered one).
+fn current_metadata(data: &Path, table: &str) -> PathBuf {
+    let dir = data.join(format!("warehouse/analytics/{table}/metadata"));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("metadata dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".metadata.json"))
+        .collect();
+    files.sort();
+    files.pop().expect("a metadata file")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-corrupt-")
+        .tempdir()
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let log = dir.path().join("up.log");
+    let (mut up, endpoints) = spawn_up(&data, &log, &[]);
+    let key = merchant(&data);
+    let events = beacon::demo::generate(
+        3,
+        "corrupt.example",
+        2_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        100,
+    );
+    let (before, after) = events.split_at(1_000);
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    send_retrying(
+        &endpoints,
+        &key,
+        before.to_vec(),
+        1,
+        acked.clone(),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    wait_for(Duration::from_secs(60), "first events stored", || {
+        (first_int(&sql_in(&data, "SELECT count(*) FROM raw_events")) == 1_000).then_some(())
+    });
+    sigterm(&up);
+    assert!(up.wait().expect("wait").success());
+
+    // One corrupt byte in the events table's current metadata.
+    let file = current_metadata(&data, "events");
+    let good = std::fs::read(&file).expect("read");
+    let mut bad = good.clone();
+    bad[0] = b'#';
+    std::fs::write(&file, &bad).expect("corrupt");
+
+    let log2 = dir.path().join("up2.log");
+    let (mut up, endpoints) = spawn_up(&data, &log2, &["--http-listen", "127.0.0.1:0"]);
+    assert!(
+        endpoints.metrics_http.is_none(),
+        "no query server without a warehouse"
+    );
+    let admin = endpoints.admin_http.clone().expect("admin");
+    let edge_http = endpoints.edge_http.clone().expect("edge http");
+    let name = file
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .to_string();
+    // The node is not ready, and says which table and which file; the edge is ready.
+    let (status, node) = readyz(&admin);
+    assert_eq!(status, 503, "{node}");
+    let detail = node["checks"]["warehouse"]["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        detail.contains("table events") && detail.contains(&name),
+        "{detail}"
+    );
+    let log_text = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        log_text.contains(&name),
+        "the log names the file: {log_text}"
+    );
+    wait_for(Duration::from_secs(20), "edge ready", || {
+        (readyz(&edge_http).0 == 200).then_some(())
+    });
+
+    // Collection goes on: the second half is acknowledged while the warehouse is broken.
+    send_retrying(
+        &endpoints,
+        &key,
+        after.to_vec(),
+        1,
+        acked.clone(),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(acked.lock().expect("lock").len(), 2_000);
+
+    // Repaired: the roles start on their own, the backlog is committed, exactly once.
+    std::fs::write(&file, &good).expect("repair");
+    let endpoints = wait_for(Duration::from_secs(90), "query servers started", || {
+        Endpoints::read(&data)
+            .ok()
+            .filter(|e| e.metrics_http.is_some())
+    });
+    let ids = wait_for(Duration::from_secs(90), "backlog committed", || {
+        let ids = stored_ids(&data);
+        (ids.len() >= 2_000).then_some(ids)
+    });
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique, *acked.lock().expect("lock"));
+    assert_eq!(ids.len(), 2_000, "no duplicates");
+    wait_for(Duration::from_secs(30), "node ready", || {
+        (readyz(&admin).0 == 200).then_some(())
+    });
+    let api = endpoints.metrics_http.expect("api");
+    assert_eq!(readyz(&api).0, 200);
+    assert!(up.try_wait().expect("wait").is_none(), "still running");
+    sigterm(&up);
+    assert!(up.wait().expect("wait").success());
+}
+
+/// A small file system mounted over a directory for one test; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a {size} tmpfs to fill a disk, which needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes zeros into `path` until the file system is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("ballast");
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_restart() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-full-")
+        .tempdir()
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let _disk = Tmpfs::mount(&data.join("nats"), "24m");
+    let log = dir.path().join("up.log");
+    let (mut up, endpoints) = spawn_up(&data, &log, &["--http-listen", "127.0.0.1:0"]);
+    let key = merchant(&data);
+    let admin = endpoints.admin_http.clone().expect("admin");
+    let edge_http = endpoints.edge_http.clone().expect("edge http");
+    let ballast = data.join("nats/ballast");
+    fill(&ballast);
+
+    let events = beacon::demo::generate(
+        5,
+        "full.example",
+        3_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        100,
+    );
+    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sending = tokio::spawn({
+        let (endpoints, key, acked) = (endpoints.clone(), key.clone(), acked.clone());
+        async move {
+            send_retrying(
+                &endpoints,
+                &key,
+                events,
+                2,
+                acked,
+                Duration::from_secs(150),
+                Duration::from_millis(20),
+            )
+            .await
+        }
+    });
+    // Full: the node and the edge say they cannot store, and why.
+    let node = wait_for(
+        Duration::from_secs(60),
+        "node reports the full store",
+        || {
+            let (status, v) = readyz(&admin);
+            let detail = v["checks"]["nats-server"]["detail"].as_str().unwrap_or("");
+            (status == 503 && detail.contains("cannot store")).then_some(v)
+        },
+    );
+    let edge = wait_for(Duration::from_secs(30), "the edge not ready", || {
+        let (status, v) = readyz(&edge_http);
+        (status == 503).then_some(v)
+    });
+    assert!(
+        edge["checks"]["bus"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("JetStream does not store")),
+        "{edge}"
+    );
+    let acked_while_full = acked.lock().expect("lock").len();
+
+    // Space returns: recovered without restarting `beacon up`, nothing lost or doubled.
+    std::fs::remove_file(&ballast).expect("free space");
+    let freed = Instant::now();
+    let (failures, longest) = sending.await.expect("senders");
+    let recovered = freed.elapsed();
+    assert_eq!(*acked.lock().expect("lock"), all);
+    wait_for(Duration::from_secs(60), "node ready", || {
+        (readyz(&admin).0 == 200).then_some(())
+    });
+    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
+        let ids = stored_ids(&data);
+        (ids.len() >= all.len()).then_some(ids)
+    });
+    assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), all);
+    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log_text.contains("failing to store with free space again"),
+        "{log_text}"
+    );
+    assert!(up.try_wait().expect("wait").is_none(), "the same process");
+    eprintln!(
+        "full store: {} events, {acked_while_full} acknowledged before space returned, all \
+         acknowledged {recovered:?} after; {failures} failed attempts retried, longest wait \
+         {longest:?}; node while full: {node}",
+        all.len()
+    );
+    sigterm(&up);
+    assert!(up.wait().expect("wait").success());
+}
