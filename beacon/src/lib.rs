@@ -1,6 +1,9 @@
 //! The `beacon` binary's building blocks, public so end-to-end tests can drive them:
-//! the private nats-server launcher, the endpoints file, and demo traffic.
+//! the private nats-server launcher, the endpoints file, demo traffic, and copying a data
+//! directory (backup, restore, relocate).
 
+#[cfg(feature = "full")]
+pub mod backup;
 pub mod config;
 pub mod demo;
 pub mod endpoints;

@@ -135,6 +135,33 @@ enum Command {
         #[command(flatten)]
         maintain: MaintainArgs,
     },
+    /// Copy a stopped data directory (warehouse, catalog, bus store, keys) to a new
+    /// directory that is itself a working data directory (`--data-dir <backup>` reads it).
+    #[cfg(feature = "full")]
+    Backup {
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+        /// A new (or empty) directory.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Copy a backup into a new data directory and make it work there.
+    #[cfg(feature = "full")]
+    Restore {
+        /// The backup (a directory `beacon backup` wrote).
+        #[arg(long)]
+        from: PathBuf,
+        /// A new (or empty) directory.
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+    },
+    /// Make a data directory that was copied or moved by other means (cp, rsync, a volume
+    /// snapshot) work where it is now: rewrites the absolute paths Iceberg recorded.
+    #[cfg(feature = "full")]
+    Relocate {
+        #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
+        data_dir: PathBuf,
+    },
     /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly,
     /// revenue_hourly; views: rollups, revenue, sessions, daily_metrics).
     #[cfg(feature = "full")]
@@ -890,6 +917,47 @@ async fn run(cli: Cli) -> Result<()> {
             dry_run,
             maintain,
         } => run_maintain(&data_dir, &tables, maintain.options(dry_run)).await,
+        #[cfg(feature = "full")]
+        Command::Backup { data_dir, to } => {
+            let c = beacon::backup::copy(&data_dir, &to).await?;
+            println!(
+                "backed up {} to {}: {} files, {:.1} MiB; the backup is a data directory (check it: beacon sql --data-dir {} ...)",
+                data_dir.display(),
+                to.display(),
+                c.files,
+                c.bytes as f64 / (1 << 20) as f64,
+                to.display()
+            );
+            Ok(())
+        }
+        #[cfg(feature = "full")]
+        Command::Restore { from, data_dir } => {
+            let c = beacon::backup::copy(&from, &data_dir).await?;
+            println!(
+                "restored {} into {}: {} files, {:.1} MiB, {} metadata files rewritten; start it with: beacon up --data-dir {}",
+                from.display(),
+                data_dir.display(),
+                c.files,
+                c.bytes as f64 / (1 << 20) as f64,
+                c.relocation.map(|r| r.files).unwrap_or(0),
+                data_dir.display()
+            );
+            Ok(())
+        }
+        #[cfg(feature = "full")]
+        Command::Relocate { data_dir } => {
+            match beacon::backup::relocate(&data_dir).await? {
+                Some(r) => println!(
+                    "relocated {} tables from {} to {} ({} metadata files rewritten)",
+                    r.tables,
+                    r.from.display(),
+                    r.to.display(),
+                    r.files
+                ),
+                None => println!("{} already records its own paths", data_dir.display()),
+            }
+            Ok(())
+        }
         #[cfg(feature = "full")]
         Command::Sql {
             query,

@@ -19,6 +19,7 @@ pub mod dimensions;
 pub mod hll;
 pub mod maintain;
 pub mod output;
+pub mod relocate;
 pub mod replace;
 pub mod rewrite;
 pub mod rollup;
@@ -81,6 +82,12 @@ pub enum WarehouseError {
         metadata: String,
         source: Box<iceberg::Error>,
     },
+    /// A data directory copied or moved without [`relocate::relocate`]: using it would read
+    /// (and commit next to) the files of the directory it came from.
+    #[error("the catalog in {here} records its tables under {recorded}: this data directory was copied or moved; run `beacon relocate --data-dir {here}` to rewrite its paths (the original is not touched)")]
+    Moved { recorded: PathBuf, here: PathBuf },
+    #[error("relocating {file}: {reason}")]
+    Relocate { file: PathBuf, reason: String },
     #[error("catalog database: {0}")]
     Catalog(sqlx::Error),
     #[error("catalog inconsistent: {0}")]
@@ -158,6 +165,14 @@ impl Warehouse {
             path: layout.warehouse_dir.clone(),
             source,
         })?;
+        if let Some(recorded) = relocate::recorded_root(&layout).await? {
+            if !relocate::is_here(&layout, &recorded) {
+                return Err(WarehouseError::Moved {
+                    recorded,
+                    here: data_dir.to_path_buf(),
+                });
+            }
+        }
         let catalog = open_catalog(&layout).await?;
         if let Err(e) = tables::ensure_all(catalog.as_ref()).await {
             return Err(name_metadata_file(&layout, e).await);

@@ -89,6 +89,15 @@ pub enum Outcome {
     AlreadyApplied { snapshot_id: i64 },
 }
 
+/// One table row of the SQL catalog.
+#[derive(Debug, Clone)]
+pub(crate) struct CatalogRow {
+    pub namespace: String,
+    pub name: String,
+    pub metadata: String,
+    pub previous: Option<String>,
+}
+
 /// The compare-and-swap on the SQL catalog's table row, as `iceberg-catalog-sql` does it.
 pub(crate) struct CatalogSwap {
     pool: AnyPool,
@@ -108,6 +117,52 @@ impl CatalogSwap {
             pool,
             catalog_name: catalog_name.to_string(),
         })
+    }
+
+    /// Every table row of this catalog.
+    pub(crate) async fn locations(&self) -> Result<Vec<CatalogRow>, WarehouseError> {
+        let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT table_namespace, table_name, metadata_location, previous_metadata_location \
+             FROM iceberg_tables WHERE catalog_name = ? ORDER BY table_namespace, table_name",
+        )
+        .bind(&self.catalog_name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(WarehouseError::Catalog)?;
+        Ok(rows
+            .into_iter()
+            .map(|(namespace, name, metadata, previous)| CatalogRow {
+                namespace,
+                name,
+                metadata,
+                previous,
+            })
+            .collect())
+    }
+
+    /// Points each row at new (metadata, previous) locations, all in one transaction.
+    pub(crate) async fn set_locations(
+        &self,
+        moves: &[(CatalogRow, String, Option<String>)],
+    ) -> Result<(), WarehouseError> {
+        let mut tx = self.pool.begin().await.map_err(WarehouseError::Catalog)?;
+        for (row, metadata, previous) in moves {
+            sqlx::query(
+                "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+                 WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+                   AND metadata_location = ?",
+            )
+            .bind(metadata)
+            .bind(previous.clone())
+            .bind(&self.catalog_name)
+            .bind(&row.namespace)
+            .bind(&row.name)
+            .bind(&row.metadata)
+            .execute(&mut *tx)
+            .await
+            .map_err(WarehouseError::Catalog)?;
+        }
+        tx.commit().await.map_err(WarehouseError::Catalog)
     }
 
     /// Where the catalog says `ident`'s current metadata is (`None`: no such table).

@@ -1,0 +1,121 @@
+//! `beacon backup`, `beacon restore` and `beacon relocate`: a data directory (Iceberg
+//! warehouse, SQLite catalog, the bus's JetStream store with merchants and pipelines, keys
+//! and certificates) copied whole while nothing runs on it, and made to work wherever it
+//! lands by rewriting the absolute paths Iceberg records ([`beacon_warehouse::relocate`]).
+//!
+//! A backup is itself a data directory: `beacon sql --data-dir <backup>` reads it, and
+//! restoring is copying it back anywhere and relocating it there. Online backups (while
+//! `beacon up` runs) are not supported yet: see docs/RELIABILITY.md.
+
+use std::path::{Path, PathBuf};
+
+use beacon_warehouse::relocate::Relocation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0} is not a data directory (no catalog.db)")]
+    NotADataDir(PathBuf),
+    #[error("{0} is in use (a `beacon up`, ingest or rollup role runs on it): stop it first")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not empty: choose a new directory")]
+    NotEmpty(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Warehouse(#[from] beacon_warehouse::WarehouseError),
+}
+
+/// What a backup or restore copied, and the warehouse check afterwards.
+#[derive(Debug)]
+pub struct Copied {
+    pub files: usize,
+    pub bytes: u64,
+    pub relocation: Option<Relocation>,
+}
+
+/// Copies the stopped data directory `from` to the new directory `to` and relocates the
+/// copy, then opens it and loads every table (the copy is checked, not assumed).
+pub async fn copy(from: &Path, to: &Path) -> Result<Copied, BackupError> {
+    if !from.join("catalog.db").is_file() {
+        return Err(BackupError::NotADataDir(from.to_path_buf()));
+    }
+    // `beacon up` holds both role locks for as long as it runs.
+    let _held = (
+        crate::lock::lock_role(from, "ingest").map_err(|_| BackupError::InUse(from.into()))?,
+        crate::lock::lock_role(from, "rollup").map_err(|_| BackupError::InUse(from.into()))?,
+    );
+    if to.exists() && std::fs::read_dir(to).map_err(io(to))?.next().is_some() {
+        return Err(BackupError::NotEmpty(to.to_path_buf()));
+    }
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    let mut copied = Copied {
+        files: 0,
+        bytes: 0,
+        relocation: None,
+    };
+    copy_tree(from, to, &mut copied)?;
+    copied.relocation = beacon_warehouse::relocate::relocate(to).await?;
+    let wh = beacon_warehouse::Warehouse::open_existing(to).await?;
+    wh.check().await?;
+    Ok(copied)
+}
+
+/// Rewrites a data directory that was copied or moved by other means (cp, rsync, a volume
+/// snapshot) to work where it is.
+pub async fn relocate(data_dir: &Path) -> Result<Option<Relocation>, BackupError> {
+    if !data_dir.join("catalog.db").is_file() {
+        return Err(BackupError::NotADataDir(data_dir.to_path_buf()));
+    }
+    let _held = (
+        crate::lock::lock_role(data_dir, "ingest")
+            .map_err(|_| BackupError::InUse(data_dir.into()))?,
+        crate::lock::lock_role(data_dir, "rollup")
+            .map_err(|_| BackupError::InUse(data_dir.into()))?,
+    );
+    let moved = beacon_warehouse::relocate::relocate(data_dir).await?;
+    beacon_warehouse::Warehouse::open_existing(data_dir)
+        .await?
+        .check()
+        .await?;
+    Ok(moved)
+}
+
+/// What a copy leaves behind: the running state of the source (its endpoints, the pid of
+/// its nats-server, role locks) and half-written temporary files.
+fn skipped(name: &str) -> bool {
+    matches!(name, "endpoints.json" | "nats-server.pid")
+        || name.ends_with(".lock")
+        || name.ends_with(".tmp")
+}
+
+fn copy_tree(from: &Path, to: &Path, copied: &mut Copied) -> Result<(), BackupError> {
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let name = entry.file_name();
+        if skipped(&name.to_string_lossy()) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        let kind = entry.file_type().map_err(io(&src))?;
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(io(&dst))?;
+            // The same private mode as the source directory.
+            let mode = std::fs::metadata(&src).map_err(io(&src))?.permissions();
+            std::fs::set_permissions(&dst, mode).map_err(io(&dst))?;
+            copy_tree(&src, &dst, copied)?;
+        } else if kind.is_file() {
+            // `fs::copy` keeps the file's permissions.
+            copied.bytes += std::fs::copy(&src, &dst).map_err(io(&src))?;
+            copied.files += 1;
+        }
+    }
+    Ok(())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {
+    let path = path.to_path_buf();
+    move |source| BackupError::Io { path, source }
+}
