@@ -165,6 +165,8 @@ impl Warehouse {
             path: layout.warehouse_dir.clone(),
             source,
         })?;
+        // (After opening: that creates the catalog's own tables when they are missing.)
+        let catalog = open_catalog(&layout).await?;
         if let Some(recorded) = relocate::recorded_root(&layout).await? {
             if !relocate::is_here(&layout, &recorded) {
                 return Err(WarehouseError::Moved {
@@ -173,7 +175,6 @@ impl Warehouse {
                 });
             }
         }
-        let catalog = open_catalog(&layout).await?;
         if let Err(e) = tables::ensure_all(catalog.as_ref()).await {
             return Err(name_metadata_file(&layout, e).await);
         }

@@ -108,7 +108,7 @@ fn pyiceberg(dir: &std::path::Path) -> serde_json::Value {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/pyiceberg_read.py");
     let out = std::process::Command::new(venv.join("bin/python"))
         .arg(script)
-        .arg(&layout.catalog_db)
+        .arg(layout.catalog_uri())
         .arg(layout.warehouse_uri())
         .output()
         .expect("run python (scripts/setup.sh makes the venv)");
