@@ -230,6 +230,34 @@ async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_d
         data.join("nats/nats-server.log.1").exists(),
         "the dead server's log is kept"
     );
+    // The operator's metrics moved with what happened.
+    let (status, text) = http(&admin, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        metric("beacon_nats_server_restarts_total{reason=\"exited\"}"),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric("beacon_edge_events_total{listener=\"quic\",outcome=\"accepted\"")
+            >= all.len() as f64,
+        "{text}"
+    );
+    assert_eq!(metric("beacon_ready{check=\"nats-server\"}"), 1.0, "{text}");
+    assert!(
+        metric("beacon_ingest_envelopes_total") >= (all.len() / 50) as f64,
+        "{text}"
+    );
+    assert!(
+        text.contains("beacon_edge_publish_seconds_bucket"),
+        "{text}"
+    );
     eprintln!(
         "nats-server {first} killed, {second} ready: node ready again after {recovered:?}; \
          {} events, {acked_at_kill} acknowledged before the kill, {failures} failed attempts \
@@ -494,6 +522,144 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
         "full store: {} events, {acked_while_full} acknowledged before space returned, all \
          acknowledged {recovered:?} after; {failures} failed attempts retried, longest wait \
          {longest:?}; node while full: {node}",
+        all.len()
+    );
+    sigterm(&up);
+    assert!(up.wait().expect("wait").success());
+}
+
+/// Connects to the edge that `endpoints.json` in `data` names now (`None` while there is
+/// none, or it does not answer).
+async fn connect_current(data: &Path, key: &str) -> Option<beacon_sdk::Client> {
+    let endpoints = Endpoints::read(data).ok()?;
+    let addr = endpoints.edge_quic?.parse().ok()?;
+    let ca = std::fs::read(endpoints.edge_ca_cert?).ok()?;
+    beacon_sdk::Client::connect(beacon_sdk::ClientConfig::new(addr, ca, key.to_string()))
+        .await
+        .ok()
+}
+
+/// Like [`send_retrying`], but a sender whose edge went away reconnects to whichever edge
+/// `endpoints.json` names (a restarted `beacon up` listens on new ports).
+async fn send_reconnecting(
+    data: PathBuf,
+    key: String,
+    events: Vec<beacon_proto::Event>,
+    clients: usize,
+    acked: Arc<Mutex<HashSet<String>>>,
+    deadline: Duration,
+) -> usize {
+    let started = Instant::now();
+    let per = events.len().div_ceil(clients);
+    let mut tasks = Vec::new();
+    for part in events.chunks(per) {
+        let (part, acked, data, key) = (part.to_vec(), acked.clone(), data.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = None;
+            let mut failures = 0;
+            for batch in part.chunks(50) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let batch_id = beacon_sdk::new_batch_id();
+                loop {
+                    assert!(
+                        started.elapsed() < deadline,
+                        "a batch was not acknowledged within {deadline:?}"
+                    );
+                    if client.is_none() {
+                        client = connect_current(&data, &key).await;
+                    }
+                    let outcome = match &client {
+                        Some(c) => c.send_batch(&batch_id, batch).await.ok(),
+                        None => None,
+                    };
+                    match outcome {
+                        Some(ack) => {
+                            assert_eq!(ack.accepted, batch.len());
+                            acked
+                                .lock()
+                                .expect("lock")
+                                .extend(batch.iter().map(|e| e.event_id.clone()));
+                            break;
+                        }
+                        None => {
+                            failures += 1;
+                            client = None;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = 0;
+    for t in tasks {
+        failures += t.await.expect("sender");
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-kill-")
+        .tempdir()
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let (mut up, _) = spawn_up(&data, &dir.path().join("up.log"), &[]);
+    let key = merchant(&data);
+    let events = beacon::demo::generate(
+        11,
+        "kill.example",
+        12_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        300,
+    );
+    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sending = tokio::spawn(send_reconnecting(
+        data.clone(),
+        key.clone(),
+        events,
+        2,
+        acked.clone(),
+        Duration::from_secs(150),
+    ));
+    wait_for(Duration::from_secs(60), "first acknowledgements", || {
+        (acked.lock().expect("lock").len() >= 1_000).then_some(())
+    });
+    up.kill().expect("kill -9 beacon up");
+    up.wait().expect("reap");
+    let killed_at = Instant::now();
+    let acked_at_kill = acked.lock().expect("lock").len();
+    // What a killed process leaves behind; the restart writes a fresh one.
+    std::fs::remove_file(data.join("endpoints.json")).expect("stale endpoints");
+    let (mut up, _) = spawn_up(&data, &dir.path().join("up2.log"), &[]);
+    let restarted = killed_at.elapsed();
+    let failures = sending.await.expect("senders");
+    assert_eq!(*acked.lock().expect("lock"), all);
+    assert!(acked_at_kill < all.len(), "the kill must land mid-stream");
+    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
+        let ids = stored_ids(&data);
+        (ids.len() >= all.len()).then_some(ids)
+    });
+    assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), all);
+    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    // One nats-server on the store, not the old one beside the new.
+    let store = data.join("nats").display().to_string();
+    let servers = std::process::Command::new("pgrep")
+        .args(["-f", &format!("nats-server.*{store}")])
+        .output()
+        .expect("pgrep");
+    assert_eq!(
+        String::from_utf8_lossy(&servers.stdout).lines().count(),
+        1,
+        "nats-servers on the store"
+    );
+    eprintln!(
+        "beacon up killed with {acked_at_kill} of {} acknowledged; restarted (endpoints \
+         written) {restarted:?} later; {failures} failed attempts retried",
         all.len()
     );
     sigterm(&up);

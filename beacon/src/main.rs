@@ -810,6 +810,10 @@ fn apply_config_file() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Operator metrics, served at `/metrics` on the admin port (docs/OPERATIONS.md).
+    if let Err(e) = beacon_serve::metrics::install() {
+        tracing::warn!(error = %e, "metrics disabled");
+    }
     if let Some(path) = &cli.config {
         tracing::info!(config = %path.display(), "settings file applied");
     }

@@ -329,6 +329,8 @@ fn supervise(
         let reason = if let Some(status) = server.exited() {
             let reason = format!("exited ({status}); last log lines: {}", server.log_tail(5));
             tracing::error!(%reason, "nats-server died; restarting it");
+            metrics::counter!("beacon_nats_server_restarts_total", "reason" => "exited")
+                .increment(1);
             reason
         } else if last_scan.elapsed() >= Duration::from_secs(1) {
             last_scan = Instant::now();
@@ -355,6 +357,8 @@ fn supervise(
             }
             let reason = format!("failing to store with free space again: {error}");
             tracing::error!(%reason, "restarting nats-server");
+            metrics::counter!("beacon_nats_server_restarts_total", "reason" => "store_failing")
+                .increment(1);
             server.shutdown();
             reason
         } else {

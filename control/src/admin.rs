@@ -260,8 +260,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     beacon_serve::http::serve(
         listener,
-        // Health is outside the token check: orchestrators probe without credentials.
-        router(control, tokens, extra).merge(health.router()),
+        // Health and metrics are outside the token check: orchestrators and Prometheus
+        // call them without credentials (the admin port is the operators' network).
+        router(control, tokens, extra)
+            .merge(health.router())
+            .merge(beacon_serve::metrics::router()),
         beacon_serve::http::HttpLimits::default(),
         "admin-http",
         shutdown,

@@ -93,6 +93,7 @@ pub async fn run_supervised(
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, "ingest failed; restarting in {pause:?}");
+                metrics::counter!("beacon_ingest_restarts_total").increment(1);
                 health.set(HEALTH_CHECK, Err(e.to_string()));
             }
         }
@@ -211,6 +212,10 @@ pub async fn run(
         let started = Instant::now();
         let envelopes = received.len();
         let (rows, max_seq) = writer.commit(received).await?;
+        metrics::histogram!("beacon_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("beacon_ingest_envelopes_total").increment(envelopes as u64);
+        metrics::counter!("beacon_ingest_rows_total").increment(rows as u64);
+        metrics::gauge!("beacon_ingest_committed_sequence").set(max_seq as f64);
         // AckPolicy::All: acking the last message acks the whole batch.
         last.double_ack().await.map_err(nats)?;
         health.set(HEALTH_CHECK, Ok(()));

@@ -44,6 +44,21 @@ pub enum ProcessError {
     Enrich(#[from] EnrichError),
 }
 
+impl ProcessError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProcessError::Decode(_) => "undecodable",
+            ProcessError::TooManyEvents { .. } => "too_many_events",
+            ProcessError::TooLarge(_) => "too_large",
+            ProcessError::NotDurable(_) => "not_durable",
+            ProcessError::Busy => "busy",
+            ProcessError::Limited(_) => "limited",
+            ProcessError::Enrich(_) => "enrich",
+        }
+    }
+}
+
 pub struct Processor {
     edge_id: String,
     /// `<edge-id>-<boot-ms>`: batch ids stay unique across restarts of the same edge.
@@ -130,6 +145,25 @@ struct StageOutcome {
     /// `plugin: reason`, for the client's answer.
     error: Option<String>,
     outcome: Outcome,
+}
+
+/// `beacon_edge_events_total{listener, outcome, reason}`: `accepted` (stored), `rejected`
+/// (invalid events, kept as failed events), `refused` (the whole batch answered with an
+/// error; `reason="not_durable"` is the "not confirmed" answer that may still be stored).
+fn count_events(listener: &'static str, n: usize, result: &Result<BatchResponse, ProcessError>) {
+    let count = |outcome: &'static str, reason: &'static str, k: usize| {
+        if k > 0 {
+            metrics::counter!("beacon_edge_events_total", "listener" => listener, "outcome" => outcome, "reason" => reason)
+                .increment(k as u64);
+        }
+    };
+    match result {
+        Ok(r) => {
+            count("accepted", "", r.accepted);
+            count("rejected", "invalid", r.rejected.len());
+        }
+        Err(e) => count("refused", e.reason(), n),
+    }
 }
 
 /// Counts a batch as in flight for as long as it lives.
@@ -265,23 +299,28 @@ impl Processor {
             });
         }
         let n = request.events.len();
-        self.admit(merchant_id, n)?;
-        let mut events = request.events;
-        if ctx.ip.is_some() || ctx.user_agent.is_some() {
-            let ua = ctx.user_agent.as_deref();
-            let batch = events.iter_mut().map(|e| (e, ua));
-            if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
-                self.refund(merchant_id, n);
-                return Err(e.into());
+        let result = async {
+            self.admit(merchant_id, n)?;
+            let mut events = request.events;
+            if ctx.ip.is_some() || ctx.user_agent.is_some() {
+                let ua = ctx.user_agent.as_deref();
+                let batch = events.iter_mut().map(|e| (e, ua));
+                if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
+                    self.refund(merchant_id, n);
+                    return Err(e.into());
+                }
             }
+            let chunk = self.chunk_len(&events, Some(payload.len()));
+            let result = self
+                .publish_chunked(merchant_id, events, batch_id, now, chunk)
+                .await;
+            if result.is_err() {
+                self.refund(merchant_id, n);
+            }
+            result
         }
-        let chunk = self.chunk_len(&events, Some(payload.len()));
-        let result = self
-            .publish_chunked(merchant_id, events, batch_id, now, chunk)
-            .await;
-        if result.is_err() {
-            self.refund(merchant_id, n);
-        }
+        .await;
+        count_events("quic", n, &result);
         result
     }
 
@@ -369,9 +408,12 @@ impl Processor {
                 max: self.max_batch_events,
             });
         }
-        let chunk = self.chunk_len(&events, None);
-        self.publish_chunked(merchant_id, events, batch_id, crate::now_ms(), chunk)
-            .await
+        let (n, chunk) = (events.len(), self.chunk_len(&events, None));
+        let result = self
+            .publish_chunked(merchant_id, events, batch_id, crate::now_ms(), chunk)
+            .await;
+        count_events("http", n, &result);
+        result
     }
 
     /// Validation, plugins, publishing.

@@ -168,6 +168,10 @@ impl Publisher {
             let last = match attempt.await {
                 Ok(ack) => {
                     self.outcomes.ok();
+                    metrics::histogram!("beacon_edge_publish_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    // With ingest's committed sequence: the bus backlog (docs/OPERATIONS.md).
+                    metrics::gauge!("beacon_edge_published_sequence").set(ack.sequence as f64);
                     if ack.duplicate {
                         tracing::debug!(batch_id = %envelope.batch_id, "batch already stored (retry)");
                     }
@@ -176,6 +180,7 @@ impl Publisher {
                 Err(e) => e.to_string(),
             };
             self.outcomes.failed(&last);
+            metrics::counter!("beacon_edge_publish_failures_total").increment(1);
             if started.elapsed() + backoff > self.deadline {
                 return Err(PublishError::NotAcknowledged {
                     batch_id: envelope.batch_id.clone(),

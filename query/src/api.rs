@@ -231,12 +231,19 @@ async fn query(
         .plan(&merchant, tz, chrono::Utc::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let sources = plan.sources();
-    let (answer, served) = answer(&app.sessions, &app.budget, &app.answers, &plan, &sources)
-        .await
-        .map_err(|e| match &*e {
-            AnswerError::Invalid(q) => ApiError(StatusCode::BAD_REQUEST, q.to_string()),
-            AnswerError::Warehouse(w) => query_failed(w),
-        })?;
+    let started = std::time::Instant::now();
+    let answered = answer(&app.sessions, &app.budget, &app.answers, &plan, &sources).await;
+    let outcome = match &answered {
+        Ok((_, served)) => served.as_str(),
+        Err(_) => "error",
+    };
+    metrics::counter!("beacon_query_answers_total", "cache" => outcome).increment(1);
+    metrics::histogram!("beacon_query_seconds", "cache" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    let (answer, served) = answered.map_err(|e| match &*e {
+        AnswerError::Invalid(q) => ApiError(StatusCode::BAD_REQUEST, q.to_string()),
+        AnswerError::Warehouse(w) => query_failed(w),
+    })?;
     let from = plan.from.with_timezone(&plan.tz);
     let to = plan.to.with_timezone(&plan.tz);
     let mut meta = serde_json::Map::new();

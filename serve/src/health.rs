@@ -68,6 +68,11 @@ impl Health {
     /// Records a check's outcome; a change of state is logged (failing: warn, passing
     /// again: info) so the log tells when and why a role stopped being ready.
     pub fn set(&self, name: &'static str, result: Result<(), String>) {
+        metrics::gauge!("beacon_ready", "check" => name).set(if result.is_ok() {
+            1.0
+        } else {
+            0.0
+        });
         let mut checks = self.lock();
         let now = Instant::now();
         let (ok, detail) = match result {

@@ -8,6 +8,7 @@
 //!   metrics API and the admin API);
 //! - [`health`]: `/healthz` (the process answers) and `/readyz` (its named checks pass),
 //!   with probes that run a check on an interval under a timeout;
+//! - [`metrics`]: `GET /metrics` (Prometheus text) of the process-wide recorder;
 //! - [`process`]: start-up hygiene: the file-descriptor soft limit raised to the hard limit,
 //!   private file modes for everything the process writes, and tightening of an existing
 //!   data directory.
@@ -18,6 +19,7 @@
 pub mod conn_limit;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod process;
 pub mod tcp;
 
