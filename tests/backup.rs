@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{beacon_bin, cli_in, first_int, sigterm, spawn_up, sql_in, wait_for};
+use common::{beacon_bin, cli_in, first_int, sigterm, spawn_up_guarded, sql_in, wait_for};
 use serde_json::Value;
 
 /// Runs `beacon <args>`: (success, stdout + stderr).
@@ -91,7 +91,7 @@ async fn backup_restore_and_move_keep_everything_and_touch_nothing_outside() {
         root.path().join("c"),
         root.path().join("d"),
     );
-    let (mut up, _) = spawn_up(&a, &root.path().join("a.log"), &[]);
+    let (mut up, _) = spawn_up_guarded(&a, &root.path().join("a.log"), &[]);
     let created: Value = serde_json::from_str(&cli_in(
         &a,
         None,
@@ -116,6 +116,16 @@ async fn backup_restore_and_move_keep_everything_and_touch_nothing_outside() {
     sigterm(&up);
     assert!(up.wait().expect("wait").success());
 
+    // Not into itself.
+    let inside = a.join("backup");
+    let (ok, out) = beacon(&[
+        "backup",
+        "--data-dir",
+        a.to_str().unwrap(),
+        "--to",
+        inside.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("inside"), "{out}");
     let (ok, out) = beacon(&[
         "backup",
         "--data-dir",
@@ -142,11 +152,12 @@ async fn backup_restore_and_move_keep_everything_and_touch_nothing_outside() {
     );
     let (ok, out) = beacon(&["relocate", "--data-dir", c.to_str().unwrap()]);
     assert!(ok && out.contains("relocated"), "{out}");
-    assert_eq!(count(&c), 1_000);
     assert!(!recorded_paths(&c).contains(&a.display().to_string()));
 
-    // Disaster: the original is gone. Restore somewhere new and carry on.
+    // Disaster: the original is gone. The relocated copy reads its own files (a manifest
+    // still pointing into the original would fail now); restore somewhere new and carry on.
     std::fs::remove_dir_all(&a).expect("lose the original");
+    assert_eq!(count(&c), 1_000);
     let (ok, out) = beacon(&[
         "restore",
         "--from",
@@ -159,7 +170,7 @@ async fn backup_restore_and_move_keep_everything_and_touch_nothing_outside() {
     // (a manifest list, a manifest) would fail the reads below.
     let parked = root.path().join("b-parked");
     std::fs::rename(&b, &parked).expect("park the backup");
-    let (mut up, _) = spawn_up(&d, &root.path().join("d.log"), &[]);
+    let (mut up, _) = spawn_up_guarded(&d, &root.path().join("d.log"), &[]);
     // The merchant (in the restored bus store) still sends; its events join the restored ones.
     sent.extend(send(&d, &key, 2, 500).await);
     let ids: HashSet<String> = wait_for(Duration::from_secs(60), "restored + new events", || {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beacon::endpoints::Endpoints;
-use common::{cli_in, first_int, http, sigterm, spawn_up, sql_in, wait_for};
+use common::{cli_in, first_int, http, sigterm, spawn_up_guarded, sql_in, wait_for};
 use serde_json::Value;
 
 fn readyz(base: &str) -> (u16, Value) {
@@ -140,7 +140,7 @@ async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_d
         .expect("tempdir");
     let data = dir.path().join("data");
     let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up(&data, &log, &["--http-listen", "127.0.0.1:0"]);
+    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &["--http-listen", "127.0.0.1:0"]);
     let key = merchant(&data);
     let admin = endpoints.admin_http.clone().expect("admin");
     let edge_http = endpoints.edge_http.clone().expect("edge http");
@@ -291,7 +291,7 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
         .expect("tempdir");
     let data = dir.path().join("data");
     let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up(&data, &log, &[]);
+    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &[]);
     let key = merchant(&data);
     let events = beacon::demo::generate(
         3,
@@ -327,7 +327,7 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     std::fs::write(&file, &bad).expect("corrupt");
 
     let log2 = dir.path().join("up2.log");
-    let (mut up, endpoints) = spawn_up(&data, &log2, &["--http-listen", "127.0.0.1:0"]);
+    let (mut up, endpoints) = spawn_up_guarded(&data, &log2, &["--http-listen", "127.0.0.1:0"]);
     assert!(
         endpoints.metrics_http.is_none(),
         "no query server without a warehouse"
@@ -443,7 +443,7 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     let data = dir.path().join("data");
     let _disk = Tmpfs::mount(&data.join("nats"), "24m");
     let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up(&data, &log, &["--http-listen", "127.0.0.1:0"]);
+    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &["--http-listen", "127.0.0.1:0"]);
     let key = merchant(&data);
     let admin = endpoints.admin_http.clone().expect("admin");
     let edge_http = endpoints.edge_http.clone().expect("edge http");
@@ -606,7 +606,7 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
         .tempdir()
         .expect("tempdir");
     let data = dir.path().join("data");
-    let (mut up, _) = spawn_up(&data, &dir.path().join("up.log"), &[]);
+    let (mut up, _) = spawn_up_guarded(&data, &dir.path().join("up.log"), &[]);
     let key = merchant(&data);
     let events = beacon::demo::generate(
         11,
@@ -635,7 +635,7 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     let acked_at_kill = acked.lock().expect("lock").len();
     // What a killed process leaves behind; the restart writes a fresh one.
     std::fs::remove_file(data.join("endpoints.json")).expect("stale endpoints");
-    let (mut up, _) = spawn_up(&data, &dir.path().join("up2.log"), &[]);
+    let (mut up, _) = spawn_up_guarded(&data, &dir.path().join("up2.log"), &[]);
     let restarted = killed_at.elapsed();
     let failures = sending.await.expect("senders");
     assert_eq!(*acked.lock().expect("lock"), all);

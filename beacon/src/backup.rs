@@ -19,6 +19,12 @@ pub enum BackupError {
     InUse(PathBuf),
     #[error("{0} exists and is not empty: choose a new directory")]
     NotEmpty(PathBuf),
+    #[error("{to} is inside {from}: a copy cannot hold itself")]
+    Inside { from: PathBuf, to: PathBuf },
+    #[error("{0} is a symbolic link: copy what it points to into the data directory first")]
+    Link(PathBuf),
+    #[error(transparent)]
+    Lock(crate::lock::LockError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -42,11 +48,15 @@ pub async fn copy(from: &Path, to: &Path) -> Result<Copied, BackupError> {
     if !from.join("catalog.db").is_file() {
         return Err(BackupError::NotADataDir(from.to_path_buf()));
     }
-    // `beacon up` holds both role locks for as long as it runs.
-    let _held = (
-        crate::lock::lock_role(from, "ingest").map_err(|_| BackupError::InUse(from.into()))?,
-        crate::lock::lock_role(from, "rollup").map_err(|_| BackupError::InUse(from.into()))?,
-    );
+    let _held = hold(from)?;
+    let canonical = std::fs::canonicalize(from).map_err(io(from))?;
+    let target = std::path::absolute(to).map_err(io(to))?;
+    if target.starts_with(&canonical) || target.starts_with(from) {
+        return Err(BackupError::Inside {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+        });
+    }
     if to.exists() && std::fs::read_dir(to).map_err(io(to))?.next().is_some() {
         return Err(BackupError::NotEmpty(to.to_path_buf()));
     }
@@ -69,18 +79,25 @@ pub async fn relocate(data_dir: &Path) -> Result<Option<Relocation>, BackupError
     if !data_dir.join("catalog.db").is_file() {
         return Err(BackupError::NotADataDir(data_dir.to_path_buf()));
     }
-    let _held = (
-        crate::lock::lock_role(data_dir, "ingest")
-            .map_err(|_| BackupError::InUse(data_dir.into()))?,
-        crate::lock::lock_role(data_dir, "rollup")
-            .map_err(|_| BackupError::InUse(data_dir.into()))?,
-    );
+    let _held = hold(data_dir)?;
     let moved = beacon_warehouse::relocate::relocate(data_dir).await?;
     beacon_warehouse::Warehouse::open_existing(data_dir)
         .await?
         .check()
         .await?;
     Ok(moved)
+}
+
+/// The role locks `beacon up` (and the ingest and rollup roles) hold while they run: taken,
+/// nothing that writes the warehouse or the bus store runs on `dir` while we copy it.
+fn hold(dir: &Path) -> Result<(crate::lock::RoleLock, crate::lock::RoleLock), BackupError> {
+    let take = |role| {
+        crate::lock::lock_role(dir, role).map_err(|e| match e {
+            crate::lock::LockError::Held { .. } => BackupError::InUse(dir.to_path_buf()),
+            e => BackupError::Lock(e),
+        })
+    };
+    Ok((take("ingest")?, take("rollup")?))
 }
 
 /// What a copy leaves behind: the running state of the source (its endpoints, the pid of
@@ -106,6 +123,9 @@ fn copy_tree(from: &Path, to: &Path, copied: &mut Copied) -> Result<(), BackupEr
             let mode = std::fs::metadata(&src).map_err(io(&src))?.permissions();
             std::fs::set_permissions(&dst, mode).map_err(io(&dst))?;
             copy_tree(&src, &dst, copied)?;
+        } else if kind.is_symlink() {
+            // Skipping it would make a backup that silently lacks part of the data.
+            return Err(BackupError::Link(src));
         } else if kind.is_file() {
             // `fs::copy` keeps the file's permissions.
             copied.bytes += std::fs::copy(&src, &dst).map_err(io(&src))?;

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use beacon::endpoints::Endpoints;
-#[cfg(feature = "full")]
 use clap::{Parser, Subcommand, ValueEnum};
 #[cfg(feature = "full")]
 use tokio::sync::watch;
@@ -459,6 +458,13 @@ struct QueryServers {
 
 #[cfg(feature = "full")]
 impl QueryServers {
+    /// Stops servers that were started but will not be used.
+    async fn abandon(self) {
+        self.task.abort();
+        let runtime = self.runtime;
+        let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
+    }
+
     async fn wait(self) -> Result<()> {
         let result = self.task.await;
         // Dropped off the async context (a runtime must not be dropped inside another).
@@ -1317,6 +1323,7 @@ async fn up(
     if let Ok(Some(roles)) = warehouse_roles.await {
         roles.wait().await;
     }
+    Endpoints::remove(&data_dir);
     let _ = admin_task.await;
     if let Some(n) = nats {
         n.stop();
@@ -1354,6 +1361,34 @@ struct RunningRoles {
 #[cfg(feature = "full")]
 impl WarehouseRoles {
     async fn start(&self, wh: Arc<beacon_warehouse::Warehouse>) -> Result<RunningRoles> {
+        // The fallible parts first, so a failure leaves nothing running behind.
+        let api_health = beacon_serve::Health::new();
+        let mut stop = self.stop.clone();
+        let query = start_api(
+            &self.nats_url,
+            &self.data_dir,
+            self.listen,
+            self.admin_tokens.clone(),
+            &self.query,
+            api_health.clone(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await?;
+        let maintenance = match self.maintain.spawn(wh.clone(), self.stop.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                query.abandon().await;
+                return Err(e);
+            }
+        };
+        self.node.include(api_health);
+        let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
+            wh.clone(),
+            Duration::from_secs(self.tuning.rollup_interval),
+            self.stop.clone(),
+        ));
         let mut ingest_cfg = beacon_ingest::IngestConfig::new(self.nats_url.clone());
         ingest_cfg.max_batch = self.tuning.ingest_max_batch;
         ingest_cfg.max_wait = Duration::from_millis(self.tuning.ingest_max_wait_ms);
@@ -1363,27 +1398,6 @@ impl WarehouseRoles {
             self.node.clone(),
             self.stop.clone(),
         ));
-        let maintenance = self.maintain.spawn(wh.clone(), self.stop.clone())?;
-        let rollups = tokio::spawn(beacon_warehouse::rollup::run_loop(
-            wh,
-            Duration::from_secs(self.tuning.rollup_interval),
-            self.stop.clone(),
-        ));
-        let api_health = beacon_serve::Health::new();
-        self.node.include(api_health.clone());
-        let mut stop = self.stop.clone();
-        let query = start_api(
-            &self.nats_url,
-            &self.data_dir,
-            self.listen,
-            self.admin_tokens.clone(),
-            &self.query,
-            api_health,
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await?;
         Ok(RunningRoles {
             ingest,
             rollups,
@@ -1407,8 +1421,11 @@ impl WarehouseRoles {
                     Ok(running) => {
                         self.node.set(WAREHOUSE_CHECK, Ok(()));
                         running.publish(&mut endpoints);
-                        if let Err(e) = endpoints.write(&self.data_dir) {
-                            tracing::error!(error = %e, "cannot update endpoints.json");
+                        // Not once shutting down: endpoints.json is gone for good then.
+                        if !*self.stop.borrow() {
+                            if let Err(e) = endpoints.write(&self.data_dir) {
+                                tracing::error!(error = %e, "cannot update endpoints.json");
+                            }
                         }
                         tracing::info!(
                             metrics_api = ?endpoints.metrics_http,
@@ -1417,10 +1434,11 @@ impl WarehouseRoles {
                         return Some(running);
                     }
                     Err(e) => {
-                        // Ports taken or a runtime that would not start: retrying cannot help.
-                        tracing::error!(error = %e, "the warehouse opened but its roles did not start");
+                        // E.g. NATS restarting at that moment: try again (nothing was left
+                        // running by the failed start).
+                        tracing::error!(error = %e, "the warehouse opened but its roles did not start; retrying in {pause:?}");
                         self.node.set(WAREHOUSE_CHECK, Err(format!("{e:#}")));
-                        return None;
+                        pause = (pause * 2).min(Duration::from_secs(30));
                     }
                 },
                 Err(e) => {

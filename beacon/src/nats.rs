@@ -68,7 +68,9 @@ impl NatsServer {
         // The kernel may hand the same free port to someone else between our probe and the
         // server's bind; retry a few times rather than fail a test on that race.
         let mut last_err = None;
-        for _ in 0..5 {
+        // A fixed port (a restart) is tried once: retrying helps only the free-port race.
+        let attempts = if port.is_some() { 1 } else { 5 };
+        for _ in 0..attempts {
             let port = match port {
                 Some(p) => p,
                 None => free_port()?,
@@ -101,7 +103,10 @@ impl NatsServer {
                 port,
                 store_dir: store_dir.to_path_buf(),
             };
-            match server.wait_ready(Duration::from_secs(15)) {
+            // JetStream recovers the store before it is ready: after a crash with a large
+            // store that takes a while, so the bound is generous (a server that exits is
+            // noticed at once).
+            match server.wait_ready(READY_WITHIN) {
                 Ok(()) => return Ok(server),
                 Err(e) => {
                     let _ = server.child.kill();
@@ -112,7 +117,7 @@ impl NatsServer {
         }
         Err(last_err.unwrap_or(NatsError::NotReady {
             port: 0,
-            secs: 15,
+            secs: READY_WITHIN.as_secs(),
             log,
         }))
     }
@@ -165,14 +170,13 @@ impl NatsServer {
                 libc::kill(self.child.id() as i32, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
         // Only our own pid file: a successor may have written its own already.
         let pid_file = self.store_dir.join(PID_FILE);
@@ -202,6 +206,8 @@ impl Drop for NatsServer {
     }
 }
 
+/// How long a starting server may take to be ready (JetStream recovery included).
+const READY_WITHIN: Duration = Duration::from_secs(120);
 /// The running server's pid, beside its store.
 const PID_FILE: &str = "nats-server.pid";
 /// Logs of earlier runs kept beside the current one (`nats-server.log.1` is the newest).
@@ -224,13 +230,16 @@ fn stop_previous(store_dir: &Path) {
     let Ok(pid) = text.trim().parse::<i32>() else {
         return;
     };
+    // A nats-server whose `-sd` argument is exactly this store (a pid may have been reused).
+    let store = store_dir.as_os_str().as_encoded_bytes().to_vec();
     let ours = || {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| {
-                let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                c.contains("nats-server") && c.contains(&*store_dir.to_string_lossy())
-            })
-            .unwrap_or(false)
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"nats-server"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-sd" && w[1] == store.as_slice())
+        })
     };
     if !ours() {
         return;
@@ -406,12 +415,15 @@ impl StoreWatch {
     fn failing(&mut self, store_dir: &Path) -> Option<String> {
         use std::io::{Read, Seek};
         if let Ok(mut f) = std::fs::File::open(store_dir.join("nats-server.log")) {
-            let mut new = String::new();
+            let mut new = Vec::new();
             if f.seek(std::io::SeekFrom::Start(self.offset)).is_ok()
-                && f.read_to_string(&mut new).is_ok()
+                && f.read_to_end(&mut new).is_ok()
             {
-                self.offset += new.len() as u64;
-                if let Some(line) = new.lines().rev().find(|l| l.contains("failed to store")) {
+                // Whole lines only: a line being written is read on the next look.
+                let whole = new.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                self.offset += whole as u64;
+                let text = String::from_utf8_lossy(&new[..whole]);
+                if let Some(line) = text.lines().rev().find(|l| l.contains("failed to store")) {
                     self.last_error = Some((Instant::now(), line.to_string()));
                 }
             }

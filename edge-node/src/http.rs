@@ -143,6 +143,16 @@ pub enum HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        // Every refused request of the HTTP collectors, whatever stage refused it.
+        let reason = match &self {
+            HttpError::BadRequest(_) => "bad_request",
+            HttpError::Unauthorized(_) => "unauthorized",
+            HttpError::Forbidden(_) => "forbidden",
+            HttpError::TooLarge(_) => "too_large",
+            HttpError::Limited(_) => "limited",
+            HttpError::Unavailable(_) => "unavailable",
+        };
+        metrics::counter!("beacon_edge_http_refused_total", "reason" => reason).increment(1);
         let (status, msg, retry_after) = match self {
             HttpError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, None),
             HttpError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m, None),

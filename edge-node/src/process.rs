@@ -149,8 +149,14 @@ struct StageOutcome {
 
 /// `beacon_edge_events_total{listener, outcome, reason}`: `accepted` (stored), `rejected`
 /// (invalid events, kept as failed events), `refused` (the whole batch answered with an
-/// error; `reason="not_durable"` is the "not confirmed" answer that may still be stored).
-fn count_events(listener: &'static str, n: usize, result: &Result<BatchResponse, ProcessError>) {
+/// error; `reason="not_durable"` is the "not confirmed" answer that may still be stored);
+/// and `beacon_edge_batches_refused_total{listener, reason}`, which also counts batches
+/// refused before their events could be counted (undecodable ones).
+pub fn count_events(
+    listener: &'static str,
+    n: usize,
+    result: &Result<BatchResponse, ProcessError>,
+) {
     let count = |outcome: &'static str, reason: &'static str, k: usize| {
         if k > 0 {
             metrics::counter!("beacon_edge_events_total", "listener" => listener, "outcome" => outcome, "reason" => reason)
@@ -162,7 +168,11 @@ fn count_events(listener: &'static str, n: usize, result: &Result<BatchResponse,
             count("accepted", "", r.accepted);
             count("rejected", "invalid", r.rejected.len());
         }
-        Err(e) => count("refused", e.reason(), n),
+        Err(e) => {
+            count("refused", e.reason(), n);
+            metrics::counter!("beacon_edge_batches_refused_total", "listener" => listener, "reason" => e.reason())
+                .increment(1);
+        }
     }
 }
 
@@ -276,6 +286,23 @@ impl Processor {
         client_batch_id: Option<&str>,
         ctx: &ClientCtx,
     ) -> Result<BatchResponse, ProcessError> {
+        let mut events_in = 0;
+        let result = self
+            .process_payload(merchant_id, payload, client_batch_id, ctx, &mut events_in)
+            .await;
+        count_events("quic", events_in, &result);
+        result
+    }
+
+    /// [`Self::process`]; `events_in` is set once the batch is decoded.
+    async fn process_payload(
+        self: &Arc<Self>,
+        merchant_id: &str,
+        payload: &[u8],
+        client_batch_id: Option<&str>,
+        ctx: &ClientCtx,
+        events_in: &mut usize,
+    ) -> Result<BatchResponse, ProcessError> {
         let _in_flight = InFlight::new(&self.active);
         self.precheck(merchant_id)?;
         let now = crate::now_ms();
@@ -299,28 +326,24 @@ impl Processor {
             });
         }
         let n = request.events.len();
-        let result = async {
-            self.admit(merchant_id, n)?;
-            let mut events = request.events;
-            if ctx.ip.is_some() || ctx.user_agent.is_some() {
-                let ua = ctx.user_agent.as_deref();
-                let batch = events.iter_mut().map(|e| (e, ua));
-                if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
-                    self.refund(merchant_id, n);
-                    return Err(e.into());
-                }
-            }
-            let chunk = self.chunk_len(&events, Some(payload.len()));
-            let result = self
-                .publish_chunked(merchant_id, events, batch_id, now, chunk)
-                .await;
-            if result.is_err() {
+        *events_in = n;
+        self.admit(merchant_id, n)?;
+        let mut events = request.events;
+        if ctx.ip.is_some() || ctx.user_agent.is_some() {
+            let ua = ctx.user_agent.as_deref();
+            let batch = events.iter_mut().map(|e| (e, ua));
+            if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
                 self.refund(merchant_id, n);
+                return Err(e.into());
             }
-            result
         }
-        .await;
-        count_events("quic", n, &result);
+        let chunk = self.chunk_len(&events, Some(payload.len()));
+        let result = self
+            .publish_chunked(merchant_id, events, batch_id, now, chunk)
+            .await;
+        if result.is_err() {
+            self.refund(merchant_id, n);
+        }
         result
     }
 

@@ -618,6 +618,37 @@ pub struct Merchant {
     pub token: String,
 }
 
+/// A child process killed (and reaped) on drop, so a failing test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// [`spawn_up`], killed on drop.
+pub fn spawn_up_guarded(data: &Path, log: &Path, extra: &[&str]) -> (KillOnDrop, Endpoints) {
+    let (child, endpoints) = spawn_up(data, log, extra);
+    (KillOnDrop(child), endpoints)
+}
+
 /// Starts `beacon up --data-dir <data>` (ingest commits every 200 ms, then `extra` flags),
 /// appending its log to `log`, and waits for its endpoints file.
 pub fn spawn_up(data: &Path, log: &Path, extra: &[&str]) -> (Child, Endpoints) {

@@ -108,11 +108,16 @@ pub async fn relocate(data_dir: &Path) -> Result<Option<Relocation>, WarehouseEr
     }))
 }
 
-/// `.../warehouse/analytics/<table>/metadata/...` -> `.../warehouse`.
+/// `<root>/analytics/<table>/metadata/<file>` -> `<root>` (by position, not by searching
+/// for the namespace's name, which may also appear higher up the path).
 fn root_of(location: &str) -> Option<PathBuf> {
-    let path = location.strip_prefix("file://").unwrap_or(location);
-    let cut = path.find(&format!("/{NAMESPACE}/"))?;
-    Some(PathBuf::from(&path[..cut]))
+    let path = Path::new(location.strip_prefix("file://").unwrap_or(location));
+    let mut up = path.ancestors();
+    let namespace = up.nth(3)?;
+    if namespace.file_name()? != NAMESPACE {
+        return None;
+    }
+    up.next().map(Path::to_path_buf)
 }
 
 struct Paths {
@@ -164,7 +169,13 @@ fn replace_file(file: &Path, bytes: &[u8]) -> Result<(), WarehouseError> {
         path: file.to_path_buf(),
         source,
     };
-    std::fs::write(&tmp, bytes).map_err(io)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        // On disk before the catalog is pointed at it (an in-place relocate has no copy).
+        f.sync_all().map_err(io)?;
+    }
     std::fs::rename(&tmp, file).map_err(io)
 }
 
@@ -282,6 +293,14 @@ mod tests {
         assert_eq!(
             root_of("/d/warehouse/analytics/events/metadata/0.metadata.json"),
             Some(PathBuf::from("/d/warehouse"))
+        );
+        assert_eq!(
+            root_of("file:///srv/analytics/b/warehouse/analytics/events/metadata/0.metadata.json"),
+            Some(PathBuf::from("/srv/analytics/b/warehouse"))
+        );
+        assert_eq!(
+            root_of("/d/warehouse/other/events/metadata/0.metadata.json"),
+            None
         );
     }
 }

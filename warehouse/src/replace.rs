@@ -147,7 +147,7 @@ impl CatalogSwap {
     ) -> Result<(), WarehouseError> {
         let mut tx = self.pool.begin().await.map_err(WarehouseError::Catalog)?;
         for (row, metadata, previous) in moves {
-            sqlx::query(
+            let done = sqlx::query(
                 "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
                  WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
                    AND metadata_location = ?",
@@ -161,6 +161,12 @@ impl CatalogSwap {
             .execute(&mut *tx)
             .await
             .map_err(WarehouseError::Catalog)?;
+            if done.rows_affected() != 1 {
+                return Err(WarehouseError::CatalogCorrupt(format!(
+                    "{}.{} changed while being relocated",
+                    row.namespace, row.name
+                )));
+            }
         }
         tx.commit().await.map_err(WarehouseError::Catalog)
     }
