@@ -85,6 +85,9 @@ impl NatsServer {
                 use std::os::unix::process::CommandExt;
                 cmd.pre_exec(|| {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    // Its own process group: Ctrl-C in a terminal reaches `beacon up`, which
+                    // drains through the bus and only then stops the server, not both at once.
+                    libc::setpgid(0, 0);
                     Ok(())
                 });
             }
