@@ -32,6 +32,12 @@ fn beacon(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `beacon backup --data-dir from --to to`.
+fn backup(from: &Path, to: &Path) -> (bool, String) {
+    let (from, to) = (from.to_str().expect("path"), to.to_str().expect("path"));
+    beacon(&["backup", "--data-dir", from, "--to", to])
+}
+
 fn count(dir: &Path) -> i64 {
     first_int(&sql_in(
         dir,
@@ -105,34 +111,16 @@ async fn backup_restore_and_move_keep_everything_and_touch_nothing_outside() {
     });
 
     // Not while it runs.
-    let (ok, out) = beacon(&[
-        "backup",
-        "--data-dir",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let (ok, out) = backup(&a, &b);
     assert!(!ok && out.contains("in use"), "{out}");
     sigterm(&up);
     assert!(up.wait().expect("wait").success());
 
     // Not into itself.
     let inside = a.join("backup");
-    let (ok, out) = beacon(&[
-        "backup",
-        "--data-dir",
-        a.to_str().unwrap(),
-        "--to",
-        inside.to_str().unwrap(),
-    ]);
+    let (ok, out) = backup(&a, &inside);
     assert!(!ok && out.contains("inside"), "{out}");
-    let (ok, out) = beacon(&[
-        "backup",
-        "--data-dir",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let (ok, out) = backup(&a, &b);
     assert!(ok, "{out}");
     assert_eq!(count(&b), 1_000, "the backup is a working data directory");
 

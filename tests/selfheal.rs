@@ -51,43 +51,82 @@ fn merchant(data: &Path) -> String {
     v["write_key"].as_str().expect("key").to_string()
 }
 
+/// Where the senders stop until the test has injected its fault: each sender waits for
+/// `open` after `batches` acknowledged batches, so the fault lands mid-stream by
+/// construction rather than by pacing.
+struct Gate {
+    batches: usize,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A gate for `clients` senders holding after `events` acknowledged events in all, and
+/// the switch that opens it.
+fn gate(events: usize, clients: usize) -> (Gate, tokio::sync::watch::Sender<bool>) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (
+        Gate {
+            batches: events / 50 / clients,
+            open: rx,
+        },
+        tx,
+    )
+}
+
+/// Connects to the edge that `endpoints.json` in `data` names, once it names one whose
+/// process is alive (a restarted `beacon up` listens on new ports).
+async fn connect_live(data: &Path, key: &str) -> beacon_sdk::Client {
+    loop {
+        let d = data.to_path_buf();
+        let endpoints = tokio::task::spawn_blocking(move || {
+            wait_for(
+                Duration::from_secs(90),
+                "a live edge in endpoints.json",
+                || Endpoints::read(&d).ok().filter(|e| alive(e.pid as i32)),
+            )
+        })
+        .await
+        .expect("wait");
+        let (Some(addr), Some(ca)) = (endpoints.edge_quic, endpoints.edge_ca_cert) else {
+            panic!("endpoints.json without an edge");
+        };
+        let ca = std::fs::read(ca).expect("ca");
+        let config =
+            beacon_sdk::ClientConfig::new(addr.parse().expect("addr"), ca, key.to_string());
+        if let Ok(client) = beacon_sdk::Client::connect(config).await {
+            return client;
+        }
+    }
+}
+
 /// Sends `events` in batches of 50 from `clients` SDK connections, each batch retried under
-/// its own batch id until acknowledged (a tracker's retry by id), at most `deadline`.
+/// its own batch id until acknowledged (a tracker's retry by id), at most `deadline`; a
+/// sender whose attempt failed reconnects to whichever live edge `endpoints.json` names.
 /// Adds acknowledged ids to `acked`; returns how many attempts failed (and were retried)
 /// and the longest a batch waited for its acknowledgement, retries included.
-async fn send_retrying(
-    endpoints: &Endpoints,
-    key: &str,
+async fn send_all(
+    data: PathBuf,
+    key: String,
     events: Vec<beacon_proto::Event>,
     clients: usize,
     acked: Arc<Mutex<HashSet<String>>>,
+    gate: Option<Gate>,
     deadline: Duration,
-    pace: Duration,
 ) -> (usize, Duration) {
-    let addr = endpoints
-        .edge_quic
-        .clone()
-        .expect("edge")
-        .parse()
-        .expect("addr");
-    let ca = std::fs::read(endpoints.edge_ca_cert.clone().expect("ca")).expect("ca");
     let started = Instant::now();
     let per = events.len().div_ceil(clients);
     let mut tasks = Vec::new();
     for part in events.chunks(per) {
-        let client = beacon_sdk::Client::connect(beacon_sdk::ClientConfig::new(
-            addr,
-            ca.clone(),
-            key.to_string(),
-        ))
-        .await
-        .expect("connect");
-        let (part, acked) = (part.to_vec(), acked.clone());
+        let (part, acked, data, key) = (part.to_vec(), acked.clone(), data.clone(), key.clone());
+        let mut gate = gate.as_ref().map(|g| (g.batches, g.open.clone()));
         tasks.push(tokio::spawn(async move {
+            let mut client = connect_live(&data, &key).await;
             let (mut failures, mut longest) = (0, Duration::ZERO);
-            for batch in part.chunks(50) {
-                // A steady stream rather than one burst, so a fault lands mid-stream.
-                tokio::time::sleep(pace).await;
+            for (i, batch) in part.chunks(50).enumerate() {
+                if let Some((at, open)) = &mut gate {
+                    if i == *at {
+                        open.wait_for(|o| *o).await.expect("gate");
+                    }
+                }
                 let batch_id = beacon_sdk::new_batch_id();
                 let first_try = Instant::now();
                 loop {
@@ -107,8 +146,7 @@ async fn send_retrying(
                         }
                         Err(_) => {
                             failures += 1;
-                            // A tracker's retry pause.
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            client = connect_live(&data, &key).await;
                         }
                     }
                 }
@@ -166,28 +204,24 @@ async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_d
     );
     let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sending = tokio::spawn({
-        let (endpoints, key, acked) = (endpoints.clone(), key.clone(), acked.clone());
-        async move {
-            send_retrying(
-                &endpoints,
-                &key,
-                events,
-                4,
-                acked,
-                Duration::from_secs(120),
-                Duration::from_millis(20),
-            )
-            .await
-        }
-    });
-    // Mid-stream: some batches acknowledged, most still to come.
+    let (hold, open) = gate(1_000, 4);
+    let sending = tokio::spawn(send_all(
+        data.clone(),
+        key.clone(),
+        events,
+        4,
+        acked.clone(),
+        Some(hold),
+        Duration::from_secs(120),
+    ));
+    // Mid-stream: the senders hold at 1,000 acknowledged events, the rest still to come.
     let first = nats_pid(&data).expect("nats pid file");
     wait_for(Duration::from_secs(60), "first acknowledgements", || {
         (acked.lock().expect("lock").len() >= 1_000).then_some(())
     });
     // SAFETY: SIGKILL to the nats-server `beacon up` started (its pid file).
     unsafe { libc::kill(first, libc::SIGKILL) };
+    open.send(true).expect("open the gate");
     let killed_at = Instant::now();
     let acked_at_kill = acked.lock().expect("lock").len();
 
@@ -291,7 +325,7 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
         .expect("tempdir");
     let data = dir.path().join("data");
     let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &[]);
+    let (mut up, _) = spawn_up_guarded(&data, &log, &[]);
     let key = merchant(&data);
     let events = beacon::demo::generate(
         3,
@@ -303,14 +337,14 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     );
     let (before, after) = events.split_at(1_000);
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    send_retrying(
-        &endpoints,
-        &key,
+    send_all(
+        data.clone(),
+        key.clone(),
         before.to_vec(),
         1,
         acked.clone(),
+        None,
         Duration::from_secs(60),
-        Duration::ZERO,
     )
     .await;
     wait_for(Duration::from_secs(60), "first events stored", || {
@@ -360,14 +394,14 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     });
 
     // Collection goes on: the second half is acknowledged while the warehouse is broken.
-    send_retrying(
-        &endpoints,
-        &key,
+    send_all(
+        data.clone(),
+        key.clone(),
         after.to_vec(),
         1,
         acked.clone(),
+        None,
         Duration::from_secs(60),
-        Duration::ZERO,
     )
     .await;
     assert_eq!(acked.lock().expect("lock").len(), 2_000);
@@ -460,21 +494,15 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     );
     let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sending = tokio::spawn({
-        let (endpoints, key, acked) = (endpoints.clone(), key.clone(), acked.clone());
-        async move {
-            send_retrying(
-                &endpoints,
-                &key,
-                events,
-                2,
-                acked,
-                Duration::from_secs(150),
-                Duration::from_millis(20),
-            )
-            .await
-        }
-    });
+    let sending = tokio::spawn(send_all(
+        data.clone(),
+        key.clone(),
+        events,
+        2,
+        acked.clone(),
+        None,
+        Duration::from_secs(150),
+    ));
     // Full: the node and the edge say they cannot store, and why.
     let node = wait_for(
         Duration::from_secs(60),
@@ -528,77 +556,6 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     assert!(up.wait().expect("wait").success());
 }
 
-/// Connects to the edge that `endpoints.json` in `data` names now (`None` while there is
-/// none, or it does not answer).
-async fn connect_current(data: &Path, key: &str) -> Option<beacon_sdk::Client> {
-    let endpoints = Endpoints::read(data).ok()?;
-    let addr = endpoints.edge_quic?.parse().ok()?;
-    let ca = std::fs::read(endpoints.edge_ca_cert?).ok()?;
-    beacon_sdk::Client::connect(beacon_sdk::ClientConfig::new(addr, ca, key.to_string()))
-        .await
-        .ok()
-}
-
-/// Like [`send_retrying`], but a sender whose edge went away reconnects to whichever edge
-/// `endpoints.json` names (a restarted `beacon up` listens on new ports).
-async fn send_reconnecting(
-    data: PathBuf,
-    key: String,
-    events: Vec<beacon_proto::Event>,
-    clients: usize,
-    acked: Arc<Mutex<HashSet<String>>>,
-    deadline: Duration,
-) -> usize {
-    let started = Instant::now();
-    let per = events.len().div_ceil(clients);
-    let mut tasks = Vec::new();
-    for part in events.chunks(per) {
-        let (part, acked, data, key) = (part.to_vec(), acked.clone(), data.clone(), key.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut client = None;
-            let mut failures = 0;
-            for batch in part.chunks(50) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let batch_id = beacon_sdk::new_batch_id();
-                loop {
-                    assert!(
-                        started.elapsed() < deadline,
-                        "a batch was not acknowledged within {deadline:?}"
-                    );
-                    if client.is_none() {
-                        client = connect_current(&data, &key).await;
-                    }
-                    let outcome = match &client {
-                        Some(c) => c.send_batch(&batch_id, batch).await.ok(),
-                        None => None,
-                    };
-                    match outcome {
-                        Some(ack) => {
-                            assert_eq!(ack.accepted, batch.len());
-                            acked
-                                .lock()
-                                .expect("lock")
-                                .extend(batch.iter().map(|e| e.event_id.clone()));
-                            break;
-                        }
-                        None => {
-                            failures += 1;
-                            client = None;
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            }
-            failures
-        }));
-    }
-    let mut failures = 0;
-    for t in tasks {
-        failures += t.await.expect("sender");
-    }
-    failures
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     let dir = tempfile::Builder::new()
@@ -618,12 +575,14 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     );
     let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sending = tokio::spawn(send_reconnecting(
+    let (hold, open) = gate(1_000, 2);
+    let sending = tokio::spawn(send_all(
         data.clone(),
         key.clone(),
         events,
         2,
         acked.clone(),
+        Some(hold),
         Duration::from_secs(150),
     ));
     wait_for(Duration::from_secs(60), "first acknowledgements", || {
@@ -635,9 +594,11 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     let acked_at_kill = acked.lock().expect("lock").len();
     // What a killed process leaves behind; the restart writes a fresh one.
     std::fs::remove_file(data.join("endpoints.json")).expect("stale endpoints");
+    // The senders resume against the dead edge (and fail over) while it restarts.
+    open.send(true).expect("open the gate");
     let (mut up, _) = spawn_up_guarded(&data, &dir.path().join("up2.log"), &[]);
     let restarted = killed_at.elapsed();
-    let failures = sending.await.expect("senders");
+    let (failures, _) = sending.await.expect("senders");
     assert_eq!(*acked.lock().expect("lock"), all);
     assert!(acked_at_kill < all.len(), "the kill must land mid-stream");
     let ids = wait_for(Duration::from_secs(90), "every event stored", || {

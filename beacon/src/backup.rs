@@ -42,6 +42,18 @@ pub struct Copied {
     pub relocation: Option<Relocation>,
 }
 
+impl std::fmt::Display for Copied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} files, {:.1} MiB, {} metadata files rewritten",
+            self.files,
+            self.bytes as f64 / (1 << 20) as f64,
+            self.relocation.as_ref().map_or(0, |r| r.files)
+        )
+    }
+}
+
 /// Copies the stopped data directory `from` to the new directory `to` and relocates the
 /// copy, then opens it and loads every table (the copy is checked, not assumed).
 pub async fn copy(from: &Path, to: &Path) -> Result<Copied, BackupError> {

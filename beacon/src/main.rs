@@ -931,11 +931,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { data_dir, to } => {
             let c = beacon::backup::copy(&data_dir, &to).await?;
             println!(
-                "backed up {} to {}: {} files, {:.1} MiB; the backup is a data directory (check it: beacon sql --data-dir {} ...)",
+                "backed up {} to {}: {c}; the backup is a data directory (check it: beacon sql --data-dir {} ...)",
                 data_dir.display(),
                 to.display(),
-                c.files,
-                c.bytes as f64 / (1 << 20) as f64,
                 to.display()
             );
             Ok(())
@@ -944,12 +942,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Restore { from, data_dir } => {
             let c = beacon::backup::copy(&from, &data_dir).await?;
             println!(
-                "restored {} into {}: {} files, {:.1} MiB, {} metadata files rewritten; start it with: beacon up --data-dir {}",
+                "restored {} into {}: {c}; start it with: beacon up --data-dir {}",
                 from.display(),
                 data_dir.display(),
-                c.files,
-                c.bytes as f64 / (1 << 20) as f64,
-                c.relocation.map(|r| r.files).unwrap_or(0),
                 data_dir.display()
             );
             Ok(())

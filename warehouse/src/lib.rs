@@ -153,8 +153,8 @@ pub struct Warehouse {
     /// Table providers that reuse metadata briefly ([`cached`]), shared by the sessions
     /// that serve queries (the shared one and merchants').
     cached: std::sync::Mutex<HashMap<String, Arc<cached::CachedTable>>>,
-    /// The catalog compare-and-swap that replace commits use (opened on first use).
-    swap: tokio::sync::OnceCell<replace::CatalogSwap>,
+    /// The catalog compare-and-swap that replace commits use (opened with the warehouse).
+    swap: replace::CatalogSwap,
 }
 
 impl Warehouse {
@@ -167,7 +167,9 @@ impl Warehouse {
         })?;
         // (After opening: that creates the catalog's own tables when they are missing.)
         let catalog = open_catalog(&layout).await?;
-        if let Some(recorded) = relocate::recorded_root(&layout).await? {
+        // The same catalog connection serves replace commits later.
+        let swap = replace::CatalogSwap::connect(&sqlx_uri(&layout), CATALOG_NAME).await?;
+        if let Some(recorded) = relocate::recorded_root(&swap).await? {
             if !relocate::is_here(&layout, &recorded) {
                 return Err(WarehouseError::Moved {
                     recorded,
@@ -176,7 +178,7 @@ impl Warehouse {
             }
         }
         if let Err(e) = tables::ensure_all(catalog.as_ref()).await {
-            return Err(name_metadata_file(&layout, e).await);
+            return Err(name_metadata_file(&swap, e).await);
         }
         // The provider caches the table list, so it is built after the tables exist; it
         // reloads table metadata on every scan, so queries always see the latest commits.
@@ -187,7 +189,7 @@ impl Warehouse {
             provider,
             shared: tokio::sync::OnceCell::new(),
             cached: Default::default(),
-            swap: tokio::sync::OnceCell::new(),
+            swap,
         })
     }
 
@@ -208,29 +210,13 @@ impl Warehouse {
         &self.catalog
     }
 
-    /// The catalog compare-and-swap for [`replace`] commits (only with this warehouse's
-    /// catalog: [`Warehouse::replace`] pairs them).
-    pub(crate) async fn swap(&self) -> Result<&replace::CatalogSwap, WarehouseError> {
-        self.swap
-            .get_or_try_init(|| async {
-                replace::CatalogSwap::connect(&sqlx_uri(&self.layout), CATALOG_NAME).await
-            })
-            .await
-    }
-
     /// Removes and adds data files of `kind` in one atomic snapshot (see [`replace`]).
     pub async fn replace(
         &self,
         kind: TableKind,
         rewrite: &replace::Rewrite,
     ) -> Result<replace::Outcome, WarehouseError> {
-        replace::replace(
-            self.catalog.as_ref(),
-            self.swap().await?,
-            &kind.ident(),
-            rewrite,
-        )
-        .await
+        replace::replace(self.catalog.as_ref(), &self.swap, &kind.ident(), rewrite).await
     }
 
     /// Writes `batch` as data files of `kind` (sorted and partitioned like appends) without
@@ -253,7 +239,7 @@ impl Warehouse {
         match self.catalog.load_table(&kind.ident()).await {
             Ok(t) => Ok(t),
             Err(source) => Err(name_metadata_file(
-                &self.layout,
+                &self.swap,
                 WarehouseError::TableMetadata {
                     table: kind.name().to_string(),
                     metadata: String::new(),
@@ -441,7 +427,7 @@ pub fn read_only() -> datafusion::execution::context::SQLOptions {
 /// The sqlx URI of the catalog database (the same one the SQL catalog opens).
 /// Fills in which metadata file a [`WarehouseError::TableMetadata`] is about (the catalog
 /// row's `metadata_location`); other errors pass through.
-async fn name_metadata_file(layout: &Layout, e: WarehouseError) -> WarehouseError {
+async fn name_metadata_file(catalog: &replace::CatalogSwap, e: WarehouseError) -> WarehouseError {
     match e {
         WarehouseError::TableMetadata {
             table,
@@ -449,15 +435,11 @@ async fn name_metadata_file(layout: &Layout, e: WarehouseError) -> WarehouseErro
             source,
         } if metadata.is_empty() => {
             let ident = TableIdent::new(NamespaceIdent::new(NAMESPACE.into()), table.clone());
-            let metadata =
-                match replace::CatalogSwap::connect(&sqlx_uri(layout), CATALOG_NAME).await {
-                    Ok(swap) => match swap.metadata_location(&ident).await {
-                        Ok(Some(location)) => location,
-                        Ok(None) => "no catalog row".into(),
-                        Err(e) => format!("catalog unreadable: {e}"),
-                    },
-                    Err(e) => format!("catalog unreadable: {e}"),
-                };
+            let metadata = match catalog.metadata_location(&ident).await {
+                Ok(Some(location)) => location,
+                Ok(None) => "no catalog row".into(),
+                Err(e) => format!("catalog unreadable: {e}"),
+            };
             WarehouseError::TableMetadata {
                 table,
                 metadata,

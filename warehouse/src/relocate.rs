@@ -30,11 +30,9 @@ pub struct Relocation {
 }
 
 /// Where the catalog's rows say the warehouse directory is (`None`: no tables yet).
-pub async fn recorded_root(layout: &Layout) -> Result<Option<PathBuf>, WarehouseError> {
-    if !layout.catalog_db.exists() {
-        return Ok(None);
-    }
-    let catalog = CatalogSwap::connect(&sqlx_uri(layout), CATALOG_NAME).await?;
+pub(crate) async fn recorded_root(
+    catalog: &CatalogSwap,
+) -> Result<Option<PathBuf>, WarehouseError> {
     Ok(catalog
         .locations()
         .await?
@@ -57,7 +55,11 @@ pub fn is_here(layout: &Layout, recorded: &Path) -> bool {
 /// Rewrites the warehouse under `data_dir` to live where it is now. `None`: it already did.
 pub async fn relocate(data_dir: &Path) -> Result<Option<Relocation>, WarehouseError> {
     let layout = Layout::new(data_dir);
-    let Some(from) = recorded_root(&layout).await? else {
+    if !layout.catalog_db.exists() {
+        return Ok(None);
+    }
+    let catalog = CatalogSwap::connect(&sqlx_uri(&layout), CATALOG_NAME).await?;
+    let Some(from) = recorded_root(&catalog).await? else {
         return Ok(None);
     };
     let to = std::fs::canonicalize(&layout.warehouse_dir).map_err(|source| WarehouseError::Io {
@@ -83,7 +85,6 @@ pub async fn relocate(data_dir: &Path) -> Result<Option<Relocation>, WarehouseEr
         };
         files += usize::from(rewritten);
     }
-    let catalog = CatalogSwap::connect(&sqlx_uri(&layout), CATALOG_NAME).await?;
     let rows = catalog.locations().await?;
     let moved: Vec<_> = rows
         .iter()

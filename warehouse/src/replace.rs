@@ -665,9 +665,7 @@ mod tests {
             .await
             .unwrap();
         let swapped = wh
-            .swap()
-            .await
-            .unwrap()
+            .swap
             .swap(
                 &kind.ident(),
                 base.metadata_location().unwrap(),
