@@ -34,9 +34,14 @@ for _ in $(seq 1 60); do
 done
 "$BEACON" sql --data-dir "$DATA_DIR" "SELECT merchant_id, count(*) AS events, count(DISTINCT visitor_id) AS visitors FROM events GROUP BY merchant_id ORDER BY merchant_id"
 
+DASHBOARD=$(python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); print("%s/dashboard/" % e["metrics_http"]) if e.get("metrics_http") else print("(waiting for the warehouse)")' "$DATA_DIR/endpoints.json")
+DEMO_TOKEN=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))[0]; print("%s (%s)" % (m.get("read_token", "beacon merchant read-token --merchant " + m["id"]), m["name"]))' "$DATA_DIR/demo-merchants.json")
+
 cat <<MSG
 
 Beacon is running. Endpoints: $DATA_DIR/endpoints.json
+  Dashboard: $DASHBOARD
+             log in with the read token $DEMO_TOKEN
   SQL:      $BEACON sql --data-dir $DATA_DIR "SELECT * FROM rollups ORDER BY hour DESC LIMIT 10"
   Traffic:  $BEACON demo --data-dir $DATA_DIR --events 100000 --merchants 5
 Ctrl-C stops it (in-flight batches are drained first).

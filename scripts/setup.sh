@@ -5,6 +5,8 @@
 #     and the third-party clients the tests drive (rsocket-py over QUIC, PyIceberg, psycopg,
 #     Snowplow's Python tracker, ga4mp, plausible-events)
 #   - psql (Debian postgresql-client), for the SQL endpoint tests
+#   - Chromium and ChromeDriver (Debian chromium, chromium-driver) and Selenium, for the
+#     dashboard's browser test
 # Then builds the workspace (release profile; one build serves `beacon up`, benches, tests)
 # and the example plugins.
 set -euo pipefail
@@ -53,6 +55,25 @@ if ! command -v psql >/dev/null; then
     echo "psql is missing: install postgresql-client" >&2
     exit 1
   fi
+fi
+
+# Headless Chromium and its ChromeDriver (Debian's packages), which the dashboard test drives
+# through Selenium (PyPI) as a person would. Only for the tests (scripts/test.sh and
+# scripts/screenshots.sh set BEACON_SETUP_BROWSER=1); the pipeline itself needs no browser.
+if [ "${BEACON_SETUP_BROWSER:-0}" = 1 ]; then
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing Chromium and ChromeDriver (chromium, chromium-driver)"
+    apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "chromium and chromedriver are missing: install Debian's chromium and chromium-driver" >&2
+    exit 1
+  fi
+fi
+if ! "$VENV/bin/python" -c "import selenium" 2>/dev/null; then
+  say "installing Selenium (the dashboard test's browser driver)"
+  "$VENV/bin/pip" install -q "selenium==4.27.1"
+fi
 fi
 
 say "building example plugins (wasm32-wasip2)"

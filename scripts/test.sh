@@ -2,6 +2,7 @@
 # Runs the whole test suite on real components: installs and builds what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export BEACON_SETUP_BROWSER=1
 source scripts/setup.sh
 
 say "running tests"

@@ -150,6 +150,17 @@ pub async fn send_all(
     batch: usize,
     concurrency: usize,
 ) -> Result<SendReport, SdkError> {
+    send_all_counted(client, events, batch, concurrency, None).await
+}
+
+/// As [`send_all`], advancing `progress` by each acknowledged batch's events.
+pub async fn send_all_counted(
+    client: Arc<Client>,
+    events: Vec<Event>,
+    batch: usize,
+    concurrency: usize,
+    progress: Option<indicatif::ProgressBar>,
+) -> Result<SendReport, SdkError> {
     let started = Instant::now();
     let batches: Vec<Vec<Event>> = events.chunks(batch.max(1)).map(<[Event]>::to_vec).collect();
     let total = events.len() as u64;
@@ -162,6 +173,7 @@ pub async fn send_all(
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (client, queue, sent) = (client.clone(), queue.clone(), sent.clone());
+        let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -183,6 +195,9 @@ pub async fn send_all(
                 }
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
                 sent.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = &progress {
+                    p.inc(b.len() as u64);
+                }
             }
             Ok::<_, SdkError>(latencies)
         }));

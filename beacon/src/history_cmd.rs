@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use beacon_reprocess::forget::{ForgetAsk, ForgetRequest};
 use beacon_reprocess::{Ask, Jobs, ReprocessError, Request};
 use clap::{Args, Subcommand};
@@ -135,19 +135,13 @@ pub async fn reprocess(args: ReprocessArgs) -> Result<()> {
     let js = a.target.jetstream().await?;
     let jobs = Jobs::open(&js).await?;
     let wh = open_warehouse(&a.target.data_dir).await?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {pos}/{len} raw events [{elapsed_precise}] {per_sec} ETA {eta}",
-        )
-        .map_err(|e| anyhow!("{e}"))?,
-    );
+    let shown = beacon::progress::Progress::new("re-processing", "raw events", 0);
     let progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
+        shown.set_total(total);
+        shown.set(done);
     };
     let report = beacon_reprocess::reprocess(&wh, &control, &js, &jobs, &request, &progress).await;
-    bar.finish_and_clear();
+    shown.finish();
     let report = report?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -274,7 +268,9 @@ fn cores() -> usize {
 ///   "pipeline_version"?, "dry_run"?, "reason"}`: validated as the CLI validates; a dry run
 ///   answers with the report, a real run with `202 {"job_id"}` and runs in the background;
 /// - `POST /v1/forget` `{"merchant", "user" | "visitor", "dry_run"?, "reason"}`: the same;
-/// - `GET /v1/jobs`: the audit trail.
+/// - `GET /v1/jobs`: the audit trail;
+/// - `GET /v1/failed`: failed events of the last 24 hours by merchant, stage, plugin and
+///   pipeline version, with an example reason (the operator page's table).
 ///
 /// Jobs run one at a time on a runtime of their own (one thread at low CPU priority; the
 /// plugins on its blocking threads), never on the one that collects events.
@@ -388,6 +384,7 @@ impl JobService {
             .route("/v1/reprocess", post(post_reprocess))
             .route("/v1/forget", post(post_forget))
             .route("/v1/jobs", get(list_jobs))
+            .route("/v1/failed", get(failed_events))
             .with_state(self)
     }
 }
@@ -461,5 +458,33 @@ async fn list_jobs(axum::extract::State(s): axum::extract::State<Arc<JobService>
     match s.jobs.list().await {
         Ok(list) => axum::Json(list).into_response(),
         Err(e) => api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// Failed events of the last 24 hours, grouped as operators look for a cause: which merchant,
+/// which stage, which plugin of which pipeline version; the newest and an example reason.
+/// Read on the jobs runtime (low priority), never on the collecting one.
+async fn failed_events(
+    axum::extract::State(s): axum::extract::State<Arc<JobService>>,
+) -> ApiResponse {
+    use axum::response::IntoResponse;
+    let svc = s.clone();
+    let read = s.runtime.spawn(async move {
+        let batches = svc
+            .wh
+            .sql(
+                "SELECT merchant_id, stage, plugin, pipeline_version, count(*) AS events, \
+                 max(received_at) AS last_at, min(reason) AS example \
+                 FROM failed_events WHERE received_at >= now() - INTERVAL '24 hours' \
+                 GROUP BY merchant_id, stage, plugin, pipeline_version \
+                 ORDER BY events DESC, merchant_id LIMIT 200",
+            )
+            .await?;
+        beacon_warehouse::output::json_rows(&batches)
+    });
+    match read.await {
+        Ok(Ok(rows)) => axum::Json(serde_json::json!({ "groups": rows })).into_response(),
+        Ok(Err(e)) => api_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => api_error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

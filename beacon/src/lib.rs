@@ -1,6 +1,6 @@
 //! The `beacon` binary's building blocks, public so end-to-end tests can drive them:
-//! the private nats-server launcher, the endpoints file, demo traffic, and copying a data
-//! directory (backup, restore, relocate).
+//! the private nats-server launcher, the endpoints file, demo traffic, progress display, and
+//! copying a data directory (backup, restore, relocate).
 
 #[cfg(feature = "full")]
 pub mod backup;
@@ -9,4 +9,5 @@ pub mod demo;
 pub mod endpoints;
 pub mod lock;
 pub mod nats;
+pub mod progress;
 pub mod traffic;

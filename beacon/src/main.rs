@@ -526,7 +526,7 @@ async fn start_api(
         let http = tokio::spawn(beacon_query::api::serve(
             listener,
             warehouse,
-            merchants,
+            js,
             budget,
             beacon_query::cache::CacheLimits::default(),
             health,
@@ -1294,12 +1294,13 @@ async fn up(
         None => tokio::spawn(roles.start_when_open(endpoints.clone())),
     };
     eprintln!(
-        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  edge (HTTP):         http://{}   (Snowplow /com.snowplowanalytics.snowplow/tp2 and /i, GA4 /mp/collect and /g/collect, Plausible /api/event)\n  admin API (HTTP):    http://{admin_addr}   token: {}   (health: /healthz, /readyz)\n  metrics API (HTTP):  {}   (read tokens: beacon merchant read-token)\n  SQL (Postgres wire): {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
+        "\nbeacon is up\n  edge (RSocket/QUIC): {}   trust: {}\n  edge (HTTP):         http://{}   (Snowplow /com.snowplowanalytics.snowplow/tp2 and /i, GA4 /mp/collect and /g/collect, Plausible /api/event)\n  admin API (HTTP):    http://{admin_addr}   token: {}   (health: /healthz, /readyz)\n  metrics API (HTTP):  {}   (read tokens: beacon merchant read-token)\n  dashboard:           {}   (log in with a read token)\n  SQL (Postgres wire): {}\n  NATS:                {}\n  catalog:             {}\n  warehouse:           {}\n  endpoints file:      {}{}\n",
         edge.addr,
         edge.cert_path.display(),
         edge.http_addr.map(|a| a.to_string()).unwrap_or_default(),
         if admin.admin_tokens.is_some() { "from BEACON_ADMIN_TOKENS".to_string() } else { data_dir.join("admin-token").display().to_string() },
         endpoints.metrics_http.as_deref().map(|a| format!("{a}/api/v2/query")).unwrap_or_else(|| "waiting for the warehouse (see /readyz)".into()),
+        endpoints.metrics_http.as_deref().map(|a| format!("{a}/dashboard/")).unwrap_or_else(|| "waiting for the warehouse (see /readyz)".into()),
         endpoints.sql_pg.as_deref().map(|a| format!("psql {a}/beacon -U <merchant id or admin>   (password: read token or admin token)")).unwrap_or_else(|| "waiting for the warehouse (see /readyz)".into()),
         nats_url,
         endpoints.catalog_uri,
@@ -1583,6 +1584,9 @@ struct DemoMerchant {
     name: String,
     id: String,
     write_key: String,
+    /// For the dashboard and the metrics API (`scripts/run.sh` prints the first one's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read_token: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1620,7 +1624,21 @@ async fn demo(
             name,
             id: m.id,
             write_key: key,
+            read_token: None,
         });
+    }
+    #[cfg(feature = "full")]
+    {
+        let store = beacon_edge::registry::open_bucket(&js)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        for m in known.iter_mut().filter(|m| m.read_token.is_none()) {
+            m.read_token = Some(
+                beacon_query::tokens::create(&store, &m.id)
+                    .await
+                    .map_err(|e| anyhow!("creating a read token: {e}"))?,
+            );
+        }
     }
     std::fs::write(&keys_path, serde_json::to_vec_pretty(&known)?)?;
     if let Some(file) = &attach_plugin {
@@ -1658,6 +1676,8 @@ async fn demo(
     }
 
     let started = std::time::Instant::now();
+    let progress = (!matches!(format, Format::Json))
+        .then(|| beacon::progress::Progress::new("sending", "events", events as u64));
     let ca_pem = std::fs::read(&ca)?;
     let addr: SocketAddr = edge.parse()?;
     let now = beacon_edge::now_ms();
@@ -1685,17 +1705,19 @@ async fn demo(
             ))
             .await?,
         );
-        tasks.push(tokio::spawn(beacon::demo::send_all(
+        tasks.push(tokio::spawn(beacon::demo::send_all_counted(
             client,
             evs,
             batch,
             concurrency,
+            progress.as_ref().map(|p| p.bar().clone()),
         )));
     }
     let mut total = 0;
     for t in tasks {
         total += t.await??.events;
     }
+    drop(progress);
     let secs = started.elapsed().as_secs_f64();
     let report = serde_json::json!({"events": total, "merchants": merchants, "seconds": secs, "events_per_second": total as f64 / secs});
     match format {

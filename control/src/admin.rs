@@ -15,6 +15,11 @@
 //! | GET | `/v1/merchants/{m}/pipeline/history` | every change, who/when/why |
 //! | GET | `/v1/merchants/{m}/pipeline/versions/{n}` | one stored version |
 //! | GET | `/v1/edges` | live edges and the revisions they run |
+//! | GET | `/v1/merchants` | merchants with a pipeline: name, active version, canary (first 500) |
+//! | GET | `/v1/ingest` | the events stream and the ingest consumer: backlog, acknowledged |
+//!
+//! The operator's page (`/ops/`, [`crate::ops`]) calls these with its session cookie instead
+//! of the header.
 
 use std::sync::Arc;
 
@@ -104,6 +109,8 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(control: Control, tokens: AdminTokens, extra: Router) -> Router {
     let max_upload = control.runtime.limits().max_component_bytes + 4096;
     let tokens = Arc::new(tokens);
+    let logins = Arc::new(crate::ops::OpsLogins::new(tokens.clone()));
+    let auth = logins.clone();
     Router::new()
         .route("/v1/plugins", get(list_plugins).post(upload))
         .route("/v1/merchants/{m}/pipeline", get(current).post(activate))
@@ -112,15 +119,43 @@ pub fn router(control: Control, tokens: AdminTokens, extra: Router) -> Router {
         .route("/v1/merchants/{m}/pipeline/history", get(history))
         .route("/v1/merchants/{m}/pipeline/versions/{n}", get(version))
         .route("/v1/edges", get(edges))
+        .route("/v1/merchants", get(merchants))
+        .route("/v1/ingest", get(ingest))
         .with_state(control)
         .merge(extra)
         .layer(DefaultBodyLimit::max(max_upload))
         .layer(middleware::from_fn(move |req, next| {
-            authenticate(tokens.clone(), req, next)
+            authenticate(tokens.clone(), auth.clone(), req, next)
         }))
+        .merge(crate::ops::router(logins))
 }
 
-async fn authenticate(tokens: Arc<AdminTokens>, mut req: Request, next: Next) -> Response {
+async fn authenticate(
+    tokens: Arc<AdminTokens>,
+    logins: Arc<crate::ops::OpsLogins>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    use crate::ops::CookieAuth;
+    if !req.headers().contains_key(header::AUTHORIZATION) {
+        match logins.authenticate(req.method(), req.headers()) {
+            CookieAuth::Caller(name) => {
+                req.extensions_mut().insert(Caller(name));
+                return next.run(req).await;
+            }
+            CookieAuth::MissingCsrf => {
+                return ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a change made with the operator page's session needs the `{}: 1` header",
+                        crate::ops::CSRF_HEADER
+                    ),
+                )
+                .into_response()
+            }
+            CookieAuth::None => {}
+        }
+    }
     let secret = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -247,6 +282,106 @@ async fn version(
 
 async fn edges(State(c): State<Control>) -> ApiResult<Vec<beacon_proto::bus::EdgeStatus>> {
     Ok(Json(crate::edges::live_edges(&c.js).await?))
+}
+
+/// Merchants listed at most by `GET /v1/merchants` (the page searches by id beyond).
+const MERCHANTS_LISTED: usize = 500;
+
+/// One merchant's line on the operator page.
+#[derive(serde::Serialize)]
+struct MerchantLine {
+    id: String,
+    name: Option<String>,
+    active_version: u64,
+    plugins: Vec<String>,
+    canary: Option<(u64, u8)>,
+    changed_at: i64,
+    changed_by: String,
+}
+
+async fn merchants(State(c): State<Control>) -> ApiResult<serde_json::Value> {
+    use futures::StreamExt;
+    let names =
+        c.js.get_key_value(beacon_proto::bus::MERCHANTS_BUCKET)
+            .await
+            .ok();
+    let mut keys = c.pipelines.keys().await.map_err(crate::nats)?;
+    let mut out = Vec::new();
+    let mut truncated = false;
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(crate::nats)?;
+        if out.len() == MERCHANTS_LISTED {
+            truncated = true;
+            break;
+        }
+        let Some(change) = c.current(&key).await? else {
+            continue;
+        };
+        let name = match &names {
+            Some(store) => store
+                .get(format!("m.{key}"))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<beacon_proto::bus::Merchant>(&v).ok())
+                .map(|m| m.name),
+            None => None,
+        };
+        let p = change.pipeline;
+        out.push(MerchantLine {
+            id: key,
+            name,
+            active_version: p.active.version,
+            plugins: p.active.plugins.iter().map(|r| r.name.clone()).collect(),
+            canary: p.canary.as_ref().map(|c| (c.def.version, c.percent)),
+            changed_at: p.changed_at,
+            changed_by: p.changed_by,
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(
+        serde_json::json!({"merchants": out, "truncated": truncated}),
+    ))
+}
+
+/// The events stream and the ingest consumer: what is stored, what ingest has yet to commit.
+async fn ingest(State(c): State<Control>) -> ApiResult<serde_json::Value> {
+    use beacon_proto::bus::{EVENTS_STREAM, INGEST_CONSUMER};
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("events stream: {e}"),
+        )
+    };
+    let mut stream =
+        c.js.get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| unavailable(&e))?;
+    let info = stream.info().await.map_err(|e| unavailable(&e))?.clone();
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    let consumer = match stream.consumer_info(INGEST_CONSUMER).await {
+        Ok(ci) => serde_json::json!({
+            "name": INGEST_CONSUMER,
+            "pending": ci.num_pending,
+            "ack_pending": ci.num_ack_pending,
+            "delivered_sequence": ci.delivered.stream_sequence,
+            "acknowledged_sequence": ci.ack_floor.stream_sequence,
+            "last_acknowledged_at": ci.ack_floor.last_active.map(ms),
+            "waiting": ci.num_waiting,
+        }),
+        Err(e) => serde_json::json!({"name": INGEST_CONSUMER, "error": e.to_string()}),
+    };
+    Ok(Json(serde_json::json!({
+        "stream": {
+            "name": EVENTS_STREAM,
+            "messages": info.state.messages,
+            "bytes": info.state.bytes,
+            "first_sequence": info.state.first_sequence,
+            "last_sequence": info.state.last_sequence,
+            "last_at": ms(info.state.last_timestamp),
+        },
+        "consumer": consumer,
+    })))
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod edges;
+pub mod ops;
 pub mod pipelines;
 pub mod registry;
 

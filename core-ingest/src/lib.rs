@@ -216,6 +216,12 @@ pub async fn run(
         metrics::counter!("beacon_ingest_envelopes_total").increment(envelopes as u64);
         metrics::counter!("beacon_ingest_rows_total").increment(rows as u64);
         metrics::gauge!("beacon_ingest_committed_sequence").set(max_seq as f64);
+        // What the consumer still had to deliver when the batch's last message came: the
+        // backlog behind this commit.
+        if let Ok(info) = last.info() {
+            metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::INGEST_CONSUMER)
+                .set(info.pending as f64);
+        }
         // AckPolicy::All: acking the last message acks the whole batch.
         last.double_ack().await.map_err(nats)?;
         health.set(HEALTH_CHECK, Ok(()));

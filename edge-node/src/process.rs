@@ -665,7 +665,18 @@ impl Processor {
             return (outcome, events);
         }
         let health_key = format!("{merchant_id}:v{}", stage.chain.pipeline().version);
+        // Plugin names, not merchants, label the metrics: a bounded set.
+        let chain_label = stage
+            .chain
+            .pipeline()
+            .plugins
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(">");
         if let Some(reason) = self.quarantined(&health_key) {
+            metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label, "outcome" => "quarantined")
+                .increment(1);
             let outcome = self.stage_failed(
                 merchant_id,
                 batch_id,
@@ -681,12 +692,22 @@ impl Processor {
         let limits = self.limits;
         let input = Arc::new(events);
         let lent = input.clone();
+        let started = std::time::Instant::now();
         // Plugins are CPU-bound and bounded by their fuel; keep them off the I/O workers.
         // Plugin output must be as valid as client input.
         let result = tokio::task::spawn_blocking(move || {
             plugin_stage::run_checked(&runner, &lent, &limits, now)
         })
         .await;
+        metrics::histogram!("beacon_edge_plugin_seconds", "chain" => chain_label.clone())
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(f)) => f.error.kind(),
+            Err(_) => "host_task",
+        };
+        metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label, "outcome" => outcome)
+            .increment(1);
         // The task has ended (finished or unwound), so its clone of the input is gone.
         let events = Arc::try_unwrap(input).unwrap_or_else(|shared| (*shared).clone());
         let (plugin, reason, public) = match result {
@@ -769,6 +790,7 @@ impl Processor {
             let secs = 1u64 << (h.breaches - QUARANTINE_AFTER).min(6);
             h.until =
                 Some(std::time::Instant::now() + std::time::Duration::from_secs(secs.min(60)));
+            metrics::counter!("beacon_edge_plugin_quarantines_total").increment(1);
             tracing::warn!(
                 pipeline = key,
                 breaches = h.breaches,

@@ -142,6 +142,9 @@ pub struct MerchantLimits {
 /// (create-only), so every version ever activated stays re-runnable and rollback-able even
 /// after the pipelines bucket's history (64 entries per key) has rolled over.
 pub const PIPELINE_VERSIONS_BUCKET: &str = "beacon_pipeline_versions";
+/// KV bucket: job id -> a history rewrite's audit record (re-processing, forget), JSON
+/// written by `beacon-reprocess`; the dashboard reads it for its chart markers.
+pub const JOBS_BUCKET: &str = "beacon_jobs";
 /// KV bucket: sha256 -> `PluginInfo` JSON, one per uploaded component.
 pub const PLUGIN_INFO_BUCKET: &str = "beacon_plugin_info";
 

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream;
 use axum::extract::Query;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -22,8 +22,10 @@ use beacon_warehouse::Warehouse;
 use beacon_warehouse::WarehouseError;
 use datafusion::prelude::SessionContext;
 
+use crate::annotations::Annotations;
 use crate::budget::{is_out_of_memory, Budget, Stopped};
 use crate::cache::{CacheLimits, ResultCache, Served};
+use crate::dashboard::{Logins, SessionError};
 use crate::directory::{Directory, LookupError};
 use crate::metrics::{
     json_rows, logical, Answer, AnswerError, MerchantSessions, Plan, QueryRequest, Source,
@@ -35,6 +37,8 @@ struct AppState {
     directory: Arc<Directory>,
     budget: Arc<Budget>,
     answers: Arc<ResultCache>,
+    logins: Arc<Logins>,
+    annotations: Arc<Annotations>,
 }
 
 struct ApiError(StatusCode, String);
@@ -87,24 +91,36 @@ async fn session(app: &AppState, merchant: &str) -> Result<SessionContext, ApiEr
         .map_err(|e| query_failed(&e))
 }
 
-pub fn router(
-    sessions: Arc<MerchantSessions>,
-    directory: Arc<Directory>,
-    budget: Arc<Budget>,
-    answers: Arc<ResultCache>,
-) -> Router {
+/// What the API's handlers share.
+pub struct Parts {
+    pub sessions: Arc<MerchantSessions>,
+    pub directory: Arc<Directory>,
+    pub budget: Arc<Budget>,
+    pub answers: Arc<ResultCache>,
+    /// Dashboard logins: the API also accepts their session cookie.
+    pub logins: Arc<Logins>,
+    pub annotations: Arc<Annotations>,
+}
+
+/// The metrics API and the dashboard that calls it.
+pub fn router(parts: Parts) -> Router {
+    let dashboard = crate::dashboard::router(parts.directory.clone(), parts.logins.clone());
     Router::new()
         .route("/api/v2/query", post(query))
         .route("/api/v1/stats/realtime/visitors", get(realtime))
         .route("/api/v2/realtime", get(realtime_all))
+        .route("/api/v2/annotations", get(annotations))
         .route("/api/v2/openapi.json", get(openapi))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(AppState {
-            sessions,
-            directory,
-            budget,
-            answers,
+            sessions: parts.sessions,
+            directory: parts.directory,
+            budget: parts.budget,
+            answers: parts.answers,
+            logins: parts.logins,
+            annotations: parts.annotations,
         })
+        .merge(dashboard)
 }
 
 /// The checked-in OpenAPI description of this API (docs/openapi.json).
@@ -116,8 +132,21 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// The merchant the request's read token belongs to (401 otherwise).
+/// The merchant the request's read token belongs to, or its dashboard session's (401
+/// otherwise). A request with an `Authorization` header is judged by that header alone.
 async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    if !headers.contains_key(header::AUTHORIZATION) {
+        match app.logins.merchant(headers, &app.directory).await {
+            Ok(m) => return Ok(m.to_string()),
+            Err(SessionError::Lookup(e)) => {
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("token check: {e}"),
+                ))
+            }
+            Err(SessionError::None) => {}
+        }
+    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -209,6 +238,23 @@ async fn realtime_all(
     Ok(Json(realtime_for(&app, &headers, &params.site_id).await?))
 }
 
+/// What changed the site's numbers: pipeline changes and re-processing, oldest first.
+async fn annotations(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<RealtimeParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let merchant = authorize(&app, &headers).await?;
+    if params.site_id != merchant {
+        return Err(forbidden());
+    }
+    let list = app.annotations.of(&merchant).await.map_err(|e| {
+        tracing::warn!(error = %e, "annotations");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    })?;
+    Ok(Json(serde_json::json!({ "annotations": &*list })))
+}
+
 async fn query(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -238,7 +284,13 @@ async fn query(
         Err(_) => "error",
     };
     metrics::counter!("beacon_query_answers_total", "cache" => outcome).increment(1);
-    metrics::histogram!("beacon_query_seconds", "cache" => outcome)
+    // Which tables answered (rollups, events, sessions, revenue): a handful of values.
+    let read = sources
+        .iter()
+        .map(|s| format!("{:?}", s.kind).to_lowercase())
+        .collect::<Vec<_>>()
+        .join("+");
+    metrics::histogram!("beacon_query_seconds", "cache" => outcome, "sources" => read)
         .record(started.elapsed().as_secs_f64());
     let (answer, served) = answered.map_err(|e| match &*e {
         AnswerError::Invalid(q) => ApiError(StatusCode::BAD_REQUEST, q.to_string()),
@@ -315,12 +367,17 @@ pub async fn answer(
 pub async fn serve(
     listener: tokio::net::TcpListener,
     warehouse: Arc<Warehouse>,
-    merchants: kv::Store,
+    js: jetstream::Context,
     budget: Arc<Budget>,
     cache: CacheLimits,
     health: beacon_serve::Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // The merchants bucket: the caller created it (the registry owns its settings).
+    let merchants = js
+        .get_key_value(beacon_proto::bus::MERCHANTS_BUCKET)
+        .await
+        .map_err(std::io::Error::other)?;
     let directory = Directory::start(merchants)
         .await
         .map_err(std::io::Error::other)?;
@@ -339,12 +396,14 @@ pub async fn serve(
     };
     beacon_serve::http::serve(
         listener,
-        router(
-            Arc::new(MerchantSessions::new(warehouse)),
+        router(Parts {
+            sessions: Arc::new(MerchantSessions::new(warehouse)),
             directory,
             budget,
-            Arc::new(ResultCache::new(cache)),
-        )
+            answers: Arc::new(ResultCache::new(cache)),
+            logins: Arc::new(Logins::default()),
+            annotations: Arc::new(Annotations::new(js)),
+        })
         .merge(health.router()),
         beacon_serve::http::HttpLimits::default(),
         "metrics-http",

@@ -70,7 +70,15 @@ impl Directory {
 
     /// The merchant `token` reads for, if it is a read token.
     pub async fn merchant_for(&self, token: &str) -> Result<Option<Arc<str>>, Arc<LookupError>> {
-        let key = token_key(token);
+        self.merchant_for_key(token_key(token)).await
+    }
+
+    /// The merchant of the read token stored under `key` (`r.<sha256>`), if it still exists:
+    /// a dashboard session keeps only the key, so revoking the token ends its sessions.
+    pub async fn merchant_for_key(
+        &self,
+        key: String,
+    ) -> Result<Option<Arc<str>>, Arc<LookupError>> {
         let store = &self.store;
         self.tokens
             .try_get_with(key.clone(), async move {
@@ -81,6 +89,18 @@ impl Directory {
                 Ok(v.map(|v| Arc::from(String::from_utf8_lossy(&v).as_ref())))
             })
             .await
+    }
+
+    /// The merchant's display name (not cached: the dashboard asks once per page load).
+    pub async fn name(&self, merchant: &str) -> Result<Option<String>, LookupError> {
+        let record = self
+            .store
+            .get(format!("m.{merchant}"))
+            .await
+            .map_err(|e| LookupError::Bucket(e.to_string()))?;
+        Ok(record
+            .and_then(|v| serde_json::from_slice::<beacon_proto::bus::Merchant>(&v).ok())
+            .map(|m| m.name))
     }
 
     /// The merchant's report time zone (UTC unless set); an unparsable stored zone is an

@@ -8,15 +8,19 @@
 //! - [`tokens`]: per-merchant read tokens (stored hashed in the merchants KV bucket);
 //!   [`directory`]: tokens and time zones answered from memory, following the bucket.
 //! - [`cache`]: answers kept per (merchant, query, snapshots read), with single flight.
-//! - [`api`]: the HTTP server.
+//! - [`api`]: the HTTP server; [`dashboard`]: the merchant's web page on it (read-token
+//!   login, session cookie, embedded assets); [`annotations`]: pipeline changes and
+//!   re-processing, the markers on its chart.
 //! - [`pg`]: SQL over the Postgres wire protocol; [`pg_rows`]: what the wire needs of rows.
 //! - [`sql_limits`]: limits on SQL text, checked before parsing.
 //! - [`budget`]: what one query may cost (memory, time, slots), enforced in DataFusion.
 //! - [`runtime`]: the query runtime, apart from collection.
 
+pub mod annotations;
 pub mod api;
 pub mod budget;
 pub mod cache;
+pub mod dashboard;
 pub mod directory;
 pub mod metrics;
 pub mod pg;

@@ -12,8 +12,7 @@ use beacon_control::now_ms;
 
 use crate::ReprocessError;
 
-/// KV bucket: job id -> [`JobRecord`] JSON.
-pub const JOBS_BUCKET: &str = "beacon_jobs";
+pub use beacon_proto::bus::JOBS_BUCKET;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

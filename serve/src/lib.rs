@@ -9,6 +9,8 @@
 //! - [`health`]: `/healthz` (the process answers) and `/readyz` (its named checks pass),
 //!   with probes that run a check on an interval under a timeout;
 //! - [`metrics`]: `GET /metrics` (Prometheus text) of the process-wide recorder;
+//! - [`pages`]: what the web pages (the merchant dashboard, the operator page) share: token
+//!   login to an `HttpOnly`, `SameSite=Strict` session cookie, security headers, assets;
 //! - [`process`]: start-up hygiene: the file-descriptor soft limit raised to the hard limit,
 //!   private file modes for everything the process writes, and tightening of an existing
 //!   data directory.
@@ -20,6 +22,7 @@ pub mod conn_limit;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod pages;
 pub mod process;
 pub mod tcp;
 

@@ -229,7 +229,14 @@ pub async fn run_loop(
             return;
         }
         for kind in TableKind::ALL {
-            match maintain_table(&wh, kind, &options, &|_, _, _, _| {}).await {
+            let started = std::time::Instant::now();
+            let run = maintain_table(&wh, kind, &options, &|_, _, _, _| {}).await;
+            let outcome = if run.is_ok() { "ok" } else { "error" };
+            metrics::counter!("beacon_maintenance_runs_total", "table" => kind.name(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("beacon_maintenance_run_seconds", "table" => kind.name())
+                .record(started.elapsed().as_secs_f64());
+            match run {
                 Ok(r) if r.bins + r.snapshots_expired + r.files_deleted > 0 => {
                     tracing::info!(report = %r, "maintenance")
                 }

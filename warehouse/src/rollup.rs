@@ -416,7 +416,15 @@ pub fn rfc3339(us: i64) -> String {
 /// retried next round (the watermark makes every run idempotent).
 pub async fn run_loop(wh: Arc<Warehouse>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
-        match run_once(&wh).await {
+        let started = std::time::Instant::now();
+        let run = run_once(&wh).await;
+        let outcome = if run.is_ok() { "ok" } else { "error" };
+        metrics::counter!("beacon_rollup_runs_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("beacon_rollup_run_seconds").record(started.elapsed().as_secs_f64());
+        if let Ok(s) = &run {
+            metrics::gauge!("beacon_rollup_sequence").set(s.to_seq as f64);
+        }
+        match run {
             Ok(s) if s.rollup_rows + s.revenue_rows + s.breakdown_rows > 0 => {
                 tracing::info!(
                     from = s.from_seq,

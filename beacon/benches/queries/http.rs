@@ -177,7 +177,7 @@ pub async fn start(wh: Arc<Warehouse>, sites: &[Site], nats_dir: &std::path::Pat
         beacon_query::api::serve(
             listener,
             wh,
-            store,
+            js,
             budget,
             beacon_query::cache::CacheLimits::default(),
             beacon_serve::Health::new(),

@@ -80,6 +80,26 @@ impl PluginError {
         Self::Runtime(format!("{e:#}"))
     }
 
+    /// A short stable name for the kind of failure (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::HashMismatch { .. } => "hash_mismatch",
+            Self::Invalid(_) => "invalid",
+            Self::Incompatible(_) => "incompatible",
+            Self::ForbiddenImport(_) => "forbidden_import",
+            Self::OutOfFuel { .. } => "out_of_fuel",
+            Self::Timeout(_) => "timeout",
+            Self::MemoryLimit { .. } => "memory_limit",
+            Self::Trap { .. } => "trap",
+            Self::Guest(_) => "guest_error",
+            Self::OutputTooLarge { .. } => "output_too_large",
+            Self::OutputCopyCapped { .. } => "output_copy_capped",
+            Self::InvalidOutput(_) => "invalid_output",
+            Self::Runtime(_) => "runtime",
+        }
+    }
+
     /// The error as the client that sent the batch may see it: without the plugin's stderr,
     /// which may echo its configuration or other events (operators find it in
     /// `failed_events` and the edge log).

@@ -1,0 +1,206 @@
+// Beacon's operator page: the admin API (/v1/...) with the session cookie, refreshed every
+// 10 s. Changes (rollback, promote) send X-Beacon-CSRF and are the API's own compare-and-set.
+'use strict';
+(() => {
+  const $ = (sel) => document.querySelector(sel);
+  const el = (tag, attrs = {}, ...children) => {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'class') e.className = v;
+      else if (k === 'text') e.textContent = v;
+      else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+      else e.setAttribute(k, v === true ? '' : v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) e.append(c);
+    return e;
+  };
+  const num = new Intl.NumberFormat('en');
+  const when = (ms) => (ms ? new Date(ms).toISOString().replace('T', ' ').slice(0, 19) + ' UTC' : '—');
+  const ago = (ms) => {
+    if (!ms) return '—';
+    const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    return s < 90 ? `${s} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+  };
+
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+  async function api(path, init = {}) {
+    const r = await fetch(path, { credentials: 'same-origin', ...init });
+    if (r.status === 401) { location.assign('/ops/login'); throw new ApiError(401, 'logged out'); }
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok && !(path === '/readyz' && r.status === 503)) throw new ApiError(r.status, body.error || `${r.status} ${r.statusText}`);
+    return body;
+  }
+  const change = (path, body) => api(path, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-beacon-csrf': '1' },
+    body: JSON.stringify(body),
+  });
+
+  function show(id, ...content) {
+    const box = $(`#${id}`);
+    box.replaceChildren(...content.filter((c) => c !== null && c !== undefined));
+    box.dataset.state = 'ready';
+  }
+  function failed(id, e) {
+    const box = $(`#${id}`);
+    box.dataset.state = 'error';
+    box.replaceChildren(el('p', { class: 'notice error', role: 'alert', text: `Could not load: ${e.message}` }));
+  }
+  const table = (head, rows, numeric = []) => el('div', { class: 'scroll' }, el('table', {},
+    el('thead', {}, el('tr', {}, ...head.map((h, i) => el('th', { scope: 'col', class: numeric.includes(i) ? 'num' : null, text: h })))),
+    el('tbody', {}, ...rows)));
+  const badge = (ok, text) => el('span', { class: `badge ${ok ? 'ok' : 'bad'}`, text });
+
+  async function loadHealth() {
+    try {
+      const r = await api('/readyz');
+      const rows = Object.entries(r.checks || {}).map(([name, c]) => el('tr', { 'data-check': name },
+        el('td', { text: name }), el('td', {}, badge(c.ok, c.ok ? 'ready' : 'not ready')),
+        el('td', { class: 'num', text: `${c.for_s} s` }), el('td', { class: 'num', text: String(c.failures) }),
+        el('td', { class: 'muted', text: c.detail || '' })));
+      show('health', el('p', {}, badge(r.ready, r.ready ? 'node ready' : 'node not ready')),
+        rows.length ? table(['check', 'state', 'for', 'failures', 'detail'], rows, [2, 3]) : el('p', { class: 'notice', text: 'No checks registered.' }));
+    } catch (e) { failed('health', e); }
+  }
+
+  async function loadIngest() {
+    try {
+      const r = await api('/v1/ingest');
+      const s = r.stream;
+      const c = r.consumer;
+      const backlog = c.error ? null : (c.pending || 0) + (c.ack_pending || 0);
+      const dl = el('dl', { class: 'stats' },
+        el('dt', { text: 'events stream' }), el('dd', { text: `${num.format(s.messages)} batches, ${num.format(Math.round(s.bytes / 1024))} KiB, sequence ${num.format(s.last_sequence)}` }),
+        el('dt', { text: 'last stored' }), el('dd', { text: ago(s.last_at) }),
+        el('dt', { text: 'ingest backlog' }), el('dd', { 'data-backlog': backlog === null ? '' : String(backlog) },
+          c.error ? el('span', { class: 'badge bad', text: c.error })
+            : el('span', { class: `badge ${backlog === 0 ? 'ok' : backlog < 1000 ? 'warn' : 'bad'}`, text: `${num.format(backlog)} batches` })),
+        el('dt', { text: 'committed up to' }), el('dd', { text: c.error ? '—' : `sequence ${num.format(c.acknowledged_sequence)} (${ago(c.last_acknowledged_at)})` }));
+      show('ingest', dl);
+    } catch (e) { failed('ingest', e); }
+  }
+
+  async function loadEdges() {
+    try {
+      const edges = await api('/v1/edges');
+      if (!edges.length) { show('edges', el('p', { class: 'notice', text: 'No live edge.' })); return; }
+      show('edges', table(['edge', 'region', 'QUIC', 'HTTP', 'in flight', 'pipelines applied', 'reported'],
+        edges.map((e) => el('tr', { 'data-edge': e.edge_id },
+          el('td', {}, el('code', { text: e.edge_id })), el('td', { text: e.region || '—' }),
+          el('td', { text: e.addr }), el('td', { text: e.http_addr || '—' }),
+          el('td', { class: 'num', text: String(e.in_flight) }),
+          el('td', { text: Object.entries(e.pipelines || {}).map(([m, rev]) => `${m}@${rev}`).join(', ') || '—' }),
+          el('td', { text: ago(e.updated_at) }))), [4]));
+    } catch (e) { failed('edges', e); }
+  }
+
+  const open = new Set(); // merchants whose history is shown
+  async function loadMerchants() {
+    try {
+      const r = await api('/v1/merchants');
+      if (!r.merchants.length) { show('merchants', el('p', { class: 'notice', text: 'No merchant has a pipeline yet.' })); return; }
+      const rows = [];
+      for (const m of r.merchants) {
+        rows.push(el('tr', { 'data-merchant': m.id },
+          el('td', {}, el('strong', { text: m.name || '' }), el('br'), el('code', { text: m.id })),
+          el('td', { text: `v${m.active_version}` }),
+          el('td', { text: m.plugins.join(' → ') || '(none)' }),
+          el('td', {}, m.canary ? el('span', { class: 'badge warn', text: `v${m.canary[0]} at ${m.canary[1]}%` }) : '—'),
+          el('td', { text: `${when(m.changed_at)} by ${m.changed_by || '?'}` }),
+          el('td', {}, el('button', {
+            type: 'button', 'aria-expanded': String(open.has(m.id)), 'data-history': m.id,
+            onclick: () => { if (open.has(m.id)) open.delete(m.id); else open.add(m.id); loadMerchants(); },
+            text: open.has(m.id) ? 'Hide history' : 'History',
+          }))));
+        if (open.has(m.id)) rows.push(el('tr', { class: 'history-row' }, el('td', { colspan: '6' }, await history(m))));
+      }
+      show('merchants', table(['merchant', 'active', 'plugins', 'canary', 'last change', ''], rows),
+        r.truncated ? el('p', { class: 'notice', text: 'Only the first 500 merchants are listed.' }) : null);
+    } catch (e) { failed('merchants', e); }
+  }
+
+  // A merchant's history, newest first, with one-click rollback to any earlier version and
+  // promotion of a running canary (each asks once more before it acts).
+  async function history(m) {
+    const entries = await api(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/history`);
+    const seen = new Set();
+    const items = [];
+    for (const h of [...entries].reverse()) {
+      const p = h.pipeline;
+      if (!p) { items.push(el('li', { class: 'muted', text: `revision ${h.revision}: removed` })); continue; }
+      const v = p.active.version;
+      const text = `revision ${h.revision}: v${v} active${p.canary ? `, canary v${p.canary.def.version} at ${p.canary.percent}%` : ''} — ${when(p.changed_at)} by ${p.changed_by || '?'}${p.reason ? ` (${p.reason})` : ''}`;
+      const action = v !== m.active_version && !seen.has(v)
+        ? confirmButton(`Roll back to v${v}`, `Make v${v} active for ${m.id}?`, 'danger',
+          () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/rollback`, { to: v, reason: 'rolled back from the operator page' }), `rollback-${v}`)
+        : null;
+      seen.add(v);
+      items.push(el('li', {}, text, ' ', action));
+    }
+    const promote = m.canary
+      ? confirmButton(`Promote canary v${m.canary[0]}`, `Make v${m.canary[0]} active for all visitors of ${m.id}?`, 'primary',
+        () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/promote`, { reason: 'promoted from the operator page' }), 'promote')
+      : null;
+    return el('div', {}, promote, el('ol', { class: 'history', reversed: true }, ...items));
+  }
+
+  function confirmButton(label, question, kind, act, id) {
+    const wrap = el('span', { class: 'confirm' });
+    const first = el('button', {
+      type: 'button', class: kind, 'data-action': id, text: label,
+      onclick: () => {
+        const yes = el('button', {
+          type: 'button', class: kind, 'data-confirm': id, text: 'Yes, do it',
+          onclick: async () => {
+            yes.disabled = true;
+            const status = $('#action');
+            try {
+              const r = await act();
+              status.className = 'action ok';
+              status.textContent = `Done: ${r.pipeline.merchant_id} now runs v${r.pipeline.active.version} (revision ${r.revision}).`;
+            } catch (e) {
+              status.className = 'action error';
+              status.textContent = `Refused: ${e.message}`;
+            }
+            await loadMerchants();
+            $('#merchants').focus();
+          },
+        });
+        const no = el('button', { type: 'button', text: 'Cancel', onclick: () => wrap.replaceChildren(first) });
+        wrap.replaceChildren(el('span', { text: question }), yes, no);
+        yes.focus();
+      },
+    });
+    wrap.append(first);
+    return wrap;
+  }
+
+  async function loadFailed() {
+    try {
+      const r = await api('/v1/failed');
+      if (!r.groups.length) { show('failed', el('p', { class: 'notice', text: 'No failed events in the last 24 hours.' })); return; }
+      show('failed', table(['merchant', 'stage', 'plugin', 'version', 'events', 'last', 'example reason'],
+        r.groups.map((g) => el('tr', {},
+          el('td', {}, el('code', { text: g.merchant_id })), el('td', { text: g.stage }),
+          el('td', { text: g.plugin || '—' }), el('td', { text: g.pipeline_version == null ? '—' : `v${g.pipeline_version}` }),
+          el('td', { class: 'num', text: num.format(g.events) }), el('td', { text: g.last_at || '' }),
+          el('td', { class: 'muted', text: g.example || '' }))), [4]));
+    } catch (e) {
+      if (e.status === 404) show('failed', el('p', { class: 'notice', text: 'This admin server has no warehouse to read failed events from.' }));
+      else failed('failed', e);
+    }
+  }
+
+  async function refresh(all) {
+    const jobs = [loadHealth(), loadIngest(), loadEdges()];
+    if (all) jobs.push(loadMerchants(), loadFailed());
+    await Promise.all(jobs);
+    $('#updated').textContent = `updated ${new Date().toLocaleTimeString('en-GB')}`;
+    document.body.dataset.ready = 'true';
+  }
+  refresh(true);
+  setInterval(() => refresh(false), 10000);
+})();
