@@ -220,6 +220,26 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
             .contains("20% of visitors"),
         "{day}"
     );
+    // During the canary, the period's figures per pipeline version, side by side, as the API
+    // splits them; both versions processed some of the traffic.
+    let split = api(
+        &up,
+        &shop.token,
+        json!({"site_id": shop.id, "metrics": ["visitors", "pageviews", "events"], "date_range": "day",
+               "dimensions": ["event:pipeline_version"]}),
+    );
+    let split: Vec<Value> = split["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!({"version": r["dimensions"][0], "metrics": r["metrics"]}))
+        .collect();
+    assert_eq!(day["split"], json!(split), "{day}");
+    let versions: Vec<&str> = split.iter().filter_map(|r| r["version"].as_str()).collect();
+    assert!(
+        versions.contains(&"v1") && versions.contains(&"v2"),
+        "{split:?}"
+    );
     // Realtime: the last 30 minutes, as the API counts them.
     let (status, text) = http(
         &up.api(),

@@ -407,15 +407,44 @@
   }
 
   // The canary running now, if any: the last pipeline change decides.
-  function renderCanary() {
-    const box = $('#canary');
+  const runningCanary = () => {
     const last = [...annotations].reverse().find((a) => a.kind !== 'reprocessed');
-    if (!last || last.kind !== 'canary_started') { box.hidden = true; return; }
+    return last && last.kind === 'canary_started' ? last : null;
+  };
+
+  // While a canary runs: its note, and the period's figures per pipeline version side by side
+  // (event figures only: visit figures cannot be split by an event dimension yet).
+  async function loadCanary(gen) {
+    const box = $('#canary');
+    const canary = runningCanary();
+    if (!canary) { box.hidden = true; box.dataset.state = 'none'; return; }
     box.hidden = false;
-    box.replaceChildren(el('p', {},
-      el('strong', { text: `Canary v${last.version} is running` }),
-      ` for ${last.percent}% of visitors${last.plugins.length ? ` (plugins: ${last.plugins.join(' → ')})` : ''}. `,
-      'Its share is marked on the chart; rows it processed carry its version in the events table\'s pipeline_version column.'));
+    const note = el('p', {},
+      el('strong', { text: `Canary v${canary.version} is running` }),
+      ` for ${canary.percent}% of visitors${canary.plugins.length ? ` (plugins: ${canary.plugins.join(' → ')})` : ''}. `,
+      'Figures of this period by the pipeline version that processed the events:');
+    box.dataset.state = 'loading';
+    try {
+      const r = await query({ metrics: ['visitors', 'pageviews', 'events'], date_range: period(), dimensions: ['event:pipeline_version'] });
+      if (stale(gen)) return;
+      const total = r.results.reduce((s, row) => s + (row.metrics[2] || 0), 0);
+      const rows = r.results.map((row) => {
+        const v = row.dimensions[0] || '(no plugins)';
+        const share = total ? Math.round(((row.metrics[2] || 0) / total) * 100) : 0;
+        return el('tr', { 'data-version': v, class: v === `v${canary.version}` ? 'canary-row' : null },
+          el('th', { scope: 'row', text: v === `v${canary.version}` ? `${v} (canary)` : v }),
+          ...row.metrics.map((m) => el('td', { 'data-value': String(m), text: fmt('num', m) })),
+          el('td', { text: `${share}%` }));
+      });
+      box.replaceChildren(note, el('table', { class: 'split' },
+        el('thead', {}, el('tr', {}, ...['version', 'visitors', 'pageviews', 'events', 'share'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, ...rows)));
+      box.dataset.state = 'ready';
+    } catch (e) {
+      if (stale(gen)) return;
+      box.replaceChildren(note, el('p', { class: 'notice', text: `The split is not available: ${e.message}` }));
+      box.dataset.state = unavailable(e) ? 'unavailable' : 'error';
+    }
   }
 
   async function loadAnnotations() {
@@ -425,7 +454,6 @@
     } catch (e) {
       annotations = [];
     }
-    renderCanary();
   }
 
   // ---- breakdown panels ---------------------------------------------------------------
@@ -626,6 +654,7 @@
     renderRange();
     renderFilters();
     if (parts.includes('stats')) loadStats(gen);
+    if (parts.includes('panels')) loadCanary(gen);
     if (parts.includes('chart')) loadChart(gen);
     if (parts.includes('panels')) for (const p of PANELS) loadPanel(p.id, gen);
   }

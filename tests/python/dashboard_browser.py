@@ -30,7 +30,7 @@ os.makedirs(SHOTS, exist_ok=True)
 SETTLED = """
 const b = document.body;
 if (b.dataset.ready !== 'true') return false;
-const states = [...document.querySelectorAll('#stats, #chart, .panel-body')].map(e => e.dataset.state);
+const states = [...document.querySelectorAll('#stats, #chart, .panel-body, #canary:not([hidden])')].map(e => e.dataset.state);
 return states.length > 2 && states.every(s => s && s !== 'loading');
 """
 
@@ -50,7 +50,11 @@ return {
   sources: rows('sources'), pages: rows('pages'),
   chart_points: Number(document.querySelector('#chart').dataset.points || 0),
   markers: [...document.querySelectorAll('#markers li')].map(li => li.className.replace('marker ', '')),
-  canary: document.querySelector('#canary').hidden ? null : document.querySelector('#canary').textContent,
+  canary: document.querySelector('#canary').hidden ? null : document.querySelector('#canary p').textContent,
+  split: [...document.querySelectorAll('#canary tbody tr')].map(tr => ({
+    version: tr.dataset.version,
+    metrics: [...tr.querySelectorAll('td[data-value]')].map(td => Number(td.dataset.value)),
+  })),
   filters: [...document.querySelectorAll('#filters .chip')].map(c => c.textContent),
   range_label: document.querySelector('#range-label').textContent,
   realtime: document.querySelector('#realtime').dataset.value ?? null,

@@ -77,6 +77,15 @@ pub const DIMENSIONS: &[Dimension] = &[
     dim("event:name", "name", Event, Sent, true),
     // Revenue is kept per currency; breaking down or filtering by it picks one.
     dim("event:currency", "currency", Event, Sent, false),
+    // The pipeline version that produced the event (`v3`; none when no plugins ran): a
+    // canary's figures beside the stable version's, from `events`.
+    dim(
+        "event:pipeline_version",
+        "pipeline_version",
+        Event,
+        Sent,
+        false,
+    ),
 ];
 
 const DERIVED_COUNT: usize = {
