@@ -17,6 +17,18 @@ use common::{
 };
 use serde_json::{json, Value};
 
+/// An IANA zone whose local time is between 10:00 and 14:00 now.
+fn noon_zone() -> String {
+    let hour = (beacon_edge::now_ms() / 3_600_000 % 24) as i64;
+    let offset = (12 - hour + 36) % 24 - 12; // -12..=11: local = UTC + offset is near noon
+    match offset {
+        0 => "Etc/UTC".into(),
+        // POSIX sign: Etc/GMT-3 is three hours ahead of UTC.
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
 fn admin_url(up: &Up) -> String {
     up.endpoints.admin_http.clone().expect("admin_http")
 }
@@ -104,7 +116,10 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     let up = Up::start(&[]);
     let data = up.data();
     let nats = up.endpoints.nats_url.clone();
-    let shop = up.merchant("Dashboard Shop", &["--timezone", "Europe/Berlin"]);
+    // A zone where it is around noon now, so "today" cannot roll over while the test runs
+    // (the page and the API are asked minutes apart): Etc/GMT-N is UTC+N.
+    let zone = noon_zone();
+    let shop = up.merchant("Dashboard Shop", &["--timezone", &zone]);
     let other = up.merchant("Other Shop", &[]);
 
     // A pipeline and a canary beside it: markers on the chart and the canary note.
@@ -348,6 +363,10 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
         value("beacon_rollup_runs_total{outcome=\"ok\"}") > 0.0,
         "{scraped}"
     );
+    assert!(
+        scraped.contains("beacon_ingest_consumer_pending{"),
+        "{scraped}"
+    );
     assert_eq!(value("beacon_ingest_consumer_pending"), 0.0, "{scraped}");
     assert!(
         value("beacon_query_seconds_count{cache=\"miss\",sources=\"rollups") > 0.0,
@@ -475,15 +494,45 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     assert_eq!(r.status, 403, "{}", r.body);
     let r = http_with(&admin, "GET", "/v1/ingest", &[("Cookie", &ops_cookie)], b"");
     assert_eq!(r.status, 200, "{}", r.body);
-    // The merchant's dashboard session is no operator session.
+    // Sessions do not cross ports: a dashboard session is no operator session, an operator
+    // session no dashboard session, and a made-up one nothing.
+    let dash = http_with(
+        &up.api(),
+        "POST",
+        "/dashboard/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        format!("token={}", shop.token).as_bytes(),
+    );
+    let dash_cookie = dash
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("dashboard cookie")
+        .to_string();
+    let as_ops = dash_cookie.replacen("beacon_session=", "beacon_ops=", 1);
+    let r = http_with(&admin, "GET", "/v1/edges", &[("Cookie", &as_ops)], b"");
+    assert_eq!(r.status, 401, "{}", r.body);
+    let as_dash = ops_cookie.replacen("beacon_ops=", "beacon_session=", 1);
+    let q = json!({"site_id": site, "metrics": ["visitors"], "date_range": "day"});
     let r = http_with(
-        &admin,
-        "GET",
-        "/v1/edges",
-        &[("Cookie", &format!("beacon_ops={}", "0".repeat(64)))],
-        b"",
+        &up.api(),
+        "POST",
+        "/api/v2/query",
+        &[("Cookie", &as_dash)],
+        q.to_string().as_bytes(),
     );
     assert_eq!(r.status, 401, "{}", r.body);
+    let forged = format!("beacon_ops={}", "0".repeat(64));
+    let r = http_with(&admin, "GET", "/v1/edges", &[("Cookie", &forged)], b"");
+    assert_eq!(r.status, 401, "{}", r.body);
+    // A change decided on a stale view is refused: the revision it saw is gone.
+    let stale = http_with(
+        &admin,
+        "POST",
+        &format!("/v1/merchants/{}/pipeline/rollback", shop.id),
+        &[("Cookie", &ops_cookie), ("X-Beacon-CSRF", "1")],
+        br#"{"to": 1, "expect_revision": 1}"#,
+    );
+    assert_eq!(stale.status, 409, "{}", stale.body);
 
     // A session is its merchant's only: the shop's cookie reads the shop, never the other
     // site; a cross-site login form is refused; a forged or ended session is no session.
@@ -522,7 +571,7 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["time_zone"],
-        "Europe/Berlin"
+        zone.as_str()
     );
     let cross = http_with(
         &up.api(),
@@ -535,6 +584,17 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
         format!("token={}", shop.token).as_bytes(),
     );
     assert_eq!(cross.status, 403);
+    let null_origin = http_with(
+        &up.api(),
+        "POST",
+        "/dashboard/login",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Origin", "null"),
+        ],
+        format!("token={}", shop.token).as_bytes(),
+    );
+    assert_eq!(null_origin.status, 403);
     assert!(cross.header("set-cookie").is_none());
     let forged = format!("beacon_session={}", "0".repeat(64));
     let r = http_with(

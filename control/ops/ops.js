@@ -135,14 +135,14 @@
       const text = `revision ${h.revision}: v${v} active${p.canary ? `, canary v${p.canary.def.version} at ${p.canary.percent}%` : ''} — ${when(p.changed_at)} by ${p.changed_by || '?'}${p.reason ? ` (${p.reason})` : ''}`;
       const action = v !== m.active_version && !seen.has(v)
         ? confirmButton(`Roll back to v${v}`, `Make v${v} active for ${m.id}?`, 'danger',
-          () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/rollback`, { to: v, reason: 'rolled back from the operator page' }), `rollback-${v}`)
+          () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/rollback`, { to: v, expect_revision: m.revision, reason: 'rolled back from the operator page' }), `rollback-${v}`)
         : null;
       seen.add(v);
       items.push(el('li', {}, text, ' ', action));
     }
     const promote = m.canary
       ? confirmButton(`Promote canary v${m.canary[0]}`, `Make v${m.canary[0]} active for all visitors of ${m.id}?`, 'primary',
-        () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/promote`, { reason: 'promoted from the operator page' }), 'promote')
+        () => change(`/v1/merchants/${encodeURIComponent(m.id)}/pipeline/promote`, { expect_revision: m.revision, reason: 'promoted from the operator page' }), 'promote')
       : null;
     return el('div', {}, promote, el('ol', { class: 'history', reversed: true }, ...items));
   }
@@ -202,5 +202,7 @@
     document.body.dataset.ready = 'true';
   }
   refresh(true);
-  setInterval(() => refresh(false), 10000);
+  // The pipelines table too, unless the operator is in the middle of confirming a change (a
+  // change names the revision shown, so a stale view is refused, never acted on).
+  setInterval(() => refresh(!document.querySelector('[data-confirm]')), 10000);
 })();

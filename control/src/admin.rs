@@ -236,6 +236,10 @@ struct ChangeBody {
     to: Option<u64>,
     #[serde(default)]
     reason: String,
+    /// The revision the caller decided on (the operator page sends the one it shows): the
+    /// change is refused with 409 if the pipeline moved on since.
+    #[serde(default)]
+    expect_revision: Option<u64>,
 }
 
 fn change_body(body: &[u8]) -> Result<ChangeBody, ApiError> {
@@ -253,7 +257,10 @@ async fn promote(
     body: axum::body::Bytes,
 ) -> ApiResult<crate::pipelines::Change> {
     let b = change_body(&body)?;
-    Ok(Json(c.promote(&m, &who, &b.reason).await?))
+    Ok(Json(
+        c.promote_seen(&m, b.expect_revision, &who, &b.reason)
+            .await?,
+    ))
 }
 
 async fn rollback(
@@ -263,7 +270,10 @@ async fn rollback(
     body: axum::body::Bytes,
 ) -> ApiResult<crate::pipelines::Change> {
     let b = change_body(&body)?;
-    Ok(Json(c.rollback(&m, b.to, &who, &b.reason).await?))
+    Ok(Json(
+        c.rollback_seen(&m, b.to, b.expect_revision, &who, &b.reason)
+            .await?,
+    ))
 }
 
 async fn history(
@@ -291,6 +301,8 @@ const MERCHANTS_LISTED: usize = 500;
 #[derive(serde::Serialize)]
 struct MerchantLine {
     id: String,
+    /// The revision of its pipelines-bucket entry (changes from the page name it).
+    revision: u64,
     name: Option<String>,
     active_version: u64,
     plugins: Vec<String>,
@@ -330,6 +342,7 @@ async fn merchants(State(c): State<Control>) -> ApiResult<serde_json::Value> {
         let p = change.pipeline;
         out.push(MerchantLine {
             id: key,
+            revision: change.revision,
             name,
             active_version: p.active.version,
             plugins: p.active.plugins.iter().map(|r| r.name.clone()).collect(),

@@ -62,7 +62,7 @@ pub enum CookieAuth {
 impl OpsLogins {
     pub fn new(tokens: Arc<AdminTokens>) -> Self {
         Self {
-            sessions: Sessions::new(COOKIE, IDLE, MAX_SESSIONS),
+            sessions: Sessions::new(COOKIE, IDLE, 20, MAX_SESSIONS),
             tokens,
         }
     }

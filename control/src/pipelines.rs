@@ -236,10 +236,39 @@ impl Control {
         changed_by: &str,
         reason: &str,
     ) -> Result<Change, ControlError> {
+        self.promote_seen(merchant_id, None, changed_by, reason)
+            .await
+    }
+
+    /// The merchant's entry, which must still be at revision `seen` when one is given: a
+    /// change decided on a view (the operator page) is refused once the entry moved on.
+    async fn current_seen(
+        &self,
+        merchant_id: &str,
+        seen: Option<u64>,
+    ) -> Result<Change, ControlError> {
         let cur = self
             .current(merchant_id)
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("pipeline of {merchant_id}")))?;
+        match seen {
+            Some(r) if r != cur.revision => Err(ControlError::Conflict(format!(
+                "the pipeline of {merchant_id} changed since revision {r} (now {}); look again",
+                cur.revision
+            ))),
+            _ => Ok(cur),
+        }
+    }
+
+    /// [`Control::promote`], refused unless the entry is still at revision `seen`.
+    pub async fn promote_seen(
+        &self,
+        merchant_id: &str,
+        seen: Option<u64>,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<Change, ControlError> {
+        let cur = self.current_seen(merchant_id, seen).await?;
         let Some(canary) = cur.pipeline.canary.clone() else {
             return Err(ControlError::Invalid(format!(
                 "{merchant_id} has no canary to promote"
@@ -266,10 +295,20 @@ impl Control {
         changed_by: &str,
         reason: &str,
     ) -> Result<Change, ControlError> {
-        let cur = self
-            .current(merchant_id)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("pipeline of {merchant_id}")))?;
+        self.rollback_seen(merchant_id, to, None, changed_by, reason)
+            .await
+    }
+
+    /// [`Control::rollback`], refused unless the entry is still at revision `seen`.
+    pub async fn rollback_seen(
+        &self,
+        merchant_id: &str,
+        to: Option<u64>,
+        seen: Option<u64>,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<Change, ControlError> {
+        let cur = self.current_seen(merchant_id, seen).await?;
         let active = cur.pipeline.active.version;
         if to.is_none() {
             if let Some(c) = &cur.pipeline.canary {

@@ -24,7 +24,8 @@
     range: 'day', from: null, to: null,
     filters: [], // [{dim, value}]
     metric: 'visitors',
-    generation: 0,
+    // One counter per section: a refresh of some sections never orphans another's load.
+    gen: { stats: 0, chart: 0, panels: 0 },
   };
 
   const STATS = [
@@ -145,8 +146,28 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
+  // At most 3 requests at once (the API runs a few queries per merchant at a time and answers
+  // 429 beyond); a 429 is retried once after its Retry-After.
+  const MAX_IN_FLIGHT = 3;
+  let inFlight = 0;
+  const waiting = [];
+  async function slot(fn) {
+    if (inFlight >= MAX_IN_FLIGHT) await new Promise((go) => waiting.push(go));
+    inFlight += 1;
+    try { return await fn(); } finally {
+      inFlight -= 1;
+      const next = waiting.shift();
+      if (next) next();
+    }
+  }
+
   async function api(path, init) {
-    const r = await fetch(path, { credentials: 'same-origin', ...init });
+    let r = await slot(() => fetch(path, { credentials: 'same-origin', ...init }));
+    if (r.status === 429) {
+      const after = Math.min(5, Number(r.headers.get('retry-after')) || 1);
+      await new Promise((go) => setTimeout(go, after * 1000));
+      r = await slot(() => fetch(path, { credentials: 'same-origin', ...init }));
+    }
     if (r.status === 401) {
       location.assign('/dashboard/login');
       throw new ApiError(401, 'logged out');
@@ -182,7 +203,7 @@
     }
   }
 
-  const stale = (gen) => gen !== state.generation;
+  const stale = (part, gen) => gen !== state.gen[part];
   const unavailable = (e) => e instanceof ApiError && e.status === 400;
 
   // ---- top stats ----------------------------------------------------------------------
@@ -208,7 +229,7 @@
         query({ metrics: ['events'], date_range: cur, dimensions: ['event:goal'], pagination: { limit: 1000 } }).catch(() => null),
         query({ metrics: ['total_revenue'], date_range: cur, dimensions: ['event:currency'] }).catch(() => null),
       ]);
-      if (stale(gen)) return;
+      if (stale('stats', gen)) return;
       const now = { ...a, ...c };
       const before = { ...b, ...d };
       const cards = STATS.map((s) => statCard(s, now[s.key], before[s.key], visitOk || !s.visit));
@@ -225,8 +246,8 @@
       box.replaceChildren(...cards);
       setState(box, 'ready');
     } catch (e) {
-      if (stale(gen)) return;
-      setState(box, 'error', `The figures could not be loaded: ${e.message}`, () => loadStats(state.generation));
+      if (stale('stats', gen)) return;
+      setState(box, 'error', `The figures could not be loaded: ${e.message}`, () => loadStats(state.gen.stats));
     }
   }
 
@@ -273,6 +294,10 @@
     const [h, m] = (t || '00:00').split(':').map(Number);
     return (parseDay(d) + (h * 60 + m) * 60000) / 1000;
   }
+
+  // uPlot formats a Date with local getters: shift a wall time (seconds, encoded as UTC) so
+  // that the viewer's zone reads it as written, whatever zone the browser is in.
+  const asWall = (x) => uPlot.tzDate(new Date(x * 1e3), 'Etc/UTC');
 
   const wallParts = new Map();
   function wallTime(ms) {
@@ -336,7 +361,7 @@
     try {
       const ask = (range) => query({ metrics: [metric], date_range: range, dimensions: dims, include: { time_labels: true } });
       const [now, before] = await Promise.all([ask(cur), ask(prev)]);
-      if (stale(gen)) return;
+      if (stale('chart', gen)) return;
       const series = (r) => {
         const by = new Map(r.results.map((row) => [row.dimensions[0], row.metrics[0]]));
         const labels = r.meta.time_labels || [...by.keys()];
@@ -356,11 +381,11 @@
       if (total === 0) plot = null;
       renderMarkers(xs);
     } catch (e) {
-      if (stale(gen)) return;
+      if (stale('chart', gen)) return;
       plot = null;
       setState(box, unavailable(e) ? 'unavailable' : 'error',
         unavailable(e) ? `Not available with these filters: ${e.message}` : `The chart could not be loaded: ${e.message}`,
-        unavailable(e) ? null : () => loadChart(state.generation));
+        unavailable(e) ? null : () => loadChart(state.gen.chart));
     }
   }
 
@@ -380,7 +405,7 @@
         { stroke: '#6b7280', grid: { stroke: '#eef0f3' }, values: (u, ticks) => ticks.map((t) => fmt(kind, t)), size: 60 },
       ],
       series: [
-        { value: (u, v) => (v === null ? '' : uPlot.fmtDate(hourly ? '{YYYY}-{MM}-{DD} {HH}:00' : '{YYYY}-{MM}-{DD}')(new Date(v * 1e3))) },
+        { value: (u, v) => (v === null ? '' : uPlot.fmtDate(hourly ? '{YYYY}-{MM}-{DD} {HH}:00' : '{YYYY}-{MM}-{DD}')(asWall(v))) },
         { label: METRIC_LABELS[metric] || metric, stroke: '#4f46e5', width: 2, fill: 'rgba(79,70,229,0.08)', value: (u, v) => fmt(kind, v) },
         { label: 'previous period', stroke: '#9ca3af', width: 1, dash: [5, 5], value: (u, v) => fmt(kind, v) },
       ],
@@ -397,7 +422,7 @@
     const [min, max] = [xs[0], xs[xs.length - 1] + (xs.length > 1 ? xs[1] - xs[0] : 3600)];
     const shown = annotations.filter((a) => { const x = wallTime(a.at); return x >= min && x < max; });
     list.replaceChildren(...shown.map((a) => {
-      const when = uPlot.fmtDate('{YYYY}-{MM}-{DD} {HH}:{mm}')(new Date(wallTime(a.at) * 1e3));
+      const when = uPlot.fmtDate('{YYYY}-{MM}-{DD} {HH}:{mm}')(asWall(wallTime(a.at)));
       const text = (MARKER_TEXT[a.kind] || ((x) => x.kind))(a);
       const extra = [a.plugins && a.plugins.length ? `plugins: ${a.plugins.join(' → ')}` : '', a.who ? `by ${a.who}` : '', a.reason].filter(Boolean).join(' · ');
       return el('li', { class: `marker ${a.kind}` },
@@ -426,7 +451,7 @@
     box.dataset.state = 'loading';
     try {
       const r = await query({ metrics: ['visitors', 'pageviews', 'events'], date_range: period(), dimensions: ['event:pipeline_version'] });
-      if (stale(gen)) return;
+      if (stale('panels', gen)) return;
       const total = r.results.reduce((s, row) => s + (row.metrics[2] || 0), 0);
       const rows = r.results.map((row) => {
         const v = row.dimensions[0] || '(no plugins)';
@@ -441,7 +466,7 @@
         el('tbody', {}, ...rows)));
       box.dataset.state = 'ready';
     } catch (e) {
-      if (stale(gen)) return;
+      if (stale('panels', gen)) return;
       box.replaceChildren(note, el('p', { class: 'notice', text: `The split is not available: ${e.message}` }));
       box.dataset.state = unavailable(e) ? 'unavailable' : 'error';
     }
@@ -472,7 +497,7 @@
         ...p.tabs.map(([dim, label]) => el('button', {
           type: 'button', role: 'tab', 'data-dim': dim, id: `tab-${p.id}-${dim}`,
           'aria-selected': String(panelState[p.id].tab === dim),
-          onclick: () => { panelState[p.id] = { tab: dim, sort: null, offset: 0 }; syncTabs(p.id); loadPanel(p.id, state.generation); },
+          onclick: () => { panelState[p.id] = { tab: dim, sort: null, offset: 0 }; syncTabs(p.id); loadPanel(p.id, state.gen.panels); },
           text: label,
         }))) : null;
       return el('section', { class: 'panel', id: `panel-${p.id}`, 'aria-labelledby': `title-${p.id}` },
@@ -500,7 +525,7 @@
     if (ps.sort && (ps.sort[0] === dim || metrics.includes(ps.sort[0]))) req.order_by = [ps.sort];
     try {
       const r = await query(req);
-      if (stale(gen) || panelState[id] !== ps) return;
+      if (stale('panels', gen) || panelState[id] !== ps) return;
       const total = r.meta.total_rows ?? r.results.length;
       if (!r.results.length) {
         setState(body, 'empty', ps.offset ? 'No more rows.' : 'Nothing for this period yet.');
@@ -509,10 +534,10 @@
       body.replaceChildren(table(id, dim, metrics, r.results), pager(id, ps, total, r.results.length));
       setState(body, 'ready');
     } catch (e) {
-      if (stale(gen)) return;
+      if (stale('panels', gen) || panelState[id] !== ps) return;
       setState(body, unavailable(e) ? 'unavailable' : 'error',
         unavailable(e) ? `Not available with these filters: ${e.message}` : `Could not load: ${e.message}`,
-        unavailable(e) ? null : () => loadPanel(id, state.generation));
+        unavailable(e) ? null : () => loadPanel(id, state.gen.panels));
     }
   }
 
@@ -528,7 +553,7 @@
           onclick: () => {
             const next = dir === 'desc' ? 'asc' : 'desc';
             panelState[id] = { ...ps, sort: [key, next], offset: 0 };
-            loadPanel(id, state.generation);
+            loadPanel(id, state.gen.panels);
           },
           text: `${label}${dir === 'asc' ? ' ▲' : dir === 'desc' ? ' ▼' : ''}`,
         }));
@@ -557,7 +582,7 @@
   function pager(id, ps, total, shown) {
     const first = ps.offset + 1;
     const last = ps.offset + shown;
-    const go = (offset) => { panelState[id] = { ...ps, offset }; loadPanel(id, state.generation); };
+    const go = (offset) => { panelState[id] = { ...ps, offset }; loadPanel(id, state.gen.panels); };
     return el('nav', { class: 'pager', 'aria-label': 'Pages of rows' },
       el('span', { class: 'muted', text: `${first}–${last} of ${intFmt.format(total)}` }),
       el('button', { type: 'button', disabled: ps.offset === 0, onclick: () => go(Math.max(0, ps.offset - PAGE_SIZE)), text: '← Previous' }),
@@ -650,13 +675,15 @@
 
   // ---- putting it together ------------------------------------------------------------
   function refresh(parts = ['stats', 'chart', 'panels']) {
-    const gen = ++state.generation;
     renderRange();
     renderFilters();
-    if (parts.includes('stats')) loadStats(gen);
-    if (parts.includes('panels')) loadCanary(gen);
-    if (parts.includes('chart')) loadChart(gen);
-    if (parts.includes('panels')) for (const p of PANELS) loadPanel(p.id, gen);
+    if (parts.includes('stats')) loadStats(++state.gen.stats);
+    if (parts.includes('chart')) loadChart(++state.gen.chart);
+    if (parts.includes('panels')) {
+      const gen = ++state.gen.panels;
+      loadCanary(gen);
+      for (const p of PANELS) loadPanel(p.id, gen);
+    }
   }
 
   async function start() {
@@ -679,6 +706,16 @@
     refresh();
     loadRealtime();
     setInterval(loadRealtime, 15000);
+    // A page left open: a new day, new pipeline changes.
+    setInterval(async () => {
+      try {
+        const now = await api('/dashboard/session');
+        const newDay = now.today !== state.today;
+        state.today = now.today;
+        await loadAnnotations();
+        refresh(newDay ? undefined : ['panels']);
+      } catch (e) { /* the next tick tries again */ }
+    }, 300000);
     addEventListener('popstate', () => { readUrl(); refresh(); });
     let resizing = null;
     addEventListener('resize', () => {

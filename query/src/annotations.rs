@@ -17,7 +17,7 @@ use serde::Serialize;
 
 /// How long one merchant's answer is reused.
 const FRESH_FOR: Duration = Duration::from_secs(5);
-/// Jobs listed at most (the newest), whatever the bucket holds.
+/// Job records read at most (the most recently written), whatever the bucket holds.
 const MAX_JOBS_SCANNED: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -66,6 +66,8 @@ pub struct AnnotationsError(String);
 pub struct Annotations {
     js: jetstream::Context,
     answers: moka::future::Cache<String, Arc<Vec<Annotation>>>,
+    /// The job records, read once per interval for all merchants (not once per merchant).
+    jobs: moka::future::Cache<(), Arc<Vec<Vec<u8>>>>,
 }
 
 impl Annotations {
@@ -76,6 +78,10 @@ impl Annotations {
                 .max_capacity(10_000)
                 .time_to_live(FRESH_FOR)
                 .build(),
+            jobs: moka::future::Cache::builder()
+                .max_capacity(1)
+                .time_to_live(FRESH_FOR)
+                .build(),
         }
     }
 
@@ -84,7 +90,12 @@ impl Annotations {
         self.answers
             .try_get_with(merchant.to_string(), async {
                 let mut out = pipeline_changes(&self.js, merchant).await?;
-                out.extend(reprocessed(&self.js, merchant).await?);
+                let jobs = self
+                    .jobs
+                    .try_get_with((), job_records(&self.js))
+                    .await
+                    .map_err(|e| AnnotationsError(e.to_string()))?;
+                out.extend(jobs.iter().filter_map(|r| job_annotation(r, merchant)));
                 out.sort_by_key(|a| a.at);
                 Ok(Arc::new(out))
             })
@@ -143,7 +154,13 @@ fn plugin_names(p: &beacon_proto::bus::PipelineDef) -> Vec<String> {
 fn changes(history: &[(Option<Pipeline>, i64)]) -> Vec<Annotation> {
     let mut out = Vec::new();
     let mut before: Option<&Pipeline> = None;
-    for (pipeline, written) in history {
+    // When the bucket's history is full, its oldest entry is only what ran then, not a
+    // change we saw happen: it is the baseline, not an "activated".
+    let full = history.len() as i64 >= beacon_proto::bus::PIPELINES_HISTORY;
+    if full {
+        before = history.first().and_then(|(p, _)| p.as_ref());
+    }
+    for (pipeline, written) in history.iter().skip(usize::from(full)) {
         let Some(p) = pipeline else {
             if before.is_some() {
                 out.push(Annotation {
@@ -181,9 +198,16 @@ fn changes(history: &[(Option<Pipeline>, i64)]) -> Vec<Annotation> {
         if prev_active != Some(p.active.version) {
             let kind = match (prev_active, prev_canary) {
                 (_, Some(c)) if c == p.active.version => Kind::Promoted,
-                (Some(a), _) if p.active.version < a => Kind::RolledBack,
+                // A version older than the newest ever defined came back: a rollback.
+                (Some(_), _) if p.active.version < p.latest_version => Kind::RolledBack,
                 _ => Kind::Activated,
             };
+            // The canary it replaced, if it was not the one promoted.
+            if let Some(c) = before.and_then(|b| b.canary.as_ref()) {
+                if c.def.version != p.active.version && p.canary.is_none() {
+                    out.push(note(Kind::CanaryStopped, &c.def, None));
+                }
+            }
             out.push(note(kind, &p.active, None));
         } else if prev_canary.is_some() && p.canary.is_none() {
             if let Some(c) = before.and_then(|b| b.canary.as_ref()) {
@@ -200,32 +224,28 @@ fn changes(history: &[(Option<Pipeline>, i64)]) -> Vec<Annotation> {
     out
 }
 
-/// Re-processing jobs that covered `merchant`, from the audit records.
-async fn reprocessed(
-    js: &jetstream::Context,
-    merchant: &str,
-) -> Result<Vec<Annotation>, AnnotationsError> {
+/// The job audit records, the most recently written [`MAX_JOBS_SCANNED`] of them (keys come
+/// oldest-written first).
+async fn job_records(js: &jetstream::Context) -> Result<Arc<Vec<Vec<u8>>>, AnnotationsError> {
     let Some(store) = bucket(js, JOBS_BUCKET).await? else {
-        return Ok(Vec::new());
+        return Ok(Arc::new(Vec::new()));
     };
     let err = |e: &dyn std::fmt::Display| AnnotationsError(e.to_string());
     let mut keys = store.keys().await.map_err(|e| err(&e))?;
-    let mut out = Vec::new();
-    let mut scanned = 0;
+    let mut all = std::collections::VecDeque::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| err(&e))?;
-        scanned += 1;
-        if scanned > MAX_JOBS_SCANNED {
-            break;
-        }
-        let Some(value) = store.get(&key).await.map_err(|e| err(&e))? else {
-            continue;
-        };
-        if let Some(a) = job_annotation(&value, merchant) {
-            out.push(a);
+        all.push_back(key.map_err(|e| err(&e))?);
+        if all.len() > MAX_JOBS_SCANNED {
+            all.pop_front();
         }
     }
-    Ok(out)
+    let mut out = Vec::with_capacity(all.len());
+    for key in all {
+        if let Some(value) = store.get(&key).await.map_err(|e| err(&e))? {
+            out.push(value.to_vec());
+        }
+    }
+    Ok(Arc::new(out))
 }
 
 /// The annotation of one job record, if it is a re-processing that covered `merchant`.
@@ -252,14 +272,16 @@ fn job_annotation(record: &[u8], merchant: &str) -> Option<Annotation> {
         return None;
     }
     let version = *job.versions.get(merchant)?;
+    // A job over several merchants: its reason may name the others, so it is not shown.
+    let own = job.versions.len() == 1;
     Some(Annotation {
         at: job.finished_at.unwrap_or(job.started_at),
         kind: Kind::Reprocessed,
         version,
         percent: None,
         plugins: Vec::new(),
-        who: job.who,
-        reason: job.reason,
+        who: if own { job.who } else { String::new() },
+        reason: if own { job.reason } else { String::new() },
         span: job.spans.get(merchant).copied(),
     })
 }
@@ -284,7 +306,8 @@ mod tests {
         }
     }
 
-    fn pipeline(active: u64, canary: Option<(u64, u8)>, at: i64) -> Option<Pipeline> {
+    /// `latest`: the highest version defined so far (a high-water mark, as the bucket keeps it).
+    fn pipeline(active: u64, canary: Option<(u64, u8)>, latest: u64, at: i64) -> Option<Pipeline> {
         Some(Pipeline {
             merchant_id: "m".into(),
             active: def(active),
@@ -292,7 +315,7 @@ mod tests {
                 def: def(v),
                 percent,
             }),
-            latest_version: active.max(canary.map_or(0, |c| c.0)),
+            latest_version: latest,
             changed_by: "ops".into(),
             reason: String::new(),
             changed_at: at,
@@ -302,14 +325,17 @@ mod tests {
     #[test]
     fn history_reads_as_what_each_change_did() {
         let history = vec![
-            (pipeline(1, None, 10), 0),
-            (pipeline(1, Some((2, 10)), 20), 0),
-            (pipeline(2, None, 30), 0),
-            (pipeline(2, Some((3, 50)), 40), 0),
-            (pipeline(2, None, 50), 0),
-            (pipeline(1, None, 60), 0),
+            (pipeline(1, None, 1, 10), 0),
+            (pipeline(1, Some((2, 10)), 2, 20), 0),
+            (pipeline(2, None, 2, 30), 0),
+            (pipeline(2, Some((3, 50)), 3, 40), 0),
+            (pipeline(2, None, 3, 50), 0),
+            (pipeline(1, None, 3, 60), 0),
             (None, 70),
-            (pipeline(4, None, 80), 0),
+            (pipeline(4, None, 4, 80), 0),
+            (pipeline(4, Some((5, 10)), 5, 90), 0),
+            // A direct activation while a canary ran: the canary stopped too.
+            (pipeline(6, None, 6, 100), 0),
         ];
         let got: Vec<(i64, Kind, Option<u64>)> = changes(&history)
             .into_iter()
@@ -326,6 +352,9 @@ mod tests {
                 (60, Kind::RolledBack, Some(1)),
                 (70, Kind::Removed, None),
                 (80, Kind::Activated, Some(4)),
+                (90, Kind::CanaryStarted, Some(5)),
+                (100, Kind::CanaryStopped, Some(5)),
+                (100, Kind::Activated, Some(6)),
             ]
         );
     }

@@ -32,6 +32,9 @@ pub const COOKIE: &str = "beacon_session";
 const IDLE: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most: only a valid read token opens one; the least recently used go first.
 const MAX_SESSIONS: usize = 100_000;
+/// Sessions one read token holds at most (browsers, devices): its next login ends its oldest,
+/// so a token logging in in a loop cannot push other merchants' sessions out.
+const PER_TOKEN: usize = 20;
 
 /// The page's files, embedded: the dashboard needs no build step and no files beside the
 /// binary. uPlot (MIT, see `dashboard/vendor/LICENSE-uPlot`) draws the time series.
@@ -68,7 +71,7 @@ pub struct Logins {
 impl Default for Logins {
     fn default() -> Self {
         Self {
-            sessions: Sessions::new(COOKIE, IDLE, MAX_SESSIONS),
+            sessions: Sessions::new(COOKIE, IDLE, PER_TOKEN, MAX_SESSIONS),
         }
     }
 }

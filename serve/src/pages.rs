@@ -23,27 +23,41 @@ pub struct Sessions<T> {
     cookie: &'static str,
     idle: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<String, Entry<T>>>,
+    per_value: usize,
+    inner: Mutex<Inner<T>>,
 }
 
-impl<T: Clone> Sessions<T> {
-    /// Sessions named `cookie`, ended after `idle` without a request, at most `capacity`.
-    pub fn new(cookie: &'static str, idle: Duration, capacity: usize) -> Self {
+struct Inner<T> {
+    entries: HashMap<String, Entry<T>>,
+    /// Each value's session ids, oldest first: one tenant's logins evict only its own.
+    by_value: HashMap<T, std::collections::VecDeque<String>>,
+}
+
+impl<T: Clone + Eq + std::hash::Hash> Sessions<T> {
+    /// Sessions named `cookie`, ended after `idle` without a request, at most `per_value`
+    /// for one value (one token: its oldest session ends when it logs in once more) and
+    /// `capacity` in all.
+    pub fn new(cookie: &'static str, idle: Duration, per_value: usize, capacity: usize) -> Self {
         Self {
             cookie,
             idle,
             capacity: capacity.max(1),
-            entries: Mutex::new(HashMap::new()),
+            per_value: per_value.max(1),
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                by_value: HashMap::new(),
+            }),
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry<T>>> {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
         // A panic while holding the lock cannot leave a map half-written that matters here.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a session holding `value`; returns the `Set-Cookie` header value for it
-    /// (`Secure` when the request came through a proxy that says it was HTTPS).
+    /// Starts a session holding `value`; returns the `Set-Cookie` header value for it: a
+    /// browser-session cookie (no `Max-Age`: the server ends idle sessions, so one in use
+    /// lives on), `Secure` when the request came through a proxy that says it was HTTPS.
     pub fn start(&self, value: T, request: &HeaderMap) -> String {
         use rand::Rng;
         // ThreadRng: a CSPRNG seeded from the OS.
@@ -53,18 +67,33 @@ impl<T: Clone> Sessions<T> {
             .map(|b| format!("{b:02x}"))
             .collect();
         let now = Instant::now();
-        let mut entries = self.entries();
-        if entries.len() >= self.capacity {
-            entries.retain(|_, e| now.duration_since(e.last_used) < self.idle);
-        }
-        if entries.len() >= self.capacity {
-            if let Some(oldest) = entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone())
-            {
-                entries.remove(&oldest);
+        let mut inner = self.inner();
+        let Inner { entries, by_value } = &mut *inner;
+        let mine = by_value.entry(value.clone()).or_default();
+        while mine.len() >= self.per_value {
+            if let Some(old) = mine.pop_front() {
+                entries.remove(&old);
             }
+        }
+        mine.push_back(id.clone());
+        if entries.len() >= self.capacity {
+            // Only many tenants together get here (each holds at most `per_value`): drop the
+            // idle ones, then the least recently used.
+            let idle = self.idle;
+            entries.retain(|_, e| now.duration_since(e.last_used) < idle);
+            if entries.len() >= self.capacity {
+                if let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.last_used)
+                    .map(|(k, _)| k.clone())
+                {
+                    entries.remove(&oldest);
+                }
+            }
+            by_value.retain(|_, ids| {
+                ids.retain(|i| entries.contains_key(i) || *i == id);
+                !ids.is_empty()
+            });
         }
         entries.insert(
             id.clone(),
@@ -77,25 +106,35 @@ impl<T: Clone> Sessions<T> {
             .get("x-forwarded-proto")
             .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
         format!(
-            "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+            "{}={id}; Path=/; HttpOnly; SameSite=Strict{}",
             self.cookie,
-            self.idle.as_secs(),
             if secure { "; Secure" } else { "" }
         )
+    }
+
+    fn forget(inner: &mut Inner<T>, id: &str) {
+        if let Some(e) = inner.entries.remove(id) {
+            if let Some(ids) = inner.by_value.get_mut(&e.value) {
+                ids.retain(|i| i != id);
+                if ids.is_empty() {
+                    inner.by_value.remove(&e.value);
+                }
+            }
+        }
     }
 
     /// The value of the request's session, if it has a live one (and marks it used).
     pub fn get(&self, request: &HeaderMap) -> Option<T> {
         let id = cookie_value(request, self.cookie)?;
-        let mut entries = self.entries();
+        let mut inner = self.inner();
         let now = Instant::now();
-        match entries.get_mut(id) {
+        match inner.entries.get_mut(id) {
             Some(e) if now.duration_since(e.last_used) < self.idle => {
                 e.last_used = now;
                 Some(e.value.clone())
             }
             Some(_) => {
-                entries.remove(id);
+                Self::forget(&mut inner, id);
                 None
             }
             None => None,
@@ -105,7 +144,7 @@ impl<T: Clone> Sessions<T> {
     /// Ends the request's session; returns the `Set-Cookie` value that clears the cookie.
     pub fn end(&self, request: &HeaderMap) -> String {
         if let Some(id) = cookie_value(request, self.cookie) {
-            self.entries().remove(id);
+            Self::forget(&mut self.inner(), id);
         }
         format!(
             "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
@@ -113,13 +152,8 @@ impl<T: Clone> Sessions<T> {
         )
     }
 
-    /// True when the request carries this kind of session cookie at all (live or not).
-    pub fn has_cookie(&self, request: &HeaderMap) -> bool {
-        cookie_value(request, self.cookie).is_some()
-    }
-
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.inner().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,17 +174,26 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// True when a browser says the request came from another site's page (its `Origin` is not
-/// this host): a login or a change posted cross-site.
+/// True unless the request plainly came from this site's own page: a login or a change posted
+/// from another site (login CSRF). Browsers say where a request came from in
+/// `Sec-Fetch-Site` (`same-origin`, or `none` when typed or bookmarked); older ones only in
+/// `Origin`, which must then name this host (`X-Forwarded-Host` behind a proxy that rewrites
+/// `Host`). `Origin: null` (sandboxed frames, `data:` pages, cross-site redirects) is refused;
+/// a request with neither header (not a browser form) is not cross-site.
 pub fn cross_site(headers: &HeaderMap) -> bool {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-        None | Some("null") => false,
-        Some(origin) => {
-            let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
-            Some(origin_host) != host
-        }
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
     }
+    let Some(origin) = get("origin") else {
+        return false;
+    };
+    if origin == "null" {
+        return true;
+    }
+    let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+    let forwarded = get("x-forwarded-host").map(|h| h.split(',').next().unwrap_or(h).trim());
+    Some(origin_host) != forwarded && Some(origin_host) != get("host")
 }
 
 /// Headers of every HTML page: scripts and styles only from this origin (inline style
@@ -247,13 +290,13 @@ mod tests {
 
     #[test]
     fn a_session_is_found_by_its_cookie_among_others_and_ends() {
-        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 10);
+        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 5, 10);
         let set = s.start(7, &HeaderMap::new());
         assert!(
             set.contains("HttpOnly") && set.contains("SameSite=Strict"),
             "{set}"
         );
-        assert!(!set.contains("Secure"), "{set}");
+        assert!(!set.contains("Secure") && !set.contains("Max-Age"), "{set}");
         let c = cookie_of(&set);
         let req = headers(&[("cookie", &format!("a=1; {c}; b=2"))]);
         assert_eq!(s.get(&req), Some(7));
@@ -265,7 +308,7 @@ mod tests {
 
     #[test]
     fn forged_short_or_foreign_cookies_are_no_session() {
-        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 10);
+        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 5, 10);
         s.start(1, &HeaderMap::new());
         for c in [
             format!("sid={}", "0".repeat(64)),
@@ -280,10 +323,10 @@ mod tests {
 
     #[test]
     fn idle_sessions_end_and_the_least_recently_used_make_room() {
-        let s: Sessions<u32> = Sessions::new("sid", Duration::ZERO, 10);
+        let s: Sessions<u32> = Sessions::new("sid", Duration::ZERO, 5, 10);
         let c = cookie_of(&s.start(1, &HeaderMap::new()));
         assert_eq!(s.get(&headers(&[("cookie", &c)])), None, "idle at once");
-        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 2);
+        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 5, 2);
         let first = cookie_of(&s.start(1, &HeaderMap::new()));
         let second = cookie_of(&s.start(2, &HeaderMap::new()));
         assert_eq!(s.get(&headers(&[("cookie", &first)])), Some(1));
@@ -298,8 +341,25 @@ mod tests {
     }
 
     #[test]
+    fn one_value_logging_in_again_and_again_ends_only_its_own_sessions() {
+        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 2, 100);
+        let other = cookie_of(&s.start(9, &HeaderMap::new()));
+        let first = cookie_of(&s.start(1, &HeaderMap::new()));
+        for _ in 0..50 {
+            s.start(1, &HeaderMap::new());
+        }
+        assert_eq!(
+            s.len(),
+            3,
+            "two of the flooding value's, one of the other's"
+        );
+        assert_eq!(s.get(&headers(&[("cookie", &first)])), None);
+        assert_eq!(s.get(&headers(&[("cookie", &other)])), Some(9));
+    }
+
+    #[test]
     fn secure_behind_an_https_proxy() {
-        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 10);
+        let s: Sessions<u32> = Sessions::new("sid", Duration::from_secs(60), 5, 10);
         let set = s.start(1, &headers(&[("x-forwarded-proto", "https")]));
         assert!(set.ends_with("; Secure"), "{set}");
     }
@@ -317,6 +377,16 @@ mod tests {
         ]);
         assert!(cross_site(&other));
         assert!(!cross_site(&headers(&[("host", "127.0.0.1:8080")])));
+        assert!(cross_site(&headers(&[("host", "h:1"), ("origin", "null")])));
+        assert!(cross_site(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(cross_site(&headers(&[("sec-fetch-site", "same-site")])));
+        assert!(!cross_site(&headers(&[("sec-fetch-site", "same-origin")])));
+        let proxied = headers(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-host", "stats.example.com"),
+            ("origin", "https://stats.example.com"),
+        ]);
+        assert!(!cross_site(&proxied));
     }
 
     #[test]

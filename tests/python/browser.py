@@ -12,6 +12,9 @@ WAIT = 60
 
 
 def chrome(width, height):
+    # A browser far west of UTC (and of the merchants' zones): the pages must show the
+    # merchant's times whatever zone the viewer's browser is in.
+    os.environ["TZ"] = os.environ.get("BEACON_BROWSER_TZ", "America/Los_Angeles")
     options = webdriver.ChromeOptions()
     options.binary_location = os.environ.get("BEACON_CHROMIUM", "/usr/bin/chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -30,7 +30,7 @@ os.makedirs(SHOTS, exist_ok=True)
 SETTLED = """
 const b = document.body;
 if (b.dataset.ready !== 'true') return false;
-const states = [...document.querySelectorAll('#stats, #chart, .panel-body, #canary:not([hidden])')].map(e => e.dataset.state);
+const states = [...document.querySelectorAll('#stats, #chart, .panel-body, #canary:not([hidden]), #realtime')].map(e => e.dataset.state);
 return states.length > 2 && states.every(s => s && s !== 'loading');
 """
 
