@@ -195,6 +195,14 @@ impl Cluster {
         let mut all = vec!["ingest"];
         all.extend_from_slice(args);
         self.ingest = Some(self.spawn("ingest", &all));
+        // Ready once it has opened (on first start: created) the warehouse: a test's first
+        // query must not race ingest's start.
+        let dir = self.data_dir().to_path_buf();
+        wait_for(
+            Duration::from_secs(60),
+            "ingest opened the warehouse",
+            || cli_try(&dir, None, &["sql", "SELECT count(*) FROM raw_events"]).ok(),
+        );
     }
 
     /// Sends `events` with `write_key` in acknowledged batches of 500.
@@ -337,6 +345,12 @@ impl Drop for Cluster {
 /// Runs a `beacon` subcommand against `data_dir` (and `nats_url`, else endpoints.json);
 /// panics with its stderr if it fails.
 pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String {
+    cli_try(data_dir, nats_url, args)
+        .unwrap_or_else(|stderr| panic!("beacon {args:?} failed: {stderr}"))
+}
+
+/// As [`cli_in`]: its stdout, or its stderr when it fails.
+pub fn cli_try(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new(beacon_bin());
     cmd.args(args)
         .env("BEACON_DATA_DIR", data_dir)
@@ -345,12 +359,11 @@ pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String 
         cmd.env("BEACON_NATS_URL", url);
     }
     let out = cmd.output().expect("run beacon");
-    assert!(
-        out.status.success(),
-        "beacon {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// Runs `beacon plugin ... --format json` against `dir` and `nats` and parses its output.
@@ -496,11 +509,14 @@ pub fn python_json<A: AsRef<std::ffi::OsStr>>(
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/python")
         .join(script);
+    use std::os::unix::process::CommandExt;
+    // Its own process group, so a deadline also ends what it started (ChromeDriver, Chromium).
     let child = Command::new(venv_python())
         .arg(&path)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("run python");
     let out = wait_with_deadline(child, deadline);
@@ -540,9 +556,11 @@ pub fn wait_with_deadline(child: Child, deadline: Duration) -> std::process::Out
     let output = match rx.recv_timeout(deadline) {
         Ok(output) => output,
         Err(_) => {
-            // SAFETY: plain kill(2) on our own child's pid; the helper thread then reaps it.
+            // SAFETY: plain kill(2) on our own child's pid, and on its process group when it
+            // leads one (ESRCH otherwise, harmless); the helper thread then reaps it.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
+                libc::kill(-pid, libc::SIGKILL);
             }
             rx.recv().expect("waiter thread")
         }
