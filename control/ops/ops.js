@@ -2,19 +2,7 @@
 // 10 s. Changes (rollback, promote) send X-Beacon-CSRF and are the API's own compare-and-set.
 'use strict';
 (() => {
-  const $ = (sel) => document.querySelector(sel);
-  const el = (tag, attrs = {}, ...children) => {
-    const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs)) {
-      if (v === undefined || v === null || v === false) continue;
-      if (k === 'class') e.className = v;
-      else if (k === 'text') e.textContent = v;
-      else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
-      else e.setAttribute(k, v === true ? '' : v);
-    }
-    for (const c of children) if (c !== null && c !== undefined) e.append(c);
-    return e;
-  };
+  const { $, el, ApiError } = window.beaconPage;
   const num = new Intl.NumberFormat('en');
   const when = (ms) => (ms ? new Date(ms).toISOString().replace('T', ' ').slice(0, 19) + ' UTC' : '—');
   const ago = (ms) => {
@@ -23,9 +11,6 @@
     return s < 90 ? `${s} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
   };
 
-  class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
-  }
   async function api(path, init = {}) {
     const r = await fetch(path, { credentials: 'same-origin', ...init });
     if (r.status === 401) { location.assign('/ops/login'); throw new ApiError(401, 'logged out'); }

@@ -30,6 +30,7 @@ const IDLE: Duration = Duration::from_secs(2 * 3600);
 const MAX_SESSIONS: usize = 1_000;
 
 const ASSETS: &[pages::Asset] = &[
+    pages::PAGE_JS,
     (
         "ops.js",
         "text/javascript; charset=utf-8",

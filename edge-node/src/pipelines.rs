@@ -39,6 +39,9 @@ fn nats<E: std::fmt::Display>(e: E) -> PipelineError {
 pub struct Stage {
     pub chain: Arc<Chain>,
     pub on_failure: OnFailure,
+    /// The chain's plugin names (`utm>pii`), the `chain` label of the plugin metrics: made
+    /// once here, not per batch. Names, not merchants: the label's values stay few.
+    pub metrics_label: Arc<str>,
 }
 
 /// A merchant's pipeline as this edge runs it: the active version and, optionally, a canary
@@ -318,9 +321,17 @@ async fn load_stage(
         };
         plugins.push((p.clone(), loaded));
     }
+    let metrics_label = def
+        .plugins
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect::<Vec<_>>()
+        .join(">")
+        .into();
     Ok(Stage {
         chain: Arc::new(Chain::new(def.to_ref(), plugins)),
         on_failure: def.on_failure,
+        metrics_label,
     })
 }
 

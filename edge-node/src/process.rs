@@ -665,17 +665,9 @@ impl Processor {
             return (outcome, events);
         }
         let health_key = format!("{merchant_id}:v{}", stage.chain.pipeline().version);
-        // Plugin names, not merchants, label the metrics: a bounded set.
-        let chain_label = stage
-            .chain
-            .pipeline()
-            .plugins
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>()
-            .join(">");
+        let chain_label = &stage.metrics_label;
         if let Some(reason) = self.quarantined(&health_key) {
-            metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label, "outcome" => "quarantined")
+            metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label.clone(), "outcome" => "quarantined")
                 .increment(1);
             let outcome = self.stage_failed(
                 merchant_id,
@@ -706,7 +698,7 @@ impl Processor {
             Ok(Err(f)) => f.error.kind(),
             Err(_) => "host_task",
         };
-        metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label, "outcome" => outcome)
+        metrics::counter!("beacon_edge_plugin_batches_total", "chain" => chain_label.clone(), "outcome" => outcome)
             .increment(1);
         // The task has ended (finished or unwound), so its clone of the input is gone.
         let events = Arc::try_unwrap(input).unwrap_or_else(|shared| (*shared).clone());

@@ -3,19 +3,7 @@
 // URL so it can be shared and bookmarked. No build step: plain ES2020 and uPlot.
 'use strict';
 (() => {
-  const $ = (sel, el = document) => el.querySelector(sel);
-  const el = (tag, attrs = {}, ...children) => {
-    const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs)) {
-      if (v === undefined || v === null || v === false) continue;
-      if (k === 'class') e.className = v;
-      else if (k === 'text') e.textContent = v;
-      else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
-      else e.setAttribute(k, v === true ? '' : v);
-    }
-    for (const c of children) if (c !== null && c !== undefined) e.append(c);
-    return e;
-  };
+  const { $, el, ApiError } = window.beaconPage;
 
   // ---- what is shown ------------------------------------------------------------------
   const RANGES = ['day', '7d', '30d', 'month', 'custom'];
@@ -142,9 +130,6 @@
   }
 
   // ---- the API ------------------------------------------------------------------------
-  class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
-  }
 
   // At most 3 requests at once (the API runs a few queries per merchant at a time and answers
   // 429 beyond); a 429 is retried once after its Retry-After.

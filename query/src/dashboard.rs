@@ -39,6 +39,7 @@ const PER_TOKEN: usize = 20;
 /// The page's files, embedded: the dashboard needs no build step and no files beside the
 /// binary. uPlot (MIT, see `dashboard/vendor/LICENSE-uPlot`) draws the time series.
 const ASSETS: &[pages::Asset] = &[
+    pages::PAGE_JS,
     (
         "app.js",
         "text/javascript; charset=utf-8",

@@ -247,6 +247,13 @@ pub fn redirect_with_cookie(to: &str, set_cookie: &str) -> Response {
 /// A file embedded in the binary: (name, content type, bytes).
 pub type Asset = (&'static str, &'static str, &'static [u8]);
 
+/// The script every page loads before its own: `window.beaconPage` (`$`, `el`, `ApiError`).
+pub const PAGE_JS: Asset = (
+    "page.js",
+    "text/javascript; charset=utf-8",
+    include_bytes!("../pages/page.js"),
+);
+
 /// The asset named `file`, or 404 (only names in the list are ever served).
 pub fn asset(assets: &[Asset], file: &str) -> Response {
     match assets.iter().find(|(name, _, _)| *name == file) {
