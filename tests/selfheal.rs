@@ -170,6 +170,97 @@ fn stored_ids(data: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `raw_events` holds as many rows as `all`, then checks they are exactly
+/// `all`, each once.
+fn assert_stored_exactly_once(data: &Path, all: &HashSet<String>) {
+    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
+        let ids = stored_ids(data);
+        (ids.len() >= all.len()).then_some(ids)
+    });
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(&unique, all, "every acknowledged id stored, nothing else");
+    assert_eq!(ids.len(), all.len(), "no event stored twice");
+}
+
+/// Demo traffic being sent in the background by [`send_all`]: its ids, those acknowledged
+/// so far, the switch of its gate (if it holds), and the senders' outcome.
+struct Stream {
+    all: HashSet<String>,
+    acked: Arc<Mutex<HashSet<String>>>,
+    open: Option<tokio::sync::watch::Sender<bool>>,
+    sending: tokio::task::JoinHandle<(usize, Duration)>,
+}
+
+impl Stream {
+    /// `n` events of `site` (seed `seed`, `visitors` distinct) from `clients` connections;
+    /// with `hold_at`, the senders wait at that many acknowledged events until
+    /// [`Stream::release`].
+    fn start(
+        data: &Path,
+        key: &str,
+        (seed, site, n, visitors): (u64, &str, usize, u64),
+        clients: usize,
+        hold_at: Option<usize>,
+        deadline: Duration,
+    ) -> Self {
+        let events = beacon::demo::generate(
+            seed,
+            site,
+            n,
+            beacon_edge::now_ms() - 60_000,
+            60_000,
+            visitors,
+        );
+        let all = events.iter().map(|e| e.event_id.clone()).collect();
+        let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let (hold, open) = match hold_at.map(|at| gate(at, clients)) {
+            Some((hold, open)) => (Some(hold), Some(open)),
+            None => (None, None),
+        };
+        let sending = tokio::spawn(send_all(
+            data.to_path_buf(),
+            key.to_string(),
+            events,
+            clients,
+            acked.clone(),
+            hold,
+            deadline,
+        ));
+        Self {
+            all,
+            acked,
+            open,
+            sending,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+
+    /// Waits until the senders hold at their gate (`at` events acknowledged).
+    fn wait_held(&self, at: usize) {
+        wait_for(Duration::from_secs(60), "first acknowledgements", || {
+            (self.acked() >= at).then_some(())
+        });
+    }
+
+    fn release(&self) {
+        if let Some(open) = &self.open {
+            open.send(true).expect("open the gate");
+        }
+    }
+
+    /// Waits for the senders; checks every event was acknowledged; returns (failed
+    /// attempts, longest wait for an acknowledgement).
+    async fn finish(self) -> (usize, Duration, HashSet<String>) {
+        let (failures, longest) = self.sending.await.expect("senders");
+        let acked = self.acked.lock().expect("lock").clone();
+        assert_eq!(acked, self.all, "every batch acknowledged in the end");
+        (failures, longest, self.all)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_doubled() {
     let dir = tempfile::Builder::new()
@@ -194,36 +285,22 @@ async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_d
         assert_eq!(node["checks"][check]["ok"], true, "{check}: {node}");
     }
 
-    let events = beacon::demo::generate(
-        17,
-        "heal.example",
-        24_000,
-        beacon_edge::now_ms() - 60_000,
-        60_000,
-        300,
-    );
-    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let (hold, open) = gate(1_000, 4);
-    let sending = tokio::spawn(send_all(
-        data.clone(),
-        key.clone(),
-        events,
+    let stream = Stream::start(
+        &data,
+        &key,
+        (17, "heal.example", 24_000, 300),
         4,
-        acked.clone(),
-        Some(hold),
+        Some(1_000),
         Duration::from_secs(120),
-    ));
+    );
     // Mid-stream: the senders hold at 1,000 acknowledged events, the rest still to come.
     let first = nats_pid(&data).expect("nats pid file");
-    wait_for(Duration::from_secs(60), "first acknowledgements", || {
-        (acked.lock().expect("lock").len() >= 1_000).then_some(())
-    });
+    stream.wait_held(1_000);
     // SAFETY: SIGKILL to the nats-server `beacon up` started (its pid file).
     unsafe { libc::kill(first, libc::SIGKILL) };
-    open.send(true).expect("open the gate");
+    stream.release();
     let killed_at = Instant::now();
-    let acked_at_kill = acked.lock().expect("lock").len();
+    let acked_at_kill = stream.acked();
 
     // Restarted by the supervisor, no operator: a new pid, the node ready again, and the
     // restart visible in /readyz.
@@ -239,22 +316,14 @@ async fn a_killed_nats_server_is_restarted_and_nothing_acknowledged_is_lost_or_d
         node["checks"]["nats-server"]["failures"].as_u64() >= Some(1),
         "{node}"
     );
-    let (failures, longest) = sending.await.expect("senders");
-    let acked = acked.lock().expect("lock").clone();
-    assert_eq!(acked, all, "every batch acknowledged in the end");
+    let (failures, longest, all) = stream.finish().await;
     assert!(
         acked_at_kill < all.len(),
         "the kill must land mid-stream ({acked_at_kill} acknowledged)"
     );
 
     // Exactly once in the warehouse.
-    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
-        let ids = stored_ids(&data);
-        (ids.len() >= all.len()).then_some(ids)
-    });
-    let unique: HashSet<String> = ids.iter().cloned().collect();
-    assert_eq!(unique, all, "every acknowledged id stored, nothing else");
-    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    assert_stored_exactly_once(&data, &all);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         log_text.contains("nats-server died; restarting it"),
@@ -484,25 +553,14 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     let ballast = data.join("nats/ballast");
     fill(&ballast);
 
-    let events = beacon::demo::generate(
-        5,
-        "full.example",
-        3_000,
-        beacon_edge::now_ms() - 60_000,
-        60_000,
-        100,
-    );
-    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sending = tokio::spawn(send_all(
-        data.clone(),
-        key.clone(),
-        events,
+    let stream = Stream::start(
+        &data,
+        &key,
+        (5, "full.example", 3_000, 100),
         2,
-        acked.clone(),
         None,
         Duration::from_secs(150),
-    ));
+    );
     // Full: the node and the edge say they cannot store, and why.
     let node = wait_for(
         Duration::from_secs(60),
@@ -523,23 +581,17 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
             .is_some_and(|d| d.contains("JetStream does not store")),
         "{edge}"
     );
-    let acked_while_full = acked.lock().expect("lock").len();
+    let acked_while_full = stream.acked();
 
     // Space returns: recovered without restarting `beacon up`, nothing lost or doubled.
     std::fs::remove_file(&ballast).expect("free space");
     let freed = Instant::now();
-    let (failures, longest) = sending.await.expect("senders");
+    let (failures, longest, all) = stream.finish().await;
     let recovered = freed.elapsed();
-    assert_eq!(*acked.lock().expect("lock"), all);
     wait_for(Duration::from_secs(60), "node ready", || {
         (readyz(&admin).0 == 200).then_some(())
     });
-    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
-        let ids = stored_ids(&data);
-        (ids.len() >= all.len()).then_some(ids)
-    });
-    assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), all);
-    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    assert_stored_exactly_once(&data, &all);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         log_text.contains("failing to store with free space again"),
@@ -565,48 +617,28 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     let data = dir.path().join("data");
     let (mut up, _) = spawn_up_guarded(&data, &dir.path().join("up.log"), &[]);
     let key = merchant(&data);
-    let events = beacon::demo::generate(
-        11,
-        "kill.example",
-        12_000,
-        beacon_edge::now_ms() - 60_000,
-        60_000,
-        300,
-    );
-    let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let (hold, open) = gate(1_000, 2);
-    let sending = tokio::spawn(send_all(
-        data.clone(),
-        key.clone(),
-        events,
+    let stream = Stream::start(
+        &data,
+        &key,
+        (11, "kill.example", 12_000, 300),
         2,
-        acked.clone(),
-        Some(hold),
+        Some(1_000),
         Duration::from_secs(150),
-    ));
-    wait_for(Duration::from_secs(60), "first acknowledgements", || {
-        (acked.lock().expect("lock").len() >= 1_000).then_some(())
-    });
+    );
+    stream.wait_held(1_000);
     up.kill().expect("kill -9 beacon up");
     up.wait().expect("reap");
     let killed_at = Instant::now();
-    let acked_at_kill = acked.lock().expect("lock").len();
+    let acked_at_kill = stream.acked();
     // What a killed process leaves behind; the restart writes a fresh one.
     std::fs::remove_file(data.join("endpoints.json")).expect("stale endpoints");
     // The senders resume against the dead edge (and fail over) while it restarts.
-    open.send(true).expect("open the gate");
+    stream.release();
     let (mut up, _) = spawn_up_guarded(&data, &dir.path().join("up2.log"), &[]);
     let restarted = killed_at.elapsed();
-    let (failures, _) = sending.await.expect("senders");
-    assert_eq!(*acked.lock().expect("lock"), all);
+    let (failures, _, all) = stream.finish().await;
     assert!(acked_at_kill < all.len(), "the kill must land mid-stream");
-    let ids = wait_for(Duration::from_secs(90), "every event stored", || {
-        let ids = stored_ids(&data);
-        (ids.len() >= all.len()).then_some(ids)
-    });
-    assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), all);
-    assert_eq!(ids.len(), all.len(), "no event stored twice");
+    assert_stored_exactly_once(&data, &all);
     // One nats-server on the store, not the old one beside the new.
     let store = data.join("nats").display().to_string();
     let servers = std::process::Command::new("pgrep")
