@@ -29,6 +29,30 @@ fn noon_zone() -> String {
     }
 }
 
+/// Posts the login form of a page (`/dashboard/login`, `/ops/login`) with `token`, as a
+/// page of `origin` when given.
+fn form_login(addr: &str, path: &str, token: &str, origin: Option<&str>) -> common::HttpResponse {
+    let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    headers.extend(origin.map(|o| ("Origin", o)));
+    http_with(
+        addr,
+        "POST",
+        path,
+        &headers,
+        format!("token={token}").as_bytes(),
+    )
+}
+
+/// The session cookie (`name=value`) a successful login set.
+fn session_cookie(login: &common::HttpResponse) -> String {
+    assert_eq!(login.status, 303, "{}", login.body);
+    login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_string()
+}
+
 fn admin_url(up: &Up) -> String {
     up.endpoints.admin_http.clone().expect("admin_http")
 }
@@ -476,19 +500,7 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     );
     assert_eq!(annotated["annotations"][3]["who"], "admin", "{annotated}");
     // A change made with the page's session needs its CSRF header; reads do not.
-    let login = http_with(
-        &admin,
-        "POST",
-        "/ops/login",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        format!("token={admin_token}").as_bytes(),
-    );
-    assert_eq!(login.status, 303, "{}", login.body);
-    let ops_cookie = login
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .expect("ops cookie")
-        .to_string();
+    let ops_cookie = session_cookie(&form_login(&admin, "/ops/login", &admin_token, None));
     let promote = format!("/v1/merchants/{}/pipeline/rollback", shop.id);
     let r = http_with(&admin, "POST", &promote, &[("Cookie", &ops_cookie)], b"{}");
     assert_eq!(r.status, 403, "{}", r.body);
@@ -496,19 +508,13 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     assert_eq!(r.status, 200, "{}", r.body);
     // Sessions do not cross ports: a dashboard session is no operator session, an operator
     // session no dashboard session, and a made-up one nothing.
-    let dash = http_with(
+    let cookie = session_cookie(&form_login(
         &up.api(),
-        "POST",
         "/dashboard/login",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        format!("token={}", shop.token).as_bytes(),
-    );
-    let dash_cookie = dash
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .expect("dashboard cookie")
-        .to_string();
-    let as_ops = dash_cookie.replacen("beacon_session=", "beacon_ops=", 1);
+        &shop.token,
+        None,
+    ));
+    let as_ops = cookie.replacen("beacon_session=", "beacon_ops=", 1);
     let r = http_with(&admin, "GET", "/v1/edges", &[("Cookie", &as_ops)], b"");
     assert_eq!(r.status, 401, "{}", r.body);
     let as_dash = ops_cookie.replacen("beacon_ops=", "beacon_session=", 1);
@@ -536,19 +542,6 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
 
     // A session is its merchant's only: the shop's cookie reads the shop, never the other
     // site; a cross-site login form is refused; a forged or ended session is no session.
-    let login = http_with(
-        &up.api(),
-        "POST",
-        "/dashboard/login",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        format!("token={}", shop.token).as_bytes(),
-    );
-    assert_eq!(login.status, 303, "{}", login.body);
-    let cookie = login
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .expect("session cookie")
-        .to_string();
     let with_cookie = |method: &str, path: &str, body: Value| {
         let r = http_with(
             &up.api(),
@@ -573,27 +566,14 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
         serde_json::from_str::<Value>(&body).unwrap()["time_zone"],
         zone.as_str()
     );
-    let cross = http_with(
+    let cross = form_login(
         &up.api(),
-        "POST",
         "/dashboard/login",
-        &[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Origin", "https://evil.example"),
-        ],
-        format!("token={}", shop.token).as_bytes(),
+        &shop.token,
+        Some("https://evil.example"),
     );
     assert_eq!(cross.status, 403);
-    let null_origin = http_with(
-        &up.api(),
-        "POST",
-        "/dashboard/login",
-        &[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Origin", "null"),
-        ],
-        format!("token={}", shop.token).as_bytes(),
-    );
+    let null_origin = form_login(&up.api(), "/dashboard/login", &shop.token, Some("null"));
     assert_eq!(null_origin.status, 403);
     assert!(cross.header("set-cookie").is_none());
     let forged = format!("beacon_session={}", "0".repeat(64));

@@ -184,50 +184,33 @@ async fn logout(State(d): State<Dash>, headers: HeaderMap) -> Response {
 
 /// Who is logged in, and what the page needs to build its date ranges.
 async fn session(State(d): State<Dash>, headers: HeaderMap) -> Response {
+    let error = |status: StatusCode, message: String| {
+        (status, Json(serde_json::json!({ "error": message }))).into_response()
+    };
     let merchant = match d.logins.merchant(&headers, &d.directory).await {
         Ok(m) => m,
-        Err(SessionError::None) => {
-            return (
-                StatusCode::UNAUTHORIZED,
-                Json(serde_json::json!({"error": "not logged in"})),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"error": e.to_string()})),
-            )
-                .into_response()
-        }
+        Err(SessionError::None) => return error(StatusCode::UNAUTHORIZED, "not logged in".into()),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let zone = d.directory.timezone(&merchant).await;
-    let name = d.directory.name(&merchant).await;
-    match (zone, name) {
-        (Ok(tz), Ok(name)) => {
-            let now = chrono::Utc::now().with_timezone(&tz);
-            (
-                [(header::CACHE_CONTROL, "no-store")],
-                Json(serde_json::json!({
-                    "site_id": merchant.as_ref(),
-                    "name": name,
-                    "time_zone": tz.name(),
-                    "today": now.format("%Y-%m-%d").to_string(),
-                })),
-            )
-                .into_response()
-        }
-        (Err(e), _) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": e.to_string()})),
-        )
-            .into_response(),
-        (_, Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": e.to_string()})),
-        )
-            .into_response(),
-    }
+    let tz = match d.directory.timezone(&merchant).await {
+        Ok(tz) => tz,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let name = match d.directory.name(&merchant).await {
+        Ok(name) => name,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let now = chrono::Utc::now().with_timezone(&tz);
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({
+            "site_id": merchant.as_ref(),
+            "name": name,
+            "time_zone": tz.name(),
+            "today": now.format("%Y-%m-%d").to_string(),
+        })),
+    )
+        .into_response()
 }
 
 async fn asset(Path(file): Path<String>) -> Response {
