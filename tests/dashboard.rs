@@ -264,17 +264,33 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
     let split = api(
         &up,
         &shop.token,
-        json!({"site_id": shop.id, "metrics": ["visitors", "pageviews", "events"], "date_range": "day",
-               "dimensions": ["event:pipeline_version"]}),
+        json!({"site_id": shop.id, "metrics": ["visitors", "pageviews", "events", "visits", "bounce_rate", "visit_duration"],
+               "date_range": "day", "dimensions": ["event:pipeline_version"]}),
     );
-    let split: Vec<Value> = split["results"]
+    // Numbers compared as numbers (the page's 50 is the API's 50.0).
+    let numbers = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let split: Vec<(Value, Vec<f64>)> = split["results"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| json!({"version": r["dimensions"][0], "metrics": r["metrics"]}))
+        .map(|r| (r["dimensions"][0].clone(), numbers(&r["metrics"])))
         .collect();
-    assert_eq!(day["split"], json!(split), "{day}");
-    let versions: Vec<&str> = split.iter().filter_map(|r| r["version"].as_str()).collect();
+    let shown: Vec<(Value, Vec<f64>)> = day["split"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["version"].clone(), numbers(&r["metrics"])))
+        .collect();
+    assert_eq!(shown, split, "{day}");
+    // Visit figures are split too: every version has visits.
+    assert!(split.iter().all(|(_, m)| m[3] >= 1.0), "{split:?}");
+    let versions: Vec<&str> = split.iter().filter_map(|(v, _)| v.as_str()).collect();
     assert!(
         versions.contains(&"v1") && versions.contains(&"v2"),
         "{split:?}"
@@ -442,6 +458,26 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
         "{ops}"
     );
     assert_eq!(before["backlog"], "0", "every batch committed: {ops}");
+    // Search by part of the id, in any case; a search without a match says so.
+    let searched: Vec<&str> = ops["searched"]
+        .as_array()
+        .expect("merchants found")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(searched.contains(&shop.id.as_str()), "{ops}");
+    let part = shop.id[shop.id.len() - 6..].to_lowercase();
+    assert!(
+        searched.iter().all(|id| id.to_lowercase().contains(&part)),
+        "{ops}"
+    );
+    assert!(
+        ops["searched_nothing"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No merchant id"),
+        "{ops}"
+    );
     let row = before["merchant_row"].as_str().expect("the shop's row");
     assert!(row.contains("v2 at 20%"), "{row}");
     assert!(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beacon_proto::Event;
-use common::{wait_for, Cluster};
+use common::{http, metric, wait_for, Cluster};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -198,6 +198,79 @@ async fn events_flow_end_to_end_with_exact_counts_plugin_effect_and_rollups() {
         ));
         assert_eq!(got, exact, "revenue for {id}");
     }
+
+    // Each standalone role serves its own metrics and readiness (`--metrics-listen`), and
+    // the counters moved with this traffic.
+    let scrape = |role: &str| http(&c.status_url(role), "GET", "/metrics", None, b"").1;
+    let ready = |role: &str, check: &str| {
+        let (status, body) = http(&c.status_url(role), "GET", "/readyz", None, b"");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("readyz json");
+        (status == 200 && v["checks"][check]["ok"] == true).then_some(())
+    };
+    for (role, check) in [("edge", "bus"), ("ingest", "ingest"), ("rollup", "rollups")] {
+        wait_for(Duration::from_secs(30), &format!("{role} ready"), || {
+            ready(role, check)
+        });
+    }
+    let edge = scrape("edge");
+    assert_eq!(
+        metric(
+            &edge,
+            "beacon_edge_events_total{listener=\"quic\",outcome=\"accepted\""
+        ),
+        total as f64,
+        "{edge}"
+    );
+    assert!(
+        metric(&edge, "beacon_edge_publish_seconds_count") > 0.0,
+        "{edge}"
+    );
+    assert!(
+        metric(
+            &edge,
+            "beacon_edge_plugin_batches_total{chain=\"beacon_plugin_utm\",outcome=\"ok\""
+        ) > 0.0,
+        "{edge}"
+    );
+    // Nothing in flight once every batch is answered; the budget is there.
+    assert_eq!(
+        metric(&edge, "beacon_edge_in_flight_batches "),
+        0.0,
+        "{edge}"
+    );
+    assert_eq!(metric(&edge, "beacon_edge_in_flight_bytes "), 0.0, "{edge}");
+    assert_eq!(
+        metric(&edge, "beacon_edge_in_flight_reserved_bytes "),
+        0.0,
+        "{edge}"
+    );
+    assert!(
+        metric(&edge, "beacon_edge_in_flight_budget_bytes ") > 0.0,
+        "{edge}"
+    );
+    let ingest = scrape("ingest");
+    // Each event is a row in raw_events and in events (none failed).
+    assert_eq!(
+        metric(&ingest, "beacon_ingest_rows_total"),
+        2.0 * total as f64,
+        "{ingest}"
+    );
+    assert!(
+        metric(&ingest, "beacon_ingest_commit_seconds_count") > 0.0,
+        "{ingest}"
+    );
+    wait_for(Duration::from_secs(30), "no backlog", || {
+        let text = scrape("ingest");
+        (text.contains("beacon_ingest_consumer_pending{")
+            && metric(&text, "beacon_ingest_consumer_pending") == 0.0)
+            .then_some(())
+    });
+    let rollup = scrape("rollup");
+    assert!(
+        metric(&rollup, "beacon_rollup_runs_total{outcome=\"ok\"") > 0.0,
+        "{rollup}"
+    );
+    assert!(metric(&rollup, "beacon_rollup_sequence") > 0.0, "{rollup}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

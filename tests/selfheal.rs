@@ -474,6 +474,10 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     )
     .await;
     assert_eq!(acked.lock().expect("lock").len(), 2_000);
+    // The operator sees the backlog grow while nothing is committed.
+    wait_for(Duration::from_secs(30), "backlog in the metrics", || {
+        (pending_metric(&admin) > 0.0).then_some(())
+    });
 
     // Repaired: the roles start on their own, the backlog is committed, exactly once.
     std::fs::write(&file, &good).expect("repair");
@@ -494,9 +498,23 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     });
     let api = endpoints.metrics_http.expect("api");
     assert_eq!(readyz(&api).0, 200);
+    wait_for(
+        Duration::from_secs(30),
+        "backlog gone from the metrics",
+        || (pending_metric(&admin) == 0.0).then_some(()),
+    );
     assert!(up.try_wait().expect("wait").is_none(), "still running");
     sigterm(&up);
     assert!(up.wait().expect("wait").success());
+}
+
+/// `beacon_ingest_consumer_pending` as `/metrics` on `base` shows it (-1: not there).
+fn pending_metric(base: &str) -> f64 {
+    let (_, text) = http(base, "GET", "/metrics", None, b"");
+    text.lines()
+        .find(|l| l.starts_with("beacon_ingest_consumer_pending{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(-1.0)
 }
 
 /// A small file system mounted over a directory for one test; unmounted on drop.

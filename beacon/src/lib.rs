@@ -1,6 +1,7 @@
 //! The `beacon` binary's building blocks, public so end-to-end tests can drive them:
-//! the private nats-server launcher, the endpoints file, demo traffic, progress display, and
-//! copying a data directory (backup, restore, relocate).
+//! the private nats-server launcher, the endpoints file, demo traffic, progress display,
+//! copying a data directory (backup, restore, relocate), and the NATS topology's generated
+//! configurations.
 
 #[cfg(feature = "full")]
 pub mod backup;
@@ -10,4 +11,5 @@ pub mod endpoints;
 pub mod lock;
 pub mod nats;
 pub mod progress;
+pub mod topology;
 pub mod traffic;

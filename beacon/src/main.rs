@@ -22,6 +22,16 @@ struct Cli {
     /// flags and environment variables override it.
     #[arg(long, global = true, env = "BEACON_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` of this role on a listener
+    /// of their own (port 0 picks a free one; the address is printed). `beacon up` and
+    /// `beacon admin` also serve them on the admin port.
+    #[arg(
+        long,
+        global = true,
+        env = "BEACON_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,6 +98,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, env = "BEACON_EDGE_ID", default_value = "edge-1")]
         edge_id: String,
+        /// `--nats-url` is this region's leaf nats-server (`beacon topology`): events are made
+        /// durable there, what edges share is in the hub's JetStream domain (`hub`).
+        #[arg(long, env = "BEACON_HUB_DOMAIN", value_name = "DOMAIN")]
+        hub_domain: Option<String>,
         #[command(flatten)]
         sandbox: SandboxArgs,
         #[command(flatten)]
@@ -102,6 +116,8 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         tuning: Tuning,
+        #[command(flatten)]
+        hub: HubArgs,
     },
     /// Warehouse role: keeps the hourly rollups current.
     #[cfg(feature = "full")]
@@ -219,6 +235,12 @@ enum Command {
         /// Uploads and activations are checked with these (use the edges' settings).
         #[command(flatten)]
         sandbox: SandboxArgs,
+    },
+    /// NATS beyond one machine: a replicated hub and a leaf server per edge region
+    /// (docs/OPERATIONS.md, "Topology").
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
     },
     /// Send realistic demo traffic through the SDK to a running edge (also a load generator).
     Demo {
@@ -496,7 +518,7 @@ async fn start_api(
     let started = runtime.spawn(async move {
         let warehouse = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
         let js = async_nats::jetstream::new(
-            async_nats::connect(&nats_url)
+            async_nats::connect(beacon_proto::bus::servers(&nats_url))
                 .await
                 .with_context(|| format!("connecting to NATS at {nats_url}"))?,
         );
@@ -592,6 +614,51 @@ async fn start_admin(
     ));
     tracing::info!(%addr, "admin API listening (HTTP)");
     Ok((addr, task))
+}
+
+/// Ingest on a hub that sources the edge regions' leaf streams.
+#[cfg(feature = "full")]
+#[derive(clap::Args, Clone)]
+struct HubArgs {
+    /// A region leaf's JetStream domain whose events stream the hub's stream sources
+    /// (repeatable, or comma-separated; `beacon topology generate` prints them). Ingest
+    /// creates or updates the hub's stream with these sources.
+    #[arg(
+        long = "source-domain",
+        env = "BEACON_SOURCE_DOMAINS",
+        value_delimiter = ',',
+        value_name = "DOMAIN"
+    )]
+    sources: Vec<String>,
+    /// Replicas of the hub's events stream (3 on a 3-node hub).
+    #[arg(long, env = "BEACON_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Write the nats-server configurations of a hub and a leaf per region, for this
+    /// machine (free loopback ports; edit the addresses for machines of their own).
+    Generate {
+        /// Where the configurations, `topology.json` and the servers' stores go.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        hub_nodes: usize,
+        /// An edge region (repeatable); its leaf's JetStream domain is `edge-<region>`.
+        #[arg(long = "region", required = true)]
+        regions: Vec<String>,
+        /// nats-server's `sync_interval`: `always` (fsync before acknowledging) or a
+        /// duration such as `10s` (faster; acknowledged writes can be lost to power loss).
+        #[arg(long, default_value = "always")]
+        sync: String,
+    },
+    /// Start every server of a generated topology on this machine (a development harness);
+    /// Ctrl-C stops them.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -716,6 +783,10 @@ pub struct EdgeArgs {
     /// appended; only behind your own proxy).
     #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
+    /// Memory for batches in flight, both listeners together (each batch reserves five
+    /// times its request size; when it is used up, QUIC stops reading and HTTP answers 503).
+    #[arg(long, env = "BEACON_IN_FLIGHT_MEMORY_MB", default_value_t = 256)]
+    in_flight_memory_mb: usize,
     /// Open connections per client address, on each listener (QUIC and HTTP).
     #[arg(long, env = "BEACON_MAX_CONNS_PER_IP", default_value_t = 256)]
     max_conns_per_ip: usize,
@@ -739,6 +810,7 @@ impl EdgeArgs {
         cfg.geoip = self.geoip.clone();
         cfg.http.trust_forwarded_for = self.trust_forwarded_for;
         cfg.http.max_conns_per_ip = self.max_conns_per_ip;
+        cfg.in_flight_memory = self.in_flight_memory_mb.max(1) << 20;
         cfg.quic.max_conns_per_ip = self.max_conns_per_ip;
         cfg.default_limits = self.default_limits.limits();
         Ok(())
@@ -760,7 +832,7 @@ impl NatsTarget {
             Some(u) => u.clone(),
             None => Endpoints::read(&self.data_dir)?.nats_url,
         };
-        let client = async_nats::connect(&url)
+        let client = async_nats::connect(beacon_proto::bus::servers(&url))
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
         Ok(async_nats::jetstream::new(client))
@@ -823,6 +895,22 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.config {
         tracing::info!(config = %path.display(), "settings file applied");
     }
+    // This role's readiness checks, on its own port with the metrics (`--metrics-listen`)
+    // and on the role's HTTP port where it has one.
+    let status = beacon_serve::Health::new();
+    if let Some(listen) = cli.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("metrics: cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(beacon_serve::metrics::serve_status(
+            listener,
+            status.clone(),
+            std::future::pending(),
+        ));
+        tracing::info!(%addr, "metrics and health listening (HTTP)");
+        eprintln!("metrics and health: http://{addr}");
+    }
     match cli.command {
         #[cfg(feature = "full")]
         Command::Up {
@@ -847,7 +935,7 @@ async fn run(cli: Cli) -> Result<()> {
                 plugins_dir,
                 (admin_listen, admin, api_listen, sql_listen),
                 (tuning, query, maintain),
-                sandbox,
+                (sandbox, status),
             )
             .await
         }
@@ -856,6 +944,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             listen,
             edge_id,
+            hub_domain,
             sandbox,
             edge: edge_args,
         } => {
@@ -863,9 +952,11 @@ async fn run(cli: Cli) -> Result<()> {
             tighten_data_dir(&data_dir)?;
             let mut cfg = beacon_edge::EdgeConfig::new(nats_url.clone(), listen, data_dir.clone());
             cfg.edge_id = edge_id;
+            cfg.hub_domain = hub_domain;
             cfg.sandbox = sandbox.limits();
             edge_args.apply(&mut cfg)?;
             let edge = beacon_edge::Edge::start(cfg).await?;
+            status.include(edge.health.clone());
             Endpoints {
                 nats_url,
                 edge_quic: Some(edge.addr.to_string()),
@@ -885,9 +976,11 @@ async fn run(cli: Cli) -> Result<()> {
             nats_url,
             data_dir,
             tuning,
+            hub,
         } => {
             let (tx, rx) = watch::channel(false);
-            let mut ingest = tokio::spawn(run_ingest(nats_url, data_dir, tuning, rx));
+            let mut ingest =
+                tokio::spawn(run_ingest(nats_url, data_dir, (tuning, hub), status, rx));
             tokio::select! {
                 _ = shutdown_signal() => {
                     let _ = tx.send(true);
@@ -911,6 +1004,7 @@ async fn run(cli: Cli) -> Result<()> {
                 wh,
                 Duration::from_secs(interval),
                 rx,
+                rollup_check(&status),
             ));
             shutdown_signal().await;
             let _ = tx.send(true);
@@ -1069,7 +1163,7 @@ async fn run(cli: Cli) -> Result<()> {
                 (listen, sql_listen),
                 admin.tokens(&data_dir)?,
                 &query,
-                beacon_serve::Health::new(),
+                status,
                 shutdown_signal(),
             )
             .await?;
@@ -1078,6 +1172,7 @@ async fn run(cli: Cli) -> Result<()> {
             servers.wait().await
         }
         Command::Plugin { command } => plugin_cmd::run(command).await,
+        Command::Topology { command } => topology(command).await,
         #[cfg(feature = "full")]
         Command::Reprocess(args) => history_cmd::reprocess(args).await,
         #[cfg(feature = "full")]
@@ -1096,7 +1191,7 @@ async fn run(cli: Cli) -> Result<()> {
                 listen,
                 admin.tokens(&data_dir)?,
                 sandbox.limits(),
-                &beacon_serve::Health::new(),
+                &status,
                 shutdown_signal(),
             )
             .await?;
@@ -1126,6 +1221,94 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
+    }
+}
+
+/// `beacon topology`: generate the configurations, or run them all here.
+async fn topology(command: TopologyCommand) -> Result<()> {
+    use beacon::topology::Topology;
+    match command {
+        TopologyCommand::Generate {
+            dir,
+            hub_nodes,
+            regions,
+            sync,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let dir = dir.canonicalize()?;
+            let t = Topology::plan(&dir, hub_nodes, &regions, &sync)?;
+            t.write(&dir)?;
+            println!(
+                "wrote {} hub and {} leaf configurations to {}",
+                t.hub.len(),
+                t.regions.len(),
+                dir.display()
+            );
+            print_topology(&t);
+            Ok(())
+        }
+        TopologyCommand::Up { dir } => {
+            let t = Topology::read(&dir)?;
+            // The hub first: the leaves link to it.
+            let nodes = t
+                .hub
+                .iter()
+                .map(|n| {
+                    (
+                        &n.config,
+                        n.client_port,
+                        &n.store_dir,
+                        format!("hub node {}", n.name),
+                    )
+                })
+                .chain(t.regions.iter().map(|r| {
+                    let what = format!("the leaf of region {}", r.name);
+                    (&r.config, r.client_port, &r.store_dir, what)
+                }));
+            let mut servers = Vec::new();
+            for (config, port, dir, what) in nodes {
+                servers.push(
+                    beacon::nats::NatsServer::start_with_config(config, port, dir)
+                        .with_context(|| what)?,
+                );
+            }
+            println!(
+                "topology is up ({} servers); Ctrl-C stops them",
+                servers.len()
+            );
+            print_topology(&t);
+            shutdown_signal().await;
+            // Leaves first, so no region is left sourcing from a hub that is going away.
+            while let Some(s) = servers.pop() {
+                s.stop();
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_topology(t: &beacon::topology::Topology) {
+    let hub = t.hub_url();
+    println!("hub (ingest, admin, api, merchants): {hub}");
+    for r in &t.regions {
+        println!(
+            "region {} leaf (edges): {}   JetStream domain: {}",
+            r.name,
+            t.leaf_url(&r.name).unwrap_or_default(),
+            r.domain
+        );
+    }
+    println!(
+        "  beacon ingest --nats-url {hub} --source-domain {} --stream-replicas {} --data-dir DIR",
+        t.source_domains().join(","),
+        t.hub.len().min(3)
+    );
+    if let Some(r) = t.regions.first() {
+        println!(
+            "  beacon edge --nats-url {} --hub-domain {} --data-dir DIR",
+            t.leaf_url(&r.name).unwrap_or_default(),
+            beacon::topology::HUB_DOMAIN
+        );
     }
 }
 
@@ -1178,15 +1361,22 @@ async fn run_maintain(
 async fn run_ingest(
     nats_url: String,
     data_dir: PathBuf,
-    tuning: Tuning,
+    (tuning, hub): (Tuning, HubArgs),
+    health: beacon_serve::Health,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let _lock = beacon::lock::lock_role(&data_dir, "ingest")?;
+    tokio::spawn(beacon_ingest::sample_backlog(
+        nats_url.clone(),
+        shutdown.clone(),
+    ));
     let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
-    beacon_ingest::run_supervised(cfg, wh, beacon_serve::Health::new(), shutdown).await;
+    cfg.sources = hub.sources;
+    cfg.stream_replicas = hub.stream_replicas;
+    beacon_ingest::run_supervised(cfg, wh, health, shutdown).await;
     Ok(())
 }
 
@@ -1198,7 +1388,7 @@ async fn up(
     plugins_dir: Option<PathBuf>,
     (admin_listen, admin, api_listen, sql_listen): (SocketAddr, AdminArgs, SocketAddr, SocketAddr),
     (tuning, query, maintain): (Tuning, QueryArgs, MaintainArgs),
-    sandbox: SandboxArgs,
+    (sandbox, node): (SandboxArgs, beacon_serve::Health),
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
@@ -1209,8 +1399,7 @@ async fn up(
     );
     Endpoints::remove(&data_dir);
     // The node's readiness (`/readyz` on the admin port): its nats-server, the warehouse
-    // opening, ingest, and the edge's and query servers' own checks.
-    let node = beacon_serve::Health::new();
+    // opening, ingest, rollups, and the edge's and query servers' own checks.
     let (nats, nats_url) = match nats_url {
         Some(url) => (None, url),
         None => {
@@ -1231,6 +1420,11 @@ async fn up(
     let until_stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|s| *s).await;
     };
+    // Ingest's backlog is watched from the start, also while the warehouse cannot be opened.
+    tokio::spawn(beacon_ingest::sample_backlog(
+        nats_url.clone(),
+        stop_rx.clone(),
+    ));
     // A warehouse that cannot be opened (a corrupt metadata file, a catalog being restored)
     // holds back ingest, rollups and queries, not collection: the bus keeps the backlog,
     // and the roles start as soon as it opens.
@@ -1327,6 +1521,30 @@ async fn up(
     Ok(())
 }
 
+/// The rollups' readiness check: failing after two failed runs in a row (one can lose a
+/// commit race with maintenance and is simply retried), with the last error.
+#[cfg(feature = "full")]
+fn rollup_check(health: &beacon_serve::Health) -> impl Fn(Result<(), String>) + Send + 'static {
+    const CHECK: &str = "rollups";
+    health.register(CHECK);
+    let health = health.clone();
+    let failed_in_a_row = std::sync::atomic::AtomicU32::new(0);
+    move |run| {
+        use std::sync::atomic::Ordering;
+        match run {
+            Ok(()) => {
+                failed_in_a_row.store(0, Ordering::Relaxed);
+                health.set(CHECK, Ok(()));
+            }
+            Err(e) => {
+                if failed_in_a_row.fetch_add(1, Ordering::Relaxed) >= 1 {
+                    health.set(CHECK, Err(format!("the last rollup runs failed: {e}")));
+                }
+            }
+        }
+    }
+}
+
 /// The node's check that the warehouse opened (the query servers then probe it themselves).
 #[cfg(feature = "full")]
 const WAREHOUSE_CHECK: &str = "warehouse";
@@ -1384,6 +1602,7 @@ impl WarehouseRoles {
             wh.clone(),
             Duration::from_secs(self.tuning.rollup_interval),
             self.stop.clone(),
+            rollup_check(&self.node),
         ));
         let mut ingest_cfg = beacon_ingest::IngestConfig::new(self.nats_url.clone());
         ingest_cfg.max_batch = self.tuning.ingest_max_batch;

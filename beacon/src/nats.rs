@@ -75,47 +75,14 @@ impl NatsServer {
                 Some(p) => p,
                 None => free_port()?,
             };
-            // A fresh log per start (readiness is read from it); the previous ones are kept,
-            // so the cause of a crash survives the restart.
-            rotate_logs(&log);
-            let mut cmd = Command::new(&bin);
-            // If we die without running Drop (SIGKILL), the kernel stops the server too.
-            // SAFETY: prctl is async-signal-safe and touches only the child being spawned.
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    // Its own process group: Ctrl-C in a terminal reaches `beacon up`, which
-                    // drains through the bus and only then stops the server, not both at once.
-                    libc::setpgid(0, 0);
-                    Ok(())
-                });
-            }
-            let child = cmd
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                .arg(store_dir)
-                .args(["--log"])
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let _ = std::fs::write(store_dir.join(PID_FILE), child.id().to_string());
-            let mut server = Self {
-                child,
-                port,
-                store_dir: store_dir.to_path_buf(),
-            };
-            // JetStream recovers the store before it is ready: after a crash with a large
-            // store that takes a while, so the bound is generous (a server that exits is
-            // noticed at once).
-            match server.wait_ready(READY_WITHIN) {
-                Ok(()) => return Ok(server),
-                Err(e) => {
-                    let _ = server.child.kill();
-                    let _ = server.child.wait();
-                    last_err = Some(e);
-                }
+            let mut args: Vec<std::ffi::OsString> =
+                ["-js", "-a", "127.0.0.1", "-p"].map(Into::into).to_vec();
+            args.push(port.to_string().into());
+            args.push("-sd".into());
+            args.push(store_dir.into());
+            match Self::launch(&bin, &args, port, store_dir) {
+                Ok(server) => return Ok(server),
+                Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or(NatsError::NotReady {
@@ -123,6 +90,66 @@ impl NatsServer {
             secs: READY_WITHIN.as_secs(),
             log,
         }))
+    }
+
+    /// Starts nats-server from a configuration file (a node of a generated topology,
+    /// `crate::topology`) whose clients' port is `port`; its log and pid file go in `dir`.
+    pub fn start_with_config(config: &Path, port: u16, dir: &Path) -> Result<Self, NatsError> {
+        let bin = Self::find_binary()?;
+        check_version(&bin)?;
+        std::fs::create_dir_all(dir)?;
+        Self::launch(&bin, &["-c".into(), config.into()], port, dir)
+    }
+
+    /// Spawns the server with `args` (plus its log in `dir`) and waits until it is ready.
+    fn launch(
+        bin: &Path,
+        args: &[std::ffi::OsString],
+        port: u16,
+        dir: &Path,
+    ) -> Result<Self, NatsError> {
+        let log = dir.join("nats-server.log");
+        // A fresh log per start (readiness is read from it); the previous ones are kept,
+        // so the cause of a crash survives the restart.
+        rotate_logs(&log);
+        let mut cmd = Command::new(bin);
+        // If we die without running Drop (SIGKILL), the kernel stops the server too.
+        // SAFETY: prctl is async-signal-safe and touches only the child being spawned.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // Its own process group: Ctrl-C in a terminal reaches `beacon up`, which
+                // drains through the bus and only then stops the server, not both at once.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(args)
+            .arg("--log")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let _ = std::fs::write(dir.join(PID_FILE), child.id().to_string());
+        let mut server = Self {
+            child,
+            port,
+            store_dir: dir.to_path_buf(),
+        };
+        // JetStream recovers the store before it is ready: after a crash with a large
+        // store that takes a while, so the bound is generous (a server that exits is
+        // noticed at once).
+        match server.wait_ready(READY_WITHIN) {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                let _ = server.child.kill();
+                let _ = server.child.wait();
+                Err(e)
+            }
+        }
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), NatsError> {

@@ -83,10 +83,26 @@
   }
 
   const open = new Set(); // merchants whose history is shown
+  // The search (part of an id) and the pages walked: `after` of each page shown so far.
+  const listing = { q: '', pages: [null] };
+  $('#merchant-search').addEventListener('submit', (e) => {
+    e.preventDefault();
+    listing.q = $('#merchant-q').value.trim();
+    listing.pages = [null];
+    loadMerchants();
+  });
+  const turn = (after) => { if (after === undefined) listing.pages.pop(); else listing.pages.push(after); loadMerchants(); };
   async function loadMerchants() {
     try {
-      const r = await api('/v1/merchants');
-      if (!r.merchants.length) { show('merchants', el('p', { class: 'notice', text: 'No merchant has a pipeline yet.' })); return; }
+      const params = new URLSearchParams();
+      if (listing.q) params.set('q', listing.q);
+      const after = listing.pages[listing.pages.length - 1];
+      if (after) params.set('after', after);
+      const r = await api(`/v1/merchants?${params}`);
+      if (!r.merchants.length) {
+        show('merchants', el('p', { class: 'notice', text: listing.q ? `No merchant id with “${listing.q}” has a pipeline.` : 'No merchant has a pipeline yet.' }));
+        return;
+      }
       const rows = [];
       for (const m of r.merchants) {
         rows.push(el('tr', { 'data-merchant': m.id },
@@ -102,8 +118,13 @@
           }))));
         if (open.has(m.id)) rows.push(el('tr', { class: 'history-row' }, el('td', { colspan: '6' }, await history(m))));
       }
-      show('merchants', table(['merchant', 'active', 'plugins', 'canary', 'last change', ''], rows),
-        r.truncated ? el('p', { class: 'notice', text: 'Only the first 500 merchants are listed.' }) : null);
+      const pager = listing.pages.length > 1 || r.next
+        ? el('p', { class: 'pager' },
+          listing.pages.length > 1 ? el('button', { type: 'button', 'data-page': 'previous', onclick: () => turn(), text: 'Previous 500' }) : null,
+          ` page ${listing.pages.length} `,
+          r.next ? el('button', { type: 'button', 'data-page': 'next', onclick: () => turn(r.next), text: 'Next 500' }) : null)
+        : null;
+      show('merchants', table(['merchant', 'active', 'plugins', 'canary', 'last change', ''], rows), pager);
     } catch (e) { failed('merchants', e); }
   }
 

@@ -15,7 +15,7 @@
 //! | GET | `/v1/merchants/{m}/pipeline/history` | every change, who/when/why |
 //! | GET | `/v1/merchants/{m}/pipeline/versions/{n}` | one stored version |
 //! | GET | `/v1/edges` | live edges and the revisions they run |
-//! | GET | `/v1/merchants` | merchants with a pipeline: name, active version, canary (first 500) |
+//! | GET | `/v1/merchants?q=&after=` | merchants with a pipeline, by id: name, active version, canary (500 a page; `q`: part of the id; `after`: the last id of the page before) |
 //! | GET | `/v1/ingest` | the events stream and the ingest consumer: backlog, acknowledged |
 //!
 //! The operator's page (`/ops/`, [`crate::ops`]) calls these with its session cookie instead
@@ -294,8 +294,35 @@ async fn edges(State(c): State<Control>) -> ApiResult<Vec<beacon_proto::bus::Edg
     Ok(Json(crate::edges::live_edges(&c.js).await?))
 }
 
-/// Merchants listed at most by `GET /v1/merchants` (the page searches by id beyond).
+/// Merchants on one page of `GET /v1/merchants`.
 const MERCHANTS_LISTED: usize = 500;
+
+#[derive(serde::Deserialize, Default)]
+struct MerchantsQuery {
+    /// Part of the merchant id, any case.
+    #[serde(default)]
+    q: Option<String>,
+    /// The page after this id.
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// The ids of one page: those containing `q` (any case) after `after`, in order, at most
+/// `n`; and whether more follow.
+fn page_of(mut ids: Vec<String>, query: &MerchantsQuery, n: usize) -> (Vec<String>, bool) {
+    let needle = query.q.as_deref().unwrap_or("").to_lowercase();
+    ids.retain(|id| {
+        query
+            .after
+            .as_deref()
+            .is_none_or(|after| id.as_str() > after)
+            && id.to_lowercase().contains(&needle)
+    });
+    ids.sort_unstable();
+    let more = ids.len() > n;
+    ids.truncate(n);
+    (ids, more)
+}
 
 /// One merchant's line on the operator page.
 #[derive(serde::Serialize)]
@@ -311,21 +338,25 @@ struct MerchantLine {
     changed_by: String,
 }
 
-async fn merchants(State(c): State<Control>) -> ApiResult<serde_json::Value> {
+/// One page of merchants with a pipeline, in id order. Listing the bucket's keys is one
+/// pass over key names (no values); only the page's entries are read.
+async fn merchants(
+    State(c): State<Control>,
+    Query(query): Query<MerchantsQuery>,
+) -> ApiResult<serde_json::Value> {
     use futures::StreamExt;
     let names =
         c.js.get_key_value(beacon_proto::bus::MERCHANTS_BUCKET)
             .await
             .ok();
     let mut keys = c.pipelines.keys().await.map_err(crate::nats)?;
-    let mut out = Vec::new();
-    let mut truncated = false;
+    let mut all = Vec::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(crate::nats)?;
-        if out.len() == MERCHANTS_LISTED {
-            truncated = true;
-            break;
-        }
+        all.push(key.map_err(crate::nats)?);
+    }
+    let (ids, truncated) = page_of(all, &query, MERCHANTS_LISTED);
+    let mut out = Vec::with_capacity(ids.len());
+    for key in ids {
         let Some(change) = c.current(&key).await? else {
             continue;
         };
@@ -351,9 +382,12 @@ async fn merchants(State(c): State<Control>) -> ApiResult<serde_json::Value> {
             changed_by: p.changed_by,
         });
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    // `next`: the `after` of the following page.
+    let next = truncated
+        .then(|| out.last().map(|m| m.id.clone()))
+        .flatten();
     Ok(Json(
-        serde_json::json!({"merchants": out, "truncated": truncated}),
+        serde_json::json!({"merchants": out, "truncated": truncated, "next": next}),
     ))
 }
 
@@ -419,4 +453,39 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merchant_pages_walk_every_id_once_in_order_and_search_any_case() {
+        let all = ids(&["m_d", "m_a", "shop_C", "m_b", "shop_e"]);
+        let q = |q: Option<&str>, after: Option<&str>| MerchantsQuery {
+            q: q.map(String::from),
+            after: after.map(String::from),
+        };
+        assert_eq!(
+            page_of(all.clone(), &q(None, None), 2),
+            (ids(&["m_a", "m_b"]), true)
+        );
+        assert_eq!(
+            page_of(all.clone(), &q(None, Some("m_b")), 2),
+            (ids(&["m_d", "shop_C"]), true)
+        );
+        assert_eq!(
+            page_of(all.clone(), &q(None, Some("shop_C")), 2),
+            (ids(&["shop_e"]), false)
+        );
+        assert_eq!(
+            page_of(all.clone(), &q(Some("SHOP_c"), None), 2),
+            (ids(&["shop_C"]), false)
+        );
+        assert_eq!(page_of(all, &q(Some("zz"), None), 2), (vec![], false));
+    }
 }

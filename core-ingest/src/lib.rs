@@ -51,6 +51,12 @@ pub struct IngestConfig {
     /// server's per-client pending limit (64 MiB by default), past which nats-server
     /// disconnects a "slow consumer".
     pub max_fetch_bytes: usize,
+    /// The JetStream domains of the edge regions (their leaf nats-servers) whose events
+    /// streams the hub's events stream sources (the topology of docs/OPERATIONS.md); ingest
+    /// creates or updates that stream. Empty: the stream the edges create on this server.
+    pub sources: Vec<String>,
+    /// Replicas of that hub stream (3 on a 3-node hub).
+    pub stream_replicas: usize,
 }
 
 impl IngestConfig {
@@ -60,6 +66,8 @@ impl IngestConfig {
             max_batch: 2000,
             max_wait: Duration::from_secs(1),
             max_fetch_bytes: 16 << 20,
+            sources: Vec::new(),
+            stream_replicas: 1,
         }
     }
 }
@@ -112,6 +120,97 @@ pub async fn run_supervised(
     }
 }
 
+/// How long past its `expires` a pull may stay unanswered before ingest starts over.
+const PULL_SLACK: Duration = Duration::from_secs(10);
+
+/// How often [`sample_backlog`] looks.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps `beacon_ingest_consumer_pending` (messages not yet committed: undelivered plus
+/// delivered but unacknowledged) current from the consumer's state on the bus, on a
+/// connection of its own, until `shutdown`: the commit loop updates it too, but not while it
+/// is stalled or not running (a warehouse that fails or cannot be opened), which is when
+/// the figure matters most. Run it beside ingest, started before the warehouse is opened.
+pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool>) {
+    let mut js = None;
+    loop {
+        if js.is_none() {
+            match async_nats::ConnectOptions::new()
+                .name("beacon-ingest-backlog")
+                .connect(bus::servers(&nats_url))
+                .await
+            {
+                Ok(c) => js = Some(jetstream::new(c)),
+                Err(e) => tracing::debug!(error = %e, "backlog sampler: no bus yet"),
+            }
+        }
+        if let Some(js) = &js {
+            match consumer_backlog(js).await {
+                Ok(n) => metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::INGEST_CONSUMER)
+                    .set(n as f64),
+                // The consumer is re-created on every ingest start; the next sample finds it.
+                Err(e) => tracing::debug!(error = %e, "backlog sampler"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BACKLOG_EVERY) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+async fn consumer_backlog(js: &jetstream::Context) -> Result<u64, String> {
+    let stream = js
+        .get_stream(bus::EVENTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = stream
+        .consumer_info(bus::INGEST_CONSUMER)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(info.num_pending + info.num_ack_pending as u64)
+}
+
+/// Creates or updates the hub's events stream: no subjects of its own (events reach the hub
+/// only through the regions' streams, so none is stored twice), a source per region's leaf
+/// domain. The hub dedupes a batch on its id (`Nats-Msg-Id`, kept by sourcing) within its
+/// window; a source resumes after the last message it stored when a link comes back.
+pub async fn ensure_hub_stream(
+    js: &jetstream::Context,
+    domains: &[String],
+    replicas: usize,
+) -> Result<(), IngestError> {
+    use jetstream::stream;
+    let sources = domains
+        .iter()
+        .map(|domain| stream::Source {
+            name: bus::EVENTS_STREAM.into(),
+            // `external`, not `domain`: the client would send a field the server refuses.
+            external: Some(stream::External {
+                api_prefix: format!("$JS.{domain}.API"),
+                delivery_prefix: None,
+            }),
+            ..Default::default()
+        })
+        .collect();
+    js.create_or_update_stream(stream::Config {
+        name: bus::EVENTS_STREAM.into(),
+        sources: Some(sources),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(bus::EVENTS_MAX_AGE_SECS),
+        duplicate_window: Duration::from_secs(bus::EVENTS_DUPLICATE_WINDOW_SECS),
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| IngestError::Nats(format!("the hub's events stream: {e}")))?;
+    Ok(())
+}
+
 /// The name of ingest's readiness check.
 pub const HEALTH_CHECK: &str = "ingest";
 
@@ -124,10 +223,13 @@ pub async fn run(
 ) -> Result<(), IngestError> {
     let client = async_nats::ConnectOptions::new()
         .name("beacon-ingest")
-        .connect(&cfg.nats_url)
+        .connect(bus::servers(&cfg.nats_url))
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);
+    if !cfg.sources.is_empty() {
+        ensure_hub_stream(&js, &cfg.sources, cfg.stream_replicas).await?;
+    }
     let mut stream = loop {
         match js.get_stream(bus::EVENTS_STREAM).await {
             Ok(s) => break s,
@@ -190,8 +292,18 @@ pub async fn run(
         let mut received = Vec::new();
         let mut last = None;
         loop {
+            // A pull ends by `expires` at the latest; one whose answer was lost (a hub
+            // restarting under it) would otherwise wait forever, silently.
             let next = tokio::select! {
-                m = batch.next() => m,
+                m = tokio::time::timeout(cfg.max_wait + PULL_SLACK, batch.next()) => match m {
+                    Ok(m) => m,
+                    Err(_) => {
+                        return Err(IngestError::Nats(format!(
+                            "a pull got no answer within {:?}",
+                            cfg.max_wait + PULL_SLACK
+                        )))
+                    }
+                },
                 _ = shutdown.changed() => break,
             };
             let msg = match next {
@@ -217,7 +329,7 @@ pub async fn run(
         metrics::counter!("beacon_ingest_rows_total").increment(rows as u64);
         metrics::gauge!("beacon_ingest_committed_sequence").set(max_seq as f64);
         // What the consumer still had to deliver when the batch's last message came: the
-        // backlog behind this commit.
+        // backlog behind this commit (once acknowledged below, nothing else is pending).
         if let Ok(info) = last.info() {
             metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::INGEST_CONSUMER)
                 .set(info.pending as f64);

@@ -240,7 +240,7 @@ enum Secret {
 impl App {
     /// Memory for a request of `len` bytes, reserved before it is decoded: full means the
     /// bus or the plugins are behind, and the tracker should retry.
-    fn memory(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, HttpError> {
+    fn memory(&self, len: usize) -> Result<crate::process::Reservation, HttpError> {
         self.processor.budget.try_reserve(len).ok_or_else(|| {
             HttpError::Unavailable("edge at capacity (batches in flight), retry".into())
         })

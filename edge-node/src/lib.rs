@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use beacon_plugins::{Runtime, SandboxLimits};
-use beacon_proto::bus::MerchantLimits;
+use beacon_proto::bus::{self, MerchantLimits};
 use beacon_proto::Limits;
 
 pub fn now_ms() -> i64 {
@@ -75,6 +75,12 @@ pub struct EdgeConfig {
     pub default_limits: Option<MerchantLimits>,
     /// Memory for batches in flight, both listeners together (see `process::Budget`).
     pub in_flight_memory: usize,
+    /// The hub's JetStream domain, when `nats_url` is this region's leaf nats-server (the
+    /// topology of docs/OPERATIONS.md): events are made durable in the leaf's own JetStream,
+    /// which the hub's stream sources, so collection goes on while the hub or the link is
+    /// down; what all edges share (merchants, pipelines, plugins, status, salts) is the
+    /// hub's. `None`: one JetStream for everything.
+    pub hub_domain: Option<String>,
 }
 
 impl EdgeConfig {
@@ -93,6 +99,7 @@ impl EdgeConfig {
             geoip: None,
             default_limits: None,
             in_flight_memory: 256 << 20,
+            hub_domain: None,
         }
     }
 }
@@ -121,32 +128,46 @@ impl Edge {
         };
         let client = async_nats::ConnectOptions::new()
             .name(format!("beacon-edge {}", cfg.edge_id))
-            .connect(&cfg.nats_url)
+            .connect(bus::servers(&cfg.nats_url))
             .await
             .map_err(|e| nats_err(&e))?;
         let max_payload = client.server_info().max_payload;
+        // Events go to `js`; what edges share, to `shared` (the hub's domain behind a leaf).
+        let shared = match &cfg.hub_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
         let js = jetstream::new(client);
         // Ready = JetStream answers for the events stream (checked every second).
         let health = beacon_serve::Health::new();
         let publisher = publish::Publisher::new(js.clone(), max_payload);
-        // Bus writes other than events (status puts, salts): a store that fails them fails events too.
+        // Bus writes other than events (status puts, salts): a store that fails them fails
+        // events too, unless they go to the hub, whose outage the leaf is there to ride out.
         let status_puts = Arc::new(publish::Outcomes::default());
         let probe = {
-            let (js, publishes, puts) = (js.clone(), publisher.outcomes(), status_puts.clone());
+            let (js, publishes) = (js.clone(), publisher.outcomes());
+            let puts = cfg.hub_domain.is_none().then(|| status_puts.clone());
             health.probe(
                 "bus",
                 Duration::from_secs(1),
                 Duration::from_secs(2),
                 move || {
                     let (js, publishes, puts) = (js.clone(), publishes.clone(), puts.clone());
-                    async move { publish::probe(&js, &[&publishes, &puts]).await }
+                    async move {
+                        match &puts {
+                            Some(puts) => publish::probe(&js, &[&publishes, puts]).await,
+                            None => publish::probe(&js, &[&publishes]).await,
+                        }
+                    }
                 },
             )
         };
         publish::ensure_stream(&js)
             .await
             .map_err(|e| nats_err(&e))?;
-        let merchants = registry::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
+        let merchants = registry::open_bucket(&shared)
+            .await
+            .map_err(|e| nats_err(&e))?;
         let registry = registry::Registry::start(merchants)
             .await
             .map_err(|e| nats_err(&e))?;
@@ -154,10 +175,13 @@ impl Edge {
             cfg.sandbox.clone(),
             Some(cfg.data_dir.join("plugin-cache")),
         )?);
-        let pipelines = pipelines::Pipelines::start(&js, runtime).await?;
-        let status_bucket = status::open_bucket(&js).await.map_err(|e| nats_err(&e))?;
-        let enricher =
-            Arc::new(enrich::Enricher::open(&js, cfg.geoip.as_deref(), status_puts.clone()).await?);
+        let pipelines = pipelines::Pipelines::start(&shared, runtime).await?;
+        let status_bucket = status::open_bucket(&shared)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let enricher = Arc::new(
+            enrich::Enricher::open(&shared, cfg.geoip.as_deref(), status_puts.clone()).await?,
+        );
         let mut processor = process::Processor::new(
             cfg.edge_id.clone(),
             cfg.event_limits,
@@ -168,6 +192,8 @@ impl Edge {
         );
         processor.default_limits = cfg.default_limits;
         processor.budget = process::Budget::new(cfg.in_flight_memory);
+        metrics::gauge!("beacon_edge_in_flight_budget_bytes")
+            .set(processor.budget.total_bytes() as f64);
         let processor = Arc::new(processor);
         let locator = locate::Locator::new(status_bucket.clone());
 

@@ -108,20 +108,57 @@ impl Budget {
     }
 
     /// Waits for room for a request of `request_len` bytes.
-    pub async fn reserve(&self, request_len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.sem
+    pub async fn reserve(&self, request_len: usize) -> Option<Reservation> {
+        let permit = self
+            .sem
             .clone()
             .acquire_many_owned(self.kib(request_len))
             .await
-            .ok()
+            .ok()?;
+        Some(Reservation::new(permit, request_len))
     }
 
     /// Room for a request now, or `None` when the edge is full.
-    pub fn try_reserve(&self, request_len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.sem
+    pub fn try_reserve(&self, request_len: usize) -> Option<Reservation> {
+        let permit = self
+            .sem
             .clone()
             .try_acquire_many_owned(self.kib(request_len))
-            .ok()
+            .ok()?;
+        Some(Reservation::new(permit, request_len))
+    }
+
+    /// The budget in bytes.
+    pub fn total_bytes(&self) -> usize {
+        self.total_kib << 10
+    }
+}
+
+/// A request's share of the [`Budget`], returned when dropped; while it lives, the request's
+/// bytes count in `beacon_edge_in_flight_bytes` and its reservation in
+/// `beacon_edge_in_flight_reserved_bytes`.
+pub struct Reservation {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    request_len: usize,
+}
+
+impl Reservation {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, request_len: usize) -> Self {
+        metrics::gauge!("beacon_edge_in_flight_bytes").increment(request_len as f64);
+        metrics::gauge!("beacon_edge_in_flight_reserved_bytes")
+            .increment((permit.num_permits() << 10) as f64);
+        Self {
+            permit,
+            request_len,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        metrics::gauge!("beacon_edge_in_flight_bytes").decrement(self.request_len as f64);
+        metrics::gauge!("beacon_edge_in_flight_reserved_bytes")
+            .decrement((self.permit.num_permits() << 10) as f64);
     }
 }
 
@@ -182,6 +219,7 @@ struct InFlight<'a>(&'a AtomicUsize);
 impl<'a> InFlight<'a> {
     fn new(c: &'a AtomicUsize) -> Self {
         c.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("beacon_edge_in_flight_batches").increment(1.0);
         Self(c)
     }
 }
@@ -189,6 +227,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!("beacon_edge_in_flight_batches").decrement(1.0);
     }
 }
 

@@ -110,9 +110,8 @@ pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Er
         subjects: vec![bus::EVENTS_SUBJECTS.into()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
-        // Raw events live on in Iceberg; the stream only has to outlast ingest outages.
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(bus::EVENTS_MAX_AGE_SECS),
+        duplicate_window: Duration::from_secs(bus::EVENTS_DUPLICATE_WINDOW_SECS),
         num_replicas: 1,
         ..Default::default()
     })

@@ -5,6 +5,23 @@ pub const EVENTS_STREAM: &str = "BEACON_EVENTS";
 /// Envelopes are published on `beacon.events.<merchant-id>`.
 pub const EVENTS_SUBJECT_PREFIX: &str = "beacon.events";
 pub const EVENTS_SUBJECTS: &str = "beacon.events.>";
+/// How long an events stream keeps batches: raw events live on in Iceberg, so the stream
+/// only has to outlast an ingest or hub outage.
+pub const EVENTS_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// A batch id (`Nats-Msg-Id`) seen again within this window is stored once.
+pub const EVENTS_DUPLICATE_WINDOW_SECS: u64 = 120;
+/// The servers of a NATS URL setting: one URL, or a cluster's nodes separated by commas
+/// (`nats://h1:4222,nats://h2:4222`); a client connects to any and fails over to the others.
+pub fn servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The hub's JetStream domain in the leaf topology (docs/OPERATIONS.md); an edge region's
+/// leaf has the domain `edge-<region>`.
+pub const HUB_DOMAIN: &str = "hub";
 /// Durable consumer name of core-ingest.
 pub const INGEST_CONSUMER: &str = "beacon-ingest";
 /// KV bucket: merchant id -> `Merchant` JSON.

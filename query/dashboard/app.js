@@ -423,7 +423,11 @@
   };
 
   // While a canary runs: its note, and the period's figures per pipeline version side by side
-  // (event figures only: visit figures cannot be split by an event dimension yet).
+  // (visit figures by the version of the visit's first event).
+  const SPLIT = [
+    ['visitors', 'visitors', 'num'], ['pageviews', 'pageviews', 'num'], ['events', 'events', 'num'],
+    ['visits', 'visits', 'num'], ['bounce_rate', 'bounce rate', 'pct'], ['visit_duration', 'visit duration', 'dur'],
+  ];
   async function loadCanary(gen) {
     const box = $('#canary');
     const canary = runningCanary();
@@ -435,7 +439,7 @@
       'Figures of this period by the pipeline version that processed the events:');
     box.dataset.state = 'loading';
     try {
-      const r = await query({ metrics: ['visitors', 'pageviews', 'events'], date_range: period(), dimensions: ['event:pipeline_version'] });
+      const r = await query({ metrics: SPLIT.map(([m]) => m), date_range: period(), dimensions: ['event:pipeline_version'] });
       if (stale('panels', gen)) return;
       const total = r.results.reduce((s, row) => s + (row.metrics[2] || 0), 0);
       const rows = r.results.map((row) => {
@@ -443,11 +447,11 @@
         const share = total ? Math.round(((row.metrics[2] || 0) / total) * 100) : 0;
         return el('tr', { 'data-version': v, class: v === `v${canary.version}` ? 'canary-row' : null },
           el('th', { scope: 'row', text: v === `v${canary.version}` ? `${v} (canary)` : v }),
-          ...row.metrics.map((m) => el('td', { 'data-value': String(m), text: fmt('num', m) })),
+          ...row.metrics.map((m, i) => el('td', { 'data-value': String(m), text: fmt(SPLIT[i][2], m) })),
           el('td', { text: `${share}%` }));
       });
       box.replaceChildren(note, el('table', { class: 'split' },
-        el('thead', {}, el('tr', {}, ...['version', 'visitors', 'pageviews', 'events', 'share'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('thead', {}, el('tr', {}, ...['version', ...SPLIT.map(([, h]) => h), 'share of events'].map((h) => el('th', { scope: 'col', text: h })))),
         el('tbody', {}, ...rows)));
       box.dataset.state = 'ready';
     } catch (e) {

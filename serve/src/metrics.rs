@@ -60,3 +60,27 @@ fn render() -> Response {
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
     }
 }
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (with `health`'s checks) on a listener of
+/// their own (`--metrics-listen`), until `shutdown`: for roles without an HTTP port
+/// (ingest, rollups) and for those whose port faces the public (the edge's collectors), so
+/// that only the scraper and the orchestrator reach them.
+pub async fn serve_status(
+    listener: tokio::net::TcpListener,
+    health: crate::Health,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let router = router().merge(health.router());
+    crate::http::serve(
+        listener,
+        router,
+        crate::http::HttpLimits {
+            max_conns_per_ip: 16,
+            max_conns: 64,
+            ..Default::default()
+        },
+        "status",
+        shutdown,
+    )
+    .await;
+}

@@ -123,6 +123,8 @@ impl Cluster {
         cmd.args(args)
             .env("BEACON_NATS_URL", self.nats.url())
             .env("BEACON_DATA_DIR", self.data_dir())
+            // Every role serves its metrics and health on a port of its own.
+            .env("BEACON_METRICS_LISTEN", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("BEACON_TEST_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
@@ -245,6 +247,17 @@ impl Cluster {
             })
         });
         (role, addr)
+    }
+
+    /// Where role `name` serves `/metrics`, `/healthz` and `/readyz` (`http://...`).
+    pub fn status_url(&self, name: &str) -> String {
+        wait_for(Duration::from_secs(30), "metrics address", || {
+            self.log(name).lines().find_map(|l| {
+                l.split("metrics and health: ")
+                    .nth(1)
+                    .map(|a| a.trim().to_string())
+            })
+        })
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -807,6 +820,16 @@ pub fn psql(port: &str, user: &str, password: &str, sql: &str) -> Result<String,
 }
 
 /// A benchmark setting from the environment, or `default`.
+/// The sum of the samples in Prometheus text `scraped` whose line starts with `prefix`
+/// (a name, or a name with its first labels: `name{a="x"`).
+pub fn metric(scraped: &str, prefix: &str) -> f64 {
+    scraped
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

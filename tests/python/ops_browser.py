@@ -4,7 +4,7 @@ prints what it showed and did as JSON, for tests/dashboard.rs to check against t
 usage: ops_browser.py ADMIN_URL ADMIN_TOKEN SCREENSHOT_DIR MERCHANT_ID
 
 Steps: a wrong token (refused), the admin token; readiness, ingest, edges, the merchant's
-pipeline with its canary; open its history, promote the canary (asked twice), then roll back
+pipeline with its canary; a search by part of its id, and one that finds nothing; open its history, promote the canary (asked twice), then roll back
 to the version before (asked twice); log out. A screenshot of the page goes to SCREENSHOT_DIR.
 """
 
@@ -58,6 +58,20 @@ def act(driver, action):
     return driver.find_element(By.ID, "action").text
 
 
+def search(driver, text):
+    """Searches merchants by part of an id; the ids listed (or the notice when none)."""
+    box = driver.find_element(By.ID, "merchant-q")
+    box.clear()
+    box.send_keys(text)
+    driver.execute_script("document.querySelector('#merchants').dataset.state = 'loading'")
+    driver.find_element(By.CSS_SELECTOR, "#merchant-search button").click()
+    settle(driver)
+    return driver.execute_script("""
+const rows = [...document.querySelectorAll('#merchants tr[data-merchant]')].map(tr => tr.dataset.merchant);
+return rows.length ? rows : document.querySelector('#merchants .notice')?.textContent ?? null;
+""")
+
+
 def main():
     driver = chrome(1280, 1400)
     out = {}
@@ -66,6 +80,9 @@ def main():
             driver, f"{BASE}/ops/", "ba_not_an_admin_token", TOKEN, "/ops/")
         settle(driver)
         out["before"] = driver.execute_script(SEEN, MERCHANT)
+        out["searched"] = search(driver, MERCHANT[-6:].upper())
+        out["searched_nothing"] = search(driver, "no-such-merchant")
+        search(driver, "")
         click(driver, f'[data-history="{MERCHANT}"]')
         WebDriverWait(driver, WAIT).until(
             lambda d: d.find_elements(By.CSS_SELECTOR, '[data-action="promote"]'))

@@ -38,6 +38,9 @@ pub struct Dimension {
     pub origin: Origin,
     /// Kept per hour in `breakdowns_hourly`.
     pub rolled_up: bool,
+    /// The `sessions` view has a column of the same name (for an event dimension: the value
+    /// of the visit's first event), so visit metrics can be broken down and filtered by it.
+    pub in_sessions: bool,
 }
 
 const fn dim(
@@ -53,6 +56,17 @@ const fn dim(
         scope,
         origin,
         rolled_up,
+        in_sessions: matches!(scope, Scope::Visit),
+    }
+}
+
+impl Dimension {
+    /// An event dimension that `sessions` carries too (the visit's first event's value).
+    const fn also_per_visit(self) -> Self {
+        Self {
+            in_sessions: true,
+            ..self
+        }
     }
 }
 
@@ -78,14 +92,17 @@ pub const DIMENSIONS: &[Dimension] = &[
     // Revenue is kept per currency; breaking down or filtering by it picks one.
     dim("event:currency", "currency", Event, Sent, false),
     // The pipeline version that produced the event (`v3`; none when no plugins ran): a
-    // canary's figures beside the stable version's, from `events`.
+    // canary's figures beside the stable version's, from `events`. A canary splits by
+    // visitor, so a visit's events share one version (but for visits that straddle the
+    // canary's start or end): visit metrics split by the version of the visit's first event.
     dim(
         "event:pipeline_version",
         "pipeline_version",
         Event,
         Sent,
         false,
-    ),
+    )
+    .also_per_visit(),
 ];
 
 const DERIVED_COUNT: usize = {

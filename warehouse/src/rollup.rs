@@ -414,10 +414,17 @@ pub fn rfc3339(us: i64) -> String {
 
 /// Runs [`run_once`] every `interval` until `shutdown` turns true; errors are logged and
 /// retried next round (the watermark makes every run idempotent).
-pub async fn run_loop(wh: Arc<Warehouse>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+/// `report` hears each run's outcome (a readiness check).
+pub async fn run_loop(
+    wh: Arc<Warehouse>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    report: impl Fn(Result<(), String>) + Send + 'static,
+) {
     loop {
         let started = std::time::Instant::now();
         let run = run_once(&wh).await;
+        report(run.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         let outcome = if run.is_ok() { "ok" } else { "error" };
         metrics::counter!("beacon_rollup_runs_total", "outcome" => outcome).increment(1);
         metrics::histogram!("beacon_rollup_run_seconds").record(started.elapsed().as_secs_f64());

@@ -5,8 +5,8 @@
 //!   trackers without one, one visitor id) with no gap over 30 minutes: a session id reused
 //!   after 30 idle minutes starts a new visit, as in Google Analytics. Anonymous events
 //!   without either are visits of their own. Computed from `events`, so always current.
-//!   Entry and exit page (path), and the acquisition, geo and device columns of the visit's
-//!   first event.
+//!   Entry and exit page (path), and the acquisition, geo and device columns and the
+//!   pipeline version of the visit's first event.
 //! - `daily_metrics`: per merchant and UTC day: events, pageviews and unique visitors from
 //!   the hourly rollups (current up to the last rollup run, NULL for a day not rolled up yet;
 //!   visitors are merged HLL sketches, a true distinct estimate), and visits, bounce rate
@@ -18,7 +18,7 @@ pub const VIEWS: &[&str] = &[
      WITH keyed AS ( \
          SELECT merchant_id, visitor_id, name, url, path, ts, revenue_micros, \
                 source, medium, utm_source, utm_medium, utm_campaign, \
-                country, region, city, device, browser, os, \
+                country, region, city, device, browser, os, pipeline_version, \
                 COALESCE(session_id, visitor_id, event_id) AS visit_key \
          FROM events), \
      gaps AS ( \
@@ -53,6 +53,7 @@ pub const VIEWS: &[&str] = &[
             first_value(device ORDER BY ts) AS device, \
             first_value(browser ORDER BY ts) AS browser, \
             first_value(os ORDER BY ts) AS os, \
+            first_value(pipeline_version ORDER BY ts) AS pipeline_version, \
             sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) <= 1 AS bounce, \
             CAST(sum(revenue_micros) AS BIGINT) AS revenue_micros \
      FROM numbered GROUP BY merchant_id, visit_key, visit_no",

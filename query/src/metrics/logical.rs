@@ -100,10 +100,10 @@ fn events_dim(d: &Dim) -> Expr {
 /// A dimension over `sessions`: the visit's columns and its entry and exit pages.
 fn sessions_dim(d: &Dim) -> Expr {
     match d {
-        Dim::Column(c) if c.scope == beacon_warehouse::dimensions::Scope::Visit => col(c.column),
+        Dim::Column(c) if c.in_sessions => col(c.column),
         Dim::EntryPage => col("entry_page"),
         Dim::ExitPage => col("exit_page"),
-        // Event-scoped dimensions are refused for visit metrics at validation.
+        // Dimensions `sessions` lacks are refused for visit metrics at validation.
         _ => lit(ScalarValue::Utf8(None)),
     }
 }

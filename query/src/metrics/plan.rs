@@ -138,13 +138,13 @@ impl QueryRequest {
             } else {
                 "entry and exit pages"
             };
-            if let Some(d) = dims.iter().find(|d| d.is_event_scoped()) {
+            if let Some(d) = dims.iter().find(|d| !d.in_sessions()) {
                 return Err(bad(
                     "dimensions",
                     format!("{what} cannot be broken down by {} yet", d.api_name()),
                 ));
             }
-            if let Some(d) = filter_dims.iter().find(|d| d.is_event_scoped()) {
+            if let Some(d) = filter_dims.iter().find(|d| !d.in_sessions()) {
                 return Err(bad(
                     "filters",
                     format!("{what} cannot be filtered by {} yet", d.api_name()),

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use beacon_warehouse::dimensions::{self, Scope};
+use beacon_warehouse::dimensions;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid `{field}`: {message}")]
@@ -230,11 +230,13 @@ impl Dim {
         matches!(self, Dim::EntryPage | Dim::ExitPage)
     }
 
-    pub fn is_event_scoped(&self) -> bool {
+    /// Visit metrics can use it: the `sessions` view has it (visit dimensions, entry and
+    /// exit pages, time, and event dimensions that `sessions` also carries).
+    pub fn in_sessions(&self) -> bool {
         match self {
-            Dim::Column(d) => d.scope == Scope::Event,
-            Dim::Goal | Dim::Prop(_) => true,
-            _ => false,
+            Dim::Column(d) => d.in_sessions,
+            Dim::Goal | Dim::Prop(_) => false,
+            _ => true,
         }
     }
 

@@ -1,0 +1,313 @@
+//! nats-server configurations for Beacon beyond one machine (docs/OPERATIONS.md, "Topology"):
+//!
+//! - a **hub**: a JetStream cluster (3 nodes for replicas 3) in the domain [`HUB_DOMAIN`],
+//!   which ingest, the control plane and the query servers use, and which holds what every
+//!   edge shares (merchants, pipelines, plugins, edge status, salts);
+//! - per edge region, a **leaf** nats-server with a JetStream domain of its own
+//!   (`edge-<region>`), where that region's edges make events durable. The hub's events
+//!   stream sources every leaf's stream (ingest creates it: `beacon ingest --source-domain`),
+//!   so a region keeps collecting while its link or the hub is down, and its backlog moves to
+//!   the hub when the link returns.
+//!
+//! Every server fsyncs before it acknowledges (`sync_interval: always`): Jepsen's 2025
+//! analysis of NATS 2.12.1 lost acknowledged writes to the default of syncing every two
+//! minutes when nodes crashed together, and a leaf is the only copy of an event until the
+//! hub has sourced it. The leaves refuse event subjects across the link in both directions:
+//! plain messages are not filtered by domain, so without that a region's stream would also
+//! store other regions' events; the hub gets events only by sourcing.
+//!
+//! [`Topology::plan`] lays a topology out on one machine (free loopback ports, stores under
+//! one directory): the development harness (`beacon topology up`) and the tests run it as
+//! it is; for machines of their own, change the addresses in the written files.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+pub use beacon_proto::bus::HUB_DOMAIN;
+use serde::{Deserialize, Serialize};
+
+/// The file in a topology directory that describes it (written by [`Topology::write`]).
+pub const TOPOLOGY_FILE: &str = "topology.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("a hub needs 1 node or more (3 for replicas 3); {0} asked")]
+    HubSize(usize),
+    #[error("region name {0:?}: use letters, digits and '-' (it becomes a JetStream domain)")]
+    Region(String),
+    #[error("region {0:?} is named twice")]
+    Duplicate(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a topology: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// One hub node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HubNode {
+    pub name: String,
+    pub client_port: u16,
+    pub cluster_port: u16,
+    pub leaf_port: u16,
+    pub store_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// One edge region's leaf server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Region {
+    pub name: String,
+    /// Its JetStream domain: what `beacon ingest --source-domain` names.
+    pub domain: String,
+    pub client_port: u16,
+    pub store_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Topology {
+    pub host: String,
+    /// `always`, or a duration such as `10s` (nats-server's `sync_interval`).
+    pub sync: String,
+    pub hub: Vec<HubNode>,
+    pub regions: Vec<Region>,
+}
+
+impl Topology {
+    /// A hub of `hub_nodes` and a leaf per region on this machine's loopback, each server on
+    /// free ports, configurations and stores under `dir`.
+    pub fn plan(
+        dir: &Path,
+        hub_nodes: usize,
+        regions: &[String],
+        sync: &str,
+    ) -> Result<Self, TopologyError> {
+        if hub_nodes == 0 {
+            return Err(TopologyError::HubSize(hub_nodes));
+        }
+        for (i, r) in regions.iter().enumerate() {
+            if r.is_empty() || !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(TopologyError::Region(r.clone()));
+            }
+            if regions[..i].contains(r) {
+                return Err(TopologyError::Duplicate(r.clone()));
+            }
+        }
+        let io = |source| TopologyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        // All ports are held until every one is chosen, so no two are the same.
+        let mut held = Vec::new();
+        let mut port = || -> Result<u16, TopologyError> {
+            let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+            let p = l.local_addr().map_err(io)?.port();
+            held.push(l);
+            Ok(p)
+        };
+        let mut hub = Vec::new();
+        for i in 1..=hub_nodes {
+            let name = format!("hub-{i}");
+            hub.push(HubNode {
+                client_port: port()?,
+                cluster_port: port()?,
+                leaf_port: port()?,
+                store_dir: dir.join("store").join(&name),
+                config: dir.join(format!("{name}.conf")),
+                name,
+            });
+        }
+        let mut leaves = Vec::new();
+        for r in regions {
+            let name = format!("leaf-{r}");
+            leaves.push(Region {
+                domain: format!("edge-{r}"),
+                client_port: port()?,
+                store_dir: dir.join("store").join(&name),
+                config: dir.join(format!("{name}.conf")),
+                name: r.clone(),
+            });
+        }
+        Ok(Self {
+            host: "127.0.0.1".into(),
+            sync: sync.into(),
+            hub,
+            regions: leaves,
+        })
+    }
+
+    /// The URLs ingest, control and queries connect with (any node will do; the client
+    /// fails over between them).
+    pub fn hub_url(&self) -> String {
+        self.hub
+            .iter()
+            .map(|n| format!("nats://{}:{}", self.host, n.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The URL of a region's leaf, for its edges (`beacon edge --hub-domain hub`).
+    pub fn leaf_url(&self, region: &str) -> Option<String> {
+        self.regions
+            .iter()
+            .find(|r| r.name == region)
+            .map(|r| format!("nats://{}:{}", self.host, r.client_port))
+    }
+
+    /// The leaves' JetStream domains, for `beacon ingest --source-domain`.
+    pub fn source_domains(&self) -> Vec<String> {
+        self.regions.iter().map(|r| r.domain.clone()).collect()
+    }
+
+    pub fn hub_config(&self, node: &HubNode) -> String {
+        let routes: Vec<String> = self
+            .hub
+            .iter()
+            .map(|n| format!("    nats-route://{}:{}", self.host, n.cluster_port))
+            .collect();
+        format!(
+            "# Beacon hub node {name} (generated by `beacon topology generate`).\n\
+             server_name: {name}\n\
+             listen: {host}:{client}\n\
+             \n\
+             jetstream {{\n  store_dir: {store:?}\n  domain: {domain}\n  # fsync before every acknowledgement (Jepsen 2025; the default is 2m)\n  sync_interval: {sync}\n}}\n\
+             \n\
+             cluster {{\n  name: beacon-hub\n  listen: {host}:{cluster}\n  routes: [\n{routes}\n  ]\n}}\n\
+             \n\
+             leafnodes {{\n  listen: {host}:{leaf}\n}}\n",
+            name = node.name,
+            host = self.host,
+            client = node.client_port,
+            store = node.store_dir.display().to_string(),
+            domain = HUB_DOMAIN,
+            sync = self.sync,
+            cluster = node.cluster_port,
+            routes = routes.join("\n"),
+            leaf = node.leaf_port,
+        )
+    }
+
+    pub fn leaf_config(&self, region: &Region) -> String {
+        let remotes: Vec<String> = self
+            .hub
+            .iter()
+            .map(|n| format!("        \"nats-leaf://{}:{}\"", self.host, n.leaf_port))
+            .collect();
+        format!(
+            "# Beacon edge region {name}'s leaf (generated by `beacon topology generate`).\n\
+             server_name: leaf-{name}\n\
+             listen: {host}:{client}\n\
+             \n\
+             jetstream {{\n  store_dir: {store:?}\n  domain: {domain}\n  # the only copy of an event until the hub has sourced it\n  sync_interval: {sync}\n}}\n\
+             \n\
+             leafnodes {{\n  reconnect: \"1s\"\n  remotes [\n    {{\n      urls: [\n{remotes}\n      ]\n      \
+             # Events cross only by sourcing: a region's stream never stores another's events.\n      \
+             deny_imports: [\"{subjects}\"]\n      deny_exports: [\"{subjects}\"]\n    }}\n  ]\n}}\n",
+            name = region.name,
+            host = self.host,
+            client = region.client_port,
+            store = region.store_dir.display().to_string(),
+            domain = region.domain,
+            sync = self.sync,
+            remotes = remotes.join("\n"),
+            subjects = beacon_proto::bus::EVENTS_SUBJECTS,
+        )
+    }
+
+    /// Writes every server's configuration and [`TOPOLOGY_FILE`] into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), TopologyError> {
+        let write = |path: &Path, text: &str| {
+            std::fs::write(path, text).map_err(|source| TopologyError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(dir).map_err(|source| TopologyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for n in &self.hub {
+            write(&n.config, &self.hub_config(n))?;
+        }
+        for r in &self.regions {
+            write(&r.config, &self.leaf_config(r))?;
+        }
+        let json = serde_json::to_string_pretty(self).map_err(|source| TopologyError::Json {
+            path: dir.join(TOPOLOGY_FILE),
+            source,
+        })?;
+        write(&dir.join(TOPOLOGY_FILE), &json)
+    }
+
+    pub fn read(dir: &Path) -> Result<Self, TopologyError> {
+        let path = dir.join(TOPOLOGY_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| TopologyError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| TopologyError::Json { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_has_distinct_ports_routes_to_every_node_and_leaves_that_deny_event_subjects() {
+        let dir = tempfile::tempdir().expect("dir");
+        let t = Topology::plan(dir.path(), 3, &["eu".into(), "us".into()], "always").expect("plan");
+        let mut ports: Vec<u16> = t
+            .hub
+            .iter()
+            .flat_map(|n| [n.client_port, n.cluster_port, n.leaf_port])
+            .chain(t.regions.iter().map(|r| r.client_port))
+            .collect();
+        let n = ports.len();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "every port distinct");
+        let hub = t.hub_config(&t.hub[1]);
+        for node in &t.hub {
+            assert!(hub.contains(&format!("nats-route://127.0.0.1:{}", node.cluster_port)));
+        }
+        assert!(hub.contains("domain: hub") && hub.contains("sync_interval: always"));
+        let leaf = t.leaf_config(&t.regions[0]);
+        assert!(leaf.contains("domain: edge-eu"), "{leaf}");
+        assert!(
+            leaf.contains("deny_imports: [\"beacon.events.>\"]"),
+            "{leaf}"
+        );
+        for node in &t.hub {
+            assert!(leaf.contains(&format!("nats-leaf://127.0.0.1:{}", node.leaf_port)));
+        }
+        assert_eq!(t.source_domains(), ["edge-eu", "edge-us"]);
+        assert_eq!(t.hub_url().split(',').count(), 3);
+        t.write(dir.path()).expect("write");
+        assert_eq!(Topology::read(dir.path()).expect("read"), t);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_with_the_reason() {
+        let dir = Path::new("/nonexistent");
+        assert!(matches!(
+            Topology::plan(dir, 0, &[], "always"),
+            Err(TopologyError::HubSize(0))
+        ));
+        assert!(matches!(
+            Topology::plan(dir, 3, &["e.u".into()], "always"),
+            Err(TopologyError::Region(_))
+        ));
+        assert!(matches!(
+            Topology::plan(dir, 3, &["eu".into(), "eu".into()], "always"),
+            Err(TopologyError::Duplicate(_))
+        ));
+    }
+}

@@ -1,0 +1,467 @@
+//! The NATS topology beyond one machine, on one machine: a 3-node hub (replicas 3, fsync
+//! before every acknowledgement) and a leaf nats-server for an edge region with its own
+//! JetStream domain, from the configurations `beacon topology generate` writes. The edge
+//! makes events durable in its leaf; the hub's stream sources the leaf's; ingest reads the
+//! hub. The whole hub is killed with -9 under load: the region keeps acknowledging, and once
+//! the hub is back every acknowledged event is stored exactly once.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use beacon::endpoints::Endpoints;
+use beacon::nats::NatsServer;
+use beacon::topology::{Topology, HUB_DOMAIN};
+use common::{beacon_bin, cli_in, client_for, http, sql_in, wait_for, Role};
+use serde_json::Value;
+
+/// Starts a `beacon` role with its log in `dir/<name>.log`.
+fn spawn(dir: &Path, name: &'static str, args: &[&str]) -> Role {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    let child = Command::new(beacon_bin())
+        .args(args)
+        .env("BEACON_METRICS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info,async_nats=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn beacon");
+    Role { name, child }
+}
+
+fn log_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Prints the roles' and servers' last log lines when the test fails (CI output is all
+/// there is).
+struct LogsOnPanic(std::path::PathBuf);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut logs = vec![self.0.join("ingest.log"), self.0.join("edge.log")];
+        if let Ok(stores) = std::fs::read_dir(self.0.join("nats/store")) {
+            logs.extend(stores.flatten().map(|d| d.path().join("nats-server.log")));
+        }
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("--- {} ---", log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn start_hub(t: &Topology) -> Vec<NatsServer> {
+    t.hub
+        .iter()
+        .map(|n| {
+            NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir).expect("hub node")
+        })
+        .collect()
+}
+
+/// Until JetStream answers in `domain` (the hub's) through `url`: a hub with a leader, or a
+/// leaf linked to it.
+async fn wait_jetstream(url: &str, domain: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(client) = async_nats::connect(beacon_proto::bus::servers(url)).await {
+            let js = match domain {
+                Some(d) => async_nats::jetstream::with_domain(client, d),
+                None => async_nats::jetstream::new(client),
+            };
+            if js.query_account().await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "JetStream at {url} ({domain:?})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the warehouse holds as many events as were acknowledged, then checks it
+/// holds exactly those, once each; how many.
+async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<String>) -> usize {
+    let count = || common::first_int(&sql_in(warehouse, "SELECT count(*) FROM raw_events"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while count() < acked.len() as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "backlog not drained: {} of {} stored; the hub: {}",
+            count(),
+            acked.len(),
+            hub_state(hub_url).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let stored: Vec<String> = sql_in(warehouse, "SELECT event_id FROM raw_events")
+        .iter()
+        .map(|r| r["event_id"].as_str().expect("id").to_string())
+        .collect();
+    let unique: HashSet<String> = stored.iter().cloned().collect();
+    assert_eq!(stored.len(), unique.len(), "no duplicates");
+    assert_eq!(&unique, acked, "every acknowledged event, nothing else");
+    stored.len()
+}
+
+/// The hub's events stream and ingest's consumer, for a failure message.
+async fn hub_state(hub_url: &str) -> String {
+    let Ok(client) = async_nats::connect(beacon_proto::bus::servers(hub_url)).await else {
+        return "unreachable".into();
+    };
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(beacon_proto::bus::EVENTS_STREAM).await else {
+        return "no events stream".into();
+    };
+    let info = stream
+        .info()
+        .await
+        .map(|i| format!("{:?} sources {:?}", i.state, i.sources));
+    let consumer = stream
+        .consumer_info(beacon_proto::bus::INGEST_CONSUMER)
+        .await
+        .map(|c| {
+            format!(
+                "pending {} ack pending {} delivered {:?} acked {:?}",
+                c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
+            )
+        });
+    format!("stream {info:?}; consumer {consumer:?}")
+}
+
+/// How long the hub stays down under load.
+const OUTAGE: Duration = Duration::from_secs(15);
+
+/// Sends one batch under a new id; it must be acknowledged whole.
+async fn send(client: &beacon_sdk::Client, batch: &[beacon_proto::Event]) {
+    let ack = client
+        .send_batch(&beacon_sdk::new_batch_id(), batch)
+        .await
+        .expect("acknowledged");
+    assert_eq!(ack.accepted, batch.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_once() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-topology-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path();
+    let _logs = LogsOnPanic(root.to_path_buf());
+    let nats_dir = root.join("nats");
+    cli_in(
+        root,
+        None,
+        &[
+            "topology",
+            "generate",
+            "--dir",
+            nats_dir.to_str().expect("utf8"),
+            "--hub-nodes",
+            "3",
+            "--region",
+            "eu",
+        ],
+    );
+    let t = Topology::read(&nats_dir.canonicalize().expect("dir")).expect("topology.json");
+    let hub_url = t.hub_url();
+    let leaf_url = t.leaf_url("eu").expect("eu leaf");
+    let mut hub = start_hub(&t);
+    let region = &t.regions[0];
+    let _leaf =
+        NatsServer::start_with_config(&region.config, region.client_port, &region.store_dir)
+            .expect("leaf");
+    wait_jetstream(&hub_url, None).await;
+    wait_jetstream(&leaf_url, Some(HUB_DOMAIN)).await;
+
+    // The roles: ingest on the hub (it creates the hub's stream, sourcing the region), an edge
+    // on the region's leaf. Merchants live in the hub.
+    let (warehouse, edge_dir) = (root.join("warehouse"), root.join("edge"));
+    let wh = warehouse.to_str().expect("utf8");
+    let _ingest = spawn(
+        root,
+        "ingest",
+        &[
+            "ingest",
+            "--nats-url",
+            &hub_url,
+            "--data-dir",
+            wh,
+            "--source-domain",
+            &region.domain,
+            "--stream-replicas",
+            "3",
+            "--ingest-max-wait-ms",
+            "200",
+        ],
+    );
+    let _edge = spawn(
+        root,
+        "edge",
+        &[
+            "edge",
+            "--nats-url",
+            &leaf_url,
+            "--hub-domain",
+            HUB_DOMAIN,
+            "--data-dir",
+            edge_dir.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let endpoints = wait_for(Duration::from_secs(60), "edge endpoints", || {
+        Endpoints::read(&edge_dir).ok()
+    });
+    let created: Value = serde_json::from_str(&cli_in(
+        root,
+        Some(&hub_url),
+        &["merchant", "create", "topo", "--format", "json"],
+    ))
+    .expect("merchant json");
+    let key = created["write_key"].as_str().expect("key").to_string();
+    let edge_status = wait_for(Duration::from_secs(30), "edge metrics address", || {
+        log_of(root, "edge").lines().find_map(|l| {
+            l.split("metrics and health: ")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        })
+    });
+
+    let events = beacon::demo::generate(
+        7,
+        "topo.example",
+        6_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        200,
+    );
+    let count = |q: &str| common::first_int(&sql_in(&warehouse, q));
+    // The edge learns of the new merchant from the hub: its first batches may be refused.
+    let client = wait_for(
+        Duration::from_secs(30),
+        "merchant known at the edge",
+        || {
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                rt.block_on(async {
+                    let c = client_for(&endpoints, &key).await.ok()?;
+                    c.send(&events[..1]).await.ok()?;
+                    Some(c)
+                })
+            })
+        },
+    );
+    let mut acked: HashSet<String> = HashSet::from([events[0].event_id.clone()]);
+    // Before the outage: through the hub into the warehouse.
+    let (before, rest) = events[1..].split_at(1_999);
+    for batch in before.chunks(100) {
+        send(&client, batch).await;
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+    }
+    wait_for(Duration::from_secs(60), "first events stored", || {
+        (count("SELECT count(*) FROM raw_events") == 2_000).then_some(())
+    });
+
+    // The whole hub killed: the region's edge keeps acknowledging (the leaf stores) and
+    // stays ready.
+    for node in &hub {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(node.pid() as i32, libc::SIGKILL) };
+    }
+    hub.clear();
+    // Load through the outage: a batch of 100 every 50 ms (2,000 events a second) for
+    // OUTAGE; the longest wait for an acknowledgement is the collection gap.
+    let outage = Instant::now();
+    let (during, after) = rest.split_at(2_000);
+    let mut during: Vec<beacon_proto::Event> = during.to_vec();
+    let mut extra = beacon::demo::generate(
+        8,
+        "topo.example",
+        40_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        200,
+    )
+    .into_iter();
+    let (mut sent_during, mut gap) = (0, Duration::ZERO);
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    while sent_during < 2_000 || outage.elapsed() < OUTAGE {
+        pace.tick().await;
+        let batch: Vec<beacon_proto::Event> = if sent_during < 2_000 {
+            during.drain(..100).collect()
+        } else {
+            extra.by_ref().take(100).collect()
+        };
+        if batch.is_empty() {
+            break; // bounded: at most 2,000 + 40,000 events during the outage
+        }
+        let asked = Instant::now();
+        send(&client, &batch).await;
+        gap = gap.max(asked.elapsed());
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+        sent_during += batch.len();
+    }
+    let collected_in = outage.elapsed();
+    let (status, ready) = http(&edge_status, "GET", "/readyz", None, b"");
+    assert_eq!(status, 200, "the edge stays ready without its hub: {ready}");
+    assert_eq!(
+        count("SELECT count(*) FROM raw_events"),
+        2_000,
+        "nothing reaches the warehouse while the hub is down"
+    );
+
+    // The hub back on the same stores: the leaf's backlog moves to the hub, ingest resumes.
+    let restarted = Instant::now();
+    hub = start_hub(&t);
+    for batch in after.chunks(100) {
+        send(&client, batch).await;
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+    }
+    let total = acked.len();
+    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    let drained_in = restarted.elapsed();
+    eprintln!(
+        "hub outage: {total} sent, {} acknowledged, {} stored, 0 lost, 0 duplicated; {sent_during} \
+         acknowledged during the {:.1} s outage (longest wait for an acknowledgement {:.3} s); \
+         all stored {:.1} s after the hub restarted",
+        acked.len(),
+        stored,
+        collected_in.as_secs_f64(),
+        gap.as_secs_f64(),
+        drained_in.as_secs_f64()
+    );
+
+    // The whole hub killed and started again at once (a crash loop, not an outage): nothing
+    // acknowledged is lost, and ingest does not hang on a pull the restart swallowed.
+    for node in &hub {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(node.pid() as i32, libc::SIGKILL) };
+    }
+    hub.clear();
+    hub = start_hub(&t);
+    let more = beacon::demo::generate(
+        9,
+        "topo.example",
+        2_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        200,
+    );
+    for batch in more.chunks(100) {
+        send(&client, batch).await;
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+    }
+    let again = Instant::now();
+    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    eprintln!(
+        "hub killed and restarted at once: {} acknowledged in all, {stored} stored, all {:.1} s after the last send",
+        acked.len(),
+        again.elapsed().as_secs_f64()
+    );
+
+    // The hub's stream: three replicas, its events only from the region's source.
+    let js = async_nats::jetstream::new(
+        async_nats::connect(beacon_proto::bus::servers(&hub_url))
+            .await
+            .expect("hub"),
+    );
+    let mut stream = js
+        .get_stream(beacon_proto::bus::EVENTS_STREAM)
+        .await
+        .expect("hub stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.config.num_replicas, 3);
+    assert!(
+        info.config.subjects.is_empty(),
+        "{:?}",
+        info.config.subjects
+    );
+    assert_eq!(info.sources.len(), 1, "{:?}", info.sources);
+    assert_eq!(
+        info.cluster.as_ref().map(|c| c.replicas.len()),
+        Some(2),
+        "a leader and two replicas: {:?}",
+        info.cluster
+    );
+    drop(hub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-harness-")
+        .tempdir()
+        .expect("tempdir");
+    let nats_dir = dir.path().join("nats");
+    let nats = nats_dir.to_str().expect("utf8");
+    cli_in(
+        dir.path(),
+        None,
+        &[
+            "topology",
+            "generate",
+            "--dir",
+            nats,
+            "--hub-nodes",
+            "3",
+            "--region",
+            "eu",
+            "--region",
+            "us",
+        ],
+    );
+    let t = Topology::read(&nats_dir.canonicalize().expect("dir")).expect("topology.json");
+    let out = dir.path().join("harness.out");
+    let mut harness = common::KillOnDrop(
+        Command::new(beacon_bin())
+            .args(["topology", "up", "--dir", nats])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("out"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("harness"),
+    );
+    wait_for(
+        Duration::from_secs(120),
+        "the harness says it is up",
+        || {
+            std::fs::read_to_string(&out)
+                .ok()
+                .filter(|o| o.contains("topology is up (5 servers)"))
+        },
+    );
+    wait_jetstream(&t.hub_url(), None).await;
+    for region in ["eu", "us"] {
+        let leaf = t.leaf_url(region).expect("leaf");
+        // Each leaf has its own JetStream and reaches the hub's.
+        wait_jetstream(&leaf, None).await;
+        wait_jetstream(&leaf, Some(HUB_DOMAIN)).await;
+    }
+    common::sigterm(&harness);
+    let status = harness.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    for port in t
+        .hub
+        .iter()
+        .map(|n| n.client_port)
+        .chain(t.regions.iter().map(|r| r.client_port))
+    {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still served after the harness stopped"
+        );
+    }
+}
