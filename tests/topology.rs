@@ -3,7 +3,8 @@
 //! JetStream domain, from the configurations `beacon topology generate` writes. The edge
 //! makes events durable in its leaf; the hub's stream sources the leaf's; ingest reads the
 //! hub. The whole hub is killed with -9 under load: the region keeps acknowledging, and once
-//! the hub is back every acknowledged event is stored exactly once.
+//! the hub is back every acknowledged event is stored exactly once; then the whole hub at
+//! once again, then one node at a time, each under load.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -185,6 +186,20 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
             .expect("leaf");
     wait_jetstream(&hub_url, None).await;
     wait_jetstream(&leaf_url, Some(HUB_DOMAIN)).await;
+    // Every bucket replicated before the roles start.
+    let provisioned = cli_in(
+        root,
+        None,
+        &[
+            "topology",
+            "provision",
+            "--nats-url",
+            &hub_url,
+            "--replicas",
+            "3",
+        ],
+    );
+    assert!(provisioned.contains("beacon_merchants"), "{provisioned}");
 
     // The roles: ingest on the hub (it creates the hub's stream, sourcing the region), an edge
     // on the region's leaf. Merchants live in the hub.
@@ -370,6 +385,40 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         "hub killed and restarted at once: {} acknowledged in all, {stored} stored, all {:.1} s after the last send",
         acked.len(),
         again.elapsed().as_secs_f64()
+    );
+
+    // One hub node after another killed under load and started again: the other two keep
+    // the streams and buckets (replicas 3) and ingest goes on.
+    let mut longest = Duration::ZERO;
+    for (i, seed) in (0..t.hub.len()).zip(10..) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(hub[i].pid() as i32, libc::SIGKILL) };
+        let batch_events = beacon::demo::generate(
+            seed,
+            "topo.example",
+            2_000,
+            beacon_edge::now_ms() - 60_000,
+            60_000,
+            200,
+        );
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        for batch in batch_events.chunks(100) {
+            pace.tick().await;
+            send(&client, batch).await;
+            acked.extend(batch.iter().map(|e| e.event_id.clone()));
+        }
+        let sent = Instant::now();
+        stored_exactly_once(&warehouse, &hub_url, &acked).await;
+        longest = longest.max(sent.elapsed());
+        let n = &t.hub[i];
+        hub[i] = NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir)
+            .expect("hub node back");
+    }
+    eprintln!(
+        "hub nodes killed one at a time under load: {} acknowledged in all, all stored; \
+         at most {:.1} s from a node's last batch to all of it in the warehouse",
+        acked.len(),
+        longest.as_secs_f64()
     );
 
     // The hub's stream: three replicas, its events only from the region's source.

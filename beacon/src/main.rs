@@ -659,6 +659,15 @@ enum TopologyCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Create every bucket and object store on the hub with `--replicas` (or raise theirs):
+    /// run once the hub is up, best before the roles first start.
+    Provision {
+        /// The hub (any node, or every node comma-separated).
+        #[arg(long, env = "BEACON_NATS_URL")]
+        nats_url: String,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1247,6 +1256,20 @@ async fn topology(command: TopologyCommand) -> Result<()> {
             print_topology(&t);
             Ok(())
         }
+        TopologyCommand::Provision { nats_url, replicas } => {
+            let client = async_nats::connect(beacon_proto::bus::servers(&nats_url))
+                .await
+                .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+            let changed =
+                beacon_proto::stores::provision(&async_nats::jetstream::new(client), replicas)
+                    .await?;
+            if changed.is_empty() {
+                println!("every bucket already has {replicas} replicas");
+            } else {
+                println!("{} now with {replicas} replicas", changed.join(", "));
+            }
+            Ok(())
+        }
         TopologyCommand::Up { dir } => {
             let t = Topology::read(&dir)?;
             // The hub first: the leaves link to it.
@@ -1299,7 +1322,8 @@ fn print_topology(t: &beacon::topology::Topology) {
         );
     }
     println!(
-        "  beacon ingest --nats-url {hub} --source-domain {} --stream-replicas {} --data-dir DIR",
+        "  beacon topology provision --nats-url {hub} --replicas {}\n  beacon ingest --nats-url {hub} --source-domain {} --stream-replicas {} --data-dir DIR",
+        t.hub.len().min(3),
         t.source_domains().join(","),
         t.hub.len().min(3)
     );

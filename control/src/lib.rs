@@ -72,35 +72,13 @@ impl Control {
     /// Opens (creating if needed) the buckets. `runtime` validates uploads and activations
     /// with the same sandbox the edges use.
     pub async fn open(js: jetstream::Context, runtime: Arc<Runtime>) -> Result<Self, ControlError> {
-        let pipelines = js
-            .create_key_value(kv::Config {
-                bucket: bus::PIPELINES_BUCKET.into(),
-                history: bus::PIPELINES_HISTORY,
-                ..Default::default()
-            })
+        use beacon_proto::stores::{open_kv, open_objects};
+        let pipelines = open_kv(&js, bus::PIPELINES_BUCKET).await.map_err(nats)?;
+        let versions = open_kv(&js, bus::PIPELINE_VERSIONS_BUCKET)
             .await
             .map_err(nats)?;
-        let versions = js
-            .create_key_value(kv::Config {
-                bucket: bus::PIPELINE_VERSIONS_BUCKET.into(),
-                history: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats)?;
-        let plugin_info = js
-            .create_key_value(kv::Config {
-                bucket: bus::PLUGIN_INFO_BUCKET.into(),
-                history: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats)?;
-        let objects = js
-            .create_object_store(object_store::Config {
-                bucket: bus::PLUGINS_OBJECT_STORE.into(),
-                ..Default::default()
-            })
+        let plugin_info = open_kv(&js, bus::PLUGIN_INFO_BUCKET).await.map_err(nats)?;
+        let objects = open_objects(&js, bus::PLUGINS_OBJECT_STORE)
             .await
             .map_err(nats)?;
         Ok(Self {

@@ -26,7 +26,7 @@ use crate::publish::Outcomes;
 
 /// KV bucket of daily salts, `YYYYMMDD` -> 32 random bytes. Entries expire after two days:
 /// once a day's salt is gone, that day's visitor ids can no longer be recomputed.
-pub const SALTS_BUCKET: &str = "beacon_salts";
+pub use beacon_proto::stores::SALTS_BUCKET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
@@ -103,13 +103,7 @@ impl Enricher {
         writes: Arc<Outcomes>,
     ) -> Result<Self, EnrichError> {
         let geo = geoip.map(GeoDb::open).transpose()?;
-        let salts = js
-            .create_key_value(kv::Config {
-                bucket: SALTS_BUCKET.into(),
-                max_age: std::time::Duration::from_secs(2 * 86_400),
-                history: 1,
-                ..Default::default()
-            })
+        let salts = beacon_proto::stores::open_kv(js, SALTS_BUCKET)
             .await
             .map_err(|e| EnrichError::Salt(e.to_string()))?;
         Ok(Self {

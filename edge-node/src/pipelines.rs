@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use async_nats::jetstream::{self, kv, object_store};
 use beacon_plugins::{Chain, Runtime};
 use beacon_proto::bus::{self, OnFailure, Pipeline, PipelineDef};
+use beacon_proto::stores;
 use beacon_proto::PluginRef;
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -255,19 +256,10 @@ impl Pipelines {
 pub async fn open_stores(
     js: &jetstream::Context,
 ) -> Result<(kv::Store, object_store::ObjectStore), PipelineError> {
-    let kv = js
-        .create_key_value(kv::Config {
-            bucket: bus::PIPELINES_BUCKET.into(),
-            history: bus::PIPELINES_HISTORY,
-            ..Default::default()
-        })
+    let kv = stores::open_kv(js, bus::PIPELINES_BUCKET)
         .await
         .map_err(nats)?;
-    let objects = js
-        .create_object_store(object_store::Config {
-            bucket: bus::PLUGINS_OBJECT_STORE.into(),
-            ..Default::default()
-        })
+    let objects = stores::open_objects(js, bus::PLUGINS_OBJECT_STORE)
         .await
         .map_err(nats)?;
     Ok((kv, objects))

@@ -261,13 +261,7 @@ impl Registry {
 pub async fn open_bucket(
     js: &async_nats::jetstream::Context,
 ) -> Result<kv::Store, async_nats::Error> {
-    Ok(js
-        .create_key_value(kv::Config {
-            bucket: beacon_proto::bus::MERCHANTS_BUCKET.into(),
-            history: 8,
-            ..Default::default()
-        })
-        .await?)
+    Ok(beacon_proto::stores::open_kv(js, beacon_proto::bus::MERCHANTS_BUCKET).await?)
 }
 
 /// Registers a merchant, its write key and its tracker identities (used by `beacon

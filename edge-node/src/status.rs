@@ -23,19 +23,12 @@ pub struct Me {
 }
 
 /// Entries older than this are gone: an edge that stops refreshing is considered dead.
-pub const TTL: Duration = Duration::from_secs(15);
+pub const TTL: Duration = beacon_proto::stores::EDGE_STATUS_TTL;
 const REFRESH: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 
 pub async fn open_bucket(js: &jetstream::Context) -> Result<kv::Store, async_nats::Error> {
-    Ok(js
-        .create_key_value(kv::Config {
-            bucket: bus::EDGES_BUCKET.into(),
-            max_age: TTL,
-            history: 1,
-            ..Default::default()
-        })
-        .await?)
+    Ok(beacon_proto::stores::open_kv(js, bus::EDGES_BUCKET).await?)
 }
 
 /// Publishes this edge's status on every pipeline change (checked every 100 ms) and at least

@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod envelope;
 pub mod event;
+#[cfg(feature = "nats")]
+pub mod stores;
 pub mod wire;
 
 pub use envelope::{

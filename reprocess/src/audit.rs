@@ -111,12 +111,7 @@ pub struct Jobs {
 
 impl Jobs {
     pub async fn open(js: &jetstream::Context) -> Result<Self, ReprocessError> {
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: JOBS_BUCKET.into(),
-                history: 8,
-                ..Default::default()
-            })
+        let kv = beacon_proto::stores::open_kv(js, JOBS_BUCKET)
             .await
             .map_err(nats)?;
         Ok(Self { kv })
