@@ -74,6 +74,21 @@ if ! "$VENV/bin/python" -c "import selenium" 2>/dev/null; then
   say "installing Selenium (the dashboard test's browser driver)"
   "$VENV/bin/pip" install -q "selenium==4.27.1"
 fi
+# What checks the deployment files in deploy/ (tests/deploy.rs): Kubernetes API schemas
+# (PyPI) and systemd's unit verifier (Debian's systemd).
+if ! [ -x "$VENV/bin/kubernetes-validate" ]; then
+  say "installing kubernetes-validate (checks deploy/kubernetes)"
+  "$VENV/bin/pip" install -q "kubernetes-validate==1.37.0"
+fi
+if ! command -v systemd-analyze >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing systemd-analyze (systemd; checks deploy/systemd)"
+    apt-get install -y -q --no-install-recommends systemd >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends systemd >/dev/null; }
+  else
+    echo "systemd-analyze is missing: install Debian's systemd" >&2
+    exit 1
+  fi
+fi
 fi
 
 say "building example plugins (wasm32-wasip2)"
