@@ -436,7 +436,7 @@
     const note = el('p', {},
       el('strong', { text: `Canary v${canary.version} is running` }),
       ` for ${canary.percent}% of visitors${canary.plugins.length ? ` (plugins: ${canary.plugins.join(' → ')})` : ''}. `,
-      'Figures of this period by the pipeline version that processed the events:');
+      'Figures of this period by the pipeline version that processed the events (a visit counts for its first event\'s version):');
     box.dataset.state = 'loading';
     try {
       const r = await query({ metrics: SPLIT.map(([m]) => m), date_range: period(), dimensions: ['event:pipeline_version'] });
