@@ -39,6 +39,17 @@ fn log_of(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
 }
 
+/// Where role `name` (started by [`spawn`] in `dir`) serves `/metrics` and `/readyz`.
+fn status_url(dir: &Path, name: &str) -> String {
+    wait_for(Duration::from_secs(30), "metrics address", || {
+        log_of(dir, name).lines().find_map(|l| {
+            l.split("metrics and health: ")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        })
+    })
+}
+
 /// Prints the roles' and servers' last log lines when the test fails (CI output is all
 /// there is).
 struct LogsOnPanic(std::path::PathBuf);
@@ -271,13 +282,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
     ))
     .expect("merchant json");
     let key = created["write_key"].as_str().expect("key").to_string();
-    let edge_status = wait_for(Duration::from_secs(30), "edge metrics address", || {
-        log_of(root, "edge").lines().find_map(|l| {
-            l.split("metrics and health: ")
-                .nth(1)
-                .map(|a| a.trim().to_string())
-        })
-    });
+    let edge_status = status_url(root, "edge");
 
     let events = beacon::demo::generate(
         7,
@@ -444,6 +449,15 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         acked.len(),
         longest.as_secs_f64()
     );
+
+    // Ingest reports how the hub's source is doing.
+    let ingest_status = status_url(root, "ingest");
+    wait_for(Duration::from_secs(30), "source metrics", || {
+        let text = http(&ingest_status, "GET", "/metrics", None, b"").1;
+        (common::metric(&text, "beacon_ingest_sources_lag ") == 0.0
+            && text.contains("beacon_ingest_sources_inactive "))
+        .then_some(())
+    });
 
     // The hub's stream: three replicas, its events only from the region's source.
     let js = async_nats::jetstream::new(

@@ -167,6 +167,16 @@ async fn consumer_backlog(js: &jetstream::Context) -> Result<u64, String> {
         .get_stream(bus::EVENTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
+    // On a hub: how its sources (the regions' leaf streams) are doing. A source that stays
+    // inactive after a link or leaf restart holds events back without a lag to show for it
+    // (docs/RELIABILITY.md).
+    let sources = &stream.cached_info().sources;
+    if !sources.is_empty() {
+        let inactive = sources.iter().filter(|s| s.active.is_none()).count();
+        metrics::gauge!("beacon_ingest_sources_inactive").set(inactive as f64);
+        let lag: u64 = sources.iter().map(|s| s.lag).sum();
+        metrics::gauge!("beacon_ingest_sources_lag").set(lag as f64);
+    }
     let info = stream
         .consumer_info(bus::INGEST_CONSUMER)
         .await
