@@ -35,6 +35,60 @@ fn spawn(dir: &Path, name: &'static str, args: &[&str]) -> Role {
     Role { name, child }
 }
 
+/// Ingest on the hub of `t`, its stream sourcing every region (replicas 3), into `warehouse`.
+fn spawn_ingest(root: &Path, t: &Topology, warehouse: &Path) -> Role {
+    let sources = t.source_domains().join(",");
+    spawn(
+        root,
+        "ingest",
+        &[
+            "ingest",
+            "--nats-url",
+            &t.hub_url(),
+            "--data-dir",
+            warehouse.to_str().expect("utf8"),
+            "--source-domain",
+            &sources,
+            "--stream-replicas",
+            "3",
+            "--ingest-max-wait-ms",
+            "200",
+        ],
+    )
+}
+
+/// An edge named `name` on the leaf at `leaf_url`, listening on `listen`; it and the
+/// endpoints it wrote.
+fn spawn_edge(
+    root: &Path,
+    name: &'static str,
+    leaf_url: &str,
+    dir: &Path,
+    listen: &str,
+) -> (Role, Endpoints) {
+    let role = spawn(
+        root,
+        name,
+        &[
+            "edge",
+            "--nats-url",
+            leaf_url,
+            "--hub-domain",
+            HUB_DOMAIN,
+            "--edge-id",
+            name,
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--listen",
+            listen,
+        ],
+    );
+    let endpoints = wait_for(Duration::from_secs(60), "edge endpoints", || {
+        Endpoints::read(dir).ok()
+    });
+    (role, endpoints)
+}
+
 fn log_of(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
 }
@@ -92,16 +146,11 @@ fn generate(root: &Path, regions: &[&str]) -> Topology {
     Topology::read(&nats_dir.canonicalize().expect("dir")).expect("topology.json")
 }
 
-fn start_leaf(region: &beacon::topology::Region) -> NatsServer {
-    NatsServer::start_with_config(&region.config, region.client_port, &region.store_dir)
-        .expect("leaf")
-}
-
 /// The hub and the first region's leaf, JetStream answering in both, and every bucket at
 /// replicas 3 before the roles start.
 async fn start_servers(root: &Path, t: &Topology) -> (Vec<NatsServer>, NatsServer) {
     let hub = start_hub(t);
-    let leaf = start_leaf(&t.regions[0]);
+    let leaf = t.regions[0].start().expect("leaf");
     let hub_url = t.hub_url();
     wait_jetstream(&hub_url, None).await;
     let leaf_url = t.leaf_url(&t.regions[0].name).expect("leaf url");
@@ -123,59 +172,52 @@ async fn start_servers(root: &Path, t: &Topology) -> (Vec<NatsServer>, NatsServe
 }
 
 fn start_hub(t: &Topology) -> Vec<NatsServer> {
-    t.hub
-        .iter()
-        .map(|n| {
-            NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir).expect("hub node")
-        })
-        .collect()
+    t.hub.iter().map(|n| n.start().expect("hub node")).collect()
 }
 
 /// Until JetStream answers in `domain` (the hub's) through `url`: a hub with a leader, or a
 /// leaf linked to it.
 async fn wait_jetstream(url: &str, domain: Option<&str>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(client) = async_nats::connect(beacon_proto::bus::servers(url)).await {
-            let js = match domain {
-                Some(d) => async_nats::jetstream::with_domain(client, d),
-                None => async_nats::jetstream::new(client),
-            };
-            if js.query_account().await.is_ok() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "JetStream at {url} ({domain:?})");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let answers = || async {
+        let client = async_nats::connect(beacon_proto::bus::servers(url))
+            .await
+            .ok()?;
+        let js = match domain {
+            Some(d) => async_nats::jetstream::with_domain(client, d),
+            None => async_nats::jetstream::new(client),
+        };
+        js.query_account().await.ok().map(|_| ())
+    };
+    wait_for(Duration::from_secs(60), "JetStream answers", || {
+        block_on(answers())
+    });
+}
+
+/// Runs `f` to completion from a synchronous [`wait_for`] predicate inside the test's
+/// runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(f))
 }
 
 /// Waits until the warehouse holds as many events as were acknowledged, then checks it
 /// holds exactly those, once each; how many.
 async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<String>) -> usize {
     let count = || common::first_int(&sql_in(warehouse, "SELECT count(*) FROM raw_events"));
-    let deadline = Instant::now() + Duration::from_secs(180);
     let mut report = Instant::now() + Duration::from_secs(10);
-    while count() < acked.len() as i64 {
-        assert!(
-            Instant::now() < deadline,
-            "backlog not drained: {} of {} stored; the hub: {}",
-            count(),
-            acked.len(),
-            hub_state(hub_url).await
-        );
+    wait_for(Duration::from_secs(180), "backlog drained", || {
+        let n = count();
         // A slow drain says where the events are (CI output is all there is).
-        if Instant::now() > report {
+        if n < acked.len() as i64 && Instant::now() > report {
             eprintln!(
-                "still draining: {} of {} stored; the hub: {}",
-                count(),
+                "still draining: {n} of {} stored; the hub: {}",
                 acked.len(),
-                hub_state(hub_url).await
+                block_on(hub_state(hub_url))
             );
             report = Instant::now() + Duration::from_secs(10);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        (n >= acked.len() as i64).then_some(())
+    });
     let stored: Vec<String> = sql_in(warehouse, "SELECT event_id FROM raw_events")
         .iter()
         .map(|r| r["event_id"].as_str().expect("id").to_string())
@@ -233,48 +275,13 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
     let _logs = LogsOnPanic(root.to_path_buf());
     let t = generate(root, &["eu"]);
     let (hub_url, leaf_url) = (t.hub_url(), t.leaf_url("eu").expect("eu leaf"));
-    let region = &t.regions[0];
     let (mut hub, _leaf) = start_servers(root, &t).await;
 
     // The roles: ingest on the hub (it creates the hub's stream, sourcing the region), an edge
     // on the region's leaf. Merchants live in the hub.
     let (warehouse, edge_dir) = (root.join("warehouse"), root.join("edge"));
-    let wh = warehouse.to_str().expect("utf8");
-    let _ingest = spawn(
-        root,
-        "ingest",
-        &[
-            "ingest",
-            "--nats-url",
-            &hub_url,
-            "--data-dir",
-            wh,
-            "--source-domain",
-            &region.domain,
-            "--stream-replicas",
-            "3",
-            "--ingest-max-wait-ms",
-            "200",
-        ],
-    );
-    let _edge = spawn(
-        root,
-        "edge",
-        &[
-            "edge",
-            "--nats-url",
-            &leaf_url,
-            "--hub-domain",
-            HUB_DOMAIN,
-            "--data-dir",
-            edge_dir.to_str().expect("utf8"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let endpoints = wait_for(Duration::from_secs(60), "edge endpoints", || {
-        Endpoints::read(&edge_dir).ok()
-    });
+    let _ingest = spawn_ingest(root, &t, &warehouse);
+    let (_edge, endpoints) = spawn_edge(root, "edge", &leaf_url, &edge_dir, "127.0.0.1:0");
     let created: Value = serde_json::from_str(&cli_in(
         root,
         Some(&hub_url),
@@ -298,13 +305,10 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         Duration::from_secs(30),
         "merchant known at the edge",
         || {
-            let rt = tokio::runtime::Handle::current();
-            tokio::task::block_in_place(|| {
-                rt.block_on(async {
-                    let c = client_for(&endpoints, &key).await.ok()?;
-                    c.send(&events[..1]).await.ok()?;
-                    Some(c)
-                })
+            block_on(async {
+                let c = client_for(&endpoints, &key).await.ok()?;
+                c.send(&events[..1]).await.ok()?;
+                Some(c)
             })
         },
     );
@@ -440,8 +444,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         stored_exactly_once(&warehouse, &hub_url, &acked).await;
         longest = longest.max(sent.elapsed());
         let n = &t.hub[i];
-        hub[i] = NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir)
-            .expect("hub node back");
+        hub[i] = n.start().expect("hub node back");
     }
     eprintln!(
         "hub nodes killed one at a time under load: {} acknowledged in all, all stored; \
@@ -545,18 +548,11 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// SIGTERM, then waits for the process to exit (a drain, not a kill).
+/// SIGTERM, and the process drains and exits cleanly (not killed after the grace period).
 fn stop_gracefully(role: &mut Role) {
-    common::sigterm(&role.child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while matches!(role.child.try_wait(), Ok(None)) {
-        assert!(Instant::now() < deadline, "{} did not drain", role.name);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn stop_server(server: NatsServer) {
-    server.stop();
+    role.terminate();
+    let status = role.child.wait().expect("wait");
+    assert!(status.success(), "{} did not drain: {status:?}", role.name);
 }
 
 // Not in the default run: after the leaf restarts, nats-server 2.15.1's sourcing of the
@@ -578,20 +574,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
     let (mut hub, first_leaf) = start_servers(root, &t).await;
     let mut leaf = Some(first_leaf);
     let warehouse = root.join("warehouse");
-    let ingest_args = [
-        "ingest",
-        "--nats-url",
-        &hub_url,
-        "--data-dir",
-        warehouse.to_str().expect("utf8"),
-        "--source-domain",
-        &region.domain,
-        "--stream-replicas",
-        "3",
-        "--ingest-max-wait-ms",
-        "200",
-    ];
-    let mut ingest = spawn(root, "ingest", &ingest_args);
+    let mut ingest = spawn_ingest(root, &t, &warehouse);
     // Two edges on the region's leaf, each on a fixed port so a restarted one is found again.
     let edges: Vec<(&'static str, PathBuf, u16)> = vec![
         ("edge-a", root.join("edge-a"), free_udp_port()),
@@ -599,28 +582,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
     ];
     let start_edge = |(name, dir, port): &(&'static str, PathBuf, u16)| {
         let _ = std::fs::remove_file(Endpoints::path(dir));
-        let listen = format!("127.0.0.1:{port}");
-        let role = spawn(
-            root,
-            name,
-            &[
-                "edge",
-                "--nats-url",
-                &leaf_url,
-                "--hub-domain",
-                HUB_DOMAIN,
-                "--edge-id",
-                name,
-                "--data-dir",
-                dir.to_str().expect("utf8"),
-                "--listen",
-                &listen,
-            ],
-        );
-        let endpoints = wait_for(Duration::from_secs(60), "edge endpoints", || {
-            Endpoints::read(dir).ok()
-        });
-        (role, endpoints)
+        spawn_edge(root, name, &leaf_url, dir, &format!("127.0.0.1:{port}"))
     };
     let mut running: Vec<(Role, Endpoints)> = edges.iter().map(start_edge).collect();
     let created: Value = serde_json::from_str(&cli_in(
@@ -646,11 +608,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
     wait_for(
         Duration::from_secs(30),
         "merchant known at the edges",
-        || {
-            let rt = tokio::runtime::Handle::current();
-            let c = client.clone();
-            tokio::task::block_in_place(|| rt.block_on(c.send(&probe)).ok())
-        },
+        || block_on(client.send(&probe)).ok(),
     );
 
     // Load: a batch of 100 every 50 ms, each retried under its own id until acknowledged
@@ -718,18 +676,15 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
         running[i] = start_edge(&edges[i]);
         step(edges[i].0);
     }
-    stop_server(leaf.take().expect("leaf"));
-    leaf = Some(start_leaf(&region));
+    leaf.take().expect("leaf").stop();
+    leaf = Some(region.start().expect("leaf"));
     step("leaf");
     let mut restarted = Vec::new();
     for (n, server) in t.hub.iter().zip(hub.drain(..)) {
         // The node stops (SIGTERM) before its successor starts on its store, and the next
         // waits until this one has caught up (nats-server's own health check).
-        stop_server(server);
-        restarted.push(
-            NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir)
-                .expect("hub node"),
-        );
+        server.stop();
+        restarted.push(n.start().expect("hub node"));
         let monitor = format!("127.0.0.1:{}", n.monitor_port);
         wait_for(Duration::from_secs(60), "hub node caught up", || {
             (http(&monitor, "GET", "/healthz", None, b"").0 == 200).then_some(())
@@ -738,7 +693,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
     }
     hub = restarted;
     stop_gracefully(&mut ingest);
-    ingest = spawn(root, "ingest", &ingest_args);
+    ingest = spawn_ingest(root, &t, &warehouse);
     step("ingest");
     let restarts = began.elapsed();
     let _ = stop_tx.send(true);

@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use beacon::nats::NatsServer;
 use beacon::topology::{Topology, HUB_DOMAIN};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -71,17 +70,8 @@ async fn run(sync: &str, messages: usize, payload: &bytes::Bytes) -> (f64, f64) 
     let dir = tempfile::tempdir().expect("dir");
     let t = Topology::plan(dir.path(), 3, &["eu".into()], sync).expect("plan");
     t.write(dir.path()).expect("write");
-    let mut servers = Vec::new();
-    for n in &t.hub {
-        servers.push(
-            NatsServer::start_with_config(&n.config, n.client_port, &n.store_dir).expect("hub"),
-        );
-    }
-    let leaf = &t.regions[0];
-    servers.push(
-        NatsServer::start_with_config(&leaf.config, leaf.client_port, &leaf.store_dir)
-            .expect("leaf"),
-    );
+    let mut servers: Vec<_> = t.hub.iter().map(|n| n.start().expect("hub")).collect();
+    servers.push(t.regions[0].start().expect("leaf"));
     let hub_client = async_nats::connect(beacon_proto::bus::servers(&t.hub_url()))
         .await
         .expect("hub");

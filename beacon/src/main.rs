@@ -1273,27 +1273,13 @@ async fn topology(command: TopologyCommand) -> Result<()> {
         TopologyCommand::Up { dir } => {
             let t = Topology::read(&dir)?;
             // The hub first: the leaves link to it.
-            let nodes = t
-                .hub
-                .iter()
-                .map(|n| {
-                    (
-                        &n.config,
-                        n.client_port,
-                        &n.store_dir,
-                        format!("hub node {}", n.name),
-                    )
-                })
-                .chain(t.regions.iter().map(|r| {
-                    let what = format!("the leaf of region {}", r.name);
-                    (&r.config, r.client_port, &r.store_dir, what)
-                }));
             let mut servers = Vec::new();
-            for (config, port, dir, what) in nodes {
-                servers.push(
-                    beacon::nats::NatsServer::start_with_config(config, port, dir)
-                        .with_context(|| what)?,
-                );
+            for n in &t.hub {
+                servers.push(n.start().with_context(|| format!("hub node {}", n.name))?);
+            }
+            for r in &t.regions {
+                let leaf = r.start();
+                servers.push(leaf.with_context(|| format!("the leaf of region {}", r.name))?);
             }
             println!(
                 "topology is up ({} servers); Ctrl-C stops them",

@@ -24,7 +24,23 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 pub use beacon_proto::bus::HUB_DOMAIN;
+
+use crate::nats::{NatsError, NatsServer};
 use serde::{Deserialize, Serialize};
+
+impl HubNode {
+    /// Starts this node's nats-server from its configuration (tests, the harness).
+    pub fn start(&self) -> Result<NatsServer, NatsError> {
+        NatsServer::start_with_config(&self.config, self.client_port, &self.store_dir)
+    }
+}
+
+impl Region {
+    /// Starts this region's leaf nats-server from its configuration.
+    pub fn start(&self) -> Result<NatsServer, NatsError> {
+        NatsServer::start_with_config(&self.config, self.client_port, &self.store_dir)
+    }
+}
 
 /// The file in a topology directory that describes it (written by [`Topology::write`]).
 pub const TOPOLOGY_FILE: &str = "topology.json";

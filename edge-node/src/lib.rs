@@ -145,19 +145,22 @@ impl Edge {
         // events too, unless they go to the hub, whose outage the leaf is there to ride out.
         let status_puts = Arc::new(publish::Outcomes::default());
         let probe = {
-            let (js, publishes) = (js.clone(), publisher.outcomes());
-            let puts = cfg.hub_domain.is_none().then(|| status_puts.clone());
+            let js = js.clone();
+            let mut watched = vec![publisher.outcomes()];
+            if cfg.hub_domain.is_none() {
+                watched.push(status_puts.clone());
+            }
+            let watched: Arc<[Arc<publish::Outcomes>]> = watched.into();
             health.probe(
                 "bus",
                 Duration::from_secs(1),
                 Duration::from_secs(2),
                 move || {
-                    let (js, publishes, puts) = (js.clone(), publishes.clone(), puts.clone());
+                    let (js, watched) = (js.clone(), watched.clone());
                     async move {
-                        match &puts {
-                            Some(puts) => publish::probe(&js, &[&publishes, puts]).await,
-                            None => publish::probe(&js, &[&publishes]).await,
-                        }
+                        let writes: Vec<&publish::Outcomes> =
+                            watched.iter().map(|o| o.as_ref()).collect();
+                        publish::probe(&js, &writes).await
                     }
                 },
             )
@@ -192,8 +195,6 @@ impl Edge {
         );
         processor.default_limits = cfg.default_limits;
         processor.budget = process::Budget::new(cfg.in_flight_memory);
-        metrics::gauge!("beacon_edge_in_flight_budget_bytes")
-            .set(processor.budget.total_bytes() as f64);
         let processor = Arc::new(processor);
         let locator = locate::Locator::new(status_bucket.clone());
 

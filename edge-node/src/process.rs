@@ -73,6 +73,7 @@ pub struct Processor {
     pipelines: Pipelines,
     publisher: Publisher,
     active: AtomicUsize,
+    active_gauge: metrics::Gauge,
     pub enricher: Arc<Enricher>,
     registry: Registry,
     limiter: RateLimiter,
@@ -89,6 +90,15 @@ pub struct Processor {
 pub struct Budget {
     sem: Arc<Semaphore>,
     total_kib: usize,
+    /// Registered once: a batch only bumps them.
+    gauges: InFlightGauges,
+}
+
+/// `beacon_edge_in_flight_bytes` and `beacon_edge_in_flight_reserved_bytes`.
+#[derive(Clone)]
+struct InFlightGauges {
+    bytes: metrics::Gauge,
+    reserved: metrics::Gauge,
 }
 
 impl Budget {
@@ -96,9 +106,14 @@ impl Budget {
 
     pub fn new(bytes: usize) -> Self {
         let total_kib = (bytes >> 10).clamp(1, u32::MAX as usize);
+        metrics::gauge!("beacon_edge_in_flight_budget_bytes").set((total_kib << 10) as f64);
         Self {
             sem: Arc::new(Semaphore::new(total_kib)),
             total_kib,
+            gauges: InFlightGauges {
+                bytes: metrics::gauge!("beacon_edge_in_flight_bytes"),
+                reserved: metrics::gauge!("beacon_edge_in_flight_reserved_bytes"),
+            },
         }
     }
 
@@ -115,7 +130,7 @@ impl Budget {
             .acquire_many_owned(self.kib(request_len))
             .await
             .ok()?;
-        Some(Reservation::new(permit, request_len))
+        Some(Reservation::new(permit, request_len, &self.gauges))
     }
 
     /// Room for a request now, or `None` when the edge is full.
@@ -125,12 +140,7 @@ impl Budget {
             .clone()
             .try_acquire_many_owned(self.kib(request_len))
             .ok()?;
-        Some(Reservation::new(permit, request_len))
-    }
-
-    /// The budget in bytes.
-    pub fn total_bytes(&self) -> usize {
-        self.total_kib << 10
+        Some(Reservation::new(permit, request_len, &self.gauges))
     }
 }
 
@@ -140,24 +150,32 @@ impl Budget {
 pub struct Reservation {
     permit: tokio::sync::OwnedSemaphorePermit,
     request_len: usize,
+    gauges: InFlightGauges,
 }
 
 impl Reservation {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, request_len: usize) -> Self {
-        metrics::gauge!("beacon_edge_in_flight_bytes").increment(request_len as f64);
-        metrics::gauge!("beacon_edge_in_flight_reserved_bytes")
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        request_len: usize,
+        gauges: &InFlightGauges,
+    ) -> Self {
+        gauges.bytes.increment(request_len as f64);
+        gauges
+            .reserved
             .increment((permit.num_permits() << 10) as f64);
         Self {
             permit,
             request_len,
+            gauges: gauges.clone(),
         }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        metrics::gauge!("beacon_edge_in_flight_bytes").decrement(self.request_len as f64);
-        metrics::gauge!("beacon_edge_in_flight_reserved_bytes")
+        self.gauges.bytes.decrement(self.request_len as f64);
+        self.gauges
+            .reserved
             .decrement((self.permit.num_permits() << 10) as f64);
     }
 }
@@ -214,20 +232,21 @@ pub fn count_events(
 }
 
 /// Counts a batch as in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// (`beacon_edge_in_flight_batches` follows the count; its handle is registered once.)
+struct InFlight<'a>(&'a AtomicUsize, &'a metrics::Gauge);
 
 impl<'a> InFlight<'a> {
-    fn new(c: &'a AtomicUsize) -> Self {
+    fn new(c: &'a AtomicUsize, gauge: &'a metrics::Gauge) -> Self {
         c.fetch_add(1, Ordering::SeqCst);
-        metrics::gauge!("beacon_edge_in_flight_batches").increment(1.0);
-        Self(c)
+        gauge.increment(1.0);
+        Self(c, gauge)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-        metrics::gauge!("beacon_edge_in_flight_batches").decrement(1.0);
+        self.1.decrement(1.0);
     }
 }
 
@@ -252,6 +271,7 @@ impl Processor {
             pipelines,
             publisher,
             active: AtomicUsize::new(0),
+            active_gauge: metrics::gauge!("beacon_edge_in_flight_batches"),
             enricher,
             registry,
             limiter: RateLimiter::default(),
@@ -342,7 +362,7 @@ impl Processor {
         ctx: &ClientCtx,
         events_in: &mut usize,
     ) -> Result<BatchResponse, ProcessError> {
-        let _in_flight = InFlight::new(&self.active);
+        let _in_flight = InFlight::new(&self.active, &self.active_gauge);
         self.precheck(merchant_id)?;
         let now = crate::now_ms();
         let batch_id = self.batch_id(merchant_id, client_batch_id);
@@ -462,7 +482,7 @@ impl Processor {
         events: Vec<Event>,
         client_batch_id: Option<&str>,
     ) -> Result<BatchResponse, ProcessError> {
-        let _in_flight = InFlight::new(&self.active);
+        let _in_flight = InFlight::new(&self.active, &self.active_gauge);
         let batch_id = self.batch_id(merchant_id, client_batch_id);
         if events.len() > self.max_batch_events {
             return Err(ProcessError::TooManyEvents {
