@@ -35,7 +35,10 @@ fn spawn(dir: &Path, name: &'static str, args: &[&str]) -> Role {
     Role { name, child }
 }
 
-/// Ingest on the hub of `t`, its stream sourcing every region (replicas 3), into `warehouse`.
+const PARTITIONS: u32 = 2;
+
+/// Ingest on the hub of `t`, its stream sourcing every region (replicas 3) split in
+/// [`PARTITIONS`], into `warehouse`.
 fn spawn_ingest(root: &Path, t: &Topology, warehouse: &Path) -> Role {
     let sources = t.source_domains().join(",");
     spawn(
@@ -51,6 +54,10 @@ fn spawn_ingest(root: &Path, t: &Topology, warehouse: &Path) -> Role {
             &sources,
             "--stream-replicas",
             "3",
+            // Split as the hub copies events in (the sources' transforms); with one merchant
+            // per test, one partition idles and must not hold the others back.
+            "--partitions",
+            &PARTITIONS.to_string(),
             "--ingest-max-wait-ms",
             "200",
         ],
@@ -241,15 +248,27 @@ async fn hub_state(hub_url: &str) -> String {
         .info()
         .await
         .map(|i| format!("{:?} sources {:?}", i.state, i.sources));
-    let consumer = stream
-        .consumer_info(beacon_proto::bus::INGEST_CONSUMER)
-        .await
-        .map(|c| {
-            format!(
-                "pending {} ack pending {} delivered {:?} acked {:?}",
-                c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
-            )
-        });
+    let mut consumer = Vec::new();
+    for index in 0..PARTITIONS {
+        let partition = beacon_proto::bus::Partition {
+            index,
+            count: PARTITIONS,
+        };
+        consumer.push(
+            beacon_proto::stores::ingest_consumers(&stream, partition)
+                .await
+                .map(|cs| {
+                    cs.iter()
+                        .map(|c| {
+                            format!(
+                                "{}: pending {} ack pending {} delivered {:?} acked {:?}",
+                                c.name, c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                }),
+        );
+    }
     format!("stream {info:?}; consumer {consumer:?}")
 }
 
@@ -486,6 +505,19 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         "a leader and two replicas: {:?}",
         info.cluster
     );
+    // Split as it was copied in: every subject the hub stored is `beacon.events.<k>.<merchant>`.
+    let subjects: Vec<(String, usize)> =
+        futures::TryStreamExt::try_collect(stream.info_with_subjects(">").await.expect("subjects"))
+            .await
+            .expect("subjects");
+    assert!(!subjects.is_empty());
+    for (subject, _) in &subjects {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        assert!(
+            tokens.len() == 4 && tokens[2].parse::<u32>().is_ok_and(|k| k < PARTITIONS),
+            "{subject} is not a partition's subject"
+        );
+    }
     drop(hub);
 }
 

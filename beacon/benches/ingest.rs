@@ -47,15 +47,7 @@ fn decode(first: usize, chunk: &[Vec<u8>]) -> Vec<Received> {
 async fn beacon_path(payloads: &[Vec<u8>], per_commit: usize) -> (f64, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
-    let committed = [
-        TableKind::RawEvents,
-        TableKind::Events,
-        TableKind::FailedEvents,
-    ]
-    .into_iter()
-    .map(|k| (k, 0))
-    .collect();
-    let mut writer = beacon_ingest::Writer::new(wh.clone(), committed)
+    let mut writer = beacon_ingest::Writer::open(wh.clone(), beacon_proto::bus::Partition::WHOLE)
         .await
         .expect("writer");
     let started = Instant::now();

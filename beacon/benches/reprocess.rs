@@ -66,15 +66,7 @@ async fn main() {
     // Baseline: core-ingest writing the same events.
     let dir = tempfile::tempdir().expect("tempdir");
     let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
-    let committed = [
-        TableKind::RawEvents,
-        TableKind::Events,
-        TableKind::FailedEvents,
-    ]
-    .into_iter()
-    .map(|k| (k, 0))
-    .collect();
-    let mut writer = beacon_ingest::Writer::new(wh.clone(), committed)
+    let mut writer = beacon_ingest::Writer::open(wh.clone(), beacon_proto::bus::Partition::WHOLE)
         .await
         .expect("writer");
     let started = Instant::now();

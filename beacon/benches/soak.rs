@@ -163,19 +163,9 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
         .expect("tempdir");
     let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
     // core-ingest's own writer: the tables it commits, concurrently, with their watermarks.
-    let mut writer = beacon_ingest::Writer::new(
-        wh.clone(),
-        [
-            TableKind::RawEvents,
-            TableKind::Events,
-            TableKind::FailedEvents,
-        ]
-        .into_iter()
-        .map(|k| (k, 0))
-        .collect(),
-    )
-    .await
-    .expect("writer");
+    let mut writer = beacon_ingest::Writer::open(wh.clone(), beacon_proto::bus::Partition::WHOLE)
+        .await
+        .expect("writer");
     // Simulated time runs faster than the clock: retention is counted in commits (one per
     // simulated second) instead.
     let options = MaintainOptions {

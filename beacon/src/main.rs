@@ -633,6 +633,31 @@ struct HubArgs {
     /// Replicas of the hub's events stream (3 on a 3-node hub).
     #[arg(long, env = "BEACON_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// Split the events stream into this many partitions (by merchant), shared among all
+    /// running ingest processes; a dead process's partitions are taken over. Can only grow;
+    /// a process started with fewer follows what the tables record.
+    #[arg(long, env = "BEACON_INGEST_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    partitions: u32,
+    /// This process's name on the partition leases (default: unique per process). Give a
+    /// stable one (a StatefulSet pod's name) so a restarted process takes its partitions
+    /// back at once; never the same to two running processes.
+    #[arg(long, env = "BEACON_INGEST_ID", value_parser = ingest_id)]
+    ingest_id: Option<String>,
+}
+
+/// A lease name: a NATS KV key token.
+#[cfg(feature = "full")]
+fn ingest_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("1-128 characters of A-Z, a-z, 0-9, '-' and '_'".into())
+    }
 }
 
 #[derive(Subcommand)]
@@ -1375,9 +1400,11 @@ async fn run_ingest(
     health: beacon_serve::Health,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let _lock = beacon::lock::lock_role(&data_dir, "ingest")?;
+    // Shared: several ingest processes may write one warehouse (not while a backup copies it).
+    let _lock = beacon::lock::share_role(&data_dir, "ingest")?;
     tokio::spawn(beacon_ingest::sample_backlog(
         nats_url.clone(),
+        hub.partitions,
         shutdown.clone(),
     ));
     let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
@@ -1386,6 +1413,10 @@ async fn run_ingest(
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
     cfg.sources = hub.sources;
     cfg.stream_replicas = hub.stream_replicas;
+    cfg.partitions = hub.partitions;
+    if let Some(id) = hub.ingest_id {
+        cfg.owner = id;
+    }
     beacon_ingest::run_supervised(cfg, wh, health, shutdown).await;
     Ok(())
 }
@@ -1404,7 +1435,7 @@ async fn up(
     let data_dir = data_dir.canonicalize()?;
     tighten_data_dir(&data_dir)?;
     let _locks = (
-        beacon::lock::lock_role(&data_dir, "ingest")?,
+        beacon::lock::share_role(&data_dir, "ingest")?,
         beacon::lock::lock_role(&data_dir, "rollup")?,
     );
     Endpoints::remove(&data_dir);
@@ -1433,6 +1464,7 @@ async fn up(
     // Ingest's backlog is watched from the start, also while the warehouse cannot be opened.
     tokio::spawn(beacon_ingest::sample_backlog(
         nats_url.clone(),
+        1,
         stop_rx.clone(),
     ));
     // A warehouse that cannot be opened (a corrupt metadata file, a catalog being restored)
@@ -1617,6 +1649,9 @@ impl WarehouseRoles {
         let mut ingest_cfg = beacon_ingest::IngestConfig::new(self.nats_url.clone());
         ingest_cfg.max_batch = self.tuning.ingest_max_batch;
         ingest_cfg.max_wait = Duration::from_millis(self.tuning.ingest_max_wait_ms);
+        // The same name across restarts of this node: it takes its partition leases back at
+        // once instead of waiting for them to expire.
+        ingest_cfg.owner = "beacon-up".into();
         let ingest = tokio::spawn(beacon_ingest::run_supervised(
             ingest_cfg,
             wh.clone(),

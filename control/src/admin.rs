@@ -406,17 +406,36 @@ async fn ingest(State(c): State<Control>) -> ApiResult<serde_json::Value> {
             .map_err(|e| unavailable(&e))?;
     let info = stream.info().await.map_err(|e| unavailable(&e))?.clone();
     let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
-    let consumer = match stream.consumer_info(INGEST_CONSUMER).await {
-        Ok(ci) => serde_json::json!({
+    // Ingest reads the stream through a consumer per partition (one unless it is split):
+    // the backlog is their sum, and everything is committed up to the lowest ack floor.
+    let names: Result<Vec<String>, _> =
+        futures::TryStreamExt::try_collect(stream.consumer_names()).await;
+    let mut infos = Vec::new();
+    let mut error = names.as_ref().err().map(|e| e.to_string());
+    for name in names.unwrap_or_default() {
+        if !name.starts_with(INGEST_CONSUMER) {
+            continue;
+        }
+        match stream.consumer_info(&name).await {
+            Ok(ci) => infos.push(ci),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    let consumer = match (error, infos.is_empty()) {
+        (Some(e), _) => serde_json::json!({"name": INGEST_CONSUMER, "error": e}),
+        (None, true) => {
+            serde_json::json!({"name": INGEST_CONSUMER, "error": "ingest has not started"})
+        }
+        (None, false) => serde_json::json!({
             "name": INGEST_CONSUMER,
-            "pending": ci.num_pending,
-            "ack_pending": ci.num_ack_pending,
-            "delivered_sequence": ci.delivered.stream_sequence,
-            "acknowledged_sequence": ci.ack_floor.stream_sequence,
-            "last_acknowledged_at": ci.ack_floor.last_active.map(ms),
-            "waiting": ci.num_waiting,
+            "partitions": infos.len(),
+            "pending": infos.iter().map(|ci| ci.num_pending).sum::<u64>(),
+            "ack_pending": infos.iter().map(|ci| ci.num_ack_pending).sum::<usize>(),
+            "delivered_sequence": infos.iter().map(|ci| ci.delivered.stream_sequence).max(),
+            "acknowledged_sequence": infos.iter().map(|ci| ci.ack_floor.stream_sequence).min(),
+            "last_acknowledged_at": infos.iter().filter_map(|ci| ci.ack_floor.last_active).max().map(ms),
+            "waiting": infos.iter().map(|ci| ci.num_waiting).sum::<usize>(),
         }),
-        Err(e) => serde_json::json!({"name": INGEST_CONSUMER, "error": e.to_string()}),
     };
     Ok(Json(serde_json::json!({
         "stream": {

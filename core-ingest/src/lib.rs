@@ -1,25 +1,35 @@
 //! core-ingest: moves batch envelopes from JetStream into Iceberg, exactly once.
 //!
 //! The Iceberg tables, not the consumer, are the record of progress: every commit carries
-//! the last stream sequence it contains ([`beacon_warehouse::tables::SEQ_PROPERTY`]). On
-//! start, ingest reads those sequences and (re)creates its durable consumer to deliver from
-//! the lowest one + 1; each table then skips what it already holds. Messages are acked only
-//! after the commits. So a crash at any point - before, between or after the three table
-//! commits, or before the ack - neither loses nor duplicates a row. One ingest process per
-//! stream: concurrent writers to the same tables are not supported (see ARCHITECTURE.md).
+//! the last stream sequence it contains, per stream partition
+//! ([`beacon_warehouse::tables::partition_seq_property`]). A partition's worker reads those
+//! sequences and (re)creates the partition's durable consumer to deliver from the lowest
+//! one + 1; each table then skips what it already holds. Messages are acked only after the
+//! commits. So a crash at any point - before, between or after the three table commits, or
+//! before the ack - neither loses nor duplicates a row.
+//!
+//! Several ingest processes share the partitions ([`leases`]); every commit is a
+//! compare-and-swap that requires the partition's watermark it last saw, so two writers of
+//! one partition (a process that lost its lease without noticing) cannot both commit.
 
 pub mod convert;
 pub mod dimensions;
+mod leases;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
-use beacon_proto::{bus, Envelope};
-use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
+use beacon_proto::bus::{self, Partition};
+use beacon_proto::Envelope;
+use beacon_warehouse::replace::{Outcome, Rewrite};
+use beacon_warehouse::tables::{
+    self, arrow_schema, partition_seq_property, snapshot_property, PARTITIONS_PROPERTY,
+};
 use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
 use futures::StreamExt;
+use iceberg::spec::Operation;
 use tokio::sync::watch;
 
 use crate::convert::Received;
@@ -34,6 +44,15 @@ pub enum IngestError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("table writer task failed: {0}")]
     Task(String),
+    #[error("partition {partition}: {table} was committed by another writer (its watermark is {found}, this one's was {expected}); starting over from the table")]
+    Overtaken {
+        partition: u32,
+        table: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{0}")]
+    Config(String),
 }
 
 fn nats<E: std::fmt::Display>(e: E) -> IngestError {
@@ -57,6 +76,13 @@ pub struct IngestConfig {
     pub sources: Vec<String>,
     /// Replicas of that hub stream (3 on a 3-node hub).
     pub stream_replicas: usize,
+    /// How many partitions the stream is split into for ingest (at least what the tables
+    /// record: partitions can only grow). 1: no split.
+    pub partitions: u32,
+    /// This process's name on the partition leases: unique among running ingest
+    /// processes, and best the same across a restart (it then takes its partitions back
+    /// at once instead of after their leases expire).
+    pub owner: String,
 }
 
 impl IngestConfig {
@@ -68,8 +94,16 @@ impl IngestConfig {
             max_fetch_bytes: 16 << 20,
             sources: Vec::new(),
             stream_replicas: 1,
+            partitions: 1,
+            owner: default_owner(),
         }
     }
+}
+
+/// `ingest-<pid>-<random>`: unique per process.
+pub fn default_owner() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("ingest-{}-{}", std::process::id(), &random[..8])
 }
 
 /// How far a table's committed sequence may fall behind before an empty commit advances it.
@@ -131,7 +165,11 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// connection of its own, until `shutdown`: the commit loop updates it too, but not while it
 /// is stalled or not running (a warehouse that fails or cannot be opened), which is when
 /// the figure matters most. Run it beside ingest, started before the warehouse is opened.
-pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool>) {
+pub async fn sample_backlog(
+    nats_url: String,
+    partitions: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut js = None;
     loop {
         if js.is_none() {
@@ -145,11 +183,20 @@ pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool
             }
         }
         if let Some(js) = &js {
-            match consumer_backlog(js).await {
-                Ok(n) => metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::INGEST_CONSUMER)
-                    .set(n as f64),
-                // The consumer is re-created on every ingest start; the next sample finds it.
-                Err(e) => tracing::debug!(error = %e, "backlog sampler"),
+            for index in 0..partitions.max(1) {
+                let partition = Partition {
+                    index,
+                    count: partitions,
+                };
+                let consumer = bus::ingest_consumer(index);
+                match consumer_backlog(js, partition).await {
+                    Ok(n) => {
+                        metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => consumer)
+                            .set(n as f64)
+                    }
+                    // The consumer is re-created on every ingest start; the next sample finds it.
+                    Err(e) => tracing::debug!(error = %e, "backlog sampler"),
+                }
             }
         }
         tokio::select! {
@@ -162,7 +209,7 @@ pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool
     }
 }
 
-async fn consumer_backlog(js: &jetstream::Context) -> Result<u64, String> {
+async fn consumer_backlog(js: &jetstream::Context, partition: Partition) -> Result<u64, String> {
     let stream = js
         .get_stream(bus::EVENTS_STREAM)
         .await
@@ -177,10 +224,12 @@ async fn consumer_backlog(js: &jetstream::Context) -> Result<u64, String> {
         let lag: u64 = sources.iter().map(|s| s.lag).sum();
         metrics::gauge!("beacon_ingest_sources_lag").set(lag as f64);
     }
-    let info = stream
-        .consumer_info(bus::INGEST_CONSUMER)
-        .await
-        .map_err(|e| e.to_string())?;
+    // The current owner's consumer (the one that has moved furthest after a takeover).
+    let infos = beacon_proto::stores::ingest_consumers(&stream, partition).await?;
+    let info = infos
+        .iter()
+        .max_by_key(|i| i.created)
+        .ok_or_else(|| format!("no consumer for partition {} yet", partition.index))?;
     Ok(info.num_pending + info.num_ack_pending as u64)
 }
 
@@ -192,8 +241,17 @@ pub async fn ensure_hub_stream(
     js: &jetstream::Context,
     domains: &[String],
     replicas: usize,
+    partitions: u32,
 ) -> Result<(), IngestError> {
     use jetstream::stream;
+    // Partitioned as the hub copies each message in (the regions' streams stay unsplit).
+    let transforms: Vec<stream::SubjectTransform> = bus::partition_transform(partitions)
+        .map(|(source, destination)| stream::SubjectTransform {
+            source,
+            destination,
+        })
+        .into_iter()
+        .collect();
     let sources = domains
         .iter()
         .map(|domain| stream::Source {
@@ -203,6 +261,7 @@ pub async fn ensure_hub_stream(
                 api_prefix: format!("$JS.{domain}.API"),
                 delivery_prefix: None,
             }),
+            subject_transforms: transforms.clone(),
             ..Default::default()
         })
         .collect();
@@ -224,9 +283,42 @@ pub async fn ensure_hub_stream(
 /// The name of ingest's readiness check.
 pub const HEALTH_CHECK: &str = "ingest";
 
-/// Runs until `shutdown` turns true (finishing the batch in hand) or an error occurs.
+/// Partitions this node's events stream `partitions` ways (a subject transform on the
+/// stream the edges write to; the hub's partitions its sources instead). Batches stored
+/// before keep their subjects and are read by partition 0.
+async fn ensure_partitioned(
+    stream: &mut jetstream::stream::Stream,
+    js: &jetstream::Context,
+    partitions: u32,
+) -> Result<(), IngestError> {
+    let Some((source, destination)) = bus::partition_transform(partitions) else {
+        return Ok(());
+    };
+    let have = stream.info().await.map_err(nats)?.config.clone();
+    if have.subjects.is_empty() {
+        // A hub's stream (sources only): partitioned by `ensure_hub_stream`.
+        return Ok(());
+    }
+    let wanted = jetstream::stream::SubjectTransform {
+        source,
+        destination,
+    };
+    if have.subject_transform.as_ref() != Some(&wanted) {
+        let mut config = have;
+        config.subject_transform = Some(wanted);
+        js.update_stream(config)
+            .await
+            .map_err(|e| IngestError::Nats(format!("partitioning the events stream: {e}")))?;
+        tracing::info!(partitions, "the events stream is partitioned");
+    }
+    Ok(())
+}
+
+/// Runs this process's share of the stream's partitions (all of them when it is the only
+/// ingest process) until `shutdown` turns true (each worker finishing the batch in hand) or
+/// a bus error occurs.
 pub async fn run(
-    cfg: IngestConfig,
+    mut cfg: IngestConfig,
     wh: Arc<Warehouse>,
     health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
@@ -237,8 +329,15 @@ pub async fn run(
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);
+    // Partitions only grow: the tables say how many there have been.
+    for kind in TABLES {
+        cfg.partitions = cfg
+            .partitions
+            .max(tables::stream_partitions(&wh.table(kind).await?));
+    }
+    cfg.partitions = cfg.partitions.max(1);
     if !cfg.sources.is_empty() {
-        ensure_hub_stream(&js, &cfg.sources, cfg.stream_replicas).await?;
+        ensure_hub_stream(&js, &cfg.sources, cfg.stream_replicas, cfg.partitions).await?;
     }
     let mut stream = loop {
         match js.get_stream(bus::EVENTS_STREAM).await {
@@ -252,16 +351,41 @@ pub async fn run(
             }
         }
     };
+    ensure_partitioned(&mut stream, &js, cfg.partitions).await?;
+    tracing::info!(partitions = cfg.partitions, owner = %cfg.owner, "ingest started");
+    health.set(HEALTH_CHECK, Ok(()));
+    leases::manage(&cfg, wh, js, health, shutdown).await
+}
 
-    let mut committed: HashMap<TableKind, u64> = HashMap::new();
-    for kind in TABLES {
-        committed.insert(kind, wh.committed_seq(kind).await?);
+/// How long a partition stays idle before its `events` watermark is moved up to the
+/// stream's end: the rollups aggregate up to the lowest partition's, so a partition
+/// without traffic must not hold the others back.
+const IDLE_ADVANCE: Duration = Duration::from_secs(2);
+
+/// Ingests one partition until `stop` turns true (finishing the batch in hand) or an error.
+pub(crate) async fn run_partition(
+    cfg: IngestConfig,
+    wh: Arc<Warehouse>,
+    js: jetstream::Context,
+    (partition, generation): (Partition, u64),
+    health: beacon_serve::Health,
+    stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let mut stream = js.get_stream(bus::EVENTS_STREAM).await.map_err(nats)?;
+    let mut writer = Writer::open(wh.clone(), partition).await?;
+    let start = writer.resume_from();
+    // The previous owners' consumers go: nothing pulls from them again.
+    for old in beacon_proto::stores::ingest_consumers(&stream, partition)
+        .await
+        .map_err(IngestError::Nats)?
+    {
+        let _ = stream.delete_consumer(&old.name).await;
     }
-    let start = committed.values().copied().min().unwrap_or(0);
-    let _ = stream.delete_consumer(bus::INGEST_CONSUMER).await;
+    let name = partition.consumer(generation);
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
-            durable_name: Some(bus::INGEST_CONSUMER.into()),
+            durable_name: Some(name.clone()),
+            filter_subjects: partition.filters(),
             deliver_policy: if start == 0 {
                 consumer::DeliverPolicy::All
             } else {
@@ -276,19 +400,23 @@ pub async fn run(
         })
         .await
         .map_err(nats)?;
+    // Metrics name the partition, not the owner's generation.
+    let label = bus::ingest_consumer(partition.index);
     let last_seq = stream.info().await.map_err(nats)?.state.last_sequence;
     tracing::info!(
+        consumer = %name,
+        partition = partition.index,
+        of = partition.count,
         from = start + 1,
         stream_last = last_seq,
-        ?committed,
-        "ingest started"
+        committed = ?writer.committed,
+        "partition started"
     );
-
-    let mut writer = Writer::new(wh.clone(), committed).await?;
     health.set(HEALTH_CHECK, Ok(()));
+    let mut last_commit = Instant::now();
 
     loop {
-        if *shutdown.borrow() {
+        if *stop.borrow() {
             return Ok(());
         }
         let mut batch = consumer
@@ -301,6 +429,7 @@ pub async fn run(
             .map_err(nats)?;
         let mut received = Vec::new();
         let mut last = None;
+        let mut stopping = stop.clone();
         loop {
             // A pull ends by `expires` at the latest; one whose answer was lost (a hub
             // restarting under it) would otherwise wait forever, silently.
@@ -314,7 +443,7 @@ pub async fn run(
                         )))
                     }
                 },
-                _ = shutdown.changed() => break,
+                _ = stopping.changed() => break,
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,
@@ -330,24 +459,33 @@ pub async fn run(
             received.push(decode(seq, &msg.payload));
             last = Some(msg);
         }
-        let Some(last) = last else { continue };
+        let Some(last) = last else {
+            if partition.count > 1 && last_commit.elapsed() >= IDLE_ADVANCE {
+                last_commit = Instant::now();
+                advance_idle(&mut writer, &mut stream, &consumer).await?;
+            }
+            continue;
+        };
         let started = Instant::now();
         let envelopes = received.len();
         let (rows, max_seq) = writer.commit(received).await?;
+        last_commit = Instant::now();
         metrics::histogram!("beacon_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("beacon_ingest_envelopes_total").increment(envelopes as u64);
         metrics::counter!("beacon_ingest_rows_total").increment(rows as u64);
-        metrics::gauge!("beacon_ingest_committed_sequence").set(max_seq as f64);
+        metrics::gauge!("beacon_ingest_committed_sequence", "consumer" => label.clone())
+            .set(max_seq as f64);
         // What the consumer still had to deliver when the batch's last message came: the
         // backlog behind this commit (once acknowledged below, nothing else is pending).
         if let Ok(info) = last.info() {
-            metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::INGEST_CONSUMER)
+            metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => label.clone())
                 .set(info.pending as f64);
         }
         // AckPolicy::All: acking the last message acks the whole batch.
         last.double_ack().await.map_err(nats)?;
         health.set(HEALTH_CHECK, Ok(()));
         tracing::debug!(
+            partition = partition.index,
             envelopes,
             rows,
             max_seq,
@@ -357,29 +495,73 @@ pub async fn run(
     }
 }
 
-/// Writes consumed envelopes into the three tables, exactly once: each table skips the
-/// sequences it already holds and commits its own watermark ([`SEQ_PROPERTY`]).
+/// Moves an idle partition's `events` watermark up to the stream's last sequence, if
+/// nothing of the partition is pending: every one of its messages up to there is then
+/// committed (the last sequence is read before the consumer's state, so a message stored
+/// after it is either above it or counted as pending).
+async fn advance_idle(
+    writer: &mut Writer,
+    stream: &mut jetstream::stream::Stream,
+    consumer: &consumer::PullConsumer,
+) -> Result<(), IngestError> {
+    let last = stream.info().await.map_err(nats)?.state.last_sequence;
+    if last <= writer.committed_seq(TableKind::Events) {
+        return Ok(());
+    }
+    let mut consumer = consumer.clone();
+    let info = consumer.info().await.map_err(nats)?;
+    if info.num_pending > 0 || info.num_ack_pending > 0 {
+        return Ok(());
+    }
+    writer.advance(TableKind::Events, last).await
+}
+
+/// A table's watermark for one partition as last read or committed: the property's exact
+/// text (empty when absent), which the next commit requires to be unchanged.
+#[derive(Debug, Clone, Default)]
+struct Mark {
+    seq: u64,
+    text: String,
+}
+
+/// Writes one partition's envelopes into the three tables, exactly once: each table skips
+/// the sequences it already holds and commits its own watermark for the partition, on the
+/// condition that nobody else moved it meanwhile.
 pub struct Writer {
     wh: Arc<Warehouse>,
+    partition: Partition,
     schemas: HashMap<TableKind, arrow::datatypes::SchemaRef>,
-    committed: HashMap<TableKind, u64>,
+    committed: HashMap<TableKind, Mark>,
 }
 
 impl Writer {
-    /// `committed`: each table's watermark, as read from its current snapshot.
-    pub async fn new(
-        wh: Arc<Warehouse>,
-        committed: HashMap<TableKind, u64>,
-    ) -> Result<Self, IngestError> {
+    /// Reads each table's watermark for `partition` from its current snapshot.
+    pub async fn open(wh: Arc<Warehouse>, partition: Partition) -> Result<Self, IngestError> {
+        let key = partition_seq_property(partition.index);
         let mut schemas = HashMap::new();
+        let mut committed = HashMap::new();
         for kind in TABLES {
-            schemas.insert(kind, arrow_schema(&wh.table(kind).await?)?);
+            let table = wh.table(kind).await?;
+            let text = snapshot_property(&table, &key);
+            let seq = text.parse().unwrap_or(0);
+            committed.insert(kind, Mark { seq, text });
+            schemas.insert(kind, arrow_schema(&table)?);
         }
         Ok(Self {
             wh,
+            partition,
             schemas,
             committed,
         })
+    }
+
+    /// The lowest watermark of the three tables: delivery resumes after it.
+    pub fn resume_from(&self) -> u64 {
+        self.committed.values().map(|m| m.seq).min().unwrap_or(0)
+    }
+
+    pub fn committed_seq(&self, kind: TableKind) -> u64 {
+        self.committed.get(&kind).map_or(0, |m| m.seq)
     }
 
     /// Converts and commits `received` (in stream order) to every table that does not hold
@@ -392,12 +574,14 @@ impl Writer {
         let received = Arc::new(received);
         let mut tasks = Vec::new();
         for kind in TABLES {
-            let done = self.committed[&kind];
+            let mark = self.committed[&kind].clone();
+            let done = mark.seq;
             if !received.iter().any(|r| r.seq > done) {
                 continue;
             }
             let (wh, received) = (self.wh.clone(), received.clone());
             let schema = self.schemas[&kind].clone();
+            let partition = self.partition;
             tasks.push(tokio::spawn(async move {
                 let todo: Vec<&Received> = received.iter().filter(|r| r.seq > done).collect();
                 let batch = match kind {
@@ -414,12 +598,8 @@ impl Writer {
                     return Ok::<_, IngestError>((kind, 0, false));
                 }
                 let rows = batch.num_rows();
-                wh.append(
-                    kind,
-                    batch,
-                    HashMap::from([(SEQ_PROPERTY.to_string(), max_seq.to_string())]),
-                )
-                .await?;
+                let files = wh.write_files(kind, batch).await?;
+                commit_files(&wh, kind, partition, &mark, files, max_seq).await?;
                 Ok((kind, rows, true))
             }));
         }
@@ -430,7 +610,7 @@ impl Writer {
                 Ok(Ok((kind, n, wrote))) => {
                     rows += n;
                     if wrote {
-                        self.committed.insert(kind, max_seq);
+                        self.committed.insert(kind, Mark::at(max_seq));
                     }
                 }
                 Ok(Err(e)) => {
@@ -444,6 +624,81 @@ impl Writer {
         match first_error {
             Some(e) => Err(e),
             None => Ok((rows, max_seq)),
+        }
+    }
+
+    /// Moves `kind`'s watermark up to `seq` with an empty commit (the caller knows every
+    /// message of the partition up to `seq` is committed).
+    async fn advance(&mut self, kind: TableKind, seq: u64) -> Result<(), IngestError> {
+        let mark = self.committed[&kind].clone();
+        commit_files(&self.wh, kind, self.partition, &mark, Vec::new(), seq).await?;
+        self.committed.insert(kind, Mark::at(seq));
+        Ok(())
+    }
+}
+
+impl Mark {
+    fn at(seq: u64) -> Self {
+        Self {
+            seq,
+            text: seq.to_string(),
+        }
+    }
+}
+
+/// One commit of `files` to `kind` with the partition's watermark `seq`, requiring the
+/// watermark still to be `mark` (a compare-and-swap on the catalog row, re-based over other
+/// partitions' and jobs' commits).
+async fn commit_files(
+    wh: &Warehouse,
+    kind: TableKind,
+    partition: Partition,
+    mark: &Mark,
+    files: Vec<iceberg::spec::DataFile>,
+    seq: u64,
+) -> Result<(), IngestError> {
+    let key = partition_seq_property(partition.index);
+    let mut rewrite = Rewrite::new(
+        Operation::Append,
+        format!("ingest/{}/{}", partition.index, seq),
+    );
+    rewrite.added = files;
+    rewrite.properties = HashMap::from([(key.clone(), seq.to_string())]);
+    if partition.count > 1 {
+        rewrite
+            .properties
+            .insert(PARTITIONS_PROPERTY.into(), partition.count.to_string());
+    }
+    rewrite.require = vec![(key, mark.text.clone())];
+    match wh.replace(kind, &rewrite).await {
+        Ok(Outcome::Committed { .. }) => Ok(()),
+        // The same range was committed by a writer that lost this partition while it
+        // committed (it read the same watermark, so it wrote the same rows): ours are spare.
+        Ok(Outcome::AlreadyApplied { .. }) => {
+            for f in &rewrite.added {
+                let _ = wh.delete_file(kind, f.file_path()).await;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing references the files of a commit that did not land.
+            for f in &rewrite.added {
+                let _ = wh.delete_file(kind, f.file_path()).await;
+            }
+            Err(match e {
+                WarehouseError::Stale {
+                    table,
+                    expected,
+                    found,
+                    ..
+                } => IngestError::Overtaken {
+                    partition: partition.index,
+                    table,
+                    expected,
+                    found,
+                },
+                e => IngestError::Warehouse(e),
+            })
         }
     }
 }
@@ -475,4 +730,118 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beacon_proto::envelope::ENVELOPE_VERSION;
+    use beacon_proto::Event;
+
+    /// A batch envelope at stream sequence `seq` with `n` events.
+    fn received(seq: u64, n: usize) -> Received {
+        let raw = (0..n)
+            .map(|i| Event {
+                event_id: format!("e{seq}-{i}"),
+                merchant_id: "m".into(),
+                name: "pageview".into(),
+                ts: 1_700_000_000_000,
+                received_at: 1_700_000_000_000,
+                ..Default::default()
+            })
+            .collect();
+        let env = Envelope {
+            v: ENVELOPE_VERSION,
+            batch_id: format!("b{seq}"),
+            merchant_id: "m".into(),
+            edge_id: "edge".into(),
+            received_at: 1_700_000_000_000,
+            pipeline: None,
+            raw,
+            processed: None,
+            canary: None,
+            failures: Vec::new(),
+            shares: Vec::new(),
+        };
+        decode(seq, &env.to_json())
+    }
+
+    async fn count(wh: &Warehouse, table: &str) -> i64 {
+        // A fresh session: the shared one may reuse table metadata for a moment.
+        let batches = wh
+            .session()
+            .await
+            .expect("session")
+            .sql(&format!("SELECT count(*) AS n FROM {table}"))
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("count");
+        let rows = beacon_warehouse::output::json_rows(&batches).expect("rows");
+        rows[0]["n"].as_i64().expect("n")
+    }
+
+    /// Two writers of one partition (a process that lost it without noticing, and its
+    /// successor): whichever commits second from the same watermark is refused, and nothing
+    /// is stored twice. Writers of other partitions commit alongside, each keeping its own
+    /// watermark, and the table's floor is the lowest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_writer_of_a_partition_cannot_commit_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wh = Arc::new(Warehouse::open(dir.path()).await.expect("warehouse"));
+        let p1 = Partition { index: 1, count: 2 };
+        let mut zombie = Writer::open(wh.clone(), p1).await.expect("writer");
+        let mut successor = Writer::open(wh.clone(), p1).await.expect("writer");
+        let mut other = Writer::open(wh.clone(), Partition { index: 0, count: 2 })
+            .await
+            .expect("writer");
+
+        successor
+            .commit(vec![received(2, 3), received(4, 2)])
+            .await
+            .expect("successor commits");
+        other
+            .commit(vec![received(3, 4)])
+            .await
+            .expect("partition 0 commits");
+        let err = zombie
+            .commit(vec![received(2, 3)])
+            .await
+            .expect_err("the stale writer is refused");
+        assert!(
+            matches!(err, IngestError::Overtaken { partition: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(count(&wh, "raw_events").await, 9);
+        assert_eq!(count(&wh, "events").await, 9);
+        // A stale writer with exactly the range that landed (it read the same watermark, so
+        // its batch is the same): its commit is recognised as done, and its files dropped.
+        let mut twin = Writer::open(wh.clone(), p1).await.expect("writer");
+        twin.committed = zombie.committed.clone();
+        twin.commit(vec![received(2, 3), received(4, 2)])
+            .await
+            .expect("already applied");
+        assert_eq!(count(&wh, "raw_events").await, 9);
+        assert_eq!(count(&wh, "events").await, 9);
+
+        // The successor goes on from its own watermark; a writer opened now resumes after it.
+        successor
+            .commit(vec![received(6, 1)])
+            .await
+            .expect("next commit");
+        assert_eq!(
+            Writer::open(wh.clone(), p1)
+                .await
+                .expect("writer")
+                .resume_from(),
+            0
+        );
+        let events = wh.table(TableKind::Events).await.expect("events");
+        assert_eq!(snapshot_property(&events, "beacon.stream-seq.1"), "6");
+        assert_eq!(snapshot_property(&events, tables::SEQ_PROPERTY), "3");
+        assert_eq!(tables::stream_partitions(&events), 2);
+        assert_eq!(tables::stream_floor(&events), 3);
+        assert_eq!(count(&wh, "events").await, 10);
+    }
 }

@@ -104,19 +104,43 @@ pub async fn probe(js: &jetstream::Context, writes: &[&Outcomes]) -> Result<(), 
     Ok(())
 }
 
+/// Creates the events stream, or brings an existing one's settings that the edge owns
+/// (subjects, storage, retention, age, duplicate window) back to Beacon's. What others set
+/// is kept: ingest's partitioning transform, an operator's replicas.
 pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Error> {
-    js.create_or_update_stream(stream::Config {
+    let mut stream = match js.get_stream(bus::EVENTS_STREAM).await {
+        Ok(stream) => stream,
+        // Create-only: a stream that another role created meanwhile (ingest, partitioned)
+        // is not overwritten but merged into below.
+        Err(_) => match js
+            .create_stream(stream::Config {
+                num_replicas: 1,
+                ..edge_settings(stream::Config::default())
+            })
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(_) => js.get_stream(bus::EVENTS_STREAM).await?,
+        },
+    };
+    let have = stream.info().await?.config.clone();
+    let wanted = edge_settings(have.clone());
+    if wanted != have {
+        js.update_stream(wanted).await?;
+    }
+    Ok(())
+}
+
+fn edge_settings(config: stream::Config) -> stream::Config {
+    stream::Config {
         name: bus::EVENTS_STREAM.into(),
         subjects: vec![bus::EVENTS_SUBJECTS.into()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(bus::EVENTS_MAX_AGE_SECS),
         duplicate_window: Duration::from_secs(bus::EVENTS_DUPLICATE_WINDOW_SECS),
-        num_replicas: 1,
-        ..Default::default()
-    })
-    .await?;
-    Ok(())
+        ..config
+    }
 }
 
 impl Publisher {

@@ -22,8 +22,80 @@ pub fn servers(url: &str) -> Vec<&str> {
 /// The hub's JetStream domain in the leaf topology (docs/OPERATIONS.md); an edge region's
 /// leaf has the domain `edge-<region>`.
 pub const HUB_DOMAIN: &str = "hub";
-/// Durable consumer name of core-ingest.
+/// Durable consumer name of core-ingest (its partition 0).
 pub const INGEST_CONSUMER: &str = "beacon-ingest";
+/// KV bucket: which ingest process holds which stream partition (entries expire unless
+/// renewed: a dead process's partitions are taken over).
+pub const INGEST_LEASES_BUCKET: &str = "beacon_ingest_leases";
+
+/// Ingest's stream partitions (docs/ARCHITECTURE.md, "Ingest partitions"). With `count > 1`
+/// the stream that ingest reads maps `beacon.events.<merchant>` to
+/// `beacon.events.<k>.<merchant>` ([`partition_transform`], nats-server's deterministic
+/// `partition` function of the merchant id), so all of a merchant's batches land in one
+/// partition. Partition 0 also reads the unmapped subjects, so batches stored before the
+/// stream was partitioned are still ingested, in order, under the same watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    /// The whole stream, unsplit.
+    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
+
+    /// The durable consumer that reads this partition for the owner whose lease has
+    /// revision `generation`. A name per owner, not one per partition: a process that lost
+    /// the partition without noticing (frozen, cut off) must not pull from, or acknowledge
+    /// on, its successor's consumer (an ack-all there would move the successor's ack floor
+    /// past messages it has not committed).
+    pub fn consumer(&self, generation: u64) -> String {
+        format!("{}_{generation}", ingest_consumer(self.index))
+    }
+
+    /// Whether `name` is one of this partition's consumers (any generation).
+    pub fn owns_consumer(&self, name: &str) -> bool {
+        name.strip_prefix(&ingest_consumer(self.index))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+    }
+
+    /// The consumer's filter subjects (none: the whole stream).
+    pub fn filters(&self) -> Vec<String> {
+        match (self.count, self.index) {
+            (0 | 1, _) => Vec::new(),
+            (_, 0) => vec![
+                format!("{EVENTS_SUBJECT_PREFIX}.*"),
+                format!("{EVENTS_SUBJECT_PREFIX}.0.*"),
+            ],
+            (_, k) => vec![format!("{EVENTS_SUBJECT_PREFIX}.{k}.*")],
+        }
+    }
+
+    /// Its lease key in [`INGEST_LEASES_BUCKET`].
+    pub fn lease_key(&self) -> String {
+        format!("partition.{}", self.index)
+    }
+}
+
+/// The name (prefix, see [`Partition::consumer`]) of ingest's consumers of partition `index`.
+pub fn ingest_consumer(index: u32) -> String {
+    if index == 0 {
+        INGEST_CONSUMER.to_string()
+    } else {
+        format!("{INGEST_CONSUMER}-{index}")
+    }
+}
+
+/// The subject transform (source, destination) that partitions the events stream `count`
+/// ways; `None` for one partition.
+pub fn partition_transform(count: u32) -> Option<(String, String)> {
+    (count > 1).then(|| {
+        (
+            format!("{EVENTS_SUBJECT_PREFIX}.*"),
+            format!("{EVENTS_SUBJECT_PREFIX}.{{{{partition({count},1)}}}}.{{{{wildcard(1)}}}}"),
+        )
+    })
+}
 /// KV bucket: merchant id -> `Merchant` JSON.
 pub const MERCHANTS_BUCKET: &str = "beacon_merchants";
 /// KV bucket: merchant id -> `Pipeline` JSON, with history.
@@ -380,6 +452,34 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_filter_disjoint_subjects() {
+        assert!(Partition { index: 0, count: 1 }.filters().is_empty());
+        assert_eq!(
+            Partition { index: 0, count: 4 }.filters(),
+            ["beacon.events.*", "beacon.events.0.*"]
+        );
+        assert_eq!(
+            Partition { index: 3, count: 4 }.filters(),
+            ["beacon.events.3.*"]
+        );
+        let p3 = Partition { index: 3, count: 4 };
+        assert_eq!(p3.consumer(7), "beacon-ingest-3_7");
+        assert!(p3.owns_consumer("beacon-ingest-3_7") && p3.owns_consumer("beacon-ingest-3"));
+        assert!(!p3.owns_consumer("beacon-ingest-30_7"));
+        let p0 = Partition { index: 0, count: 4 };
+        assert_eq!(p0.consumer(2), "beacon-ingest_2");
+        assert!(p0.owns_consumer(INGEST_CONSUMER) && !p0.owns_consumer("beacon-ingest-1_2"));
+        assert_eq!(
+            partition_transform(4),
+            Some((
+                "beacon.events.*".to_string(),
+                "beacon.events.{{partition(4,1)}}.{{wildcard(1)}}".to_string()
+            ))
+        );
+        assert_eq!(partition_transform(1), None);
+    }
 
     #[test]
     fn canary_bucket_is_stable_and_spread() {

@@ -25,6 +25,7 @@ pub fn kv_config(name: &str) -> Option<kv::Config> {
         bus::EDGES_BUCKET => (1, EDGE_STATUS_TTL),
         SALTS_BUCKET => (1, Duration::from_secs(2 * 86_400)),
         bus::JOBS_BUCKET => (8, Duration::ZERO),
+        bus::INGEST_LEASES_BUCKET => (1, INGEST_LEASE_TTL),
         _ => return None,
     };
     Some(kv::Config {
@@ -35,8 +36,13 @@ pub fn kv_config(name: &str) -> Option<kv::Config> {
     })
 }
 
+/// How long an ingest process's partition lease lives without a renewal: the longest a dead
+/// process's partitions wait for a new owner.
+pub const INGEST_LEASE_TTL: Duration = Duration::from_secs(6);
+
 /// Every bucket of [`kv_config`].
-pub const KV_BUCKETS: [&str; 7] = [
+pub const KV_BUCKETS: [&str; 8] = [
+    bus::INGEST_LEASES_BUCKET,
     bus::MERCHANTS_BUCKET,
     bus::PIPELINES_BUCKET,
     bus::PIPELINE_VERSIONS_BUCKET,
@@ -149,4 +155,28 @@ pub async fn provision(
         }
     }
     Ok(changed)
+}
+
+/// The consumers of ingest's stream partition `partition`: the current owner's, and for a
+/// moment after a takeover its predecessor's (the new owner deletes it).
+pub async fn ingest_consumers(
+    stream: &jetstream::stream::Stream,
+    partition: bus::Partition,
+) -> Result<Vec<jetstream::consumer::Info>, String> {
+    use futures::TryStreamExt;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for name in names.iter().filter(|n| partition.owns_consumer(n)) {
+        match stream.consumer_info(name).await {
+            Ok(info) => out.push(info),
+            // Deleted between the listing and now (a takeover).
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(out)
 }

@@ -236,7 +236,8 @@ pub async fn reprocess(
     req: &Request,
     progress: Progress<'_>,
 ) -> Result<Report, ReprocessError> {
-    let floor = ingest_ack_floor(js).await?;
+    let partitions = tables::stream_partitions(&wh.table(TableKind::RawEvents).await?);
+    let floor = ingest_ack_floor(js, partitions).await?;
     let last = match js.get_stream(beacon_proto::bus::EVENTS_STREAM).await {
         Ok(mut stream) => stream.info().await.map_or(floor, |i| i.state.last_sequence),
         Err(_) => floor,
@@ -308,7 +309,8 @@ pub async fn reprocess_at(
                         .into(),
                 ));
             }
-            if raw_seq < w {
+            // (With several partitions an idle one's raw watermark may lag the floor.)
+            if raw_seq < w && tables::stream_partitions(&raw) == 1 {
                 return Err(ReprocessError::Invalid(format!(
                     "raw_events is at stream sequence {raw_seq}, behind ingest's acknowledged {w}"
                 )));
@@ -675,6 +677,18 @@ async fn run_job(
             failed_done,
         ),
     ];
+    // Every message up to the job's watermark is complete in these tables (ingest
+    // acknowledged it): tables that had no rows for the last ones learn so, for every
+    // partition.
+    let partitions = tables::stream_partitions(&wh.table(TableKind::RawEvents).await?);
+    let watermarks: HashMap<String, String> = (0..partitions)
+        .map(|k| {
+            (
+                tables::partition_seq_property(k),
+                report.watermark.to_string(),
+            )
+        })
+        .collect();
     for (kind, job_id, drop, on_dropped, files, done) in steps {
         if done {
             continue;
@@ -688,7 +702,7 @@ async fn run_job(
             drop,
             on_dropped,
             &files,
-            report.watermark,
+            &watermarks,
             req.dry_run,
         )
         .await;
@@ -741,7 +755,7 @@ async fn commit_rows(
     drop: rewrite::Mask<'_>,
     on_dropped: &rewrite::OnDropped<'_>,
     files: &[iceberg::spec::DataFile],
-    watermark: u64,
+    watermarks: &HashMap<String, String>,
     dry_run: bool,
 ) -> Result<Option<i64>, ReprocessError> {
     let r = rewrite::rewrite_current(
@@ -750,9 +764,7 @@ async fn commit_rows(
             prune: prune.to_vec(),
             added_files: files.to_vec(),
             on_dropped: Some(on_dropped),
-            // Every message up to the job's watermark is complete in this table (ingest
-            // acknowledged it): a table that had no rows for the last ones learns so.
-            properties: HashMap::from([(SEQ_PROPERTY.to_string(), watermark.to_string())]),
+            properties: watermarks.clone(),
             dry_run,
             ..RowRewrite::new(kind, job_id, drop)
         },
@@ -856,14 +868,39 @@ async fn forget_since(
 }
 
 /// The last stream sequence core-ingest has acknowledged (0 before it ever ran).
-pub async fn ingest_ack_floor(js: &async_nats::jetstream::Context) -> Result<u64, ReprocessError> {
-    use beacon_proto::bus::{EVENTS_STREAM, INGEST_CONSUMER};
-    let Ok(stream) = js.get_stream(EVENTS_STREAM).await else {
+pub async fn ingest_ack_floor(
+    js: &async_nats::jetstream::Context,
+    partitions: u32,
+) -> Result<u64, ReprocessError> {
+    use beacon_proto::bus::{Partition, EVENTS_STREAM};
+    let Ok(mut stream) = js.get_stream(EVENTS_STREAM).await else {
         return Ok(0);
     };
-    match stream.consumer_info(INGEST_CONSUMER).await {
-        Ok(info) => Ok(info.ack_floor.stream_sequence),
-        Err(e) if e.to_string().contains("not found") => Ok(0),
-        Err(e) => Err(ReprocessError::Nats(e.to_string())),
+    // Read before the consumers: a message stored later is above it or counted pending.
+    let last = match stream.info().await {
+        Ok(info) => info.state.last_sequence,
+        Err(e) => return Err(ReprocessError::Nats(e.to_string())),
+    };
+    let mut floor = u64::MAX;
+    for index in 0..partitions.max(1) {
+        let partition = Partition {
+            index,
+            count: partitions,
+        };
+        let consumers = beacon_proto::stores::ingest_consumers(&stream, partition)
+            .await
+            .map_err(ReprocessError::Nats)?;
+        // The current owner's consumer: the newest (a predecessor's lingers for a moment).
+        let partition_floor = match consumers.iter().max_by_key(|i| i.created) {
+            // Several partitions: one with nothing pending is complete up to the stream's
+            // end, else it would hold the floor at its last message for as long as it idles.
+            Some(info) if partitions > 1 && info.num_pending == 0 && info.num_ack_pending == 0 => {
+                last
+            }
+            Some(info) => info.ack_floor.stream_sequence,
+            None => 0,
+        };
+        floor = floor.min(partition_floor);
     }
+    Ok(floor)
 }

@@ -255,15 +255,18 @@ pub(crate) async fn replace(
             .await?
         {
             fault_point("after-swap");
-            tracing::info!(
-                table = %ident,
-                snapshot = staged.snapshot_id,
-                removed = rewrite.removed.len(),
-                added = rewrite.added.len(),
-                attempt,
-                job = %rewrite.job_id,
-                "replace committed"
-            );
+            // (Appends, ingest's and the rollups', are routine: not logged at info.)
+            if rewrite.operation != Operation::Append {
+                tracing::info!(
+                    table = %ident,
+                    snapshot = staged.snapshot_id,
+                    removed = rewrite.removed.len(),
+                    added = rewrite.added.len(),
+                    attempt,
+                    job = %rewrite.job_id,
+                    "replace committed"
+                );
+            }
             return Ok(Outcome::Committed {
                 snapshot_id: staged.snapshot_id,
                 attempts: attempt,

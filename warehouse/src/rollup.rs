@@ -26,7 +26,6 @@ use iceberg::spec::Operation;
 use crate::replace::Rewrite;
 use crate::tables::{
     self, arrow_schema, snapshot_property_u64, ROLLUP_GEN_PROPERTY, ROLLUP_SEQ_PROPERTY,
-    SEQ_PROPERTY,
 };
 use crate::{TableKind, Warehouse, WarehouseError};
 
@@ -130,7 +129,8 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
     let Some(snapshot) = events.metadata().current_snapshot().cloned() else {
         return Ok(RunStats::default());
     };
-    let to_seq = snapshot_property_u64(&events, SEQ_PROPERTY);
+    // With several ingest partitions, the lowest one's: everything at or below it is in.
+    let to_seq = tables::stream_floor(&events);
     let mut stats = RunStats {
         to_seq,
         ..Default::default()

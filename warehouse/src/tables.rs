@@ -37,6 +37,10 @@ use crate::{WarehouseError, NAMESPACE};
 /// Snapshot summary property: the last JetStream stream sequence whose rows this snapshot
 /// (and every earlier one) contains.
 pub const SEQ_PROPERTY: &str = "beacon.stream-seq";
+/// How many stream partitions ingest reads (docs/ARCHITECTURE.md, "Ingest partitions"):
+/// partition 0's watermark is [`SEQ_PROPERTY`], partition `k > 0`'s is
+/// `beacon.stream-seq.<k>` ([`partition_seq_property`]). Absent: one partition.
+pub const PARTITIONS_PROPERTY: &str = "beacon.stream-partitions";
 /// Rollup snapshots: the `events` stream sequence up to which they aggregate.
 pub const ROLLUP_SEQ_PROPERTY: &str = "beacon.events-seq";
 /// Rollup snapshots: changed by every rebuild of past hours, so a delta run that read
@@ -428,18 +432,52 @@ pub(crate) fn watermarks(snapshot: Option<&iceberg::spec::SnapshotRef>) -> HashM
     let Some(snapshot) = snapshot else {
         return HashMap::new();
     };
-    [SEQ_PROPERTY, ROLLUP_SEQ_PROPERTY, ROLLUP_GEN_PROPERTY]
-        .into_iter()
-        .filter_map(|k| {
-            let v = snapshot.summary().additional_properties.get(k)?;
-            Some((k.to_string(), v.clone()))
-        })
+    snapshot
+        .summary()
+        .additional_properties
+        .iter()
+        .filter(|(k, _)| is_watermark(k) || k.as_str() == ROLLUP_GEN_PROPERTY)
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-/// Whether `key` is one of the watermark properties (which only ever grow).
+/// Whether `key` is one of the watermark properties (which only ever grow): ingest's per
+/// partition and the rollups'.
 pub(crate) fn is_watermark(key: &str) -> bool {
-    key == SEQ_PROPERTY || key == ROLLUP_SEQ_PROPERTY
+    key == SEQ_PROPERTY
+        || key == ROLLUP_SEQ_PROPERTY
+        || key == PARTITIONS_PROPERTY
+        || key
+            .strip_prefix(SEQ_PROPERTY)
+            .and_then(|k| k.strip_prefix('.'))
+            .is_some_and(|k| k.parse::<u32>().is_ok())
+}
+
+/// The watermark property of ingest's stream partition `index`.
+pub fn partition_seq_property(index: u32) -> String {
+    if index == 0 {
+        SEQ_PROPERTY.to_string()
+    } else {
+        format!("{SEQ_PROPERTY}.{index}")
+    }
+}
+
+/// How many stream partitions the table's current snapshot records (at least 1).
+pub fn stream_partitions(table: &Table) -> u32 {
+    snapshot_property(table, PARTITIONS_PROPERTY)
+        .parse::<u32>()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The stream sequence up to which the table holds every partition's rows: the lowest
+/// partition watermark. Every message at or below it that has rows for this table is in
+/// it, and none above it from a partition that lags (a rollup aggregates up to this).
+pub fn stream_floor(table: &Table) -> u64 {
+    (0..stream_partitions(table))
+        .map(|k| snapshot_property_u64(table, &partition_seq_property(k)))
+        .min()
+        .unwrap_or(0)
 }
 
 /// A snapshot property of the current snapshot; empty when absent.
