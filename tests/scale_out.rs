@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{http, metric, wait_for, Cluster, Role};
 
@@ -95,7 +95,7 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
                 }
                 client.send(chunk).await?;
                 acked += chunk.len();
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Ok::<_, beacon_sdk::SdkError>(acked)
         }));
@@ -107,28 +107,34 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
         (c2.count("SELECT count(*) FROM raw_events") > 2_000).then_some(())
     });
     a.kill_hard();
+    let killed = Instant::now();
     wait_for(Duration::from_secs(60), "a's partitions taken over", || {
         let sum = held(c2, "ingest-b").unwrap_or(0.0) + held(c2, "ingest-c").unwrap_or(0.0);
         (sum == 4.0).then_some(())
     });
+    let after_kill = killed.elapsed();
 
     // Freeze b past its leases: c takes everything; then thaw b, which wakes up holding
     // batches and leases it no longer has.
     let before_freeze = cluster.count("SELECT count(*) FROM raw_events");
     signal(&b, libc::SIGSTOP);
+    let frozen = Instant::now();
     wait_for(Duration::from_secs(60), "b's partitions taken over", || {
         (held(c2, "ingest-c") == Some(4.0)).then_some(())
     });
+    let after_freeze = frozen.elapsed();
     wait_for(Duration::from_secs(60), "ingest goes on without b", || {
         (c2.count("SELECT count(*) FROM raw_events") > before_freeze).then_some(())
     });
     signal(&b, libc::SIGCONT);
     // a comes back (a new process under the same name) and gets a share again.
     let a = spawn_ingester(&cluster, "ingest-a");
+    let rejoined = Instant::now();
     let settled = cluster.count("SELECT count(*) FROM raw_events");
     wait_for(Duration::from_secs(60), "shares after the faults", || {
         (shares(c2) == [2.0, 1.0, 1.0]).then_some(())
     });
+    let rebalanced = rejoined.elapsed();
     wait_for(
         Duration::from_secs(60),
         "ingest goes on after the faults",
@@ -145,7 +151,13 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
         "the senders ran out before the faults were over"
     );
     let total = total as i64;
-    eprintln!("{total} events acknowledged");
+    eprintln!(
+        "scale-out: {total} events acknowledged; a's partitions owned again {:.1} s after its \
+         kill -9, b's {:.1} s after SIGSTOP; even split again {:.1} s after a restarted",
+        after_kill.as_secs_f64(),
+        after_freeze.as_secs_f64(),
+        rebalanced.as_secs_f64()
+    );
     wait_for(Duration::from_secs(120), "all events ingested", || {
         (c2.count("SELECT count(*) FROM raw_events") >= total).then_some(())
     });
@@ -182,12 +194,15 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
     let mut busy = 0;
     for index in 0..4 {
         let partition = beacon_proto::bus::Partition { index, count: 4 };
-        let consumers = beacon_proto::stores::ingest_consumers(&stream, partition)
+        let names = beacon_proto::stores::ingest_consumer_names(&stream, partition)
             .await
             .expect("consumers");
         // Every takeover removed its predecessor's consumer.
-        assert_eq!(consumers.len(), 1, "partition {index}: {consumers:?}");
-        let info = &consumers[0];
+        assert_eq!(names.len(), 1, "partition {index}: {names:?}");
+        let info = beacon_proto::stores::current_ingest_consumer(&stream, partition)
+            .await
+            .expect("consumer")
+            .expect("a consumer");
         assert_eq!(
             info.num_pending + info.num_ack_pending as u64,
             0,

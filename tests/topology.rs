@@ -12,6 +12,8 @@ mod common;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beacon::endpoints::Endpoints;
@@ -254,20 +256,18 @@ async fn hub_state(hub_url: &str) -> String {
             index,
             count: PARTITIONS,
         };
-        consumer.push(
-            beacon_proto::stores::ingest_consumers(&stream, partition)
-                .await
-                .map(|cs| {
-                    cs.iter()
-                        .map(|c| {
-                            format!(
-                                "{}: pending {} ack pending {} delivered {:?} acked {:?}",
-                                c.name, c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                }),
-        );
+        let names = beacon_proto::stores::ingest_consumer_names(&stream, partition).await;
+        let current = beacon_proto::stores::current_ingest_consumer(&stream, partition)
+            .await
+            .map(|c| {
+                c.map(|c| {
+                    format!(
+                        "{}: pending {} ack pending {} delivered {:?} acked {:?}",
+                        c.name, c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
+                    )
+                })
+            });
+        consumer.push(format!("{names:?} current {current:?}"));
     }
     format!("stream {info:?}; consumer {consumer:?}")
 }
@@ -286,30 +286,15 @@ async fn send(client: &beacon_sdk::Client, batch: &[beacon_proto::Event]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_once() {
-    let dir = tempfile::Builder::new()
-        .prefix("beacon-topology-")
-        .tempdir()
-        .expect("tempdir");
+    let (dir, _logs) = scratch();
     let root = dir.path();
-    let _logs = LogsOnPanic(root.to_path_buf());
     let t = generate(root, &["eu"]);
-    let (hub_url, leaf_url) = (t.hub_url(), t.leaf_url("eu").expect("eu leaf"));
+    let hub_url = t.hub_url();
     let (mut hub, _leaf) = start_servers(root, &t).await;
 
     // The roles: ingest on the hub (it creates the hub's stream, sourcing the region), an edge
     // on the region's leaf. Merchants live in the hub.
-    let (warehouse, edge_dir) = (root.join("warehouse"), root.join("edge"));
-    let _ingest = spawn_ingest(root, &t, &warehouse);
-    let (_edge, endpoints) = spawn_edge(root, "edge", &leaf_url, &edge_dir, "127.0.0.1:0");
-    let created: Value = serde_json::from_str(&cli_in(
-        root,
-        Some(&hub_url),
-        &["merchant", "create", "topo", "--format", "json"],
-    ))
-    .expect("merchant json");
-    let key = created["write_key"].as_str().expect("key").to_string();
-    let edge_status = status_url(root, "edge");
-
+    let warehouse = root.join("warehouse");
     let events = beacon::demo::generate(
         7,
         "topo.example",
@@ -319,18 +304,13 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         200,
     );
     let count = |q: &str| common::first_int(&sql_in(&warehouse, q));
-    // The edge learns of the new merchant from the hub: its first batches may be refused.
-    let client = wait_for(
-        Duration::from_secs(30),
-        "merchant known at the edge",
-        || {
-            block_on(async {
-                let c = client_for(&endpoints, &key).await.ok()?;
-                c.send(&events[..1]).await.ok()?;
-                Some(c)
-            })
-        },
-    );
+    // (Every field bound: the roles live until the test ends.)
+    let RegionAtWork {
+        _ingest,
+        _edge,
+        edge_status,
+        client,
+    } = region_at_work(root, &t, &warehouse, "topo", &events[..1]).await;
     let mut acked: HashSet<String> = HashSet::from([events[0].event_id.clone()]);
     // Before the outage: through the hub into the warehouse.
     let (before, rest) = events[1..].split_at(1_999);
@@ -519,6 +499,234 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         );
     }
     drop(hub);
+}
+
+/// A scratch directory for one topology test; the roles' and servers' logs are printed if
+/// the test fails (before the directory goes).
+fn scratch() -> (tempfile::TempDir, LogsOnPanic) {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-topology-")
+        .tempdir()
+        .expect("tempdir");
+    let logs = LogsOnPanic(dir.path().to_path_buf());
+    (dir, logs)
+}
+
+/// A region at work: ingest on the hub, an edge on the region's leaf, a merchant created
+/// in the hub, and an SDK client the edge accepts (its first batch, `first`, acknowledged).
+struct RegionAtWork {
+    _ingest: Role,
+    _edge: Role,
+    edge_status: String,
+    client: beacon_sdk::Client,
+}
+
+async fn region_at_work(
+    root: &Path,
+    t: &Topology,
+    warehouse: &Path,
+    merchant: &str,
+    first: &[beacon_proto::Event],
+) -> RegionAtWork {
+    let (hub_url, leaf_url) = (t.hub_url(), t.leaf_url("eu").expect("eu leaf"));
+    let ingest = spawn_ingest(root, t, warehouse);
+    let edge_dir = root.join("edge");
+    let (edge, endpoints) = spawn_edge(root, "edge", &leaf_url, &edge_dir, "127.0.0.1:0");
+    let created: Value = serde_json::from_str(&cli_in(
+        root,
+        Some(&hub_url),
+        &["merchant", "create", merchant, "--format", "json"],
+    ))
+    .expect("merchant json");
+    let key = created["write_key"].as_str().expect("key").to_string();
+    // The edge learns of the new merchant from the hub: its first batches may be refused.
+    let client = wait_for(
+        Duration::from_secs(30),
+        "merchant known at the edge",
+        || {
+            block_on(async {
+                let c = client_for(&endpoints, &key).await.ok()?;
+                c.send(first).await.ok()?;
+                Some(c)
+            })
+        },
+    );
+    RegionAtWork {
+        _ingest: ingest,
+        _edge: edge,
+        edge_status: status_url(root, "edge"),
+        client,
+    }
+}
+
+/// A TCP relay standing in for the network between a region's leaf and one hub node, which
+/// the test cuts with both sides up: open connections are dropped and new ones refused
+/// until it is restored.
+struct Link {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    async fn start(to_port: u16) -> Self {
+        // On 127.0.0.2: a port of its own can never be one the topology planned (on
+        // 127.0.0.1) for a server that has not started yet.
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
+            .await
+            .expect("bind link");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, o) = (cut.clone(), open.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the leaf's reconnects fail while the link is cut
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                o.lock().expect("links").push(relay);
+            }
+        });
+        Self {
+            port,
+            cut,
+            open,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for relay in self.open.lock().expect("links").drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// How long the link is cut: the issue's fault 2.
+const LINK_CUT: Duration = Duration::from_secs(60);
+
+#[ignore = "nats-server's source recovery after the link returns took 51 s in 3 of 4 runs (docs/RELIABILITY.md)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_collects_through_a_cut_link_with_both_sides_up() {
+    let (dir, _logs) = scratch();
+    let root = dir.path();
+    let t = generate(root, &["eu"]);
+    // The leaf reaches each hub node through a link of its own; the hub does not advertise
+    // its direct leaf addresses (else the leaf would reconnect around the links).
+    let mut links = Vec::new();
+    let mut leaf_conf = std::fs::read_to_string(&t.regions[0].config).expect("leaf conf");
+    for node in &t.hub {
+        let link = Link::start(node.leaf_port).await;
+        let direct = format!("nats-leaf://127.0.0.1:{}\"", node.leaf_port);
+        assert!(leaf_conf.contains(&direct), "{leaf_conf}");
+        leaf_conf = leaf_conf.replace(&direct, &format!("nats-leaf://127.0.0.2:{}\"", link.port));
+        let conf = std::fs::read_to_string(&node.config).expect("hub conf");
+        let conf = conf.replace("leafnodes {\n", "leafnodes {\n  no_advertise: true\n");
+        std::fs::write(&node.config, conf).expect("hub conf");
+        links.push(link);
+    }
+    std::fs::write(&t.regions[0].config, leaf_conf).expect("leaf conf");
+    let hub_url = t.hub_url();
+    let (_hub, _leaf) = start_servers(root, &t).await;
+
+    let warehouse = root.join("warehouse");
+    let mut events = beacon::demo::generate(
+        9,
+        "cut.example",
+        70_000,
+        beacon_edge::now_ms() - 60_000,
+        60_000,
+        500,
+    )
+    .into_iter();
+    let count = || common::first_int(&sql_in(&warehouse, "SELECT count(*) FROM raw_events"));
+    let first: Vec<beacon_proto::Event> = events.by_ref().take(1).collect();
+    let RegionAtWork {
+        _ingest,
+        _edge,
+        edge_status,
+        client,
+    } = region_at_work(root, &t, &warehouse, "cut", &first).await;
+    let mut acked: HashSet<String> = first.iter().map(|e| e.event_id.clone()).collect();
+    for _ in 0..10 {
+        let batch: Vec<beacon_proto::Event> = events.by_ref().take(100).collect();
+        send(&client, &batch).await;
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+    }
+    let before = acked.len() as i64;
+    wait_for(Duration::from_secs(60), "first events stored", || {
+        (count() == before).then_some(())
+    });
+
+    // The link cut for a minute under load (1,000 events a second): the region keeps
+    // acknowledging from its leaf; nothing crosses to the hub.
+    for link in &links {
+        link.cut();
+    }
+    let cut_at = Instant::now();
+    let (mut sent_during, mut gap) = (0, Duration::ZERO);
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    while cut_at.elapsed() < LINK_CUT {
+        pace.tick().await;
+        let batch: Vec<beacon_proto::Event> = events.by_ref().take(50).collect();
+        if batch.is_empty() {
+            break; // bounded: 70,000 events in all
+        }
+        let asked = Instant::now();
+        send(&client, &batch).await;
+        gap = gap.max(asked.elapsed());
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+        sent_during += batch.len();
+    }
+    let (status, ready) = http(&edge_status, "GET", "/readyz", None, b"");
+    assert_eq!(
+        status, 200,
+        "the edge stays ready with its link cut: {ready}"
+    );
+    assert_eq!(count(), before, "nothing crosses a cut link");
+
+    // The link back: the hub's source resumes where it stopped, and the backlog drains.
+    for link in &links {
+        link.restore();
+    }
+    let restored = Instant::now();
+    for _ in 0..20 {
+        let batch: Vec<beacon_proto::Event> = events.by_ref().take(100).collect();
+        send(&client, &batch).await;
+        acked.extend(batch.iter().map(|e| e.event_id.clone()));
+    }
+    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    eprintln!(
+        "link cut: {} sent, {} acknowledged, {stored} stored, 0 lost, 0 duplicated; {sent_during} \
+         acknowledged during the {:.0} s cut (longest wait for an acknowledgement {:.3} s); all \
+         stored {:.1} s after the link returned",
+        acked.len(),
+        acked.len(),
+        LINK_CUT.as_secs_f64(),
+        gap.as_secs_f64(),
+        restored.elapsed().as_secs_f64()
+    );
+    assert!(gap < Duration::from_secs(2), "collection waited {gap:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

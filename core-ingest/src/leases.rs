@@ -65,7 +65,7 @@ pub(crate) async fn manage(
         .await
         .map_err(nats)?;
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
-    let result = tick_until_stopped(cfg, &wh, &js, &leases, health, &mut held, &mut shutdown).await;
+    tick_until_stopped(cfg, &wh, &js, &leases, health, &mut held, &mut shutdown).await;
     for (index, h) in std::mem::take(&mut held) {
         if let Some(w) = h.worker {
             w.stop().await;
@@ -75,7 +75,7 @@ pub(crate) async fn manage(
     }
     let _ = leases.delete(member_key(&cfg.owner)).await;
     metrics::gauge!("beacon_ingest_partitions_held").set(0.0);
-    result
+    Ok(())
 }
 
 /// The partitions the member at `rank` (of `members`, in name order) should hold: an even
@@ -84,6 +84,24 @@ pub(crate) async fn manage(
 fn share(partitions: usize, members: usize, rank: usize) -> usize {
     let members = members.max(1);
     partitions / members + usize::from(rank < partitions % members)
+}
+
+/// Renews this process's membership and lists the members, in name order.
+async fn membership(leases: &kv::Store, owner: &str) -> Result<Vec<String>, IngestError> {
+    leases
+        .put(member_key(owner), owner.as_bytes().to_vec().into())
+        .await
+        .map_err(nats)?;
+    let mut members: Vec<String> = leases
+        .keys()
+        .await
+        .map_err(nats)?
+        .try_filter(|k| futures::future::ready(k.starts_with(MEMBER_PREFIX)))
+        .try_collect()
+        .await
+        .map_err(nats)?;
+    members.sort();
+    Ok(members)
 }
 
 fn partition(cfg: &IngestConfig, index: u32) -> Partition {
@@ -106,30 +124,22 @@ async fn tick_until_stopped(
     health: &beacon_serve::Health,
     held: &mut BTreeMap<u32, Held>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), IngestError> {
+) {
     let owner = cfg.owner.as_str();
     loop {
         if *shutdown.borrow() {
-            return Ok(());
+            return;
         }
-        leases
-            .put(member_key(owner), owner.as_bytes().to_vec().into())
-            .await
-            .map_err(nats)?;
-        let mut members: Vec<String> = leases
-            .keys()
-            .await
-            .map_err(nats)?
-            .try_filter(|k| futures::future::ready(k.starts_with(MEMBER_PREFIX)))
-            .try_collect()
-            .await
-            .map_err(nats)?;
-        members.sort();
-        let rank = members
-            .iter()
-            .position(|m| m == &member_key(owner))
-            .unwrap_or(members.len());
-        let fair = share(cfg.partitions as usize, members.len().max(rank + 1), rank);
+        // The bucket unreachable for a moment (a hub node restarting, a leader moving)
+        // changes nothing: the workers go on (their commits stay guarded) and the shares are
+        // checked again on the next tick.
+        let members = match membership(leases, owner).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "partition leases unreadable; keeping the current share");
+                None
+            }
+        };
 
         // Renew what we hold; notice workers that ended.
         let mut lost = Vec::new();
@@ -140,11 +150,15 @@ async fn tick_until_stopped(
                 .await
             {
                 Ok(revision) => h.revision = revision,
-                Err(e) => {
+                // Someone else wrote it, or it expired: another process may own it now.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(partition = index, error = %e, "lost the lease of a partition");
                     metrics::counter!("beacon_ingest_leases_lost_total").increment(1);
                     lost.push(index);
                     continue;
+                }
+                Err(e) => {
+                    tracing::warn!(partition = index, error = %e, "could not renew a lease; trying again");
                 }
             }
             if h.worker.as_ref().is_some_and(|w| w.task.is_finished()) {
@@ -174,6 +188,18 @@ async fn tick_until_stopped(
             }
         }
 
+        let fair = match &members {
+            Some(members) => {
+                let rank = members
+                    .iter()
+                    .position(|m| m == &member_key(owner))
+                    .unwrap_or(members.len());
+                share(cfg.partitions as usize, members.len().max(rank + 1), rank)
+            }
+            None => held.len(),
+        };
+        let member_count = members.as_ref().map_or(0, Vec::len);
+
         // Give back what is above the fair share (the highest partitions first).
         while held.len() > fair {
             let Some((index, h)) = held.pop_last() else {
@@ -187,7 +213,7 @@ async fn tick_until_stopped(
             tracing::info!(
                 partition = index,
                 fair,
-                members = members.len(),
+                members = member_count,
                 "gave a partition back"
             );
         }

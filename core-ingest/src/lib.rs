@@ -224,11 +224,8 @@ async fn consumer_backlog(js: &jetstream::Context, partition: Partition) -> Resu
         let lag: u64 = sources.iter().map(|s| s.lag).sum();
         metrics::gauge!("beacon_ingest_sources_lag").set(lag as f64);
     }
-    // The current owner's consumer (the one that has moved furthest after a takeover).
-    let infos = beacon_proto::stores::ingest_consumers(&stream, partition).await?;
-    let info = infos
-        .iter()
-        .max_by_key(|i| i.created)
+    let info = beacon_proto::stores::current_ingest_consumer(&stream, partition)
+        .await?
         .ok_or_else(|| format!("no consumer for partition {} yet", partition.index))?;
     Ok(info.num_pending + info.num_ack_pending as u64)
 }
@@ -374,12 +371,15 @@ pub(crate) async fn run_partition(
     let mut stream = js.get_stream(bus::EVENTS_STREAM).await.map_err(nats)?;
     let mut writer = Writer::open(wh.clone(), partition).await?;
     let start = writer.resume_from();
-    // The previous owners' consumers go: nothing pulls from them again.
-    for old in beacon_proto::stores::ingest_consumers(&stream, partition)
+    // The previous owners' consumers go: nothing pulls from them again. (One the bus cannot
+    // delete now is left behind: the new one does not depend on it.)
+    for old in beacon_proto::stores::ingest_consumer_names(&stream, partition)
         .await
         .map_err(IngestError::Nats)?
     {
-        let _ = stream.delete_consumer(&old.name).await;
+        if let Err(e) = stream.delete_consumer(&old).await {
+            tracing::warn!(consumer = %old, error = %e, "could not delete a previous owner's consumer");
+        }
     }
     let name = partition.consumer(generation);
     let consumer: consumer::PullConsumer = stream

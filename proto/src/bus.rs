@@ -55,8 +55,16 @@ impl Partition {
 
     /// Whether `name` is one of this partition's consumers (any generation).
     pub fn owns_consumer(&self, name: &str) -> bool {
-        name.strip_prefix(&ingest_consumer(self.index))
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+        self.generation_of(name).is_some()
+    }
+
+    /// The generation of this partition's consumer `name` (0 for a name from before
+    /// generations); `None` when it is not one of this partition's.
+    pub fn generation_of(&self, name: &str) -> Option<u64> {
+        match name.strip_prefix(&ingest_consumer(self.index))? {
+            "" => Some(0),
+            rest => rest.strip_prefix('_')?.parse().ok(),
+        }
     }
 
     /// The consumer's filter subjects (none: the whole stream).
@@ -467,7 +475,8 @@ mod tests {
         let p3 = Partition { index: 3, count: 4 };
         assert_eq!(p3.consumer(7), "beacon-ingest-3_7");
         assert!(p3.owns_consumer("beacon-ingest-3_7") && p3.owns_consumer("beacon-ingest-3"));
-        assert!(!p3.owns_consumer("beacon-ingest-30_7"));
+        assert!(!p3.owns_consumer("beacon-ingest-30_7") && !p3.owns_consumer("beacon-ingest-3_x"));
+        assert_eq!(p3.generation_of("beacon-ingest-3_7"), Some(7));
         let p0 = Partition { index: 0, count: 4 };
         assert_eq!(p0.consumer(2), "beacon-ingest_2");
         assert!(p0.owns_consumer(INGEST_CONSUMER) && !p0.owns_consumer("beacon-ingest-1_2"));

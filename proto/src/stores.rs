@@ -157,26 +157,38 @@ pub async fn provision(
     Ok(changed)
 }
 
-/// The consumers of ingest's stream partition `partition`: the current owner's, and for a
-/// moment after a takeover its predecessor's (the new owner deletes it).
-pub async fn ingest_consumers(
+/// The names of every consumer of ingest's stream partition `partition`: the current
+/// owner's, and for a moment after a takeover (or longer, if the bus could not delete it)
+/// a predecessor's.
+pub async fn ingest_consumer_names(
     stream: &jetstream::stream::Stream,
     partition: bus::Partition,
-) -> Result<Vec<jetstream::consumer::Info>, String> {
+) -> Result<Vec<String>, String> {
     use futures::TryStreamExt;
     let names: Vec<String> = stream
         .consumer_names()
         .try_collect()
         .await
         .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for name in names.iter().filter(|n| partition.owns_consumer(n)) {
-        match stream.consumer_info(name).await {
-            Ok(info) => out.push(info),
-            // Deleted between the listing and now (a takeover).
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(e.to_string()),
-        }
+    Ok(names
+        .into_iter()
+        .filter(|n| partition.owns_consumer(n))
+        .collect())
+}
+
+/// The current owner's consumer of `partition` (the newest generation), if there is one.
+/// Only its state is asked for: a predecessor's left on an unhealthy server must not make
+/// the current one unreadable.
+pub async fn current_ingest_consumer(
+    stream: &jetstream::stream::Stream,
+    partition: bus::Partition,
+) -> Result<Option<jetstream::consumer::Info>, String> {
+    let names = ingest_consumer_names(stream, partition).await?;
+    let Some(name) = names.iter().max_by_key(|n| partition.generation_of(n)) else {
+        return Ok(None);
+    };
+    match stream.consumer_info(name).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) => Err(format!("consumer {name}: {e}")),
     }
-    Ok(out)
 }

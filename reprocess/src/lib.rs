@@ -887,11 +887,10 @@ pub async fn ingest_ack_floor(
             index,
             count: partitions,
         };
-        let consumers = beacon_proto::stores::ingest_consumers(&stream, partition)
+        let current = beacon_proto::stores::current_ingest_consumer(&stream, partition)
             .await
             .map_err(ReprocessError::Nats)?;
-        // The current owner's consumer: the newest (a predecessor's lingers for a moment).
-        let partition_floor = match consumers.iter().max_by_key(|i| i.created) {
+        let partition_floor = match current {
             // Several partitions: one with nothing pending is complete up to the stream's
             // end, else it would hold the floor at its last message for as long as it idles.
             Some(info) if partitions > 1 && info.num_pending == 0 && info.num_ack_pending == 0 => {
