@@ -33,15 +33,15 @@ const MEMBER_PREFIX: &str = "member.";
 
 struct Held {
     revision: u64,
-    worker: Option<Worker>,
-    /// When a failed worker may start again, and the pause after the next failure.
-    retry_at: Instant,
-    pause: Duration,
+    worker: Worker,
 }
 
+/// A partition's worker: it runs the partition, restarting it after failures with a pause
+/// of its own, until stopped. (Not restarted from the lease loop: renewals that are slow
+/// while the bus recovers must not hold a restart up.)
 struct Worker {
     stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), IngestError>>,
+    task: JoinHandle<()>,
 }
 
 impl Worker {
@@ -67,9 +67,7 @@ pub(crate) async fn manage(
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
     tick_until_stopped(cfg, &wh, &js, &leases, health, &mut held, &mut shutdown).await;
     for (index, h) in std::mem::take(&mut held) {
-        if let Some(w) = h.worker {
-            w.stop().await;
-        }
+        h.worker.stop().await;
         let key = partition(cfg, index).lease_key();
         let _ = leases.delete_expect_revision(&key, Some(h.revision)).await;
     }
@@ -84,6 +82,78 @@ pub(crate) async fn manage(
 fn share(partitions: usize, members: usize, rank: usize) -> usize {
     let members = members.max(1);
     partitions / members + usize::from(rank < partitions % members)
+}
+
+/// Runs `partition` until `stop`, starting it over after a failure (a bus or storage error,
+/// or another writer's commit) after a pause that grows to 10 s and starts afresh once a
+/// run has lasted a minute. Every start reads through a consumer of its own generation
+/// (the lease revision, then the attempt), so nothing of a failed start is reused.
+async fn supervise(
+    cfg: IngestConfig,
+    (wh, js): (Arc<Warehouse>, jetstream::Context),
+    (partition, revision): (Partition, u64),
+    health: beacon_serve::Health,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pause = Duration::from_millis(200);
+    for attempt in 0u64.. {
+        let started = Instant::now();
+        let generation = (revision << 16) | (attempt & 0xffff);
+        let run = crate::run_partition(
+            cfg.clone(),
+            wh.clone(),
+            js.clone(),
+            (partition, generation),
+            health.clone(),
+            stop.clone(),
+        );
+        let Err(e) = run.await else {
+            return; // stopped
+        };
+        let index = partition.index;
+        tracing::error!(partition = index, error = %e, "ingest of a partition failed; restarting in {pause:?}");
+        metrics::counter!("beacon_ingest_restarts_total").increment(1);
+        health.set(HEALTH_CHECK, Err(format!("partition {index}: {e}")));
+        if started.elapsed() > Duration::from_secs(60) {
+            pause = Duration::from_millis(200);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+enum Lease {
+    /// Held by us, renewed at this revision.
+    Ours(u64),
+    /// Someone else's, or nobody's (expired).
+    NotOurs,
+    /// The bucket did not answer.
+    Unknown,
+}
+
+/// Whether lease `key` holds `owner`; if so it is renewed.
+async fn ours(leases: &kv::Store, key: &str, owner: &str) -> Lease {
+    match leases.entry(key).await {
+        Ok(Some(e))
+            if e.operation == kv::Operation::Put && e.value.as_ref() == owner.as_bytes() =>
+        {
+            match leases
+                .update(key, owner.as_bytes().to_vec().into(), e.revision)
+                .await
+            {
+                Ok(revision) => Lease::Ours(revision),
+                Err(_) => Lease::Unknown,
+            }
+        }
+        Ok(_) => Lease::NotOurs,
+        Err(_) => Lease::Unknown,
+    }
 }
 
 /// Renews this process's membership and lists the members, in name order.
@@ -150,8 +220,18 @@ async fn tick_until_stopped(
                 .await
             {
                 Ok(revision) => h.revision = revision,
-                // Someone else wrote it, or it expired: another process may own it now.
+                // Someone else wrote it or it expired (another process may own it now); or
+                // our last renewal landed but its answer was lost (a leader change).
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    match ours(leases, &key, owner).await {
+                        Lease::Ours(revision) => {
+                            h.revision = revision;
+                            continue;
+                        }
+                        // Cannot tell now: keep it, ask again on the next tick.
+                        Lease::Unknown => continue,
+                        Lease::NotOurs => {}
+                    }
                     tracing::warn!(partition = index, error = %e, "lost the lease of a partition");
                     metrics::counter!("beacon_ingest_leases_lost_total").increment(1);
                     lost.push(index);
@@ -161,30 +241,12 @@ async fn tick_until_stopped(
                     tracing::warn!(partition = index, error = %e, "could not renew a lease; trying again");
                 }
             }
-            if h.worker.as_ref().is_some_and(|w| w.task.is_finished()) {
-                let Some(w) = h.worker.take() else { continue };
-                let outcome = w.task.await;
-                let error = match outcome {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(join) => Some(join.to_string()),
-                };
-                if let Some(error) = error {
-                    tracing::error!(partition = index, %error, "ingest of a partition failed; restarting in {:?}", h.pause);
-                    metrics::counter!("beacon_ingest_restarts_total").increment(1);
-                    health.set(HEALTH_CHECK, Err(format!("partition {index}: {error}")));
-                    h.retry_at = Instant::now() + h.pause;
-                    h.pause = (h.pause * 2).min(Duration::from_secs(10));
-                }
-            }
         }
         for index in lost {
             if let Some(h) = held.remove(&index) {
                 // Not awaited: its next commit fails on the watermark if the new owner
                 // committed meanwhile, and it must not hold the renewals of the others up.
-                if let Some(w) = h.worker {
-                    let _ = w.stop.send(true);
-                }
+                let _ = h.worker.stop.send(true);
             }
         }
 
@@ -205,9 +267,7 @@ async fn tick_until_stopped(
             let Some((index, h)) = held.pop_last() else {
                 break;
             };
-            if let Some(w) = h.worker {
-                w.stop().await;
-            }
+            h.worker.stop().await;
             let key = partition(cfg, index).lease_key();
             let _ = leases.delete_expect_revision(&key, Some(h.revision)).await;
             tracing::info!(
@@ -231,57 +291,31 @@ async fn tick_until_stopped(
             let key = partition(cfg, index).lease_key();
             let revision = match leases.create(&key, owner.as_bytes().to_vec().into()).await {
                 Ok(revision) => Some(revision),
-                Err(_) => match leases.entry(&key).await {
-                    Ok(Some(e))
-                        if e.operation == kv::Operation::Put
-                            && e.value.as_ref() == owner.as_bytes() =>
-                    {
-                        leases
-                            .update(&key, owner.as_bytes().to_vec().into(), e.revision)
-                            .await
-                            .ok()
-                    }
-                    _ => None,
+                Err(_) => match ours(leases, &key, owner).await {
+                    Lease::Ours(revision) => Some(revision),
+                    Lease::NotOurs | Lease::Unknown => None,
                 },
             };
             if let Some(revision) = revision {
                 tracing::info!(partition = index, of = cfg.partitions, "took a partition");
+                let (stop, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(supervise(
+                    cfg.clone(),
+                    (wh.clone(), js.clone()),
+                    (partition(cfg, index), revision),
+                    health.clone(),
+                    stop_rx,
+                ));
                 held.insert(
                     index,
                     Held {
                         revision,
-                        worker: None,
-                        retry_at: Instant::now(),
-                        pause: Duration::from_millis(200),
+                        worker: Worker { stop, task },
                     },
                 );
             }
         }
-
-        // (Re)start the workers of held partitions.
-        let now = Instant::now();
-        for (&index, h) in held.iter_mut() {
-            if h.worker.is_some() || now < h.retry_at {
-                continue;
-            }
-            let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(crate::run_partition(
-                cfg.clone(),
-                wh.clone(),
-                js.clone(),
-                (partition(cfg, index), h.revision),
-                health.clone(),
-                stop_rx,
-            ));
-            h.worker = Some(Worker { stop, task });
-        }
         metrics::gauge!("beacon_ingest_partitions_held").set(held.len() as f64);
-        // A worker that kept running for a while starts its next failure's pause afresh.
-        for h in held.values_mut() {
-            if h.worker.is_some() && now > h.retry_at + Duration::from_secs(60) {
-                h.pause = Duration::from_millis(200);
-            }
-        }
 
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
