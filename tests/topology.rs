@@ -250,25 +250,19 @@ async fn hub_state(hub_url: &str) -> String {
         .info()
         .await
         .map(|i| format!("{:?} sources {:?}", i.state, i.sources));
-    let mut consumer = Vec::new();
-    for index in 0..PARTITIONS {
-        let partition = beacon_proto::bus::Partition {
-            index,
-            count: PARTITIONS,
-        };
-        let names = beacon_proto::stores::ingest_consumer_names(&stream, partition).await;
-        let current = beacon_proto::stores::current_ingest_consumer(&stream, partition)
-            .await
-            .map(|c| {
-                c.map(|c| {
+    let consumer = beacon_proto::stores::current_ingest_consumers(&stream)
+        .await
+        .map(|current| {
+            current
+                .values()
+                .map(|c| {
                     format!(
                         "{}: pending {} ack pending {} delivered {:?} acked {:?}",
                         c.name, c.num_pending, c.num_ack_pending, c.delivered, c.ack_floor
                     )
                 })
-            });
-        consumer.push(format!("{names:?} current {current:?}"));
-    }
+                .collect::<Vec<_>>()
+        });
     format!("stream {info:?}; consumer {consumer:?}")
 }
 

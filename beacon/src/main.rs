@@ -1404,7 +1404,6 @@ async fn run_ingest(
     let _lock = beacon::lock::share_role(&data_dir, "ingest")?;
     tokio::spawn(beacon_ingest::sample_backlog(
         nats_url.clone(),
-        hub.partitions,
         shutdown.clone(),
     ));
     let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
@@ -1464,7 +1463,6 @@ async fn up(
     // Ingest's backlog is watched from the start, also while the warehouse cannot be opened.
     tokio::spawn(beacon_ingest::sample_backlog(
         nats_url.clone(),
-        1,
         stop_rx.clone(),
     ));
     // A warehouse that cannot be opened (a corrupt metadata file, a catalog being restored)

@@ -408,19 +408,10 @@ async fn ingest(State(c): State<Control>) -> ApiResult<serde_json::Value> {
     let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
     // Ingest reads the stream through a consumer per partition (one unless it is split):
     // the backlog is their sum, and everything is committed up to the lowest ack floor.
-    let names: Result<Vec<String>, _> =
-        futures::TryStreamExt::try_collect(stream.consumer_names()).await;
-    let mut infos = Vec::new();
-    let mut error = names.as_ref().err().map(|e| e.to_string());
-    for name in names.unwrap_or_default() {
-        if !name.starts_with(INGEST_CONSUMER) {
-            continue;
-        }
-        match stream.consumer_info(&name).await {
-            Ok(ci) => infos.push(ci),
-            Err(e) => error = Some(e.to_string()),
-        }
-    }
+    let (infos, error) = match beacon_proto::stores::current_ingest_consumers(&stream).await {
+        Ok(current) => (current.into_values().collect::<Vec<_>>(), None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     let consumer = match (error, infos.is_empty()) {
         (Some(e), _) => serde_json::json!({"name": INGEST_CONSUMER, "error": e}),
         (None, true) => {

@@ -25,7 +25,7 @@ use futures::TryStreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{nats, IngestConfig, IngestError, HEALTH_CHECK};
+use crate::{nats, pause_unless_stopped, Backoff, IngestConfig, IngestError, HEALTH_CHECK};
 
 /// How often leases are renewed and the share checked (well inside the TTL).
 const TICK: Duration = Duration::from_secs(1);
@@ -95,7 +95,7 @@ async fn supervise(
     health: beacon_serve::Health,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = Backoff::default();
     for attempt in 0u64.. {
         let started = Instant::now();
         let generation = (revision << 16) | (attempt & 0xffff);
@@ -111,20 +111,12 @@ async fn supervise(
             return; // stopped
         };
         let index = partition.index;
-        tracing::error!(partition = index, error = %e, "ingest of a partition failed; restarting in {pause:?}");
+        tracing::error!(partition = index, error = %e, "ingest of a partition failed; restarting in {:?}", backoff.pause);
         metrics::counter!("beacon_ingest_restarts_total").increment(1);
         health.set(HEALTH_CHECK, Err(format!("partition {index}: {e}")));
-        if started.elapsed() > Duration::from_secs(60) {
-            pause = Duration::from_millis(200);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => {}
-        }
-        if *stop.borrow() {
+        if !backoff.wait(started, &mut stop).await {
             return;
         }
-        pause = (pause * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -317,10 +309,7 @@ async fn tick_until_stopped(
         }
         metrics::gauge!("beacon_ingest_partitions_held").set(held.len() as f64);
 
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.changed() => {}
-        }
+        pause_unless_stopped(TICK, shutdown).await;
     }
 }
 

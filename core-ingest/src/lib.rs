@@ -128,29 +128,50 @@ pub async fn run_supervised(
     shutdown: watch::Receiver<bool>,
 ) {
     health.register(HEALTH_CHECK);
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = Backoff::default();
+    let mut stop = shutdown.clone();
     loop {
         let started = Instant::now();
-        match run(cfg.clone(), wh.clone(), &health, shutdown.clone()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "ingest failed; restarting in {pause:?}");
-                metrics::counter!("beacon_ingest_restarts_total").increment(1);
-                health.set(HEALTH_CHECK, Err(e.to_string()));
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            pause = Duration::from_millis(200);
-        }
-        let mut stop = shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => {}
-        }
-        if *shutdown.borrow() {
+        let Err(e) = run(cfg.clone(), wh.clone(), &health, shutdown.clone()).await else {
+            return;
+        };
+        tracing::error!(error = %e, "ingest failed; restarting in {:?}", backoff.pause);
+        metrics::counter!("beacon_ingest_restarts_total").increment(1);
+        health.set(HEALTH_CHECK, Err(e.to_string()));
+        if !backoff.wait(started, &mut stop).await {
             return;
         }
-        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The pause before restarting something that failed: 200 ms, doubling to 10 s, and
+/// starting afresh after a run that lasted a minute.
+pub(crate) struct Backoff {
+    pub(crate) pause: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            pause: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Backoff {
+    /// After a run (started at `started`) failed: waits the pause unless `stop` turns true;
+    /// whether to go on.
+    pub(crate) async fn wait(
+        &mut self,
+        started: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if started.elapsed() > Duration::from_secs(60) {
+            *self = Self::default();
+        }
+        let go_on = pause_unless_stopped(self.pause, stop).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(10));
+        go_on
     }
 }
 
@@ -165,11 +186,7 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// connection of its own, until `shutdown`: the commit loop updates it too, but not while it
 /// is stalled or not running (a warehouse that fails or cannot be opened), which is when
 /// the figure matters most. Run it beside ingest, started before the warehouse is opened.
-pub async fn sample_backlog(
-    nats_url: String,
-    partitions: u32,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool>) {
     let mut js = None;
     loop {
         if js.is_none() {
@@ -183,33 +200,32 @@ pub async fn sample_backlog(
             }
         }
         if let Some(js) = &js {
-            for index in 0..partitions.max(1) {
-                let partition = Partition {
-                    index,
-                    count: partitions,
-                };
-                let consumer = bus::ingest_consumer(index);
-                match consumer_backlog(js, partition).await {
-                    Ok(n) => {
-                        metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => consumer)
-                            .set(n as f64)
-                    }
-                    // The consumer is re-created on every ingest start; the next sample finds it.
-                    Err(e) => tracing::debug!(error = %e, "backlog sampler"),
-                }
+            // (Ingest re-creates its consumers on every start; the next sample finds them.)
+            if let Err(e) = sample_once(js).await {
+                tracing::debug!(error = %e, "backlog sampler");
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(BACKLOG_EVERY) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
+        if !pause_unless_stopped(BACKLOG_EVERY, &mut shutdown).await {
             return;
         }
     }
 }
 
-async fn consumer_backlog(js: &jetstream::Context, partition: Partition) -> Result<u64, String> {
+/// Waits `pause`, or less if `stop` turns true; whether to go on.
+pub(crate) async fn pause_unless_stopped(
+    pause: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = stop.changed() => {}
+    }
+    !*stop.borrow()
+}
+
+/// One sample: every partition's backlog (the partitions are those whose consumers exist,
+/// so no setting has to agree with ingest's), and on a hub its sources.
+async fn sample_once(js: &jetstream::Context) -> Result<(), String> {
     let stream = js
         .get_stream(bus::EVENTS_STREAM)
         .await
@@ -224,10 +240,11 @@ async fn consumer_backlog(js: &jetstream::Context, partition: Partition) -> Resu
         let lag: u64 = sources.iter().map(|s| s.lag).sum();
         metrics::gauge!("beacon_ingest_sources_lag").set(lag as f64);
     }
-    let info = beacon_proto::stores::current_ingest_consumer(&stream, partition)
-        .await?
-        .ok_or_else(|| format!("no consumer for partition {} yet", partition.index))?;
-    Ok(info.num_pending + info.num_ack_pending as u64)
+    for (index, info) in beacon_proto::stores::current_ingest_consumers(&stream).await? {
+        metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::ingest_consumer(index))
+            .set((info.num_pending + info.num_ack_pending as u64) as f64);
+    }
+    Ok(())
 }
 
 /// Creates or updates the hub's events stream: no subjects of its own (events reach the hub

@@ -61,10 +61,9 @@ impl Partition {
     /// The generation of this partition's consumer `name` (0 for a name from before
     /// generations); `None` when it is not one of this partition's.
     pub fn generation_of(&self, name: &str) -> Option<u64> {
-        match name.strip_prefix(&ingest_consumer(self.index))? {
-            "" => Some(0),
-            rest => rest.strip_prefix('_')?.parse().ok(),
-        }
+        parse_ingest_consumer(name)
+            .filter(|(index, _)| *index == self.index)
+            .map(|(_, generation)| generation)
     }
 
     /// The consumer's filter subjects (none: the whole stream).
@@ -91,6 +90,26 @@ pub fn ingest_consumer(index: u32) -> String {
         INGEST_CONSUMER.to_string()
     } else {
         format!("{INGEST_CONSUMER}-{index}")
+    }
+}
+
+/// (partition index, generation) of an ingest consumer's name (see [`Partition::consumer`]);
+/// `None` for any other name.
+pub fn parse_ingest_consumer(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix(INGEST_CONSUMER)?;
+    let (index, rest) = match rest.strip_prefix('-') {
+        Some(r) => {
+            let digits = r.find('_').unwrap_or(r.len());
+            (
+                r[..digits].parse().ok().filter(|&i: &u32| i > 0)?,
+                &r[digits..],
+            )
+        }
+        None => (0, rest),
+    };
+    match rest {
+        "" => Some((index, 0)),
+        _ => Some((index, rest.strip_prefix('_')?.parse().ok()?)),
     }
 }
 
@@ -477,6 +496,10 @@ mod tests {
         assert!(p3.owns_consumer("beacon-ingest-3_7") && p3.owns_consumer("beacon-ingest-3"));
         assert!(!p3.owns_consumer("beacon-ingest-30_7") && !p3.owns_consumer("beacon-ingest-3_x"));
         assert_eq!(p3.generation_of("beacon-ingest-3_7"), Some(7));
+        assert_eq!(parse_ingest_consumer("beacon-ingest_9"), Some((0, 9)));
+        assert_eq!(parse_ingest_consumer("beacon-ingest-12_3"), Some((12, 3)));
+        assert_eq!(parse_ingest_consumer("beacon-ingest-0_3"), None);
+        assert_eq!(parse_ingest_consumer("beacon-ingester"), None);
         let p0 = Partition { index: 0, count: 4 };
         assert_eq!(p0.consumer(2), "beacon-ingest_2");
         assert!(p0.owns_consumer(INGEST_CONSUMER) && !p0.owns_consumer("beacon-ingest-1_2"));

@@ -176,19 +176,33 @@ pub async fn ingest_consumer_names(
         .collect())
 }
 
-/// The current owner's consumer of `partition` (the newest generation), if there is one.
-/// Only its state is asked for: a predecessor's left on an unhealthy server must not make
-/// the current one unreadable.
-pub async fn current_ingest_consumer(
+/// Each partition's current ingest consumer (its newest generation), by partition index:
+/// what ingest has still to commit. Only the newest is asked for its state: a predecessor's
+/// left on an unhealthy server must not make the current one unreadable.
+pub async fn current_ingest_consumers(
     stream: &jetstream::stream::Stream,
-    partition: bus::Partition,
-) -> Result<Option<jetstream::consumer::Info>, String> {
-    let names = ingest_consumer_names(stream, partition).await?;
-    let Some(name) = names.iter().max_by_key(|n| partition.generation_of(n)) else {
-        return Ok(None);
-    };
-    match stream.consumer_info(name).await {
-        Ok(info) => Ok(Some(info)),
-        Err(e) => Err(format!("consumer {name}: {e}")),
+) -> Result<std::collections::BTreeMap<u32, jetstream::consumer::Info>, String> {
+    use futures::TryStreamExt;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut newest: std::collections::BTreeMap<u32, (u64, String)> = Default::default();
+    for name in names {
+        if let Some((index, generation)) = bus::parse_ingest_consumer(&name) {
+            if newest.get(&index).is_none_or(|(g, _)| generation > *g) {
+                newest.insert(index, (generation, name));
+            }
+        }
     }
+    let mut out = std::collections::BTreeMap::new();
+    for (index, (_, name)) in newest {
+        let info = stream
+            .consumer_info(&name)
+            .await
+            .map_err(|e| format!("consumer {name}: {e}"))?;
+        out.insert(index, info);
+    }
+    Ok(out)
 }

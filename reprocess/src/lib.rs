@@ -872,7 +872,7 @@ pub async fn ingest_ack_floor(
     js: &async_nats::jetstream::Context,
     partitions: u32,
 ) -> Result<u64, ReprocessError> {
-    use beacon_proto::bus::{Partition, EVENTS_STREAM};
+    use beacon_proto::bus::EVENTS_STREAM;
     let Ok(mut stream) = js.get_stream(EVENTS_STREAM).await else {
         return Ok(0);
     };
@@ -881,16 +881,12 @@ pub async fn ingest_ack_floor(
         Ok(info) => info.state.last_sequence,
         Err(e) => return Err(ReprocessError::Nats(e.to_string())),
     };
+    let mut current = beacon_proto::stores::current_ingest_consumers(&stream)
+        .await
+        .map_err(ReprocessError::Nats)?;
     let mut floor = u64::MAX;
     for index in 0..partitions.max(1) {
-        let partition = Partition {
-            index,
-            count: partitions,
-        };
-        let current = beacon_proto::stores::current_ingest_consumer(&stream, partition)
-            .await
-            .map_err(ReprocessError::Nats)?;
-        let partition_floor = match current {
+        let partition_floor = match current.remove(&index) {
             // Several partitions: one with nothing pending is complete up to the stream's
             // end, else it would hold the floor at its last message for as long as it idles.
             Some(info) if partitions > 1 && info.num_pending == 0 && info.num_ack_pending == 0 => {
