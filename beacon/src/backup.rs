@@ -118,6 +118,9 @@ fn skipped(name: &str) -> bool {
     matches!(name, "endpoints.json" | "nats-server.pid")
         || name.ends_with(".lock")
         || name.ends_with(".tmp")
+        // SQLite's shared-memory index of the catalog's write-ahead log: rebuilt on open
+        // (the `-wal` file itself is data and is copied).
+        || name.ends_with("-shm")
 }
 
 fn copy_tree(from: &Path, to: &Path, copied: &mut Copied) -> Result<(), BackupError> {

@@ -113,6 +113,15 @@ impl CatalogSwap {
             .connect(uri)
             .await
             .map_err(WarehouseError::Catalog)?;
+        if uri.starts_with("sqlite:") {
+            // Write-ahead logging (kept in the file, so every connection to it uses it):
+            // readers then never block the commits of several ingest processes, nor they
+            // the readers; in the default rollback journal a `beacon sql` opening the
+            // catalog under such load failed with "database is locked" after 5 s.
+            if let Err(e) = sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await {
+                tracing::warn!(error = %e, "the catalog stays in rollback-journal mode");
+            }
+        }
         Ok(Self {
             pool,
             catalog_name: catalog_name.to_string(),
