@@ -57,6 +57,26 @@ if ! command -v psql >/dev/null; then
   fi
 fi
 
+# The shared warehouse's real servers (tests/shared_warehouse.rs; tests only): PostgreSQL
+# for the catalog (Debian's postgresql; the test runs its own cluster as the postgres user)
+# and s3s-fs, an S3-compatible server from crates.io, for the table files.
+if [ "${BEACON_SETUP_BROWSER:-0}" = 1 ]; then
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing the PostgreSQL server (postgresql)"
+    apt-get install -y -q postgresql >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
+  else
+    echo "the PostgreSQL server is missing: install Debian's postgresql" >&2
+    exit 1
+  fi
+fi
+S3S_ROOT="$HOME/.cache/beacon/s3s"
+if ! [ -x "$S3S_ROOT/bin/s3s-fs" ]; then
+  say "installing s3s-fs 0.14.1 (an S3-compatible server) into $S3S_ROOT"
+  cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root "$S3S_ROOT"
+fi
+fi
+
 # Headless Chromium and its ChromeDriver (Debian's packages), which the dashboard test drives
 # through Selenium (PyPI) as a person would. Only for the tests (scripts/test.sh and
 # scripts/screenshots.sh set BEACON_SETUP_BROWSER=1); the pipeline itself needs no browser.

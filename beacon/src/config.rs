@@ -68,6 +68,11 @@ pub const KNOWN: &[&str] = &[
     "BEACON_SNAPSHOT_RETAIN_LAST",
     "BEACON_ORPHAN_AGE_SECS",
     "BEACON_COMPACT_BIN_MB",
+    "BEACON_CATALOG_URI",
+    "BEACON_WAREHOUSE_URI",
+    "BEACON_S3_ENDPOINT",
+    "BEACON_S3_REGION",
+    "BEACON_S3_VIRTUAL_HOSTED",
 ];
 
 #[derive(Debug, thiserror::Error)]

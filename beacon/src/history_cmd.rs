@@ -253,7 +253,7 @@ pub async fn forget(a: ForgetArgs) -> Result<()> {
 }
 
 async fn open_warehouse(data_dir: &std::path::Path) -> Result<beacon_warehouse::Warehouse> {
-    beacon_warehouse::Warehouse::open_existing(data_dir)
+    beacon::store::open_existing(data_dir)
         .await
         .with_context(|| format!("opening the warehouse in {}", data_dir.display()))
 }
@@ -292,7 +292,7 @@ impl JobService {
         target: &NatsTarget,
         limits: beacon_plugins::SandboxLimits,
     ) -> Result<Option<Arc<Self>>> {
-        let Ok(wh) = beacon_warehouse::Warehouse::open_existing(&target.data_dir).await else {
+        let Ok(wh) = beacon::store::open_existing(&target.data_dir).await else {
             return Ok(None);
         };
         let js = target.jetstream().await?;

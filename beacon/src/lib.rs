@@ -11,5 +11,7 @@ pub mod endpoints;
 pub mod lock;
 pub mod nats;
 pub mod progress;
+#[cfg(feature = "full")]
+pub mod store;
 pub mod topology;
 pub mod traffic;

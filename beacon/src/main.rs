@@ -32,6 +32,9 @@ struct Cli {
         value_name = "ADDR"
     )]
     metrics_listen: Option<SocketAddr>,
+    #[cfg(feature = "full")]
+    #[command(flatten)]
+    store: beacon::store::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -516,7 +519,7 @@ async fn start_api(
     // One shutdown signal for both servers, crossing runtimes.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = runtime.spawn(async move {
-        let warehouse = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+        let warehouse = Arc::new(beacon::store::open(&data_dir).await?);
         let js = async_nats::jetstream::new(
             async_nats::connect(beacon_proto::bus::servers(&nats_url))
                 .await
@@ -921,6 +924,16 @@ fn apply_config_file() -> Result<()> {
     Ok(())
 }
 
+/// Backup, restore and relocation copy a data directory; a shared warehouse (PostgreSQL
+/// catalog, object storage) is backed up with its own tools (docs/OPERATIONS.md).
+#[cfg(feature = "full")]
+fn local_warehouse_only(data_dir: &Path) -> Result<()> {
+    if !beacon::store::location(data_dir)?.is_local() {
+        bail!("this copies a data directory's own warehouse; a shared one (--catalog-uri, --warehouse-uri) is backed up with pg_dump and the bucket's versioning (docs/OPERATIONS.md, \"Shared warehouse\")");
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     // Operator metrics, served at `/metrics` on the admin port (docs/OPERATIONS.md).
     if let Err(e) = beacon_serve::metrics::install() {
@@ -929,6 +942,8 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.config {
         tracing::info!(config = %path.display(), "settings file applied");
     }
+    #[cfg(feature = "full")]
+    cli.store.clone().install();
     // This role's readiness checks, on its own port with the metrics (`--metrics-listen`)
     // and on the role's HTTP port where it has one.
     let status = beacon_serve::Health::new();
@@ -1032,7 +1047,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let _lock = beacon::lock::lock_role(&data_dir, "rollup")?;
             let (tx, rx) = watch::channel(false);
-            let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+            let wh = Arc::new(beacon::store::open(&data_dir).await?);
             let maintenance = maintain.spawn(wh.clone(), rx.clone())?;
             let task = tokio::spawn(beacon_warehouse::rollup::run_loop(
                 wh,
@@ -1057,6 +1072,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => run_maintain(&data_dir, &tables, maintain.options(dry_run)).await,
         #[cfg(feature = "full")]
         Command::Backup { data_dir, to } => {
+            local_warehouse_only(&data_dir)?;
             let c = beacon::backup::copy(&data_dir, &to).await?;
             println!(
                 "backed up {} to {}: {c}; the backup is a data directory (check it: beacon sql --data-dir {} ...)",
@@ -1068,6 +1084,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "full")]
         Command::Restore { from, data_dir } => {
+            local_warehouse_only(&data_dir)?;
             let c = beacon::backup::copy(&from, &data_dir).await?;
             println!(
                 "restored {} into {}: {c}; start it with: beacon up --data-dir {}",
@@ -1079,6 +1096,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "full")]
         Command::Relocate { data_dir } => {
+            local_warehouse_only(&data_dir)?;
             match beacon::backup::relocate(&data_dir).await? {
                 Some(r) => println!(
                     "relocated {} tables from {} to {} ({} metadata files rewritten)",
@@ -1097,7 +1115,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             format,
         } => {
-            let wh = beacon_warehouse::Warehouse::open_existing(&data_dir).await?;
+            let wh = beacon::store::open_existing(&data_dir).await?;
             let batches = wh.sql(&query).await?;
             let text = match format {
                 Format::Table => beacon_warehouse::output::table(&batches)?,
@@ -1370,7 +1388,7 @@ async fn run_maintain(
             })
             .collect::<Result<Vec<_>>>()?
     };
-    let wh = beacon_warehouse::Warehouse::open_existing(data_dir).await?;
+    let wh = beacon::store::open_existing(data_dir).await?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{prefix:>18} {msg:<8} [{bar:30}] {pos}/{len}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -1406,7 +1424,7 @@ async fn run_ingest(
         nats_url.clone(),
         shutdown.clone(),
     ));
-    let wh = Arc::new(beacon_warehouse::Warehouse::open(&data_dir).await?);
+    let wh = Arc::new(beacon::store::open(&data_dir).await?);
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
@@ -1469,7 +1487,7 @@ async fn up(
     // holds back ingest, rollups and queries, not collection: the bus keeps the backlog,
     // and the roles start as soon as it opens.
     node.register(WAREHOUSE_CHECK);
-    let first = beacon_warehouse::Warehouse::open(&data_dir).await;
+    let first = beacon::store::open(&data_dir).await;
     if let Err(e) = &first {
         tracing::error!(error = %e, "the warehouse cannot be opened: collecting into the bus only, retrying");
         node.set(WAREHOUSE_CHECK, Err(e.to_string()));
@@ -1488,15 +1506,15 @@ async fn up(
     )
     .await?;
 
-    let layout = beacon_warehouse::Layout::new(&data_dir);
+    let location = beacon::store::location(&data_dir)?;
     let mut endpoints = Endpoints {
         nats_url: nats_url.clone(),
         edge_quic: Some(edge.addr.to_string()),
         edge_http: edge.http_addr.map(|a| format!("http://{a}")),
         edge_ca_cert: Some(edge.cert_path.clone()),
         data_dir: data_dir.clone(),
-        catalog_uri: layout.catalog_uri(),
-        warehouse: layout.warehouse_uri(),
+        catalog_uri: location.pyiceberg_catalog_uri(),
+        warehouse: location.warehouse_uri(),
         admin_http: Some(format!("http://{admin_addr}")),
         metrics_http: None,
         sql_pg: None,
@@ -1674,7 +1692,7 @@ impl WarehouseRoles {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop.wait_for(|s| *s) => return None,
             }
-            match beacon_warehouse::Warehouse::open(&self.data_dir).await {
+            match beacon::store::open(&self.data_dir).await {
                 Ok(wh) => match self.start(Arc::new(wh)).await {
                     Ok(running) => {
                         self.node.set(WAREHOUSE_CHECK, Ok(()));

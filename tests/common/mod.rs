@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod servers;
+
 use beacon::endpoints::Endpoints;
 use beacon::nats::NatsServer;
 use serde_json::Value;

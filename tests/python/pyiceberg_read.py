@@ -1,10 +1,11 @@
 """Reads Beacon's Iceberg tables with PyIceberg (a different engine) and prints, as JSON,
 row counts, distinct event ids and revenue sums per table, plus per-merchant event counts.
 
-    python pyiceberg_read.py <catalog uri> <warehouse uri>
+    python pyiceberg_read.py <catalog uri> <warehouse uri> [key=value ...]
 
 Both exactly as `beacon up` prints them (and writes them to endpoints.json): the catalog
-URI is SQLAlchemy's `sqlite:////abs/path/catalog.db` (four slashes: an absolute path).
+URI is SQLAlchemy's `sqlite:////abs/path/catalog.db` (four slashes: an absolute path), or
+`postgresql+psycopg://...` for a shared catalog.
 """
 
 import json
@@ -17,7 +18,9 @@ from pyiceberg.catalog.sql import SqlCatalog
 def main() -> None:
     uri = sys.argv[1]
     warehouse = sys.argv[2]
-    catalog = SqlCatalog("beacon", uri=uri, warehouse=warehouse)
+    # FileIO settings for a shared warehouse (s3.endpoint, credentials), PyIceberg's names.
+    props = dict(arg.split("=", 1) for arg in sys.argv[3:])
+    catalog = SqlCatalog("beacon", uri=uri, warehouse=warehouse, **props)
     out = {"tables": sorted(".".join(t) for t in catalog.list_tables("analytics"))}
     for name in ("raw_events", "events", "failed_events"):
         table = catalog.load_table(("analytics", name))

@@ -109,6 +109,8 @@ pub enum WarehouseError {
     Unsupported(String),
     #[error("no warehouse at {0}: start `beacon up --data-dir {0}` (or ingest) first")]
     Missing(PathBuf),
+    #[error("no warehouse in the shared catalog for {0}: start ingest with the same --catalog-uri and --warehouse-uri first")]
+    MissingShared(String),
     #[error("no table named `{0}` in the warehouse")]
     UnknownTable(String),
 }
@@ -129,6 +131,14 @@ impl Layout {
         }
     }
 
+    /// The data directory this layout is in.
+    pub fn data_dir(&self) -> PathBuf {
+        self.catalog_db
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     pub fn catalog_uri(&self) -> String {
         format!(
             // SQLAlchemy's form (PyIceberg): `sqlite:///` + an absolute path, so four
@@ -143,8 +153,123 @@ impl Layout {
     }
 }
 
+/// Where a warehouse is: its catalog database and the root its table files go under.
+///
+/// [`Location::local`] is the embedded default (a SQLite catalog and table files in the data
+/// directory); [`Location::shared`] is the form several machines share: the catalog in
+/// PostgreSQL and the files on S3-compatible object storage (each can be chosen alone).
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The catalog database's sqlx URI (`sqlite:...`, `postgres://...`).
+    catalog: String,
+    /// The root of the table files: a local path, or `s3://bucket/prefix`.
+    warehouse: String,
+    /// FileIO settings (`s3.endpoint`, `s3.region`, `s3.access-key-id`, ...), PyIceberg's
+    /// names, handed to the storage as they are.
+    props: HashMap<String, String>,
+    /// Set when catalog and files are both in a data directory (the embedded default), which
+    /// is what relocation and the moved-directory check are about.
+    local: Option<Layout>,
+}
+
+impl Location {
+    /// The embedded default: everything under `data_dir`.
+    pub fn local(data_dir: &Path) -> Self {
+        let layout = Layout::new(data_dir);
+        Self {
+            catalog: sqlx_uri(&layout),
+            warehouse: layout.warehouse_dir.display().to_string(),
+            props: HashMap::new(),
+            local: Some(layout),
+        }
+    }
+
+    /// A warehouse shared between machines. `catalog` is a `postgres://` (or `sqlite:`) URI;
+    /// `warehouse` is `s3://bucket/prefix` (or a path every machine mounts); `props` are
+    /// FileIO settings such as `s3.endpoint` and credentials.
+    pub fn shared(
+        catalog: &str,
+        warehouse: &str,
+        props: HashMap<String, String>,
+    ) -> Result<Self, WarehouseError> {
+        let catalog = match catalog.split_once("://") {
+            // SQLAlchemy's spelling, as PyIceberg takes it, accepted too.
+            Some(("postgresql" | "postgresql+psycopg" | "postgresql+psycopg2", rest)) => {
+                format!("postgres://{rest}")
+            }
+            Some(("postgres", _)) => catalog.to_string(),
+            _ if catalog.starts_with("sqlite:") => catalog.to_string(),
+            _ => {
+                return Err(WarehouseError::Unsupported(format!(
+                    "catalog URI {catalog}: expected postgres://user:password@host:port/database or sqlite:path"
+                )))
+            }
+        };
+        let warehouse = warehouse.trim_end_matches('/').to_string();
+        if warehouse.is_empty() {
+            return Err(WarehouseError::Unsupported(
+                "an empty warehouse URI: expected s3://bucket/prefix or an absolute path".into(),
+            ));
+        }
+        Ok(Self {
+            catalog,
+            warehouse,
+            props,
+            local: None,
+        })
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Whether the table files are on S3-compatible object storage.
+    pub fn on_object_storage(&self) -> bool {
+        ["s3://", "s3a://", "s3n://"]
+            .iter()
+            .any(|s| self.warehouse.starts_with(s))
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.catalog.starts_with("postgres://")
+    }
+
+    /// The catalog URI as PyIceberg's SQL catalog (SQLAlchemy) opens it.
+    pub fn pyiceberg_catalog_uri(&self) -> String {
+        match &self.local {
+            Some(layout) => layout.catalog_uri(),
+            None => match self.catalog.strip_prefix("postgres://") {
+                Some(rest) => format!("postgresql+psycopg://{rest}"),
+                None => format!(
+                    "sqlite:///{}",
+                    self.catalog
+                        .trim_start_matches("sqlite:")
+                        .split('?')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches("//")
+                ),
+            },
+        }
+    }
+
+    /// The warehouse root as other engines name it (`file:///...` or `s3://...`).
+    pub fn warehouse_uri(&self) -> String {
+        match &self.local {
+            Some(layout) => layout.warehouse_uri(),
+            None if self.warehouse.starts_with('/') => format!("file://{}", self.warehouse),
+            None => self.warehouse.clone(),
+        }
+    }
+
+    /// The FileIO settings (for PyIceberg and other readers; may hold credentials).
+    pub fn props(&self) -> &HashMap<String, String> {
+        &self.props
+    }
+}
+
 pub struct Warehouse {
-    layout: Layout,
+    location: Location,
     catalog: Arc<dyn Catalog>,
     provider: Arc<IcebergCatalogProvider>,
     /// The read-only session [`Warehouse::sql`] shares: planning the views costs a few
@@ -160,21 +285,28 @@ pub struct Warehouse {
 impl Warehouse {
     /// Opens the warehouse under `data_dir`, creating the catalog and tables if needed.
     pub async fn open(data_dir: &Path) -> Result<Self, WarehouseError> {
-        let layout = Layout::new(data_dir);
-        std::fs::create_dir_all(&layout.warehouse_dir).map_err(|source| WarehouseError::Io {
-            path: layout.warehouse_dir.clone(),
-            source,
-        })?;
+        Self::open_at(Location::local(data_dir)).await
+    }
+
+    /// Opens the warehouse at `location`, creating the catalog and tables if needed.
+    pub async fn open_at(location: Location) -> Result<Self, WarehouseError> {
+        if !location.on_object_storage() {
+            let root = PathBuf::from(&location.warehouse);
+            std::fs::create_dir_all(&root)
+                .map_err(|source| WarehouseError::Io { path: root, source })?;
+        }
         // (After opening: that creates the catalog's own tables when they are missing.)
-        let catalog = open_catalog(&layout).await?;
+        let catalog = open_catalog(&location).await?;
         // The same catalog connection serves replace commits later.
-        let swap = replace::CatalogSwap::connect(&sqlx_uri(&layout), CATALOG_NAME).await?;
-        if let Some(recorded) = relocate::recorded_root(&swap).await? {
-            if !relocate::is_here(&layout, &recorded) {
-                return Err(WarehouseError::Moved {
-                    recorded,
-                    here: data_dir.to_path_buf(),
-                });
+        let swap = replace::CatalogSwap::connect(&location.catalog, CATALOG_NAME).await?;
+        if let Some(layout) = &location.local {
+            if let Some(recorded) = relocate::recorded_root(&swap).await? {
+                if !relocate::is_here(layout, &recorded) {
+                    return Err(WarehouseError::Moved {
+                        recorded,
+                        here: layout.data_dir(),
+                    });
+                }
             }
         }
         if let Err(e) = tables::ensure_all(catalog.as_ref()).await {
@@ -184,7 +316,7 @@ impl Warehouse {
         // reloads table metadata on every scan, so queries always see the latest commits.
         let provider = Arc::new(IcebergCatalogProvider::try_new(catalog.clone()).await?);
         Ok(Self {
-            layout,
+            location,
             catalog,
             provider,
             shared: tokio::sync::OnceCell::new(),
@@ -202,8 +334,22 @@ impl Warehouse {
         Self::open(data_dir).await
     }
 
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    /// [`Warehouse::open_existing`] for any [`Location`]: a shared catalog must already hold
+    /// Beacon's tables.
+    pub async fn open_existing_at(location: Location) -> Result<Self, WarehouseError> {
+        if let Some(layout) = &location.local {
+            return Self::open_existing(&layout.data_dir()).await;
+        }
+        let swap = replace::CatalogSwap::connect(&location.catalog, CATALOG_NAME).await?;
+        if !swap.locations().await.is_ok_and(|rows| !rows.is_empty()) {
+            return Err(WarehouseError::MissingShared(location.warehouse_uri()));
+        }
+        drop(swap);
+        Self::open_at(location).await
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     pub fn catalog(&self) -> &Arc<dyn Catalog> {
@@ -454,23 +600,31 @@ fn sqlx_uri(layout: &Layout) -> String {
     format!("sqlite:{}?mode=rwc", layout.catalog_db.display())
 }
 
-async fn open_catalog(layout: &Layout) -> Result<Arc<dyn Catalog>, WarehouseError> {
+async fn open_catalog(location: &Location) -> Result<Arc<dyn Catalog>, WarehouseError> {
+    let storage: Arc<dyn iceberg::io::StorageFactory> = if location.on_object_storage() {
+        Arc::new(iceberg_storage_opendal::OpenDalStorageFactory::S3 {
+            customized_credential_load: None,
+        })
+    } else {
+        Arc::new(LocalFsStorageFactory)
+    };
+    let bind = if location.is_postgres() {
+        SqlBindStyle::DollarNumeric
+    } else {
+        SqlBindStyle::QMark
+    };
+    let mut props = location.props.clone();
+    props.extend([
+        (SQL_CATALOG_PROP_URI.to_string(), location.catalog.clone()),
+        (
+            SQL_CATALOG_PROP_WAREHOUSE.to_string(),
+            location.warehouse.clone(),
+        ),
+        (SQL_CATALOG_PROP_BIND_STYLE.to_string(), bind.to_string()),
+    ]);
     let catalog = SqlCatalogBuilder::default()
-        .with_storage_factory(Arc::new(LocalFsStorageFactory))
-        .load(
-            CATALOG_NAME,
-            HashMap::from([
-                (SQL_CATALOG_PROP_URI.to_string(), sqlx_uri(layout)),
-                (
-                    SQL_CATALOG_PROP_WAREHOUSE.to_string(),
-                    layout.warehouse_dir.display().to_string(),
-                ),
-                (
-                    SQL_CATALOG_PROP_BIND_STYLE.to_string(),
-                    SqlBindStyle::QMark.to_string(),
-                ),
-            ]),
-        )
+        .with_storage_factory(storage)
+        .load(CATALOG_NAME, props)
         .await?;
     Ok(Arc::new(catalog))
 }

@@ -102,6 +102,9 @@ pub(crate) struct CatalogRow {
 pub(crate) struct CatalogSwap {
     pool: AnyPool,
     catalog_name: String,
+    /// PostgreSQL takes `$n` placeholders, SQLite `?` (sqlx's Any driver passes them as
+    /// written).
+    dollar_placeholders: bool,
 }
 
 impl CatalogSwap {
@@ -125,15 +128,34 @@ impl CatalogSwap {
         Ok(Self {
             pool,
             catalog_name: catalog_name.to_string(),
+            dollar_placeholders: uri.starts_with("postgres"),
         })
+    }
+
+    /// `sql` with its `?` placeholders in the catalog database's own style.
+    fn sql(&self, sql: &str) -> String {
+        if !self.dollar_placeholders {
+            return sql.to_string();
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     /// Every table row of this catalog.
     pub(crate) async fn locations(&self) -> Result<Vec<CatalogRow>, WarehouseError> {
-        let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(&self.sql(
             "SELECT table_namespace, table_name, metadata_location, previous_metadata_location \
              FROM iceberg_tables WHERE catalog_name = ? ORDER BY table_namespace, table_name",
-        )
+        ))
         .bind(&self.catalog_name)
         .fetch_all(&self.pool)
         .await
@@ -156,11 +178,11 @@ impl CatalogSwap {
     ) -> Result<(), WarehouseError> {
         let mut tx = self.pool.begin().await.map_err(WarehouseError::Catalog)?;
         for (row, metadata, previous) in moves {
-            let done = sqlx::query(
+            let done = sqlx::query(&self.sql(
                 "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
                  WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
                    AND metadata_location = ?",
-            )
+            ))
             .bind(metadata)
             .bind(previous.clone())
             .bind(&self.catalog_name)
@@ -185,10 +207,10 @@ impl CatalogSwap {
         &self,
         ident: &TableIdent,
     ) -> Result<Option<String>, WarehouseError> {
-        let row: Option<(String,)> = sqlx::query_as(
+        let row: Option<(String,)> = sqlx::query_as(&self.sql(
             "SELECT metadata_location FROM iceberg_tables \
              WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?",
-        )
+        ))
         .bind(&self.catalog_name)
         .bind(ident.namespace().join("."))
         .bind(ident.name())
@@ -199,20 +221,19 @@ impl CatalogSwap {
     }
 
     /// Points `ident` at `new` if it still points at `expected`. `Ok(false)`: someone else
-    /// committed first. (`?` placeholders: the SQLite catalog's bind style; a PostgreSQL
-    /// catalog needs `$n`.)
+    /// committed first.
     async fn swap(
         &self,
         ident: &TableIdent,
         expected: &str,
         new: &str,
     ) -> Result<bool, WarehouseError> {
-        let result = sqlx::query(
+        let result = sqlx::query(&self.sql(
             "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
              WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
                AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) \
                AND metadata_location = ?",
-        )
+        ))
         .bind(new)
         .bind(expected)
         .bind(&self.catalog_name)
