@@ -371,6 +371,10 @@ pub async fn run(
     leases::manage(&cfg, wh, js, health, shutdown).await
 }
 
+/// A commit slower than this marks ingest not ready until one succeeds (commits take well
+/// under a second normally).
+const SLOW_COMMIT: Duration = Duration::from_secs(10);
+
 /// How long a partition stays idle before its `events` watermark is moved up to the
 /// stream's end: the rollups aggregate up to the lowest partition's, so a partition
 /// without traffic must not hold the others back.
@@ -485,7 +489,25 @@ pub(crate) async fn run_partition(
         };
         let started = Instant::now();
         let envelopes = received.len();
-        let (rows, max_seq) = writer.commit(received).await?;
+        let commit = writer.commit(received);
+        tokio::pin!(commit);
+        let (rows, max_seq) = tokio::select! {
+            done = &mut commit => done?,
+            // A catalog or object store that stopped answering makes a commit hang (up to the
+            // connection pool's 30 s acquire timeout, then a restart that hangs again): say
+            // so at once, so `/readyz` means "can commit", and keep waiting for the answer.
+            _ = tokio::time::sleep(SLOW_COMMIT) => {
+                tracing::warn!(partition = partition.index, "a commit has been running for over {SLOW_COMMIT:?}");
+                health.set(
+                    HEALTH_CHECK,
+                    Err(format!(
+                        "partition {}: a commit has been running for over {SLOW_COMMIT:?} (is the catalog or the object store answering?)",
+                        partition.index
+                    )),
+                );
+                commit.await?
+            }
+        };
         last_commit = Instant::now();
         metrics::histogram!("beacon_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("beacon_ingest_envelopes_total").increment(envelopes as u64);
@@ -615,8 +637,10 @@ impl Writer {
                     return Ok::<_, IngestError>((kind, 0, false));
                 }
                 let rows = batch.num_rows();
-                let files = wh.write_files(kind, batch).await?;
-                commit_files(&wh, kind, partition, &mark, files, max_seq).await?;
+                // One load serves the write and the commit's first attempt.
+                let table = wh.table(kind).await?;
+                let files = wh.write_files_to(kind, &table, batch).await?;
+                commit_files(&wh, kind, Some(table), partition, &mark, files, max_seq).await?;
                 Ok((kind, rows, true))
             }));
         }
@@ -648,7 +672,7 @@ impl Writer {
     /// message of the partition up to `seq` is committed).
     async fn advance(&mut self, kind: TableKind, seq: u64) -> Result<(), IngestError> {
         let mark = self.committed[&kind].clone();
-        commit_files(&self.wh, kind, self.partition, &mark, Vec::new(), seq).await?;
+        commit_files(&self.wh, kind, None, self.partition, &mark, Vec::new(), seq).await?;
         self.committed.insert(kind, Mark::at(seq));
         Ok(())
     }
@@ -669,6 +693,7 @@ impl Mark {
 async fn commit_files(
     wh: &Warehouse,
     kind: TableKind,
+    loaded: Option<iceberg::table::Table>,
     partition: Partition,
     mark: &Mark,
     files: Vec<iceberg::spec::DataFile>,
@@ -687,7 +712,7 @@ async fn commit_files(
             .insert(PARTITIONS_PROPERTY.into(), partition.count.to_string());
     }
     rewrite.require = vec![(key, mark.text.clone())];
-    match wh.replace(kind, &rewrite).await {
+    match wh.replace_on(kind, loaded, &rewrite).await {
         Ok(Outcome::Committed { .. }) => Ok(()),
         // The same range was committed by a writer that lost this partition while it
         // committed (it read the same watermark, so it wrote the same rows): ours are spare.

@@ -36,10 +36,12 @@ fn stop(child: &mut Child, signal: libc::c_int) {
 /// A PostgreSQL server of the test's own: a fresh cluster (`initdb`), trust authentication
 /// on 127.0.0.1 only, and a database `beacon`.
 pub struct Postgres {
-    child: Child,
+    child: Option<Child>,
     /// `postgres://beacon@127.0.0.1:<port>/beacon`
     pub url: String,
     pub port: u16,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
     dir: tempfile::TempDir,
 }
 
@@ -68,30 +70,51 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
-        let mut cmd = Command::new(bin.join("postgres"));
-        cmd.args(["-D", data.to_str().expect("utf8")])
-            .args(["-p", &port.to_string()])
-            .args(["-k", dir.path().to_str().expect("utf8")])
+        let mut pg = Self {
+            child: None,
+            url: format!("postgres://beacon@127.0.0.1:{port}/beacon"),
+            port,
+            bin,
+            user,
+            dir,
+        };
+        pg.start_again();
+        pg.psql("postgres", "CREATE DATABASE beacon")
+            .expect("create database");
+        pg
+    }
+
+    /// Stops the server at once (immediate shutdown: connections cut, no checkpoint), as a
+    /// crash of the database machine looks to its clients.
+    pub fn stop_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, libc::SIGQUIT);
+        }
+    }
+
+    /// Starts the server on its port and data (after [`Postgres::stop_now`]: crash recovery)
+    /// and waits until it accepts connections.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "PostgreSQL is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("log");
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.args(["-D", self.dir.path().join("data").to_str().expect("utf8")])
+            .args(["-p", &self.port.to_string()])
+            .args(["-k", self.dir.path().to_str().expect("utf8")])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        run_as(&mut cmd, user);
-        let child = cmd.spawn().expect("start postgres");
-        let pg = Self {
-            child,
-            url: format!("postgres://beacon@127.0.0.1:{port}/beacon"),
-            port,
-            dir,
-        };
+        run_as(&mut cmd, self.user);
+        self.child = Some(cmd.spawn().expect("start postgres"));
         wait_for(Duration::from_secs(60), "PostgreSQL accepting", || {
-            pg.psql("postgres", "SELECT 1").ok()
+            self.psql("postgres", "SELECT 1").ok()
         });
-        pg.psql("postgres", "CREATE DATABASE beacon")
-            .expect("create database");
-        pg
     }
 
     /// Runs `sql` with psql in `database`; its output, or stderr on failure.
@@ -116,7 +139,7 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         // Immediate shutdown: the test's data is thrown away with the directory.
-        stop(&mut self.child, libc::SIGQUIT);
+        self.stop_now();
     }
 }
 
@@ -170,7 +193,9 @@ fn run_as(cmd: &mut Command, user: Option<(u32, u32)>) {
 
 /// An S3-compatible server (s3s-fs) with one bucket, serving a directory on a free port.
 pub struct S3Server {
-    child: Child,
+    child: Option<Child>,
+    bin: PathBuf,
+    port: u16,
     /// `http://127.0.0.1:<port>`
     pub endpoint: String,
     /// Where the server keeps objects: `<root>/<bucket>/<key>`.
@@ -202,30 +227,56 @@ impl S3Server {
         std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
         let (access_key, secret_key) = ("beacon-test", "beacon-test-secret");
         let port = free_port();
-        let log_path = dir.path().join("s3s-fs.log");
-        let log = std::fs::File::create(&log_path).expect("log");
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", access_key, "--secret-key", secret_key])
-            .arg(&root)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start s3s-fs");
-        let s3 = Self {
-            child,
+        let mut s3 = Self {
+            child: None,
+            bin,
+            port,
             endpoint: format!("http://127.0.0.1:{port}"),
             root,
             access_key,
             secret_key,
             _dir: dir,
         };
+        s3.start_again();
+        s3
+    }
+
+    /// Kills the server (-9): requests are refused until [`S3Server::start_again`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, libc::SIGKILL);
+        }
+    }
+
+    /// Starts the server on its port and objects and waits until it listens.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "s3s-fs is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join("s3s-fs.log"))
+            .expect("log");
+        self.child = Some(
+            Command::new(&self.bin)
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args([
+                    "--access-key",
+                    self.access_key,
+                    "--secret-key",
+                    self.secret_key,
+                ])
+                .arg(&self.root)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start s3s-fs"),
+        );
+        let port = self.port;
         wait_for(Duration::from_secs(30), "s3s-fs listening", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        s3
     }
 
     /// Every object under `prefix` of `bucket` (paths relative to the bucket).
@@ -250,6 +301,6 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        stop(&mut self.child, libc::SIGKILL);
+        self.kill();
     }
 }

@@ -362,7 +362,20 @@ impl Warehouse {
         kind: TableKind,
         rewrite: &replace::Rewrite,
     ) -> Result<replace::Outcome, WarehouseError> {
-        replace::replace(self.catalog.as_ref(), &self.swap, &kind.ident(), rewrite).await
+        self.replace_on(kind, None, rewrite).await
+    }
+
+    /// [`Warehouse::replace`] starting from `loaded`, a recent load of `kind` (the one its
+    /// files were written for): a writer that commits every second saves a metadata load
+    /// (a catalog query and a metadata file read) per commit.
+    pub async fn replace_on(
+        &self,
+        kind: TableKind,
+        loaded: Option<Table>,
+        rewrite: &replace::Rewrite,
+    ) -> Result<replace::Outcome, WarehouseError> {
+        let (catalog, ident) = (self.catalog.as_ref(), kind.ident());
+        replace::replace(catalog, &self.swap, &ident, loaded, rewrite).await
     }
 
     /// Writes `batch` as data files of `kind` (sorted and partitioned like appends) without
@@ -374,6 +387,16 @@ impl Warehouse {
     ) -> Result<Vec<iceberg::spec::DataFile>, WarehouseError> {
         let table = self.table(kind).await?;
         tables::write_files(kind, &table, batch).await
+    }
+
+    /// [`Warehouse::write_files`] for an already loaded `table` of `kind`.
+    pub async fn write_files_to(
+        &self,
+        kind: TableKind,
+        table: &Table,
+        batch: RecordBatch,
+    ) -> Result<Vec<iceberg::spec::DataFile>, WarehouseError> {
+        tables::write_files(kind, table, batch).await
     }
 
     /// Deletes a data file written for `kind` that no commit references (a failed job's).

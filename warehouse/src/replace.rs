@@ -255,14 +255,20 @@ impl CatalogSwap {
 
 /// Applies `rewrite` to the table `ident` in one atomic snapshot (see the module docs). Use
 /// [`Warehouse::replace`](crate::Warehouse::replace), which pairs the catalog with its swap.
+/// `loaded`, a recent load of the table, saves the first attempt a load (a stale one only
+/// costs a retry: the swap compares the catalog row it was staged on).
 pub(crate) async fn replace(
     catalog: &dyn Catalog,
     swap: &CatalogSwap,
     ident: &TableIdent,
+    mut loaded: Option<Table>,
     rewrite: &Rewrite,
 ) -> Result<Outcome, WarehouseError> {
     for attempt in 1..=MAX_ATTEMPTS {
-        let table = catalog.load_table(ident).await?;
+        let table = match loaded.take() {
+            Some(table) => table,
+            None => catalog.load_table(ident).await?,
+        };
         if let Some(snapshot_id) = applied(&table, &rewrite.job_id) {
             return Ok(Outcome::AlreadyApplied { snapshot_id });
         }
