@@ -16,8 +16,9 @@ use beacon_warehouse::{Location, Warehouse, WarehouseError};
 /// own SQLite catalog and local table files.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct StoreArgs {
-    /// The Iceberg catalog database shared by every role: `postgres://user:password@host:port/db`
-    /// (the SQLite catalog in the data directory when unset).
+    /// The Iceberg catalog database shared by every role: `postgres://user@host:port/db`, the
+    /// password from `PGPASSWORD` or `~/.pgpass` (the SQLite catalog in the data directory
+    /// when unset).
     #[arg(long, global = true, env = "BEACON_CATALOG_URI", value_name = "URI")]
     pub catalog_uri: Option<String>,
     /// Where the table files go: `s3://bucket/prefix` (or a path every machine mounts).
@@ -152,7 +153,7 @@ mod tests {
         assert!(!loc.is_local() && loc.on_object_storage());
         assert_eq!(
             loc.pyiceberg_catalog_uri(),
-            "postgresql+psycopg://u:p@127.0.0.1:5432/beacon"
+            "postgresql+psycopg://u@127.0.0.1:5432/beacon"
         );
         assert_eq!(loc.warehouse_uri(), "s3://bucket/wh");
         assert_eq!(loc.props()["s3.path-style-access"], "true");

@@ -723,9 +723,12 @@ async fn commit_files(
             Ok(())
         }
         Err(e) => {
-            // Nothing references the files of a commit that did not land.
-            for f in &rewrite.added {
-                let _ = wh.delete_file(kind, f.file_path()).await;
+            // Nothing references the files of a commit that did not land (one whose
+            // outcome is unknown keeps them: the restart reads the watermark it left).
+            if !e.commit_may_have_landed() {
+                for f in &rewrite.added {
+                    let _ = wh.delete_file(kind, f.file_path()).await;
+                }
             }
             Err(match e {
                 WarehouseError::Stale {

@@ -706,7 +706,12 @@ async fn run_job(
             req.dry_run,
         )
         .await;
-        if r.is_err() || matches!(r, Ok(None)) {
+        let spare = match &r {
+            Err(ReprocessError::Warehouse(e)) => !e.commit_may_have_landed(),
+            Err(_) => true,
+            Ok(done) => done.is_none(),
+        };
+        if spare {
             for f in &files {
                 let _ = wh.delete_file(kind, f.file_path()).await;
             }

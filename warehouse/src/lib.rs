@@ -92,6 +92,10 @@ pub enum WarehouseError {
     Catalog(sqlx::Error),
     #[error("catalog inconsistent: {0}")]
     CatalogCorrupt(String),
+    /// The catalog gave no answer to a commit's compare-and-swap: it may have landed. Its
+    /// files must stay (see [`WarehouseError::commit_may_have_landed`]).
+    #[error("commit to {table}: no answer from the catalog ({reason}); it may have landed: plan again from the table as it is")]
+    CommitUnknown { table: String, reason: String },
     #[error("commit to {table} kept conflicting with other writers ({attempts} attempts)")]
     CommitConflict { table: String, attempts: u32 },
     #[error("{path} is no longer live in {table}: another job rewrote it first")]
@@ -113,6 +117,14 @@ pub enum WarehouseError {
     MissingShared(String),
     #[error("no table named `{0}` in the warehouse")]
     UnknownTable(String),
+}
+
+impl WarehouseError {
+    /// Whether a failed commit's files may be referenced all the same (its outcome is
+    /// unknown): a caller cleaning up after an error must then leave them.
+    pub fn commit_may_have_landed(&self) -> bool {
+        matches!(self, Self::CommitUnknown { .. })
+    }
 }
 
 /// Where a data directory keeps the catalog and the table files.
@@ -234,12 +246,14 @@ impl Location {
         self.catalog.starts_with("postgres://")
     }
 
-    /// The catalog URI as PyIceberg's SQL catalog (SQLAlchemy) opens it.
+    /// The catalog URI as PyIceberg's SQL catalog (SQLAlchemy) opens it, without a password
+    /// (it is printed and written to `endpoints.json`; readers take theirs from
+    /// `PGPASSWORD` or `~/.pgpass`).
     pub fn pyiceberg_catalog_uri(&self) -> String {
         match &self.local {
             Some(layout) => layout.catalog_uri(),
             None => match self.catalog.strip_prefix("postgres://") {
-                Some(rest) => format!("postgresql+psycopg://{rest}"),
+                Some(rest) => format!("postgresql+psycopg://{}", without_password(rest)),
                 None => format!(
                     "sqlite:///{}",
                     self.catalog
@@ -616,6 +630,17 @@ async fn name_metadata_file(catalog: &replace::CatalogSwap, e: WarehouseError) -
             }
         }
         e => e,
+    }
+}
+
+/// `user:password@host/db` -> `user@host/db`.
+fn without_password(authority_and_path: &str) -> String {
+    match authority_and_path.split_once('@') {
+        Some((user_info, rest)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{user}@{rest}")
+        }
+        None => authority_and_path.to_string(),
     }
 }
 

@@ -286,10 +286,23 @@ pub(crate) async fn replace(
         let staged = stage(&table, rewrite).await?;
         let current = table.metadata_location_result()?.to_string();
         fault_point("before-swap");
-        if swap
-            .swap(ident, &current, &staged.metadata_location)
-            .await?
-        {
+        let swapped = match swap.swap(ident, &current, &staged.metadata_location).await {
+            Ok(swapped) => swapped,
+            // No answer (a connection cut, a database going down) is not "not committed":
+            // the update may have landed with its reply lost. Ask again; unless the row
+            // shows our commit, say the outcome is unknown, so no caller deletes files that
+            // a landed commit references (an orphan costs a sweep, a deleted file the rows).
+            Err(e) => match swap.metadata_location(ident).await {
+                Ok(Some(now)) if now == staged.metadata_location => true,
+                _ => {
+                    return Err(WarehouseError::CommitUnknown {
+                        table: ident.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+            },
+        };
+        if swapped {
             fault_point("after-swap");
             // (Appends, ingest's and the rollups', are routine: not logged at info.)
             if rewrite.operation != Operation::Append {

@@ -212,7 +212,11 @@ pub async fn rewrite_rows(
         Ok::<(), WarehouseError>(())
     }
     .await;
-    if result.is_err() || matches!(report.outcome, Some(Outcome::AlreadyApplied { .. })) {
+    let spare = match &result {
+        Err(e) => !e.commit_may_have_landed(),
+        Ok(()) => matches!(report.outcome, Some(Outcome::AlreadyApplied { .. })),
+    };
+    if spare {
         // Nothing references what this attempt wrote.
         for f in rewrite.added.iter().take(own) {
             let _ = base.file_io().delete(f.file_path()).await;

@@ -177,8 +177,10 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         match wh.replace(kind, &delta).await {
             Ok(_) => {}
             Err(e) => {
-                for f in &delta.added {
-                    let _ = target.file_io().delete(f.file_path()).await;
+                if !e.commit_may_have_landed() {
+                    for f in &delta.added {
+                        let _ = target.file_io().delete(f.file_path()).await;
+                    }
                 }
                 if let WarehouseError::Stale { .. } = e {
                     tracing::debug!(table = kind.name(), error = %e, "rollup delta raced a rebuild or another runner; next run");
