@@ -19,18 +19,18 @@ fn free_port() -> u16 {
 }
 
 fn stop(child: &mut Child, signal: libc::c_int) {
-    // SAFETY: a signal to a child process this harness started and still owns.
+    // SAFETY: a signal to a child process this harness started and has not reaped.
     unsafe { libc::kill(child.id() as i32, signal) };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            // SAFETY: as above; the child did not stop in time.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // Reaped here only, so a SIGKILL never reaches a pid the system handed out again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
         }
-    });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
     let _ = child.wait();
-    let _ = tx.send(());
 }
 
 /// A PostgreSQL server of the test's own: a fresh cluster (`initdb`), trust authentication
