@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http, metric, wait_for, Cluster, Role};
+use common::{http, metric, wait_for, Cluster, PacedSender, Role};
 
 const PARTITIONS: &str = "4";
 
@@ -83,28 +83,16 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
     let mut senders = Vec::new();
     for (i, (_, key)) in merchants.iter().enumerate() {
         let client = cluster.client(key).await.expect("connect");
-        let (stop, acked) = (stop.clone(), acked.clone());
-        senders.push(tokio::spawn(async move {
-            // A steady load (the rate, not the outcome, is set by the clock).
-            let mut pace = tokio::time::interval(Duration::from_millis(50));
-            for n in 0..MAX_BATCHES {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(true);
-                }
-                pace.tick().await;
-                let batch = beacon::demo::generate(
-                    (i as u64 + 1) * 1_000_000 + n,
-                    &format!("shop{i}.example"),
-                    BATCH,
-                    now - 3_600_000,
-                    3_600_000,
-                    300,
-                );
-                client.send(&batch).await?;
-                acked.fetch_add(batch.len(), Ordering::Relaxed);
-            }
-            Ok::<_, beacon_sdk::SdkError>(false)
-        }));
+        let sender = PacedSender {
+            seed: (i as u64 + 1) * 1_000_000,
+            host: format!("shop{i}.example"),
+            batch: BATCH,
+            pace: Duration::from_millis(50),
+            max_batches: MAX_BATCHES,
+            visitors: 300,
+            now_ms: now,
+        };
+        senders.push(sender.spawn(client, stop.clone(), acked.clone()));
     }
 
     // Some events in, then kill -9 a: its partitions wait out their leases and move.
@@ -151,8 +139,11 @@ async fn partitions_shared_by_several_ingesters_survive_kills_and_pauses_exactly
     let acked_after_faults = acked.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for s in senders {
-        let stopped = s.await.expect("join").expect("every batch acknowledged");
-        assert!(stopped, "the senders ran out before the faults were over");
+        let end = s.await.expect("join").expect("every batch acknowledged");
+        assert!(
+            end.stopped,
+            "the senders ran out before the faults were over"
+        );
     }
     assert!(
         acked_after_faults > acked_at_kill,

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::servers::{Postgres, S3Server};
-use common::{cli_in, cli_try, first_int, python_json, sql_in, wait_for, Cluster, Role};
+use common::{
+    cli_in, cli_try, first_int, python_json, sql_in, wait_for, wait_stored_once, Cluster, Role,
+};
 
 const BUCKET: &str = "beacon";
 
@@ -141,23 +143,7 @@ async fn roles_on_several_machines_share_a_postgres_catalog_and_tables_on_s3() {
     // Read from a third machine: every acknowledged id exactly once.
     let reader = data.join("reader");
     std::fs::create_dir_all(&reader).expect("reader dir");
-    wait_for(Duration::from_secs(180), "all events stored", || {
-        (count(&reader, "SELECT count(*) FROM raw_events") == sent).then_some(())
-    });
-    assert_eq!(
-        count(&reader, "SELECT count(DISTINCT event_id) FROM raw_events"),
-        sent
-    );
-    wait_for(Duration::from_secs(120), "all events processed", || {
-        (count(&reader, "SELECT count(*) FROM events") == sent).then_some(())
-    });
-    assert_eq!(
-        count(&reader, "SELECT count(DISTINCT event_id) FROM events"),
-        sent
-    );
-    wait_for(Duration::from_secs(120), "all events rolled up", || {
-        (count(&reader, "SELECT coalesce(sum(events), 0) FROM rollups") == sent).then_some(())
-    });
+    wait_stored_once(&reader, sent, Duration::from_secs(180));
 
     // Maintenance on object storage, now on quiet tables: compaction and snapshot expiry
     // change no answer.

@@ -846,3 +846,85 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// A steady sender of demo events for fault tests: `batch` events every `pace` (the rate,
+/// not the outcome, is set by the clock) with ids from seed `seed + n` for the n-th batch,
+/// until `stop` is set or `max_batches` are sent; adds what was acknowledged to `acked`.
+pub struct PacedSender {
+    pub seed: u64,
+    pub host: String,
+    pub batch: usize,
+    pub pace: Duration,
+    pub max_batches: u64,
+    pub visitors: u64,
+    /// Event times fall in the hour before this (ms since the epoch).
+    pub now_ms: i64,
+}
+
+/// How a [`PacedSender`] ended.
+pub struct SenderEnd {
+    /// Stopped by the flag (not by running out of batches).
+    pub stopped: bool,
+    /// The longest wait for an acknowledgement.
+    pub longest: Duration,
+}
+
+impl PacedSender {
+    pub fn spawn(
+        self,
+        client: beacon_sdk::Client,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> tokio::task::JoinHandle<Result<SenderEnd, beacon_sdk::SdkError>> {
+        use std::sync::atomic::Ordering;
+        tokio::spawn(async move {
+            let mut pace = tokio::time::interval(self.pace);
+            let mut longest = Duration::ZERO;
+            for n in 0..self.max_batches {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(SenderEnd {
+                        stopped: true,
+                        longest,
+                    });
+                }
+                pace.tick().await;
+                let batch = beacon::demo::generate(
+                    self.seed + n,
+                    &self.host,
+                    self.batch,
+                    self.now_ms - 3_600_000,
+                    3_600_000,
+                    self.visitors,
+                );
+                let sent = Instant::now();
+                client.send(&batch).await?;
+                longest = longest.max(sent.elapsed());
+                acked.fetch_add(batch.len(), Ordering::Relaxed);
+            }
+            Ok(SenderEnd {
+                stopped: false,
+                longest,
+            })
+        })
+    }
+}
+
+/// Waits until `raw_events` and `events` (read through `data_dir`) hold `sent` rows with
+/// `sent` distinct ids each, and the rollups count `sent` events: every acknowledged event
+/// exactly once, end to end.
+pub fn wait_stored_once(data_dir: &Path, sent: i64, timeout: Duration) {
+    let count = |sql: &str| first_int(&sql_in(data_dir, sql));
+    for table in ["raw_events", "events"] {
+        wait_for(timeout, &format!("every event in {table}"), || {
+            (count(&format!("SELECT count(*) FROM {table}")) == sent).then_some(())
+        });
+        assert_eq!(
+            count(&format!("SELECT count(DISTINCT event_id) FROM {table}")),
+            sent,
+            "{table} holds a duplicate"
+        );
+    }
+    wait_for(timeout, "every event rolled up", || {
+        (count("SELECT coalesce(sum(events), 0) FROM rollups") == sent).then_some(())
+    });
+}

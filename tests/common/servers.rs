@@ -18,18 +18,12 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Sends `signal` and reaps the child. Both signals used end the process without its help:
+/// SIGKILL, and PostgreSQL's immediate shutdown (SIGQUIT), whose postmaster kills children
+/// that have not exited after 5 s.
 fn stop(child: &mut Child, signal: libc::c_int) {
     // SAFETY: a signal to a child process this harness started and has not reaped.
     unsafe { libc::kill(child.id() as i32, signal) };
-    // Reaped here only, so a SIGKILL never reaches a pid the system handed out again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
     let _ = child.wait();
 }
 
