@@ -437,3 +437,135 @@ fn status_discipline_retries_bots_limits_and_cors() {
     assert_eq!(counted.len(), 7);
     assert_eq!(rows(&c, &limited, "raw_events", 4).len(), 4);
 }
+
+/// `$` properties are the edge's enrichment: from a write key (QUIC) or any HTTP tracker
+/// they are moved out of the namespace (`$bot` -> `bot`) on every listener, from the
+/// merchant's server key they are kept. A Snowplow relay's per-event `ip` places each user
+/// only at an edge that trusts forwarded addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_properties_and_relayed_addresses() {
+    let (c, http) = collector_cluster();
+    let m = c.merchant_json(
+        "shop",
+        &["--snowplow-app-id", "relay-1", "--domain", "res.example"],
+    );
+    let id = m["id"].as_str().expect("id").to_string();
+    let (write_key, server_key) = (
+        m["write_key"].as_str().expect("write key"),
+        m["server_key"].as_str().expect("server key"),
+    );
+    assert_ne!(write_key, server_key);
+
+    let now = beacon_edge::now_ms();
+    let forged = |event_id: &str, props: &[(&str, &str)]| beacon_proto::Event {
+        event_id: event_id.into(),
+        name: "pageview".into(),
+        ts: now,
+        url: Some(format!("https://res.example/{event_id}")),
+        visitor_id: Some(format!("v-{event_id}")),
+        properties: props
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    c.send(
+        write_key,
+        &[forged(
+            "q-client",
+            &[("$bot", "forged"), ("$country", "XX"), ("plan", "pro")],
+        )],
+    )
+    .await;
+    c.send(
+        server_key,
+        &[forged(
+            "q-server",
+            &[("$country", "DE"), ("$device", "Tablet")],
+        )],
+    )
+    .await;
+
+    // Plausible with `$` props of its own, from behind the trusted proxy (London).
+    let plausible = br#"{"name":"pageview","url":"https://res.example/pl","domain":"res.example","props":{"$bot":"forged","$city":"Nowhere"}}"#;
+    let r = http_with(
+        &http,
+        "POST",
+        "/api/event",
+        &[
+            ("Content-Type", "application/json"),
+            (
+                "User-Agent",
+                "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36",
+            ),
+            ("X-Forwarded-For", "81.2.69.142"),
+        ],
+        plausible,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    // A relay sends two users' events in one request, each with its user's address.
+    let relay = |suffix: &str| {
+        let ev = |eid: &str, ip: &str, page: &str| {
+            serde_json::json!({"e": "pv", "aid": "relay-1", "eid": format!("{eid}{suffix}"), "ip": ip,
+                "ua": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36",
+                "url": format!("https://res.example/{page}{suffix}"), "dtm": now.to_string()})
+        };
+        serde_json::to_vec(&serde_json::json!({
+            "schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+            "data": [ev("sp-gb", "81.2.69.142", "gb"), ev("sp-se", "89.160.20.112", "se")]
+        }))
+        .expect("json")
+    };
+    const TP2: &str = "/com.snowplowanalytics.snowplow/tp2";
+    let json = [("Content-Type", "application/json")];
+    let r = http_with(&http, "POST", TP2, &json, &relay(""));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same relay at an edge that does not trust forwarded addresses.
+    let (_untrusting, ends) = c.spawn_edge_with("edge-untrusting", &["--geoip", &geoip()]);
+    let http2 = ends.edge_http.expect("edge_http of the second edge");
+    let r = http_with(&http2, "POST", TP2, &json, &relay("-untrusted"));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let raw = rows(&c, &id, "raw_events", 7);
+    assert_eq!(raw.len(), 7, "{raw:#?}");
+    let by_id = |eid: &str| find(&raw, |r| r["event_id"] == eid);
+
+    let client = by_id("q-client");
+    assert_eq!(prop(client, "$bot"), None, "a write key cannot mark a bot");
+    assert_eq!(prop(client, "$country"), None);
+    assert_eq!(prop(client, "bot"), Some("forged"));
+    assert_eq!(prop(client, "country"), Some("XX"));
+    assert_eq!(prop(client, "plan"), Some("pro"));
+    let server = by_id("q-server");
+    assert_eq!(prop(server, "$country"), Some("DE"), "the server key may");
+    assert_eq!(prop(server, "$device"), Some("Tablet"));
+    let pl = find(&raw, |r| r["url"] == "https://res.example/pl");
+    assert_eq!(prop(pl, "$bot"), None);
+    assert_eq!(prop(pl, "bot"), Some("forged"));
+    assert_eq!(
+        prop(pl, "$city"),
+        Some("London"),
+        "enrichment, not the client"
+    );
+
+    // Trusted: each relayed user has their own place and cookieless id.
+    let (gb, se) = (by_id("sp-gb"), by_id("sp-se"));
+    assert_eq!(prop(gb, "$country"), Some("GB"));
+    assert_eq!(prop(se, "$country"), Some("SE"));
+    assert_ne!(gb["visitor_id"], se["visitor_id"]);
+    // Untrusted: the payload's addresses are ignored, so both are the relay itself.
+    let (gb2, se2) = (by_id("sp-gb-untrusted"), by_id("sp-se-untrusted"));
+    assert_eq!(prop(gb2, "$country"), None);
+    assert_eq!(prop(se2, "$country"), None);
+    assert_eq!(gb2["visitor_id"], se2["visitor_id"]);
+    let dump = serde_json::to_string(&raw).expect("json");
+    assert!(!dump.contains("81.2.69.142") && !dump.contains("89.160.20.112"));
+
+    // Downstream, the forged bot counts as a visit and the server's country is used.
+    let ev = c.sql(&format!(
+        "SELECT event_id, country FROM events WHERE merchant_id = '{id}' AND event_id IN ('q-client', 'q-server') ORDER BY event_id"
+    ));
+    assert_eq!(ev.len(), 2, "{ev:#?}");
+    assert_eq!(ev[1]["country"], "DE");
+}

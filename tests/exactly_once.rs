@@ -120,3 +120,79 @@ async fn a_client_retrying_a_batch_with_its_id_stores_it_once() {
         301
     );
 }
+
+/// A commit whose catalog answer is lost (`WarehouseError::CommitUnknown`): ingest keeps the
+/// files of a commit that landed, since the table references them, and re-does one that did
+/// not; a lost reply whose re-read answers counts as committed. Either way every event is
+/// stored once and every file the tables reference can be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_commits_whose_answer_is_lost_store_every_event_once() {
+    let mut cluster = Cluster::start(false);
+    let (_, key) = cluster.merchant("lost-answers");
+    let client = cluster.client(&key).await.expect("connect");
+    let now = beacon_edge::now_ms();
+    let mut total = 0;
+    for (round, fault) in ["reply-lost", "unanswered", "reply-lost-reread"]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some(mut old) = cluster.ingest.take() {
+            old.terminate();
+        }
+        // The fault hits the first catalog swap of this ingester.
+        cluster.start_ingest_env(
+            &["--ingest-max-wait-ms", "200", "--ingest-max-batch", "100"],
+            &[("BEACON_FAULT_REPLACE", fault)],
+        );
+        let events = beacon::demo::generate(
+            100 + round as u64,
+            "lost.example",
+            500,
+            now - 3_600_000,
+            3_600_000,
+            100,
+        );
+        for chunk in events.chunks(100) {
+            client.send(chunk).await.expect("acknowledged");
+        }
+        total += events.len() as i64;
+        let c = &cluster;
+        // Distinct ids make the scan open every referenced file (a plain count may be
+        // answered from the manifests' statistics).
+        wait_for(
+            Duration::from_secs(90),
+            &format!("{fault}: {total} events once"),
+            || {
+                let q = |t: &str| {
+                    c.sql(&format!(
+                        "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM {t}"
+                    ))
+                };
+                let (raw, ev) = (q("raw_events"), q("events"));
+                let pair = |r: &[serde_json::Value]| (r[0]["n"].as_i64(), r[0]["d"].as_i64());
+                (pair(&raw) == (Some(total), Some(total))
+                    && pair(&ev) == (Some(total), Some(total)))
+                    .then_some(())
+            },
+        );
+        let log = cluster.log("ingest");
+        let unknown = log.contains("it may have landed");
+        assert_eq!(
+            unknown,
+            fault != "reply-lost-reread",
+            "{fault}: the commit's outcome reported unknown: {unknown}\n{log}"
+        );
+    }
+    // A restart replays from the watermarks: nothing is added twice.
+    if let Some(mut old) = cluster.ingest.take() {
+        old.terminate();
+    }
+    cluster.start_ingest();
+    let c = &cluster;
+    wait_for(
+        Duration::from_secs(30),
+        "ingest caught up after restart",
+        || (c.count("SELECT count(DISTINCT event_id) FROM raw_events") == total).then_some(()),
+    );
+    assert_eq!(cluster.count("SELECT count(*) FROM raw_events"), total);
+}

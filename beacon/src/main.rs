@@ -700,7 +700,8 @@ enum TopologyCommand {
 
 #[derive(Subcommand)]
 enum MerchantCommand {
-    /// Create a merchant; prints its id and write key.
+    /// Create a merchant; prints its id, its write key (for pages and apps: public) and its
+    /// server key (for its own servers: secret, may set the edge's `$` properties).
     Create {
         name: String,
         /// IANA time zone of the merchant's reports (`Europe/Berlin`); UTC by default.
@@ -727,6 +728,13 @@ enum MerchantCommand {
         /// Remove the merchant's own limits (the edges' defaults apply).
         #[arg(long, conflicts_with_all = ["rate_limit", "daily_quota"])]
         default_limits: bool,
+        #[command(flatten)]
+        target: NatsTarget,
+    },
+    /// Give a merchant a new server key, replacing its old one; prints it.
+    ServerKey {
+        #[arg(long)]
+        merchant: String,
         #[command(flatten)]
         target: NatsTarget,
     },
@@ -817,7 +825,8 @@ pub struct EdgeArgs {
     #[arg(long, env = "BEACON_GEOIP")]
     geoip: Option<PathBuf>,
     /// Take HTTP clients' addresses from the last `X-Forwarded-For` hop (the one your proxy
-    /// appended; only behind your own proxy).
+    /// appended; only behind your own proxy), and Snowplow events' own `ip` fields (set by
+    /// server-side relays that send many users' events in one request).
     #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
     /// Memory for batches in flight, both listeners together (each batch reserves five
@@ -1142,19 +1151,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let trackers = trackers.trackers()?;
             let js = target.jetstream().await?;
-            let (merchant, key) =
+            let (merchant, keys) =
                 create_merchant(&js, &name, timezone, trackers, limits.limits()).await?;
+            let (key, server) = (keys.write, keys.server);
             match format {
                 Format::Json => println!(
                     "{}",
-                    serde_json::json!({"id": merchant.id, "name": merchant.name, "write_key": key})
+                    serde_json::json!({"id": merchant.id, "name": merchant.name, "write_key": key, "server_key": server})
                 ),
                 Format::Csv => println!(
-                    "id,name,write_key\n{},{},{}",
-                    merchant.id, merchant.name, key
+                    "id,name,write_key,server_key\n{},{},{},{}",
+                    merchant.id, merchant.name, key, server
                 ),
                 Format::Table => println!(
-                    "merchant id: {}\nname:        {}\nwrite key:   {key}",
+                    "merchant id: {}\nname:        {}\nwrite key:   {key}\nserver key:  {server} (secret)",
                     merchant.id, merchant.name
                 ),
             }
@@ -1184,6 +1194,21 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|e| anyhow!("updating merchant {merchant}: {e}"))?;
             println!("{}", serde_json::to_string_pretty(&m)?);
+            Ok(())
+        }
+        Command::Merchant {
+            command: MerchantCommand::ServerKey { merchant, target },
+        } => {
+            let js = target.jetstream().await?;
+            let store = beacon_edge::registry::open_bucket(&js)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let key = new_key("bs");
+            let hash = beacon_edge::registry::hash_write_key(&key);
+            beacon_edge::registry::set_server_key(&store, &merchant, &hash)
+                .await
+                .map_err(|e| anyhow!("setting merchant {merchant}'s server key: {e}"))?;
+            println!("{key}");
             Ok(())
         }
         #[cfg(feature = "full")]
@@ -1822,21 +1847,38 @@ impl TrackerArgs {
     }
 }
 
+/// A new merchant's keys, shown once (the registry keeps only their hashes).
+struct MerchantKeys {
+    /// For pages and apps: anyone can read it.
+    write: String,
+    /// For the merchant's own servers: trusted with the `$` properties.
+    server: String,
+}
+
+/// A random key: `<prefix>_` and 128 bits in hex.
+fn new_key(prefix: &str) -> String {
+    use rand::Rng;
+    format!("{prefix}_{}", hex_string(&rand::rng().random::<[u8; 16]>()))
+}
+
 async fn create_merchant(
     js: &async_nats::jetstream::Context,
     name: &str,
     timezone: Option<String>,
     trackers: beacon_proto::bus::Trackers,
     limits: Option<beacon_proto::bus::MerchantLimits>,
-) -> Result<(beacon_proto::bus::Merchant, String)> {
+) -> Result<(beacon_proto::bus::Merchant, MerchantKeys)> {
     use rand::Rng;
-    let mut rng = rand::rng();
-    let id = format!("m_{:012x}", rng.random::<u64>() & 0xffff_ffff_ffff);
-    let key = format!("bk_{}", hex_string(&rng.random::<[u8; 16]>()));
+    let id = format!("m_{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff);
+    let keys = MerchantKeys {
+        write: new_key("bk"),
+        server: new_key("bs"),
+    };
     let merchant = beacon_proto::bus::Merchant {
         id,
         name: name.to_string(),
-        write_key_sha256: beacon_edge::registry::hash_write_key(&key),
+        write_key_sha256: beacon_edge::registry::hash_write_key(&keys.write),
+        server_key_sha256: Some(beacon_edge::registry::hash_write_key(&keys.server)),
         created_at: beacon_edge::now_ms(),
         timezone,
         trackers,
@@ -1848,7 +1890,7 @@ async fn create_merchant(
     beacon_edge::registry::create_merchant(&store, &merchant)
         .await
         .map_err(|e| anyhow!("registering merchant: {e}"))?;
-    Ok((merchant, key))
+    Ok((merchant, keys))
 }
 
 fn hex_string(bytes: &[u8]) -> String {
@@ -1899,11 +1941,11 @@ async fn demo(
         .unwrap_or_default();
     while known.len() < merchants {
         let name = format!("demo-shop-{}", known.len() + 1);
-        let (m, key) = create_merchant(&js, &name, None, Default::default(), None).await?;
+        let (m, keys) = create_merchant(&js, &name, None, Default::default(), None).await?;
         known.push(DemoMerchant {
             name,
             id: m.id,
-            write_key: key,
+            write_key: keys.write,
             read_token: None,
         });
     }

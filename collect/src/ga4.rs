@@ -240,6 +240,7 @@ pub fn decode_mp(query: &str, body: &[u8], now_ms: i64) -> Result<Decoded, Vec<V
             tracker: tracker.clone(),
             event: e,
             user_agent: None,
+            ip: None,
         });
     }
     if !msgs.is_empty() {
@@ -351,6 +352,7 @@ fn gtag_hit(p: &BTreeMap<String, String>, now_ms: i64) -> Result<Hit, DecodeErro
         tracker: TrackerId::Ga4(tid.to_string()),
         event: e,
         user_agent: None,
+        ip: None,
     })
 }
 

@@ -23,6 +23,10 @@ pub struct Hit {
     pub event: Event,
     /// A user agent carried in the payload (Snowplow `ua`), overriding the request's.
     pub user_agent: Option<String>,
+    /// The end user's address carried in the payload (Snowplow `ip`, sent by server-side
+    /// relays): the edge uses it instead of the request's only where it trusts the sender
+    /// as it trusts `X-Forwarded-For`.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 /// A decoded request.

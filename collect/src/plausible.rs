@@ -130,6 +130,7 @@ pub fn decode(body: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
                 tracker: TrackerId::Domain(d),
                 event: e,
                 user_agent: None,
+                ip: None,
             }
         })
         .collect();

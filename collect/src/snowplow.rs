@@ -270,6 +270,13 @@ fn decode_event(f: &Fields, now_ms: i64) -> Result<Hit, DecodeError> {
         tracker: TrackerId::SnowplowApp(aid.to_string()),
         event,
         user_agent: get("ua").map(str::to_string),
+        ip: get("ip")
+            .map(|ip| {
+                ip.trim()
+                    .parse()
+                    .map_err(|_| invalid(format!("`ip` is not an IP address: {ip:?}")))
+            })
+            .transpose()?,
     })
 }
 
@@ -440,6 +447,27 @@ mod tests {
         assert!(
             decode_get(q, NOW).unwrap().dedup_key.is_none(),
             "no eid: not idempotent"
+        );
+    }
+
+    #[test]
+    fn a_relay_gives_each_event_its_users_address() {
+        let body = serde_json::json!({"data": [
+            {"e": "pv", "aid": "a", "eid": "e-1", "ip": "81.2.69.142", "ua": "UA-1"},
+            {"e": "pv", "aid": "a", "eid": "e-2", "ip": " 2001:db8::1 "},
+            {"e": "pv", "aid": "a", "eid": "e-3"}
+        ]});
+        let d = decode_post(&serde_json::to_vec(&body).unwrap(), NOW).unwrap();
+        let ips: Vec<Option<String>> = d.hits.iter().map(|h| h.ip.map(|i| i.to_string())).collect();
+        assert_eq!(
+            ips,
+            [Some("81.2.69.142".into()), Some("2001:db8::1".into()), None]
+        );
+        assert_eq!(d.hits[0].user_agent.as_deref(), Some("UA-1"));
+        let bad = decode_get("e=pv&aid=a&ip=10.0.0.300", NOW).unwrap_err();
+        assert!(
+            bad.to_string().contains("`ip` is not an IP address"),
+            "{bad}"
         );
     }
 

@@ -11,7 +11,9 @@
 //!   visitor is recognisable within a day and never across days.
 //!
 //! The IP address itself is never stored: it is used for the lookups and the hash, then
-//! dropped. Values a trusted sender set itself (the `$` properties, `visitor_id`) are kept.
+//! dropped. What the sender set itself is kept: a `visitor_id` from any tracker, `$`
+//! properties only from a server-key sender (others' are moved out of the namespace before
+//! this runs, [`crate::reserved`]).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -169,19 +171,23 @@ impl Enricher {
         crate::locate::region_of_country(&country)
     }
 
-    /// Fills in what a batch's events lack from the client's address and each event's user
-    /// agent (the request's, or one the payload carried). The batch has one client: the geo
-    /// lookup runs once, and a user agent is parsed once for the run of events that share it.
+    /// Fills in what a batch's events lack from each event's client address and user agent
+    /// (the request's, or ones the payload carried per event). A batch mostly has one
+    /// client: the geo lookup runs once per run of events from the same address, and a
+    /// user agent is parsed once per run of events that share it.
     pub async fn enrich_batch<'a>(
         &self,
         merchant: &str,
-        ip: Option<IpAddr>,
-        events: impl IntoIterator<Item = (&'a mut Event, Option<&'a str>)>,
+        events: impl IntoIterator<Item = (&'a mut Event, Option<&'a str>, Option<IpAddr>)>,
     ) -> Result<(), EnrichError> {
         let salt = self.salt(crate::now_ms()).await?;
-        let geo = ip.and_then(|ip| self.geo(ip));
+        let mut located: Option<(IpAddr, Option<Geo>)> = None;
         let mut parsed: Option<(&str, UserAgent)> = None;
-        for (e, user_agent) in events {
+        for (e, user_agent, ip) in events {
+            if located.as_ref().map(|(at, _)| *at) != ip {
+                located = ip.map(|ip| (ip, self.geo(ip)));
+            }
+            let geo = located.as_ref().and_then(|(_, g)| g.as_ref());
             let ua = user_agent.map(|text| match &parsed {
                 Some((t, info)) if *t == text => info.clone(),
                 _ => {
@@ -191,7 +197,7 @@ impl Enricher {
                 }
             });
             let props = &mut e.properties;
-            if let Some(g) = geo.as_ref().filter(|_| !props.contains_key("$country")) {
+            if let Some(g) = geo.filter(|_| !props.contains_key("$country")) {
                 for (k, v) in [
                     ("$country", &g.country),
                     ("$region", &g.region),

@@ -26,8 +26,8 @@ use beacon_proto::bus::TrackerId;
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
 use crate::locate::Locator;
-use crate::process::{ProcessError, Processor};
-use crate::registry::{hash_write_key, Registry};
+use crate::process::{Incoming, MerchantBatch, ProcessError, Processor, Submission};
+use crate::registry::{hash_write_key, Registry, Trust};
 use beacon_collect::{self as collect, ga4, Decoded};
 use beacon_serve::conn_limit::ClientAddr;
 
@@ -36,7 +36,8 @@ pub struct HttpLimits {
     /// Largest request body (tp2 batches, multi-hit gtag bodies).
     pub max_body: usize,
     /// Take the client address from the last `X-Forwarded-For` hop, the one the trusted
-    /// proxy or CDN appended (behind one only: anyone can send the header).
+    /// proxy or CDN appended (behind one only: anyone can send the header), and a Snowplow
+    /// event's own `ip` field, which server-side relays that batch many users' events set.
     pub trust_forwarded_for: bool,
     /// Open connections from one address (the peer's, not the forwarded one).
     pub max_conns_per_ip: usize,
@@ -241,31 +242,24 @@ impl App {
     /// Memory for a request of `len` bytes, reserved before it is decoded: full means the
     /// bus or the plugins are behind, and the tracker should retry.
     fn memory(&self, len: usize) -> Result<crate::process::Reservation, HttpError> {
-        self.processor.budget.try_reserve(len).ok_or_else(|| {
+        self.processor.try_reserve(len).ok_or_else(|| {
             HttpError::Unavailable("edge at capacity (batches in flight), retry".into())
         })
     }
 
-    /// Resolves, enriches and stores a decoded request; the number of events stored.
-    ///
-    /// Every identity must resolve (and every merchant's rate limit admit its share) before
-    /// anything is published. With several merchants in one request, a failure while
-    /// publishing a later share leaves the earlier ones stored: the tracker's retry is then
-    /// deduplicated only when the request is idempotent (`dedup_key`).
+    /// Resolves a decoded request's tracker identities to merchants (one share each) and
+    /// hands it to the edge's one ingest path; the number of events stored. Every identity
+    /// must resolve before anything is stored. A share's batch id derives from the request's
+    /// content key, so a tracker's retry of an idempotent request is stored once.
     async fn accept(
         &self,
         decoded: Decoded,
         ctx: &ClientCtx,
         secret: Secret,
     ) -> Result<usize, HttpError> {
-        if decoded.hits.len() > self.processor.max_batch_events {
-            return Err(HttpError::TooLarge(format!(
-                "{} events in one request, over the limit of {}",
-                decoded.hits.len(),
-                self.processor.max_batch_events
-            )));
-        }
-        let mut groups: Vec<(Arc<str>, Vec<collect::Hit>)> = Vec::new();
+        // Refused before any identity is looked up.
+        self.processor.check_batch_len(decoded.hits.len())?;
+        let mut shares: Vec<MerchantBatch> = Vec::new();
         let mut resolved: Vec<(TrackerId, Arc<str>)> = Vec::new();
         for hit in decoded.hits {
             let merchant = match resolved.iter().find(|(t, _)| *t == hit.tracker) {
@@ -299,70 +293,38 @@ impl App {
                     r.merchant_id
                 }
             };
-            match groups.iter_mut().find(|(m, _)| *m == merchant) {
-                Some((_, hits)) => hits.push(hit),
-                None => groups.push((merchant, vec![hit])),
+            let incoming = Incoming {
+                event: hit.event,
+                user_agent: hit.user_agent,
+                // An address in the payload is trusted as far as the proxy's header is:
+                // otherwise anyone could place their events anywhere on the map.
+                ip: hit.ip.filter(|_| self.limits.trust_forwarded_for),
+            };
+            match shares.iter_mut().find(|s| s.merchant == merchant) {
+                Some(s) => s.events.push(incoming),
+                None => shares.push(MerchantBatch {
+                    merchant,
+                    events: vec![incoming],
+                    batch_id: None,
+                }),
             }
         }
-        // Take every share's allowance first; give them all back if one is refused.
-        for (n, (merchant, hits)) in groups.iter().enumerate() {
-            if let Err(l) = self.processor.admit(merchant, hits.len()) {
-                for (m, h) in &groups[..n] {
-                    self.processor.refund(m, h.len());
-                }
-                return Err(HttpError::Limited(l));
+        if let Some(key) = &decoded.dedup_key {
+            for (i, share) in shares.iter_mut().enumerate() {
+                share.batch_id = Some(format!("http-{key}-{i}"));
             }
         }
-        let mut stored = 0;
-        let mut pending: Vec<(Arc<str>, usize)> =
-            groups.iter().map(|(m, h)| (m.clone(), h.len())).collect();
-        for (i, (merchant, hits)) in groups.into_iter().enumerate() {
-            let result = self
-                .store_share(&merchant, hits, ctx, decoded.dedup_key.as_deref(), i)
-                .await;
-            match result {
-                Ok(n) => {
-                    stored += n;
-                    pending[i].1 = 0;
-                }
-                Err(e) => {
-                    for (m, n) in &pending[i..] {
-                        self.processor.refund(m, *n);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(stored)
-    }
-
-    /// Enriches and publishes one merchant's share of a request.
-    async fn store_share(
-        &self,
-        merchant: &str,
-        hits: Vec<collect::Hit>,
-        ctx: &ClientCtx,
-        dedup_key: Option<&str>,
-        i: usize,
-    ) -> Result<usize, HttpError> {
-        let mut hits = hits;
-        let batch = hits.iter_mut().map(|h| {
-            // A user agent in the payload (Snowplow `ua`) is the end user's; else the request's.
-            let ua = h.user_agent.as_deref().or(ctx.user_agent.as_deref());
-            (&mut h.event, ua)
-        });
-        self.processor
-            .enricher
-            .enrich_batch(merchant, ctx.ip, batch)
-            .await
-            .map_err(|e| HttpError::Unavailable(e.to_string()))?;
-        let events = hits.into_iter().map(|h| h.event).collect();
-        let batch_id = dedup_key.map(|k| format!("http-{k}-{i}"));
-        let resp = self
+        let stored = self
             .processor
-            .process_events(merchant, events, batch_id.as_deref())
+            .ingest(Submission {
+                listener: "http",
+                trust: Trust::Client,
+                client: ctx,
+                shares,
+                wire_bytes: None,
+            })
             .await?;
-        Ok(resp.accepted)
+        Ok(stored.accepted)
     }
 }
 
@@ -468,7 +430,7 @@ async fn locate(
     let region = q
         .region
         .filter(|r| crate::locate::is_known_region(r))
-        .or_else(|| app.processor.enricher.region_of(ctx.ip).map(str::to_string));
+        .or_else(|| app.processor.region_of(ctx.ip).map(str::to_string));
     match tokio::time::timeout(
         Duration::from_secs(2),
         app.locator.locate(region.as_deref()),

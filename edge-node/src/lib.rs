@@ -1,8 +1,10 @@
 //! Beacon's edge node: where SDKs and trackers connect.
 //!
-//! Data flow: QUIC connection -> RSocket SETUP (write key -> merchant) -> batch frames ->
-//! [`process::Processor`] (validate, plugin chain) -> [`publish::Publisher`] (JetStream, acked)
-//! -> answer to the client. The edge never links the warehouse: it only knows the bus.
+//! Data flow: QUIC connection -> RSocket SETUP (write or server key -> merchant) -> batch
+//! frames, or an HTTP tracker request -> its identities' merchants; either listener only
+//! decodes, then [`process::Processor::ingest`] (admission, reserved properties, enrichment,
+//! validation, plugin chain) -> [`publish::Publisher`] (JetStream, acked) -> answer to the
+//! client. The edge never links the warehouse: it only knows the bus.
 
 use beacon_serve::conn_limit;
 pub mod device;
@@ -15,6 +17,7 @@ pub mod process;
 pub mod publish;
 pub mod quic;
 pub mod registry;
+pub mod reserved;
 pub mod status;
 pub mod tls;
 
@@ -194,7 +197,7 @@ impl Edge {
             registry.clone(),
         );
         processor.default_limits = cfg.default_limits;
-        processor.budget = process::Budget::new(cfg.in_flight_memory);
+        processor.set_in_flight_memory(cfg.in_flight_memory);
         let processor = Arc::new(processor);
         let locator = locate::Locator::new(status_bucket.clone());
 

@@ -1,6 +1,10 @@
-//! From a decoded batch to a durable envelope: validate, run the merchant's plugin chain,
-//! publish, and answer only once JetStream has acknowledged.
+//! From a decoded request to a durable envelope, the one path every listener takes after
+//! decoding ([`Processor::ingest`]): size, admission (rate limit and quota), the
+//! reserved-property policy, enrichment, validation, canary split, plugins, publish; the
+//! answer comes only once JetStream has acknowledged. Listeners only decode (and reserve the
+//! request's memory before they do).
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -8,8 +12,8 @@ use beacon_proto::bus::{MerchantLimits, OnFailure};
 use beacon_proto::envelope::{ENVELOPE_VERSION, ENVELOPE_VERSION_CANARY};
 use beacon_proto::event::RejectedEvent;
 use beacon_proto::{
-    BatchRequest, BatchResponse, CanaryPart, Envelope, Event, Failure, FailureStage, Limits,
-    Outcome, PipelineRef, Share,
+    BatchResponse, CanaryPart, Envelope, Event, Failure, FailureStage, Limits, Outcome,
+    PipelineRef, Share,
 };
 use tokio::sync::Semaphore;
 
@@ -20,6 +24,50 @@ use crate::limits::{Limited, RateLimiter};
 use crate::pipelines::{Pipelines, Runnable, Stage};
 use crate::publish::{PublishError, Publisher};
 use crate::registry::Registry;
+use crate::reserved::{self, Trust};
+
+/// One event as a listener decoded it, with what only its request knew.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub event: Event,
+    /// The end user's user agent when the payload carried one (Snowplow `ua`); else the
+    /// request's.
+    pub user_agent: Option<String>,
+    /// The end user's address when a trusted relay gave one per event (Snowplow `ip`); else
+    /// the request's.
+    pub ip: Option<IpAddr>,
+}
+
+impl From<Event> for Incoming {
+    fn from(event: Event) -> Self {
+        Self {
+            event,
+            user_agent: None,
+            ip: None,
+        }
+    }
+}
+
+/// One merchant's events of a request.
+#[derive(Debug)]
+pub struct MerchantBatch {
+    pub merchant: Arc<str>,
+    pub events: Vec<Incoming>,
+    /// The client's id for this share: a retry with the same id is stored once.
+    pub batch_id: Option<String>,
+}
+
+/// A decoded request, as every listener hands it to [`Processor::ingest`].
+pub struct Submission<'a> {
+    /// `quic` or `http`, for metrics.
+    pub listener: &'static str,
+    pub trust: Trust,
+    pub client: &'a ClientCtx,
+    /// Every identity already resolved to its merchant (one share per merchant).
+    pub shares: Vec<MerchantBatch>,
+    /// The request's size on the wire when it is one share (sizes the envelopes).
+    pub wire_bytes: Option<usize>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -74,12 +122,12 @@ pub struct Processor {
     publisher: Publisher,
     active: AtomicUsize,
     active_gauge: metrics::Gauge,
-    pub enricher: Arc<Enricher>,
+    enricher: Arc<Enricher>,
     registry: Registry,
     limiter: RateLimiter,
     /// Limits of merchants whose record sets none; `None`: unlimited.
     pub default_limits: Option<MerchantLimits>,
-    pub budget: Budget,
+    budget: Budget,
 }
 
 /// Memory for batches in flight, shared by every connection of both listeners. A batch
@@ -280,6 +328,26 @@ impl Processor {
         }
     }
 
+    /// Memory for batches in flight, both listeners together (the default is 256 MiB).
+    pub fn set_in_flight_memory(&mut self, bytes: usize) {
+        self.budget = Budget::new(bytes);
+    }
+
+    /// Waits for memory for a request of `len` bytes, before it is read or decoded.
+    pub async fn reserve(&self, len: usize) -> Option<Reservation> {
+        self.budget.reserve(len).await
+    }
+
+    /// Memory for a request of `len` bytes now, or `None` when the edge is full.
+    pub fn try_reserve(&self, len: usize) -> Option<Reservation> {
+        self.budget.try_reserve(len)
+    }
+
+    /// The serving region of a client's address (for `locate`), from the geo database.
+    pub fn region_of(&self, ip: Option<IpAddr>) -> Option<&'static str> {
+        self.enricher.region_of(ip)
+    }
+
     /// The merchant's own limits, else the edge's defaults; `None`: unlimited.
     fn limits_of(&self, merchant_id: &str) -> Option<MerchantLimits> {
         self.registry.limits(merchant_id).or(self.default_limits)
@@ -299,14 +367,14 @@ impl Processor {
     }
 
     /// Gives back what `admit` took for a batch that was not stored.
-    pub fn refund(&self, merchant_id: &str, n: usize) {
+    fn refund(&self, merchant_id: &str, n: usize) {
         if let Some(limits) = self.limits_of(merchant_id) {
             self.limiter.refund(merchant_id, n, &limits);
         }
     }
 
     /// Takes `n` events from the merchant's rate limit and daily quota.
-    pub fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
+    fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
         let Some(limits) = self.limits_of(merchant_id) else {
             return Ok(());
         };
@@ -337,73 +405,132 @@ impl Processor {
         }
     }
 
-    /// Processes one RSocket batch payload for an authenticated merchant.
-    pub async fn process(
-        self: &Arc<Self>,
-        merchant_id: &str,
-        payload: &[u8],
-        client_batch_id: Option<&str>,
-        ctx: &ClientCtx,
-    ) -> Result<BatchResponse, ProcessError> {
-        let mut events_in = 0;
-        let result = self
-            .process_payload(merchant_id, payload, client_batch_id, ctx, &mut events_in)
-            .await;
-        count_events("quic", events_in, &result);
-        result
-    }
-
-    /// [`Self::process`]; `events_in` is set once the batch is decoded.
-    async fn process_payload(
-        self: &Arc<Self>,
-        merchant_id: &str,
-        payload: &[u8],
-        client_batch_id: Option<&str>,
-        ctx: &ClientCtx,
-        events_in: &mut usize,
-    ) -> Result<BatchResponse, ProcessError> {
-        let _in_flight = InFlight::new(&self.active, &self.active_gauge);
-        self.precheck(merchant_id)?;
-        let now = crate::now_ms();
-        let batch_id = self.batch_id(merchant_id, client_batch_id);
-        let request: BatchRequest = match serde_json::from_slice(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = e.to_string();
-                self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
-                    .await;
-                return Err(ProcessError::Decode(reason));
-            }
-        };
-        if request.events.len() > self.max_batch_events {
-            let reason = format!("batch of {} events", request.events.len());
-            self.keep_undecodable(merchant_id, &batch_id, now, payload, &reason)
-                .await;
+    /// Checks a request's event count against the batch limit: [`Self::ingest`] does, and a
+    /// listener may call it first to refuse before resolving identities.
+    pub fn check_batch_len(&self, count: usize) -> Result<(), ProcessError> {
+        if count > self.max_batch_events {
             return Err(ProcessError::TooManyEvents {
-                count: request.events.len(),
+                count,
                 max: self.max_batch_events,
             });
         }
-        let n = request.events.len();
-        *events_in = n;
-        self.admit(merchant_id, n)?;
-        let mut events = request.events;
-        if ctx.ip.is_some() || ctx.user_agent.is_some() {
-            let ua = ctx.user_agent.as_deref();
-            let batch = events.iter_mut().map(|e| (e, ua));
-            if let Err(e) = self.enricher.enrich_batch(merchant_id, ctx.ip, batch).await {
-                self.refund(merchant_id, n);
-                return Err(e.into());
+        Ok(())
+    }
+
+    /// Stores a decoded request: the one path of every listener. Every share is admitted
+    /// (rate limit and quota) before any is published, and all are given back if one is
+    /// refused. With several shares, a failure publishing a later one leaves the earlier
+    /// ones stored: a retry is then deduplicated only where the shares carry batch ids.
+    /// `rejected` indexes count through the shares in order.
+    pub async fn ingest(
+        self: &Arc<Self>,
+        submission: Submission<'_>,
+    ) -> Result<BatchResponse, ProcessError> {
+        let listener = submission.listener;
+        let n = submission.shares.iter().map(|s| s.events.len()).sum();
+        let result = self.ingest_shares(submission, n).await;
+        count_events(listener, n, &result);
+        result
+    }
+
+    async fn ingest_shares(
+        self: &Arc<Self>,
+        submission: Submission<'_>,
+        n: usize,
+    ) -> Result<BatchResponse, ProcessError> {
+        let _in_flight = InFlight::new(&self.active, &self.active_gauge);
+        self.check_batch_len(n)?;
+        let Submission {
+            listener,
+            trust,
+            client,
+            shares,
+            wire_bytes,
+        } = submission;
+        for (i, share) in shares.iter().enumerate() {
+            if let Err(l) = self.admit(&share.merchant, share.events.len()) {
+                for s in &shares[..i] {
+                    self.refund(&s.merchant, s.events.len());
+                }
+                return Err(l.into());
             }
         }
-        let chunk = self.chunk_len(&events, Some(payload.len()));
-        let result = self
-            .publish_chunked(merchant_id, events, batch_id, now, chunk)
-            .await;
-        if result.is_err() {
-            self.refund(merchant_id, n);
+        let now = crate::now_ms();
+        let mut total: Option<BatchResponse> = None;
+        let mut offset = 0;
+        let mut shares = shares.into_iter();
+        while let Some(share) = shares.next() {
+            let (merchant, len) = (share.merchant.clone(), share.events.len());
+            let stored = self
+                .store_share(share, listener, trust, client, wire_bytes, now)
+                .await;
+            let mut r = match stored {
+                Ok(r) => r,
+                Err(e) => {
+                    self.refund(&merchant, len);
+                    for s in shares {
+                        self.refund(&s.merchant, s.events.len());
+                    }
+                    return Err(e);
+                }
+            };
+            for x in &mut r.rejected {
+                x.index += offset;
+            }
+            offset += len;
+            match &mut total {
+                None => total = Some(r),
+                Some(t) => {
+                    t.accepted += r.accepted;
+                    t.rejected.append(&mut r.rejected);
+                    t.plugin_error = t.plugin_error.take().or(r.plugin_error);
+                }
+            }
         }
-        result
+        Ok(total.unwrap_or_else(|| BatchResponse {
+            batch_id: String::new(),
+            accepted: 0,
+            rejected: Vec::new(),
+            plugin_error: None,
+        }))
+    }
+
+    /// The reserved-property policy, enrichment, then validation, plugins and publishing of
+    /// one merchant's share.
+    async fn store_share(
+        self: &Arc<Self>,
+        mut share: MerchantBatch,
+        listener: &'static str,
+        trust: Trust,
+        client: &ClientCtx,
+        wire_bytes: Option<usize>,
+        now: i64,
+    ) -> Result<BatchResponse, ProcessError> {
+        let moved: usize = share
+            .events
+            .iter_mut()
+            .map(|i| reserved::apply(&mut i.event, trust))
+            .sum();
+        if moved > 0 {
+            metrics::counter!("beacon_edge_reserved_properties_moved_total", "listener" => listener)
+                .increment(moved as u64);
+        }
+        let per_event = share
+            .events
+            .iter()
+            .any(|i| i.ip.is_some() || i.user_agent.is_some());
+        if client.ip.is_some() || client.user_agent.is_some() || per_event {
+            let batch = share.events.iter_mut().map(|i| {
+                let ua = i.user_agent.as_deref().or(client.user_agent.as_deref());
+                (&mut i.event, ua, i.ip.or(client.ip))
+            });
+            self.enricher.enrich_batch(&share.merchant, batch).await?;
+        }
+        let events: Vec<Event> = share.events.into_iter().map(|i| i.event).collect();
+        let chunk = self.chunk_len(&events, wire_bytes);
+        let batch_id = self.batch_id(&share.merchant, share.batch_id.as_deref());
+        self.publish_chunked(&share.merchant, events, batch_id, now, chunk)
+            .await
     }
 
     /// Events per envelope for `events` (which arrived as `wire_bytes`, when known): an
@@ -472,30 +599,6 @@ impl Processor {
             k += 1;
         }
         Ok(total)
-    }
-
-    /// Processes events a collector decoded (and enriched) for `merchant_id`. The caller has
-    /// admitted them (`admit`) and refunds them if this fails.
-    pub async fn process_events(
-        self: &Arc<Self>,
-        merchant_id: &str,
-        events: Vec<Event>,
-        client_batch_id: Option<&str>,
-    ) -> Result<BatchResponse, ProcessError> {
-        let _in_flight = InFlight::new(&self.active, &self.active_gauge);
-        let batch_id = self.batch_id(merchant_id, client_batch_id);
-        if events.len() > self.max_batch_events {
-            return Err(ProcessError::TooManyEvents {
-                count: events.len(),
-                max: self.max_batch_events,
-            });
-        }
-        let (n, chunk) = (events.len(), self.chunk_len(&events, None));
-        let result = self
-            .publish_chunked(merchant_id, events, batch_id, crate::now_ms(), chunk)
-            .await;
-        count_events("http", n, &result);
-        result
     }
 
     /// Validation, plugins, publishing.
@@ -674,7 +777,7 @@ impl Processor {
                 // client, who must split the batch.
                 let reason = e.to_string();
                 let payload = serde_json::to_vec(&envelope.raw).unwrap_or_default();
-                self.keep_undecodable(merchant_id, &batch_id, now, &payload, &reason)
+                self.keep_payload(merchant_id, &batch_id, now, &payload, &reason)
                     .await;
                 return Err(ProcessError::TooLarge(reason));
             }
@@ -887,8 +990,21 @@ impl Processor {
         }
     }
 
-    /// Keeps a payload we could not decode, so it is in `failed_events` and not just a log line.
-    async fn keep_undecodable(
+    /// Keeps a payload a listener could not decode (or that is over the batch limit), so it
+    /// is in `failed_events` and not just a log line.
+    pub async fn keep_undecodable(
+        &self,
+        merchant_id: &str,
+        client_batch_id: Option<&str>,
+        payload: &[u8],
+        reason: &str,
+    ) {
+        let batch_id = self.batch_id(merchant_id, client_batch_id);
+        self.keep_payload(merchant_id, &batch_id, crate::now_ms(), payload, reason)
+            .await;
+    }
+
+    async fn keep_payload(
         &self,
         merchant_id: &str,
         batch_id: &str,

@@ -15,10 +15,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
+use beacon_proto::{BatchRequest, BatchResponse};
+
 use crate::enrich::ClientCtx;
 use crate::locate::Locator;
-use crate::process::{ProcessError, Processor};
-use crate::registry::Registry;
+use crate::process::{count_events, Incoming, MerchantBatch, ProcessError, Processor, Submission};
+use crate::registry::{Registry, Trust};
 use beacon_serve::conn_limit::ConnLimit;
 
 /// Longest an answer waits for room in a connection's send queue (a client that does not
@@ -161,7 +163,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     // SETUP first, within the setup timeout.
     let first =
         tokio::time::timeout(limits.setup_timeout, next_frame(&mut recv, &mut reader)).await;
-    let merchant_id = match first {
+    let (merchant_id, trust) = match first {
         Err(_) => return Outcome::Error(wire::ERR_INVALID_SETUP, "no SETUP in time".into()),
         Ok(Err(outcome)) => return outcome,
         Ok(Ok(None)) => return Outcome::Done,
@@ -178,7 +180,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     );
                 }
                 match shared.registry.merchant_for_key(&key).await {
-                    Ok(Some(id)) => id,
+                    Ok(Some(owner)) => (owner.merchant_id, owner.trust),
                     Ok(None) => {
                         return Outcome::Error(wire::ERR_REJECT_SETUP, "unknown write key".into())
                     }
@@ -194,7 +196,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
             }
         },
     };
-    tracing::debug!(merchant = %merchant_id, "setup accepted");
+    tracing::debug!(merchant = %merchant_id, ?trust, "setup accepted");
     let merchant: Arc<str> = merchant_id.into();
     let ctx = Arc::new(ClientCtx {
         ip: Some(conn.remote_address().ip()),
@@ -250,13 +252,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                 let region = wire::locate_region(req.get_metadata())
                     .filter(|r| crate::locate::is_known_region(r))
                     .map(str::to_string)
-                    .or_else(|| {
-                        shared
-                            .processor
-                            .enricher
-                            .region_of(ctx.ip)
-                            .map(str::to_string)
-                    });
+                    .or_else(|| shared.processor.region_of(ctx.ip).map(str::to_string));
                 let answer = match shared.locator.locate(region.as_deref()).await {
                     Ok(l) => wire::response_frame(
                         stream_id,
@@ -269,63 +265,26 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                 }
             }
             Body::RequestResponse(req) => {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
+                let batch = Batch {
+                    stream_id,
+                    data: req.get_data().cloned().unwrap_or_default(),
+                    client_id: wire::client_batch_id(req.get_metadata()).map(str::to_string),
+                    answer: Some(tx.clone()),
                 };
-                let data = req.get_data().cloned().unwrap_or_default();
-                let Some(bytes_permit) = shared.processor.budget.reserve(data.len()).await else {
+                if !spawn_batch(shared, &merchant, trust, &ctx, &in_flight, batch).await {
                     break;
-                };
-                let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
-                let (processor, merchant, tx, ctx) = (
-                    shared.processor.clone(),
-                    merchant.clone(),
-                    tx.clone(),
-                    ctx.clone(),
-                );
-                tokio::spawn(async move {
-                    let answer = match processor
-                        .process(&merchant, &data, client_id.as_deref(), &ctx)
-                        .await
-                    {
-                        Ok(resp) => wire::response_frame(
-                            stream_id,
-                            Bytes::from(serde_json::to_vec(&resp).unwrap_or_default()),
-                        ),
-                        Err(e) => wire::error_frame(stream_id, error_code(&e), &e.to_string()),
-                    };
-                    // The memory goes back before the answer is queued: a client that stops
-                    // reading answers must not hold the edge's shared budget.
-                    drop((data, bytes_permit));
-                    if tokio::time::timeout(ANSWER_TIMEOUT, tx.send(answer))
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!("client not reading answers; dropping one");
-                    }
-                    drop(permit);
-                });
+                }
             }
             Body::RequestFNF(req) => {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
+                let batch = Batch {
+                    stream_id,
+                    data: req.get_data().cloned().unwrap_or_default(),
+                    client_id: wire::client_batch_id(req.get_metadata()).map(str::to_string),
+                    answer: None,
                 };
-                let data = req.get_data().cloned().unwrap_or_default();
-                let Some(bytes_permit) = shared.processor.budget.reserve(data.len()).await else {
+                if !spawn_batch(shared, &merchant, trust, &ctx, &in_flight, batch).await {
                     break;
-                };
-                let client_id = wire::client_batch_id(req.get_metadata()).map(str::to_string);
-                let (processor, merchant, ctx) =
-                    (shared.processor.clone(), merchant.clone(), ctx.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = processor
-                        .process(&merchant, &data, client_id.as_deref(), &ctx)
-                        .await
-                    {
-                        tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
-                    }
-                    drop((permit, bytes_permit));
-                });
+                }
             }
             Body::Keepalive(k) => {
                 if flag & Frame::FLAG_RESPOND != 0 {
@@ -367,6 +326,138 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         .acquire_many(limits.max_in_flight_per_conn as u32)
         .await;
     closing.unwrap_or(Outcome::Done)
+}
+
+/// A batch frame as read: request-response (with where its answer goes) or fire-and-forget.
+struct Batch {
+    stream_id: u32,
+    data: Bytes,
+    client_id: Option<String>,
+    answer: Option<mpsc::Sender<Frame>>,
+}
+
+/// Takes one of the connection's in-flight slots and the batch's memory, then stores the
+/// batch in a task of its own (answering it, for request-response). `false`: the
+/// connection is closing.
+async fn spawn_batch(
+    shared: &Shared,
+    merchant: &Arc<str>,
+    trust: Trust,
+    ctx: &Arc<ClientCtx>,
+    in_flight: &Arc<Semaphore>,
+    batch: Batch,
+) -> bool {
+    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        return false;
+    };
+    let Some(bytes_permit) = shared.processor.reserve(batch.data.len()).await else {
+        return false;
+    };
+    let (processor, merchant, ctx) = (shared.processor.clone(), merchant.clone(), ctx.clone());
+    tokio::spawn(async move {
+        let Batch {
+            stream_id,
+            data,
+            client_id,
+            answer,
+        } = batch;
+        let result = submit(
+            &processor,
+            &merchant,
+            trust,
+            &data,
+            client_id.as_deref(),
+            &ctx,
+        )
+        .await;
+        // The memory goes back before the answer is queued: a client that stops reading
+        // answers must not hold the edge's shared budget.
+        drop((data, bytes_permit));
+        match (answer, result) {
+            (Some(tx), result) => {
+                let frame = match result {
+                    Ok(resp) => wire::response_frame(
+                        stream_id,
+                        Bytes::from(serde_json::to_vec(&resp).unwrap_or_default()),
+                    ),
+                    Err(e) => wire::error_frame(stream_id, error_code(&e), &e.to_string()),
+                };
+                if tokio::time::timeout(ANSWER_TIMEOUT, tx.send(frame))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("client not reading answers; dropping one");
+                }
+            }
+            (None, Err(e)) => {
+                tracing::warn!(merchant = %merchant, error = %e, "fire-and-forget batch failed");
+            }
+            (None, Ok(_)) => {}
+        }
+        drop(permit);
+    });
+    true
+}
+
+/// Decodes one batch frame and hands it to the edge's one ingest path.
+async fn submit(
+    processor: &Arc<Processor>,
+    merchant: &Arc<str>,
+    trust: Trust,
+    payload: &[u8],
+    client_batch_id: Option<&str>,
+    ctx: &ClientCtx,
+) -> Result<BatchResponse, ProcessError> {
+    let request = match decode(processor, merchant, payload, client_batch_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            let refused = Err(e);
+            count_events("quic", 0, &refused);
+            return refused;
+        }
+    };
+    let share = MerchantBatch {
+        merchant: merchant.clone(),
+        events: request.events.into_iter().map(Incoming::from).collect(),
+        batch_id: client_batch_id.map(str::to_string),
+    };
+    let result = processor
+        .ingest(Submission {
+            listener: "quic",
+            trust,
+            client: ctx,
+            shares: vec![share],
+            wire_bytes: Some(payload.len()),
+        })
+        .await;
+    if let Err(ProcessError::TooManyEvents { count, .. }) = &result {
+        let reason = format!("batch of {count} events");
+        processor
+            .keep_undecodable(merchant, client_batch_id, payload, &reason)
+            .await;
+    }
+    result
+}
+
+/// A batch payload (`{"events": [...]}`); one that is not is kept in `failed_events`. A
+/// merchant over its allowance is refused before the payload is parsed.
+async fn decode(
+    processor: &Processor,
+    merchant: &str,
+    payload: &[u8],
+    client_batch_id: Option<&str>,
+) -> Result<BatchRequest, ProcessError> {
+    processor.precheck(merchant)?;
+    match serde_json::from_slice(payload) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let reason = e.to_string();
+            processor
+                .keep_undecodable(merchant, client_batch_id, payload, &reason)
+                .await;
+            Err(ProcessError::Decode(reason))
+        }
+    }
 }
 
 fn error_code(e: &ProcessError) -> u32 {

@@ -5,6 +5,9 @@
 //! Keys of the bucket:
 //! - `m.<id>`: the `Merchant` record (trackers, limits, time zone);
 //! - `k.<sha256(write key)>`: merchant id of a write key;
+//! - `s.<sha256(server key)>`: merchant id of a server key (trusted with `$` properties,
+//!   see [`crate::reserved`]). A prefix of its own, so an edge that predates server keys
+//!   never mistakes one for a write key during a rolling upgrade;
 //! - `t.<sha256(claim)>`: merchant id owning a tracker identity (`TrackerId::claim`). Claims
 //!   are created with `create`, so two merchants can never own the same app id or domain.
 
@@ -16,6 +19,8 @@ use beacon_proto::bus::{Merchant, MerchantLimits, TrackerId, Trackers};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
+pub use crate::reserved::Trust;
+
 /// KV key of a merchant record.
 pub fn merchant_key(id: &str) -> String {
     format!("m.{id}")
@@ -24,6 +29,11 @@ pub fn merchant_key(id: &str) -> String {
 /// KV key mapping a write-key hash to its merchant id.
 pub fn write_key_key(hash: &str) -> String {
     format!("k.{hash}")
+}
+
+/// KV key mapping a server-key hash to its merchant id.
+pub fn server_key_key(hash: &str) -> String {
+    format!("s.{hash}")
 }
 
 /// KV key of a tracker identity's claim.
@@ -57,9 +67,16 @@ pub struct Resolved {
     pub api_secrets_sha256: Vec<String>,
 }
 
+/// What a write or server key authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    pub merchant_id: String,
+    pub trust: Trust,
+}
+
 #[derive(Default)]
 struct Index {
-    by_key_hash: HashMap<String, Arc<str>>,
+    by_key_hash: HashMap<String, (Arc<str>, Trust)>,
     by_tracker: HashMap<TrackerId, Resolved>,
     limits: HashMap<Arc<str>, MerchantLimits>,
     /// Tracker ids each merchant indexed, so an updated record drops the ones it lost.
@@ -139,12 +156,17 @@ impl Registry {
                 let Ok(entry) = entry else { continue };
                 let Ok(mut index) = idx.write() else { return };
                 let put = entry.operation == kv::Operation::Put;
-                if let Some(hash) = entry.key.strip_prefix("k.") {
+                let key = match entry.key.split_at_checked(2) {
+                    Some(("k.", hash)) => Some((hash, Trust::Client)),
+                    Some(("s.", hash)) => Some((hash, Trust::Server)),
+                    _ => None,
+                };
+                if let Some((hash, trust)) = key {
                     if put {
                         let id = String::from_utf8_lossy(&entry.value);
                         index
                             .by_key_hash
-                            .insert(hash.to_string(), id.as_ref().into());
+                            .insert(hash.to_string(), (id.as_ref().into(), trust));
                     } else {
                         index.by_key_hash.remove(hash);
                     }
@@ -190,32 +212,44 @@ impl Registry {
         m.insert(key, std::time::Instant::now());
     }
 
-    /// The merchant a write key belongs to. A miss asks the bucket directly, so a merchant
-    /// created a moment ago is not refused while the watch catches up. `Err`: the bucket
-    /// could not be asked (retry), unlike `Ok(None)` (no such key).
-    pub async fn merchant_for_key(&self, write_key: &str) -> Result<Option<String>, RegistryError> {
-        let hash = hash_write_key(write_key);
-        if let Some(id) = self
+    /// The merchant a write or server key belongs to, and how far it is trusted. A miss
+    /// asks the bucket directly, so a merchant created a moment ago is not refused while
+    /// the watch catches up. `Err`: the bucket could not be asked (retry), unlike
+    /// `Ok(None)` (no such key).
+    pub async fn merchant_for_key(&self, key: &str) -> Result<Option<KeyOwner>, RegistryError> {
+        let hash = hash_write_key(key);
+        if let Some((id, trust)) = self
             .index
             .read()
             .ok()
             .and_then(|i| i.by_key_hash.get(&hash).cloned())
         {
-            return Ok(Some(id.to_string()));
+            return Ok(Some(KeyOwner {
+                merchant_id: id.to_string(),
+                trust,
+            }));
         }
-        let key = write_key_key(&hash);
-        if self.recently_missed(&key) {
+        let miss = write_key_key(&hash);
+        if self.recently_missed(&miss) {
             return Ok(None);
         }
-        let Some(value) = self.store.get(&key).await.map_err(nats)? else {
-            self.missed(key);
-            return Ok(None);
-        };
-        let id = String::from_utf8_lossy(&value).into_owned();
-        if let Ok(mut m) = self.index.write() {
-            m.by_key_hash.insert(hash, id.as_str().into());
+        for (kv_key, trust) in [
+            (write_key_key(&hash), Trust::Client),
+            (server_key_key(&hash), Trust::Server),
+        ] {
+            if let Some(value) = self.store.get(&kv_key).await.map_err(nats)? {
+                let id = String::from_utf8_lossy(&value).into_owned();
+                if let Ok(mut m) = self.index.write() {
+                    m.by_key_hash.insert(hash, (id.as_str().into(), trust));
+                }
+                return Ok(Some(KeyOwner {
+                    merchant_id: id,
+                    trust,
+                }));
+            }
         }
-        Ok(Some(id))
+        self.missed(miss);
+        Ok(None)
     }
 
     /// The merchant owning a tracker identity (same miss handling as write keys).
@@ -299,7 +333,61 @@ pub async fn create_merchant(store: &kv::Store, merchant: &Merchant) -> Result<(
         )
         .await
         .map_err(nats)?;
+    if let Some(hash) = &merchant.server_key_sha256 {
+        store
+            .put(
+                server_key_key(hash),
+                merchant.id.clone().into_bytes().into(),
+            )
+            .await
+            .map_err(nats)?;
+    }
     Ok(())
+}
+
+/// A merchant's record and its revision (for a conditional update).
+async fn read_merchant(
+    store: &kv::Store,
+    merchant_id: &str,
+) -> Result<(Merchant, u64), RegistryError> {
+    let entry = store
+        .entry(merchant_key(merchant_id))
+        .await
+        .map_err(nats)?
+        .filter(|e| e.operation == kv::Operation::Put)
+        .ok_or_else(|| RegistryError::Nats(format!("no merchant {merchant_id}")))?;
+    let m = serde_json::from_slice(&entry.value).map_err(nats)?;
+    Ok((m, entry.revision))
+}
+
+/// Gives a merchant a new server key (`hash` of it), replacing the one it had: the new key
+/// works before the record names it, and the old one stops once the record no longer does.
+pub async fn set_server_key(
+    store: &kv::Store,
+    merchant_id: &str,
+    hash: &str,
+) -> Result<Merchant, RegistryError> {
+    let (mut m, revision) = read_merchant(store, merchant_id).await?;
+    let new_key = server_key_key(hash);
+    store
+        .put(&new_key, merchant_id.as_bytes().to_vec().into())
+        .await
+        .map_err(nats)?;
+    let old = m.server_key_sha256.replace(hash.to_string());
+    let json = serde_json::to_vec(&m).map_err(nats)?;
+    if let Err(e) = store
+        .update(merchant_key(merchant_id), json.into(), revision)
+        .await
+    {
+        let _ = store.purge(&new_key).await;
+        return Err(nats(format!(
+            "merchant {merchant_id} changed meanwhile, retry: {e}"
+        )));
+    }
+    if let Some(old) = old.filter(|o| o != hash) {
+        store.purge(server_key_key(&old)).await.map_err(nats)?;
+    }
+    Ok(m)
 }
 
 /// Adds tracker identities to a merchant and, when `limits` is `Some`, replaces its limits
@@ -312,13 +400,7 @@ pub async fn update_merchant(
     add: &Trackers,
     limits: Option<Option<MerchantLimits>>,
 ) -> Result<Merchant, RegistryError> {
-    let entry = store
-        .entry(merchant_key(merchant_id))
-        .await
-        .map_err(nats)?
-        .filter(|e| e.operation == kv::Operation::Put)
-        .ok_or_else(|| RegistryError::Nats(format!("no merchant {merchant_id}")))?;
-    let mut m: Merchant = serde_json::from_slice(&entry.value).map_err(nats)?;
+    let (mut m, revision) = read_merchant(store, merchant_id).await?;
     // Claims made here are released if anything after them fails, as in `create_merchant`.
     let mut claimed = Vec::new();
     for t in add.ids() {
@@ -371,7 +453,7 @@ pub async fn update_merchant(
     }
     let json = serde_json::to_vec(&m).map_err(nats)?;
     if let Err(e) = store
-        .update(merchant_key(merchant_id), json.into(), entry.revision)
+        .update(merchant_key(merchant_id), json.into(), revision)
         .await
     {
         release(store, &claimed).await;

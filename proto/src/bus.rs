@@ -144,6 +144,12 @@ pub struct Merchant {
     pub id: String,
     pub name: String,
     pub write_key_sha256: String,
+    /// The server key's hash: a key for the merchant's own servers (relays, imports of
+    /// already-enriched data), which may set the `$` properties the edge otherwise keeps for
+    /// its enrichment. The write key is the one embedded in pages and apps, so anyone can
+    /// read it; the server key must stay secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key_sha256: Option<String>,
     pub created_at: i64,
     /// IANA time zone of the merchant's reports (dates and time buckets); UTC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -119,10 +119,16 @@ impl Cluster {
     }
 
     pub fn spawn(&self, name: &'static str, args: &[&str]) -> Role {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    /// As `spawn`, with extra environment variables (fault points).
+    pub fn spawn_with_env(&self, name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Role {
         let log =
             std::fs::File::create(self.data_dir().join(format!("{name}.log"))).expect("log file");
         let mut cmd = Command::new(beacon_bin());
         cmd.args(args)
+            .envs(env.iter().copied())
             .env("BEACON_NATS_URL", self.nats.url())
             .env("BEACON_DATA_DIR", self.data_dir())
             // Every role serves its metrics and health on a port of its own.
@@ -196,9 +202,14 @@ impl Cluster {
     }
 
     pub fn start_ingest_with(&mut self, args: &[&str]) {
+        self.start_ingest_env(args, &[]);
+    }
+
+    /// Starts the ingester with `args` and `env` (one still running is killed).
+    pub fn start_ingest_env(&mut self, args: &[&str], env: &[(&str, &str)]) {
         let mut all = vec!["ingest"];
         all.extend_from_slice(args);
-        self.ingest = Some(self.spawn("ingest", &all));
+        self.ingest = Some(self.spawn_with_env("ingest", &all, env));
         // Ready once it has opened (on first start: created) the warehouse: a test's first
         // query must not race ingest's start.
         let dir = self.data_dir().to_path_buf();
@@ -277,13 +288,18 @@ impl Cluster {
 
     /// Creates a merchant with extra `merchant create` flags (trackers, limits).
     pub fn merchant_with(&self, name: &str, extra: &[&str]) -> (String, String) {
-        let mut args = vec!["merchant", "create", name, "--format", "json"];
-        args.extend_from_slice(extra);
-        let v: Value = serde_json::from_str(&self.cli(&args)).expect("merchant json");
+        let v = self.merchant_json(name, extra);
         (
             v["id"].as_str().expect("id").to_string(),
             v["write_key"].as_str().expect("key").to_string(),
         )
+    }
+
+    /// `merchant create --format json` (id, write key, server key) with extra flags.
+    pub fn merchant_json(&self, name: &str, extra: &[&str]) -> Value {
+        let mut args = vec!["merchant", "create", name, "--format", "json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.cli(&args)).expect("merchant json")
     }
 
     pub fn attach(&self, merchant: &str, plugin: &str, config: &str) {
@@ -643,11 +659,12 @@ pub struct Up {
     pub dir: tempfile::TempDir,
 }
 
-/// A merchant of an [`Up`]: id, write key and a read token.
+/// A merchant of an [`Up`]: id, write key, server key and a read token.
 #[derive(Clone)]
 pub struct Merchant {
     pub id: String,
     pub write_key: String,
+    pub server_key: String,
     pub token: String,
 }
 
@@ -746,6 +763,7 @@ impl Up {
         Merchant {
             id,
             write_key: v["write_key"].as_str().expect("key").to_string(),
+            server_key: v["server_key"].as_str().expect("server key").to_string(),
             token,
         }
     }

@@ -286,21 +286,39 @@ pub(crate) async fn replace(
         let staged = stage(&table, rewrite).await?;
         let current = table.metadata_location_result()?.to_string();
         fault_point("before-swap");
-        let swapped = match swap.swap(ident, &current, &staged.metadata_location).await {
+        let lost = lost_answer();
+        let answer = match lost {
+            None => swap.swap(ident, &current, &staged.metadata_location).await,
+            Some(LostAnswer::Unanswered) => Err(lost_answer_error()),
+            // The swap runs; its reply never arrives.
+            Some(_) => swap
+                .swap(ident, &current, &staged.metadata_location)
+                .await
+                .and(Err(lost_answer_error())),
+        };
+        let swapped = match answer {
             Ok(swapped) => swapped,
             // No answer (a connection cut, a database going down) is not "not committed":
             // the update may have landed with its reply lost. Ask again; unless the row
             // shows our commit, say the outcome is unknown, so no caller deletes files that
             // a landed commit references (an orphan costs a sweep, a deleted file the rows).
-            Err(e) => match swap.metadata_location(ident).await {
-                Ok(Some(now)) if now == staged.metadata_location => true,
-                _ => {
-                    return Err(WarehouseError::CommitUnknown {
-                        table: ident.to_string(),
-                        reason: e.to_string(),
-                    })
+            Err(e) => {
+                let reread = match lost {
+                    Some(LostAnswer::ReplyLost | LostAnswer::Unanswered) => {
+                        Err(lost_answer_error())
+                    }
+                    _ => swap.metadata_location(ident).await,
+                };
+                match reread {
+                    Ok(Some(now)) if now == staged.metadata_location => true,
+                    _ => {
+                        return Err(WarehouseError::CommitUnknown {
+                            table: ident.to_string(),
+                            reason: e.to_string(),
+                        })
+                    }
                 }
-            },
+            }
         };
         if swapped {
             fault_point("after-swap");
@@ -356,6 +374,36 @@ fn fault_point(at: &str) {
         eprintln!("BEACON_FAULT_REPLACE: dying {at}");
         std::process::abort();
     }
+}
+
+/// Test-only lost answers from the catalog (`BEACON_FAULT_REPLACE=...`), for the first
+/// swap of the process only: `reply-lost` (the swap lands, its reply and the re-read are
+/// lost, as when the database goes away mid-commit), `unanswered` (the swap never reaches
+/// the catalog, nor does the re-read), `reply-lost-reread` (the reply is lost, the re-read
+/// answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LostAnswer {
+    ReplyLost,
+    Unanswered,
+    ReplyLostReread,
+}
+
+fn lost_answer() -> Option<LostAnswer> {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let fault = match std::env::var("BEACON_FAULT_REPLACE").ok()?.as_str() {
+        "reply-lost" => LostAnswer::ReplyLost,
+        "unanswered" => LostAnswer::Unanswered,
+        "reply-lost-reread" => LostAnswer::ReplyLostReread,
+        _ => return None,
+    };
+    (!FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(fault)
+}
+
+fn lost_answer_error() -> WarehouseError {
+    WarehouseError::Catalog(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "BEACON_FAULT_REPLACE: the catalog's answer was lost",
+    )))
 }
 
 struct Staged {

@@ -146,6 +146,7 @@ pub async fn start(wh: Arc<Warehouse>, sites: &[Site], nats_dir: &std::path::Pat
                         "bk_bench_{}",
                         s.merchant_id
                     )),
+                    server_key_sha256: None,
                     created_at: 0,
                     timezone: None,
                     trackers: Default::default(),
