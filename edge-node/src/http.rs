@@ -306,6 +306,7 @@ impl App {
                     merchant,
                     events: vec![incoming],
                     batch_id: None,
+                    held: 0,
                 }),
             }
         }

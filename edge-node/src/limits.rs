@@ -84,6 +84,54 @@ impl RateLimiter {
         }
     }
 
+    /// Holds a typical batch's worth of `merchant`'s allowance for a frame just read, before
+    /// it is decoded (the QUIC loop does not read the connection's next frame until it
+    /// has): a merchant at its limit then has one frame per connection waiting, instead of
+    /// frames read, decoded and refused while the allowance refills. The batch's
+    /// [`take`](Self::take) is credited with what was held; [`release`](Self::release)
+    /// gives back a hold whose batch never got there.
+    pub fn hold(
+        &self,
+        merchant: &str,
+        limits: &MerchantLimits,
+        now_ms: i64,
+        now: Instant,
+    ) -> Result<usize, Limited> {
+        self.precheck(merchant, limits, now_ms, now)?;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = buckets.get_mut(merchant) else {
+            // First batch: a full bucket, which `take` creates.
+            return Ok(0);
+        };
+        let rate = f64::from(limits.events_per_second.max(1));
+        let burst = f64::from(limits.burst.max(1));
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.last = now;
+        // Whole events, so what is held is exactly what is credited back.
+        let need = b.typical.clamp(1.0, burst).ceil();
+        if b.tokens < need {
+            // Another connection held it since the precheck.
+            return Err(Limited::Rate {
+                rate: limits.events_per_second,
+                retry_after_ms: (((need - b.tokens) / rate * 1000.0).ceil() as u64).max(1),
+            });
+        }
+        b.tokens -= need;
+        Ok(need as usize)
+    }
+
+    /// Gives back a [`hold`](Self::hold) whose batch was never admitted (undecodable, over
+    /// the batch limit, the connection closing).
+    pub fn release(&self, merchant: &str, held: usize, limits: &MerchantLimits) {
+        if held == 0 {
+            return;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = buckets.get_mut(merchant) {
+            b.tokens = (b.tokens + held as f64).min(f64::from(limits.burst.max(1)));
+        }
+    }
+
     /// Gives back `n` events taken for a batch that was then not stored (bus unavailable,
     /// refused downstream): a retry must not be charged twice.
     pub fn refund(&self, merchant: &str, n: usize, limits: &MerchantLimits) {
@@ -94,12 +142,15 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `n` events from `merchant`'s allowance, or says when to retry. `now_ms` is the
-    /// wall clock (for the quota's UTC day), `now` the monotonic one (for the bucket).
+    /// Takes `n` events from `merchant`'s allowance, or says when to retry; `held` events
+    /// were already held for the batch ([`hold`](Self::hold)) and are given back first,
+    /// whatever the answer. `now_ms` is the wall clock (for the quota's UTC day), `now` the
+    /// monotonic one (for the bucket).
     pub fn take(
         &self,
         merchant: &str,
         n: usize,
+        held: usize,
         limits: &MerchantLimits,
         now_ms: i64,
         now: Instant,
@@ -120,7 +171,8 @@ impl RateLimiter {
             typical: 1.0,
         });
         b.typical = 0.8 * b.typical + 0.2 * n as f64;
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.tokens =
+            (b.tokens + held as f64 + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
         b.last = now;
         if b.day != day {
             b.day = day;
@@ -166,9 +218,9 @@ mod tests {
         let l = RateLimiter::default();
         let t0 = Instant::now();
         let ms = 1_790_000_000_000;
-        assert!(l.take("m", 150, &LIMITS, ms, t0).is_ok());
-        assert!(l.take("m", 50, &LIMITS, ms, t0).is_ok());
-        let err = l.take("m", 50, &LIMITS, ms, t0).unwrap_err();
+        assert!(l.take("m", 150, 0, &LIMITS, ms, t0).is_ok());
+        assert!(l.take("m", 50, 0, &LIMITS, ms, t0).is_ok());
+        let err = l.take("m", 50, 0, &LIMITS, ms, t0).unwrap_err();
         assert_eq!(
             err,
             Limited::Rate {
@@ -178,10 +230,10 @@ mod tests {
         );
         // Half a second refills 50.
         assert!(l
-            .take("m", 50, &LIMITS, ms, t0 + Duration::from_millis(500))
+            .take("m", 50, 0, &LIMITS, ms, t0 + Duration::from_millis(500))
             .is_ok());
         // Another merchant has its own bucket.
-        assert!(l.take("other", 200, &LIMITS, ms, t0).is_ok());
+        assert!(l.take("other", 200, 0, &LIMITS, ms, t0).is_ok());
     }
 
     #[test]
@@ -189,10 +241,10 @@ mod tests {
         let l = RateLimiter::default();
         let t0 = Instant::now();
         let ms = 1_790_000_000_000;
-        assert!(l.take("m", 500, &LIMITS, ms, t0).is_ok());
+        assert!(l.take("m", 500, 0, &LIMITS, ms, t0).is_ok());
         // 300 events of debt: 5 s until the bucket is full again.
         let err = l
-            .take("m", 500, &LIMITS, ms, t0 + Duration::from_secs(1))
+            .take("m", 500, 0, &LIMITS, ms, t0 + Duration::from_secs(1))
             .unwrap_err();
         assert_eq!(err.retry_after_ms(), 4000);
     }
@@ -203,10 +255,10 @@ mod tests {
         let t0 = Instant::now();
         let ms = 1_790_000_000_000;
         assert!(l.precheck("m", &LIMITS, ms, t0).is_ok(), "unknown merchant");
-        assert!(l.take("m", 10, &LIMITS, ms, t0).is_ok());
+        assert!(l.take("m", 10, 0, &LIMITS, ms, t0).is_ok());
         // Typical batch now ~2.8 events; 190 left.
         assert!(l.precheck("m", &LIMITS, ms, t0).is_ok());
-        assert!(l.take("m", 190, &LIMITS, ms, t0).is_ok());
+        assert!(l.take("m", 190, 0, &LIMITS, ms, t0).is_ok());
         assert!(l.precheck("m", &LIMITS, ms, t0).is_err(), "empty");
         // Typical is now ~40 events: 0.4 s of refill before a batch is read again.
         let err = l.precheck("m", &LIMITS, ms, t0).unwrap_err();
@@ -223,12 +275,43 @@ mod tests {
         let day_start = 1_790_035_200_000; // a UTC midnight
         let ms = day_start + 3_600_000;
         for _ in 0..5 {
-            assert!(l.take("m", 200, &LIMITS, ms, t).is_ok());
+            assert!(l.take("m", 200, 0, &LIMITS, ms, t).is_ok());
             t += Duration::from_secs(2);
         }
-        let err = l.take("m", 1, &LIMITS, ms, t).unwrap_err();
+        let err = l.take("m", 1, 0, &LIMITS, ms, t).unwrap_err();
         assert!(matches!(err, Limited::Quota { quota: 1000, .. }));
         assert_eq!(err.retry_after_ms(), 23 * 3_600_000);
-        assert!(l.take("m", 1, &LIMITS, day_start + DAY_MS, t).is_ok());
+        assert!(l.take("m", 1, 0, &LIMITS, day_start + DAY_MS, t).is_ok());
+    }
+
+    #[test]
+    fn a_hold_stops_other_readers_and_is_settled_by_the_batch() {
+        let l = RateLimiter::default();
+        let t0 = Instant::now();
+        let ms = 1_790_000_000_000;
+        assert_eq!(
+            l.hold("m", &LIMITS, ms, t0),
+            Ok(0),
+            "unknown merchant: nothing to hold"
+        );
+        // Batches of 100 make 100 the typical batch (a moving average).
+        for _ in 0..20 {
+            l.release("m", 0, &LIMITS);
+            let _ = l.take("m", 100, 0, &LIMITS, ms, t0 + Duration::from_secs(10));
+        }
+        let t = t0 + Duration::from_secs(20);
+        let held = l.hold("m", &LIMITS, ms, t).expect("room for one batch");
+        assert_eq!(held, 99, "the typical batch, rounded up");
+        // A second reader finds only what is left of the 200-event burst.
+        let second = l.hold("m", &LIMITS, ms, t).expect("room for a second");
+        assert!(l.hold("m", &LIMITS, ms, t).is_err(), "a third must wait");
+        // The batches settle with their holds: no event charged twice.
+        assert!(l.take("m", 100, held, &LIMITS, ms, t).is_ok());
+        l.release("m", second, &LIMITS);
+        assert!(
+            l.take("m", 100, 0, &LIMITS, ms, t).is_ok(),
+            "the release returned it"
+        );
+        assert!(l.take("m", 1, 0, &LIMITS, ms, t).is_err());
     }
 }

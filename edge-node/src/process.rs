@@ -55,6 +55,8 @@ pub struct MerchantBatch {
     pub events: Vec<Incoming>,
     /// The client's id for this share: a retry with the same id is stored once.
     pub batch_id: Option<String>,
+    /// Allowance held for it when its frame was read ([`Processor::hold`]; 0: none).
+    pub held: usize,
 }
 
 /// A decoded request, as every listener hands it to [`Processor::ingest`].
@@ -366,6 +368,27 @@ impl Processor {
         )
     }
 
+    /// Holds a typical batch's worth of the merchant's allowance for a frame just read
+    /// ([`RateLimiter::hold`]); the batch carries it as [`MerchantBatch::held`].
+    pub fn hold(&self, merchant_id: &str) -> Result<usize, Limited> {
+        let Some(limits) = self.limits_of(merchant_id) else {
+            return Ok(0);
+        };
+        self.limiter.hold(
+            merchant_id,
+            &limits,
+            crate::now_ms(),
+            std::time::Instant::now(),
+        )
+    }
+
+    /// Gives back a hold whose batch never reached admission.
+    pub fn release(&self, merchant_id: &str, held: usize) {
+        if let Some(limits) = self.limits_of(merchant_id) {
+            self.limiter.release(merchant_id, held, &limits);
+        }
+    }
+
     /// Gives back what `admit` took for a batch that was not stored.
     fn refund(&self, merchant_id: &str, n: usize) {
         if let Some(limits) = self.limits_of(merchant_id) {
@@ -373,14 +396,16 @@ impl Processor {
         }
     }
 
-    /// Takes `n` events from the merchant's rate limit and daily quota.
-    fn admit(&self, merchant_id: &str, n: usize) -> Result<(), Limited> {
-        let Some(limits) = self.limits_of(merchant_id) else {
+    /// Takes a batch's events from the merchant's rate limit and daily quota, crediting
+    /// what was held for it (given back even when the batch is refused).
+    fn admit(&self, batch: &MerchantBatch) -> Result<(), Limited> {
+        let Some(limits) = self.limits_of(&batch.merchant) else {
             return Ok(());
         };
         self.limiter.take(
-            merchant_id,
-            n,
+            &batch.merchant,
+            batch.events.len(),
+            batch.held,
             &limits,
             crate::now_ms(),
             std::time::Instant::now(),
@@ -439,7 +464,6 @@ impl Processor {
         n: usize,
     ) -> Result<BatchResponse, ProcessError> {
         let _in_flight = InFlight::new(&self.active, &self.active_gauge);
-        self.check_batch_len(n)?;
         let Submission {
             listener,
             trust,
@@ -447,10 +471,19 @@ impl Processor {
             shares,
             wire_bytes,
         } = submission;
+        if let Err(e) = self.check_batch_len(n) {
+            for s in &shares {
+                self.release(&s.merchant, s.held);
+            }
+            return Err(e);
+        }
         for (i, share) in shares.iter().enumerate() {
-            if let Err(l) = self.admit(&share.merchant, share.events.len()) {
+            if let Err(l) = self.admit(share) {
                 for s in &shares[..i] {
                     self.refund(&s.merchant, s.events.len());
+                }
+                for s in &shares[i + 1..] {
+                    self.release(&s.merchant, s.held);
                 }
                 return Err(l.into());
             }

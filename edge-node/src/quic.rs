@@ -336,9 +336,11 @@ struct Batch {
     answer: Option<mpsc::Sender<Frame>>,
 }
 
-/// Takes one of the connection's in-flight slots and the batch's memory, then stores the
-/// batch in a task of its own (answering it, for request-response). `false`: the
-/// connection is closing.
+/// Takes one of the connection's in-flight slots, the batch's memory and a typical batch's
+/// worth of the merchant's allowance, then stores the batch in a task of its own (answering
+/// it, for request-response). The connection's next frame is not read before all three are
+/// had: a merchant at its limit has at most one frame per connection waiting, none decoded
+/// only to be refused. `false`: the connection is closing.
 async fn spawn_batch(
     shared: &Shared,
     merchant: &Arc<str>,
@@ -351,6 +353,9 @@ async fn spawn_batch(
         return false;
     };
     let Some(bytes_permit) = shared.processor.reserve(batch.data.len()).await else {
+        return false;
+    };
+    let Some(held) = hold_allowance(shared, merchant).await else {
         return false;
     };
     let (processor, merchant, ctx) = (shared.processor.clone(), merchant.clone(), ctx.clone());
@@ -367,6 +372,7 @@ async fn spawn_batch(
             trust,
             &data,
             client_id.as_deref(),
+            held,
             &ctx,
         )
         .await;
@@ -399,18 +405,43 @@ async fn spawn_batch(
     true
 }
 
-/// Decodes one batch frame and hands it to the edge's one ingest path.
+/// Waits until the merchant's allowance holds a typical batch and holds it
+/// ([`Processor::hold`]); `None` when the edge shuts down meanwhile. Over the daily quota it
+/// holds nothing, so the batch gets its answer (retry after midnight) from admission.
+async fn hold_allowance(shared: &Shared, merchant: &str) -> Option<usize> {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let limited = match shared.processor.hold(merchant) {
+            Ok(held) => return Some(held),
+            Err(crate::limits::Limited::Quota { .. }) => return Some(0),
+            Err(limited) => limited,
+        };
+        if *shutdown.borrow() {
+            return None;
+        }
+        let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// Decodes one batch frame and hands it to the edge's one ingest path; `held` is the
+/// allowance held for it.
 async fn submit(
     processor: &Arc<Processor>,
     merchant: &Arc<str>,
     trust: Trust,
     payload: &[u8],
     client_batch_id: Option<&str>,
+    held: usize,
     ctx: &ClientCtx,
 ) -> Result<BatchResponse, ProcessError> {
     let request = match decode(processor, merchant, payload, client_batch_id).await {
         Ok(r) => r,
         Err(e) => {
+            processor.release(merchant, held);
             let refused = Err(e);
             count_events("quic", 0, &refused);
             return refused;
@@ -420,6 +451,7 @@ async fn submit(
         merchant: merchant.clone(),
         events: request.events.into_iter().map(Incoming::from).collect(),
         batch_id: client_batch_id.map(str::to_string),
+        held,
     };
     let result = processor
         .ingest(Submission {
@@ -439,15 +471,13 @@ async fn submit(
     result
 }
 
-/// A batch payload (`{"events": [...]}`); one that is not is kept in `failed_events`. A
-/// merchant over its allowance is refused before the payload is parsed.
+/// A batch payload (`{"events": [...]}`); one that is not is kept in `failed_events`.
 async fn decode(
     processor: &Processor,
     merchant: &str,
     payload: &[u8],
     client_batch_id: Option<&str>,
 ) -> Result<BatchRequest, ProcessError> {
-    processor.precheck(merchant)?;
     match serde_json::from_slice(payload) {
         Ok(r) => Ok(r),
         Err(e) => {
