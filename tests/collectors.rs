@@ -447,7 +447,14 @@ async fn reserved_properties_and_relayed_addresses() {
     let (c, http) = collector_cluster();
     let m = c.merchant_json(
         "shop",
-        &["--snowplow-app-id", "relay-1", "--domain", "res.example"],
+        &[
+            "--snowplow-app-id",
+            "relay-1",
+            "--domain",
+            "res.example",
+            "--ga4",
+            "G-RES:res-secret",
+        ],
     );
     let id = m["id"].as_str().expect("id").to_string();
     let (write_key, server_key) = (
@@ -503,6 +510,16 @@ async fn reserved_properties_and_relayed_addresses() {
         plausible,
     );
     assert_eq!(r.status, 202, "{}", r.body);
+    // GA4 Measurement Protocol (a server-side sender, but with a tracker's credentials).
+    let ga = br#"{"client_id":"555.1","events":[{"name":"page_view","params":{"page_location":"https://res.example/ga","$bot":"forged","$country":"XX"}}]}"#;
+    let r = http_with(
+        &http,
+        "POST",
+        "/mp/collect?measurement_id=G-RES&api_secret=res-secret",
+        &[("Content-Type", "application/json")],
+        ga,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
 
     // A relay sends two users' events in one request, each with its user's address.
     let relay = |suffix: &str| {
@@ -527,8 +544,8 @@ async fn reserved_properties_and_relayed_addresses() {
     let r = http_with(&http2, "POST", TP2, &json, &relay("-untrusted"));
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let raw = rows(&c, &id, "raw_events", 7);
-    assert_eq!(raw.len(), 7, "{raw:#?}");
+    let raw = rows(&c, &id, "raw_events", 8);
+    assert_eq!(raw.len(), 8, "{raw:#?}");
     let by_id = |eid: &str| find(&raw, |r| r["event_id"] == eid);
 
     let client = by_id("q-client");
@@ -548,6 +565,10 @@ async fn reserved_properties_and_relayed_addresses() {
         Some("London"),
         "enrichment, not the client"
     );
+    let ga = find(&raw, |r| r["url"] == "https://res.example/ga");
+    assert_eq!(prop(ga, "$bot"), None);
+    assert_eq!(prop(ga, "$country"), None);
+    assert_eq!(prop(ga, "bot"), Some("forged"));
 
     // Trusted: each relayed user has their own place and cookieless id.
     let (gb, se) = (by_id("sp-gb"), by_id("sp-se"));
