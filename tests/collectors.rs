@@ -510,8 +510,9 @@ async fn reserved_properties_and_relayed_addresses() {
         plausible,
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    // GA4 Measurement Protocol (a server-side sender, but with a tracker's credentials).
-    let ga = br#"{"client_id":"555.1","events":[{"name":"page_view","params":{"page_location":"https://res.example/ga","$bot":"forged","$country":"XX"}}]}"#;
+    // GA4 Measurement Protocol (a server-side sender, but with a tracker's credentials),
+    // giving its user's address.
+    let ga = br#"{"client_id":"555.1","ip_override":"89.160.20.112","events":[{"name":"page_view","params":{"page_location":"https://res.example/ga","$bot":"forged","$country":"XX"}}]}"#;
     let r = http_with(
         &http,
         "POST",
@@ -567,8 +568,10 @@ async fn reserved_properties_and_relayed_addresses() {
     );
     let ga = find(&raw, |r| r["url"] == "https://res.example/ga");
     assert_eq!(prop(ga, "$bot"), None);
-    assert_eq!(prop(ga, "$country"), None);
     assert_eq!(prop(ga, "bot"), Some("forged"));
+    assert_eq!(prop(ga, "country"), Some("XX"));
+    // The server's `ip_override` (trusted here) placed its user, not the forged value.
+    assert_eq!(prop(ga, "$country"), Some("SE"));
 
     // Trusted: each relayed user has their own place and cookieless id.
     let (gb, se) = (by_id("sp-gb"), by_id("sp-se"));

@@ -825,8 +825,8 @@ pub struct EdgeArgs {
     #[arg(long, env = "BEACON_GEOIP")]
     geoip: Option<PathBuf>,
     /// Take HTTP clients' addresses from the last `X-Forwarded-For` hop (the one your proxy
-    /// appended; only behind your own proxy), and Snowplow events' own `ip` fields (set by
-    /// server-side relays that send many users' events in one request).
+    /// appended; only behind your own proxy), Snowplow events' own `ip` fields and GA4
+    /// Measurement Protocol `ip_override` (set by servers that send users' events).
     #[arg(long, env = "BEACON_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
     /// Memory for batches in flight, both listeners together (each batch reserves five

@@ -94,6 +94,24 @@ pub fn decode_mp(query: &str, body: &[u8], now_ms: i64) -> Result<Decoded, Vec<V
         ));
     }
     let user_id = doc.get("user_id").and_then(scalar_string);
+    // The end user's address, from a server that sends on their behalf (the edge uses it
+    // only where it trusts forwarded addresses).
+    let ip_override = match doc.get("ip_override") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let ip = v
+                .as_str()
+                .and_then(|s| s.trim().parse::<std::net::IpAddr>().ok());
+            if ip.is_none() {
+                msgs.push(msg(
+                    "ip_override",
+                    "VALUE_INVALID",
+                    "ip_override must be an IPv4 or IPv6 address".into(),
+                ));
+            }
+            ip
+        }
+    };
     let ts = match doc.get("timestamp_micros") {
         None => now_ms,
         Some(v) => match v
@@ -240,7 +258,7 @@ pub fn decode_mp(query: &str, body: &[u8], now_ms: i64) -> Result<Decoded, Vec<V
             tracker: tracker.clone(),
             event: e,
             user_agent: None,
-            ip: None,
+            ip: ip_override,
         });
     }
     if !msgs.is_empty() {
@@ -409,6 +427,21 @@ mod tests {
         assert_eq!(buy.currency.as_deref(), Some("EUR"));
         assert_eq!(buy.properties["transaction_id"], "o-9");
         assert!(buy.properties["items"].contains("sku-1"));
+    }
+
+    #[test]
+    fn a_server_gives_its_users_address() {
+        let relayed = serde_json::json!({"client_id": "c", "ip_override": "81.2.69.142",
+            "events": [{"name": "a"}, {"name": "b"}]});
+        let d = decode_mp(Q, &serde_json::to_vec(&relayed).unwrap(), NOW).unwrap();
+        assert!(d
+            .hits
+            .iter()
+            .all(|h| h.ip == Some("81.2.69.142".parse().unwrap())));
+        let bad_ip =
+            serde_json::json!({"client_id": "c", "ip_override": "nope", "events": [{"name": "a"}]});
+        let err = decode_mp(Q, &serde_json::to_vec(&bad_ip).unwrap(), NOW).unwrap_err();
+        assert_eq!(err[0].field_path, "ip_override");
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub struct HttpLimits {
     /// Largest request body (tp2 batches, multi-hit gtag bodies).
     pub max_body: usize,
     /// Take the client address from the last `X-Forwarded-For` hop, the one the trusted
-    /// proxy or CDN appended (behind one only: anyone can send the header), and a Snowplow
-    /// event's own `ip` field, which server-side relays that batch many users' events set.
+    /// proxy or CDN appended (behind one only: anyone can send the header), and the end
+    /// user's address a payload carries (a Snowplow event's `ip`, GA4 `ip_override`), which
+    /// servers sending on users' behalf set.
     pub trust_forwarded_for: bool,
     /// Open connections from one address (the peer's, not the forwarded one).
     pub max_conns_per_ip: usize,
