@@ -586,6 +586,17 @@ async fn reserved_properties_and_relayed_addresses() {
     let dump = serde_json::to_string(&raw).expect("json");
     assert!(!dump.contains("81.2.69.142") && !dump.contains("89.160.20.112"));
 
+    // The moves are counted per listener (the HTTP decoders already dropped their `$`).
+    let scraped = common::http(&c.status_url("edge"), "GET", "/metrics", None, b"").1;
+    assert_eq!(
+        common::metric(
+            &scraped,
+            "beacon_edge_reserved_properties_moved_total{listener=\"quic\"}"
+        ),
+        2.0,
+        "{scraped}"
+    );
+
     // Downstream, the forged bot counts as a visit and the server's country is used.
     let ev = c.sql(&format!(
         "SELECT event_id, country FROM events WHERE merchant_id = '{id}' AND event_id IN ('q-client', 'q-server') ORDER BY event_id"
