@@ -525,9 +525,7 @@ async fn start_api(
                 .await
                 .with_context(|| format!("connecting to NATS at {nats_url}"))?,
         );
-        let merchants = beacon_edge::registry::open_bucket(&js)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let merchants = registry_bucket(&js).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("metrics API: cannot listen on {listen}"))?;
@@ -883,6 +881,20 @@ impl NatsTarget {
             .with_context(|| format!("connecting to NATS at {url}"))?;
         Ok(async_nats::jetstream::new(client))
     }
+
+    /// The merchant registry's bucket on the target's bus.
+    pub async fn registry(&self) -> Result<async_nats::jetstream::kv::Store> {
+        registry_bucket(&self.jetstream().await?).await
+    }
+}
+
+/// The merchant registry's bucket (created if missing).
+async fn registry_bucket(
+    js: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store> {
+    beacon_edge::registry::open_bucket(js)
+        .await
+        .map_err(|e| anyhow!("opening the merchant registry: {e}"))
 }
 
 fn main() -> Result<()> {
@@ -1186,10 +1198,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 limits.limits().map(Some)
             };
-            let js = target.jetstream().await?;
-            let store = beacon_edge::registry::open_bucket(&js)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+            let store = target.registry().await?;
             let m = beacon_edge::registry::update_merchant(&store, &merchant, &add, limits)
                 .await
                 .map_err(|e| anyhow!("updating merchant {merchant}: {e}"))?;
@@ -1199,10 +1208,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Merchant {
             command: MerchantCommand::ServerKey { merchant, target },
         } => {
-            let js = target.jetstream().await?;
-            let store = beacon_edge::registry::open_bucket(&js)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+            let store = target.registry().await?;
             let key = new_key("bs");
             let hash = beacon_edge::registry::hash_write_key(&key);
             beacon_edge::registry::set_server_key(&store, &merchant, &hash)
@@ -1215,10 +1221,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Merchant {
             command: MerchantCommand::ReadToken { merchant, target },
         } => {
-            let js = target.jetstream().await?;
-            let store = beacon_edge::registry::open_bucket(&js)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+            let store = target.registry().await?;
             let token = beacon_query::tokens::create(&store, &merchant)
                 .await
                 .map_err(|e| anyhow!("creating a read token: {e}"))?;
@@ -1884,9 +1887,7 @@ async fn create_merchant(
         trackers,
         limits,
     };
-    let store = beacon_edge::registry::open_bucket(js)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let store = registry_bucket(js).await?;
     beacon_edge::registry::create_merchant(&store, &merchant)
         .await
         .map_err(|e| anyhow!("registering merchant: {e}"))?;
@@ -1951,9 +1952,7 @@ async fn demo(
     }
     #[cfg(feature = "full")]
     {
-        let store = beacon_edge::registry::open_bucket(&js)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let store = registry_bucket(&js).await?;
         for m in known.iter_mut().filter(|m| m.read_token.is_none()) {
             m.read_token = Some(
                 beacon_query::tokens::create(&store, &m.id)

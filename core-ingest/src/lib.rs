@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use beacon_proto::bus::{self, Partition};
 use beacon_proto::Envelope;
-use beacon_warehouse::replace::{Outcome, Rewrite};
+use beacon_warehouse::replace::Rewrite;
 use beacon_warehouse::tables::{
     self, arrow_schema, partition_seq_property, snapshot_property, PARTITIONS_PROPERTY,
 };
@@ -712,39 +712,24 @@ async fn commit_files(
             .insert(PARTITIONS_PROPERTY.into(), partition.count.to_string());
     }
     rewrite.require = vec![(key, mark.text.clone())];
-    match wh.replace_on(kind, loaded, &rewrite).await {
-        Ok(Outcome::Committed { .. }) => Ok(()),
-        // The same range was committed by a writer that lost this partition while it
-        // committed (it read the same watermark, so it wrote the same rows): ours are spare.
-        Ok(Outcome::AlreadyApplied { .. }) => {
-            for f in &rewrite.added {
-                let _ = wh.delete_file(kind, f.file_path()).await;
-            }
-            Ok(())
-        }
-        Err(e) => {
-            // Nothing references the files of a commit that did not land (one whose
-            // outcome is unknown keeps them: the restart reads the watermark it left).
-            if !e.commit_may_have_landed() {
-                for f in &rewrite.added {
-                    let _ = wh.delete_file(kind, f.file_path()).await;
-                }
-            }
-            Err(match e {
-                WarehouseError::Stale {
-                    table,
-                    expected,
-                    found,
-                    ..
-                } => IngestError::Overtaken {
-                    partition: partition.index,
-                    table,
-                    expected,
-                    found,
-                },
-                e => IngestError::Warehouse(e),
-            })
-        }
+    // The files are ours: deleted again unless a snapshot may reference them (an unknown
+    // outcome keeps them; the restart reads the watermark it left).
+    match wh.replace_owned(kind, loaded, &rewrite).await {
+        // `AlreadyApplied`: a writer that lost this partition while it committed got the
+        // same range in first (it read the same watermark, so it wrote the same rows).
+        Ok(_) => Ok(()),
+        Err(WarehouseError::Stale {
+            table,
+            expected,
+            found,
+            ..
+        }) => Err(IngestError::Overtaken {
+            partition: partition.index,
+            table,
+            expected,
+            found,
+        }),
+        Err(e) => Err(IngestError::Warehouse(e)),
     }
 }
 

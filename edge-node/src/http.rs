@@ -11,6 +11,7 @@
 //! CORS: browser trackers send with credentials, so the origin is echoed (never `*`) with
 //! `Access-Control-Allow-Credentials: true`, and preflights are answered.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,10 +262,12 @@ impl App {
         // Refused before any identity is looked up.
         self.processor.check_batch_len(decoded.hits.len())?;
         let mut shares: Vec<MerchantBatch> = Vec::new();
-        let mut resolved: Vec<(TrackerId, Arc<str>)> = Vec::new();
+        // Tracker identity -> its merchant's share: one registry look-up per identity, and
+        // no scan per event (a tp2 batch may carry thousands).
+        let mut share_of: HashMap<TrackerId, usize> = HashMap::new();
         for hit in decoded.hits {
-            let merchant = match resolved.iter().find(|(t, _)| *t == hit.tracker) {
-                Some((_, m)) => m.clone(),
+            let at = match share_of.get(&hit.tracker) {
+                Some(&at) => at,
                 None => {
                     let r = self
                         .registry
@@ -290,8 +293,21 @@ impl App {
                             )));
                         }
                     }
-                    resolved.push((hit.tracker.clone(), r.merchant_id.clone()));
-                    r.merchant_id
+                    // Several identities may name one merchant: one share for it.
+                    let at = match shares.iter().position(|s| s.merchant == r.merchant_id) {
+                        Some(at) => at,
+                        None => {
+                            shares.push(MerchantBatch {
+                                merchant: r.merchant_id,
+                                events: Vec::new(),
+                                batch_id: None,
+                                held: 0,
+                            });
+                            shares.len() - 1
+                        }
+                    };
+                    share_of.insert(hit.tracker.clone(), at);
+                    at
                 }
             };
             let incoming = Incoming {
@@ -301,15 +317,7 @@ impl App {
                 // otherwise anyone could place their events anywhere on the map.
                 ip: hit.ip.filter(|_| self.limits.trust_forwarded_for),
             };
-            match shares.iter_mut().find(|s| s.merchant == merchant) {
-                Some(s) => s.events.push(incoming),
-                None => shares.push(MerchantBatch {
-                    merchant,
-                    events: vec![incoming],
-                    batch_id: None,
-                    held: 0,
-                }),
-            }
+            shares[at].events.push(incoming);
         }
         if let Some(key) = &decoded.dedup_key {
             for (i, share) in shares.iter_mut().enumerate() {

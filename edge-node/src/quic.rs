@@ -18,6 +18,7 @@ use tracing::Instrument;
 use beacon_proto::{BatchRequest, BatchResponse};
 
 use crate::enrich::ClientCtx;
+use crate::limits::Limited;
 use crate::locate::Locator;
 use crate::process::{count_events, Incoming, MerchantBatch, ProcessError, Processor, Submission};
 use crate::registry::{Registry, Trust};
@@ -210,27 +211,22 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         // Over its rate limit, a merchant's connection is not read until the allowance
         // refills: a flood is then held back by QUIC flow control at no cost to the edge,
         // instead of being received, decrypted and refused batch after batch.
+        let mut allowed = true;
         while let Err(limited) = shared.processor.precheck(&merchant) {
-            let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => {
-                    closing = Some(Outcome::Error(
-                        wire::ERR_CONN_CLOSED,
-                        "edge shutting down: reconnect and resend unacknowledged batches".into(),
-                    ));
-                    break;
-                }
+            allowed = wait_out(&limited, &mut shutdown).await;
+            if !allowed {
+                break;
             }
+        }
+        if !allowed {
+            closing = Some(shutting_down());
+            break;
         }
         // `next_frame` is cancel-safe: partial frames stay in `reader`.
         let next = tokio::select! {
             f = next_frame(&mut recv, &mut reader) => f,
             _ = shutdown.changed() => {
-                closing = Some(Outcome::Error(
-                    wire::ERR_CONN_CLOSED,
-                    "edge shutting down: reconnect and resend unacknowledged batches".into(),
-                ));
+                closing = Some(shutting_down());
                 break;
             }
         };
@@ -411,20 +407,37 @@ async fn spawn_batch(
 async fn hold_allowance(shared: &Shared, merchant: &str) -> Option<usize> {
     let mut shutdown = shared.shutdown.clone();
     loop {
-        let limited = match shared.processor.hold(merchant) {
+        match shared.processor.hold(merchant) {
             Ok(held) => return Some(held),
-            Err(crate::limits::Limited::Quota { .. }) => return Some(0),
-            Err(limited) => limited,
-        };
-        if *shutdown.borrow() {
-            return None;
-        }
-        let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.changed() => return None,
+            Err(Limited::Quota { .. }) => return Some(0),
+            Err(limited) => {
+                if !wait_out(&limited, &mut shutdown).await {
+                    return None;
+                }
+            }
         }
     }
+}
+
+/// Waits out a merchant's rate limit, at most a second at a time; `false` when the edge
+/// starts shutting down meanwhile.
+async fn wait_out(limited: &Limited, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// What a connection is told when the edge shuts down.
+fn shutting_down() -> Outcome {
+    Outcome::Error(
+        wire::ERR_CONN_CLOSED,
+        "edge shutting down: reconnect and resend unacknowledged batches".into(),
+    )
 }
 
 /// Decodes one batch frame and hands it to the edge's one ingest path; `held` is the

@@ -712,9 +712,7 @@ async fn run_job(
             Ok(done) => done.is_none(),
         };
         if spare {
-            for f in &files {
-                let _ = wh.delete_file(kind, f.file_path()).await;
-            }
+            let _ = wh.delete_files(kind, &files).await;
         }
         if let Some(snapshot) = r? {
             report.commits.insert(kind.name().into(), snapshot);

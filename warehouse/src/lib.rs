@@ -392,6 +392,32 @@ impl Warehouse {
         replace::replace(catalog, &self.swap, &ident, loaded, rewrite).await
     }
 
+    /// [`Warehouse::replace_on`] for a rewrite whose added files the caller wrote and owns:
+    /// they are deleted again when no snapshot references them (the commit certainly did
+    /// not land, or the job had already been applied with other files), and kept when the
+    /// commit's outcome is unknown. One `FileIO` for all of them, not a table load each.
+    pub async fn replace_owned(
+        &self,
+        kind: TableKind,
+        loaded: Option<Table>,
+        rewrite: &replace::Rewrite,
+    ) -> Result<replace::Outcome, WarehouseError> {
+        let file_io = loaded.as_ref().map(|t| t.file_io().clone());
+        let result = self.replace_on(kind, loaded, rewrite).await;
+        let spare = match &result {
+            Ok(outcome) => matches!(outcome, replace::Outcome::AlreadyApplied { .. }),
+            Err(e) => !e.commit_may_have_landed(),
+        };
+        if spare {
+            // (A table that cannot be loaded now leaves them as orphans for maintenance.)
+            let _ = match file_io {
+                Some(io) => delete_all(&io, &rewrite.added).await,
+                None => self.delete_files(kind, &rewrite.added).await,
+            };
+        }
+        result
+    }
+
     /// Writes `batch` as data files of `kind` (sorted and partitioned like appends) without
     /// committing them: the `added` side of a [`replace`].
     pub async fn write_files(
@@ -413,9 +439,17 @@ impl Warehouse {
         tables::write_files(kind, table, batch).await
     }
 
-    /// Deletes a data file written for `kind` that no commit references (a failed job's).
-    pub async fn delete_file(&self, kind: TableKind, path: &str) -> Result<(), WarehouseError> {
-        Ok(self.table(kind).await?.file_io().delete(path).await?)
+    /// Deletes data files written for `kind` that no commit references (a failed job's),
+    /// with one table load for all of them.
+    pub async fn delete_files(
+        &self,
+        kind: TableKind,
+        files: &[iceberg::spec::DataFile],
+    ) -> Result<(), WarehouseError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        delete_all(self.table(kind).await?.file_io(), files).await
     }
 
     pub async fn table(&self, kind: TableKind) -> Result<Table, WarehouseError> {
@@ -631,6 +665,20 @@ async fn name_metadata_file(catalog: &replace::CatalogSwap, e: WarehouseError) -
         }
         e => e,
     }
+}
+
+/// Deletes every file, trying all of them; the first error, if any.
+async fn delete_all(
+    io: &iceberg::io::FileIO,
+    files: &[iceberg::spec::DataFile],
+) -> Result<(), WarehouseError> {
+    let mut first = Ok(());
+    for f in files {
+        if let Err(e) = io.delete(f.file_path()).await {
+            first = first.and(Err(e.into()));
+        }
+    }
+    first
 }
 
 /// `user:password@host/db` -> `user@host/db`.

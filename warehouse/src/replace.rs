@@ -389,13 +389,18 @@ enum LostAnswer {
 }
 
 fn lost_answer() -> Option<LostAnswer> {
+    // Read once: a commit path should not look the environment up on every commit.
+    static FAULT: std::sync::OnceLock<Option<LostAnswer>> = std::sync::OnceLock::new();
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let fault = match std::env::var("BEACON_FAULT_REPLACE").ok()?.as_str() {
-        "reply-lost" => LostAnswer::ReplyLost,
-        "unanswered" => LostAnswer::Unanswered,
-        "reply-lost-reread" => LostAnswer::ReplyLostReread,
-        _ => return None,
-    };
+    let fault =
+        (*FAULT.get_or_init(
+            || match std::env::var("BEACON_FAULT_REPLACE").ok()?.as_str() {
+                "reply-lost" => Some(LostAnswer::ReplyLost),
+                "unanswered" => Some(LostAnswer::Unanswered),
+                "reply-lost-reread" => Some(LostAnswer::ReplyLostReread),
+                _ => None,
+            },
+        ))?;
     (!FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(fault)
 }
 

@@ -174,14 +174,10 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
             (ROLLUP_SEQ_PROPERTY.to_string(), seq_text(from_seq)),
             (ROLLUP_GEN_PROPERTY.to_string(), generation),
         ];
-        match wh.replace(kind, &delta).await {
+        // Starting from the table the files were written for saves a load per delta.
+        match wh.replace_owned(kind, Some(target), &delta).await {
             Ok(_) => {}
             Err(e) => {
-                if !e.commit_may_have_landed() {
-                    for f in &delta.added {
-                        let _ = target.file_io().delete(f.file_path()).await;
-                    }
-                }
                 if let WarehouseError::Stale { .. } = e {
                     tracing::debug!(table = kind.name(), error = %e, "rollup delta raced a rebuild or another runner; next run");
                     continue;
