@@ -492,6 +492,40 @@ async fn reserved_properties_and_relayed_addresses() {
         )],
     )
     .await;
+    // A server-side relay on QUIC: each event names its user's address and user agent.
+    let relayed = |event_id: &str, ip: &str| {
+        let mut e = forged(
+            event_id,
+            &[
+                ("$ip", ip),
+                (
+                    "$user_agent",
+                    "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36",
+                ),
+            ],
+        );
+        e.visitor_id = None;
+        e
+    };
+    let answer = c
+        .client(server_key)
+        .await
+        .expect("client")
+        .send(&[
+            relayed("q-gb", "81.2.69.142"),
+            relayed("q-se", "89.160.20.112"),
+            relayed("q-nowhere", "nowhere"),
+        ])
+        .await
+        .expect("sent");
+    assert_eq!(answer.accepted, 2, "{answer:?}");
+    assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+    assert!(
+        answer.rejected[0]
+            .reason
+            .contains("`$ip` is `nowhere`, not an IP address"),
+        "{answer:?}"
+    );
 
     // Plausible with `$` props of its own, from behind the trusted proxy (London).
     let plausible = br#"{"name":"pageview","url":"https://res.example/pl","domain":"res.example","props":{"$bot":"forged","$city":"Nowhere"}}"#;
@@ -545,8 +579,8 @@ async fn reserved_properties_and_relayed_addresses() {
     let r = http_with(&http2, "POST", TP2, &json, &relay("-untrusted"));
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let raw = rows(&c, &id, "raw_events", 8);
-    assert_eq!(raw.len(), 8, "{raw:#?}");
+    let raw = rows(&c, &id, "raw_events", 10);
+    assert_eq!(raw.len(), 10, "{raw:#?}");
     let by_id = |eid: &str| find(&raw, |r| r["event_id"] == eid);
 
     let client = by_id("q-client");
@@ -558,6 +592,16 @@ async fn reserved_properties_and_relayed_addresses() {
     let server = by_id("q-server");
     assert_eq!(prop(server, "$country"), Some("DE"), "the server key may");
     assert_eq!(prop(server, "$device"), Some("Tablet"));
+    let (q_gb, q_se) = (by_id("q-gb"), by_id("q-se"));
+    assert_eq!(prop(q_gb, "$country"), Some("GB"), "{q_gb}");
+    assert_eq!(prop(q_se, "$country"), Some("SE"));
+    assert_eq!(prop(q_gb, "$browser"), Some("Chrome"));
+    assert!(q_gb["visitor_id"].is_string() && q_se["visitor_id"].is_string());
+    assert_ne!(q_gb["visitor_id"], q_se["visitor_id"]);
+    for e in [q_gb, q_se] {
+        assert_eq!(prop(e, "$ip"), None, "addresses are not stored");
+        assert_eq!(prop(e, "$user_agent"), None);
+    }
     let pl = find(&raw, |r| r["url"] == "https://res.example/pl");
     assert_eq!(prop(pl, "$bot"), None);
     assert_eq!(prop(pl, "bot"), Some("forged"));

@@ -142,9 +142,9 @@ async fn load(
         let generated = traffic::generate_part(config, sites, part);
         let events: Vec<_> = generated.into_iter().map(|g| g.event).collect();
         seq += 1;
-        let received = Received {
+        let received = Received::new(
             seq,
-            envelope: Envelope {
+            Envelope {
                 v: ENVELOPE_VERSION,
                 batch_id: format!("bench:{seq}"),
                 merchant_id: String::new(),
@@ -157,7 +157,7 @@ async fn load(
                 failures: Vec::new(),
                 shares: Vec::new(),
             },
-        };
+        );
         let batch = events_batch(&schema, &[&received], true).expect("batch");
         wh.append(
             TableKind::Events,

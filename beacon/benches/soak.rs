@@ -166,6 +166,9 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
     let mut writer = beacon_ingest::Writer::open(wh.clone(), beacon_proto::bus::Partition::WHOLE)
         .await
         .expect("writer");
+    // The soak cycles through one generated day, so its event ids repeat by design: they
+    // are new events here, not retries.
+    writer.dedupe = beacon_ingest::dedupe::Dedupe::new(Duration::ZERO);
     // Simulated time runs faster than the clock: retention is counted in commits (one per
     // simulated second) instead.
     let options = MaintainOptions {
@@ -182,9 +185,9 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
         let from = (i * rows) % events.len();
         let slice = &events[from..(from + rows).min(events.len())];
         let seq = i as u64 + 1;
-        let received = Received {
+        let received = Received::new(
             seq,
-            envelope: Envelope {
+            Envelope {
                 v: ENVELOPE_VERSION,
                 batch_id: format!("soak:{seq}"),
                 merchant_id: String::new(),
@@ -197,7 +200,7 @@ async fn phase(soak: &Soak<'_>, maintain_every: Option<usize>) -> (Figures, Figu
                 failures: Vec::new(),
                 shares: Vec::new(),
             },
-        };
+        );
         let started = Instant::now();
         writer.commit(vec![received]).await.expect("commit");
         commit_ms.push(started.elapsed().as_secs_f64() * 1000.0);

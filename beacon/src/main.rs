@@ -351,6 +351,12 @@ struct Tuning {
     /// Most envelopes per Iceberg commit.
     #[arg(long, env = "BEACON_INGEST_MAX_BATCH", default_value_t = 2000)]
     ingest_max_batch: usize,
+    /// Seconds an event id stays known to ingest: an event whose merchant and id were
+    /// stored within this window (a tracker's regrouped retry) is not stored again. Costs
+    /// memory per distinct id in the window, and a restart re-reads the window from the
+    /// stream (docs/OPERATIONS.md). 0 turns per-event deduplication off.
+    #[arg(long, env = "BEACON_DEDUPE_WINDOW_SECS", default_value_t = 3600)]
+    dedupe_window_secs: u64,
 }
 
 /// What query work may cost: the metrics API and SQL run on their own runtime, apart from
@@ -1456,6 +1462,7 @@ async fn run_ingest(
     let mut cfg = beacon_ingest::IngestConfig::new(nats_url);
     cfg.max_batch = tuning.ingest_max_batch;
     cfg.max_wait = Duration::from_millis(tuning.ingest_max_wait_ms);
+    cfg.dedupe_window = Duration::from_secs(tuning.dedupe_window_secs);
     cfg.sources = hub.sources;
     cfg.stream_replicas = hub.stream_replicas;
     cfg.partitions = hub.partitions;
@@ -1693,6 +1700,7 @@ impl WarehouseRoles {
         let mut ingest_cfg = beacon_ingest::IngestConfig::new(self.nats_url.clone());
         ingest_cfg.max_batch = self.tuning.ingest_max_batch;
         ingest_cfg.max_wait = Duration::from_millis(self.tuning.ingest_max_wait_ms);
+        ingest_cfg.dedupe_window = Duration::from_secs(self.tuning.dedupe_window_secs);
         // The same name across restarts of this node: it takes its partition leases back at
         // once instead of waiting for them to expire.
         ingest_cfg.owner = "beacon-up".into();

@@ -12,12 +12,30 @@ use beacon_proto::{Envelope, Event};
 
 use beacon_warehouse::tables::EVENT_DIMENSIONS;
 
+use crate::dedupe::Duplicates;
 use crate::dimensions::Dimensions;
 
 /// One envelope as read from the stream.
 pub struct Received {
     pub seq: u64,
+    /// When the stream stored it (ms): the clock of per-event deduplication.
+    pub stored_at: i64,
     pub envelope: Envelope,
+    /// Its rows that are already stored (`crate::dedupe`): left out of every table.
+    pub duplicates: Duplicates,
+}
+
+impl Received {
+    /// Message `seq` holding `envelope`, taken to be stored when the edge received it (the
+    /// stream's own time is set by the consumer that read it).
+    pub fn new(seq: u64, envelope: Envelope) -> Self {
+        Self {
+            seq,
+            stored_at: envelope.received_at,
+            envelope,
+            duplicates: Duplicates::default(),
+        }
+    }
 }
 
 /// Set by the edge from the user agent; see `beacon_edge::enrich`.
@@ -39,11 +57,19 @@ pub fn events_batch(
                 Box::new(
                     r.envelope
                         .processed_events()
-                        .filter(|e| !is_bot(e))
-                        .map(move |e| (*r, e)),
+                        .enumerate()
+                        .filter(|(i, e)| !r.duplicates.processed(*i) && !is_bot(e))
+                        .map(move |(_, e)| (*r, e)),
                 )
             } else {
-                Box::new(r.envelope.raw.iter().map(move |e| (*r, e)))
+                Box::new(
+                    r.envelope
+                        .raw
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !r.duplicates.raw(*i))
+                        .map(move |(_, e)| (*r, e)),
+                )
             }
         })
         .collect();
@@ -100,10 +126,15 @@ pub fn events_batch(
         // One label per pipeline part of an envelope, not per row.
         let mut b = StringBuilder::with_capacity(n, n * 4);
         for r in items {
+            let mut index = 0;
             for (pipeline, events) in r.envelope.processed_parts() {
                 let label = pipeline.map(|p| p.label());
-                for _ in events.iter().filter(|e| !is_bot(e)) {
-                    b.append_option(label.as_deref());
+                for e in events {
+                    let duplicate = r.duplicates.processed(index);
+                    index += 1;
+                    if !duplicate && !is_bot(e) {
+                        b.append_option(label.as_deref());
+                    }
                 }
             }
         }
@@ -118,6 +149,9 @@ pub fn events_batch(
         let mut outcome = StringBuilder::with_capacity(n, n * 10);
         for r in items {
             for (i, l) in r.envelope.lineage().into_iter().enumerate() {
+                if r.duplicates.raw(i) {
+                    continue;
+                }
                 index.append_value(i as i64);
                 version.append_option(l.version.map(|v| v as i64));
                 canary.append_option(l.canary);
@@ -170,7 +204,14 @@ fn dimension_columns(rows: &[(&Received, &Event)]) -> Vec<ArrayRef> {
 pub fn failures_batch(schema: &SchemaRef, items: &[&Received]) -> Result<RecordBatch, ArrowError> {
     let rows: Vec<_> = items
         .iter()
-        .flat_map(|r| r.envelope.failures.iter().map(move |f| (*r, f)))
+        .flat_map(|r| {
+            let stored = stored_before(r);
+            r.envelope
+                .failures
+                .iter()
+                .filter(move |f| f.event_id.is_empty() || !stored.contains(f.event_id.as_str()))
+                .map(move |f| (*r, f))
+        })
         .collect();
     let n = rows.len();
     let mut cols: Vec<StringBuilder> = (0..8)
@@ -237,6 +278,28 @@ pub fn failures_batch(schema: &SchemaRef, items: &[&Received]) -> Result<RecordB
         Arc::new(seq.finish()),
     ];
     RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// The ids of `r`'s raw events that are all duplicates (none of their occurrences in `r` is
+/// kept): a failure of one of them was recorded with its first copy.
+fn stored_before(r: &Received) -> std::collections::HashSet<&str> {
+    if r.duplicates.raw.is_empty() {
+        return Default::default();
+    }
+    let (mut dup, mut kept) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    for (i, e) in r.envelope.raw.iter().enumerate() {
+        if r.duplicates.raw(i) {
+            &mut dup
+        } else {
+            &mut kept
+        }
+        .insert(e.event_id.as_str());
+    }
+    dup.retain(|id| !kept.contains(id));
+    dup
 }
 
 /// A map builder whose entry/key/value fields (names, nullability, field ids) match `field`.

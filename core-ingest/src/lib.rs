@@ -13,6 +13,7 @@
 //! one partition (a process that lost its lease without noticing) cannot both commit.
 
 pub mod convert;
+pub mod dedupe;
 pub mod dimensions;
 mod leases;
 
@@ -33,6 +34,7 @@ use iceberg::spec::Operation;
 use tokio::sync::watch;
 
 use crate::convert::Received;
+use crate::dedupe::Dedupe;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -83,6 +85,9 @@ pub struct IngestConfig {
     /// processes, and best the same across a restart (it then takes its partitions back
     /// at once instead of after their leases expire).
     pub owner: String,
+    /// How long an event id stays known per partition ([`dedupe`]): an event whose merchant
+    /// and id the partition stored within it is not stored again. Zero turns it off.
+    pub dedupe_window: Duration,
 }
 
 impl IngestConfig {
@@ -96,6 +101,7 @@ impl IngestConfig {
             stream_replicas: 1,
             partitions: 1,
             owner: default_owner(),
+            dedupe_window: dedupe::DEFAULT_WINDOW,
         }
     }
 }
@@ -392,6 +398,8 @@ pub(crate) async fn run_partition(
     let mut stream = js.get_stream(bus::EVENTS_STREAM).await.map_err(nats)?;
     let mut writer = Writer::open(wh.clone(), partition).await?;
     let start = writer.resume_from();
+    writer.dedupe = Dedupe::new(cfg.dedupe_window);
+    prime(&stream, partition, start, &mut writer.dedupe, &stop).await?;
     // The previous owners' consumers go: nothing pulls from them again. (One the bus cannot
     // delete now is left behind: the new one does not depend on it.)
     for old in beacon_proto::stores::ingest_consumer_names(&stream, partition)
@@ -476,8 +484,10 @@ pub(crate) async fn run_partition(
                 }
                 None => break,
             };
-            let seq = msg.info().map_err(nats)?.stream_sequence;
-            received.push(decode(seq, &msg.payload));
+            let info = msg.info().map_err(nats)?;
+            let mut r = decode(info.stream_sequence, &msg.payload);
+            r.stored_at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+            received.push(r);
             last = Some(msg);
         }
         let Some(last) = last else {
@@ -571,6 +581,8 @@ pub struct Writer {
     partition: Partition,
     schemas: HashMap<TableKind, arrow::datatypes::SchemaRef>,
     committed: HashMap<TableKind, Mark>,
+    /// Verdicts on every message this writer is given, in stream order.
+    pub dedupe: Dedupe,
 }
 
 impl Writer {
@@ -591,6 +603,7 @@ impl Writer {
             partition,
             schemas,
             committed,
+            dedupe: Dedupe::new(dedupe::DEFAULT_WINDOW),
         })
     }
 
@@ -608,8 +621,33 @@ impl Writer {
     /// and Parquet encoding are CPU work): one commit costs the slowest table, not the sum.
     /// Returns (rows written, highest sequence). On an error, the tables that committed keep
     /// their new watermark and the rest are retried from the stream.
-    pub async fn commit(&mut self, received: Vec<Received>) -> Result<(usize, u64), IngestError> {
+    pub async fn commit(
+        &mut self,
+        mut received: Vec<Received>,
+    ) -> Result<(usize, u64), IngestError> {
         let max_seq = received.iter().map(|r| r.seq).max().unwrap_or(0);
+        // Every message gets its verdict, whichever tables still need it: a replay after a
+        // crash asks again and must hear the same.
+        let (mut raw_dups, mut processed_dups) = (0, 0);
+        for r in &mut received {
+            r.duplicates = self.dedupe.observe(&r.envelope, r.stored_at);
+            raw_dups += r.duplicates.raw.len();
+            processed_dups += r.duplicates.processed.len();
+        }
+        if raw_dups + processed_dups > 0 {
+            metrics::counter!("beacon_ingest_duplicates_total", "table" => "raw_events")
+                .increment(raw_dups as u64);
+            metrics::counter!("beacon_ingest_duplicates_total", "table" => "events")
+                .increment(processed_dups as u64);
+            tracing::debug!(
+                partition = self.partition.index,
+                raw = raw_dups,
+                processed = processed_dups,
+                "events already stored left out"
+            );
+        }
+        metrics::gauge!("beacon_ingest_dedupe_keys", "consumer" => bus::ingest_consumer(self.partition.index))
+            .set(self.dedupe.len() as f64);
         let received = Arc::new(received);
         let mut tasks = Vec::new();
         for kind in TABLES {
@@ -733,7 +771,86 @@ async fn commit_files(
     }
 }
 
+/// How long the rebuild of the deduplication state waits for the next message before it
+/// gives up (and the partition starts over).
+const PRIME_STALL: Duration = Duration::from_secs(30);
+
+/// Rebuilds `dedupe` as it stood after message `start` of `partition`: every message of
+/// the partition from `start`'s storage time minus the lookback, up to `start`, observed in
+/// order. Then the messages after `start` get the verdicts they had (or would have had)
+/// before the restart.
+async fn prime(
+    stream: &jetstream::stream::Stream,
+    partition: Partition,
+    start: u64,
+    dedupe: &mut Dedupe,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    if !dedupe.enabled() || start == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let at = match stream.get_raw_message(start).await {
+        Ok(m) => m.time,
+        Err(e) => {
+            // Gone (expired or purged): so is everything before it, unless the window is
+            // longer than the stream keeps messages.
+            tracing::warn!(partition = partition.index, seq = start, error = %e,
+                "the resume point is no longer in the stream; deduplication starts empty");
+            return Ok(());
+        }
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subjects: partition.filters(),
+            deliver_policy: consumer::DeliverPolicy::ByStartTime {
+                start_time: at - dedupe.lookback(),
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    let (mut read, mut stopping) = (0u64, stop.clone());
+    loop {
+        let next = tokio::select! {
+            m = tokio::time::timeout(PRIME_STALL, messages.next()) => m.map_err(|_| {
+                IngestError::Nats(format!("rebuilding deduplication: no message within {PRIME_STALL:?}"))
+            })?,
+            _ = stopping.changed() => return Ok(()),
+        };
+        let Some(msg) = next else { break };
+        let msg = msg.map_err(nats)?;
+        let info = msg.info().map_err(nats)?;
+        if info.stream_sequence > start {
+            break;
+        }
+        let r = decode(info.stream_sequence, &msg.payload);
+        dedupe.observe(
+            &r.envelope,
+            (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+        );
+        read += 1;
+        if info.stream_sequence == start || info.pending == 0 {
+            break;
+        }
+    }
+    tracing::info!(
+        partition = partition.index,
+        messages = read,
+        keys = dedupe.len(),
+        window = ?dedupe.window(),
+        ms = started.elapsed().as_millis() as u64,
+        "deduplication state rebuilt from the stream"
+    );
+    Ok(())
+}
+
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.
+/// Its storage time is taken to be the edge's receipt time until the caller knows better.
 pub fn decode(seq: u64, payload: &[u8]) -> Received {
     let envelope = match Envelope::from_json(payload) {
         Ok(env) if beacon_proto::envelope::is_supported(env.v) => env,
@@ -744,7 +861,7 @@ pub fn decode(seq: u64, payload: &[u8]) -> Received {
         ),
         Err(e) => unreadable(payload, format!("undecodable envelope: {e}"), None),
     };
-    Received { seq, envelope }
+    Received::new(seq, envelope)
 }
 
 fn unreadable(payload: &[u8], reason: String, env: Option<Envelope>) -> Envelope {

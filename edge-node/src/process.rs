@@ -539,6 +539,16 @@ impl Processor {
         wire_bytes: Option<usize>,
         now: i64,
     ) -> Result<BatchResponse, ProcessError> {
+        if trust == Trust::Server {
+            // A relay's per-event end user (the server key vouches for it, as
+            // `--trust-forwarded-for` does for a proxy's header); a collector's own per-event
+            // fields come first.
+            for i in &mut share.events {
+                let (ip, user_agent) = reserved::take_relayed(&mut i.event);
+                i.ip = i.ip.or(ip);
+                i.user_agent = i.user_agent.take().or(user_agent);
+            }
+        }
         let moved: usize = share
             .events
             .iter_mut()

@@ -9,7 +9,9 @@
 //! the HTTP decoders also never emit `$` names, so for them this is a second line.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
+use beacon_proto::event::{RELAYED_IP, RELAYED_USER_AGENT};
 use beacon_proto::Event;
 
 /// Who sent a batch, as its listener authenticated it.
@@ -41,6 +43,20 @@ pub fn apply(event: &mut Event, trust: Trust) -> usize {
     moved
 }
 
+/// What a server-key sender said about the end user of one event it relays:
+/// [`RELAYED_IP`] and [`RELAYED_USER_AGENT`], taken out of its properties. An address that
+/// does not parse stays in place, and validation refuses the event with the reason.
+pub fn take_relayed(event: &mut Event) -> (Option<IpAddr>, Option<String>) {
+    let ip = match event.properties.get(RELAYED_IP).map(|v| v.trim().parse()) {
+        Some(Ok(ip)) => {
+            event.properties.remove(RELAYED_IP);
+            Some(ip)
+        }
+        _ => None,
+    };
+    (ip, event.properties.remove(RELAYED_USER_AGENT))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +76,31 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect()
+    }
+
+    #[test]
+    fn a_relay_gives_each_event_its_user() {
+        let mut e = event(&[
+            ("$ip", " 2001:db8::7 "),
+            ("$user_agent", "Mozilla/5.0"),
+            ("plan", "pro"),
+        ]);
+        let (ip, ua) = take_relayed(&mut e);
+        assert_eq!(ip, Some("2001:db8::7".parse().unwrap()));
+        assert_eq!(ua.as_deref(), Some("Mozilla/5.0"));
+        assert_eq!(keys(&e), vec![("plan", "pro")]);
+        // Not an address: left for validation to refuse.
+        let mut bad = event(&[("$ip", "somewhere")]);
+        assert_eq!(take_relayed(&mut bad), (None, None));
+        assert_eq!(keys(&bad), vec![("$ip", "somewhere")]);
+        bad.event_id = "e".into();
+        bad.name = "pageview".into();
+        bad.ts = 1_700_000_000_000;
+        assert_eq!(
+            bad.validate(&beacon_proto::event::Limits::default(), bad.ts)
+                .map_err(|e| e.to_string()),
+            Err("property `$ip` is `somewhere`, not an IP address".to_string())
+        );
     }
 
     #[test]

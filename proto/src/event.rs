@@ -95,7 +95,18 @@ pub enum ValidationError {
     BadTimestamp(i64),
     #[error("revenue_micros is set without a currency")]
     RevenueWithoutCurrency,
+    #[error("property `{RELAYED_IP}` is `{0}`, not an IP address")]
+    BadRelayedIp(String),
 }
+
+/// The end user's address, set per event by a relay that holds the merchant's server key
+/// (for geo and the cookieless id). The edge takes a valid one out of the event (addresses
+/// are never stored); one still present at validation was not an address.
+pub const RELAYED_IP: &str = "$ip";
+
+/// The end user's user agent, set per event by such a relay (for device, browser, OS and
+/// bot detection); taken out of the event like `$ip`.
+pub const RELAYED_USER_AGENT: &str = "$user_agent";
 
 impl Event {
     /// Checks the event against `limits`, given the edge's clock `now_ms`.
@@ -156,6 +167,9 @@ impl Event {
         }
         if self.revenue_micros.is_some() && self.currency.is_none() {
             return Err(ValidationError::RevenueWithoutCurrency);
+        }
+        if let Some(ip) = self.properties.get(RELAYED_IP) {
+            return Err(ValidationError::BadRelayedIp(ip.chars().take(64).collect()));
         }
         Ok(())
     }

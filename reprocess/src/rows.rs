@@ -57,9 +57,9 @@ pub fn envelopes(batches: &[RecordBatch]) -> Result<Vec<Received>, ArrowError> {
             let row_seq = seq.value(i) as u64;
             match out.last_mut() {
                 Some(r) if r.seq == row_seq => r.envelope.raw.push(event),
-                _ => out.push(Received {
-                    seq: row_seq,
-                    envelope: Envelope {
+                _ => out.push(Received::new(
+                    row_seq,
+                    Envelope {
                         v: ENVELOPE_VERSION,
                         batch_id: batch_id.value(i).to_string(),
                         merchant_id: event.merchant_id.clone(),
@@ -72,7 +72,7 @@ pub fn envelopes(batches: &[RecordBatch]) -> Result<Vec<Received>, ArrowError> {
                         failures: Vec::new(),
                         shares: Vec::new(),
                     },
-                }),
+                )),
             }
         }
     }
