@@ -274,8 +274,11 @@ async fn flood_fairness(
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (acked, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let mut tasks = Vec::new();
-        for c in &flooders {
-            for _ in 0..4 {
+        for (k, c) in flooders.iter().enumerate() {
+            for j in 0..4 {
+                // Staggered over the period, as independent senders would be (in step, the
+                // 32 batches would land together once a period).
+                let offset = period * (k * 4 + j) as u32 / 32;
                 let (c, stop, acked, limited, body) = (
                     c.clone(),
                     stop.clone(),
@@ -284,7 +287,8 @@ async fn flood_fairness(
                     body.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(period);
+                    let mut tick =
+                        tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                     while !stop.load(Ordering::Relaxed) {
                         tick.tick().await;
