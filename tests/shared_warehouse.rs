@@ -22,14 +22,10 @@ use common::{
 const BUCKET: &str = "beacon";
 
 fn spawn_ingester(cluster: &Cluster, name: &'static str) -> Role {
-    let dir = cluster.data_dir().join(name);
-    std::fs::create_dir_all(&dir).expect("machine dir");
-    cluster.spawn(
+    cluster.spawn_on_machine(
         name,
+        "ingest",
         &[
-            "ingest",
-            "--data-dir",
-            dir.to_str().expect("utf8"),
             "--partitions",
             "2",
             "--ingest-id",
@@ -73,11 +69,7 @@ async fn roles_on_several_machines_share_a_postgres_catalog_and_tables_on_s3() {
     let pg = Postgres::start();
     let s3 = S3Server::start(BUCKET);
     // Every process this test starts inherits these: the shared warehouse's settings.
-    std::env::set_var("BEACON_CATALOG_URI", &pg.url);
-    std::env::set_var("BEACON_WAREHOUSE_URI", format!("s3://{BUCKET}/warehouse"));
-    std::env::set_var("BEACON_S3_ENDPOINT", &s3.endpoint);
-    std::env::set_var("AWS_ACCESS_KEY_ID", s3.access_key);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", s3.secret_key);
+    common::servers::use_shared_warehouse(&pg, &s3, BUCKET);
 
     let mut cluster = Cluster::start(true);
     // The first ingester makes way for two on "machines" of their own.

@@ -53,11 +53,7 @@ async fn collection_goes_on_and_the_backlog_drains_when_the_warehouse_servers_st
     let outage = env_usize("BEACON_OUTAGE_EVENTS", 5_000);
     let mut pg = Postgres::start();
     let mut s3 = S3Server::start(BUCKET);
-    std::env::set_var("BEACON_CATALOG_URI", &pg.url);
-    std::env::set_var("BEACON_WAREHOUSE_URI", format!("s3://{BUCKET}/warehouse"));
-    std::env::set_var("BEACON_S3_ENDPOINT", &s3.endpoint);
-    std::env::set_var("AWS_ACCESS_KEY_ID", s3.access_key);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", s3.secret_key);
+    common::servers::use_shared_warehouse(&pg, &s3, BUCKET);
 
     let cluster = Cluster::start(true);
     let merchants: Vec<(String, String)> = (0..2)

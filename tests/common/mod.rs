@@ -122,6 +122,16 @@ impl Cluster {
         self.spawn_with_env(name, args, &[])
     }
 
+    /// Runs `beacon <command> --data-dir <dir>/<name> <args>`: a role on a "machine" of its
+    /// own (its own data directory), for tests where the warehouse is shared.
+    pub fn spawn_on_machine(&self, name: &'static str, command: &str, args: &[&str]) -> Role {
+        let dir = self.data_dir().join(name);
+        std::fs::create_dir_all(&dir).expect("machine dir");
+        let mut all = vec![command, "--data-dir", dir.to_str().expect("utf8")];
+        all.extend_from_slice(args);
+        self.spawn(name, &all)
+    }
+
     /// As `spawn`, with extra environment variables (fault points).
     pub fn spawn_with_env(&self, name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Role {
         let log =
@@ -361,7 +371,18 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // A failing test shows what the roles said: CI output is all we get there.
         if std::thread::panicking() {
-            for name in ["edge", "edge-2", "ingest", "rollup", "admin", "api"] {
+            // Every role's log (each spawned role writes `<name>.log` in the data directory).
+            let mut names: Vec<String> = std::fs::read_dir(self.data_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".log").map(str::to_string)
+                })
+                .collect();
+            names.sort();
+            for name in &names {
                 let log = self.log(name);
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("--- {name}.log (last {} lines) ---", tail.len());

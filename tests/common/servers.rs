@@ -298,3 +298,13 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// Points every process the test starts from now on (they inherit the environment) at a
+/// shared warehouse: the catalog in `pg`, the tables in `s3`'s `bucket` under `warehouse/`.
+pub fn use_shared_warehouse(pg: &Postgres, s3: &S3Server, bucket: &str) {
+    std::env::set_var("BEACON_CATALOG_URI", &pg.url);
+    std::env::set_var("BEACON_WAREHOUSE_URI", format!("s3://{bucket}/warehouse"));
+    std::env::set_var("BEACON_S3_ENDPOINT", &s3.endpoint);
+    std::env::set_var("AWS_ACCESS_KEY_ID", s3.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", s3.secret_key);
+}
