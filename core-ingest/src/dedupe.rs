@@ -355,6 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn without_plugin_output_the_processed_verdicts_are_the_raw_ones() {
+        let mut d = Dedupe::new(Duration::from_secs(600));
+        let plain = |ids: &[&str]| {
+            let mut e = envelope("m", ids);
+            e.processed = None;
+            e
+        };
+        d.observe(&plain(&["a"]), 0);
+        let dups = d.observe(&plain(&["b", "a", "", "b"]), MIN);
+        assert_eq!(dups.raw, vec![1, 3]);
+        assert_eq!(dups.processed, dups.raw);
+        // A processed copy of `a` seen later is judged against the processed sightings.
+        assert_eq!(
+            d.observe(&envelope("m", &["a"]), 2 * MIN).processed,
+            vec![0]
+        );
+    }
+
+    #[test]
     fn a_zero_window_keeps_everything() {
         let mut d = Dedupe::new(Duration::ZERO);
         d.observe(&envelope("m", &["a"]), 0);
