@@ -676,3 +676,71 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
     sigterm(&up);
     assert!(up.wait().expect("wait").success());
 }
+
+/// Fault 6 on the warehouse: the disk under the Iceberg tables fills up. Collection goes on
+/// (the bus is on another disk, and every batch is acknowledged while the warehouse cannot
+/// take a byte); ingest says why it cannot commit; once space returns it catches up without
+/// a restart of `beacon up`, and every acknowledged event is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_returns() {
+    let dir = tempfile::Builder::new()
+        .prefix("beacon-whfull-")
+        .tempdir()
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let _disk = Tmpfs::mount(&data.join("warehouse"), "16m");
+    let log = dir.path().join("up.log");
+    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &[]);
+    let key = merchant(&data);
+    let admin = endpoints.admin_http.clone().expect("admin");
+    let ballast = data.join("warehouse/ballast");
+    fill(&ballast);
+
+    let stream = Stream::start(
+        &data,
+        &key,
+        (13, "whfull.example", 3_000, 100),
+        2,
+        None,
+        Duration::from_secs(150),
+    );
+    // Full: ingest is not ready, and says why. It stays full through several of ingest's
+    // restarts (each one the crash-recovery path).
+    let node = wait_for(
+        Duration::from_secs(60),
+        "node reports that ingest cannot commit, three times",
+        || {
+            let (status, v) = readyz(&admin);
+            let ingest = &v["checks"]["ingest"];
+            let detail = ingest["detail"].as_str().unwrap_or("");
+            let failures = ingest["failures"].as_u64().unwrap_or(0);
+            (status == 503 && detail.contains("No space left") && failures >= 3).then_some(v)
+        },
+    );
+    // Collection does not wait for the warehouse: every batch is acknowledged while full.
+    let (failures, longest, all) = stream.finish().await;
+    let stored_while_full = stored_ids(&data).len();
+    assert!(
+        stored_while_full < all.len(),
+        "the warehouse was full, yet all {} events were stored",
+        all.len()
+    );
+
+    // Space returns: ingest catches up without a restart, nothing lost or doubled.
+    std::fs::remove_file(&ballast).expect("free space");
+    let freed = Instant::now();
+    assert_stored_exactly_once(&data, &all);
+    let caught_up = freed.elapsed();
+    wait_for(Duration::from_secs(60), "node ready", || {
+        (readyz(&admin).0 == 200).then_some(())
+    });
+    assert!(up.try_wait().expect("wait").is_none(), "the same process");
+    eprintln!(
+        "full warehouse disk: {} events all acknowledged while full ({failures} failed attempts \
+         retried, longest wait {longest:?}), {stored_while_full} stored before space returned, \
+         all stored {caught_up:?} after; node while full: {node}",
+        all.len()
+    );
+    sigterm(&up);
+    assert!(up.wait().expect("wait").success());
+}
