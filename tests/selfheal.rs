@@ -714,7 +714,9 @@ async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_re
             let ingest = &v["checks"]["ingest"];
             let detail = ingest["detail"].as_str().unwrap_or("");
             let failures = ingest["failures"].as_u64().unwrap_or(0);
-            (status == 503 && detail.contains("No space left") && failures >= 3).then_some(v)
+            let named = detail.contains("writing data files of ");
+            (status == 503 && detail.contains("No space left") && named && failures >= 3)
+                .then_some(v)
         },
     );
     // Collection does not wait for the warehouse: every batch is acknowledged while full.

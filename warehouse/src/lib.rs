@@ -63,6 +63,14 @@ pub enum WarehouseError {
     Json(#[from] serde_json::Error),
     #[error("Parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    /// Writing a table's data files failed (a full or read-only disk, an object store that
+    /// refuses): names the table and where its files go.
+    #[error("writing data files of {table} (under {location}): {source}")]
+    WriteFiles {
+        table: &'static str,
+        location: String,
+        source: Box<iceberg::Error>,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

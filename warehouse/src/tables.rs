@@ -555,10 +555,15 @@ pub(crate) async fn write_files(
     );
     let mut fanout: FanoutWriter<_> = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
     let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)?;
+    let failed = |source| WarehouseError::WriteFiles {
+        table: kind.name(),
+        location: md.location().to_string(),
+        source: Box::new(source),
+    };
     for (key, part) in splitter.split(&batch)? {
-        fanout.write(key, part).await?;
+        fanout.write(key, part).await.map_err(failed)?;
     }
-    Ok(fanout.close().await?)
+    fanout.close().await.map_err(failed)
 }
 
 fn sort_batch(batch: RecordBatch, columns: &[&str]) -> Result<RecordBatch, WarehouseError> {
