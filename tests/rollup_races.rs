@@ -20,9 +20,14 @@ const BUCKET: &str = "beacon";
 /// What maintenance compacts here: the tables the rollups append to.
 const TABLES: [&str; 4] = ["--table", "rollups_hourly", "--table", "breakdowns_hourly"];
 
-/// `beacon rollup` every second from a data directory (a machine) of its own.
-fn spawn_rollup(cluster: &Cluster, name: &'static str) -> Role {
-    cluster.spawn_on_machine(name, "rollup", &["--interval", "1"])
+/// `beacon rollup` every second from a data directory (a machine) of its own; with `crash`,
+/// armed to die at that crash point of its next commit (`BEACON_FAULT_REPLACE`).
+fn spawn_rollup(cluster: &Cluster, name: &'static str, crash: Option<&str>) -> Role {
+    let env: Vec<(&str, &str)> = crash
+        .map(|at| ("BEACON_FAULT_REPLACE", at))
+        .into_iter()
+        .collect();
+    cluster.spawn_on_machine(name, "rollup", &["--interval", "1"], &env)
 }
 
 /// Per merchant: events and page views, from the rollups and from `events` itself.
@@ -51,8 +56,8 @@ async fn rollup_and_maintenance_roles_killed_while_racing_count_every_event_once
 
     let cluster = Cluster::start(false);
     let mut rollups = [
-        Some(spawn_rollup(&cluster, "rollup-a")),
-        Some(spawn_rollup(&cluster, "rollup-b")),
+        Some(spawn_rollup(&cluster, "rollup-a", None)),
+        Some(spawn_rollup(&cluster, "rollup-b", None)),
     ];
     let names = ["rollup-a", "rollup-b"];
     let merchants: Vec<(String, String)> = (0..3)
@@ -64,11 +69,26 @@ async fn rollup_and_maintenance_roles_killed_while_racing_count_every_event_once
     };
     let now = beacon_edge::now_ms();
     let mut sent = 0i64;
-    let mut kills = 0;
+    let (mut kills, mut crashes) = (0, 0);
     let mut maintenance = Vec::new();
     for round in 0..6u64 {
         // (Read before sending: a quick rollup run may count the round before it is read.)
         let before = rolled_up(&data);
+        let victim = round as usize % 2;
+        // Odd rounds: the victim runs alone, armed to die just before or just after the
+        // catalog swap of its next commit, so the kill lands mid-commit by construction.
+        let crash = (round % 2 == 1).then_some(if round % 4 == 1 {
+            "before-swap"
+        } else {
+            "after-swap"
+        });
+        if let Some(at) = crash {
+            for mut r in rollups.iter_mut().filter_map(Option::take) {
+                r.kill_hard();
+                kills += 1;
+            }
+            rollups[victim] = Some(spawn_rollup(&cluster, names[victim], Some(at)));
+        }
         for (m, (_, key)) in merchants.iter().enumerate() {
             let batch = beacon::demo::generate(
                 (m as u64 + 1) * 1_000 + round,
@@ -81,20 +101,33 @@ async fn rollup_and_maintenance_roles_killed_while_racing_count_every_event_once
             cluster.send(key, &batch).await;
             sent += batch.len() as i64;
         }
-        // Wait for a rollup run to have something to do, then kill one of the two (in
-        // turn) at whatever point it is: writing deltas, committing, or between runs.
+        if let Some(at) = crash {
+            let armed = &mut rollups[victim].as_mut().expect("armed rollup").child;
+            wait_for(Duration::from_secs(60), "the armed rollup died", || {
+                matches!(armed.try_wait(), Ok(Some(_))).then_some(())
+            });
+            let said = cluster.log(names[victim]);
+            assert!(
+                said.contains(&format!("BEACON_FAULT_REPLACE: dying {at}")),
+                "{said}"
+            );
+            crashes += 1;
+            for (i, name) in names.into_iter().enumerate() {
+                rollups[i] = Some(spawn_rollup(&cluster, name, None));
+            }
+        }
+        // A run got this round's events in; in even rounds, one of the two racing rollups
+        // is then killed (in turn) at whatever point it is.
         wait_for(Duration::from_secs(60), "a rollup run under way", || {
             (rolled_up(&data) > before).then_some(())
         });
-        // Not a wait: spreads the kills over the 1 s rollup cycle (planning, writing
-        // deltas, the catalog swap), since the run just seen is followed by the next at once.
-        std::thread::sleep(Duration::from_millis(170 * round % 1000));
-        let victim = round as usize % 2;
-        if let Some(mut r) = rollups[victim].take() {
-            r.kill_hard();
-            kills += 1;
+        if crash.is_none() {
+            if let Some(mut r) = rollups[victim].take() {
+                r.kill_hard();
+                kills += 1;
+            }
+            rollups[victim] = Some(spawn_rollup(&cluster, names[victim], None));
         }
-        rollups[victim] = Some(spawn_rollup(&cluster, names[victim]));
         // Compaction of the rollup tables races the rollups every other round (a replace
         // commit of its own, folding their deltas), from a third machine; in the other rounds
         // a maintenance process is killed with -9 as soon as it runs.
@@ -104,7 +137,7 @@ async fn rollup_and_maintenance_roles_killed_while_racing_count_every_event_once
             } else {
                 "maintain-k2"
             };
-            let mut m = cluster.spawn_on_machine(name, "maintain", &TABLES);
+            let mut m = cluster.spawn_on_machine(name, "maintain", &TABLES, &[]);
             // Running: it logged, or used some CPU past its start (or already finished).
             wait_for(Duration::from_secs(30), "maintenance running", || {
                 let busy =
@@ -143,7 +176,7 @@ async fn rollup_and_maintenance_roles_killed_while_racing_count_every_event_once
     assert_eq!(rolled.len(), merchants.len(), "{rolled:?}");
     assert_eq!(rolled, counted, "the rollups count each event once");
     eprintln!(
-        "{sent} events, {kills} rollup kills, rollups per merchant: {}",
+        "{sent} events, {kills} rollups killed, {crashes} died at a crash point; rollups per merchant: {}",
         serde_json::to_string(&rolled).expect("json")
     );
 

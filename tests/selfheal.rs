@@ -517,6 +517,69 @@ fn pending_metric(base: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
+/// A `beacon up` node one of whose directories is a small file system filled to the brim: a
+/// ballast file holds the space until [`FullDisk::free`]. Fields drop in order: the node
+/// (killed), the file system (unmounted), the directory.
+struct FullDisk {
+    up: common::KillOnDrop,
+    endpoints: Endpoints,
+    key: String,
+    data: PathBuf,
+    log: PathBuf,
+    ballast: PathBuf,
+    _disk: Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+impl FullDisk {
+    /// `beacon up` (with `up_args`) whose `<data dir>/<under>` is a `size` tmpfs, then
+    /// filled; a merchant created.
+    fn start(under: &str, size: &str, up_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("beacon-full-")
+            .tempdir()
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        let disk = Tmpfs::mount(&data.join(under), size);
+        let log = dir.path().join("up.log");
+        let (up, endpoints) = spawn_up_guarded(&data, &log, up_args);
+        let key = merchant(&data);
+        let ballast = data.join(under).join("ballast");
+        fill(&ballast);
+        Self {
+            up,
+            endpoints,
+            key,
+            data,
+            log,
+            ballast,
+            _disk: disk,
+            _dir: dir,
+        }
+    }
+
+    fn admin(&self) -> String {
+        self.endpoints.admin_http.clone().expect("admin")
+    }
+
+    /// Gives the space back; when.
+    fn free(&self) -> Instant {
+        std::fs::remove_file(&self.ballast).expect("free space");
+        Instant::now()
+    }
+
+    /// The node healed in place (the process that was full is still running), and stops
+    /// cleanly on SIGTERM.
+    fn stop(mut self) {
+        assert!(
+            self.up.try_wait().expect("wait").is_none(),
+            "the same process"
+        );
+        sigterm(&self.up);
+        assert!(self.up.wait().expect("wait").success());
+    }
+}
+
 /// A small file system mounted over a directory for one test; unmounted on drop.
 struct Tmpfs(PathBuf);
 
@@ -557,30 +620,19 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_restart() {
-    let dir = tempfile::Builder::new()
-        .prefix("beacon-full-")
-        .tempdir()
-        .expect("tempdir");
-    let data = dir.path().join("data");
-    let _disk = Tmpfs::mount(&data.join("nats"), "24m");
-    let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &["--http-listen", "127.0.0.1:0"]);
-    let key = merchant(&data);
-    let admin = endpoints.admin_http.clone().expect("admin");
-    let edge_http = endpoints.edge_http.clone().expect("edge http");
-    let ballast = data.join("nats/ballast");
-    fill(&ballast);
-
+    let node = FullDisk::start("nats", "24m", &["--http-listen", "127.0.0.1:0"]);
+    let (data, admin) = (&node.data, node.admin());
+    let edge_http = node.endpoints.edge_http.clone().expect("edge http");
     let stream = Stream::start(
-        &data,
-        &key,
+        data,
+        &node.key,
         (5, "full.example", 3_000, 100),
         2,
         None,
         Duration::from_secs(150),
     );
     // Full: the node and the edge say they cannot store, and why.
-    let node = wait_for(
+    let said = wait_for(
         Duration::from_secs(60),
         "node reports the full store",
         || {
@@ -602,28 +654,25 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     let acked_while_full = stream.acked();
 
     // Space returns: recovered without restarting `beacon up`, nothing lost or doubled.
-    std::fs::remove_file(&ballast).expect("free space");
-    let freed = Instant::now();
+    let freed = node.free();
     let (failures, longest, all) = stream.finish().await;
     let recovered = freed.elapsed();
     wait_for(Duration::from_secs(60), "node ready", || {
         (readyz(&admin).0 == 200).then_some(())
     });
-    assert_stored_exactly_once(&data, &all);
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_stored_exactly_once(data, &all);
+    let log_text = std::fs::read_to_string(&node.log).unwrap_or_default();
     assert!(
         log_text.contains("failing to store with free space again"),
         "{log_text}"
     );
-    assert!(up.try_wait().expect("wait").is_none(), "the same process");
     eprintln!(
         "full store: {} events, {acked_while_full} acknowledged before space returned, all \
          acknowledged {recovered:?} after; {failures} failed attempts retried, longest wait \
-         {longest:?}; node while full: {node}",
+         {longest:?}; node while full: {said}",
         all.len()
     );
-    sigterm(&up);
-    assert!(up.wait().expect("wait").success());
+    node.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -683,22 +732,11 @@ async fn beacon_up_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
 /// a restart of `beacon up`, and every acknowledged event is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_returns() {
-    let dir = tempfile::Builder::new()
-        .prefix("beacon-whfull-")
-        .tempdir()
-        .expect("tempdir");
-    let data = dir.path().join("data");
-    let _disk = Tmpfs::mount(&data.join("warehouse"), "16m");
-    let log = dir.path().join("up.log");
-    let (mut up, endpoints) = spawn_up_guarded(&data, &log, &[]);
-    let key = merchant(&data);
-    let admin = endpoints.admin_http.clone().expect("admin");
-    let ballast = data.join("warehouse/ballast");
-    fill(&ballast);
-
+    let node = FullDisk::start("warehouse", "16m", &[]);
+    let (data, admin) = (&node.data, node.admin());
     let stream = Stream::start(
-        &data,
-        &key,
+        data,
+        &node.key,
         (13, "whfull.example", 3_000, 100),
         2,
         None,
@@ -706,7 +744,7 @@ async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_re
     );
     // Full: ingest is not ready, and says why. It stays full through several of ingest's
     // restarts (each one the crash-recovery path).
-    let node = wait_for(
+    let said = wait_for(
         Duration::from_secs(60),
         "node reports that ingest cannot commit, three times",
         || {
@@ -721,7 +759,7 @@ async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_re
     );
     // Collection does not wait for the warehouse: every batch is acknowledged while full.
     let (failures, longest, all) = stream.finish().await;
-    let stored_while_full = stored_ids(&data).len();
+    let stored_while_full = stored_ids(data).len();
     assert!(
         stored_while_full < all.len(),
         "the warehouse was full, yet all {} events were stored",
@@ -729,20 +767,17 @@ async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_re
     );
 
     // Space returns: ingest catches up without a restart, nothing lost or doubled.
-    std::fs::remove_file(&ballast).expect("free space");
-    let freed = Instant::now();
-    assert_stored_exactly_once(&data, &all);
+    let freed = node.free();
+    assert_stored_exactly_once(data, &all);
     let caught_up = freed.elapsed();
     wait_for(Duration::from_secs(60), "node ready", || {
         (readyz(&admin).0 == 200).then_some(())
     });
-    assert!(up.try_wait().expect("wait").is_none(), "the same process");
     eprintln!(
         "full warehouse disk: {} events all acknowledged while full ({failures} failed attempts \
          retried, longest wait {longest:?}), {stored_while_full} stored before space returned, \
-         all stored {caught_up:?} after; node while full: {node}",
+         all stored {caught_up:?} after; node while full: {said}",
         all.len()
     );
-    sigterm(&up);
-    assert!(up.wait().expect("wait").success());
+    node.stop();
 }

@@ -35,6 +35,7 @@ fn spawn_ingester(cluster: &Cluster, name: &'static str) -> Role {
             "--ingest-max-batch",
             "100",
         ],
+        &[],
     )
 }
 

@@ -36,6 +36,13 @@ impl Received {
             duplicates: Duplicates::default(),
         }
     }
+
+    /// Whether the processed event at `index` (of `envelope.processed_events()`) is an
+    /// `events` row: not a duplicate, and not a bot's (flagged by the edge's enrichment; bots
+    /// stay in `raw_events`, uncounted).
+    fn keeps_processed(&self, index: usize, e: &Event) -> bool {
+        !self.duplicates.processed(index) && !is_bot(e)
+    }
 }
 
 /// Set by the edge from the user agent; see `beacon_edge::enrich`.
@@ -53,12 +60,11 @@ pub fn events_batch(
         .iter()
         .flat_map(|r| -> Box<dyn Iterator<Item = (&Received, &Event)>> {
             if processed {
-                // Bots (flagged by the edge's enrichment) stay in `raw_events`, uncounted.
                 Box::new(
                     r.envelope
                         .processed_events()
                         .enumerate()
-                        .filter(|(i, e)| !r.duplicates.processed(*i) && !is_bot(e))
+                        .filter(|(i, e)| r.keeps_processed(*i, e))
                         .map(move |(_, e)| (*r, e)),
                 )
             } else {
@@ -130,11 +136,10 @@ pub fn events_batch(
             for (pipeline, events) in r.envelope.processed_parts() {
                 let label = pipeline.map(|p| p.label());
                 for e in events {
-                    let duplicate = r.duplicates.processed(index);
-                    index += 1;
-                    if !duplicate && !is_bot(e) {
+                    if r.keeps_processed(index, e) {
                         b.append_option(label.as_deref());
                     }
+                    index += 1;
                 }
             }
         }

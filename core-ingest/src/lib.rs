@@ -484,10 +484,7 @@ pub(crate) async fn run_partition(
                 }
                 None => break,
             };
-            let info = msg.info().map_err(nats)?;
-            let mut r = decode(info.stream_sequence, &msg.payload);
-            r.stored_at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-            received.push(r);
+            received.push(from_stream(&msg)?);
             last = Some(msg);
         }
         let Some(last) = last else {
@@ -824,17 +821,14 @@ async fn prime(
         };
         let Some(msg) = next else { break };
         let msg = msg.map_err(nats)?;
-        let info = msg.info().map_err(nats)?;
-        if info.stream_sequence > start {
+        let pending = msg.info().map_err(nats)?.pending;
+        let r = from_stream(&msg)?;
+        if r.seq > start {
             break;
         }
-        let r = decode(info.stream_sequence, &msg.payload);
-        dedupe.observe(
-            &r.envelope,
-            (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
-        );
+        dedupe.observe(&r.envelope, r.stored_at);
         read += 1;
-        if info.stream_sequence == start || info.pending == 0 {
+        if r.seq == start || pending == 0 {
             break;
         }
     }
@@ -847,6 +841,15 @@ async fn prime(
         "deduplication state rebuilt from the stream"
     );
     Ok(())
+}
+
+/// A message read from the stream: its envelope at its sequence, stamped with the time the
+/// stream stored it.
+fn from_stream(msg: &jetstream::Message) -> Result<Received, IngestError> {
+    let info = msg.info().map_err(nats)?;
+    let mut r = decode(info.stream_sequence, &msg.payload);
+    r.stored_at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+    Ok(r)
 }
 
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.

@@ -211,14 +211,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         // Over its rate limit, a merchant's connection is not read until the allowance
         // refills: a flood is then held back by QUIC flow control at no cost to the edge,
         // instead of being received, decrypted and refused batch after batch.
-        let mut allowed = true;
-        while let Err(limited) = shared.processor.precheck(&merchant) {
-            allowed = wait_out(&limited, &mut shutdown).await;
-            if !allowed {
-                break;
-            }
-        }
-        if !allowed {
+        if !wait_for_allowance(shared, &merchant, &mut shutdown).await {
             closing = Some(shutting_down());
             break;
         }
@@ -417,6 +410,21 @@ async fn hold_allowance(shared: &Shared, merchant: &str) -> Option<usize> {
             }
         }
     }
+}
+
+/// Waits until the merchant's allowance could take a typical batch (without holding it);
+/// `false` when the edge starts shutting down meanwhile.
+async fn wait_for_allowance(
+    shared: &Shared,
+    merchant: &str,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    while let Err(limited) = shared.processor.precheck(merchant) {
+        if !wait_out(&limited, shutdown).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Waits out a merchant's rate limit, at most a second at a time; `false` when the edge

@@ -124,12 +124,19 @@ impl Cluster {
 
     /// Runs `beacon <command> --data-dir <dir>/<name> <args>`: a role on a "machine" of its
     /// own (its own data directory), for tests where the warehouse is shared.
-    pub fn spawn_on_machine(&self, name: &'static str, command: &str, args: &[&str]) -> Role {
+    /// With `env` (fault points) added to its environment.
+    pub fn spawn_on_machine(
+        &self,
+        name: &'static str,
+        command: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Role {
         let dir = self.data_dir().join(name);
         std::fs::create_dir_all(&dir).expect("machine dir");
         let mut all = vec![command, "--data-dir", dir.to_str().expect("utf8")];
         all.extend_from_slice(args);
-        self.spawn(name, &all)
+        self.spawn_with_env(name, &all, env)
     }
 
     /// As `spawn`, with extra environment variables (fault points).
