@@ -544,6 +544,11 @@ impl FullDisk {
         let log = dir.path().join("up.log");
         let (up, endpoints) = spawn_up_guarded(&data, &log, up_args);
         let key = merchant(&data);
+        // A running node's disk fills, not a starting one's.
+        let admin = endpoints.admin_http.clone().expect("admin");
+        wait_for(Duration::from_secs(60), "node ready", || {
+            (readyz(&admin).0 == 200).then_some(())
+        });
         let ballast = data.join(under).join("ballast");
         fill(&ballast);
         Self {
@@ -577,6 +582,22 @@ impl FullDisk {
         );
         sigterm(&self.up);
         assert!(self.up.wait().expect("wait").success());
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        // CI output is all a failing run leaves: what the node and its nats-server said.
+        if std::thread::panicking() {
+            for log in [self.log.clone(), self.data.join("nats/nats-server.log")] {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("--- {} (last {} lines) ---", log.display(), tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 
@@ -641,15 +662,14 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
             (status == 503 && detail.contains("cannot store")).then_some(v)
         },
     );
-    let edge = wait_for(Duration::from_secs(30), "the edge not ready", || {
-        let (status, v) = readyz(&edge_http);
-        (status == 503).then_some(v)
-    });
-    assert!(
-        edge["checks"]["bus"]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("JetStream does not store")),
-        "{edge}"
+    wait_for(
+        Duration::from_secs(30),
+        "the edge not ready, saying why",
+        || {
+            let (status, v) = readyz(&edge_http);
+            let why = v["checks"]["bus"]["detail"].as_str().unwrap_or("");
+            (status == 503 && why.contains("JetStream does not store")).then_some(())
+        },
     );
     let acked_while_full = stream.acked();
 

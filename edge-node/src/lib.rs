@@ -141,6 +141,10 @@ impl Edge {
             None => jetstream::new(client.clone()),
         };
         let js = jetstream::new(client);
+        // The stream first, so the first readiness probe does not report it missing.
+        publish::ensure_stream(&js)
+            .await
+            .map_err(|e| nats_err(&e))?;
         // Ready = JetStream answers for the events stream (checked every second).
         let health = beacon_serve::Health::new();
         let publisher = publish::Publisher::new(js.clone(), max_payload);
@@ -168,9 +172,6 @@ impl Edge {
                 },
             )
         };
-        publish::ensure_stream(&js)
-            .await
-            .map_err(|e| nats_err(&e))?;
         let merchants = registry::open_bucket(&shared)
             .await
             .map_err(|e| nats_err(&e))?;
