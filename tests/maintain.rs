@@ -229,18 +229,7 @@ async fn maintenance_killed_before_or_after_its_swap_loses_and_doubles_nothing()
     wait_for(Duration::from_secs(60), "new events in Iceberg", || {
         (c.count("SELECT count(*) FROM events") == total as i64).then_some(())
     });
-    let (ok, report, err) = maintain(
-        &cluster,
-        &[
-            "--orphan-age-secs",
-            "0",
-            "--snapshot-retain-secs",
-            "0",
-            "--snapshot-retain-last",
-            "1",
-        ],
-        &[],
-    );
+    let (ok, report, err) = maintain(&cluster, &common::SWEEP_NOW, &[]);
     assert!(ok, "{err}");
     assert_exact(&cluster, total);
 

@@ -177,8 +177,17 @@ async fn load(
     (load_s, rollup_s, stats)
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    // As the `beacon` binary starts (before any thread).
+    beacon_serve::process::no_library_backtraces();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let events = env("BEACON_BENCH_EVENTS", 10_000_000);
     let merchants = env("BEACON_BENCH_MERCHANTS", 10_000);
     let days = env("BEACON_BENCH_DAYS", 90) as u32;

@@ -904,6 +904,7 @@ async fn registry_bucket(
 }
 
 fn main() -> Result<()> {
+    beacon_serve::process::no_library_backtraces();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

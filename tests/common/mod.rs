@@ -401,6 +401,17 @@ impl Drop for Cluster {
     }
 }
 
+/// `beacon maintain` flags that expire every snapshot but the newest and sweep every
+/// unreferenced file now, whatever its age (for tests on quiet tables).
+pub const SWEEP_NOW: [&str; 6] = [
+    "--orphan-age-secs",
+    "0",
+    "--snapshot-retain-secs",
+    "0",
+    "--snapshot-retain-last",
+    "1",
+];
+
 /// Runs a `beacon` subcommand against `data_dir` (and `nats_url`, else endpoints.json);
 /// panics with its stderr if it fails.
 pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String {

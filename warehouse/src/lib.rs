@@ -23,6 +23,7 @@ pub mod relocate;
 pub mod replace;
 pub mod rewrite;
 pub mod rollup;
+mod storage;
 pub mod tables;
 pub mod views;
 
@@ -70,6 +71,11 @@ pub enum WarehouseError {
         table: &'static str,
         location: String,
         source: Box<iceberg::Error>,
+    },
+    #[error("object storage at {location}: {source}")]
+    ObjectStore {
+        location: String,
+        source: Box<opendal::Error>,
     },
     #[error("{path}: {source}")]
     Io {

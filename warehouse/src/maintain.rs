@@ -19,10 +19,9 @@
 //! 4. **delete** data files, manifests, manifest lists and metadata JSON files that no retained
 //!    snapshot or metadata-log entry references and that are older than
 //!    [`MaintainOptions::orphan_age`] (so a writer's staged but not yet committed files
-//!    survive). Local-disk warehouses only for now.
+//!    survive), on local disk or in an S3 bucket ([`crate::storage`]: FileIO cannot list).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +35,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 
 use crate::replace::Rewrite;
+use crate::storage::Files;
 use crate::tables::{self, TARGET_FILE_BYTES};
 use crate::{TableKind, Warehouse, WarehouseError};
 
@@ -471,8 +471,8 @@ async fn expire(
     Ok(before.saturating_sub(table.metadata().snapshots().count() as u64))
 }
 
-/// Deletes files under the table's location that nothing retained references (see module
-/// docs). Returns (files, bytes) deleted.
+/// Deletes files under the table's location (on local disk or in a bucket) that nothing
+/// retained references (see module docs). Returns (files, bytes) deleted.
 async fn delete_unreferenced(
     wh: &Warehouse,
     kind: TableKind,
@@ -480,32 +480,33 @@ async fn delete_unreferenced(
 ) -> Result<(u64, u64), WarehouseError> {
     let table = wh.table(kind).await?;
     let md = table.metadata();
-    let Some(root) = local_path(md.location()) else {
-        tracing::debug!(
+    let Some(files) = Files::of(md.location(), wh.location().props())? else {
+        tracing::warn!(
             table = kind.name(),
-            "unreferenced-file cleanup is local-disk only"
+            location = md.location(),
+            "unreferenced-file cleanup: not a local path or an S3 bucket"
         );
         return Ok((0, 0));
     };
-    let mut keep: HashSet<PathBuf> = HashSet::new();
+    let mut keep: HashSet<String> = HashSet::new();
     if let Some(current) = table.metadata_location() {
-        keep.extend(local_path(current));
+        keep.extend(files.key(current));
     }
     for entry in md.metadata_log() {
-        keep.extend(local_path(&entry.metadata_file));
+        keep.extend(files.key(&entry.metadata_file));
     }
     let mut seen_manifests: HashSet<String> = HashSet::new();
     for snapshot in md.snapshots() {
-        keep.extend(local_path(snapshot.manifest_list()));
+        keep.extend(files.key(snapshot.manifest_list()));
         let list = table.manifest_list_reader(snapshot).load().await?;
         for manifest in list.entries() {
-            keep.extend(local_path(&manifest.manifest_path));
+            keep.extend(files.key(&manifest.manifest_path));
             if !seen_manifests.insert(manifest.manifest_path.clone()) {
                 continue;
             }
             let loaded = manifest.load_manifest(table.file_io()).await?;
             for e in loaded.entries().iter().filter(|e| e.is_alive()) {
-                keep.extend(local_path(e.file_path()));
+                keep.extend(files.key(e.file_path()));
             }
         }
     }
@@ -513,37 +514,24 @@ async fn delete_unreferenced(
         .checked_sub(options.orphan_age)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut deleted = (0u64, 0u64);
-    let mut stack = vec![root];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    for stored in files.list(md.location()).await? {
+        // No time from the store: treated as young (kept), as a file being written is.
+        let old = stored.modified.is_some_and(|m| m <= cutoff);
+        if keep.contains(&stored.key) || !old {
             continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if keep.contains(&path) || meta.modified().map_or(true, |m| m > cutoff) {
-                continue;
-            }
-            if std::fs::remove_file(&path).is_ok() {
+        }
+        match files.delete(&stored.key).await {
+            Ok(()) => {
                 deleted.0 += 1;
-                deleted.1 += meta.len();
+                deleted.1 += stored.bytes;
+            }
+            // Gone meanwhile (another maintenance run) or refused: the next run retries.
+            Err(e) => {
+                tracing::warn!(table = kind.name(), error = %e, "deleting an unreferenced file")
             }
         }
     }
     Ok(deleted)
-}
-
-/// The local path of a `file://` (or bare absolute) location; `None` for object storage.
-fn local_path(location: &str) -> Option<PathBuf> {
-    let path = location
-        .strip_prefix("file://")
-        .or_else(|| location.strip_prefix("file:"))
-        .unwrap_or(location);
-    path.starts_with('/').then(|| Path::new(path).to_path_buf())
 }
 
 #[cfg(test)]
