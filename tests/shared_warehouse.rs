@@ -177,16 +177,13 @@ async fn roles_on_several_machines_share_a_postgres_catalog_and_tables_on_s3() {
         "the planted orphan is still there: {report}"
     );
     for table in ["raw_events", "events"] {
-        // Summed here: the manifests metadata table answers `SELECT *` only (a projection
-        // over it trips an assertion in iceberg-datafusion 0.10.1).
-        let live: i64 = sql_in(&reader, &format!("SELECT * FROM \"{table}$manifests\""))
-            .iter()
-            .filter(|m| m["content"].as_i64() == Some(0))
-            .map(|m| {
-                m["added_data_files_count"].as_i64().unwrap_or(0)
-                    + m["existing_data_files_count"].as_i64().unwrap_or(0)
-            })
-            .sum();
+        let live = count(
+            &reader,
+            &format!(
+                "SELECT sum(added_data_files_count + existing_data_files_count) \
+                 FROM \"{table}$manifests\" WHERE content = 0"
+            ),
+        );
         let stored = s3
             .objects(BUCKET, &format!("warehouse/analytics/{table}/"))
             .iter()

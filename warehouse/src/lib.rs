@@ -17,6 +17,7 @@
 pub mod cached;
 pub mod dimensions;
 pub mod hll;
+mod inspect;
 pub mod maintain;
 pub mod output;
 pub mod relocate;
@@ -532,12 +533,13 @@ impl Warehouse {
                 let Some(table) = iceberg.table(&name).await? else {
                     continue;
                 };
-                let table: Arc<dyn datafusion::catalog::TableProvider> =
-                    if cached && !name.contains('$') {
-                        self.cached_table(&name, table.schema())
-                    } else {
-                        table
-                    };
+                let table: Arc<dyn datafusion::catalog::TableProvider> = if name.contains('$') {
+                    Arc::new(inspect::Projected(table))
+                } else if cached {
+                    self.cached_table(&name, table.schema())
+                } else {
+                    table
+                };
                 let table = match merchant {
                     None => table,
                     // Metadata tables (`events$snapshots`, ...) describe every merchant's

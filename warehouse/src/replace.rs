@@ -702,7 +702,7 @@ fn chrono_now_ms() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
@@ -713,7 +713,7 @@ mod tests {
     use crate::{TableKind, Warehouse};
 
     /// `n` `failed_events` rows with ids `prefix-i`.
-    async fn rows(wh: &Warehouse, prefix: &str, n: usize) -> RecordBatch {
+    pub(crate) async fn rows(wh: &Warehouse, prefix: &str, n: usize) -> RecordBatch {
         let schema =
             crate::tables::arrow_schema(&wh.table(TableKind::FailedEvents).await.unwrap()).unwrap();
         let columns = schema
