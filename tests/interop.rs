@@ -17,43 +17,7 @@ use common::{venv_python, wait_for, Cluster};
 async fn rsocket_py_quic_client_sends_request_response_and_fire_and_forget() {
     let cluster = Cluster::start(false);
     let (merchant, key) = cluster.merchant("python-shop");
-    let addr: std::net::SocketAddr = cluster
-        .endpoints
-        .edge_quic
-        .as_ref()
-        .expect("edge")
-        .parse()
-        .expect("addr");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/rsocket_quic_client.py");
-    let out = Command::new(venv_python())
-        .arg(&script)
-        .args([
-            addr.ip().to_string(),
-            addr.port().to_string(),
-            cluster
-                .endpoints
-                .edge_ca_cert
-                .as_ref()
-                .expect("ca")
-                .display()
-                .to_string(),
-            key,
-            "run1".into(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run python");
-    let out = common::wait_with_deadline(out, Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "rsocket-py client failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("json line");
+    let v = rsocket_py(&cluster, "rsocket_quic_client.py", &key, "run1");
     assert_eq!(v["request_response"]["accepted"], 5, "{v}");
 
     let c = &cluster;
@@ -69,6 +33,70 @@ async fn rsocket_py_quic_client_sends_request_response_and_fire_and_forget() {
         c.count(&format!("SELECT count(*) FROM raw_events WHERE merchant_id = '{merchant}' AND event_id LIKE 'py-run1-fnf-%'")),
         5
     );
+}
+
+/// Runs `script` (an rsocket-py client in tests/python) against the cluster's edge with
+/// the merchant's `key` and `last` as its last argument; its one JSON line.
+fn rsocket_py(cluster: &Cluster, script: &str, key: &str, last: &str) -> serde_json::Value {
+    let addr: std::net::SocketAddr = cluster
+        .endpoints
+        .edge_quic
+        .as_ref()
+        .expect("edge")
+        .parse()
+        .expect("addr");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(script);
+    let ca = cluster.endpoints.edge_ca_cert.as_ref().expect("ca");
+    let out = Command::new(venv_python())
+        .arg(&script)
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(ca)
+        .args([key, last])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let out = common::wait_with_deadline(out, Duration::from_secs(90));
+    assert!(
+        out.status.success(),
+        "{} failed: {}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).expect("json line")
+}
+
+/// A rate-limited merchant's connection is not read while its allowance refills, so the
+/// client's KEEPALIVEs go unanswered; the edge sends its own meanwhile, and rsocket-py with
+/// a 1 s lifetime never finds it silent through a wait of several seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_its_allowance_stays_alive_for_rsocket_py() {
+    let cluster = Cluster::start(false);
+    // 10 events/s, burst 10: a batch of 40 is taken and leaves ~3 s of debt.
+    let (_, key) = cluster.merchant_with(
+        "slow-shop",
+        &[
+            "--domain",
+            "ka.example",
+            "--rate-limit",
+            "10",
+            "--burst",
+            "10",
+        ],
+    );
+    let v = rsocket_py(&cluster, "rsocket_keepalive.py", &key, "40");
+    eprintln!("rsocket-py through a rate-limit wait: {v}");
+    assert_eq!(v["first"]["accepted"], 40, "{v}");
+    assert_eq!(v["second"]["accepted"], 1, "{v}");
+    // The scenario happened: the second batch waited well past the client's lifetime.
+    assert!(v["second_s"].as_f64().is_some_and(|s| s >= 2.0), "{v}");
+    assert_eq!(v["keepalive_timeouts"], serde_json::json!([]), "{v}");
+    assert_eq!(v["server_alive"], true, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

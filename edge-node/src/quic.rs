@@ -164,7 +164,7 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     // SETUP first, within the setup timeout.
     let first =
         tokio::time::timeout(limits.setup_timeout, next_frame(&mut recv, &mut reader)).await;
-    let (merchant_id, trust) = match first {
+    let (merchant_id, trust, keepalive) = match first {
         Err(_) => return Outcome::Error(wire::ERR_INVALID_SETUP, "no SETUP in time".into()),
         Ok(Err(outcome)) => return outcome,
         Ok(Ok(None)) => return Outcome::Done,
@@ -181,7 +181,12 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     );
                 }
                 match shared.registry.merchant_for_key(&key).await {
-                    Ok(Some(owner)) => (owner.merchant_id, owner.trust),
+                    Ok(Some(owner)) => (
+                        owner.merchant_id,
+                        owner.trust,
+                        // Floored: a zero interval must not turn a wait into a busy loop.
+                        setup.get_keepalive().max(Duration::from_millis(100)),
+                    ),
                     Ok(None) => {
                         return Outcome::Error(wire::ERR_REJECT_SETUP, "unknown write key".into())
                     }
@@ -206,12 +211,18 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_conn));
 
     let mut shutdown = shared.shutdown.clone();
+    let mut waiter = Waiter {
+        tx: tx.clone(),
+        keepalive,
+        last_sent: tokio::time::Instant::now(),
+        shutdown: shared.shutdown.clone(),
+    };
     let mut closing = None;
     loop {
         // Over its rate limit, a merchant's connection is not read until the allowance
         // refills: a flood is then held back by QUIC flow control at no cost to the edge,
         // instead of being received, decrypted and refused batch after batch.
-        if !wait_for_allowance(shared, &merchant, &mut shutdown).await {
+        if !wait_for_allowance(shared, &merchant, &mut waiter).await {
             closing = Some(shutting_down());
             break;
         }
@@ -236,7 +247,33 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
         };
         let stream_id = frame.get_stream_id();
         let flag = frame.get_flag();
-        match frame.get_body() {
+        // A batch: request-response (answered) or fire-and-forget.
+        let body = frame.get_body();
+        let batch = match &body {
+            Body::RequestResponse(req) if !wire::is_locate(req.get_metadata()) => {
+                Some(Batch::read(
+                    stream_id,
+                    req.get_data(),
+                    req.get_metadata(),
+                    Some(tx.clone()),
+                ))
+            }
+            Body::RequestFNF(req) => Some(Batch::read(
+                stream_id,
+                req.get_data(),
+                req.get_metadata(),
+                None,
+            )),
+            _ => None,
+        };
+        if let Some(batch) = batch {
+            let who = (&merchant, trust, &ctx);
+            if !spawn_batch(shared, who, &in_flight, &mut waiter, batch).await {
+                break;
+            }
+            continue;
+        }
+        match body {
             Body::RequestResponse(req) if wire::is_locate(req.get_metadata()) => {
                 let region = wire::locate_region(req.get_metadata())
                     .filter(|r| crate::locate::is_known_region(r))
@@ -250,28 +287,6 @@ async fn read_loop(conn: &quinn::Connection, shared: &Shared, tx: mpsc::Sender<F
                     Err(e) => wire::error_frame(stream_id, wire::ERR_REJECTED, &e),
                 };
                 if tx.send(answer).await.is_err() {
-                    break;
-                }
-            }
-            Body::RequestResponse(req) => {
-                let batch = Batch {
-                    stream_id,
-                    data: req.get_data().cloned().unwrap_or_default(),
-                    client_id: wire::client_batch_id(req.get_metadata()).map(str::to_string),
-                    answer: Some(tx.clone()),
-                };
-                if !spawn_batch(shared, &merchant, trust, &ctx, &in_flight, batch).await {
-                    break;
-                }
-            }
-            Body::RequestFNF(req) => {
-                let batch = Batch {
-                    stream_id,
-                    data: req.get_data().cloned().unwrap_or_default(),
-                    client_id: wire::client_batch_id(req.get_metadata()).map(str::to_string),
-                    answer: None,
-                };
-                if !spawn_batch(shared, &merchant, trust, &ctx, &in_flight, batch).await {
                     break;
                 }
             }
@@ -325,6 +340,22 @@ struct Batch {
     answer: Option<mpsc::Sender<Frame>>,
 }
 
+impl Batch {
+    fn read(
+        stream_id: u32,
+        data: Option<&Bytes>,
+        metadata: Option<&Bytes>,
+        answer: Option<mpsc::Sender<Frame>>,
+    ) -> Self {
+        Batch {
+            stream_id,
+            data: data.cloned().unwrap_or_default(),
+            client_id: wire::client_batch_id(metadata).map(str::to_string),
+            answer,
+        }
+    }
+}
+
 /// Takes one of the connection's in-flight slots, the batch's memory and a typical batch's
 /// worth of the merchant's allowance, then stores the batch in a task of its own (answering
 /// it, for request-response). The connection's next frame is not read before all three are
@@ -332,10 +363,9 @@ struct Batch {
 /// only to be refused. `false`: the connection is closing.
 async fn spawn_batch(
     shared: &Shared,
-    merchant: &Arc<str>,
-    trust: Trust,
-    ctx: &Arc<ClientCtx>,
+    (merchant, trust, ctx): (&Arc<str>, Trust, &Arc<ClientCtx>),
     in_flight: &Arc<Semaphore>,
+    waiter: &mut Waiter,
     batch: Batch,
 ) -> bool {
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -344,7 +374,7 @@ async fn spawn_batch(
     let Some(bytes_permit) = shared.processor.reserve(batch.data.len()).await else {
         return false;
     };
-    let Some(held) = hold_allowance(shared, merchant).await else {
+    let Some(held) = hold_allowance(shared, merchant, waiter).await else {
         return false;
     };
     let (processor, merchant, ctx) = (shared.processor.clone(), merchant.clone(), ctx.clone());
@@ -397,14 +427,13 @@ async fn spawn_batch(
 /// Waits until the merchant's allowance holds a typical batch and holds it
 /// ([`Processor::hold`]); `None` when the edge shuts down meanwhile. Over the daily quota it
 /// holds nothing, so the batch gets its answer (retry after midnight) from admission.
-async fn hold_allowance(shared: &Shared, merchant: &str) -> Option<usize> {
-    let mut shutdown = shared.shutdown.clone();
+async fn hold_allowance(shared: &Shared, merchant: &str, waiter: &mut Waiter) -> Option<usize> {
     loop {
         match shared.processor.hold(merchant) {
             Ok(held) => return Some(held),
             Err(Limited::Quota { .. }) => return Some(0),
             Err(limited) => {
-                if !wait_out(&limited, &mut shutdown).await {
+                if !waiter.wait_out(&limited).await {
                     return None;
                 }
             }
@@ -414,29 +443,51 @@ async fn hold_allowance(shared: &Shared, merchant: &str) -> Option<usize> {
 
 /// Waits until the merchant's allowance could take a typical batch (without holding it);
 /// `false` when the edge starts shutting down meanwhile.
-async fn wait_for_allowance(
-    shared: &Shared,
-    merchant: &str,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> bool {
+async fn wait_for_allowance(shared: &Shared, merchant: &str, waiter: &mut Waiter) -> bool {
     while let Err(limited) = shared.processor.precheck(merchant) {
-        if !wait_out(&limited, shutdown).await {
+        if !waiter.wait_out(&limited).await {
             return false;
         }
     }
     true
 }
 
-/// Waits out a merchant's rate limit, at most a second at a time; `false` when the edge
-/// starts shutting down meanwhile.
-async fn wait_out(limited: &Limited, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
-    if *shutdown.borrow() {
-        return false;
-    }
-    let pause = Duration::from_millis(limited.retry_after_ms().clamp(1, 1000));
-    tokio::select! {
-        _ = tokio::time::sleep(pause) => true,
-        _ = shutdown.changed() => false,
+/// How a connection waits out its merchant's rate limit.
+///
+/// The connection is not read meanwhile, so the client's KEEPALIVEs go unanswered; a wait
+/// longer than the client's lifetime (a merchant with a large burst and a small rate) would
+/// make it drop a healthy connection. So the edge sends its own KEEPALIVE (not asking for
+/// an answer) every `keepalive`, the interval the client's SETUP gave: RSocket clients take
+/// any KEEPALIVE as a sign of life (rsocket-java's `KeepAliveSupport`, rsocket-py).
+struct Waiter {
+    tx: mpsc::Sender<Frame>,
+    keepalive: Duration,
+    last_sent: tokio::time::Instant,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Waiter {
+    /// Waits a while (at most a keepalive interval and a second) towards the allowance
+    /// `limited` says is missing; `false` when the edge starts shutting down meanwhile.
+    async fn wait_out(&mut self, limited: &Limited) -> bool {
+        if *self.shutdown.borrow() {
+            return false;
+        }
+        let pause = Duration::from_millis(limited.retry_after_ms().max(1))
+            .min(self.keepalive)
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = self.shutdown.changed() => return false,
+        }
+        if self.last_sent.elapsed() >= self.keepalive {
+            self.last_sent = tokio::time::Instant::now();
+            // A full queue means frames are already on their way: nothing to add.
+            let _ = self
+                .tx
+                .try_send(wire::frame::Keepalive::builder(0, 0).build());
+        }
+        true
     }
 }
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 import time
+from contextlib import asynccontextmanager
 
 from aioquic.quic.configuration import QuicConfiguration
 from rsocket.helpers import single_transport_provider
@@ -17,22 +18,25 @@ from rsocket.rsocket_client import RSocketClient
 from rsocket.transports.aioquic_transport import rsocket_connect
 
 
-def batch(run_id: str, kind: str) -> bytes:
+def batch(prefix: str, n: int) -> bytes:
+    """`n` pageviews with ids `<prefix>-<i>`, as a Beacon batch."""
     now = int(time.time() * 1000)
     events = [
         {
-            "event_id": f"py-{run_id}-{kind}-{i}",
+            "event_id": f"{prefix}-{i}",
             "name": "pageview",
             "ts": now,
-            "url": f"https://py.example/{kind}/{i}",
+            "url": f"https://py.example/{prefix}/{i}",
             "visitor_id": f"py-visitor-{i}",
         }
-        for i in range(5)
+        for i in range(n)
     ]
     return json.dumps({"events": events}).encode()
 
 
-async def main(host: str, port: int, ca: str, key: str, run_id: str) -> None:
+@asynccontextmanager
+async def connect(host: str, port: int, ca: str, key: str, **client_args):
+    """An rsocket-py client on QUIC, set up with the merchant's write key."""
     config = QuicConfiguration(is_client=True)
     config.load_verify_locations(ca)
     async with rsocket_connect(host, port, configuration=config) as transport:
@@ -41,12 +45,19 @@ async def main(host: str, port: int, ca: str, key: str, run_id: str) -> None:
             setup_payload=Payload(metadata=key.encode()),
             metadata_encoding=b"text/plain",
             data_encoding=b"application/json",
+            **client_args,
         ) as client:
-            answer = await asyncio.wait_for(client.request_response(Payload(batch(run_id, "rr"))), 20)
-            await client.fire_and_forget(Payload(batch(run_id, "fnf")))
-            # Give the fire-and-forget frame time to leave before the connection closes.
-            await asyncio.sleep(0.5)
-            print(json.dumps({"request_response": json.loads(answer.data)}), flush=True)
+            yield client
+
+
+async def main(host: str, port: int, ca: str, key: str, run_id: str) -> None:
+    async with connect(host, port, ca, key) as client:
+        rr = batch(f"py-{run_id}-rr", 5)
+        answer = await asyncio.wait_for(client.request_response(Payload(rr)), 20)
+        await client.fire_and_forget(Payload(batch(f"py-{run_id}-fnf", 5)))
+        # Give the fire-and-forget frame time to leave before the connection closes.
+        await asyncio.sleep(0.5)
+        print(json.dumps({"request_response": json.loads(answer.data)}), flush=True)
 
 
 if __name__ == "__main__":
