@@ -28,6 +28,13 @@ fn readyz(base: &str) -> (u16, Value) {
     (status, v)
 }
 
+/// Waits (up to `within`) until the node at `admin` answers `/readyz` with 200.
+fn wait_ready(admin: &str, within: Duration) {
+    wait_for(within, "node ready", || {
+        (readyz(admin).0 == 200).then_some(())
+    });
+}
+
 fn nats_pid(data: &Path) -> Option<i32> {
     std::fs::read_to_string(data.join("nats/nats-server.pid"))
         .ok()?
@@ -493,9 +500,7 @@ async fn a_corrupt_metadata_file_stops_neither_start_nor_collection_and_is_named
     let unique: HashSet<String> = ids.iter().cloned().collect();
     assert_eq!(unique, *acked.lock().expect("lock"));
     assert_eq!(ids.len(), 2_000, "no duplicates");
-    wait_for(Duration::from_secs(30), "node ready", || {
-        (readyz(&admin).0 == 200).then_some(())
-    });
+    wait_ready(&admin, Duration::from_secs(30));
     let api = endpoints.metrics_http.expect("api");
     assert_eq!(readyz(&api).0, 200);
     wait_for(
@@ -546,9 +551,7 @@ impl FullDisk {
         let key = merchant(&data);
         // A running node's disk fills, not a starting one's.
         let admin = endpoints.admin_http.clone().expect("admin");
-        wait_for(Duration::from_secs(60), "node ready", || {
-            (readyz(&admin).0 == 200).then_some(())
-        });
+        wait_ready(&admin, Duration::from_secs(60));
         let ballast = data.join(under).join("ballast");
         fill(&ballast);
         Self {
@@ -591,11 +594,7 @@ impl Drop for FullDisk {
         if std::thread::panicking() {
             for log in [self.log.clone(), self.data.join("nats/nats-server.log")] {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                eprintln!("--- {} (last {} lines) ---", log.display(), tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+                common::print_tail(&log.display().to_string(), &text, 60);
             }
         }
     }
@@ -677,9 +676,7 @@ async fn a_full_bus_disk_answers_errors_and_heals_when_space_returns_without_a_r
     let freed = node.free();
     let (failures, longest, all) = stream.finish().await;
     let recovered = freed.elapsed();
-    wait_for(Duration::from_secs(60), "node ready", || {
-        (readyz(&admin).0 == 200).then_some(())
-    });
+    wait_ready(&admin, Duration::from_secs(60));
     assert_stored_exactly_once(data, &all);
     let log_text = std::fs::read_to_string(&node.log).unwrap_or_default();
     assert!(
@@ -790,9 +787,7 @@ async fn a_full_warehouse_disk_stops_nothing_but_commits_and_heals_when_space_re
     let freed = node.free();
     assert_stored_exactly_once(data, &all);
     let caught_up = freed.elapsed();
-    wait_for(Duration::from_secs(60), "node ready", || {
-        (readyz(&admin).0 == 200).then_some(())
-    });
+    wait_ready(&admin, Duration::from_secs(60));
     eprintln!(
         "full warehouse disk: {} events all acknowledged while full ({failures} failed attempts \
          retried, longest wait {longest:?}), {stored_while_full} stored before space returned, \

@@ -390,14 +390,19 @@ impl Drop for Cluster {
                 .collect();
             names.sort();
             for name in &names {
-                let log = self.log(name);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- {name}.log (last {} lines) ---", tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+                print_tail(&format!("{name}.log"), &self.log(name), 40);
             }
         }
+    }
+}
+
+/// The last `lines` lines of `text` (a log called `name`), for a failing test's output:
+/// CI output is all a failing run leaves.
+pub fn print_tail(name: &str, text: &str, lines: usize) {
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    eprintln!("--- {name} (last {} lines) ---", tail.len());
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
     }
 }
 

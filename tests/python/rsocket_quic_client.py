@@ -55,8 +55,10 @@ async def main(host: str, port: int, ca: str, key: str, run_id: str) -> None:
         rr = batch(f"py-{run_id}-rr", 5)
         answer = await asyncio.wait_for(client.request_response(Payload(rr)), 20)
         await client.fire_and_forget(Payload(batch(f"py-{run_id}-fnf", 5)))
-        # Give the fire-and-forget frame time to leave before the connection closes.
-        await asyncio.sleep(0.5)
+        # A request behind it on the same stream: the edge reads frames in order, so once
+        # this is answered it has read the fire-and-forget batch, and closing cannot lose it.
+        locate = Payload(b"", metadata=b"locate:")
+        await asyncio.wait_for(client.request_response(locate), 20)
         print(json.dumps({"request_response": json.loads(answer.data)}), flush=True)
 
 
