@@ -194,8 +194,8 @@ async fn the_dashboard_shows_what_the_api_answers_in_a_real_browser() {
         sent += n as i64;
     }
     wait_for(Duration::from_secs(90), "events rolled up", || {
-        let rows = common::sql_in(&data, "SELECT coalesce(sum(events), 0) AS n FROM rollups");
-        (common::first_int(&rows) == sent).then_some(())
+        let count = |sql| common::first_int(&common::sql_in(&data, sql));
+        (count(common::ROLLED_UP) == sent && count(common::IN_VISITS) == sent).then_some(())
     });
 
     let shots = artifacts();

@@ -346,6 +346,9 @@ async fn sessions_and_daily_metrics_views_answer_the_common_questions() {
         )) == 7
             && c.count(&format!(
                 "SELECT coalesce(sum(events), 0) FROM rollups WHERE merchant_id = '{m}'"
+            )) == 7
+            && c.count(&format!(
+                "SELECT coalesce(sum(events), 0) FROM sessions WHERE merchant_id = '{m}'"
             )) == 7)
             .then_some(())
     });

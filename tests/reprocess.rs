@@ -38,7 +38,7 @@ fn events_of(c: &Cluster, m: &str) -> Vec<Value> {
     ))
 }
 
-/// A merchant's merged rollups: hourly totals, revenue and every breakdown row.
+/// A merchant's merged rollups (hourly totals, revenue and every breakdown row) and visits.
 fn rollups_of(c: &Cluster, m: &str) -> Vec<Value> {
     let mut rows = c.sql(&format!(
         "SELECT hour, events, pageviews, visitors FROM rollups WHERE merchant_id = '{m}' ORDER BY hour"
@@ -52,6 +52,10 @@ fn rollups_of(c: &Cluster, m: &str) -> Vec<Value> {
                 CAST(sum(pageviews) AS BIGINT) AS pageviews, \
                 CAST(round(hll_estimate(hll_union(visitors_hll))) AS BIGINT) AS visitors \
          FROM breakdowns_hourly WHERE merchant_id = '{m}' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )));
+    // The pre-aggregated visits (rebuilt by re-processing, kept incrementally otherwise).
+    rows.extend(c.sql(&format!(
+        "SELECT session, visitor_id, started_at, ended_at, events, pageviews, bounce,                 entry_page, exit_page, source, country, device, pipeline_version          FROM sessions WHERE merchant_id = '{m}' ORDER BY session"
     )));
     rows
 }

@@ -13,7 +13,7 @@
 //! max_batch = 2000            # BEACON_INGEST_MAX_BATCH
 //!
 //! [rollup]
-//! interval = 30               # BEACON_ROLLUP_INTERVAL
+//! interval = 10               # BEACON_ROLLUP_INTERVAL
 //! ```
 //!
 //! Precedence: command-line flag, then environment variable, then this file, then the

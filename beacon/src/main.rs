@@ -130,7 +130,7 @@ enum Command {
         #[arg(
             long,
             env = "BEACON_ROLLUP_INTERVAL",
-            default_value = "30",
+            default_value = "10",
             value_name = "SECONDS"
         )]
         interval: u64,
@@ -343,7 +343,7 @@ struct Maintenance {
 #[derive(clap::Args, Clone)]
 struct Tuning {
     /// Seconds between rollup runs.
-    #[arg(long, env = "BEACON_ROLLUP_INTERVAL", default_value_t = 30)]
+    #[arg(long, env = "BEACON_ROLLUP_INTERVAL", default_value_t = 10)]
     rollup_interval: u64,
     /// Longest an event waits in ingest before its Iceberg commit, in milliseconds.
     #[arg(long, env = "BEACON_INGEST_MAX_WAIT_MS", default_value_t = 1000)]

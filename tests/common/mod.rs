@@ -259,10 +259,10 @@ impl Cluster {
         });
     }
 
-    /// Waits until the rollups count `events` events in all.
+    /// Waits until the rollups and the visits (`sessions`) count `events` events in all.
     pub fn wait_rolled_up(&self, events: i64, timeout: Duration) {
         wait_for(timeout, "events rolled up", || {
-            (self.count("SELECT coalesce(sum(events), 0) FROM rollups") == events).then_some(())
+            (self.count(ROLLED_UP) == events && self.count(IN_VISITS) == events).then_some(())
         });
     }
 
@@ -987,6 +987,11 @@ pub fn wait_stored_once(data_dir: &Path, sent: i64, timeout: Duration) {
         );
     }
     wait_for(timeout, "every event rolled up", || {
-        (count("SELECT coalesce(sum(events), 0) FROM rollups") == sent).then_some(())
+        (count(ROLLED_UP) == sent && count(IN_VISITS) == sent).then_some(())
     });
 }
+
+/// Events the hourly rollups count.
+pub const ROLLED_UP: &str = "SELECT coalesce(sum(events), 0) FROM rollups";
+/// Events the pre-aggregated visits count (each event is in one visit).
+pub const IN_VISITS: &str = "SELECT coalesce(sum(events), 0) FROM sessions";

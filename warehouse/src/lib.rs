@@ -27,6 +27,7 @@ pub mod rollup;
 mod storage;
 pub mod tables;
 pub mod views;
+pub mod visits;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -104,9 +104,12 @@ pub struct RunStats {
     pub rollup_rows: usize,
     pub revenue_rows: usize,
     pub breakdown_rows: usize,
+    /// Visits written to `visits` (new ones and the ones later events extended).
+    pub visit_rows: u64,
 }
 
-/// Brings both rollup tables up to the latest committed `events` snapshot.
+/// Brings the rollup tables and `visits` ([`crate::visits`]) up to the latest committed
+/// `events` snapshot.
 ///
 /// Each table's delta is committed only if the table still has the watermark and the
 /// generation ([`ROLLUP_GEN_PROPERTY`]) read *before* `events` was pinned: a second rollup
@@ -117,6 +120,7 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
         TableKind::RollupsHourly,
         TableKind::RevenueHourly,
         TableKind::BreakdownsHourly,
+        TableKind::Visits,
     ];
     let mut targets = Vec::with_capacity(kinds.len());
     for kind in kinds {
@@ -155,6 +159,18 @@ pub async fn run_once(wh: &Warehouse) -> Result<RunStats, WarehouseError> {
                 session.insert(ctx)
             }
         };
+        if kind == TableKind::Visits {
+            match crate::visits::run(wh, ctx, target, from_seq, to_seq, generation).await {
+                Ok(rows) => stats.visit_rows = rows,
+                // A rebuild or another runner moved the table on, or maintenance rewrote a
+                // file this run would replace: the next run starts from the new state.
+                Err(e @ (WarehouseError::Stale { .. } | WarehouseError::NotLive { .. })) => {
+                    tracing::debug!(table = kind.name(), error = %e, "visits raced another commit; next run");
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         let range = format!("stream_seq > {from_seq} AND stream_seq <= {to_seq}");
         let batches = ctx
             .sql(&rollup_query(kind, &range))
@@ -217,7 +233,7 @@ fn rollup_query(kind: TableKind, range: &str) -> String {
 }
 
 /// A rollup watermark as its snapshot property reads: absent (empty) before the first run.
-fn seq_text(seq: u64) -> String {
+pub(crate) fn seq_text(seq: u64) -> String {
     if seq == 0 {
         String::new()
     } else {
@@ -276,6 +292,7 @@ pub async fn rebuild(
         TableKind::RollupsHourly,
         TableKind::RevenueHourly,
         TableKind::BreakdownsHourly,
+        TableKind::Visits,
     ]
     .map(|kind| async move {
         let mut attempt = 0;
@@ -325,19 +342,15 @@ async fn rebuild_table(
         .await?;
         ctx.register_table("events_pinned", Arc::new(pinned))?;
     }
-    let spans_sql = spans
-        .iter()
-        .map(|s| {
-            format!(
-                "(merchant_id = '{}' AND ts >= '{}' AND ts < '{}')",
-                s.merchant_id.replace('\'', "''"),
-                rfc3339(s.from_us),
-                rfc3339(s.to_us)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" OR ");
-    let range = format!("stream_seq <= {seq} AND ({spans_sql})");
+    if kind == TableKind::Visits {
+        let report = crate::visits::rebuild(wh, &ctx, &target, spans, seq, job_id).await?;
+        return Ok(Rebuilt {
+            kind,
+            report,
+            events_seq: seq,
+        });
+    }
+    let range = format!("stream_seq <= {seq} AND ({})", spans_sql(spans, "ts", "ts"));
     let batches = ctx
         .sql(&rollup_query(kind, &range))
         .await?
@@ -402,6 +415,23 @@ async fn rebuild_table(
     })
 }
 
+/// Rows of `spans` (their merchant, and `end_col >= from AND start_col < to`: for a point in
+/// time both are the same column), as an SQL predicate.
+pub(crate) fn spans_sql(spans: &[HourSpan], end_col: &str, start_col: &str) -> String {
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "(merchant_id = '{}' AND {end_col} >= '{}' AND {start_col} < '{}')",
+                s.merchant_id.replace('\'', "''"),
+                rfc3339(s.from_us),
+                rfc3339(s.to_us)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
 /// `2026-12-03T10:00:00.000000Z` for epoch microseconds.
 pub fn rfc3339(us: i64) -> String {
     match arrow::temporal_conversions::timestamp_us_to_datetime(us) {
@@ -430,8 +460,9 @@ pub async fn run_loop(
             metrics::gauge!("beacon_rollup_sequence").set(s.to_seq as f64);
         }
         match run {
-            Ok(s) if s.rollup_rows + s.revenue_rows + s.breakdown_rows > 0 => {
+            Ok(s) if s.rollup_rows + s.revenue_rows + s.breakdown_rows > 0 || s.visit_rows > 0 => {
                 tracing::info!(
+                    visit_rows = s.visit_rows,
                     from = s.from_seq,
                     to = s.to_seq,
                     rows = s.rollup_rows,

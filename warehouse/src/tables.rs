@@ -62,16 +62,18 @@ pub enum TableKind {
     RollupsHourly,
     RevenueHourly,
     BreakdownsHourly,
+    Visits,
 }
 
 impl TableKind {
-    pub const ALL: [TableKind; 6] = [
+    pub const ALL: [TableKind; 7] = [
         TableKind::RawEvents,
         TableKind::Events,
         TableKind::FailedEvents,
         TableKind::RollupsHourly,
         TableKind::RevenueHourly,
         TableKind::BreakdownsHourly,
+        TableKind::Visits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +84,7 @@ impl TableKind {
             TableKind::RollupsHourly => "rollups_hourly",
             TableKind::RevenueHourly => "revenue_hourly",
             TableKind::BreakdownsHourly => "breakdowns_hourly",
+            TableKind::Visits => "visits",
         }
     }
 
@@ -210,6 +213,30 @@ impl TableKind {
                 NestedField::optional(7, "visitors_hll", Type::Primitive(PrimitiveType::Binary))
                     .into(),
             ],
+            // One row per visit (`crate::visits`); the `sessions` view numbers them.
+            TableKind::Visits => {
+                let mut f = vec![
+                    s(1, "merchant_id"),
+                    s(2, "visit_key"),
+                    os(3, "visitor_id"),
+                    ts(4, "started_at"),
+                    ts(5, "ended_at"),
+                    long(6, "duration_ms"),
+                    long(7, "events"),
+                    long(8, "pageviews"),
+                ];
+                let mut next = 9;
+                for name in crate::visits::attribute_columns() {
+                    f.push(os(next, name));
+                    next += 1;
+                }
+                f.push(
+                    NestedField::required(next, "bounce", Type::Primitive(PrimitiveType::Boolean))
+                        .into(),
+                );
+                f.push(olong(next + 1, "revenue_micros"));
+                f
+            }
         };
         Schema::builder()
             .with_schema_id(0)
@@ -231,6 +258,11 @@ impl TableKind {
             TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly => b
                 .add_partition_field(2, "hour_month", Transform::Month)?
                 .build(),
+            // By day: a rollup run rewrites the files holding the visits its new events
+            // extend, so a day's partition bounds what one run can rewrite.
+            TableKind::Visits => b
+                .add_partition_field(4, "started_day", Transform::Day)?
+                .build(),
         })
     }
 
@@ -239,9 +271,10 @@ impl TableKind {
     /// the rollups, which answer dashboards, larger for the event tables, which scans read.
     fn row_group_rows(self) -> usize {
         match self {
-            TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly => {
-                8 * 1024
-            }
+            TableKind::RollupsHourly
+            | TableKind::RevenueHourly
+            | TableKind::BreakdownsHourly
+            | TableKind::Visits => 8 * 1024,
             _ => 64 * 1024,
         }
     }
@@ -253,6 +286,7 @@ impl TableKind {
             TableKind::FailedEvents => &["merchant_id", "received_at"],
             TableKind::RollupsHourly | TableKind::RevenueHourly => &["merchant_id", "hour"],
             TableKind::BreakdownsHourly => &["merchant_id", "dimension", "hour"],
+            TableKind::Visits => &["merchant_id", "started_at"],
         }
     }
 }

@@ -396,7 +396,7 @@ async fn a_rollup_rebuild_refuses_deltas_planned_before_it_and_counts_exactly() 
         to_us: DAY0_US + 48 * HOUR_US,
     }];
     let rebuilt = rollup::rebuild(&wh, &spans, "job-rebuild").await.unwrap();
-    assert_eq!(rebuilt.len(), 3);
+    assert_eq!(rebuilt.len(), 4);
     let mut stale = Rewrite::new(Operation::Append, "stale-delta");
     stale.properties = HashMap::from([(ROLLUP_SEQ_PROPERTY.to_string(), "2".to_string())]);
     stale.require = vec![
@@ -420,4 +420,182 @@ async fn a_rollup_rebuild_refuses_deltas_planned_before_it_and_counts_exactly() 
         .await,
         count(&wh, "SELECT count(*) FROM events WHERE merchant_id = 'm0'").await
     );
+}
+
+/// `events` rows of merchant `m`: (event id, session id, visitor id, minute after DAY0, name),
+/// all with stream sequence `seq`; the path is `/<event id>`.
+async fn visit_events(
+    wh: &Warehouse,
+    m: &str,
+    rows: &[(&str, Option<&str>, Option<&str>, i64, &str)],
+    seq: u64,
+) -> RecordBatch {
+    let table = wh.table(TableKind::Events).await.unwrap();
+    let schema = arrow_schema(&table).unwrap();
+    let n = rows.len();
+    let text = |f: &dyn Fn(&(&str, Option<&str>, Option<&str>, i64, &str)) -> Option<String>| {
+        Arc::new(StringArray::from_iter(rows.iter().map(f))) as ArrayRef
+    };
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| -> ArrayRef {
+            match (f.name().as_str(), f.data_type()) {
+                ("event_id", _) => text(&|r| Some(r.0.to_string())),
+                ("merchant_id", _) => text(&|_| Some(m.to_string())),
+                ("name", _) => text(&|r| Some(r.4.to_string())),
+                ("session_id", _) => text(&|r| r.1.map(str::to_string)),
+                ("visitor_id", _) => text(&|r| r.2.map(str::to_string)),
+                ("path", _) => text(&|r| Some(format!("/{}", r.0))),
+                ("edge_id" | "batch_id", _) => text(&|_| Some("x".to_string())),
+                ("stream_seq", _) => {
+                    Arc::new(Int64Array::from_iter_values((0..n).map(|_| seq as i64)))
+                }
+                (_, DataType::Timestamp(TimeUnit::Microsecond, tz)) => Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(
+                        rows.iter().map(|r| DAY0_US + r.3 * 60_000_000),
+                    )
+                    .with_timezone_opt(tz.clone()),
+                ),
+                (_, t) => new_null_array(t, n),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).unwrap()
+}
+
+/// Visits computed from `events` directly, independently of the `visits` table: what the
+/// `sessions` view computed before visits were pre-aggregated.
+const VISITS_FROM_EVENTS: &str = "\
+    WITH keyed AS ( \
+        SELECT merchant_id, name, path, ts, COALESCE(session_id, visitor_id, event_id) AS k \
+        FROM events), \
+    gaps AS ( \
+        SELECT *, CASE WHEN lag(ts) OVER (PARTITION BY merchant_id, k ORDER BY ts) IS NULL \
+                         OR ts - lag(ts) OVER (PARTITION BY merchant_id, k ORDER BY ts) > INTERVAL '30 minutes' \
+                       THEN 1 ELSE 0 END AS s \
+        FROM keyed), \
+    numbered AS ( \
+        SELECT *, sum(s) OVER (PARTITION BY merchant_id, k ORDER BY ts \
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS n \
+        FROM gaps) \
+    SELECT merchant_id, k || '#' || CAST(n AS VARCHAR) AS session, min(ts) AS started_at, \
+           max(ts) AS ended_at, count(*) AS events, \
+           CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
+           first_value(path ORDER BY ts) AS entry_page, last_value(path ORDER BY ts) AS exit_page \
+    FROM numbered GROUP BY merchant_id, k, n ORDER BY merchant_id, session";
+
+const VISITS_STORED: &str = "\
+    SELECT merchant_id, session, started_at, ended_at, events, pageviews, entry_page, exit_page \
+    FROM sessions ORDER BY merchant_id, session";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visits_follow_late_events_that_join_visits_and_rebuilds_that_split_them() {
+    use beacon_warehouse::rewrite::{self, str_column, RowRewrite};
+    use beacon_warehouse::rollup::{self, HourSpan};
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Warehouse::open(dir.path()).await.unwrap();
+    let events = TableKind::Events;
+    let visits = "SELECT count(*) FROM sessions";
+    let steps: [(&str, &[(&str, Option<&str>, Option<&str>, i64, &str)], i64); 3] = [
+        (
+            "m0",
+            &[
+                ("a1", Some("s1"), Some("v1"), 0, "pageview"),
+                ("a2", Some("s1"), Some("v1"), 10, "pageview"),
+                ("b1", None, Some("v2"), 0, "pageview"),
+                ("c1", Some("s3"), Some("v3"), 100, "pageview"),
+                ("z1", None, None, 5, "signup"),
+            ],
+            4,
+        ),
+        (
+            "m0",
+            // Over 30 minutes after each key's last event: new visits.
+            &[
+                ("a3", Some("s1"), Some("v1"), 80, "pageview"),
+                ("c2", Some("s3"), Some("v3"), 140, "click"),
+            ],
+            6,
+        ),
+        (
+            "m0",
+            // Late events that close the gaps: s1's two visits become one, and s3's too.
+            &[
+                ("a4", Some("s1"), Some("v1"), 40, "pageview"),
+                ("a5", Some("s1"), Some("v1"), 60, "pageview"),
+                ("c3", Some("s3"), Some("v3"), 120, "pageview"),
+            ],
+            4,
+        ),
+    ];
+    // Another merchant's visit, untouched by everything after it.
+    wh.append(
+        events,
+        visit_events(
+            &wh,
+            "m1",
+            &[("o1", Some("s1"), Some("v9"), 0, "pageview")],
+            1,
+        )
+        .await,
+        seq_props(1),
+    )
+    .await
+    .unwrap();
+    for (i, (m, rows, want)) in steps.iter().enumerate() {
+        let seq = i as u64 + 2;
+        wh.append(
+            events,
+            visit_events(&wh, m, rows, seq).await,
+            seq_props(seq),
+        )
+        .await
+        .unwrap();
+        let run = rollup::run_once(&wh).await.unwrap();
+        assert!(run.visit_rows > 0, "step {i}: {run:?}");
+        assert_eq!(count(&wh, visits).await, want + 1, "step {i}");
+        assert_eq!(
+            query_json(&wh, VISITS_STORED).await,
+            query_json(&wh, VISITS_FROM_EVENTS).await,
+            "step {i}"
+        );
+    }
+    // Every event is in exactly one visit.
+    assert_eq!(
+        count(&wh, "SELECT CAST(sum(events) AS BIGINT) FROM sessions").await,
+        count(&wh, "SELECT count(*) FROM events").await
+    );
+
+    // A job removes the late events (as forgetting or re-processing does), then rebuilds
+    // the merchant's rollups and visits: s1 and s3 split again.
+    let late = |b: &RecordBatch| -> Result<arrow::array::BooleanArray, arrow::error::ArrowError> {
+        let ids = str_column(b, "event_id")?;
+        Ok(ids
+            .iter()
+            .map(|id| Some(matches!(id, Some("a4" | "a5" | "c3"))))
+            .collect())
+    };
+    let removed = rewrite::rewrite_current(&wh, RowRewrite::new(events, "job-drop", &late))
+        .await
+        .unwrap();
+    assert_eq!(removed.rows_dropped, 3);
+    let spans = [HourSpan {
+        merchant_id: "m0".into(),
+        from_us: DAY0_US,
+        to_us: DAY0_US + 3 * HOUR_US,
+    }];
+    let rebuilt = rollup::rebuild(&wh, &spans, "job-drop-rollups")
+        .await
+        .unwrap();
+    assert!(rebuilt.iter().any(|r| r.kind == TableKind::Visits));
+    assert_eq!(count(&wh, visits).await, 7);
+    assert_eq!(
+        query_json(&wh, VISITS_STORED).await,
+        query_json(&wh, VISITS_FROM_EVENTS).await
+    );
+    // A run with nothing new changes nothing, and the watermark holds.
+    let before = query_json(&wh, VISITS_STORED).await;
+    rollup::run_once(&wh).await.unwrap();
+    assert_eq!(query_json(&wh, VISITS_STORED).await, before);
 }

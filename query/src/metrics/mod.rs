@@ -7,7 +7,7 @@
 //! - [`plan`]: the request validated as a whole into a [`Plan`], and which sources answer
 //!   it: the hourly rollups (events, page views, visitors as merged HLL sketches, by time
 //!   and at most one rolled-up dimension, unfiltered, in zones a whole number of hours from
-//!   UTC), `events` (everything else, exact), the `sessions` view (visit metrics, entry and
+//!   UTC), `events` (everything else, exact), the `sessions` view over the pre-aggregated `visits` (visit metrics, entry and
 //!   exit pages), `revenue_hourly` or `events` (revenue per currency);
 //! - [`logical`]: each source as a DataFusion plan built from expressions, in the
 //!   merchant's session (no SQL text, no request value spliced into one);

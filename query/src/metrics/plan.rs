@@ -299,8 +299,11 @@ impl Plan {
             out.push(self.event_source(self.rollups_eligible()));
         }
         if self.sessions_only || has(Grain::Visit) {
-            // The `sessions` view over `events`.
-            out.push(Source::of(SourceKind::Sessions, false, &[]));
+            // The `sessions` view over the pre-aggregated `visits`.
+            out.push(Source {
+                kind: SourceKind::Sessions,
+                tables: &["visits"],
+            });
         }
         if has(Grain::Revenue) {
             let rolled_up = self.revenue_rollups_eligible();
