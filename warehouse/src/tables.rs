@@ -224,8 +224,12 @@ impl TableKind {
                     long(6, "duration_ms"),
                     long(7, "events"),
                     long(8, "pageviews"),
+                    // The first and last event (time, then id): a later merge of visits
+                    // breaks ties in time the way a regrouping of their events does.
+                    s(9, "entry_event_id"),
+                    s(10, "exit_event_id"),
                 ];
-                let mut next = 9;
+                let mut next = 11;
                 for name in crate::visits::attribute_columns() {
                     f.push(os(next, name));
                     next += 1;

@@ -13,9 +13,18 @@
 //!    [`GAP`] of it. Visits of one key never overlap in time and are more than [`GAP`] apart,
 //!    so every visit of the key lies wholly inside the window or wholly outside it, and the
 //!    ones outside cannot change;
-//! 3. the key's events inside its window (up to the table's watermark) are grouped into
-//!    visits again, and those rows replace the key's rows that start inside the window, in
-//!    one replace commit ([`crate::rewrite::rewrite_rows`]) that also moves the watermark.
+//! 3. the window's stored visits and the new events are merged into visits again, and those
+//!    rows replace the key's rows that start inside the window, in one replace commit
+//!    ([`crate::rewrite::rewrite_rows`]) that also moves the watermark.
+//!
+//! Step 3 works on *segments*: a stored visit is a segment (first and last time, counts,
+//! its entry and exit event and their attributes) and a new event is a segment of one
+//! event. Sorted by start, a segment starts a new visit when it begins over [`GAP`] after
+//! every earlier segment of the key has ended; the merged visit's counts are sums, its entry
+//! is its earliest segment's and its exit its latest's. So a run reads only the new events
+//! and the stored visits of their keys, never older `events` rows. A rebuild cannot merge
+//! (removed events may split a visit): it makes one-event segments of every `events` row of
+//! the key inside the window.
 //!
 //! The commit requires the watermark and generation read before `events` was pinned, as
 //! the rollup deltas do, so two runners or a run racing a rebuild never apply a change
@@ -73,53 +82,90 @@ pub fn attribute_columns() -> impl Iterator<Item = &'static str> {
     ATTRIBUTES.iter().map(|(name, _, _)| *name)
 }
 
-/// The visits of the keys in `visit_windows` (merchant_id, visit_key, lo, hi: epoch
-/// microseconds), from the `events_pinned` rows inside each key's window that `bounds`
-/// selects.
-fn visits_query(bounds: &str) -> String {
-    let event_columns = ATTRIBUTES
-        .iter()
-        .map(|(_, _, column)| format!("e.{column}"))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect::<Vec<_>>()
-        .join(", ");
+/// One-event segments of the `events` rows `from` selects (`ev`: the events columns and
+/// `visit_key`).
+fn event_segments(from: &str) -> String {
     let attributes = ATTRIBUTES
         .iter()
-        .map(|(name, aggregate, column)| {
-            format!("{aggregate}({column} ORDER BY ts, event_id) AS {name}")
-        })
+        .map(|(name, _, column)| format!("ev.{column} AS {name}"))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "WITH keyed AS ( \
-             SELECT e.merchant_id, e.event_id, e.visitor_id, e.name, e.ts, e.revenue_micros, \
-                    {event_columns}, e.visit_key \
-             FROM (SELECT *, {VISIT_KEY} AS visit_key FROM events_pinned WHERE {bounds}) e \
-             JOIN visit_windows w \
-               ON e.merchant_id = w.merchant_id AND e.visit_key = w.visit_key \
-              AND CAST(e.ts AS BIGINT) >= w.lo AND CAST(e.ts AS BIGINT) <= w.hi), \
+        "SELECT ev.merchant_id, ev.visit_key, ev.visitor_id, ev.ts AS s, ev.ts AS e, \
+                CAST(1 AS BIGINT) AS events, \
+                CAST(CASE WHEN ev.name = 'pageview' THEN 1 ELSE 0 END AS BIGINT) AS pageviews, \
+                ev.event_id AS entry_event_id, ev.event_id AS exit_event_id, {attributes}, \
+                ev.revenue_micros \
+         FROM {from}"
+    )
+}
+
+/// The stored visits (`visits_pinned`) that start inside their key's window: segments.
+fn stored_segments() -> String {
+    let attributes = ATTRIBUTES
+        .iter()
+        .map(|(name, _, _)| format!("v.{name}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT v.merchant_id, v.visit_key, v.visitor_id, v.started_at AS s, v.ended_at AS e, \
+                v.events, v.pageviews, v.entry_event_id, v.exit_event_id, {attributes}, \
+                v.revenue_micros \
+         FROM visits_pinned v JOIN visit_windows w \
+           ON v.merchant_id = w.merchant_id AND v.visit_key = w.visit_key \
+          AND CAST(v.started_at AS BIGINT) >= w.lo AND CAST(v.started_at AS BIGINT) <= w.hi"
+    )
+}
+
+/// Merges `segments` (see the module docs) into visits, in the `visits` table's columns.
+fn merge_query(segments: &str) -> String {
+    // Entry-side values come from the earliest segment, exit-side ones from the latest;
+    // ties are broken by event id, so the same events give the same visit on every run.
+    let attributes = ATTRIBUTES
+        .iter()
+        .map(|(name, aggregate, _)| {
+            let order = if *aggregate == "last_value" {
+                "e, exit_event_id"
+            } else {
+                "s, entry_event_id"
+            };
+            format!("{aggregate}({name} ORDER BY {order}) AS {name}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key = "PARTITION BY merchant_id, visit_key ORDER BY s, entry_event_id";
+    format!(
+        "WITH segments AS ({segments}), \
          gaps AS ( \
-             SELECT *, CASE WHEN lag(ts) OVER (PARTITION BY merchant_id, visit_key ORDER BY ts) IS NULL \
-                              OR ts - lag(ts) OVER (PARTITION BY merchant_id, visit_key ORDER BY ts) > {GAP} \
+             SELECT *, CASE WHEN max(e) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) IS NULL \
+                              OR s - max(e) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > {GAP} \
                             THEN 1 ELSE 0 END AS starts_visit \
-             FROM keyed), \
+             FROM segments), \
          numbered AS ( \
-             SELECT *, sum(starts_visit) OVER (PARTITION BY merchant_id, visit_key ORDER BY ts \
-                                               ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS visit_no \
+             SELECT *, sum(starts_visit) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS visit_no \
              FROM gaps) \
          SELECT merchant_id, visit_key, \
                 min(visitor_id) AS visitor_id, \
-                min(ts) AS started_at, \
-                max(ts) AS ended_at, \
-                (CAST(max(ts) AS BIGINT) - CAST(min(ts) AS BIGINT)) / 1000 AS duration_ms, \
-                count(*) AS events, \
-                CAST(sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) AS BIGINT) AS pageviews, \
+                min(s) AS started_at, \
+                max(e) AS ended_at, \
+                (CAST(max(e) AS BIGINT) - CAST(min(s) AS BIGINT)) / 1000 AS duration_ms, \
+                CAST(sum(events) AS BIGINT) AS events, \
+                CAST(sum(pageviews) AS BIGINT) AS pageviews, \
+                first_value(entry_event_id ORDER BY s, entry_event_id) AS entry_event_id, \
+                last_value(exit_event_id ORDER BY e, exit_event_id) AS exit_event_id, \
                 {attributes}, \
-                sum(CASE WHEN name = 'pageview' THEN 1 ELSE 0 END) <= 1 AS bounce, \
+                sum(pageviews) <= 1 AS bounce, \
                 CAST(sum(revenue_micros) AS BIGINT) AS revenue_micros \
          FROM numbered GROUP BY merchant_id, visit_key, visit_no"
     )
+}
+
+/// Where a refresh's segments come from.
+enum Segments {
+    /// A rollup run: the stored visits of the windows and the events in `(from, to]`.
+    Extend { from_seq: u64, to_seq: u64 },
+    /// A rebuild: every event up to `seq` of each key inside its window.
+    Regroup { seq: u64 },
 }
 
 /// Per key, the time range `[lo, hi]` (epoch microseconds) whose visits are recomputed.
@@ -288,15 +334,15 @@ struct Commit {
     properties: HashMap<String, String>,
 }
 
-/// Steps 2 and 3 for `seeds`, over `events_pinned` rows up to `seq`, committed to `target`
-/// (the table as read before `events` was pinned).
+/// Steps 2 and 3 for `seeds`, committed to `target` (the table as read before `events` was
+/// pinned).
 async fn refresh(
     wh: &Warehouse,
     ctx: &SessionContext,
     target: &Table,
     seeds: Vec<(String, String, i64, i64)>,
     stored: bool,
-    seq: u64,
+    from: Segments,
     commit: Commit,
 ) -> Result<RowReport, WarehouseError> {
     let windows = windows(ctx, seeds, stored).await?;
@@ -319,13 +365,34 @@ async fn refresh(
         Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
     )?;
     let (lo, hi) = windows.span();
-    let bounds = format!(
-        "stream_seq <= {seq} AND ts >= '{}' AND ts <= '{}' AND {}",
-        rfc3339(lo),
-        rfc3339(hi),
-        windows.merchant_predicate("merchant_id"),
-    );
-    let fresh = ctx.sql(&visits_query(&bounds)).await?.collect().await?;
+    let keyed = |bounds: String| {
+        format!("(SELECT *, {VISIT_KEY} AS visit_key FROM events_pinned WHERE {bounds}) ev")
+    };
+    let segments = match from {
+        Segments::Extend { from_seq, to_seq } => {
+            // Every new event's key is a seed, so its window holds it: no join needed.
+            let new = event_segments(&keyed(format!(
+                "stream_seq > {from_seq} AND stream_seq <= {to_seq}"
+            )));
+            if stored {
+                format!("{new} UNION ALL {}", stored_segments())
+            } else {
+                new
+            }
+        }
+        Segments::Regroup { seq } => event_segments(&format!(
+            "{} JOIN visit_windows w \
+               ON ev.merchant_id = w.merchant_id AND ev.visit_key = w.visit_key \
+              AND CAST(ev.ts AS BIGINT) >= w.lo AND CAST(ev.ts AS BIGINT) <= w.hi",
+            keyed(format!(
+                "stream_seq <= {seq} AND ts >= '{}' AND ts <= '{}' AND {}",
+                rfc3339(lo),
+                rfc3339(hi),
+                windows.merchant_predicate("merchant_id"),
+            ))
+        )),
+    };
+    let fresh = ctx.sql(&merge_query(&segments)).await?.collect().await?;
     let fresh = tables::conform(&fresh, &tables::arrow_schema(target)?)?;
     let mut prune = vec![Prune::long("started_at", lo, hi)];
     let merchants = windows.merchants();
@@ -381,7 +448,16 @@ pub(crate) async fn run(
         properties: HashMap::from([(ROLLUP_SEQ_PROPERTY.to_string(), to_seq.to_string())]),
     };
     let stored = pin(ctx, &target).await?;
-    let report = refresh(wh, ctx, &target, seeds_of(&seeds)?, stored, to_seq, commit).await?;
+    let report = refresh(
+        wh,
+        ctx,
+        &target,
+        seeds_of(&seeds)?,
+        stored,
+        Segments::Extend { from_seq, to_seq },
+        commit,
+    )
+    .await?;
     Ok(report.rows_added)
 }
 
@@ -453,5 +529,14 @@ pub(crate) async fn rebuild(
             uuid::Uuid::now_v7().to_string(),
         )]),
     };
-    refresh(wh, ctx, target, seeds, stored, seq, commit).await
+    refresh(
+        wh,
+        ctx,
+        target,
+        seeds,
+        stored,
+        Segments::Regroup { seq },
+        commit,
+    )
+    .await
 }

@@ -422,18 +422,15 @@ async fn a_rollup_rebuild_refuses_deltas_planned_before_it_and_counts_exactly() 
     );
 }
 
-/// `events` rows of merchant `m`: (event id, session id, visitor id, minute after DAY0, name),
-/// all with stream sequence `seq`; the path is `/<event id>`.
-async fn visit_events(
-    wh: &Warehouse,
-    m: &str,
-    rows: &[(&str, Option<&str>, Option<&str>, i64, &str)],
-    seq: u64,
-) -> RecordBatch {
+/// (event id, session id, visitor id, minute after DAY0, name).
+type VisitEvent<'a> = (&'a str, Option<&'a str>, Option<&'a str>, i64, &'a str);
+
+/// `events` rows of merchant `m`, all with stream sequence `seq`; the path is `/<event id>`.
+async fn visit_events(wh: &Warehouse, m: &str, rows: &[VisitEvent<'_>], seq: u64) -> RecordBatch {
     let table = wh.table(TableKind::Events).await.unwrap();
     let schema = arrow_schema(&table).unwrap();
     let n = rows.len();
-    let text = |f: &dyn Fn(&(&str, Option<&str>, Option<&str>, i64, &str)) -> Option<String>| {
+    let text = |f: &dyn Fn(&VisitEvent<'_>) -> Option<String>| {
         Arc::new(StringArray::from_iter(rows.iter().map(f))) as ArrayRef
     };
     let columns: Vec<ArrayRef> = schema
@@ -497,7 +494,7 @@ async fn visits_follow_late_events_that_join_visits_and_rebuilds_that_split_them
     let wh = Warehouse::open(dir.path()).await.unwrap();
     let events = TableKind::Events;
     let visits = "SELECT count(*) FROM sessions";
-    let steps: [(&str, &[(&str, Option<&str>, Option<&str>, i64, &str)], i64); 3] = [
+    let steps: [(&str, &[VisitEvent<'_>], i64); 3] = [
         (
             "m0",
             &[
