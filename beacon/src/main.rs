@@ -181,7 +181,8 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Run SQL over the warehouse (tables: raw_events, events, failed_events, rollups_hourly,
-    /// revenue_hourly; views: rollups, revenue, sessions, daily_metrics).
+    /// revenue_hourly, breakdowns_hourly, visits; views: rollups, revenue, sessions,
+    /// daily_metrics).
     #[cfg(feature = "full")]
     Sql {
         query: String,
