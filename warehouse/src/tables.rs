@@ -262,10 +262,10 @@ impl TableKind {
             TableKind::RollupsHourly | TableKind::RevenueHourly | TableKind::BreakdownsHourly => b
                 .add_partition_field(2, "hour_month", Transform::Month)?
                 .build(),
-            // By month, as the rollups: a merchant's 90 days are a few files to open (by day,
-            // 90 files cost a 90-day visits query 1.7x its time; docs/BENCHMARKS.md). A run
-            // rewrites only the files whose rows it replaces, which are recent and small
-            // until maintenance compacts them.
+            // By month, as the rollups: a merchant's 90 days are a few files to open (by day
+            // they were ~90, and a 90-day visits query took 4.5x as long; docs/BENCHMARKS.md).
+            // A run rewrites only the files whose rows it replaces, which are recent and
+            // small until maintenance compacts them.
             TableKind::Visits => b
                 .add_partition_field(4, "started_month", Transform::Month)?
                 .build(),
