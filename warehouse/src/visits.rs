@@ -50,11 +50,11 @@ use crate::tables::{self, ROLLUP_GEN_PROPERTY, ROLLUP_SEQ_PROPERTY};
 use crate::{TableKind, Warehouse, WarehouseError};
 
 /// The longest pause inside one visit (as Google Analytics and Plausible count them).
-pub const GAP_US: i64 = 30 * 60 * 1_000_000;
+const GAP_US: i64 = 30 * 60 * 1_000_000;
 const GAP: &str = "INTERVAL '30 minutes'";
 
 /// The visit's key, from an `events` row.
-pub const VISIT_KEY: &str = "COALESCE(session_id, visitor_id, event_id)";
+const VISIT_KEY: &str = "COALESCE(session_id, visitor_id, event_id)";
 
 /// The visit's string columns: (column, aggregate, `events` column). Ties in time are broken
 /// by event id, so a visit's entry and exit are the same on every run.
@@ -82,14 +82,19 @@ pub fn attribute_columns() -> impl Iterator<Item = &'static str> {
     ATTRIBUTES.iter().map(|(name, _, _)| *name)
 }
 
+/// `each` of (column, aggregate, `events` column), as one SQL select list.
+fn select_attributes(each: impl Fn(&str, &str, &str) -> String) -> String {
+    ATTRIBUTES
+        .iter()
+        .map(|(name, aggregate, column)| each(name, aggregate, column))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One-event segments of the `events` rows `from` selects (`ev`: the events columns and
 /// `visit_key`).
 fn event_segments(from: &str) -> String {
-    let attributes = ATTRIBUTES
-        .iter()
-        .map(|(name, _, column)| format!("ev.{column} AS {name}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let attributes = select_attributes(|name, _, column| format!("ev.{column} AS {name}"));
     format!(
         "SELECT ev.merchant_id, ev.visit_key, ev.visitor_id, ev.ts AS s, ev.ts AS e, \
                 CAST(1 AS BIGINT) AS events, \
@@ -102,11 +107,7 @@ fn event_segments(from: &str) -> String {
 
 /// The stored visits (`visits_pinned`) that start inside their key's window: segments.
 fn stored_segments() -> String {
-    let attributes = ATTRIBUTES
-        .iter()
-        .map(|(name, _, _)| format!("v.{name}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let attributes = select_attributes(|name, _, _| format!("v.{name}"));
     format!(
         "SELECT v.merchant_id, v.visit_key, v.visitor_id, v.started_at AS s, v.ended_at AS e, \
                 v.events, v.pageviews, v.entry_event_id, v.exit_event_id, {attributes}, \
@@ -121,18 +122,14 @@ fn stored_segments() -> String {
 fn merge_query(segments: &str) -> String {
     // Entry-side values come from the earliest segment, exit-side ones from the latest;
     // ties are broken by event id, so the same events give the same visit on every run.
-    let attributes = ATTRIBUTES
-        .iter()
-        .map(|(name, aggregate, _)| {
-            let order = if *aggregate == "last_value" {
-                "e, exit_event_id"
-            } else {
-                "s, entry_event_id"
-            };
-            format!("{aggregate}({name} ORDER BY {order}) AS {name}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let attributes = select_attributes(|name, aggregate, _| {
+        let order = if aggregate == "last_value" {
+            "e, exit_event_id"
+        } else {
+            "s, entry_event_id"
+        };
+        format!("{aggregate}({name} ORDER BY {order}) AS {name}")
+    });
     let key = "PARTITION BY merchant_id, visit_key ORDER BY s, entry_event_id";
     format!(
         "WITH segments AS ({segments}), \
@@ -276,6 +273,8 @@ fn seeds_of(batches: &[RecordBatch]) -> Result<Vec<(String, String, i64, i64)>, 
 }
 
 /// Widens each seed to the stored visits of its key within [`GAP_US`] of it (step 2).
+/// The seeds are joined in SQL (`visit_seeds`), so only the visits that widen a window
+/// come back, not every stored visit of the time range.
 async fn windows(
     ctx: &SessionContext,
     seeds: Vec<(String, String, i64, i64)>,
@@ -289,27 +288,27 @@ async fn windows(
     if windows.keys.is_empty() || !stored {
         return Ok(windows);
     }
-    let seeds: HashMap<(String, String), (i64, i64)> = windows.keys.clone();
+    let batch = windows.batch()?;
+    ctx.register_table(
+        "visit_seeds",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+    )?;
     let (lo, hi) = windows.span();
     let sql = format!(
-        "SELECT merchant_id, visit_key, CAST(started_at AS BIGINT) AS lo, \
-                CAST(ended_at AS BIGINT) AS hi \
-         FROM visits_pinned \
-         WHERE ended_at >= '{}' AND started_at <= '{}' AND {}",
+        "SELECT v.merchant_id, v.visit_key, CAST(v.started_at AS BIGINT) AS lo, \
+                CAST(v.ended_at AS BIGINT) AS hi \
+         FROM visits_pinned v JOIN visit_seeds s \
+           ON v.merchant_id = s.merchant_id AND v.visit_key = s.visit_key \
+          AND CAST(v.ended_at AS BIGINT) >= s.lo - {GAP_US} \
+          AND CAST(v.started_at AS BIGINT) <= s.hi + {GAP_US} \
+         WHERE v.ended_at >= '{}' AND v.started_at <= '{}' AND {}",
         rfc3339(lo.saturating_sub(GAP_US)),
         rfc3339(hi.saturating_add(GAP_US)),
-        windows.merchant_predicate("merchant_id"),
+        windows.merchant_predicate("v.merchant_id"),
     );
-    let stored = seeds_of(&ctx.sql(&sql).await?.collect().await?)?;
-    for (m, k, start, end) in stored {
-        let key = (m, k);
-        let Some((seed_lo, seed_hi)) = seeds.get(&key) else {
-            continue;
-        };
-        if end >= seed_lo - GAP_US && start <= seed_hi + GAP_US {
-            if let Some(w) = windows.keys.get_mut(&key) {
-                *w = (w.0.min(start), w.1.max(end));
-            }
+    for (m, k, start, end) in seeds_of(&ctx.sql(&sql).await?.collect().await?)? {
+        if let Some(w) = windows.keys.get_mut(&(m, k)) {
+            *w = (w.0.min(start), w.1.max(end));
         }
     }
     Ok(windows)
