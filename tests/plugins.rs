@@ -389,3 +389,251 @@ fn beacon_plugin_test_runs_a_component_over_jsonl_locally() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("wasi:clocks"));
 }
+
+/// The native build of each example plugin (linked into this test binary) and its component
+/// give the same output on the same batch: the sandbox and the packed transport change
+/// nothing.
+#[test]
+fn components_match_the_same_plugins_linked_natively() {
+    use beacon_plugin_sdk::batch::{run, BatchFn};
+    let mut events = sample(1500);
+    for (i, e) in events.iter_mut().enumerate().step_by(5) {
+        e.properties
+            .insert("contact".into(), format!("write to user{i}@example.com"));
+        e.url = e.url.take().map(|u| format!("{u}?utm_source=News{i}&x=1"));
+    }
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let natives: [(&str, &str, BatchFn); 3] = [
+        (
+            "beacon_plugin_utm",
+            r#"{"strip_from_url": true}"#,
+            beacon_plugin_utm::process,
+        ),
+        ("beacon_plugin_pii", "", beacon_plugin_pii::process),
+        (
+            "beacon_plugin_goals",
+            r#"{"goals": [{"name": "any", "path_prefix": "/"}, {"name": "buy", "event": "purchase"}]}"#,
+            beacon_plugin_goals::process,
+        ),
+    ];
+    for (name, config, native) in natives {
+        let plugin = load(&runtime, name).expect("load");
+        assert!(plugin.is_batch(), "{name} is a batch plugin");
+        assert_eq!(plugin.contract(), "1.1.0");
+        let wasm = plugin.process(config, &events).expect("component");
+        let guest: Vec<_> = events.iter().map(common::guest::to_guest).collect();
+        let native: Vec<Event> = run(native, config, guest)
+            .expect("native")
+            .into_iter()
+            .map(common::guest::from_guest)
+            .collect();
+        assert_eq!(wasm, native, "{name}: component and native outputs differ");
+        assert!(wasm != events, "{name} did no work on the sample");
+    }
+}
+
+/// A component built against contract 1.0 (records) still loads and runs on this 1.1 host,
+/// also between batch plugins in one chain, and the chain's output is what the plugins
+/// would give one by one.
+#[test]
+fn a_contract_1_0_component_runs_beside_batch_plugins() {
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let old = load(&runtime, "beacon_plugin_record10").expect("a 1.0 component loads");
+    assert_eq!(old.contract(), "1.0.0");
+    assert!(!old.is_batch());
+    let events = sample(300);
+    let tagged = old.process("", &events).expect("1.0 component runs");
+    assert_eq!(tagged.len(), events.len());
+    assert!(tagged
+        .iter()
+        .all(|e| e.properties.get("contract").map(String::as_str) == Some("1.0")));
+
+    let steps = [
+        ("beacon_plugin_utm", r#"{"strip_from_url": true}"#),
+        ("beacon_plugin_record10", ""),
+        (
+            "beacon_plugin_goals",
+            r#"{"goals": [{"name": "any", "path_prefix": "/"}]}"#,
+        ),
+        ("beacon_plugin_record10", ""),
+        ("beacon_plugin_pii", ""),
+    ];
+    let plugins: Vec<(PluginRef, Arc<beacon_plugins::Plugin>)> = steps
+        .iter()
+        .map(|(name, config)| {
+            let bytes = std::fs::read(plugin_path(name)).expect("component");
+            let sha256 = Runtime::sha256(&bytes);
+            let plugin = runtime.load(&sha256, &bytes).expect("load");
+            let r = PluginRef {
+                name: name.to_string(),
+                sha256,
+                config: config.to_string(),
+            };
+            (r, plugin)
+        })
+        .collect();
+    let chain = Chain::new(
+        PipelineRef {
+            merchant_id: "m_det".into(),
+            version: 1,
+            plugins: plugins.iter().map(|p| p.0.clone()).collect(),
+        },
+        plugins.clone(),
+    );
+    let mut one_by_one = events.clone();
+    for (r, plugin) in &plugins {
+        one_by_one = plugin.process(&r.config, &one_by_one).expect("step");
+    }
+    let chained = chain.run(&events).expect("chain");
+    assert_eq!(chained, one_by_one);
+    assert!(chained
+        .iter()
+        .all(|e| e.properties.get("contract").map(String::as_str) == Some("1.0")));
+    let page_views = events
+        .iter()
+        .filter(|e| e.name == "pageview" && e.url.is_some())
+        .count();
+    let goals = chained
+        .iter()
+        .filter(|e| e.properties.get("goal").map(String::as_str) == Some("any"))
+        .count();
+    assert!(page_views > 0);
+    assert_eq!(goals, page_views);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whatever changes buffer a batch plugin returns, the host either applies it or fails that
+/// batch with `InvalidOutput`: never a panic, never a partial output, and the plugin keeps
+/// working. Fed through a real component (the `malformed` fixture returns its config,
+/// hex-decoded): named cases first, then a few hundred random corruptions.
+#[test]
+fn malformed_changes_from_a_component_fail_only_its_batch() {
+    use beacon_plugin_abi::{Edit, Origin, Str, Writer};
+    let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_malformed").expect("load");
+    assert!(plugin.is_batch());
+    let events = sample(3);
+
+    // A valid answer: the second event with a new URL, then a new event.
+    let valid = {
+        let mut w = Writer::new();
+        w.record(Origin::Input(1));
+        w.edit(Edit::SetStr(Str::Url, "/changed"));
+        w.record(Origin::New);
+        w.edit(Edit::SetStr(Str::EventId, "new-1"));
+        w.edit(Edit::SetStr(Str::Name, "split"));
+        w.finish()
+    };
+    let out = plugin
+        .process(&hex(&valid), &events)
+        .expect("valid changes");
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].event_id, events[1].event_id);
+    assert_eq!(out[0].url.as_deref(), Some("/changed"));
+    assert_eq!(out[0].properties, events[1].properties);
+    assert_eq!(
+        (out[1].event_id.as_str(), out[1].name.as_str()),
+        ("new-1", "split")
+    );
+
+    let invalid = |bytes: &[u8], needle: &str| match plugin.process(&hex(bytes), &events) {
+        Err(PluginError::InvalidOutput(m)) => assert!(m.contains(needle), "{needle}: {m}"),
+        other => panic!("{needle}: expected InvalidOutput, got {other:?}"),
+    };
+    invalid(b"", "magic");
+    invalid(&valid[..valid.len() - 1], "changes end inside");
+    let mut v = valid.clone();
+    v[13] = 3; // input index 3 of a batch of 3
+    invalid(&v, "input event 3 does not exist");
+    let mut v = valid.clone();
+    v[8] = 0xff; // a record count far past the output limit
+    invalid(&v, "over the limit");
+    let mut v = valid.clone();
+    v[24] = 0xff; // inside "/changed" (header 12, record 5, op 2, length 4)
+    invalid(&v, "not UTF-8");
+    let mut v = valid.clone();
+    v.extend_from_slice(&[0, 0]);
+    invalid(&v, "bytes after the last record");
+    // Copying one event more than the output limit allows is refused before it is copied.
+    let mut w = Writer::new();
+    for _ in 0..SandboxLimits::default().max_output_events(3) + 1 {
+        w.record(Origin::Input(0));
+    }
+    invalid(&w.finish(), "over the limit");
+    assert!(matches!(
+        plugin.process("trap", &events),
+        Err(PluginError::Trap { .. })
+    ));
+
+    // Random corruptions of the valid answer: each applied whole or refused whole.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut applied, mut refused) = (0, 0);
+    for _ in 0..300 {
+        let mut v = valid.clone();
+        for _ in 0..1 + next() % 3 {
+            let i = (next() % v.len() as u64) as usize;
+            match next() % 3 {
+                0 => v[i] ^= 1 << (next() % 8),
+                1 => v[i] = [0, 1, 2, 0xff][(next() % 4) as usize],
+                _ => v.truncate(i),
+            }
+            if v.is_empty() {
+                break;
+            }
+        }
+        match plugin.process(&hex(&v), &events) {
+            Ok(out) => {
+                applied += 1;
+                assert!(out.len() <= SandboxLimits::default().max_output_events(3));
+            }
+            Err(PluginError::InvalidOutput(_) | PluginError::OutputTooLarge { .. }) => refused += 1,
+            Err(other) => panic!("a corrupted answer gave {other:?}"),
+        }
+    }
+    assert!(
+        applied > 0 && refused > 0,
+        "{applied} applied, {refused} refused"
+    );
+    assert_eq!(
+        plugin
+            .process(&hex(&valid), &events)
+            .expect("still works")
+            .len(),
+        2
+    );
+}
+
+/// Instances come from a fixed pool; more calls at once than it has slots wait for one
+/// instead of failing, and every one of them gives the same answer.
+#[test]
+fn more_concurrent_calls_than_pool_slots_wait_their_turn() {
+    let limits = SandboxLimits {
+        concurrent_calls: 2,
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::new(limits, None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_utm").expect("load");
+    let events = Arc::new(sample(1000));
+    let expected = plugin.process("", &events).expect("one call");
+    let expected = &expected;
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let (plugin, events) = (plugin.clone(), events.clone());
+            s.spawn(move || {
+                for _ in 0..20 {
+                    let out = plugin.process("", &events).expect("pooled call");
+                    assert!(out == *expected);
+                }
+            });
+        }
+    });
+}

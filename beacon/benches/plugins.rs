@@ -11,14 +11,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beacon_plugin_sdk::Event as GuestEvent;
+use beacon_plugin_sdk::batch::{run, BatchFn};
 use beacon_plugins::{Chain, Plugin, Runtime, SandboxLimits};
 use beacon_proto::{Event, PipelineRef, PluginRef};
+use common::guest::{from_guest, to_guest};
 
-type NativeFn =
-    fn(&str, Vec<GuestEvent>) -> Result<Vec<GuestEvent>, beacon_plugin_sdk::PluginError>;
-
-const CHAIN: [(&str, &str, NativeFn); 3] = [
+const CHAIN: [(&str, &str, BatchFn); 3] = [
     (
         "beacon_plugin_utm",
         r#"{"strip_from_url": true}"#,
@@ -34,59 +32,18 @@ const CHAIN: [(&str, &str, NativeFn); 3] = [
 const BATCH: usize = 500;
 const ROUNDS: usize = 3;
 
-fn to_guest(e: &Event) -> GuestEvent {
-    GuestEvent {
-        event_id: e.event_id.clone(),
-        merchant_id: e.merchant_id.clone(),
-        name: e.name.clone(),
-        ts: e.ts,
-        received_at: e.received_at,
-        url: e.url.clone(),
-        referrer: e.referrer.clone(),
-        title: e.title.clone(),
-        visitor_id: e.visitor_id.clone(),
-        session_id: e.session_id.clone(),
-        user_id: e.user_id.clone(),
-        revenue_micros: e.revenue_micros,
-        currency: e.currency.clone(),
-        properties: e
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
-}
-
-fn from_guest(e: GuestEvent) -> Event {
-    Event {
-        event_id: e.event_id,
-        merchant_id: e.merchant_id,
-        name: e.name,
-        ts: e.ts,
-        received_at: e.received_at,
-        url: e.url,
-        referrer: e.referrer,
-        title: e.title,
-        visitor_id: e.visitor_id,
-        session_id: e.session_id,
-        user_id: e.user_id,
-        revenue_micros: e.revenue_micros,
-        currency: e.currency,
-        properties: e.properties.into_iter().collect(),
-    }
-}
-
-/// The native baseline: the host hands the batch to the plugin functions in-process, with
-/// the same conversions the host does at the sandbox boundary (host event <-> WIT event).
-fn native_chain(steps: &[(&str, &str, NativeFn)], batch: &[Event]) -> Vec<Event> {
-    let mut b: Vec<GuestEvent> = batch.iter().map(to_guest).collect();
+/// The native baseline: the same plugin functions called in-process, through the same packed
+/// encoding the sandbox uses (batch buffer in, changes applied), with the host event <-> SDK
+/// event conversions at either end.
+fn native_chain(steps: &[(&str, &str, BatchFn)], batch: &[Event]) -> Vec<Event> {
+    let mut b: Vec<_> = batch.iter().map(to_guest).collect();
     for (_, config, f) in steps {
-        b = f(config, b).expect("native plugin");
+        b = run(*f, config, b).expect("native plugin");
     }
     b.into_iter().map(from_guest).collect()
 }
 
-fn wasm_chain(runtime: &Runtime, steps: &[(&str, &str, NativeFn)]) -> Chain {
+fn wasm_chain(runtime: &Runtime, steps: &[(&str, &str, BatchFn)]) -> Chain {
     let plugins: Vec<(PluginRef, Arc<Plugin>)> = steps
         .iter()
         .map(|(name, config, _)| {
@@ -181,43 +138,40 @@ fn main() {
         rows.push((upto, nt, wt));
     }
 
-    // Where the Wasm time goes: an identity plugin is the sandbox boundary alone (copying
-    // the batch in and out); an empty batch is instantiation + call overhead only.
-    let identity = {
-        let bytes = std::fs::read(common::plugin_path("beacon_plugin_hostile")).expect("component");
+    // Where the Wasm time goes: an identity plugin is the sandbox boundary alone. The record
+    // transport (contract 1.0: the `hostile` fixture passing the batch back) against the
+    // packed one (1.1: `goals` with no goals keeps every event unchanged), same run.
+    let component = |name: &str| {
+        let bytes = std::fs::read(common::plugin_path(name)).expect("component");
         runtime
             .load(&Runtime::sha256(&bytes), &bytes)
             .expect("load")
     };
-    let boundary = best(
-        &(0..ROUNDS)
-            .map(|_| {
-                time(|| {
-                    for b in &batches {
-                        std::hint::black_box(identity.process("pass", b).expect("identity"));
-                    }
+    let per_event = |plugin: &Plugin, config: &str| {
+        let t = best(
+            &(0..ROUNDS)
+                .map(|_| {
+                    time(|| {
+                        for b in &batches {
+                            let _ = std::hint::black_box(plugin.process(config, b));
+                        }
+                    })
                 })
-            })
-            .collect::<Vec<_>>(),
-    );
-    let copy_in = best(
-        &(0..ROUNDS)
-            .map(|_| {
-                time(|| {
-                    for b in &batches {
-                        let _ = std::hint::black_box(identity.process("error", b));
-                    }
-                })
-            })
-            .collect::<Vec<_>>(),
-    );
+                .collect::<Vec<_>>(),
+        );
+        t.as_secs_f64() * 1e6 / n as f64
+    };
+    let records = component("beacon_plugin_hostile");
+    let packed = component("beacon_plugin_goals");
+    let (record_boundary, record_in) = (per_event(&records, "pass"), per_event(&records, "error"));
+    let packed_boundary = per_event(&packed, "");
     println!(
-        "\nSandbox boundary alone (identity plugin, batch copied in and out): {:.2} us/event; \
-         copied in only (the plugin refuses the batch at once): {:.2} us/event.",
-        boundary.as_secs_f64() * 1e6 / n as f64,
-        copy_in.as_secs_f64() * 1e6 / n as f64
+        "\nSandbox boundary alone (identity plugin, batch in and out), us/event: records (1.0) \
+         {record_boundary:.2} (of which copying in {record_in:.2}), packed (1.1) \
+         {packed_boundary:.2}: {:.1}x cheaper.",
+        record_boundary / packed_boundary
     );
-    // Where the Wasm time goes: an empty batch is instantiation + call overhead only.
+    // An empty batch is instantiation + call overhead only.
     let utm = {
         let bytes = std::fs::read(common::plugin_path("beacon_plugin_utm")).expect("component");
         (Runtime::sha256(&bytes), bytes)

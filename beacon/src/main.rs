@@ -771,6 +771,9 @@ pub struct SandboxArgs {
     /// Largest output of one call.
     #[arg(long, env = "BEACON_PLUGIN_MAX_OUTPUT_MB", default_value_t = 32)]
     plugin_max_output_mb: usize,
+    /// Plugin calls running at once (the instance pool's size); more wait for a slot.
+    #[arg(long, env = "BEACON_PLUGIN_CONCURRENT_CALLS", default_value_t = 32)]
+    plugin_concurrent_calls: usize,
 }
 
 impl SandboxArgs {
@@ -784,6 +787,7 @@ impl SandboxArgs {
             memory_bytes: mb(self.plugin_memory_mb),
             max_component_bytes: self.plugin_max_component_kb.clamp(1, 1 << 30) << 10,
             max_output_bytes: mb(self.plugin_max_output_mb),
+            concurrent_calls: self.plugin_concurrent_calls.clamp(1, 4096),
             ..Default::default()
         }
     }

@@ -1,7 +1,11 @@
-//! Conversions between the canonical event and the WIT records: borrowed views to lower a
-//! batch into a plugin without copying it first, owned results lifted out of it.
+//! Conversions between the canonical event and what crosses the sandbox boundary: for record
+//! plugins (1.0) the WIT records, borrowed to lower a batch without copying it first and owned
+//! when lifted out; for batch plugins (1.1) the packed buffer and the changes applied back.
 
+use beacon_plugin_abi::{Changes, Edit, Encoder, EventFields, Int, Origin, Str};
 use beacon_proto::Event;
+
+use crate::PluginError;
 
 pub(crate) use crate::bindings::beacon::plugin::types::{EventParam, EventResult};
 
@@ -99,4 +103,149 @@ pub(crate) fn from_guest(e: EventResult) -> Event {
 
 pub(crate) fn approx_size(e: &EventResult) -> usize {
     event_size!(e, 0)
+}
+
+pub(crate) fn host_size(e: &Event) -> usize {
+    event_size!(e, 0)
+}
+
+/// The packed batch buffer of `events` (contract 1.1).
+pub(crate) fn encode<'a>(events: impl ExactSizeIterator<Item = &'a Event>) -> Vec<u8> {
+    let mut enc = Encoder::with_capacity(events.len(), 256);
+    for e in events {
+        enc.push(EventFields {
+            strs: [
+                Some(e.event_id.as_str()),
+                Some(e.merchant_id.as_str()),
+                Some(e.name.as_str()),
+                e.url.as_deref(),
+                e.referrer.as_deref(),
+                e.title.as_deref(),
+                e.visitor_id.as_deref(),
+                e.session_id.as_deref(),
+                e.user_id.as_deref(),
+                e.currency.as_deref(),
+            ],
+            ts: e.ts,
+            received_at: e.received_at,
+            revenue_micros: e.revenue_micros,
+            properties: e.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        });
+    }
+    enc.finish()
+}
+
+/// The events a batch plugin's changes refer to: borrowed (the chain's input, cloned when
+/// kept) or owned (a previous plugin's output, moved when kept the last time).
+pub(crate) enum Source<'a> {
+    Borrowed(&'a [Event]),
+    Owned(Vec<Option<Event>>),
+}
+
+impl Source<'_> {
+    /// The packed batch buffer of these events.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Source::Borrowed(e) => encode(e.iter()),
+            // Every slot is full before the changes are applied.
+            Source::Owned(e) => encode(e.iter().flatten().collect::<Vec<_>>().into_iter()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Source::Borrowed(e) => e.len(),
+            Source::Owned(e) => e.len(),
+        }
+    }
+
+    /// Input event `i`; `last` when no later record names it.
+    fn get(&mut self, i: usize, last: bool) -> Event {
+        match self {
+            Source::Borrowed(e) => e[i].clone(),
+            Source::Owned(e) if last => e[i].take().unwrap_or_default(),
+            Source::Owned(e) => e[i].clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn optional(e: &mut Event, f: Str) -> Option<&mut Option<String>> {
+    Some(match f {
+        Str::Url => &mut e.url,
+        Str::Referrer => &mut e.referrer,
+        Str::Title => &mut e.title,
+        Str::VisitorId => &mut e.visitor_id,
+        Str::SessionId => &mut e.session_id,
+        Str::UserId => &mut e.user_id,
+        Str::Currency => &mut e.currency,
+        Str::EventId | Str::MerchantId | Str::Name => return None,
+    })
+}
+
+fn set_str(e: &mut Event, f: Str, v: &str) {
+    let field = match f {
+        Str::EventId => &mut e.event_id,
+        Str::MerchantId => &mut e.merchant_id,
+        Str::Name => &mut e.name,
+        f => match optional(e, f) {
+            Some(o) => o.insert(String::new()),
+            None => return,
+        },
+    };
+    field.clear();
+    field.push_str(v);
+}
+
+/// Builds a batch plugin's output from its validated changes and the input they refer to,
+/// failing once the output passes `max_bytes` (before building more of it).
+pub(crate) fn apply(
+    changes: &Changes,
+    mut source: Source,
+    max_bytes: usize,
+) -> Result<Vec<Event>, PluginError> {
+    let mut remaining: Vec<u32> = (0..source.len()).map(|i| changes.uses(i)).collect();
+    let mut out = Vec::with_capacity(changes.len());
+    let mut bytes = 0usize;
+    for (origin, edits) in changes.records() {
+        let mut e = match origin {
+            Origin::New => Event::default(),
+            Origin::Input(i) => {
+                // In range: checked by `Changes::parse` against the input's length.
+                let i = i as usize;
+                remaining[i] -= 1;
+                source.get(i, remaining[i] == 0)
+            }
+        };
+        for edit in edits {
+            match edit {
+                Edit::SetStr(f, v) => set_str(&mut e, f, v),
+                Edit::ClearStr(f) => {
+                    if let Some(o) = optional(&mut e, f) {
+                        *o = None;
+                    }
+                }
+                Edit::SetInt(Int::Ts, v) => e.ts = v,
+                Edit::SetInt(Int::ReceivedAt, v) => e.received_at = v,
+                Edit::SetInt(Int::RevenueMicros, v) => e.revenue_micros = Some(v),
+                Edit::ClearInt(_) => e.revenue_micros = None,
+                Edit::SetProperty(k, v) => {
+                    e.properties.insert(k.to_string(), v.to_string());
+                }
+                Edit::RemoveProperty(k) => {
+                    e.properties.remove(k);
+                }
+                Edit::ClearProperties => e.properties.clear(),
+            }
+        }
+        bytes = bytes.saturating_add(host_size(&e));
+        if bytes > max_bytes {
+            return Err(PluginError::OutputTooLarge {
+                what: "bytes",
+                actual: bytes,
+                max: max_bytes,
+            });
+        }
+        out.push(e);
+    }
+    Ok(out)
 }

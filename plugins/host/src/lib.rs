@@ -37,6 +37,14 @@ mod bindings {
     });
 }
 
+mod batch_bindings {
+    // Contract 1.1: one packed buffer in, one changes buffer out.
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "batch-processor",
+    });
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("component is {size} bytes, over the {max}-byte limit for plugins")]
@@ -111,13 +119,42 @@ impl PluginError {
     }
 }
 
+/// Which world a component implements, pre-linked.
+enum Entry {
+    /// `processor` (1.0): records in, records out.
+    Records(bindings::ProcessorPre<sandbox::HostState>),
+    /// `batch-processor` (1.1): a packed buffer in, changes out.
+    Batch(batch_bindings::BatchProcessorPre<sandbox::HostState>),
+}
+
+/// A batch between two steps of a chain, in the form the last step left it.
+enum Stage<'a> {
+    /// The chain's input.
+    Input(&'a [Event]),
+    /// A batch plugin's output.
+    Host(Vec<Event>),
+    /// A record plugin's output: passed to a next record plugin without converting it.
+    Guest(Vec<convert::EventResult>),
+}
+
+impl Stage<'_> {
+    fn into_events(self) -> Vec<Event> {
+        match self {
+            Stage::Input(e) => e.to_vec(),
+            Stage::Host(e) => e,
+            Stage::Guest(g) => g.into_iter().map(convert::from_guest).collect(),
+        }
+    }
+}
+
 /// A compiled, validated plugin version, ready to instantiate.
 pub struct Plugin {
     sha256: String,
     contract: String,
-    pre: bindings::ProcessorPre<sandbox::HostState>,
+    entry: Entry,
     engine: Engine,
     limits: SandboxLimits,
+    slots: Arc<sandbox::CallSlots>,
 }
 
 impl Plugin {
@@ -130,9 +167,14 @@ impl Plugin {
         &self.contract
     }
 
+    /// Whether the component implements the packed `batch-processor` world (contract 1.1).
+    pub fn is_batch(&self) -> bool {
+        matches!(self.entry, Entry::Batch(_))
+    }
+
     /// Runs one batch in a fresh instance. Never panics on anything the guest does.
     pub fn process(&self, config: &str, events: &[Event]) -> Result<Vec<Event>, PluginError> {
-        self.run(config, events, None)
+        Ok(self.step(config, Stage::Input(events), None)?.into_events())
     }
 
     /// Like [`Plugin::process`], also returning what the plugin wrote to stdout and stderr
@@ -143,18 +185,94 @@ impl Plugin {
         events: &[Event],
     ) -> (Result<Vec<Event>, PluginError>, Vec<u8>) {
         let mut log = Vec::new();
-        let result = self.run(config, events, Some(&mut log));
+        let result = self
+            .step(config, Stage::Input(events), Some(&mut log))
+            .map(Stage::into_events);
         (result, log)
     }
 
-    fn run(
+    /// One plugin's step of a chain: takes the batch in whatever form the previous step
+    /// left it, converting only where the two plugins' transports differ.
+    fn step<'a>(
         &self,
         config: &str,
-        events: &[Event],
+        batch: Stage<'a>,
         log: Option<&mut Vec<u8>>,
-    ) -> Result<Vec<Event>, PluginError> {
-        let out = self.call_events(config, events, log)?;
-        Ok(out.into_iter().map(convert::from_guest).collect())
+    ) -> Result<Stage<'a>, PluginError> {
+        match &self.entry {
+            Entry::Records(_) => Ok(Stage::Guest(match batch {
+                Stage::Input(e) => self.call_events(config, e, log)?,
+                Stage::Host(e) => self.call_events(config, &e, log)?,
+                Stage::Guest(g) => self.call_guest(config, &g, log)?,
+            })),
+            Entry::Batch(pre) => {
+                let source = match batch {
+                    Stage::Input(e) => convert::Source::Borrowed(e),
+                    Stage::Host(e) => convert::Source::Owned(e.into_iter().map(Some).collect()),
+                    Stage::Guest(g) => convert::Source::Owned(
+                        g.into_iter()
+                            .map(|e| Some(convert::from_guest(e)))
+                            .collect(),
+                    ),
+                };
+                let inputs = source.len();
+                let out = self.call_batch(pre, config, &source.encode(), log)?;
+                let changes = beacon_plugin_abi::Changes::parse(
+                    &out,
+                    inputs,
+                    self.limits.max_output_events(inputs),
+                )
+                .map_err(|e| PluginError::InvalidOutput(format!("malformed changes: {e}")))?;
+                Ok(Stage::Host(convert::apply(
+                    &changes,
+                    source,
+                    self.limits.max_output_bytes,
+                )?))
+            }
+        }
+    }
+
+    /// One call of a batch plugin: the packed batch in, its changes buffer out (unparsed).
+    fn call_batch(
+        &self,
+        pre: &batch_bindings::BatchProcessorPre<sandbox::HostState>,
+        config: &str,
+        batch: &[u8],
+        log: Option<&mut Vec<u8>>,
+    ) -> Result<Vec<u8>, PluginError> {
+        // Changes are smaller than the events they describe; the same budget as records.
+        let copy_budget = batch.len().saturating_mul(16).saturating_add(1 << 20);
+        // Declared before the store: returned to the pool after the store drops.
+        let _slot = self.slots.acquire();
+        let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, copy_budget)?;
+        let result = pre
+            .instantiate(&mut store)
+            .and_then(|p| p.call_process_batch(&mut store, config, batch));
+        if let Some(log) = log {
+            log.extend_from_slice(&pipes.stdout.contents());
+            log.extend_from_slice(&pipes.stderr.contents());
+        }
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(PluginError::Guest(e.message)),
+            Err(e) => {
+                return Err(match sandbox::classify(e, &store, &self.limits) {
+                    PluginError::Trap { message, .. } => PluginError::Trap {
+                        message,
+                        stderr: pipes.stderr.tail(512),
+                    },
+                    other => other,
+                })
+            }
+        };
+        if out.len() > self.limits.max_output_bytes {
+            return Err(PluginError::OutputTooLarge {
+                what: "bytes",
+                actual: out.len(),
+                max: self.limits.max_output_bytes,
+            });
+        }
+        Ok(out)
     }
 
     /// One call with host events in, WIT events out (lowered from borrowed host strings).
@@ -182,6 +300,7 @@ impl Plugin {
         &self,
         config: &str,
         events: &[convert::EventResult],
+        log: Option<&mut Vec<u8>>,
     ) -> Result<Vec<convert::EventResult>, PluginError> {
         let props: Vec<_> = events
             .iter()
@@ -192,7 +311,7 @@ impl Plugin {
             .zip(&props)
             .map(|(e, p)| convert::reborrow(e, p))
             .collect();
-        self.call_logged(config, &input, None)
+        self.call_logged(config, &input, log)
     }
 
     fn call_logged(
@@ -205,6 +324,8 @@ impl Plugin {
         // size plus 1 MiB (room for plugins that enrich or split).
         let input_bytes: usize = input.iter().map(convert::param_size).sum();
         let copy_budget = input_bytes.saturating_mul(16).saturating_add(1 << 20);
+        // Declared before the store: returned to the pool after the store drops.
+        let _slot = self.slots.acquire();
         let (mut store, pipes) = sandbox::new_store(&self.engine, &self.limits, copy_budget)?;
         let result = self.call(&mut store, config, input);
         if let Some(log) = log {
@@ -227,11 +348,15 @@ impl Plugin {
         config: &str,
         input: &[convert::EventParam],
     ) -> Result<Vec<convert::EventResult>, PluginError> {
+        let Entry::Records(pre) = &self.entry else {
+            return Err(PluginError::Runtime(
+                "a batch plugin called with records".into(),
+            ));
+        };
         // The output's lift into host memory is capped by the store's hostcall fuel (see
         // `sandbox::new_store`), so a plugin returning 10,000 references to one 4 MB string
         // fails here instead of making the host allocate 40 GB.
-        let result = self
-            .pre
+        let result = pre
             .instantiate(&mut *store)
             .and_then(|p| p.call_process(&mut *store, config, input));
         let output = match result {
@@ -264,13 +389,14 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<sandbox::HostState>,
     limits: SandboxLimits,
+    slots: Arc<sandbox::CallSlots>,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<String, Arc<Plugin>>>,
 }
 
 impl Runtime {
     pub fn new(limits: SandboxLimits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
-        let engine = sandbox::engine()?;
+        let engine = sandbox::engine(&limits)?;
         let linker = sandbox::linker(&engine)?;
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir)
@@ -279,6 +405,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
+            slots: Arc::new(sandbox::CallSlots::new(limits.concurrent_calls)),
             limits,
             cache_dir,
             loaded: Mutex::default(),
@@ -323,18 +450,24 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
-        let pre = bindings::ProcessorPre::new(instance_pre).map_err(|e| {
-            PluginError::Invalid(format!(
-                "does not implement the beacon:plugin/processor world: {e:#}"
-            ))
-        })?;
+        // A component implements one of the two worlds; the packed one is tried first.
+        let entry = match batch_bindings::BatchProcessorPre::new(instance_pre.clone()) {
+            Ok(pre) => Entry::Batch(pre),
+            Err(_) => Entry::Records(bindings::ProcessorPre::new(instance_pre).map_err(|e| {
+                PluginError::Invalid(format!(
+                    "implements neither beacon:plugin/batch-processor nor \
+                     beacon:plugin/processor: {e:#}"
+                ))
+            })?),
+        };
 
         let plugin = Arc::new(Plugin {
             sha256: sha256.to_string(),
             contract,
-            pre,
+            entry,
             engine: self.engine.clone(),
             limits: self.limits.clone(),
+            slots: self.slots.clone(),
         });
         if let Ok(mut l) = self.loaded.lock() {
             l.insert(sha256.to_string(), plugin.clone());
@@ -413,22 +546,13 @@ impl Chain {
             plugin: format!("{}@{}", r.name, &r.sha256[..r.sha256.len().min(12)]),
             error,
         };
-        let mut steps = self.plugins.iter();
-        let mut batch = match steps.next() {
-            None => events.to_vec(),
-            Some((r, first)) => {
-                let mut guest = first
-                    .call_events(&r.config, events, None)
-                    .map_err(|e| failure(r, e))?;
-                // Between plugins the batch stays in the WIT types: converted once at the end.
-                for (r, plugin) in steps {
-                    guest = plugin
-                        .call_guest(&r.config, &guest)
-                        .map_err(|e| failure(r, e))?;
-                }
-                guest.into_iter().map(convert::from_guest).collect()
-            }
-        };
+        let mut stage = Stage::Input(events);
+        for (r, plugin) in &self.plugins {
+            stage = plugin
+                .step(&r.config, stage, None)
+                .map_err(|e| failure(r, e))?;
+        }
+        let mut batch = stage.into_events();
         let merchant = &self.pipeline.merchant_id;
         for e in &mut batch {
             if &e.merchant_id != merchant {

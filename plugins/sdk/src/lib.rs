@@ -1,7 +1,12 @@
-//! Guest SDK for Beacon processing plugins (the `beacon:plugin/processor` world of
-//! `wit/plugin.wit`, version 1.0).
+//! Guest SDK for Beacon processing plugins (`wit/plugin.wit`, contract 1.1).
 //!
-//! A plugin is one function plus one macro:
+//! Two ways to write a plugin, one function plus one macro each:
+//!
+//! - **Batch plugins** ([`batch`], world `batch-processor`, contract 1.1; what the example
+//!   plugins use): the batch crosses into the sandbox as one buffer and is read through a
+//!   lazy view, and only the changes come back. Several times cheaper per event than records
+//!   (docs/BENCHMARKS.md, "Plugins"); see [`batch`] for the shape.
+//! - **Record plugins** (world `processor`, contract 1.0): owned events in, owned events out:
 //!
 //! ```ignore
 //! use beacon_plugin_sdk::{Event, EventExt, PluginError};
@@ -24,6 +29,7 @@
 //! `wasi:random`, and such a component is refused at load; use `BTreeMap`/`Vec`), no clocks,
 //! files or network.
 
+pub mod batch;
 pub mod url;
 
 #[doc(hidden)]
@@ -36,6 +42,17 @@ pub mod bindings {
         export_macro_name: "export_processor",
         default_bindings_module: "::beacon_plugin_sdk::bindings",
         additional_derives: [PartialEq, Eq, Default],
+    });
+}
+
+#[doc(hidden)]
+pub mod batch_bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "batch-processor",
+        pub_export_macro: true,
+        export_macro_name: "export_batch_processor",
+        default_bindings_module: "::beacon_plugin_sdk::batch_bindings",
     });
 }
 
@@ -85,6 +102,38 @@ macro_rules! export_plugin {
         // Natively: no export, but the signature is still checked (and the function used).
         #[cfg(not(target_arch = "wasm32"))]
         const _: $crate::ProcessFn = $process;
+    };
+}
+
+/// Exports `process` (a [`batch::BatchFn`]: `fn(&str, &mut Batch) -> Result<(), PluginError>`)
+/// as the component's `process-batch` function (world `batch-processor`, contract 1.1).
+///
+/// Like [`export_plugin!`], the export is emitted only for `target_arch = "wasm32"`; natively
+/// call the function through [`batch::run`].
+#[macro_export]
+macro_rules! export_batch_plugin {
+    ($process:path) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct __BeaconBatchExport;
+
+            impl $crate::batch_bindings::Guest for __BeaconBatchExport {
+                fn process_batch(
+                    config: ::std::string::String,
+                    batch: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::batch_bindings::PluginError>
+                {
+                    $crate::batch::serve($process, &config, &batch).map_err(|e| {
+                        $crate::batch_bindings::PluginError { message: e.message }
+                    })
+                }
+            }
+
+            $crate::batch_bindings::export_batch_processor!(__BeaconBatchExport with_types_in $crate::batch_bindings);
+        };
+
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: $crate::batch::BatchFn = $process;
     };
 }
 

@@ -3,7 +3,8 @@
 //! Config (JSON, every field optional; empty config = defaults):
 //! `{"key": "tagged_by", "value": "template"}`
 
-use beacon_plugin_sdk::{parse_config, Event, EventExt, PluginError};
+use beacon_plugin_sdk::batch::Batch;
+use beacon_plugin_sdk::{parse_config, PluginError};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -22,24 +23,34 @@ impl Default for Config {
     }
 }
 
-/// Processes one batch: the whole plugin. Return `Err(PluginError::new(..))` to refuse the
-/// batch (it then goes to `failed_events` with your message).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch: the whole plugin. Read fields with `event.url()`, `event.property(k)`
+/// ...; change them with `event.set_property(k, v)`, `event.set_url(..)` ...; drop events with
+/// `event.discard()` or `batch.retain(..)`, add them with `batch.push(..)`. Return
+/// `Err(PluginError::new(..))` to refuse the batch (it then goes to `failed_events` with
+/// your message).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let config: Config = parse_config(config)?;
     if config.key.is_empty() {
         return Err(PluginError::new("config: `key` must not be empty"));
     }
-    for event in &mut batch {
+    for mut event in batch.events_mut() {
         event.set_property(config.key.as_str(), config.value.as_str());
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// Runs the plugin natively on owned events, through the same packed encoding the host
+    /// uses: what unit tests call.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     #[test]
     fn tags_every_event() {

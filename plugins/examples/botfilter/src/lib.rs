@@ -47,7 +47,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use beacon_plugin_sdk::{parse_config, url, Event, EventExt, PluginError};
+use beacon_plugin_sdk::batch::{Batch, EventRef};
+use beacon_plugin_sdk::{parse_config, url, PluginError};
 use serde::Deserialize;
 
 /// User-agent substrings (lower case) of the default rule.
@@ -376,7 +377,7 @@ impl Rule {
     }
 
     /// The reason this rule matches `event`, if it does.
-    fn check(&self, event: &Event) -> Option<String> {
+    fn check(&self, event: &EventRef) -> Option<String> {
         let reason = match &self.target {
             Target::Property(key, matcher) => {
                 let value = event.property(key)?;
@@ -402,22 +403,22 @@ impl Rule {
                 }
             }
             Target::VisitorId(ids) => {
-                let id = event.visitor_id.as_deref()?;
+                let id = event.visitor_id()?;
                 ids.iter()
                     .any(|v| v == id)
                     .then(|| "visitor_id".to_string())?
             }
             Target::UserId(ids) => {
-                let id = event.user_id.as_deref()?;
+                let id = event.user_id()?;
                 ids.iter().any(|v| v == id).then(|| "user_id".to_string())?
             }
             Target::UrlHost(patterns) => {
-                let host = event.url.as_deref().and_then(url::host)?;
+                let host = event.url().and_then(url::host)?;
                 let p = patterns.iter().find(|p| p.matches(host))?;
                 format!("url_host:{}", p.text())
             }
             Target::ReferrerHost(patterns) => {
-                let host = event.referrer.as_deref().and_then(url::host)?;
+                let host = event.referrer().and_then(url::host)?;
                 let p = patterns.iter().find(|p| p.matches(host))?;
                 format!("referrer_host:{}", p.text())
             }
@@ -448,31 +449,38 @@ fn compile(config: &str) -> Result<(Config, Vec<Rule>), PluginError> {
     Ok((config, rules))
 }
 
-/// Processes one batch (the component's `process` export; also callable natively).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch (the component's `process-batch` export; natively through
+/// `beacon_plugin_sdk::batch::run`).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let (config, rules) = compile(config)?;
     if rules.is_empty() {
-        return Ok(batch);
+        return Ok(());
     }
-    let reason = |e: &Event| rules.iter().find_map(|r| r.check(e));
+    let reason = |e: &EventRef| rules.iter().find_map(|r| r.check(e));
     match config.action {
         Action::Drop => batch.retain(|e| reason(e).is_none()),
         Action::Flag => {
-            for event in &mut batch {
-                if let Some(r) = reason(event) {
+            for mut event in batch.events_mut() {
+                if let Some(r) = reason(&event.get()) {
                     event.set_property(config.flag_property.as_str(), r);
                 }
             }
         }
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// The plugin on owned events, through the packed encoding the host uses.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";
 
@@ -647,6 +655,9 @@ mod tests {
         .unwrap();
         assert_eq!(out[0].property("bot"), Some("internal=1"));
         let out = process(r#"{"rules": []}"#, vec![e.clone()]).unwrap();
+        // Unchanged, with properties in key order as the host keeps them.
+        let mut e = e;
+        e.properties.sort();
         assert_eq!(out, vec![e]);
     }
 

@@ -36,7 +36,8 @@
 
 use std::collections::BTreeMap;
 
-use beacon_plugin_sdk::{parse_config, Event, EventExt, PluginError};
+use beacon_plugin_sdk::batch::Batch;
+use beacon_plugin_sdk::{parse_config, PluginError};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -208,20 +209,22 @@ fn plan(config: &str) -> Result<Plan, PluginError> {
     })
 }
 
-/// Processes one batch (the component's `process` export; also callable natively).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch (the component's `process-batch` export; natively through
+/// `beacon_plugin_sdk::batch::run`).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let plan = plan(config)?;
-    for event in &mut batch {
-        let Some(micros) = event.revenue_micros else {
+    for mut event in batch.events_mut() {
+        let Some(micros) = event.revenue_micros() else {
             continue;
         };
         let code = event
-            .currency
-            .as_deref()
+            .currency()
             .map(|c| c.trim().to_ascii_uppercase())
             .unwrap_or_default();
         if code == plan.base {
-            event.currency = Some(code);
+            if event.currency() != Some(code.as_str()) {
+                event.set_currency(Some(code));
+            }
             continue;
         }
         match plan.rates.get(&code) {
@@ -229,25 +232,26 @@ pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, Plugin
                 let converted = rate.convert(micros).ok_or_else(|| {
                     PluginError::new(format!(
                         "event {}: {micros} micro-{code} x {} does not fit in revenue_micros",
-                        event.event_id,
+                        event.event_id(),
                         rate.to_decimal()
                     ))
                 })?;
                 event.set_property("original_currency", code.as_str());
                 event.set_property("original_revenue_micros", micros.to_string());
                 event.set_property("fx_rate", rate.to_decimal());
-                event.revenue_micros = Some(converted);
-                event.currency = Some(plan.base.clone());
+                event.set_revenue_micros(Some(converted));
+                event.set_currency(Some(plan.base.clone()));
             }
             None => match plan.on_unknown {
                 OnUnknown::Keep => {}
                 OnUnknown::Error => {
                     return Err(PluginError::new(if code.is_empty() {
-                        format!("event {}: revenue without a currency", event.event_id)
+                        format!("event {}: revenue without a currency", event.event_id())
                     } else {
                         format!(
                             "event {}: no exchange rate for `{code}` into {}",
-                            event.event_id, plan.base
+                            event.event_id(),
+                            plan.base
                         )
                     }))
                 }
@@ -262,14 +266,20 @@ pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, Plugin
             },
         }
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// The plugin on owned events, through the packed encoding the host uses.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     const CONFIG: &str = r#"{"base": "EUR", "rates": {"USD": 0.92, "gbp": "1.17", "JPY": 0.0061}}"#;
 

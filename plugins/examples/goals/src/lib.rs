@@ -38,7 +38,8 @@
 
 use std::collections::BTreeMap;
 
-use beacon_plugin_sdk::{parse_config, url, Event, EventExt, PluginError};
+use beacon_plugin_sdk::batch::{Batch, EventRef};
+use beacon_plugin_sdk::{parse_config, url, PluginError};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,19 +148,18 @@ impl Goal {
         })
     }
 
-    fn matches(&self, event: &Event, path: &mut Option<Option<String>>) -> bool {
-        if self.event.as_deref().is_some_and(|n| n != event.name) {
+    fn matches(&self, event: &EventRef, path: &mut Option<Option<String>>) -> bool {
+        if self.event.as_deref().is_some_and(|n| n != event.name()) {
             return false;
         }
         if let Some(min) = self.min_revenue_micros {
-            if event.revenue_micros.is_none_or(|r| r < min) {
+            if event.revenue_micros().is_none_or(|r| r < min) {
                 return false;
             }
         }
         if let Some(c) = &self.currency {
             if !event
-                .currency
-                .as_deref()
+                .currency()
                 .is_some_and(|e| e.trim().eq_ignore_ascii_case(c))
             {
                 return false;
@@ -176,8 +176,7 @@ impl Goal {
             // Decoded and normalised once per event, when a goal first needs it.
             let path = path.get_or_insert_with(|| {
                 event
-                    .url
-                    .as_deref()
+                    .url()
                     .map(|u| trim_slash(&url::percent_decode(url::path(u))).to_string())
             });
             let Some(path) = path.as_deref() else {
@@ -194,8 +193,9 @@ impl Goal {
     }
 }
 
-/// Processes one batch (the component's `process` export; also callable natively).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch (the component's `process-batch` export; natively through
+/// `beacon_plugin_sdk::batch::run`).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let config: Config = parse_config(config)?;
     let bad = |m: String| PluginError::new(format!("invalid plugin config: {m}"));
     if config.property.is_empty() {
@@ -213,14 +213,14 @@ pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, Plugin
         })
         .collect::<Result<_, _>>()?;
     if goals.is_empty() {
-        return Ok(batch);
+        return Ok(());
     }
     let mut names: Vec<&str> = Vec::new();
-    for event in &mut batch {
+    for mut event in batch.events_mut() {
         names.clear();
         let mut path = None;
         for goal in &goals {
-            if !names.contains(&goal.name.as_str()) && goal.matches(event, &mut path) {
+            if !names.contains(&goal.name.as_str()) && goal.matches(&event.get(), &mut path) {
                 names.push(&goal.name);
             }
         }
@@ -228,14 +228,20 @@ pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, Plugin
             event.set_property(config.property.as_str(), names.join(&config.separator));
         }
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// The plugin on owned events, through the packed encoding the host uses.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     const CONFIG: &str = r#"{"goals": [
         {"name": "signup", "event": "signup"},

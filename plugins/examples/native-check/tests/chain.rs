@@ -1,12 +1,10 @@
 //! All example plugins in one native binary, called directly as a host benchmark would,
 //! chained like a merchant pipeline.
 
-use beacon_plugin_sdk::{Event, EventExt, PluginError};
+use beacon_plugin_sdk::batch::BatchFn;
+use beacon_plugin_sdk::{Event, EventExt};
 
-type Step = (
-    fn(&str, Vec<Event>) -> Result<Vec<Event>, PluginError>,
-    &'static str,
-);
+type Step = (BatchFn, &'static str);
 
 const CHAIN: &[Step] = &[
     (
@@ -28,7 +26,7 @@ const CHAIN: &[Step] = &[
 
 fn run(mut batch: Vec<Event>) -> Vec<Event> {
     for (process, config) in CHAIN {
-        batch = process(config, batch).expect("plugin");
+        batch = beacon_plugin_sdk::batch::run(*process, config, batch).expect("plugin");
     }
     batch
 }

@@ -58,10 +58,11 @@
 
 pub mod scan;
 
+use beacon_plugin_sdk::batch::Batch;
 use beacon_plugin_sdk::url::{
     decode_query_component, encode_path_segment, encode_query_component, percent_decode, split,
 };
-use beacon_plugin_sdk::{parse_config, Event, PluginError};
+use beacon_plugin_sdk::{parse_config, PluginError};
 use scan::{Detectors, Kind};
 use serde::Deserialize;
 
@@ -238,14 +239,9 @@ fn contains_key(list: &[String], key: &str) -> bool {
     list.iter().any(|k| k.eq_ignore_ascii_case(key))
 }
 
-fn replace(field: &mut Option<String>, f: impl Fn(&str) -> Option<String>) {
-    if let Some(new) = field.as_deref().and_then(f) {
-        *field = Some(new);
-    }
-}
-
-/// Processes one batch (the component's `process` export; also callable natively).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch (the component's `process-batch` export; natively through
+/// `beacon_plugin_sdk::batch::run`).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let config: Config = parse_config(config)?;
     let scrubber = Scrubber {
         config: &config,
@@ -256,45 +252,57 @@ pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, Plugin
         },
     };
     let has = |f| config.fields.contains(&f);
-    for event in &mut batch {
+    for mut event in batch.events_mut() {
         if !config.drop_properties.is_empty() {
-            event
-                .properties
-                .retain(|(k, _)| !contains_key(&config.drop_properties, k));
+            event.retain_properties(|k, _| !contains_key(&config.drop_properties, k));
         }
         if has(Field::Url) {
-            replace(&mut event.url, |u| scrubber.url(u));
+            if let Some(new) = event.url().and_then(|u| scrubber.url(u)) {
+                event.set_url(Some(new));
+            }
         }
         if has(Field::Referrer) {
-            replace(&mut event.referrer, |u| scrubber.url(u));
+            if let Some(new) = event.referrer().and_then(|u| scrubber.url(u)) {
+                event.set_referrer(Some(new));
+            }
         }
         if has(Field::Title) {
-            replace(&mut event.title, |t| scrubber.text(t));
+            if let Some(new) = event.title().and_then(|t| scrubber.text(t)) {
+                event.set_title(Some(new));
+            }
         }
         if has(Field::Properties) {
-            for (key, value) in &mut event.properties {
-                let selected = config
-                    .properties
-                    .as_deref()
-                    .is_none_or(|only| contains_key(only, key))
-                    && !contains_key(&config.skip_properties, key);
-                if selected {
-                    if let Some(new) = scrubber.value(value) {
-                        *value = new;
-                    }
-                }
+            let scrubbed: Vec<(String, String)> = event
+                .properties()
+                .into_iter()
+                .filter(|(key, _)| {
+                    config
+                        .properties
+                        .as_deref()
+                        .is_none_or(|only| contains_key(only, key))
+                        && !contains_key(&config.skip_properties, key)
+                })
+                .filter_map(|(key, value)| Some((key.to_string(), scrubber.value(value)?)))
+                .collect();
+            for (key, value) in scrubbed {
+                event.set_property(key, value);
             }
         }
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use beacon_plugin_sdk::EventExt;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// The plugin on owned events, through the packed encoding the host uses.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     fn one(config: &str, event: Event) -> Event {
         let mut out = process(config, vec![event]).unwrap();

@@ -5,8 +5,9 @@
 //! Config (JSON, every field optional):
 //! `{"strip_from_url": true, "property_prefix": "utm_", "lowercase": true}`
 
+use beacon_plugin_sdk::batch::{Batch, EventMut};
 use beacon_plugin_sdk::url::decode_query_component as percent_decode;
-use beacon_plugin_sdk::{parse_config, Event, EventExt, PluginError};
+use beacon_plugin_sdk::{parse_config, PluginError};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -29,19 +30,20 @@ impl Default for Config {
 
 const PARAMS: [&str; 5] = ["source", "medium", "campaign", "term", "content"];
 
-/// Processes one batch (the component's `process` export; also callable natively).
-pub fn process(config: &str, mut batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+/// Processes one batch (the component's `process-batch` export; natively through
+/// `beacon_plugin_sdk::batch::run`).
+pub fn process(config: &str, batch: &mut Batch) -> Result<(), PluginError> {
     let config: Config = parse_config(config)?;
-    for event in &mut batch {
-        apply(&config, event);
+    for mut event in batch.events_mut() {
+        apply(&config, &mut event);
     }
-    Ok(batch)
+    Ok(())
 }
 
-beacon_plugin_sdk::export_plugin!(process);
+beacon_plugin_sdk::export_batch_plugin!(process);
 
-fn apply(config: &Config, event: &mut Event) {
-    let Some(url) = event.url.as_deref() else {
+fn apply(config: &Config, event: &mut EventMut) {
+    let Some(url) = event.url() else {
         return;
     };
     let (found, stripped) = extract(url, config.strip_from_url);
@@ -55,7 +57,7 @@ fn apply(config: &Config, event: &mut Event) {
         event.set_property_if_absent(format!("{}{}", config.property_prefix, param), value);
     }
     if let Some(stripped) = stripped {
-        event.url = Some(stripped);
+        event.set_url(Some(stripped));
     }
 }
 
@@ -104,6 +106,12 @@ fn extract(url: &str, strip: bool) -> (Vec<(&'static str, String)>, Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use beacon_plugin_sdk::{Event, EventExt};
+
+    /// The plugin on owned events, through the packed encoding the host uses.
+    fn process(config: &str, batch: Vec<Event>) -> Result<Vec<Event>, PluginError> {
+        beacon_plugin_sdk::batch::run(super::process, config, batch)
+    }
 
     #[test]
     fn extracts_and_strips() {
