@@ -2,7 +2,7 @@
 # Fuzzes the edge's input decoders with libFuzzer (cargo fuzz), each target for a bounded
 # time, and prints executions and crashes per target.
 #
-#   scripts/fuzz.sh [seconds-per-target]      (default 60)
+#   scripts/fuzz.sh [seconds-per-target] [target ...]      (default 60 s, every target)
 #
 # cargo-fuzz needs nightly-only flags (-Zsanitizer=address); the machine has one stable
 # toolchain, so the flags are unlocked with RUSTC_BOOTSTRAP=1 (the stable toolchain ships
@@ -17,7 +17,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 status=0
-for target in rsocket_frames snowplow ga4 plausible metrics_request sql_front; do
+shift || true
+TARGETS="${*:-rsocket_frames snowplow ga4 plausible plugin_changes metrics_request sql_front}"
+for target in $TARGETS; do
   # The checked-in seeds stay as they are; libFuzzer grows a working copy.
   corpus="$CARGO_TARGET_DIR/corpus/$target"
   mkdir -p "$corpus" "fuzz/artifacts/$target"
