@@ -8,7 +8,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use beacon::traffic::{self, Generated, Site, TrafficConfig};
@@ -435,6 +435,57 @@ async fn metrics_api_matches_an_independent_computation_of_generated_traffic() {
                 "{ctx} entry {page}"
             );
         }
+
+        // Visit metrics by an event dimension: a visit counts under each page its events
+        // were on (the visits joined with their events).
+        let v = query(json!({"metrics": ["visits", "bounce_rate"], "dimensions": ["event:page"]}));
+        assert!(sources(&v).contains("sessions"), "{ctx}: {}", sources(&v));
+        let mut want: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for visit in &all_visits {
+            let pages: BTreeSet<&str> = visit.events.iter().map(|e| e.2).collect();
+            let bounced = visit.events.iter().filter(|e| e.1).count() <= 1;
+            for page in pages {
+                let w = want.entry(page).or_default();
+                w.0 += 1;
+                w.1 += u64::from(bounced);
+            }
+        }
+        let got = results(&v);
+        assert_eq!(got.len(), want.len(), "{ctx}: visits by page");
+        for (page, (n, bounces)) in &want {
+            assert_eq!(got[*page][0].as_u64(), Some(*n), "{ctx}: visits on {page}");
+            let rate = (100.0 * *bounces as f64 / *n as f64).round();
+            assert!(
+                (got[*page][1].as_f64().expect("bounce") - rate).abs() <= 1.0,
+                "{ctx}: bounce rate of visits on {page}: {} vs {rate}",
+                got[*page][1]
+            );
+        }
+
+        // Filtered on an event dimension: the visits one of whose events was on a product
+        // page, and their visitors.
+        let v = query(json!({"metrics": ["visits", "visitors"],
+            "filters": [["contains", "event:page", ["/products"]]]}));
+        let reached: Vec<&Visit> = all_visits
+            .iter()
+            .filter(|v| v.events.iter().any(|e| e.2.contains("/products")))
+            .collect();
+        assert!(
+            !reached.is_empty(),
+            "{ctx}: the generator visits product pages"
+        );
+        let m = &v["results"][0]["metrics"];
+        assert_eq!(
+            m[0].as_u64(),
+            Some(reached.len() as u64),
+            "{ctx}: visits reaching products"
+        );
+        let visitors: HashSet<&str> = reached.iter().map(|v| v.visitor.as_str()).collect();
+        assert_eq!(
+            m[1].as_u64(),
+            Some(visitors.len() as u64),
+            "{ctx}: their visitors"
+        );
 
         // Ordering and pagination: pages by page views, second to fourth.
         let v = query(

@@ -56,6 +56,11 @@ const GAP: &str = "INTERVAL '30 minutes'";
 /// The visit's key, from an `events` row.
 const VISIT_KEY: &str = "COALESCE(session_id, visitor_id, event_id)";
 
+/// The `events` columns whose first non-null value is an event's visit key (`VISIT_KEY`):
+/// for readers that join events to their visits (the metrics API's visit metrics by event
+/// dimensions).
+pub const VISIT_KEY_COLUMNS: [&str; 3] = ["session_id", "visitor_id", "event_id"];
+
 /// The visit's string columns: (column, aggregate, `events` column). Ties in time are broken
 /// by event id, so a visit's entry and exit are the same on every run.
 const ATTRIBUTES: &[(&str, &str, &str)] = &[
@@ -538,4 +543,17 @@ pub(crate) async fn rebuild(
         commit,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_visit_key_columns_are_the_visit_key() {
+        assert_eq!(
+            VISIT_KEY,
+            format!("COALESCE({})", VISIT_KEY_COLUMNS.join(", "))
+        );
+    }
 }

@@ -634,6 +634,12 @@ impl<'a> Cursor<'a> {
 }
 
 impl<'a> Changes<'a> {
+    /// The number of output events a changes buffer declares, if it has a changes header:
+    /// to tell "too many events" (a resource limit) from a malformed buffer before parsing.
+    pub fn declared_records(buf: &[u8]) -> Option<usize> {
+        (buf.len() >= CHANGES_HEADER && buf[..4] == CHANGES_MAGIC).then(|| u32_at(buf, 8) as usize)
+    }
+
     /// Validates a whole changes buffer against an input batch of `inputs` events, allowing at
     /// most `max_records` output events (checked before anything is allocated for them).
     pub fn parse(buf: &'a [u8], inputs: usize, max_records: usize) -> Result<Self, AbiError> {

@@ -147,8 +147,10 @@ impl Source<'_> {
     pub(crate) fn encode(&self) -> Vec<u8> {
         match self {
             Source::Borrowed(e) => encode(e.iter()),
-            // Every slot is full before the changes are applied.
-            Source::Owned(e) => encode(e.iter().flatten().collect::<Vec<_>>().into_iter()),
+            Source::Owned(e) => encode(
+                e.iter()
+                    .map(|e| e.as_ref().expect("every slot is full before changes apply")),
+            ),
         }
     }
 
@@ -163,8 +165,9 @@ impl Source<'_> {
     fn get(&mut self, i: usize, last: bool) -> Event {
         match self {
             Source::Borrowed(e) => e[i].clone(),
-            Source::Owned(e) if last => e[i].take().unwrap_or_default(),
-            Source::Owned(e) => e[i].clone().unwrap_or_default(),
+            // Taken only by its last use (`Changes::uses` counts them), so still there.
+            Source::Owned(e) if last => e[i].take().expect("an event taken before its last use"),
+            Source::Owned(e) => e[i].clone().expect("an event taken before its last use"),
         }
     }
 }

@@ -217,12 +217,21 @@ impl Plugin {
                 };
                 let inputs = source.len();
                 let out = self.call_batch(pre, config, &source.encode(), log)?;
-                let changes = beacon_plugin_abi::Changes::parse(
-                    &out,
-                    inputs,
-                    self.limits.max_output_events(inputs),
-                )
-                .map_err(|e| PluginError::InvalidOutput(format!("malformed changes: {e}")))?;
+                let max_events = self.limits.max_output_events(inputs);
+                // Too many events is a resource breach (it counts towards quarantine), as for
+                // record plugins; anything else wrong with the buffer is invalid output.
+                match beacon_plugin_abi::Changes::declared_records(&out) {
+                    Some(n) if n > max_events => {
+                        return Err(PluginError::OutputTooLarge {
+                            what: "events",
+                            actual: n,
+                            max: max_events,
+                        })
+                    }
+                    _ => {}
+                }
+                let changes = beacon_plugin_abi::Changes::parse(&out, inputs, max_events)
+                    .map_err(|e| PluginError::InvalidOutput(format!("malformed changes: {e}")))?;
                 Ok(Stage::Host(convert::apply(
                     &changes,
                     source,

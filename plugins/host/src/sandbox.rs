@@ -148,17 +148,23 @@ pub(crate) fn engine(limits: &SandboxLimits) -> Result<Engine, PluginError> {
         .relaxed_simd_deterministic(true);
     // Instances come from a pool whose slots keep their touched memory resident, zeroed: a
     // fresh instance per batch then costs a memset instead of a page fault per page. That
-    // took the three-plugin chain from 2.2x to 1.75x native (docs/BENCHMARKS.md, "Plugins");
+    // took the three-plugin chain from 2.2x to 1.75-1.78x native (docs/BENCHMARKS.md, "Plugins");
     // without keeping memory resident the pool alone gave 3%. Memory is reset between
     // instances, so nothing carries over from one batch to the next.
-    let slots = limits.concurrent_calls.max(1) as u32;
+    let slots = u32::try_from(limits.concurrent_calls.max(1)).unwrap_or(u32::MAX);
     let mut pool = wasmtime::PoolingAllocationConfig::default();
     pool.total_component_instances(slots)
-        // A Rust wasip2 component is a handful of core instances and tables, one memory.
+        // Per call: at most 16 core instances and 16 tables (the store's limiter, which
+        // refuses more first) and one memory.
         .total_core_instances(slots.saturating_mul(16))
         .total_tables(slots.saturating_mul(16))
-        .total_memories(slots.saturating_mul(2))
-        .max_memory_size(limits.memory_bytes)
+        .total_memories(slots)
+        // The pool checks these when a component is loaded: as lenient as the limiter, so
+        // the pool refuses nothing the sandbox accepted before it.
+        .max_tables_per_module(16)
+        .table_elements(100_000)
+        // A wasm32 memory cannot pass 4 GiB, and the pool refuses more than its reservation.
+        .max_memory_size(limits.memory_bytes.min(4 << 30))
         .linear_memory_keep_resident(limits.keep_resident_bytes)
         .table_keep_resident(64 << 10);
     cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));

@@ -455,6 +455,9 @@ impl EventMut<'_> {
     pub fn set_ts(&mut self, v: i64) {
         self.set_int(Int::Ts, Some(v))
     }
+    pub fn set_received_at(&mut self, v: i64) {
+        self.set_int(Int::ReceivedAt, Some(v))
+    }
     pub fn set_url(&mut self, v: Option<String>) {
         self.set_str(Str::Url, v)
     }
@@ -600,11 +603,15 @@ pub fn apply(changes: &[u8], events: Vec<Event>) -> Result<Vec<Event>, PluginErr
             Origin::Input(i) => {
                 let i = i as usize;
                 uses[i] -= 1;
-                if uses[i] == 0 {
+                let mut e = if uses[i] == 0 {
                     events[i].take().unwrap_or_default()
                 } else {
                     events[i].clone().unwrap_or_default()
-                }
+                };
+                // As the host keeps them (and the plugin saw them): one value per key, the
+                // last of duplicates.
+                dedupe_properties(&mut e.properties);
+                e
             }
         };
         for edit in edits {
@@ -627,6 +634,19 @@ pub fn apply(changes: &[u8], events: Vec<Event>) -> Result<Vec<Event>, PluginErr
         out.push(e);
     }
     Ok(out)
+}
+
+/// Sorts properties by key, keeping the last of duplicate keys.
+fn dedupe_properties(props: &mut Vec<(String, String)>) {
+    let mut pairs = std::mem::take(props);
+    // Stable: of equal keys the later pair stays later, and is the one kept.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (k, v) in pairs.into_iter().rev() {
+        if props.last().is_none_or(|(last, _)| *last != k) {
+            props.push((k, v));
+        }
+    }
+    props.reverse();
 }
 
 /// Runs a batch plugin natively on owned events, through the same packed encoding the host
@@ -723,6 +743,26 @@ mod tests {
         let out = run(keep_pageviews, "", sample()).unwrap();
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|e| e.name == "pageview"));
+    }
+
+    #[test]
+    fn duplicate_keys_come_out_as_the_host_keeps_them() {
+        fn read(_: &str, batch: &mut Batch) -> Result<(), PluginError> {
+            let e = batch.events().next().unwrap();
+            assert_eq!(e.property("a"), Some("2"), "the last duplicate");
+            Ok(())
+        }
+        let mut e = Event::new("d", "x", 1);
+        e.properties = vec![
+            ("z".into(), "0".into()),
+            ("a".into(), "1".into()),
+            ("a".into(), "2".into()),
+        ];
+        let out = run(read, "", vec![e]).unwrap();
+        assert_eq!(
+            out[0].properties,
+            vec![("a".into(), "2".into()), ("z".into(), "0".into())]
+        );
     }
 
     #[test]

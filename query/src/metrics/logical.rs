@@ -310,34 +310,101 @@ async fn event_metrics_rollups(
 }
 
 async fn visit_metrics(ctx: &SessionContext, plan: &Plan) -> Result<DataFrame> {
+    if plan.visits_by_events {
+        return visit_metrics_by_events(ctx, plan).await;
+    }
     let df = ctx.table("sessions").await?;
     let mut df = df.clone().filter(bounds(&df, plan, "started_at")?)?;
     if let Some(f) = &plan.filter {
         df = df.filter(predicate(f, &sessions_dim))?;
     }
     let (groups, present) = group_by(plan, "started_at", &sessions_dim);
+    aggregate(df.filter(present)?, groups, visit_counts()?)
+}
+
+/// A column of one side of the visits-events join.
+fn side(table: &str, column: &str) -> Expr {
+    Expr::Column(Column::new(Some(table), column))
+}
+
+/// A dimension over visits joined with their events: what `sessions` has from the visit
+/// (its first event's value, as without event dimensions), the rest from the event.
+fn joined_dim(d: &Dim) -> Expr {
+    match d {
+        Dim::Column(c) if c.in_sessions => side("v", c.column),
+        Dim::Column(c) => side("e", c.column),
+        Dim::Goal => side("e", "goal"),
+        Dim::Prop(k) => get_field(side("e", "properties"), k.as_str()),
+        Dim::EntryPage | Dim::ExitPage | Dim::Time(_) => lit(ScalarValue::Utf8(None)),
+    }
+}
+
+/// Visit metrics by or filtered on event dimensions (Plausible's semantics): the visits
+/// that started in the range, joined with their events in the range (same visit key, time
+/// within the visit). A visit passes the filter when one of its events does, and counts once
+/// under each value of the event dimensions its events have.
+async fn visit_metrics_by_events(ctx: &SessionContext, plan: &Plan) -> Result<DataFrame> {
+    use beacon_warehouse::visits::VISIT_KEY_COLUMNS;
+    let key = coalesce(VISIT_KEY_COLUMNS.iter().map(|c| col(*c)).collect());
+    let events = events_in_range(ctx, plan)
+        .await?
+        .with_column("__visit_key", key)?
+        .alias("e")?;
+    let visits = ctx.table("visits").await?;
+    let visits = visits
+        .clone()
+        .filter(bounds(&visits, plan, "started_at")?)?
+        .alias("v")?;
+    let mut joined = events.join_on(
+        visits,
+        datafusion::logical_expr::JoinType::Inner,
+        [
+            side("e", "__visit_key").eq(side("v", "visit_key")),
+            side("e", "ts").gt_eq(side("v", "started_at")),
+            side("e", "ts").lt_eq(side("v", "ended_at")),
+        ],
+    )?;
+    if let Some(f) = &plan.filter {
+        joined = joined.filter(predicate(f, &joined_dim))?;
+    }
+    let (groups, present) = group_by(plan, "started_at", &joined_dim);
+    let n = groups.len();
+    // One row per visit and combination of dimension values, then the visit metrics.
+    let mut columns = groups;
+    columns.extend([
+        side("v", "visit_key").alias("__visit"),
+        side("v", "started_at").alias("__started"),
+        side("v", "visitor_id").alias("visitor_id"),
+        side("v", "bounce").alias("bounce"),
+        side("v", "duration_ms").alias("duration_ms"),
+        side("v", "pageviews").alias("pageviews"),
+        side("v", "events").alias("events"),
+    ]);
+    let visits = joined.filter(present)?.select(columns)?.distinct()?;
+    let groups = (0..n).map(|i| col(format!("d{i}"))).collect();
+    aggregate(visits, groups, visit_counts()?)
+}
+
+/// The visit metrics over rows of visits (`sessions` or the join's distinct visits), and
+/// their event metrics, which queries about entry or exit pages read from here.
+fn visit_counts() -> Result<Vec<Metric>> {
     let bounced = when(col("bounce"), lit(1.0f64)).otherwise(lit(0.0f64))?;
     let float = |c: &str| cast(col(c), DataType::Float64);
-    // Event metrics too, for queries about entry or exit pages.
-    aggregate(
-        df.filter(present)?,
-        groups,
-        vec![
-            metric("visits", count(lit(1i64))),
-            metric_then("bounce_rate", avg(bounced), |e| {
-                round(vec![lit(100.0f64) * e])
-            }),
-            metric_then("visit_duration", avg(float("duration_ms")), |e| {
-                round(vec![e / lit(1000.0f64)])
-            }),
-            metric_then("views_per_visit", avg(float("pageviews")), |e| {
-                round(vec![e, lit(2i64)])
-            }),
-            metric("visitors", count_distinct(col("visitor_id"))),
-            metric_then("pageviews", sum(col("pageviews")), int),
-            metric_then("events", sum(col("events")), int),
-        ],
-    )
+    Ok(vec![
+        metric("visits", count(lit(1i64))),
+        metric_then("bounce_rate", avg(bounced), |e| {
+            round(vec![lit(100.0f64) * e])
+        }),
+        metric_then("visit_duration", avg(float("duration_ms")), |e| {
+            round(vec![e / lit(1000.0f64)])
+        }),
+        metric_then("views_per_visit", avg(float("pageviews")), |e| {
+            round(vec![e, lit(2i64)])
+        }),
+        metric("visitors", count_distinct(col("visitor_id"))),
+        metric_then("pageviews", sum(col("pageviews")), int),
+        metric_then("events", sum(col("events")), int),
+    ])
 }
 
 async fn total_visitors(ctx: &SessionContext, plan: &Plan, rolled_up: bool) -> Result<DataFrame> {

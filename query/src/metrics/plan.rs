@@ -32,6 +32,10 @@ pub struct Plan {
     pub filter: Option<Filter>,
     /// Grouped or filtered by entry/exit page: every metric comes from `sessions`.
     pub(crate) sessions_only: bool,
+    /// Visit metrics by or filtered on event dimensions that `sessions` lacks: visits are
+    /// joined with their events (a visit counts under each value its events have, and
+    /// passes a filter when one of its events does).
+    pub(crate) visits_by_events: bool,
     pub(crate) order: Vec<(SortKey, bool)>,
     pub limit: u32,
     pub offset: u32,
@@ -132,12 +136,10 @@ impl QueryRequest {
         let per_visit = metrics.iter().any(|m| m.grain() == Grain::Visit);
         let sessions_only =
             dims.iter().any(Dim::is_session) || filter_dims.iter().any(Dim::is_session);
-        if per_visit || sessions_only {
-            let what = if per_visit {
-                "visit metrics"
-            } else {
-                "entry and exit pages"
-            };
+        // Entry and exit pages are the visit's, so every metric with them comes from
+        // `sessions`, which has no per-event dimensions.
+        if sessions_only {
+            let what = "entry and exit pages";
             if let Some(d) = dims.iter().find(|d| !d.in_sessions()) {
                 return Err(bad(
                     "dimensions",
@@ -151,6 +153,9 @@ impl QueryRequest {
                 ));
             }
         }
+        let visits_by_events = per_visit
+            && !sessions_only
+            && dims.iter().chain(&filter_dims).any(|d| !d.in_sessions());
         if metrics.iter().any(|m| m.grain() == Grain::Revenue) && sessions_only {
             return Err(bad(
                 "metrics",
@@ -195,6 +200,7 @@ impl QueryRequest {
             dims,
             filter,
             sessions_only,
+            visits_by_events,
             order,
             limit: p.limit,
             offset: p.offset,
@@ -299,10 +305,15 @@ impl Plan {
             out.push(self.event_source(self.rollups_eligible()));
         }
         if self.sessions_only || has(Grain::Visit) {
-            // The `sessions` view over the pre-aggregated `visits`.
+            // The `sessions` view over the pre-aggregated `visits` (joined with `events`
+            // for event dimensions).
             out.push(Source {
                 kind: SourceKind::Sessions,
-                tables: &["visits"],
+                tables: if self.visits_by_events {
+                    &["visits", "events"]
+                } else {
+                    &["visits"]
+                },
             });
         }
         if has(Grain::Revenue) {

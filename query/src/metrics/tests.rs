@@ -141,15 +141,16 @@ fn bad_fields_are_named() {
         field(base(json!({"order_by": [["pageviews", "desc"]]}))),
         "order_by"
     );
+    // Entry and exit pages come from `sessions`, which has no per-event dimensions.
     assert_eq!(
         field(base(
-            json!({"metrics": ["bounce_rate"], "dimensions": ["event:page"]})
+            json!({"metrics": ["visits"], "dimensions": ["visit:entry_page", "event:page"]})
         )),
         "dimensions"
     );
     assert_eq!(
         field(base(
-            json!({"metrics": ["visits"], "filters": [["is", "event:goal", ["Signup"]]]})
+            json!({"metrics": ["visitors"], "dimensions": ["visit:exit_page"], "filters": [["is", "event:goal", ["Signup"]]]})
         )),
         "filters"
     );
@@ -204,6 +205,19 @@ fn unfiltered_breakdowns_use_rollups_and_filters_use_events() {
     let p = plan(json!({"site_id": "m_1", "metrics": ["visitors", "bounce_rate"], "date_range": "7d", "dimensions": ["visit:entry_page"]})).unwrap();
     let kinds: Vec<_> = p.sources().iter().map(|s| s.kind).collect();
     assert_eq!(kinds, vec![SourceKind::Sessions]);
+
+    // Visit metrics by an event dimension join visits with their events; the event
+    // metrics still come from the event sources.
+    let p = plan(json!({"site_id": "m_1", "metrics": ["pageviews", "bounce_rate"], "date_range": "7d", "dimensions": ["event:page"]})).unwrap();
+    let s = p.sources();
+    assert_eq!(
+        (s[1].kind, s[1].tables),
+        (SourceKind::Sessions, &["visits", "events"][..])
+    );
+    let p = plan(json!({"site_id": "m_1", "metrics": ["visits"], "date_range": "7d", "filters": [["is", "event:goal", ["Signup"]]]})).unwrap();
+    assert_eq!(p.sources()[0].tables, &["visits", "events"][..]);
+    let p = plan(json!({"site_id": "m_1", "metrics": ["visits"], "date_range": "7d", "filters": [["is", "visit:country", ["DE"]]]})).unwrap();
+    assert_eq!(p.sources()[0].tables, &["visits"][..]);
 
     // Revenue: from revenue_hourly by time or currency, else from events.
     let p = plan(json!({"site_id": "m_1", "metrics": ["total_revenue"], "date_range": "7d", "dimensions": ["time:day", "event:currency"]})).unwrap();
