@@ -127,25 +127,34 @@ fn stored_segments() -> String {
 fn merge_query(segments: &str) -> String {
     // Entry-side values come from the earliest segment, exit-side ones from the latest;
     // ties are broken by event id, so the same events give the same visit on every run.
+    // A visit's earliest segment is the one that starts it (`starts_visit`, in the order the
+    // gaps are found in), its latest is ranked once, and values are picked with plain
+    // `max(CASE ..)`: as `first_value(.. ORDER BY ..)` aggregates, the 18 ordered picks took
+    // 8-11 s for 400k events (ordering keys kept per group, row by row), a quarter of that
+    // this way (docs/BENCHMARKS.md, "Re-processing").
+    let pick = |rank: &str, value: &str| format!("max(CASE WHEN {rank} = 1 THEN {value} END)");
     let attributes = select_attributes(|name, aggregate, _| {
-        let order = if aggregate == "last_value" {
-            "e, exit_event_id"
+        let rank = if aggregate == "last_value" {
+            "last_rank"
         } else {
-            "s, entry_event_id"
+            "starts_visit"
         };
-        format!("{aggregate}({name} ORDER BY {order}) AS {name}")
+        format!("{} AS {name}", pick(rank, name))
     });
     let key = "PARTITION BY merchant_id, visit_key ORDER BY s, entry_event_id";
+    let visit = "PARTITION BY merchant_id, visit_key, visit_no";
     format!(
         "WITH segments AS ({segments}), \
          gaps AS ( \
-             SELECT *, CASE WHEN max(e) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) IS NULL \
-                              OR s - max(e) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > {GAP} \
-                            THEN 1 ELSE 0 END AS starts_visit \
-             FROM segments), \
+             SELECT *, CASE WHEN prev_e IS NULL OR s - prev_e > {GAP} THEN 1 ELSE 0 END AS starts_visit \
+             FROM (SELECT *, max(e) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_e \
+                   FROM segments)), \
          numbered AS ( \
              SELECT *, sum(starts_visit) OVER ({key} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS visit_no \
-             FROM gaps) \
+             FROM gaps), \
+         ranked AS ( \
+             SELECT *, row_number() OVER ({visit} ORDER BY e DESC, exit_event_id DESC) AS last_rank \
+             FROM numbered) \
          SELECT merchant_id, visit_key, \
                 min(visitor_id) AS visitor_id, \
                 min(s) AS started_at, \
@@ -153,12 +162,14 @@ fn merge_query(segments: &str) -> String {
                 (CAST(max(e) AS BIGINT) - CAST(min(s) AS BIGINT)) / 1000 AS duration_ms, \
                 CAST(sum(events) AS BIGINT) AS events, \
                 CAST(sum(pageviews) AS BIGINT) AS pageviews, \
-                first_value(entry_event_id ORDER BY s, entry_event_id) AS entry_event_id, \
-                last_value(exit_event_id ORDER BY e, exit_event_id) AS exit_event_id, \
+                {} AS entry_event_id, \
+                {} AS exit_event_id, \
                 {attributes}, \
                 sum(pageviews) <= 1 AS bounce, \
                 CAST(sum(revenue_micros) AS BIGINT) AS revenue_micros \
-         FROM numbered GROUP BY merchant_id, visit_key, visit_no"
+         FROM ranked GROUP BY merchant_id, visit_key, visit_no",
+        pick("starts_visit", "entry_event_id"),
+        pick("last_rank", "exit_event_id"),
     )
 }
 
