@@ -758,6 +758,40 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
         wait_jetstream(&leaf, None).await;
         wait_jetstream(&leaf, Some(HUB_DOMAIN)).await;
     }
+    // The ports other servers connect to demand TLS and a password: nothing but the
+    // topology's own servers (certificates of its CA, its passwords) joins the cluster or
+    // attaches as a leaf. A leaf port says so in the INFO it sends first; a route port
+    // answers nothing in plain text (it waits for a TLS handshake, and drops a plain client).
+    for n in &t.hub {
+        use std::io::{BufRead, Read, Write};
+        let connect = |port: u16| {
+            let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            stream
+        };
+        let mut info = String::new();
+        let _ = std::io::BufReader::new(connect(n.leaf_port)).read_line(&mut info);
+        assert!(
+            info.starts_with("INFO ")
+                && info.contains("\"tls_required\":true")
+                && info.contains("\"tls_verify\":true")
+                && info.contains("\"auth_required\":true"),
+            "leaf port {}: {info}",
+            n.leaf_port
+        );
+        let mut route = connect(n.cluster_port);
+        let _ = route.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n");
+        let mut answer = Vec::new();
+        let _ = route.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.contains("INFO") && !answer.contains("PONG"),
+            "route port {} answered a plain-text client: {answer}",
+            n.cluster_port
+        );
+    }
     common::sigterm(&harness);
     let status = harness.wait().expect("wait");
     assert!(status.success(), "{status:?}");
