@@ -167,9 +167,10 @@ async fn metrics_api_answers_from_rollups_and_keeps_merchants_apart() {
     }
     let (status, body) = query(
         Some(a_token),
-        json!({"site_id": a, "metrics": ["bounce_rate"], "date_range": range, "dimensions": ["event:page"]}),
+        json!({"site_id": a, "metrics": ["visits"], "date_range": range, "dimensions": ["visit:entry_page", "event:page"]}),
     );
     assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("dimensions"), "{body}");
 
     // The result cache: the same query again is answered from memory, identically; once
     // new events are rolled up (a new snapshot of the table it reads) it is computed anew

@@ -188,7 +188,8 @@ fn start_hub(t: &Topology) -> Vec<NatsServer> {
 /// leaf linked to it.
 async fn wait_jetstream(url: &str, domain: Option<&str>) {
     let answers = || async {
-        let client = async_nats::connect(beacon_proto::bus::servers(url))
+        let client = beacon_proto::bus::options(url)
+            .connect(beacon_proto::bus::servers(url))
             .await
             .ok()?;
         let js = match domain {
@@ -239,7 +240,10 @@ async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<St
 
 /// The hub's events stream and ingest's consumer, for a failure message.
 async fn hub_state(hub_url: &str) -> String {
-    let Ok(client) = async_nats::connect(beacon_proto::bus::servers(hub_url)).await else {
+    let Ok(client) = beacon_proto::bus::options(hub_url)
+        .connect(beacon_proto::bus::servers(hub_url))
+        .await
+    else {
         return "unreachable".into();
     };
     let js = async_nats::jetstream::new(client);
@@ -457,7 +461,8 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
 
     // The hub's stream: three replicas, its events only from the region's source.
     let js = async_nats::jetstream::new(
-        async_nats::connect(beacon_proto::bus::servers(&hub_url))
+        beacon_proto::bus::options(&hub_url)
+            .connect(beacon_proto::bus::servers(&hub_url))
             .await
             .expect("hub"),
     );
@@ -742,14 +747,11 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
             .spawn()
             .expect("harness"),
     );
-    wait_for(
+    file_says(
+        &out,
+        "topology is up (5 servers)",
         Duration::from_secs(120),
         "the harness says it is up",
-        || {
-            std::fs::read_to_string(&out)
-                .ok()
-                .filter(|o| o.contains("topology is up (5 servers)"))
-        },
     );
     wait_jetstream(&t.hub_url(), None).await;
     for region in ["eu", "us"] {
@@ -792,6 +794,41 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
             n.cluster_port
         );
     }
+    // Client ports take only clients with the topology's client password.
+    let anonymous = t
+        .hub
+        .iter()
+        .map(|n| n.client_port)
+        .chain(t.regions.iter().map(|r| r.client_port));
+    for port in anonymous {
+        let refused = async_nats::connect(format!("nats://127.0.0.1:{port}")).await;
+        assert!(
+            refused.is_err(),
+            "port {port} took a client without the password"
+        );
+    }
+    // A leaf that has a certificate of the topology's own CA but not the leaf password is
+    // refused: the password, not only the certificate, keeps servers out.
+    let rogue_dir = dir.path().join("rogue");
+    let mut rogue = t.clone();
+    rogue.regions = Topology::plan(&rogue_dir, 1, &["intruder".into()], "always")
+        .expect("plan")
+        .regions;
+    for n in &mut rogue.hub {
+        // Its own copies of the hub's configurations (written beside it, never started).
+        n.config = rogue_dir.join(format!("{}.conf", n.name));
+    }
+    rogue.links.as_mut().expect("links").leaf_password = "not-the-leaf-password".into();
+    rogue.write(&rogue_dir).expect("write the rogue leaf");
+    let intruder = rogue.regions[0].start().expect("rogue leaf");
+    let rogue_log = rogue.regions[0].store_dir.join("nats-server.log");
+    file_says(
+        &rogue_log,
+        "Authorization Violation",
+        Duration::from_secs(30),
+        "the hub refuses the rogue leaf's password",
+    );
+    drop(intruder);
     common::sigterm(&harness);
     let status = harness.wait().expect("wait");
     assert!(status.success(), "{status:?}");
@@ -806,6 +843,15 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
             "port {port} still served after the harness stopped"
         );
     }
+}
+
+/// Until the file at `path` contains `needle`.
+fn file_says(path: &Path, needle: &str, timeout: Duration, what: &str) {
+    wait_for(timeout, what, || {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|text| text.contains(needle))
+    });
 }
 
 /// A free loopback UDP port (an edge's QUIC address that survives its restarts).

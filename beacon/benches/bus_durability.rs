@@ -72,10 +72,12 @@ async fn run(sync: &str, messages: usize, payload: &bytes::Bytes) -> (f64, f64) 
     t.write(dir.path()).expect("write");
     let mut servers: Vec<_> = t.hub.iter().map(|n| n.start().expect("hub")).collect();
     servers.push(t.regions[0].start().expect("leaf"));
-    let hub_client = async_nats::connect(beacon_proto::bus::servers(&t.hub_url()))
+    let hub_client = beacon_proto::bus::options(&t.hub_url())
+        .connect(beacon_proto::bus::servers(&t.hub_url()))
         .await
         .expect("hub");
-    let leaf_client = async_nats::connect(t.leaf_url("eu").expect("leaf url"))
+    let leaf_client = beacon_proto::bus::options(&t.leaf_url("eu").expect("leaf url"))
+        .connect(t.leaf_url("eu").expect("leaf url"))
         .await
         .expect("leaf");
     let hub = jetstream::new(hub_client);

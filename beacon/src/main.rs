@@ -528,9 +528,15 @@ async fn start_api(
     let started = runtime.spawn(async move {
         let warehouse = Arc::new(beacon::store::open(&data_dir).await?);
         let js = async_nats::jetstream::new(
-            async_nats::connect(beacon_proto::bus::servers(&nats_url))
+            beacon_proto::bus::options(&nats_url)
+                .connect(beacon_proto::bus::servers(&nats_url))
                 .await
-                .with_context(|| format!("connecting to NATS at {nats_url}"))?,
+                .with_context(|| {
+                    format!(
+                        "connecting to NATS at {}",
+                        beacon_proto::bus::redact(&nats_url)
+                    )
+                })?,
         );
         let merchants = registry_bucket(&js).await?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -887,9 +893,12 @@ impl NatsTarget {
             Some(u) => u.clone(),
             None => Endpoints::read(&self.data_dir)?.nats_url,
         };
-        let client = async_nats::connect(beacon_proto::bus::servers(&url))
+        let client = beacon_proto::bus::options(&url)
+            .connect(beacon_proto::bus::servers(&url))
             .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+            .with_context(|| {
+                format!("connecting to NATS at {}", beacon_proto::bus::redact(&url))
+            })?;
         Ok(async_nats::jetstream::new(client))
     }
 
@@ -1340,9 +1349,15 @@ async fn topology(command: TopologyCommand) -> Result<()> {
             Ok(())
         }
         TopologyCommand::Provision { nats_url, replicas } => {
-            let client = async_nats::connect(beacon_proto::bus::servers(&nats_url))
+            let client = beacon_proto::bus::options(&nats_url)
+                .connect(beacon_proto::bus::servers(&nats_url))
                 .await
-                .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+                .with_context(|| {
+                    format!(
+                        "connecting to NATS at {}",
+                        beacon_proto::bus::redact(&nats_url)
+                    )
+                })?;
             let changed =
                 beacon_proto::stores::provision(&async_nats::jetstream::new(client), replicas)
                     .await?;
@@ -1355,6 +1370,13 @@ async fn topology(command: TopologyCommand) -> Result<()> {
         }
         TopologyCommand::Up { dir } => {
             let t = Topology::read(&dir)?;
+            if t.links.is_none() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "this topology's links between servers have no TLS and no passwords \
+                     (generated before they were added): run `beacon topology generate` again"
+                );
+            }
             // The hub first: the leaves link to it.
             let mut servers = Vec::new();
             for n in &t.hub {
@@ -1381,6 +1403,12 @@ async fn topology(command: TopologyCommand) -> Result<()> {
 
 fn print_topology(t: &beacon::topology::Topology) {
     let hub = t.hub_url();
+    if t.links
+        .as_ref()
+        .is_some_and(|l| l.client_password.is_some())
+    {
+        println!("(the URLs carry the client password: keep them out of shared logs)");
+    }
     println!("hub (ingest, admin, api, merchants): {hub}");
     for r in &t.regions {
         println!(
@@ -1946,7 +1974,11 @@ async fn demo(
         .edge_ca_cert
         .clone()
         .ok_or_else(|| anyhow!("no edge certificate in endpoints.json"))?;
-    let js = async_nats::jetstream::new(async_nats::connect(&endpoints.nats_url).await?);
+    let js = async_nats::jetstream::new(
+        beacon_proto::bus::options(&endpoints.nats_url)
+            .connect(beacon_proto::bus::servers(&endpoints.nats_url))
+            .await?,
+    );
 
     // Demo merchants are kept with their keys (the registry only has hashes).
     let keys_path = data_dir.join("demo-merchants.json");

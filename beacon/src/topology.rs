@@ -20,7 +20,9 @@
 //! topology's own (written under `tls/` by [`Topology::write`]; every server's certificate is
 //! signed by it and names the host) and a password per link kind, so that nothing but the
 //! topology's own servers can join the hub's cluster or attach as a leaf and read or inject
-//! events. Clients (Beacon's roles) connect to the client ports as before.
+//! events. Clients (Beacon's roles, operators) authenticate on every client port with a
+//! password of the topology's own (user [`CLIENT_USER`]), which the URLs it gives out carry
+//! (`beacon_proto::bus::options` reads it back); client ports are not TLS yet.
 //!
 //! [`Topology::plan`] lays a topology out on one machine (free loopback ports, stores under
 //! one directory): the development harness (`beacon topology up`) and the tests run it as
@@ -111,8 +113,11 @@ pub struct Topology {
     pub links: Option<Links>,
 }
 
+/// The user clients authenticate as on a secured topology's client ports.
+pub const CLIENT_USER: &str = "beacon";
+
 /// TLS and credentials of the links between servers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct Links {
     /// `ca.pem`, and `<server>.pem` / `<server>-key.pem` per server.
     pub tls_dir: PathBuf,
@@ -120,9 +125,41 @@ pub struct Links {
     pub route_password: String,
     /// Leaves authenticate to the hub with it (user `leaf`).
     pub leaf_password: String,
+    /// Clients (edges, ingest, the other roles, operators) authenticate with it (user
+    /// `beacon`) on every server's client port; [`Topology::hub_url`] and
+    /// [`Topology::leaf_url`] carry it. Absent in topologies generated before it: their
+    /// client ports take anyone who reaches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_password: Option<String>,
+}
+
+/// Passwords never reach logs or panic messages.
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("tls_dir", &self.tls_dir)
+            .field("route_password", &"<redacted>")
+            .field("leaf_password", &"<redacted>")
+            .field(
+                "client_password",
+                &self.client_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Links {
+    /// The `authorization` block of a server's client port, if clients must authenticate.
+    fn client_block(&self) -> String {
+        match &self.client_password {
+            Some(p) => format!(
+                "# clients (edges, ingest, the other roles) authenticate as user {CLIENT_USER}\n\
+                 authorization {{\n  user: {CLIENT_USER}\n  password: {p:?}\n}}\n"
+            ),
+            None => String::new(),
+        }
+    }
+
     fn cert(&self, server: &str) -> (String, String) {
         let p = |f: String| self.tls_dir.join(f).display().to_string();
         (p(format!("{server}.pem")), p(format!("{server}-key.pem")))
@@ -221,6 +258,7 @@ impl Topology {
                 tls_dir: dir.join("tls"),
                 route_password: random_secret(),
                 leaf_password: random_secret(),
+                client_password: Some(random_secret()),
             }),
         })
     }
@@ -228,19 +266,32 @@ impl Topology {
     /// The URLs ingest, control and queries connect with (any node will do; the client
     /// fails over between them).
     pub fn hub_url(&self) -> String {
+        let user = self.client_user();
         self.hub
             .iter()
-            .map(|n| format!("nats://{}:{}", self.host, n.client_port))
+            .map(|n| format!("nats://{user}{}:{}", self.host, n.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// The URL of a region's leaf, for its edges (`beacon edge --hub-domain hub`).
     pub fn leaf_url(&self, region: &str) -> Option<String> {
-        self.regions
-            .iter()
-            .find(|r| r.name == region)
-            .map(|r| format!("nats://{}:{}", self.host, r.client_port))
+        self.regions.iter().find(|r| r.name == region).map(|r| {
+            format!(
+                "nats://{}{}:{}",
+                self.client_user(),
+                self.host,
+                r.client_port
+            )
+        })
+    }
+
+    /// `beacon:<password>@` when clients authenticate (`bus::options` reads it back).
+    fn client_user(&self) -> String {
+        match self.links.as_ref().and_then(|l| l.client_password.as_ref()) {
+            Some(p) => format!("{CLIENT_USER}:{p}@"),
+            None => String::new(),
+        }
     }
 
     /// The leaves' JetStream domains, for `beacon ingest --source-domain`.
@@ -279,10 +330,16 @@ impl Topology {
             ),
             None => (String::new(), String::new()),
         };
+        let client_security = self
+            .links
+            .as_ref()
+            .map(Links::client_block)
+            .unwrap_or_default();
         format!(
             "# Beacon hub node {name} (generated by `beacon topology generate`).\n\
              server_name: {name}\n\
              listen: {host}:{client}\n\
+             {client_security}\
              # /healthz: ready once this node's streams are current (wait for it between\n\
              # the nodes of a rolling restart)\n\
              http: {host}:{monitor}\n\
@@ -326,10 +383,16 @@ impl Topology {
             .as_ref()
             .map(|l| l.tls_block(&format!("leaf-{}", region.name), "      "))
             .unwrap_or_default();
+        let client_security = self
+            .links
+            .as_ref()
+            .map(Links::client_block)
+            .unwrap_or_default();
         format!(
             "# Beacon edge region {name}'s leaf (generated by `beacon topology generate`).\n\
              server_name: leaf-{name}\n\
              listen: {host}:{client}\n\
+             {client_security}\
              http: {host}:{monitor}\n\
              \n\
              jetstream {{\n  store_dir: {store:?}\n  domain: {domain}\n  # the only copy of an event until the hub has sourced it\n  sync_interval: {sync}\n}}\n\
@@ -349,22 +412,29 @@ impl Topology {
         )
     }
 
-    /// The CA and one certificate per server (naming the host), unless already there: a
-    /// topology keeps its CA when its configurations are written again.
+    /// The CA and one certificate per server (naming the host), each unless already there:
+    /// a topology keeps its CA when its configurations are written again, and servers added
+    /// since get certificates signed by it.
     fn write_tls(&self, links: &Links) -> Result<(), TopologyError> {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         };
-        let ca_pem = links.tls_dir.join("ca.pem");
-        if ca_pem.exists() {
-            return Ok(());
-        }
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TopologyError::Io { path, source }
         };
         std::fs::create_dir_all(&links.tls_dir).map_err(io(&links.tls_dir))?;
-        let ca_key = KeyPair::generate()?;
+        let ca_pem = links.tls_dir.join("ca.pem");
+        let ca_key_pem = links.tls_dir.join("ca-key.pem");
+        let existing = ca_pem.exists();
+        let ca_key = if existing {
+            let text = std::fs::read_to_string(&ca_key_pem).map_err(io(&ca_key_pem))?;
+            KeyPair::from_pem(&text)?
+        } else {
+            KeyPair::generate()?
+        };
+        // The same parameters and key as the stored CA certificate: what it signs verifies
+        // against `ca.pem` (same subject, same key).
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.distinguished_name
@@ -376,6 +446,10 @@ impl Topology {
             .map(|n| n.name.clone())
             .chain(self.regions.iter().map(|r| format!("leaf-{}", r.name)));
         for server in servers {
+            let (cert_path, key_path) = links.cert(&server);
+            if Path::new(&cert_path).exists() && Path::new(&key_path).exists() {
+                continue;
+            }
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(vec![self.host.clone(), "localhost".into()])?;
             params.distinguished_name.push(DnType::CommonName, &server);
@@ -385,13 +459,15 @@ impl Topology {
                 ExtendedKeyUsagePurpose::ClientAuth,
             ];
             let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-            let (cert_path, key_path) = links.cert(&server);
             write_private(Path::new(&key_path), &key.serialize_pem())?;
             std::fs::write(&cert_path, cert.pem()).map_err(io(Path::new(&cert_path)))?;
         }
+        if existing {
+            return Ok(());
+        }
         // The CA key signs servers added later; the CA certificate, written last, marks a
         // complete set.
-        write_private(&links.tls_dir.join("ca-key.pem"), &ca_key.serialize_pem())?;
+        write_private(&ca_key_pem, &ca_key.serialize_pem())?;
         std::fs::write(&ca_pem, ca_cert.pem()).map_err(io(&ca_pem))
     }
 
@@ -431,7 +507,7 @@ impl Topology {
 /// Writes a file only its owner can read (keys, passwords).
 fn write_private(path: &Path, text: &str) -> Result<(), TopologyError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| TopologyError::Io {
         path: path.to_path_buf(),
         source,
@@ -442,6 +518,9 @@ fn write_private(path: &Path, text: &str) -> Result<(), TopologyError> {
         .truncate(true)
         .mode(0o600)
         .open(path)
+        .map_err(io)?;
+    // `mode` applies only to a file it creates: an existing one is narrowed too.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)
 }
@@ -495,6 +574,19 @@ mod tests {
             )));
         }
         assert!(leaf.contains("leaf-eu.pem"), "{leaf}");
+        // Clients authenticate on every client port, with the password the URLs carry.
+        let client_password = links.client_password.clone().expect("client password");
+        let client_auth =
+            format!("authorization {{\n  user: beacon\n  password: {client_password:?}");
+        assert!(hub.contains(&client_auth), "{hub}");
+        assert!(leaf.contains(&client_auth), "{leaf}");
+        let with_password = format!("nats://beacon:{client_password}@127.0.0.1:");
+        assert!(t
+            .hub_url()
+            .split(',')
+            .all(|u| u.starts_with(&with_password)));
+        assert!(t.leaf_url("eu").expect("eu").starts_with(&with_password));
+        assert!(!format!("{links:?}").contains(&client_password));
         assert_eq!(t.source_domains(), ["edge-eu", "edge-us"]);
         assert_eq!(t.hub_url().split(',').count(), 3);
         t.write(dir.path()).expect("write");
@@ -516,10 +608,60 @@ mod tests {
             "configurations hold passwords"
         );
         assert_eq!(mode(&links.tls_dir.join("ca-key.pem")), 0o600);
-        // Written again, the topology keeps its CA.
+        // Written again, the topology keeps its CA and the certificates it has; one that went
+        // missing (a server added since) is signed by the same CA, and a configuration made
+        // readable by others is narrowed again.
         let ca = std::fs::read(links.tls_dir.join("ca.pem")).expect("ca");
+        let hub_cert = std::fs::read(links.tls_dir.join("hub-1.pem")).expect("hub-1");
+        std::fs::remove_file(links.tls_dir.join("leaf-us.pem")).expect("rm");
+        std::fs::remove_file(links.tls_dir.join("leaf-us-key.pem")).expect("rm");
+        std::fs::set_permissions(&t.hub[0].config, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
         t.write(dir.path()).expect("write again");
         assert_eq!(std::fs::read(links.tls_dir.join("ca.pem")).expect("ca"), ca);
+        assert_eq!(
+            std::fs::read(links.tls_dir.join("hub-1.pem")).expect("hub-1"),
+            hub_cert
+        );
+        assert_eq!(mode(&t.hub[0].config), 0o600);
+        assert_eq!(mode(&links.tls_dir.join("leaf-us-key.pem")), 0o600);
+        for server in ["hub-1", "leaf-us"] {
+            verify(&ca, &links.tls_dir.join(format!("{server}.pem")))
+                .unwrap_or_else(|e| panic!("{server}: {e}"));
+        }
+        // And a certificate of another CA does not pass that check.
+        let other = tempfile::tempdir().expect("tempdir");
+        let t2 = Topology::plan(other.path(), 1, &["eu".to_string()], "always").expect("plan");
+        t2.write(other.path()).expect("write");
+        let other_tls = &t2.links.as_ref().expect("links").tls_dir;
+        assert!(verify(&ca, &other_tls.join("leaf-eu.pem")).is_err());
+    }
+
+    /// Checks `cert` chains to the CA `ca_pem` for both of a server's uses.
+    fn verify(ca_pem: &[u8], cert: &Path) -> Result<(), String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, UnixTime};
+        let ca = CertificateDer::from_pem_slice(ca_pem).map_err(|e| e.to_string())?;
+        let anchor = webpki::anchor_from_trusted_cert(&ca).map_err(|e| e.to_string())?;
+        let pem = std::fs::read(cert).map_err(|e| e.to_string())?;
+        let der = CertificateDer::from_pem_slice(&pem).map_err(|e| e.to_string())?;
+        let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
+        for usage in [
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ] {
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                std::slice::from_ref(&anchor),
+                &[],
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     #[test]

@@ -196,7 +196,7 @@ pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool
     let mut js = None;
     loop {
         if js.is_none() {
-            match async_nats::ConnectOptions::new()
+            match bus::options(&nats_url)
                 .name("beacon-ingest-backlog")
                 .connect(bus::servers(&nats_url))
                 .await
@@ -343,7 +343,7 @@ pub async fn run(
     health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let client = async_nats::ConnectOptions::new()
+    let client = bus::options(&cfg.nats_url)
         .name("beacon-ingest")
         .connect(bus::servers(&cfg.nats_url))
         .await

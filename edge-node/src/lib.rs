@@ -126,10 +126,10 @@ pub struct Edge {
 impl Edge {
     pub async fn start(cfg: EdgeConfig) -> Result<Self, EdgeError> {
         let nats_err = |e: &dyn std::fmt::Display| EdgeError::Nats {
-            url: cfg.nats_url.clone(),
+            url: bus::redact(&cfg.nats_url),
             reason: e.to_string(),
         };
-        let client = async_nats::ConnectOptions::new()
+        let client = bus::options(&cfg.nats_url)
             .name(format!("beacon-edge {}", cfg.edge_id))
             .connect(bus::servers(&cfg.nats_url))
             .await

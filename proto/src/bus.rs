@@ -19,6 +19,44 @@ pub fn servers(url: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Connection options for a NATS URL setting: a user and password written into its URLs
+/// (`nats://user:password@host:4222`, as a secured topology gives them out) become the
+/// connection's, since the client does not take them from the address by itself.
+#[cfg(feature = "nats")]
+pub fn options(url: &str) -> async_nats::ConnectOptions {
+    let credentials = servers(url).into_iter().find_map(|s| {
+        let addr: async_nats::ServerAddr = s.parse().ok()?;
+        Some((addr.username()?.to_string(), addr.password()?.to_string()))
+    });
+    match credentials {
+        Some((user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        None => async_nats::ConnectOptions::new(),
+    }
+}
+
+/// `url` with every password in it replaced by `***`, for logs and error messages.
+pub fn redact(url: &str) -> String {
+    servers(url)
+        .into_iter()
+        .map(|s| {
+            let Some((scheme, rest)) = s.split_once("://") else {
+                return s.to_string();
+            };
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+                }
+                None => s.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The hub's JetStream domain in the leaf topology (docs/OPERATIONS.md); an edge region's
 /// leaf has the domain `edge-<region>`.
 pub const HUB_DOMAIN: &str = "hub";
@@ -485,6 +523,16 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact("nats://beacon:s3cret@127.0.0.1:4222, nats://beacon:s3cret@h2:4222/x"),
+            "nats://beacon:***@127.0.0.1:4222,nats://beacon:***@h2:4222/x"
+        );
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
+    }
 
     #[test]
     fn partitions_filter_disjoint_subjects() {

@@ -28,8 +28,8 @@
 //!
 //! The commit requires the watermark and generation read before `events` was pinned, as
 //! the rollup deltas do, so two runners or a run racing a rebuild never apply a change
-//! twice or on stale rows. Re-running the same `events` rows gives the same rows: the
-//! visit's first and last values are ordered by time, then event id.
+//! twice or on stale rows. Re-running the same `events` rows gives the same rows: a visit's
+//! entry and exit events are ordered by time, then event id.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -61,25 +61,34 @@ const VISIT_KEY: &str = "COALESCE(session_id, visitor_id, event_id)";
 /// dimensions).
 pub const VISIT_KEY_COLUMNS: [&str; 3] = ["session_id", "visitor_id", "event_id"];
 
-/// The visit's string columns: (column, aggregate, `events` column). Ties in time are broken
-/// by event id, so a visit's entry and exit are the same on every run.
-const ATTRIBUTES: &[(&str, &str, &str)] = &[
-    ("entry_url", "first_value", "url"),
-    ("exit_url", "last_value", "url"),
-    ("entry_page", "first_value", "path"),
-    ("exit_page", "last_value", "path"),
-    ("source", "first_value", "source"),
-    ("medium", "first_value", "medium"),
-    ("utm_source", "first_value", "utm_source"),
-    ("utm_medium", "first_value", "utm_medium"),
-    ("utm_campaign", "first_value", "utm_campaign"),
-    ("country", "first_value", "country"),
-    ("region", "first_value", "region"),
-    ("city", "first_value", "city"),
-    ("device", "first_value", "device"),
-    ("browser", "first_value", "browser"),
-    ("os", "first_value", "os"),
-    ("pipeline_version", "first_value", "pipeline_version"),
+/// Which event of a visit a visit's value is taken from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// Its first event (time, then event id).
+    Entry,
+    /// Its last event (time, then event id).
+    Exit,
+}
+
+/// The visit's string columns: (column, which event it comes from, `events` column). Ties
+/// in time are broken by event id, so a visit's entry and exit are the same on every run.
+const ATTRIBUTES: &[(&str, Pick, &str)] = &[
+    ("entry_url", Pick::Entry, "url"),
+    ("exit_url", Pick::Exit, "url"),
+    ("entry_page", Pick::Entry, "path"),
+    ("exit_page", Pick::Exit, "path"),
+    ("source", Pick::Entry, "source"),
+    ("medium", Pick::Entry, "medium"),
+    ("utm_source", Pick::Entry, "utm_source"),
+    ("utm_medium", Pick::Entry, "utm_medium"),
+    ("utm_campaign", Pick::Entry, "utm_campaign"),
+    ("country", Pick::Entry, "country"),
+    ("region", Pick::Entry, "region"),
+    ("city", Pick::Entry, "city"),
+    ("device", Pick::Entry, "device"),
+    ("browser", Pick::Entry, "browser"),
+    ("os", Pick::Entry, "os"),
+    ("pipeline_version", Pick::Entry, "pipeline_version"),
 ];
 
 /// The visit's string columns, in the table's order (its schema reads them).
@@ -87,11 +96,11 @@ pub fn attribute_columns() -> impl Iterator<Item = &'static str> {
     ATTRIBUTES.iter().map(|(name, _, _)| *name)
 }
 
-/// `each` of (column, aggregate, `events` column), as one SQL select list.
-fn select_attributes(each: impl Fn(&str, &str, &str) -> String) -> String {
+/// `each` of (column, pick, `events` column), as one SQL select list.
+fn select_attributes(each: impl Fn(&str, Pick, &str) -> String) -> String {
     ATTRIBUTES
         .iter()
-        .map(|(name, aggregate, column)| each(name, aggregate, column))
+        .map(|(name, pick, column)| each(name, *pick, column))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -133,11 +142,10 @@ fn merge_query(segments: &str) -> String {
     // 8-11 s for 400k events (ordering keys kept per group, row by row), a quarter of that
     // this way (docs/BENCHMARKS.md, "Re-processing").
     let pick = |rank: &str, value: &str| format!("max(CASE WHEN {rank} = 1 THEN {value} END)");
-    let attributes = select_attributes(|name, aggregate, _| {
-        let rank = if aggregate == "last_value" {
-            "last_rank"
-        } else {
-            "starts_visit"
+    let attributes = select_attributes(|name, which, _| {
+        let rank = match which {
+            Pick::Exit => "last_rank",
+            Pick::Entry => "starts_visit",
         };
         format!("{} AS {name}", pick(rank, name))
     });

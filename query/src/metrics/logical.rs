@@ -367,27 +367,39 @@ async fn visit_metrics_by_events(ctx: &SessionContext, plan: &Plan) -> Result<Da
     if let Some(f) = &plan.filter {
         joined = joined.filter(predicate(f, &joined_dim))?;
     }
-    let (groups, present) = group_by(plan, "started_at", &joined_dim);
+    // Qualified: after the join only the visit's start is the time of a visit.
+    let (groups, present) = group_by(plan, "v.started_at", &joined_dim);
     let n = groups.len();
     // One row per visit and combination of dimension values, then the visit metrics.
     let mut columns = groups;
     columns.extend([
         side("v", "visit_key").alias("__visit"),
         side("v", "started_at").alias("__started"),
-        side("v", "visitor_id").alias("visitor_id"),
         side("v", "bounce").alias("bounce"),
         side("v", "duration_ms").alias("duration_ms"),
         side("v", "pageviews").alias("pageviews"),
-        side("v", "events").alias("events"),
     ]);
     let visits = joined.filter(present)?.select(columns)?.distinct()?;
     let groups = (0..n).map(|i| col(format!("d{i}"))).collect();
-    aggregate(visits, groups, visit_counts()?)
+    // Only the visit metrics: a whole visit's pageviews, events and visitors under an event
+    // dimension's value would be wrong there, and the event source answers those.
+    aggregate(visits, groups, visit_only()?)
 }
 
 /// The visit metrics over rows of visits (`sessions` or the join's distinct visits), and
 /// their event metrics, which queries about entry or exit pages read from here.
 fn visit_counts() -> Result<Vec<Metric>> {
+    let mut metrics = visit_only()?;
+    metrics.extend([
+        metric("visitors", count_distinct(col("visitor_id"))),
+        metric_then("pageviews", sum(col("pageviews")), int),
+        metric_then("events", sum(col("events")), int),
+    ]);
+    Ok(metrics)
+}
+
+/// Visits, bounce rate, visit duration and views per visit.
+fn visit_only() -> Result<Vec<Metric>> {
     let bounced = when(col("bounce"), lit(1.0f64)).otherwise(lit(0.0f64))?;
     let float = |c: &str| cast(col(c), DataType::Float64);
     Ok(vec![
@@ -401,9 +413,6 @@ fn visit_counts() -> Result<Vec<Metric>> {
         metric_then("views_per_visit", avg(float("pageviews")), |e| {
             round(vec![e, lit(2i64)])
         }),
-        metric("visitors", count_distinct(col("visitor_id"))),
-        metric_then("pageviews", sum(col("pageviews")), int),
-        metric_then("events", sum(col("events")), int),
     ])
 }
 
