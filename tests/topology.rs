@@ -22,11 +22,36 @@ use beacon::topology::{Topology, HUB_DOMAIN};
 use common::{beacon_bin, cli_in, client_for, http, sql_in, wait_for, Role};
 use serde_json::Value;
 
-/// Starts a `beacon` role with its log in `dir/<name>.log`.
+/// This test process's connection options for a server of `t`: its client password (in
+/// the URL) and, when client ports speak TLS, its CA.
+fn nats_options(t: &Topology, url: &str) -> async_nats::ConnectOptions {
+    beacon_proto::bus::options_with_ca(url, t.client_ca().as_deref())
+}
+
+/// The CA a role started in `root` must trust: the topology [`generate`] wrote there.
+fn client_ca(root: &Path) -> PathBuf {
+    root.join("nats").join("tls").join("ca.pem")
+}
+
+/// `beacon args` as [`cli_in`] does, trusting the topology's CA in `root`.
+fn cli(root: &Path, nats_url: Option<&str>, args: &[&str]) -> String {
+    let ca = client_ca(root);
+    common::cli_env(
+        root,
+        nats_url,
+        &[(beacon_proto::bus::NATS_CA_ENV, ca.as_os_str())],
+        args,
+    )
+    .unwrap_or_else(|stderr| panic!("beacon {args:?} failed: {stderr}"))
+}
+
+/// Starts a `beacon` role with its log in `dir/<name>.log` (`dir` is the test's root: the
+/// role trusts the topology's CA there).
 fn spawn(dir: &Path, name: &'static str, args: &[&str]) -> Role {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
     let child = Command::new(beacon_bin())
         .args(args)
+        .env(beacon_proto::bus::NATS_CA_ENV, client_ca(dir))
         .env("BEACON_METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info,async_nats=warn")
         .stdin(Stdio::null())
@@ -161,10 +186,10 @@ async fn start_servers(root: &Path, t: &Topology) -> (Vec<NatsServer>, NatsServe
     let hub = start_hub(t);
     let leaf = t.regions[0].start().expect("leaf");
     let hub_url = t.hub_url();
-    wait_jetstream(&hub_url, None).await;
+    wait_jetstream(t, &hub_url, None).await;
     let leaf_url = t.leaf_url(&t.regions[0].name).expect("leaf url");
-    wait_jetstream(&leaf_url, Some(HUB_DOMAIN)).await;
-    let provisioned = cli_in(
+    wait_jetstream(t, &leaf_url, Some(HUB_DOMAIN)).await;
+    let provisioned = cli(
         root,
         None,
         &[
@@ -186,9 +211,9 @@ fn start_hub(t: &Topology) -> Vec<NatsServer> {
 
 /// Until JetStream answers in `domain` (the hub's) through `url`: a hub with a leader, or a
 /// leaf linked to it.
-async fn wait_jetstream(url: &str, domain: Option<&str>) {
+async fn wait_jetstream(t: &Topology, url: &str, domain: Option<&str>) {
     let answers = || async {
-        let client = beacon_proto::bus::options(url)
+        let client = nats_options(t, url)
             .connect(beacon_proto::bus::servers(url))
             .await
             .ok()?;
@@ -212,7 +237,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Waits until the warehouse holds as many events as were acknowledged, then checks it
 /// holds exactly those, once each; how many.
-async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<String>) -> usize {
+async fn stored_exactly_once(warehouse: &Path, t: &Topology, acked: &HashSet<String>) -> usize {
     let count = || common::first_int(&sql_in(warehouse, "SELECT count(*) FROM raw_events"));
     let mut report = Instant::now() + Duration::from_secs(10);
     wait_for(Duration::from_secs(180), "backlog drained", || {
@@ -222,7 +247,7 @@ async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<St
             eprintln!(
                 "still draining: {n} of {} stored; the hub: {}",
                 acked.len(),
-                block_on(hub_state(hub_url))
+                block_on(hub_state(t))
             );
             report = Instant::now() + Duration::from_secs(10);
         }
@@ -239,8 +264,9 @@ async fn stored_exactly_once(warehouse: &Path, hub_url: &str, acked: &HashSet<St
 }
 
 /// The hub's events stream and ingest's consumer, for a failure message.
-async fn hub_state(hub_url: &str) -> String {
-    let Ok(client) = beacon_proto::bus::options(hub_url)
+async fn hub_state(t: &Topology) -> String {
+    let hub_url = &t.hub_url();
+    let Ok(client) = nats_options(t, hub_url)
         .connect(beacon_proto::bus::servers(hub_url))
         .await
     else {
@@ -376,7 +402,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         acked.extend(batch.iter().map(|e| e.event_id.clone()));
     }
     let total = acked.len();
-    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    let stored = stored_exactly_once(&warehouse, &t, &acked).await;
     let drained_in = restarted.elapsed();
     eprintln!(
         "hub outage: {total} sent, {} acknowledged, {} stored, 0 lost, 0 duplicated; {sent_during} \
@@ -410,7 +436,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
         acked.extend(batch.iter().map(|e| e.event_id.clone()));
     }
     let again = Instant::now();
-    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    let stored = stored_exactly_once(&warehouse, &t, &acked).await;
     eprintln!(
         "hub killed and restarted at once: {} acknowledged in all, {stored} stored, all {:.1} s after the last send",
         acked.len(),
@@ -438,7 +464,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
             acked.extend(batch.iter().map(|e| e.event_id.clone()));
         }
         let sent = Instant::now();
-        stored_exactly_once(&warehouse, &hub_url, &acked).await;
+        stored_exactly_once(&warehouse, &t, &acked).await;
         longest = longest.max(sent.elapsed());
         let n = &t.hub[i];
         hub[i] = n.start().expect("hub node back");
@@ -461,7 +487,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
 
     // The hub's stream: three replicas, its events only from the region's source.
     let js = async_nats::jetstream::new(
-        beacon_proto::bus::options(&hub_url)
+        nats_options(&t, &hub_url)
             .connect(beacon_proto::bus::servers(&hub_url))
             .await
             .expect("hub"),
@@ -531,7 +557,7 @@ async fn region_at_work(
     let ingest = spawn_ingest(root, t, warehouse);
     let edge_dir = root.join("edge");
     let (edge, endpoints) = spawn_edge(root, "edge", &leaf_url, &edge_dir, "127.0.0.1:0");
-    let created: Value = serde_json::from_str(&cli_in(
+    let created: Value = serde_json::from_str(&cli(
         root,
         Some(&hub_url),
         &["merchant", "create", merchant, "--format", "json"],
@@ -645,7 +671,6 @@ async fn a_region_collects_through_a_cut_link_with_both_sides_up() {
         links.push(link);
     }
     std::fs::write(&t.regions[0].config, leaf_conf).expect("leaf conf");
-    let hub_url = t.hub_url();
     let (_hub, _leaf) = start_servers(root, &t).await;
 
     let warehouse = root.join("warehouse");
@@ -714,7 +739,7 @@ async fn a_region_collects_through_a_cut_link_with_both_sides_up() {
         send(&client, &batch).await;
         acked.extend(batch.iter().map(|e| e.event_id.clone()));
     }
-    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    let stored = stored_exactly_once(&warehouse, &t, &acked).await;
     eprintln!(
         "link cut: {} sent, {} acknowledged, {stored} stored, 0 lost, 0 duplicated; {sent_during} \
          acknowledged during the {:.0} s cut (longest wait for an acknowledgement {:.3} s); all \
@@ -753,12 +778,12 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
         Duration::from_secs(120),
         "the harness says it is up",
     );
-    wait_jetstream(&t.hub_url(), None).await;
+    wait_jetstream(&t, &t.hub_url(), None).await;
     for region in ["eu", "us"] {
         let leaf = t.leaf_url(region).expect("leaf");
         // Each leaf has its own JetStream and reaches the hub's.
-        wait_jetstream(&leaf, None).await;
-        wait_jetstream(&leaf, Some(HUB_DOMAIN)).await;
+        wait_jetstream(&t, &leaf, None).await;
+        wait_jetstream(&t, &leaf, Some(HUB_DOMAIN)).await;
     }
     // The ports other servers connect to demand TLS and a password: nothing but the
     // topology's own servers (certificates of its CA, its passwords) joins the cluster or
@@ -800,11 +825,44 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
         .iter()
         .map(|n| n.client_port)
         .chain(t.regions.iter().map(|r| r.client_port));
+    let ca = t.client_ca().expect("client ports speak TLS");
     for port in anonymous {
-        let refused = async_nats::connect(format!("nats://127.0.0.1:{port}")).await;
+        let url = format!("tls://127.0.0.1:{port}");
+        let refused = beacon_proto::bus::options_with_ca(&url, Some(&ca))
+            .connect(url.as_str())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        assert_eq!(
+            refused,
+            Err(async_nats::ConnectErrorKind::AuthorizationViolation),
+            "port {port}: a TLS client without the password"
+        );
+        // ... and speak TLS only: a plain-text client gets no further than the INFO.
+        use std::io::{BufRead, Read, Write};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut reader = std::io::BufReader::new(stream);
+        let mut info = String::new();
+        let _ = reader.read_line(&mut info);
         assert!(
-            refused.is_err(),
-            "port {port} took a client without the password"
+            info.contains("\"tls_required\":true"),
+            "port {port}: {info}"
+        );
+        let password = t.links.as_ref().and_then(|l| l.client_password.clone());
+        let connect = format!(
+            "CONNECT {{\"verbose\":false,\"user\":\"beacon\",\"pass\":{:?}}}\r\nPING\r\n",
+            password.unwrap_or_default()
+        );
+        let _ = reader.get_mut().write_all(connect.as_bytes());
+        let mut answer = Vec::new();
+        let _ = reader.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.contains("PONG"),
+            "port {port} answered a plain-text client: {answer}"
         );
     }
     // A leaf that has a certificate of the topology's own CA but not the leaf password is
@@ -899,7 +957,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
         spawn_edge(root, name, &leaf_url, dir, &format!("127.0.0.1:{port}"))
     };
     let mut running: Vec<(Role, Endpoints)> = edges.iter().map(start_edge).collect();
-    let created: Value = serde_json::from_str(&cli_in(
+    let created: Value = serde_json::from_str(&cli(
         root,
         Some(&hub_url),
         &["merchant", "create", "rolling", "--format", "json"],
@@ -1014,7 +1072,7 @@ async fn a_rolling_restart_of_every_component_under_load_loses_and_duplicates_no
     let (mut acked, retries, longest) = sender.join().expect("sender");
     acked.insert(probe[0].event_id.clone());
     let stopped = Instant::now();
-    let stored = stored_exactly_once(&warehouse, &hub_url, &acked).await;
+    let stored = stored_exactly_once(&warehouse, &t, &acked).await;
     let drained = stopped.elapsed();
     eprintln!(
         "rolling restart of 2 edges, the leaf, 3 hub nodes and ingest in {:.1} s under load: \

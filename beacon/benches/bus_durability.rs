@@ -72,14 +72,17 @@ async fn run(sync: &str, messages: usize, payload: &bytes::Bytes) -> (f64, f64) 
     t.write(dir.path()).expect("write");
     let mut servers: Vec<_> = t.hub.iter().map(|n| n.start().expect("hub")).collect();
     servers.push(t.regions[0].start().expect("leaf"));
-    let hub_client = beacon_proto::bus::options(&t.hub_url())
+    let hub_client = beacon_proto::bus::options_with_ca(&t.hub_url(), t.client_ca().as_deref())
         .connect(beacon_proto::bus::servers(&t.hub_url()))
         .await
         .expect("hub");
-    let leaf_client = beacon_proto::bus::options(&t.leaf_url("eu").expect("leaf url"))
-        .connect(t.leaf_url("eu").expect("leaf url"))
-        .await
-        .expect("leaf");
+    let leaf_client = beacon_proto::bus::options_with_ca(
+        &t.leaf_url("eu").expect("leaf url"),
+        t.client_ca().as_deref(),
+    )
+    .connect(t.leaf_url("eu").expect("leaf url"))
+    .await
+    .expect("leaf");
     let hub = jetstream::new(hub_client);
     let local = jetstream::new(leaf_client.clone());
     wait_jetstream(&hub).await;

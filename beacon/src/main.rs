@@ -1409,6 +1409,14 @@ fn print_topology(t: &beacon::topology::Topology) {
     {
         println!("(the URLs carry the client password: keep them out of shared logs)");
     }
+    if let Some(ca) = t.client_ca() {
+        // Every role and CLI command below needs it to trust the servers' TLS certificates.
+        println!(
+            "  export {}={}",
+            beacon_proto::bus::NATS_CA_ENV,
+            ca.display()
+        );
+    }
     println!("hub (ingest, admin, api, merchants): {hub}");
     for r in &t.regions {
         println!(

@@ -20,9 +20,10 @@
 //! topology's own (written under `tls/` by [`Topology::write`]; every server's certificate is
 //! signed by it and names the host) and a password per link kind, so that nothing but the
 //! topology's own servers can join the hub's cluster or attach as a leaf and read or inject
-//! events. Clients (Beacon's roles, operators) authenticate on every client port with a
+//! events. Client ports speak TLS only (the same certificates; clients trust the CA through
+//! `BEACON_NATS_CA`), and clients (Beacon's roles, operators) authenticate there with a
 //! password of the topology's own (user [`CLIENT_USER`]), which the URLs it gives out carry
-//! (`beacon_proto::bus::options` reads it back); client ports are not TLS yet.
+//! (`beacon_proto::bus::options` reads both back).
 //!
 //! [`Topology::plan`] lays a topology out on one machine (free loopback ports, stores under
 //! one directory): the development harness (`beacon topology up`) and the tests run it as
@@ -131,6 +132,10 @@ pub struct Links {
     /// client ports take anyone who reaches them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_password: Option<String>,
+    /// Client ports speak TLS only (the servers' certificates, clients trusting `ca.pem`:
+    /// [`Topology::client_ca`]); the URLs say `tls://`. False in topologies generated before.
+    #[serde(default)]
+    pub client_tls: bool,
 }
 
 /// Passwords never reach logs or panic messages.
@@ -150,14 +155,22 @@ impl std::fmt::Debug for Links {
 
 impl Links {
     /// The `authorization` block of a server's client port, if clients must authenticate.
-    fn client_block(&self) -> String {
-        match &self.client_password {
-            Some(p) => format!(
+    fn client_block(&self, server: &str) -> String {
+        let mut block = String::new();
+        if let Some(p) = &self.client_password {
+            block += &format!(
                 "# clients (edges, ingest, the other roles) authenticate as user {CLIENT_USER}\n\
                  authorization {{\n  user: {CLIENT_USER}\n  password: {p:?}\n}}\n"
-            ),
-            None => String::new(),
+            );
         }
+        if self.client_tls {
+            let (cert, key) = self.cert(server);
+            block += &format!(
+                "# clients connect with TLS only, trusting this topology's CA (BEACON_NATS_CA)\n\
+                 tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\n"
+            );
+        }
+        block
     }
 
     fn cert(&self, server: &str) -> (String, String) {
@@ -259,6 +272,7 @@ impl Topology {
                 route_password: random_secret(),
                 leaf_password: random_secret(),
                 client_password: Some(random_secret()),
+                client_tls: true,
             }),
         })
     }
@@ -266,32 +280,43 @@ impl Topology {
     /// The URLs ingest, control and queries connect with (any node will do; the client
     /// fails over between them).
     pub fn hub_url(&self) -> String {
-        let user = self.client_user();
         self.hub
             .iter()
-            .map(|n| format!("nats://{user}{}:{}", self.host, n.client_port))
+            .map(|n| self.client_url(n.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// The URL of a region's leaf, for its edges (`beacon edge --hub-domain hub`).
     pub fn leaf_url(&self, region: &str) -> Option<String> {
-        self.regions.iter().find(|r| r.name == region).map(|r| {
-            format!(
-                "nats://{}{}:{}",
-                self.client_user(),
-                self.host,
-                r.client_port
-            )
-        })
+        self.regions
+            .iter()
+            .find(|r| r.name == region)
+            .map(|r| self.client_url(r.client_port))
     }
 
-    /// `beacon:<password>@` when clients authenticate (`bus::options` reads it back).
-    fn client_user(&self) -> String {
-        match self.links.as_ref().and_then(|l| l.client_password.as_ref()) {
+    /// A client port's URL: `tls://` when it speaks TLS, and `beacon:<password>@` when
+    /// clients authenticate (`beacon_proto::bus::options` reads both back).
+    fn client_url(&self, port: u16) -> String {
+        let scheme = if self.client_ca().is_some() {
+            "tls"
+        } else {
+            "nats"
+        };
+        let user = match self.links.as_ref().and_then(|l| l.client_password.as_ref()) {
             Some(p) => format!("{CLIENT_USER}:{p}@"),
             None => String::new(),
-        }
+        };
+        format!("{scheme}://{user}{}:{port}", self.host)
+    }
+
+    /// The CA that clients must trust when client ports speak TLS: what
+    /// [`beacon_proto::bus::NATS_CA_ENV`] names for every role.
+    pub fn client_ca(&self) -> Option<PathBuf> {
+        self.links
+            .as_ref()
+            .filter(|l| l.client_tls)
+            .map(|l| l.tls_dir.join("ca.pem"))
     }
 
     /// The leaves' JetStream domains, for `beacon ingest --source-domain`.
@@ -333,7 +358,7 @@ impl Topology {
         let client_security = self
             .links
             .as_ref()
-            .map(Links::client_block)
+            .map(|l| l.client_block(&node.name))
             .unwrap_or_default();
         format!(
             "# Beacon hub node {name} (generated by `beacon topology generate`).\n\
@@ -386,7 +411,7 @@ impl Topology {
         let client_security = self
             .links
             .as_ref()
-            .map(Links::client_block)
+            .map(|l| l.client_block(&format!("leaf-{}", region.name)))
             .unwrap_or_default();
         format!(
             "# Beacon edge region {name}'s leaf (generated by `beacon topology generate`).\n\
@@ -580,7 +605,14 @@ mod tests {
             format!("authorization {{\n  user: beacon\n  password: {client_password:?}");
         assert!(hub.contains(&client_auth), "{hub}");
         assert!(leaf.contains(&client_auth), "{leaf}");
-        let with_password = format!("nats://beacon:{client_password}@127.0.0.1:");
+        // ... over TLS only, with each server's own certificate.
+        assert!(
+            hub.contains("tls {\n  cert_file:") && hub.contains("hub-2.pem"),
+            "{hub}"
+        );
+        assert!(leaf.contains("tls {\n  cert_file:"), "{leaf}");
+        assert_eq!(t.client_ca(), Some(links.tls_dir.join("ca.pem")));
+        let with_password = format!("tls://beacon:{client_password}@127.0.0.1:");
         assert!(t
             .hub_url()
             .split(',')

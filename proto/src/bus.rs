@@ -19,20 +19,44 @@ pub fn servers(url: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Connection options for a NATS URL setting: a user and password written into its URLs
-/// (`nats://user:password@host:4222`, as a secured topology gives them out) become the
-/// connection's, since the client does not take them from the address by itself.
+/// The environment variable naming the CA certificate (PEM) that a NATS server's TLS
+/// certificate must chain to: a generated topology's `tls/ca.pem`. Set, every connection a
+/// role makes requires TLS and trusts that CA (and only it).
+pub const NATS_CA_ENV: &str = "BEACON_NATS_CA";
+
+/// Connection options for a NATS URL setting, with the CA of [`NATS_CA_ENV`] if set.
 #[cfg(feature = "nats")]
 pub fn options(url: &str) -> async_nats::ConnectOptions {
+    let ca = std::env::var_os(NATS_CA_ENV).filter(|v| !v.is_empty());
+    options_with_ca(url, ca.as_deref().map(std::path::Path::new))
+}
+
+/// Connection options for a NATS URL setting: a user and password written into its URLs
+/// (`nats://user:password@host:4222`, as a secured topology gives them out) become the
+/// connection's, since the client does not take them from the address by itself; with
+/// `ca`, TLS is required and the server's certificate must chain to it.
+#[cfg(feature = "nats")]
+pub fn options_with_ca(url: &str, ca: Option<&std::path::Path>) -> async_nats::ConnectOptions {
     let credentials = servers(url).into_iter().find_map(|s| {
         let addr: async_nats::ServerAddr = s.parse().ok()?;
         Some((addr.username()?.to_string(), addr.password()?.to_string()))
     });
-    match credentials {
+    let options = match credentials {
         Some((user, password)) => {
             async_nats::ConnectOptions::with_user_and_password(user, password)
         }
         None => async_nats::ConnectOptions::new(),
+    };
+    match ca {
+        Some(ca) => {
+            // rustls cannot choose between the two crypto providers the dependency tree
+            // enables; ring is the one QUIC uses. (An error: one is installed already.)
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            options
+                .add_root_certificates(ca.to_path_buf())
+                .require_tls(true)
+        }
+        None => options,
     }
 }
 

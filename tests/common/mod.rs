@@ -427,10 +427,21 @@ pub fn cli_in(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> String 
 
 /// As [`cli_in`]: its stdout, or its stderr when it fails.
 pub fn cli_try(data_dir: &Path, nats_url: Option<&str>, args: &[&str]) -> Result<String, String> {
+    cli_env(data_dir, nats_url, &[], args)
+}
+
+/// As [`cli_try`], with more environment variables (`(name, value)`).
+pub fn cli_env(
+    data_dir: &Path,
+    nats_url: Option<&str>,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&str],
+) -> Result<String, String> {
     let mut cmd = Command::new(beacon_bin());
     cmd.args(args)
         .env("BEACON_DATA_DIR", data_dir)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     if let Some(url) = nats_url {
         cmd.env("BEACON_NATS_URL", url);
     }
