@@ -595,12 +595,17 @@ struct Link {
 }
 
 impl Link {
-    async fn start(to_port: u16) -> Self {
-        // On 127.0.0.2: a port of its own can never be one the topology planned (on
-        // 127.0.0.1) for a server that has not started yet.
-        let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
-            .await
-            .expect("bind link");
+    /// A relay to `to_port` on a port of its own, never one of `planned` (the topology's
+    /// servers, not all started yet). On 127.0.0.1: the servers' certificates name it.
+    async fn start(to_port: u16, planned: &[u16]) -> Self {
+        let listener = loop {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind link");
+            if !planned.contains(&l.local_addr().expect("addr").port()) {
+                break l;
+            }
+        };
         let port = listener.local_addr().expect("addr").port();
         let cut = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -660,11 +665,13 @@ async fn a_region_collects_through_a_cut_link_with_both_sides_up() {
     // its direct leaf addresses (else the leaf would reconnect around the links).
     let mut links = Vec::new();
     let mut leaf_conf = std::fs::read_to_string(&t.regions[0].config).expect("leaf conf");
+    let planned = t.ports();
     for node in &t.hub {
-        let link = Link::start(node.leaf_port).await;
-        let direct = format!("nats-leaf://127.0.0.1:{}\"", node.leaf_port);
+        let link = Link::start(node.leaf_port, &planned).await;
+        // (After the leaf password: `nats-leaf://leaf:<password>@127.0.0.1:<port>`.)
+        let direct = format!("@127.0.0.1:{}\"", node.leaf_port);
         assert!(leaf_conf.contains(&direct), "{leaf_conf}");
-        leaf_conf = leaf_conf.replace(&direct, &format!("nats-leaf://127.0.0.2:{}\"", link.port));
+        leaf_conf = leaf_conf.replace(&direct, &format!("@127.0.0.1:{}\"", link.port));
         let conf = std::fs::read_to_string(&node.config).expect("hub conf");
         let conf = conf.replace("leafnodes {\n", "leafnodes {\n  no_advertise: true\n");
         std::fs::write(&node.config, conf).expect("hub conf");

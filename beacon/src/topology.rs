@@ -319,6 +319,19 @@ impl Topology {
             .map(|l| l.tls_dir.join("ca.pem"))
     }
 
+    /// Every port the topology's servers listen on.
+    pub fn ports(&self) -> Vec<u16> {
+        self.hub
+            .iter()
+            .flat_map(|n| [n.client_port, n.cluster_port, n.leaf_port, n.monitor_port])
+            .chain(
+                self.regions
+                    .iter()
+                    .flat_map(|r| [r.client_port, r.monitor_port]),
+            )
+            .collect()
+    }
+
     /// The leaves' JetStream domains, for `beacon ingest --source-domain`.
     pub fn source_domains(&self) -> Vec<String> {
         self.regions.iter().map(|r| r.domain.clone()).collect()
@@ -558,17 +571,9 @@ mod tests {
     fn a_plan_has_distinct_ports_routes_to_every_node_and_leaves_that_deny_event_subjects() {
         let dir = tempfile::tempdir().expect("dir");
         let t = Topology::plan(dir.path(), 3, &["eu".into(), "us".into()], "always").expect("plan");
-        let mut ports: Vec<u16> = t
-            .hub
-            .iter()
-            .flat_map(|n| [n.client_port, n.cluster_port, n.leaf_port, n.monitor_port])
-            .chain(
-                t.regions
-                    .iter()
-                    .flat_map(|r| [r.client_port, r.monitor_port]),
-            )
-            .collect();
+        let mut ports = t.ports();
         let n = ports.len();
+        assert_eq!(n, 3 * 4 + 2 * 2);
         ports.sort_unstable();
         ports.dedup();
         assert_eq!(ports.len(), n, "every port distinct");
