@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, env = "BEACON_EDGE_LISTEN", default_value = "127.0.0.1:0")]
         edge_listen: SocketAddr,
         /// Use this NATS server instead of starting one.
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: Option<String>,
         /// Directory of example plugin components, shown in the start-up message.
         #[arg(long)]
@@ -93,7 +93,7 @@ enum Command {
     },
     /// Edge role: RSocket/QUIC and HTTP collectors publishing to JetStream.
     Edge {
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: String,
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
@@ -113,7 +113,7 @@ enum Command {
     /// Ingest role: JetStream -> Iceberg, exactly once.
     #[cfg(feature = "full")]
     Ingest {
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: String,
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
@@ -211,7 +211,7 @@ enum Command {
     /// Metrics API: `POST /api/v2/query` (Plausible Stats API v2 shape), per-merchant read tokens.
     #[cfg(feature = "full")]
     Api {
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: String,
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
@@ -228,7 +228,7 @@ enum Command {
     },
     /// Admin HTTP API: plugin registry and pipelines for operators' tools (admin tokens).
     Admin {
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: String,
         #[arg(long, env = "BEACON_DATA_DIR")]
         data_dir: PathBuf,
@@ -702,7 +702,7 @@ enum TopologyCommand {
     /// run once the hub is up, best before the roles first start.
     Provision {
         /// The hub (any node, or every node comma-separated).
-        #[arg(long, env = "BEACON_NATS_URL")]
+        #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
         nats_url: String,
         #[arg(long, default_value_t = 3)]
         replicas: usize,
@@ -881,7 +881,7 @@ impl EdgeArgs {
 #[derive(clap::Args, Clone)]
 pub struct NatsTarget {
     /// NATS URL; defaults to the one in `<data-dir>/endpoints.json`.
-    #[arg(long, env = "BEACON_NATS_URL")]
+    #[arg(long, env = "BEACON_NATS_URL", hide_env_values = true)]
     nats_url: Option<String>,
     #[arg(long, env = "BEACON_DATA_DIR", default_value = ".beacon-data")]
     pub data_dir: PathBuf,

@@ -149,6 +149,7 @@ impl std::fmt::Debug for Links {
                 "client_password",
                 &self.client_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("client_tls", &self.client_tls)
             .finish()
     }
 }
@@ -485,7 +486,8 @@ impl Topology {
             .chain(self.regions.iter().map(|r| format!("leaf-{}", r.name)));
         for server in servers {
             let (cert_path, key_path) = links.cert(&server);
-            if Path::new(&cert_path).exists() && Path::new(&key_path).exists() {
+            // Kept only beside the CA that signed them: a new CA re-issues every one.
+            if existing && Path::new(&cert_path).exists() && Path::new(&key_path).exists() {
                 continue;
             }
             let key = KeyPair::generate()?;
@@ -665,6 +667,16 @@ mod tests {
         for server in ["hub-1", "leaf-us"] {
             verify(&ca, &links.tls_dir.join(format!("{server}.pem")))
                 .unwrap_or_else(|e| panic!("{server}: {e}"));
+        }
+        // Without its CA certificate the set is incomplete: a new CA re-issues every
+        // server's certificate, so none is left signed by the old one.
+        std::fs::remove_file(links.tls_dir.join("ca.pem")).expect("rm ca");
+        t.write(dir.path()).expect("write with a new CA");
+        let new_ca = std::fs::read(links.tls_dir.join("ca.pem")).expect("new ca");
+        assert_ne!(new_ca, ca);
+        for server in ["hub-1", "hub-3", "leaf-eu", "leaf-us"] {
+            verify(&new_ca, &links.tls_dir.join(format!("{server}.pem")))
+                .unwrap_or_else(|e| panic!("{server} after a new CA: {e}"));
         }
         // And a certificate of another CA does not pass that check.
         let other = tempfile::tempdir().expect("tempdir");

@@ -47,15 +47,14 @@ pub fn options_with_ca(url: &str, ca: Option<&std::path::Path>) -> async_nats::C
         }
         None => async_nats::ConnectOptions::new(),
     };
+    // rustls cannot choose between the two crypto providers the dependency tree enables,
+    // and any connection may turn out to need TLS (a `tls://` URL, a server that requires
+    // it): ring, the one QUIC uses. (An error: one is installed already.)
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match ca {
-        Some(ca) => {
-            // rustls cannot choose between the two crypto providers the dependency tree
-            // enables; ring is the one QUIC uses. (An error: one is installed already.)
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            options
-                .add_root_certificates(ca.to_path_buf())
-                .require_tls(true)
-        }
+        Some(ca) => options
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true),
         None => options,
     }
 }
@@ -65,14 +64,20 @@ pub fn redact(url: &str) -> String {
     servers(url)
         .into_iter()
         .map(|s| {
-            let Some((scheme, rest)) = s.split_once("://") else {
-                return s.to_string();
+            // Without a scheme the client reads `nats://` in front, credentials included.
+            let (scheme, rest) = match s.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), s),
             };
             let authority_end = rest.find('/').unwrap_or(rest.len());
             match rest[..authority_end].rsplit_once('@') {
+                // `user:password@`: the user stays; a lone `token@` is all secret.
                 Some((userinfo, host)) => {
-                    let user = userinfo.split(':').next().unwrap_or_default();
-                    format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+                    let user = match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{user}:***"),
+                        None => "***".to_string(),
+                    };
+                    format!("{scheme}{user}@{host}{}", &rest[authority_end..])
                 }
                 None => s.to_string(),
             }
@@ -556,6 +561,8 @@ mod tests {
         );
         assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redact("beacon:pw@h:4222"), "beacon:***@h:4222");
+        assert_eq!(redact("tls://s3cret@h:4222"), "tls://***@h:4222");
     }
 
     #[test]
