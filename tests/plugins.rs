@@ -501,8 +501,41 @@ fn a_contract_1_0_component_runs_beside_batch_plugins() {
     assert_eq!(goals, page_views);
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Many small properties cost the host far more memory than their bytes in the changes
+/// buffer (two `String`s and a map entry each): the output cap charges for that, and stops
+/// a record while its edits are applied, so a small buffer cannot make a huge output.
+#[test]
+fn many_tiny_properties_count_against_the_output_cap() {
+    use beacon_plugin_abi::{Edit, Origin, Writer};
+    let limits = SandboxLimits {
+        max_output_bytes: 64 << 10,
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::new(limits, None).expect("runtime");
+    let plugin = load(&runtime, "beacon_plugin_malformed").expect("load");
+    let events = sample(3);
+    let keys: Vec<String> = (0..2_000).map(|i| format!("k{i}")).collect();
+    let changes = |n: usize| {
+        let mut w = Writer::new();
+        w.record(Origin::Input(0));
+        for k in &keys[..n] {
+            w.edit(Edit::SetProperty(k, ""));
+        }
+        w.finish()
+    };
+    // 2,000 properties in about 20 KiB of changes: under the 64 KiB cap as bytes, over it
+    // as what the host builds from them.
+    let big = changes(2_000);
+    assert!(big.len() < 32 << 10, "{}", big.len());
+    match plugin.process(&hex::encode(&big), &events) {
+        Err(PluginError::OutputTooLarge { what: "bytes", .. }) => {}
+        other => panic!("expected OutputTooLarge, got {other:?}"),
+    }
+    // A few hundred still pass.
+    let out = plugin
+        .process(&hex::encode(changes(200)), &events)
+        .expect("200 properties");
+    assert!(out[0].properties.len() >= 200);
 }
 
 /// Whatever changes buffer a batch plugin returns, the host either applies it or fails that
@@ -528,7 +561,7 @@ fn malformed_changes_from_a_component_fail_only_its_batch() {
         w.finish()
     };
     let out = plugin
-        .process(&hex(&valid), &events)
+        .process(&hex::encode(&valid), &events)
         .expect("valid changes");
     assert_eq!(out.len(), 2);
     assert_eq!(out[0].event_id, events[1].event_id);
@@ -539,7 +572,7 @@ fn malformed_changes_from_a_component_fail_only_its_batch() {
         ("new-1", "split")
     );
 
-    let invalid = |bytes: &[u8], needle: &str| match plugin.process(&hex(bytes), &events) {
+    let invalid = |bytes: &[u8], needle: &str| match plugin.process(&hex::encode(bytes), &events) {
         Err(PluginError::InvalidOutput(m)) => assert!(m.contains(needle), "{needle}: {m}"),
         other => panic!("{needle}: expected InvalidOutput, got {other:?}"),
     };
@@ -550,7 +583,7 @@ fn malformed_changes_from_a_component_fail_only_its_batch() {
     invalid(&v, "input event 3 does not exist");
     // Too many output events is a resource breach, as for record plugins (it counts towards
     // quarantine), checked before anything is allocated for them.
-    let too_many = |bytes: &[u8]| match plugin.process(&hex(bytes), &events) {
+    let too_many = |bytes: &[u8]| match plugin.process(&hex::encode(bytes), &events) {
         Err(PluginError::OutputTooLarge { what: "events", .. }) => {}
         other => panic!("expected OutputTooLarge, got {other:?}"),
     };
@@ -596,7 +629,7 @@ fn malformed_changes_from_a_component_fail_only_its_batch() {
                 break;
             }
         }
-        match plugin.process(&hex(&v), &events) {
+        match plugin.process(&hex::encode(&v), &events) {
             Ok(out) => {
                 applied += 1;
                 assert!(out.len() <= SandboxLimits::default().max_output_events(3));
@@ -611,7 +644,7 @@ fn malformed_changes_from_a_component_fail_only_its_batch() {
     );
     assert_eq!(
         plugin
-            .process(&hex(&valid), &events)
+            .process(&hex::encode(&valid), &events)
             .expect("still works")
             .len(),
         2
@@ -637,7 +670,7 @@ fn more_concurrent_calls_than_pool_slots_wait_their_turn() {
             s.spawn(move || {
                 for _ in 0..20 {
                     let out = plugin.process("", &events).expect("pooled call");
-                    assert!(out == *expected);
+                    assert_eq!(out, *expected);
                 }
             });
         }

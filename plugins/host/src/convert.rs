@@ -101,12 +101,17 @@ pub(crate) fn from_guest(e: EventResult) -> Event {
     }
 }
 
+/// What a property costs in host memory beyond its bytes (two `String`s and a map entry):
+/// charged against the output cap, so many tiny properties cannot pass it at a small
+/// fraction of what they take.
+const PROPERTY_OVERHEAD: usize = 64;
+
 pub(crate) fn approx_size(e: &EventResult) -> usize {
-    event_size!(e, 0)
+    event_size!(e, PROPERTY_OVERHEAD)
 }
 
 pub(crate) fn host_size(e: &Event) -> usize {
-    event_size!(e, 0)
+    event_size!(e, PROPERTY_OVERHEAD)
 }
 
 /// The packed batch buffer of `events` (contract 1.1).
@@ -190,8 +195,9 @@ fn set_str(e: &mut Event, f: Str, v: &str) {
         Str::EventId => &mut e.event_id,
         Str::MerchantId => &mut e.merchant_id,
         Str::Name => &mut e.name,
+        // Reuses the field's buffer when it has one.
         f => match optional(e, f) {
-            Some(o) => o.insert(String::new()),
+            Some(o) => o.get_or_insert_with(String::new),
             None => return,
         },
     };
@@ -219,6 +225,9 @@ pub(crate) fn apply(
                 source.get(i, remaining[i] == 0)
             }
         };
+        // What the record's properties add, checked as they come: one record can carry
+        // millions of property edits, which must fail before they are all built.
+        let mut adding = 0usize;
         for edit in edits {
             match edit {
                 Edit::SetStr(f, v) => set_str(&mut e, f, v),
@@ -232,7 +241,23 @@ pub(crate) fn apply(
                 Edit::SetInt(Int::RevenueMicros, v) => e.revenue_micros = Some(v),
                 Edit::ClearInt(_) => e.revenue_micros = None,
                 Edit::SetProperty(k, v) => {
-                    e.properties.insert(k.to_string(), v.to_string());
+                    adding = adding.saturating_add(PROPERTY_OVERHEAD + k.len() + v.len());
+                    if bytes.saturating_add(adding) > max_bytes {
+                        return Err(PluginError::OutputTooLarge {
+                            what: "bytes",
+                            actual: bytes.saturating_add(adding),
+                            max: max_bytes,
+                        });
+                    }
+                    match e.properties.get_mut(k) {
+                        Some(old) => {
+                            old.clear();
+                            old.push_str(v);
+                        }
+                        None => {
+                            e.properties.insert(k.to_string(), v.to_string());
+                        }
+                    }
                 }
                 Edit::RemoveProperty(k) => {
                     e.properties.remove(k);

@@ -462,12 +462,16 @@ impl Runtime {
         // A component implements one of the two worlds; the packed one is tried first.
         let entry = match batch_bindings::BatchProcessorPre::new(instance_pre.clone()) {
             Ok(pre) => Entry::Batch(pre),
-            Err(_) => Entry::Records(bindings::ProcessorPre::new(instance_pre).map_err(|e| {
-                PluginError::Invalid(format!(
-                    "implements neither beacon:plugin/batch-processor nor \
-                     beacon:plugin/processor: {e:#}"
-                ))
-            })?),
+            // Both reasons: a component meant as a batch plugin learns what is wrong with
+            // its `process-batch`, not only why it is no record plugin.
+            Err(batch) => {
+                Entry::Records(bindings::ProcessorPre::new(instance_pre).map_err(|e| {
+                    PluginError::Invalid(format!(
+                        "implements neither beacon:plugin/batch-processor ({batch:#}) nor \
+                         beacon:plugin/processor ({e:#})"
+                    ))
+                })?)
+            }
         };
 
         let plugin = Arc::new(Plugin {
