@@ -88,6 +88,33 @@ async fn oversized_and_malformed_frames_close_only_that_connection() {
         .expect("same connection still works");
     assert_eq!(ack.accepted, 5);
 
+    // The same for a packed batch whose string reference points past its strings: the
+    // header is fine, the first event is not.
+    let mut packed = wire::encode_batch(&events(6, 2), wire::BatchEncoding::Packed).to_vec();
+    packed[20 + 7] = 0xff;
+    match c.request(Bytes::from(packed)).await {
+        Err(SdkError::Remote { code, message }) => {
+            assert_eq!(code, wire::ERR_INVALID);
+            assert!(
+                message.contains("packed batch: string out of bounds"),
+                "{message}"
+            );
+        }
+        other => panic!("expected INVALID, got {other:?}"),
+    }
+    // A client that still sends JSON batches is served beside packed ones.
+    let json = common::client_encoding(&cluster.endpoints, &key, wire::BatchEncoding::Json)
+        .await
+        .expect("connect");
+    assert_eq!(
+        json.send(&events(7, 3)).await.expect("json batch").accepted,
+        3
+    );
+    assert_eq!(
+        c.send(&events(8, 4)).await.expect("packed batch").accepted,
+        4
+    );
+
     // The bystander never noticed.
     let ack = bystander.send(&events(5, 20)).await.expect("bystander");
     assert_eq!(ack.accepted, 20);
@@ -97,6 +124,19 @@ async fn oversized_and_malformed_frames_close_only_that_connection() {
     wait_for(Duration::from_secs(60), "decode failure recorded", || {
         (cl.count("SELECT count(*) FROM failed_events WHERE stage = 'decode' AND payload LIKE '%this is not json%'") == 1)
             .then_some(())
+    });
+    // The packed one as hex ("BPB1" is 42504231), with its reason.
+    wait_for(
+        Duration::from_secs(60),
+        "packed decode failure recorded",
+        || {
+            (cl.count("SELECT count(*) FROM failed_events WHERE stage = 'decode' AND payload LIKE 'hex:42504231%' AND reason LIKE '%string out of bounds%'") == 1)
+            .then_some(())
+        },
+    );
+    // Every good batch stored: 5 + 20 + 3 + 4.
+    wait_for(Duration::from_secs(60), "good batches stored", || {
+        (cl.count("SELECT count(*) FROM raw_events") == 32).then_some(())
     });
 }
 

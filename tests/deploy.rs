@@ -43,6 +43,69 @@ fn assert_beacon_accepts(args: &[String], origin: &str) {
     );
 }
 
+/// The beacon containers (command line, whether their NATS URL comes from a Secret) and the
+/// nats-server configurations of the Kubernetes manifests, read with PyYAML (installed with
+/// kubernetes-validate).
+fn manifest_parts(manifests: &[PathBuf]) -> Value {
+    let script = r#"
+import json, sys, yaml
+out = {"beacon": [], "nats": []}
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc:
+            continue
+        if doc["kind"] == "ConfigMap" and "nats.conf" in doc.get("data", {}):
+            out["nats"].append([path, doc["metadata"]["name"], doc["data"]["nats.conf"]])
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []):
+            if "beacon" in c["image"]:
+                url = [e for e in c.get("env", []) if e["name"] == "BEACON_NATS_URL"]
+                secret = bool(url) and "secretKeyRef" in url[0].get("valueFrom", {})
+                out["beacon"].append([path, c["name"], c.get("args", []), secret])
+print(json.dumps(out))
+"#;
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(script)
+        .args(manifests)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The files of Secret nats-tls (`ca.crt`, `tls.crt`, `tls.key`) in a directory under `dir`,
+/// made as docs/OPERATIONS.md says: `beacon topology certs` naming `hosts`.
+fn nats_tls(dir: &Path, hosts: &[&str]) -> PathBuf {
+    let certs = dir.join("certs");
+    let mut cmd = Command::new(beacon_bin());
+    cmd.args(["topology", "certs", "--dir"]).arg(&certs);
+    for h in hosts {
+        cmd.args(["--host", h]);
+    }
+    let out = cmd.output().expect("beacon topology certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("create secret generic nats-tls"));
+    let secret = dir.join("nats-tls");
+    std::fs::create_dir_all(&secret).expect("mkdir");
+    for (from, to) in [
+        ("ca.pem", "ca.crt"),
+        ("server.pem", "tls.crt"),
+        ("server-key.pem", "tls.key"),
+    ] {
+        std::fs::copy(certs.join(from), secret.join(to)).expect("copy");
+    }
+    secret
+}
+
 #[test]
 fn kubernetes_manifests_match_the_api_schemas_and_the_cli() {
     let dir = deploy_dir().join("kubernetes");
@@ -68,35 +131,7 @@ fn kubernetes_manifests_match_the_api_schemas_and_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // The beacon containers' command lines and the nats-server configurations, read with
-    // PyYAML (installed with kubernetes-validate).
-    let script = r#"
-import json, sys, yaml
-out = {"beacon": [], "nats": []}
-for path in sys.argv[1:]:
-    for doc in yaml.safe_load_all(open(path)):
-        if not doc:
-            continue
-        if doc["kind"] == "ConfigMap" and "nats.conf" in doc.get("data", {}):
-            out["nats"].append([path, doc["metadata"]["name"], doc["data"]["nats.conf"]])
-        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
-        for c in spec.get("containers", []):
-            if "beacon" in c["image"]:
-                out["beacon"].append([path, c["name"], c.get("args", [])])
-print(json.dumps(out))
-"#;
-    let out = Command::new(venv_python())
-        .arg("-c")
-        .arg(script)
-        .args(&manifests)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let found: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let found = manifest_parts(&manifests);
     let containers = found["beacon"].as_array().expect("containers");
     assert!(containers.len() >= 5, "{found}");
     for c in containers {
@@ -107,30 +142,58 @@ print(json.dumps(out))
             .map(|a| a.as_str().expect("arg").to_string())
             .collect();
         assert_beacon_accepts(&args, &format!("{} {}", c[0], c[1]));
+        // The URL carries the client password: from a Secret, never written in a manifest.
+        assert_eq!(
+            c[3], true,
+            "{} {}: BEACON_NATS_URL not from a Secret",
+            c[0], c[1]
+        );
     }
     let configs = found["nats"].as_array().expect("nats configs");
     assert!(configs.len() >= 2, "{found}");
     let tmp = tempfile::tempdir().expect("tmp");
+    let secret = nats_tls(tmp.path(), &["*.nats-hub.beacon.svc", "*.beacon.svc"]);
     let nats = beacon::nats::NatsServer::find_binary().expect("nats-server");
-    for c in configs {
-        let file = tmp
-            .path()
-            .join(format!("{}.conf", c[1].as_str().expect("name")));
-        std::fs::write(&file, c[2].as_str().expect("conf")).expect("write");
-        let out = Command::new(&nats)
-            .env("POD_NAME", "nats-hub-0")
+    let check = |file: &Path, password: Option<&str>| {
+        let mut cmd = Command::new(&nats);
+        cmd.env("POD_NAME", "nats-hub-0")
+            .env_remove("NATS_CLIENT_PASSWORD")
             .arg("-t")
             .arg("-c")
-            .arg(&file)
-            .output()
-            .expect("nats-server -t");
+            .arg(file);
+        if let Some(p) = password {
+            cmd.env("NATS_CLIENT_PASSWORD", p);
+        }
+        cmd.output().expect("nats-server -t")
+    };
+    for c in configs {
+        let name = c[1].as_str().expect("name");
+        let conf = c[2].as_str().expect("conf");
+        // Secured: clients with TLS and a password, other servers with mutual TLS.
+        assert!(
+            conf.contains("password: $NATS_CLIENT_PASSWORD") && conf.contains("ca_file:"),
+            "{name}: {conf}"
+        );
+        let listeners = conf.matches("listen: 0.0.0.0:6222").count()
+            + conf.matches("listen: 0.0.0.0:7422").count();
+        let verifying =
+            conf.matches("verify: true").count() + conf.matches("verify_and_map: true").count();
+        assert_eq!(verifying, listeners, "{name}: {conf}");
+        let file = tmp.path().join(format!("{name}.conf"));
+        let local = conf.replace("/etc/nats-tls/", &format!("{}/", secret.display()));
+        std::fs::write(&file, local).expect("write");
+        let out = check(&file, Some("a-password"));
         assert!(
             out.status.success(),
-            "{} {}: {}{}",
+            "{} {name}: {}{}",
             c[0],
-            c[1],
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        );
+        // The password really comes from the environment.
+        assert!(
+            !check(&file, None).status.success(),
+            "{name} without its password"
         );
     }
 }
@@ -177,5 +240,167 @@ fn systemd_units_verify_and_their_commands_parse() {
             let args: Vec<String> = words.map(|w| w.replace("%H", "edge-host")).collect();
             assert_beacon_accepts(&args, &name);
         }
+    }
+}
+
+/// A nats-server of the manifests, run on loopback; stopped when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts nats-server on `conf` (with the client password in its environment) and waits
+/// until its log says it is ready.
+fn serve(dir: &Path, name: &str, conf: &str) -> Server {
+    let file = dir.join(format!("{name}.conf"));
+    std::fs::write(&file, conf).expect("write");
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(beacon::nats::NatsServer::find_binary().expect("nats-server"))
+        .env("POD_NAME", "nats-hub-0")
+        .env("NATS_CLIENT_PASSWORD", "a-password")
+        .arg("-c")
+        .arg(&file)
+        .arg("--log")
+        .arg(&log)
+        .spawn()
+        .expect("nats-server");
+    let server = Server(child);
+    common::wait_for(
+        std::time::Duration::from_secs(30),
+        "nats-server ready",
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("Server is ready"))
+                .map(|_| ())
+        },
+    );
+    server
+}
+
+/// A manifest's nats-server configuration on loopback: each `0.0.0.0:<port>` listener on
+/// the free port given for it, the hub nodes' `<port>` addresses on `hub`'s, the Secret's
+/// files in `tls_dir`, the store in `store`; nothing else changed.
+fn on_loopback(
+    conf: &str,
+    listeners: &[(u16, u16)],
+    hub: (u16, u16),
+    tls_dir: &str,
+    store: &Path,
+) -> String {
+    let mut c = conf.replace("/etc/nats-tls/", tls_dir).replace(
+        "store_dir: /data",
+        &format!("store_dir: {}", store.display()),
+    );
+    for (from, to) in listeners {
+        c = c.replace(&format!("0.0.0.0:{from}"), &format!("127.0.0.1:{to}"));
+    }
+    for i in 0..3 {
+        c = c.replace(
+            &format!("nats-hub-{i}.nats-hub.beacon.svc:{}", hub.0),
+            &format!("127.0.0.1:{}", hub.1),
+        );
+    }
+    assert!(!c.contains("beacon.svc") && !c.contains("0.0.0.0"), "{c}");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// The manifests' hub and leaf configurations, run for real on loopback (addresses, ports
+/// and paths replaced, nothing else): the leaf logs in to the hub with its certificate alone,
+/// clients need TLS with the deployment's CA and the password, and anything less is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_bus_is_secured_and_its_leaf_connects() {
+    let found = manifest_parts(&files(&deploy_dir().join("kubernetes"), "yaml"));
+    let conf = |name: &str| -> String {
+        found["nats"]
+            .as_array()
+            .expect("configs")
+            .iter()
+            .find(|c| c[1] == name)
+            .unwrap_or_else(|| panic!("no {name} configuration"))[2]
+            .as_str()
+            .expect("conf")
+            .to_string()
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tls = nats_tls(tmp.path(), &["127.0.0.1", "localhost"]);
+    let tls_dir = format!("{}/", tls.display());
+    let (client, cluster, leaf, monitor) = (free_port(), free_port(), free_port(), free_port());
+    let hub = on_loopback(
+        &conf("nats-hub"),
+        &[
+            (4222, client),
+            (6222, cluster),
+            (7422, leaf),
+            (8222, monitor),
+        ],
+        (6222, cluster),
+        &tls_dir,
+        &tmp.path().join("hub"),
+    );
+    let _hub = serve(tmp.path(), "hub", &hub);
+    let (leaf_client, leaf_monitor) = (free_port(), free_port());
+    let region = on_loopback(
+        &conf("nats-leaf-eu"),
+        &[(4222, leaf_client), (8222, leaf_monitor)],
+        (7422, leaf),
+        &tls_dir,
+        &tmp.path().join("leaf"),
+    );
+    let _leaf = serve(tmp.path(), "leaf", &region);
+
+    // The leaf attaches to the hub (it retries every second until it is in).
+    let leafz = format!("http://127.0.0.1:{monitor}/leafz");
+    let http = reqwest::Client::new();
+    let mut attached = false;
+    for _ in 0..300 {
+        let body: Value = match http.get(&leafz).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        if body["leafnodes"].as_u64() == Some(1) {
+            attached = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(tmp.path().join("hub.log")).unwrap_or_default();
+    assert!(attached, "the leaf never attached:\n{log}");
+
+    // Clients: TLS with the CA and the password, on both servers.
+    let ca = tls.join("ca.crt");
+    for port in [client, leaf_client] {
+        let url = format!("tls://beacon:a-password@127.0.0.1:{port}");
+        let c = beacon_proto::bus::options_with_ca(&url, Some(&ca))
+            .connect(beacon_proto::bus::servers(&url))
+            .await
+            .unwrap_or_else(|e| panic!("{port}: {e}"));
+        c.flush().await.expect("round trip");
+        for bad in [
+            format!("tls://beacon:wrong@127.0.0.1:{port}"),
+            format!("tls://127.0.0.1:{port}"),
+        ] {
+            let refused = beacon_proto::bus::options_with_ca(&bad, Some(&ca))
+                .connect(beacon_proto::bus::servers(&bad))
+                .await;
+            assert!(refused.is_err(), "{bad} was let in");
+        }
+        // The right password, but not trusting the deployment's CA: the server's
+        // certificate is refused (the client upgrades to TLS because the server demands it).
+        let no_ca = beacon_proto::bus::options_with_ca(&url, None)
+            .connect(beacon_proto::bus::servers(&url))
+            .await;
+        assert!(no_ca.is_err(), "{port}: connected without the CA");
     }
 }

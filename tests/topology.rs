@@ -785,6 +785,28 @@ async fn the_development_harness_starts_the_whole_topology_and_stops_it() {
         Duration::from_secs(120),
         "the harness says it is up",
     );
+    // The role commands it prints (the edge's last) take the URL from the environment: a
+    // password on a command line is visible to every user through `ps`.
+    file_says(
+        &out,
+        " beacon edge ",
+        Duration::from_secs(10),
+        "the harness prints the role commands",
+    );
+    let printed = std::fs::read_to_string(&out).expect("harness output");
+    let password = t
+        .links
+        .as_ref()
+        .and_then(|l| l.client_password.clone())
+        .expect("a client password");
+    for line in printed.lines().filter(|l| l.contains(" beacon ")) {
+        assert!(!line.contains("--nats-url"), "{line}");
+        assert!(
+            !line.contains(&password) || line.trim_start().starts_with("BEACON_NATS_URL="),
+            "{line}"
+        );
+    }
+    assert!(printed.contains("export BEACON_NATS_URL="), "{printed}");
     wait_jetstream(&t, &t.hub_url(), None).await;
     for region in ["eu", "us"] {
         let leaf = t.leaf_url(region).expect("leaf");

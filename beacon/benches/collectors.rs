@@ -36,6 +36,30 @@ struct Row {
     events: u64,
     seconds: f64,
     edge_cpu: Option<f64>,
+    /// The nats-server's CPU over the same phase: what storing the envelopes costs.
+    nats_cpu: Option<f64>,
+    /// Bytes the events stream grew by (envelopes, headers, JetStream's framing).
+    bus_bytes: Option<u64>,
+}
+
+/// The nats-server's pid, for its CPU per phase.
+static NATS_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The bus, for the bytes each phase stored.
+static BUS: std::sync::OnceLock<async_nats::jetstream::Context> = std::sync::OnceLock::new();
+
+/// Bytes in the events stream so far (0 before the bus is known).
+async fn stream_bytes() -> u64 {
+    let Some(js) = BUS.get() else { return 0 };
+    match js.get_stream(beacon_proto::bus::EVENTS_STREAM).await {
+        Ok(mut s) => s.info().await.map_or(0, |i| i.state.bytes),
+        Err(_) => 0,
+    }
+}
+
+/// CPU seconds of the nats-server so far (0 before it is known).
+fn nats_cpu() -> f64 {
+    NATS_PID.get().map_or(0.0, |&p| cpu_seconds(p))
 }
 
 impl Row {
@@ -101,22 +125,31 @@ async fn sdk_load(
     events: &[Event],
     edge_pid: Option<u32>,
     name: &str,
+    encoding: wire::BatchEncoding,
 ) -> Row {
     let mut clients = Vec::new();
     for _ in 0..4 {
         let mut cfg = beacon_sdk::ClientConfig::new(addr, ca.clone(), key);
         cfg.request_timeout = Duration::from_secs(60);
+        cfg.batch_encoding = encoding;
         clients.push(Arc::new(
             beacon_sdk::Client::connect(cfg).await.expect("connect"),
         ));
     }
     let cpu0 = edge_pid.map(cpu_seconds);
+    let nats0 = nats_cpu();
+    let bytes0 = stream_bytes().await;
     let seconds = common::send_split(&clients, events).await;
     Row {
         name: name.into(),
         events: events.len() as u64,
         seconds,
         edge_cpu: edge_pid.zip(cpu0).map(|(p, c)| cpu_seconds(p) - c),
+        nats_cpu: edge_pid.map(|_| nats_cpu() - nats0),
+        bus_bytes: match edge_pid {
+            Some(_) => Some(stream_bytes().await - bytes0),
+            None => None,
+        },
     }
 }
 
@@ -161,6 +194,7 @@ fn wrk(
     let path = dir.path().join("s.lua");
     std::fs::write(&path, script).ok()?;
     let cpu0 = cpu_seconds(edge_pid);
+    let nats0 = nats_cpu();
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -190,6 +224,8 @@ fn wrk(
         events: requests * per_request,
         seconds: v["us"].as_u64()? as f64 / 1e6,
         edge_cpu: Some(cpu),
+        nats_cpu: Some(nats_cpu() - nats0),
+        bus_bytes: None,
     })
 }
 
@@ -410,6 +446,9 @@ async fn main() {
     let mut cluster = Cluster::start_with_edge(false, &["--geoip", geoip.to_str().unwrap()]);
     cluster.ingest.as_mut().expect("ingest").kill_hard();
     let edge_pid = cluster.edge.as_ref().expect("edge").child.id();
+    let _ = NATS_PID.set(cluster.nats.pid());
+    let bus = async_nats::connect(cluster.nats.url()).await.expect("nats");
+    let _ = BUS.set(async_nats::jetstream::new(bus));
     let (_, plain_key) =
         cluster.merchant_with("bench-plain", &["--snowplow-app-id", "bench-app-plain"]);
     let (chained, chained_key) =
@@ -459,10 +498,25 @@ async fn main() {
     let http = cluster.endpoints.edge_http.clone().expect("edge http");
     let edge_ca_for_stall = edge_ca.clone();
 
+    // Batches as the Rust SDK sends them (packed), unless a row says otherwise.
+    let packed = wire::BatchEncoding::Packed;
+    println!(
+        "edge envelopes: {}",
+        std::env::var("BEACON_ENVELOPE_ENCODING").unwrap_or_else(|_| "packed".into())
+    );
     // Warm-up (connections, allocator, plugin instances).
     for key in [&plain_key, &chained_key] {
         let warm = &events[..n.min(20_000)];
-        sdk_load(edge_addr, edge_ca.clone(), key, warm, None, "warm-up").await;
+        sdk_load(
+            edge_addr,
+            edge_ca.clone(),
+            key,
+            warm,
+            None,
+            "warm-up",
+            packed,
+        )
+        .await;
     }
 
     let bare_dir = tempfile::tempdir().expect("tmp");
@@ -476,6 +530,7 @@ async fn main() {
             &events,
             None,
             "baseline: bare QUIC frame loop (this process)",
+            packed,
         )
         .await,
         sdk_load(
@@ -485,15 +540,29 @@ async fn main() {
             &events,
             Some(edge_pid),
             "RSocket/QUIC -> edge -> JetStream, ack after durable, enrichment",
+            packed,
         )
         .await,
+        sdk_load(
+            edge_addr,
+            edge_ca.clone(),
+            &chained_key,
+            &events,
+            Some(edge_pid),
+            "RSocket/QUIC, ack after durable, enrichment + 2 plugins (utm, pii)",
+            packed,
+        )
+        .await,
+        // The same with JSON batches (rsocket-py and older SDKs): what the packed batch
+        // encoding saves, in this run.
         sdk_load(
             edge_addr,
             edge_ca,
             &chained_key,
             &events,
             Some(edge_pid),
-            "RSocket/QUIC, ack after durable, enrichment + 2 plugins (utm, pii)",
+            "... the same, JSON batches from the client",
+            wire::BatchEncoding::Json,
         )
         .await,
     ];
@@ -551,19 +620,25 @@ async fn main() {
     println!("{fairness}");
     println!("{stall}");
     let base = rows[0].rate();
-    println!("\n| phase | events | seconds | events/s | vs bare QUIC loop | edge CPU us/event |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n| phase | events | seconds | events/s | vs bare QUIC loop | edge CPU us/event | nats-server CPU us/event | bus bytes/event |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let per_event = |cpu: Option<f64>, r: &Row| {
+        cpu.map(|c| format!("{:.2}", c * 1e6 / r.events as f64))
+            .unwrap_or_else(|| "-".into())
+    };
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {} | {} |",
             r.name,
             r.events,
             r.seconds,
             r.rate(),
             r.rate() / base,
-            r.edge_cpu
-                .map(|c| format!("{:.2}", c * 1e6 / r.events as f64))
-                .unwrap_or_else(|| "-".into())
+            per_event(r.edge_cpu, r),
+            per_event(r.nats_cpu, r),
+            r.bus_bytes
+                .map(|b| format!("{:.0}", b as f64 / r.events as f64))
+                .unwrap_or_else(|| "-".into()),
         );
     }
 }

@@ -230,4 +230,76 @@ fn main() {
         nt.as_secs_f64() * 1e6 / n as f64,
         wt.as_secs_f64() * 1e6 / n as f64
     );
+    envelopes(&batches, n);
+}
+
+/// What the edge publishes per batch and ingest reads back: envelopes without plugins (raw
+/// only) and with the utm -> pii output (raw and processed), encoded and decoded as JSON and
+/// packed, best of interleaved rounds. In-process, so the figures are the codecs' alone.
+fn envelopes(batches: &[&[Event]], n: usize) {
+    use beacon_proto::envelope::{Encoding, ENVELOPE_VERSION};
+    use beacon_proto::Envelope;
+    let envelope = |raw: &[Event], processed: Option<Vec<Event>>| Envelope {
+        v: ENVELOPE_VERSION,
+        batch_id: "bench:1".into(),
+        merchant_id: "m_bench".into(),
+        edge_id: "edge-1".into(),
+        received_at: 1,
+        pipeline: None,
+        raw: raw.to_vec(),
+        processed,
+        canary: None,
+        failures: Vec::new(),
+        shares: Vec::new(),
+    };
+    println!(
+        "\n| envelopes ({n} events) | encoding | bytes/event | encode us/event | decode us/event |"
+    );
+    println!("|---|---|---:|---:|---:|");
+    for (name, with_plugins) in [("raw only", false), ("raw + utm -> pii output", true)] {
+        let envs: Vec<Envelope> = batches
+            .iter()
+            .map(|b| envelope(b, with_plugins.then(|| native_chain(&CHAIN[..2], b))))
+            .collect();
+        let mut cells = Vec::new();
+        for enc in [Encoding::Json, Encoding::Packed] {
+            let bytes: Vec<Vec<u8>> = envs.iter().map(|e| e.encode(enc)).collect();
+            for (e, b) in envs.iter().zip(&bytes) {
+                assert_eq!(
+                    &Envelope::decode(b).expect("decode"),
+                    e,
+                    "{enc:?} round trip"
+                );
+            }
+            let size: usize = bytes.iter().map(Vec::len).sum();
+            let (mut encode, mut decode) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                encode.push(time(|| {
+                    for e in &envs {
+                        std::hint::black_box(e.encode(enc));
+                    }
+                }));
+                decode.push(time(|| {
+                    for b in &bytes {
+                        std::hint::black_box(Envelope::decode(b).expect("decode"));
+                    }
+                }));
+            }
+            let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+            cells.push((size, us(best(&encode)), us(best(&decode))));
+            println!(
+                "| {name} | {enc:?} | {:.0} | {:.3} | {:.3} |",
+                size as f64 / n as f64,
+                us(best(&encode)),
+                us(best(&decode))
+            );
+        }
+        let (json, packed) = (cells[0], cells[1]);
+        println!(
+            "| {name}: packed / JSON | | {:.2}x | {:.2}x | {:.2}x |",
+            packed.0 as f64 / json.0 as f64,
+            packed.1 / json.1,
+            packed.2 / json.2
+        );
+    }
 }

@@ -527,17 +527,7 @@ async fn start_api(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = runtime.spawn(async move {
         let warehouse = Arc::new(beacon::store::open(&data_dir).await?);
-        let js = async_nats::jetstream::new(
-            beacon_proto::bus::options(&nats_url)
-                .connect(beacon_proto::bus::servers(&nats_url))
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to NATS at {}",
-                        beacon_proto::bus::redact(&nats_url)
-                    )
-                })?,
-        );
+        let js = async_nats::jetstream::new(connect_bus(&nats_url, "beacon-up").await?);
         let merchants = registry_bucket(&js).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -691,6 +681,18 @@ enum TopologyCommand {
         /// duration such as `10s` (faster; acknowledged writes can be lost to power loss).
         #[arg(long, default_value = "always")]
         sync: String,
+    },
+    /// A TLS certificate for nats-servers on machines of their own or in Kubernetes, naming
+    /// their hosts, signed by the CA in `--dir` (created when it has none): `ca.pem`,
+    /// `server.pem`, `server-key.pem`. Every server presents it to clients, routes and leaf
+    /// connections (docs/OPERATIONS.md, "Securing the bus").
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A DNS name (wildcards such as `*.nats-hub.beacon.svc` too) or IP address the
+        /// servers are reached at (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
     },
     /// Start every server of a generated topology on this machine (a development harness);
     /// Ctrl-C stops them.
@@ -851,6 +853,11 @@ pub struct EdgeArgs {
     /// Open connections per client address, on each listener (QUIC and HTTP).
     #[arg(long, env = "BEACON_MAX_CONNS_PER_IP", default_value_t = 256)]
     max_conns_per_ip: usize,
+    /// How envelopes are written on the bus: `packed` (binary) or `json`, which ingest
+    /// builds before the packed encoding read. Upgrade ingest first, then edges
+    /// (docs/OPERATIONS.md); `json` is for an edge that must run ahead of an old ingest.
+    #[arg(long, env = "BEACON_ENVELOPE_ENCODING", default_value = "packed")]
+    envelope_encoding: beacon_proto::envelope::Encoding,
     /// Limits of merchants that have none of their own (default: unlimited).
     #[command(flatten)]
     default_limits: MerchantLimitArgs,
@@ -874,8 +881,17 @@ impl EdgeArgs {
         cfg.in_flight_memory = self.in_flight_memory_mb.max(1) << 20;
         cfg.quic.max_conns_per_ip = self.max_conns_per_ip;
         cfg.default_limits = self.default_limits.limits();
+        cfg.envelope_encoding = self.envelope_encoding;
         Ok(())
     }
+}
+
+/// Connects to the bus at the URL setting `url`; the error names the servers, without
+/// their passwords.
+async fn connect_bus(url: &str, name: &str) -> Result<async_nats::Client> {
+    beacon_proto::bus::connect(url, name)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", beacon_proto::bus::redact(url)))
 }
 
 #[derive(clap::Args, Clone)]
@@ -893,13 +909,9 @@ impl NatsTarget {
             Some(u) => u.clone(),
             None => Endpoints::read(&self.data_dir)?.nats_url,
         };
-        let client = beacon_proto::bus::options(&url)
-            .connect(beacon_proto::bus::servers(&url))
-            .await
-            .with_context(|| {
-                format!("connecting to NATS at {}", beacon_proto::bus::redact(&url))
-            })?;
-        Ok(async_nats::jetstream::new(client))
+        Ok(async_nats::jetstream::new(
+            connect_bus(&url, "beacon-cli").await?,
+        ))
     }
 
     /// The merchant registry's bucket on the target's bus.
@@ -1349,15 +1361,7 @@ async fn topology(command: TopologyCommand) -> Result<()> {
             Ok(())
         }
         TopologyCommand::Provision { nats_url, replicas } => {
-            let client = beacon_proto::bus::options(&nats_url)
-                .connect(beacon_proto::bus::servers(&nats_url))
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to NATS at {}",
-                        beacon_proto::bus::redact(&nats_url)
-                    )
-                })?;
+            let client = connect_bus(&nats_url, "beacon-topology").await?;
             let changed =
                 beacon_proto::stores::provision(&async_nats::jetstream::new(client), replicas)
                     .await?;
@@ -1366,6 +1370,23 @@ async fn topology(command: TopologyCommand) -> Result<()> {
             } else {
                 println!("{} now with {replicas} replicas", changed.join(", "));
             }
+            Ok(())
+        }
+        TopologyCommand::Certs { dir, hosts } => {
+            let (ca, cert, key) = beacon::topology::write_server_certificate(&dir, &hosts)?;
+            println!(
+                "CA {}\ncertificate {} (naming {})\nkey {}",
+                ca.display(),
+                cert.display(),
+                hosts.join(", "),
+                key.display()
+            );
+            println!(
+                "Kubernetes: kubectl -n beacon create secret generic nats-tls --from-file=ca.crt={} --from-file=tls.crt={} --from-file=tls.key={}",
+                ca.display(),
+                cert.display(),
+                key.display()
+            );
             Ok(())
         }
         TopologyCommand::Up { dir } => {
@@ -1401,6 +1422,9 @@ async fn topology(command: TopologyCommand) -> Result<()> {
     }
 }
 
+/// The environment variable every `--nats-url` reads.
+const NATS_URL_ENV: &str = "BEACON_NATS_URL";
+
 fn print_topology(t: &beacon::topology::Topology) {
     let hub = t.hub_url();
     if t.links
@@ -1426,15 +1450,17 @@ fn print_topology(t: &beacon::topology::Topology) {
             r.domain
         );
     }
+    // The URLs go in the environment (`--nats-url` reads BEACON_NATS_URL), not on command
+    // lines, where `ps` shows any password in them to every user of the machine.
     println!(
-        "  beacon topology provision --nats-url {hub} --replicas {}\n  beacon ingest --nats-url {hub} --source-domain {} --stream-replicas {} --data-dir DIR",
+        "  export {NATS_URL_ENV}='{hub}'\n  beacon topology provision --replicas {}\n  beacon ingest --source-domain {} --stream-replicas {} --data-dir DIR",
         t.hub.len().min(3),
         t.source_domains().join(","),
         t.hub.len().min(3)
     );
     if let Some(r) = t.regions.first() {
         println!(
-            "  beacon edge --nats-url {} --hub-domain {} --data-dir DIR",
+            "  {NATS_URL_ENV}='{}' beacon edge --hub-domain {} --data-dir DIR",
             t.leaf_url(&r.name).unwrap_or_default(),
             beacon::topology::HUB_DOMAIN
         );
@@ -1982,11 +2008,7 @@ async fn demo(
         .edge_ca_cert
         .clone()
         .ok_or_else(|| anyhow!("no edge certificate in endpoints.json"))?;
-    let js = async_nats::jetstream::new(
-        beacon_proto::bus::options(&endpoints.nats_url)
-            .connect(beacon_proto::bus::servers(&endpoints.nats_url))
-            .await?,
-    );
+    let js = async_nats::jetstream::new(connect_bus(&endpoints.nats_url, "beacon-demo").await?);
 
     // Demo merchants are kept with their keys (the registry only has hashes).
     let keys_path = data_dir.join("demo-merchants.json");

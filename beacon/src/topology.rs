@@ -455,30 +455,7 @@ impl Topology {
     /// a topology keeps its CA when its configurations are written again, and servers added
     /// since get certificates signed by it.
     fn write_tls(&self, links: &Links) -> Result<(), TopologyError> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        };
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TopologyError::Io { path, source }
-        };
-        std::fs::create_dir_all(&links.tls_dir).map_err(io(&links.tls_dir))?;
-        let ca_pem = links.tls_dir.join("ca.pem");
-        let ca_key_pem = links.tls_dir.join("ca-key.pem");
-        let existing = ca_pem.exists();
-        let ca_key = if existing {
-            let text = std::fs::read_to_string(&ca_key_pem).map_err(io(&ca_key_pem))?;
-            KeyPair::from_pem(&text)?
-        } else {
-            KeyPair::generate()?
-        };
-        // The same parameters and key as the stored CA certificate: what it signs verifies
-        // against `ca.pem` (same subject, same key).
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "Beacon topology CA");
-        let ca_cert = ca.self_signed(&ca_key)?;
+        let ca = Ca::open(&links.tls_dir)?;
         let servers = self
             .hub
             .iter()
@@ -487,28 +464,17 @@ impl Topology {
         for server in servers {
             let (cert_path, key_path) = links.cert(&server);
             // Kept only beside the CA that signed them: a new CA re-issues every one.
-            if existing && Path::new(&cert_path).exists() && Path::new(&key_path).exists() {
+            if ca.existing && Path::new(&cert_path).exists() && Path::new(&key_path).exists() {
                 continue;
             }
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(vec![self.host.clone(), "localhost".into()])?;
-            params.distinguished_name.push(DnType::CommonName, &server);
-            // Each server is a TLS server to its peers and a client of them (routes, leaves).
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-            write_private(Path::new(&key_path), &key.serialize_pem())?;
-            std::fs::write(&cert_path, cert.pem()).map_err(io(Path::new(&cert_path)))?;
+            ca.issue(
+                &server,
+                &[self.host.clone(), "localhost".into()],
+                Path::new(&cert_path),
+                Path::new(&key_path),
+            )?;
         }
-        if existing {
-            return Ok(());
-        }
-        // The CA key signs servers added later; the CA certificate, written last, marks a
-        // complete set.
-        write_private(&ca_key_pem, &ca_key.serialize_pem())?;
-        std::fs::write(&ca_pem, ca_cert.pem()).map_err(io(&ca_pem))
+        ca.finish()
     }
 
     /// Writes every server's configuration and [`TOPOLOGY_FILE`] into `dir`.
@@ -541,6 +507,99 @@ impl Topology {
             source,
         })?;
         serde_json::from_str(&text).map_err(|source| TopologyError::Json { path, source })
+    }
+}
+
+/// A CA (kept when `dir` has one, created otherwise) and one certificate signed by it,
+/// `server.pem` and `server-key.pem`, naming `hosts` (DNS names, wildcards such as
+/// `*.nats-hub.beacon.svc`, or IP addresses), for server and client use alike: the TLS
+/// identity of nats-servers that are not on one machine (machines of their own, Kubernetes;
+/// docs/OPERATIONS.md), each presenting it to clients, routes and leaf connections. Returns
+/// the paths of the CA certificate, the certificate and its key.
+pub fn write_server_certificate(
+    dir: &Path,
+    hosts: &[String],
+) -> Result<(PathBuf, PathBuf, PathBuf), TopologyError> {
+    let ca = Ca::open(dir)?;
+    let (cert, key) = (dir.join("server.pem"), dir.join("server-key.pem"));
+    ca.issue("beacon-nats", hosts, &cert, &key)?;
+    ca.finish()?;
+    Ok((dir.join("ca.pem"), cert, key))
+}
+
+/// The topology's certificate authority in a directory (`ca.pem`, `ca-key.pem`).
+struct Ca {
+    dir: PathBuf,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    /// Read from the directory, not created now.
+    existing: bool,
+}
+
+impl Ca {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TopologyError {
+        let path = path.to_path_buf();
+        move |source| TopologyError::Io { path, source }
+    }
+
+    /// The CA in `dir`, or a new one (written by [`Ca::finish`]).
+    fn open(dir: &Path) -> Result<Self, TopologyError> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+        let key_pem = dir.join("ca-key.pem");
+        let existing = dir.join("ca.pem").exists();
+        let key = if existing {
+            let text = std::fs::read_to_string(&key_pem).map_err(Self::io(&key_pem))?;
+            KeyPair::from_pem(&text)?
+        } else {
+            KeyPair::generate()?
+        };
+        // The same parameters and key as the stored CA certificate: what it signs verifies
+        // against `ca.pem` (same subject, same key).
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "Beacon topology CA");
+        let cert = ca.self_signed(&key)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cert,
+            key,
+            existing,
+        })
+    }
+
+    /// A certificate for `name`, naming `hosts`, usable as TLS server and client (servers
+    /// are both to their peers: routes, leaf connections).
+    fn issue(
+        &self,
+        name: &str,
+        hosts: &[String],
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<(), TopologyError> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        write_private(key_path, &key.serialize_pem())?;
+        std::fs::write(cert_path, cert.pem()).map_err(Self::io(cert_path))
+    }
+
+    /// Writes a new CA: its key (which signs servers added later), then its certificate,
+    /// written last, which marks a complete set.
+    fn finish(self) -> Result<(), TopologyError> {
+        if self.existing {
+            return Ok(());
+        }
+        write_private(&self.dir.join("ca-key.pem"), &self.key.serialize_pem())?;
+        let ca_pem = self.dir.join("ca.pem");
+        std::fs::write(&ca_pem, self.cert.pem()).map_err(Self::io(&ca_pem))
     }
 }
 
@@ -684,6 +743,46 @@ mod tests {
         t2.write(other.path()).expect("write");
         let other_tls = &t2.links.as_ref().expect("links").tls_dir;
         assert!(verify(&ca, &other_tls.join("leaf-eu.pem")).is_err());
+    }
+
+    /// The certificate for servers of their own names the hosts it is given (wildcards and
+    /// addresses too), chains to the CA, and a second one keeps that CA.
+    #[test]
+    fn a_server_certificate_names_its_hosts() {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, ServerName};
+        let dir = tempfile::tempdir().expect("dir");
+        let hosts = [
+            "*.nats-hub.beacon.svc".to_string(),
+            "*.beacon.svc".into(),
+            "10.0.0.5".into(),
+        ];
+        let (ca, cert, key) = write_server_certificate(dir.path(), &hosts).expect("certs");
+        let ca_pem = std::fs::read(&ca).expect("ca");
+        verify(&ca_pem, &cert).expect("chains to the CA");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let pem = std::fs::read(&cert).expect("cert");
+        let der = CertificateDer::from_pem_slice(&pem).expect("der");
+        let ee = webpki::EndEntityCert::try_from(&der).expect("ee");
+        let named = |host: &str| {
+            let name = ServerName::try_from(host.to_string()).expect("name");
+            ee.verify_is_valid_for_subject_name(&name).is_ok()
+        };
+        for host in [
+            "nats-hub-0.nats-hub.beacon.svc",
+            "nats-leaf-eu.beacon.svc",
+            "10.0.0.5",
+        ] {
+            assert!(named(host), "{host}");
+        }
+        for host in ["evil.example", "a.b.beacon.svc", "127.0.0.1"] {
+            assert!(!named(host), "{host}");
+        }
+        write_server_certificate(dir.path(), &hosts[..1]).expect("again");
+        assert_eq!(std::fs::read(&ca).expect("ca"), ca_pem, "the CA is kept");
+        verify(&ca_pem, &cert).expect("the new one chains to it too");
     }
 
     /// Checks `cert` chains to the CA `ca_pem` for both of a server's uses.

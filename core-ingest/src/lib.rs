@@ -196,11 +196,7 @@ pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool
     let mut js = None;
     loop {
         if js.is_none() {
-            match bus::options(&nats_url)
-                .name("beacon-ingest-backlog")
-                .connect(bus::servers(&nats_url))
-                .await
-            {
+            match bus::connect(&nats_url, "beacon-ingest-backlog").await {
                 Ok(c) => js = Some(jetstream::new(c)),
                 Err(e) => tracing::debug!(error = %e, "backlog sampler: no bus yet"),
             }
@@ -343,9 +339,7 @@ pub async fn run(
     health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let client = bus::options(&cfg.nats_url)
-        .name("beacon-ingest")
-        .connect(bus::servers(&cfg.nats_url))
+    let client = bus::connect(&cfg.nats_url, "beacon-ingest")
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);
@@ -855,7 +849,7 @@ fn from_stream(msg: &jetstream::Message) -> Result<Received, IngestError> {
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.
 /// Its storage time is taken to be the edge's receipt time until the caller knows better.
 pub fn decode(seq: u64, payload: &[u8]) -> Received {
-    let envelope = match Envelope::from_json(payload) {
+    let envelope = match Envelope::decode(payload) {
         Ok(env) if beacon_proto::envelope::is_supported(env.v) => env,
         Ok(env) => unreadable(
             payload,

@@ -84,6 +84,8 @@ pub struct EdgeConfig {
     /// down; what all edges share (merchants, pipelines, plugins, status, salts) is the
     /// hub's. `None`: one JetStream for everything.
     pub hub_domain: Option<String>,
+    /// How envelopes are written on the bus (ingest reads both).
+    pub envelope_encoding: beacon_proto::envelope::Encoding,
 }
 
 impl EdgeConfig {
@@ -103,6 +105,7 @@ impl EdgeConfig {
             default_limits: None,
             in_flight_memory: 256 << 20,
             hub_domain: None,
+            envelope_encoding: Default::default(),
         }
     }
 }
@@ -129,9 +132,7 @@ impl Edge {
             url: bus::redact(&cfg.nats_url),
             reason: e.to_string(),
         };
-        let client = bus::options(&cfg.nats_url)
-            .name(format!("beacon-edge {}", cfg.edge_id))
-            .connect(bus::servers(&cfg.nats_url))
+        let client = bus::connect(&cfg.nats_url, &format!("beacon-edge {}", cfg.edge_id))
             .await
             .map_err(|e| nats_err(&e))?;
         let max_payload = client.server_info().max_payload;
@@ -147,7 +148,7 @@ impl Edge {
             .map_err(|e| nats_err(&e))?;
         // Ready = JetStream answers for the events stream (checked every second).
         let health = beacon_serve::Health::new();
-        let publisher = publish::Publisher::new(js.clone(), max_payload);
+        let publisher = publish::Publisher::new(js.clone(), max_payload, cfg.envelope_encoding);
         // Bus writes other than events (status puts, salts): a store that fails them fails
         // events too, unless they go to the hub, whose outage the leaf is there to ride out.
         let status_puts = Arc::new(publish::Outcomes::default());

@@ -74,7 +74,7 @@ pub struct Submission<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     /// The payload is not a batch; the client must fix it (never retried).
-    #[error("batch is not valid JSON of the form {{\"events\": [...]}}: {0}")]
+    #[error("undecodable batch: {0}")]
     Decode(String),
     #[error("batch holds {count} events, over the limit of {max}")]
     TooManyEvents { count: usize, max: usize },

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
+use beacon_proto::envelope::Encoding;
 use beacon_proto::{bus, Envelope};
 use bytes::Bytes;
 
@@ -35,6 +36,7 @@ pub struct Publisher {
     js: jetstream::Context,
     /// The server's largest message; bigger envelopes are refused up front.
     max_payload: usize,
+    encoding: Encoding,
     /// How long to keep retrying one batch before telling the client to retry later.
     pub deadline: Duration,
     outcomes: Arc<Outcomes>,
@@ -144,10 +146,11 @@ fn edge_settings(config: stream::Config) -> stream::Config {
 }
 
 impl Publisher {
-    pub fn new(js: jetstream::Context, max_payload: usize) -> Self {
+    pub fn new(js: jetstream::Context, max_payload: usize, encoding: Encoding) -> Self {
         Self {
             js,
             max_payload,
+            encoding,
             deadline: Duration::from_secs(10),
             outcomes: Arc::default(),
         }
@@ -165,7 +168,7 @@ impl Publisher {
 
     /// Publishes and waits for JetStream's ack; returns the stream sequence.
     pub async fn publish(&self, envelope: &Envelope) -> Result<u64, PublishError> {
-        let payload = Bytes::from(envelope.to_json());
+        let payload = Bytes::from(envelope.encode(self.encoding));
         if payload.len() > self.max_payload {
             return Err(PublishError::TooLarge {
                 batch_id: envelope.batch_id.clone(),

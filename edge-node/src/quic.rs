@@ -543,17 +543,17 @@ async fn submit(
     result
 }
 
-/// A batch payload (`{"events": [...]}`); one that is not is kept in `failed_events`.
+/// A batch payload (packed or `{"events": [...]}`); one that is neither is kept in
+/// `failed_events`.
 async fn decode(
     processor: &Processor,
     merchant: &str,
     payload: &[u8],
     client_batch_id: Option<&str>,
 ) -> Result<BatchRequest, ProcessError> {
-    match serde_json::from_slice(payload) {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            let reason = e.to_string();
+    match wire::decode_batch(payload) {
+        Ok(events) => Ok(BatchRequest { events }),
+        Err(reason) => {
             processor
                 .keep_undecodable(merchant, client_batch_id, payload, &reason)
                 .await;

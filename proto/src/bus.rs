@@ -31,6 +31,16 @@ pub fn options(url: &str) -> async_nats::ConnectOptions {
     options_with_ca(url, ca.as_deref().map(std::path::Path::new))
 }
 
+/// Connects to the NATS URL setting `url` (one or more comma-separated servers, credentials
+/// and TLS as [`options`] reads them) as `name`, the connection name servers list.
+#[cfg(feature = "nats")]
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    options(url).name(name).connect(servers(url)).await
+}
+
 /// Connection options for a NATS URL setting: a user and password written into its URLs
 /// (`nats://user:password@host:4222`, as a secured topology gives them out) become the
 /// connection's, since the client does not take them from the address by itself; with

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
+use crate::packed;
 
 /// Bumped when the envelope's shape changes incompatibly; ingest refuses unknown versions
 /// into `failed_events` rather than guessing. Version 2 adds the canary part: an envelope
@@ -186,7 +187,21 @@ impl Envelope {
         payload: &[u8],
         reason: String,
     ) -> Self {
-        let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD)];
+        let binary = [PACKED_MAGIC, beacon_plugin_abi::BATCH_MAGIC];
+        let payload = if binary.iter().any(|m| payload.starts_with(m)) {
+            // Binary: kept as hex (two characters a byte, within the same bound).
+            let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD / 2)];
+            let mut hex = String::with_capacity(4 + 2 * kept.len());
+            hex.push_str("hex:");
+            for b in kept {
+                hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+                hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+            }
+            hex
+        } else {
+            let kept = &payload[..payload.len().min(MAX_KEPT_PAYLOAD)];
+            String::from_utf8_lossy(kept).into_owned()
+        };
         Self {
             v: ENVELOPE_VERSION,
             batch_id,
@@ -204,7 +219,7 @@ impl Envelope {
                 plugin: None,
                 pipeline_version: None,
                 reason,
-                payload: String::from_utf8_lossy(kept).into_owned(),
+                payload,
             }],
         }
     }
@@ -289,6 +304,8 @@ impl Envelope {
         vec![l; n]
     }
 
+    /// The JSON encoding: what edges wrote before the packed one, and still write when told
+    /// to (`--envelope-encoding json`, for an ingest that predates the packed encoding).
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain data structures cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -297,6 +314,233 @@ impl Envelope {
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+
+    /// The envelope in `encoding`.
+    pub fn encode(&self, encoding: Encoding) -> Vec<u8> {
+        match encoding {
+            Encoding::Packed => self.to_packed(),
+            Encoding::Json => self.to_json(),
+        }
+    }
+
+    /// The packed encoding (layout below): the batch's fields once in a small JSON header,
+    /// its events in one buffer of the packed batch layout of plugin contract 1.1
+    /// (`beacon-plugin-abi`): raw events, then processed, then canary. No event is JSON
+    /// text (no field names per event, no escaping), and a processed event references the
+    /// strings it shares with its raw event rather than repeating them.
+    ///
+    /// ```text
+    /// magic "BENV" | layout version u16 = 1 | flags u16 (bit 0: processed, bit 1: canary)
+    /// raw events u32 | processed events u32 | canary events u32
+    /// header length u32 | header: JSON of the envelope's other fields
+    /// events length u32 | one packed batch: the raw, processed and canary events in order
+    /// ```
+    pub fn to_packed(&self) -> Vec<u8> {
+        let header = PackedHeader {
+            v: self.v,
+            batch_id: &self.batch_id,
+            merchant_id: &self.merchant_id,
+            edge_id: &self.edge_id,
+            received_at: self.received_at,
+            pipeline: self.pipeline.as_ref(),
+            canary_pipeline: self.canary.as_ref().and_then(|c| c.pipeline.as_ref()),
+            failures: &self.failures,
+            shares: &self.shares,
+        };
+        let flags = u16::from(self.processed.is_some()) | u16::from(self.canary.is_some()) << 1;
+        let processed = self.processed.as_deref().unwrap_or_default();
+        let canary = self.canary.as_ref().map_or(&[][..], |c| &c.events[..]);
+        let events = self.raw.len() + processed.len() + canary.len();
+        let mut out = Vec::with_capacity(256 + events * 400);
+        out.extend_from_slice(&PACKED_MAGIC);
+        out.extend_from_slice(&PACKED_LAYOUT.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        for n in [self.raw.len(), processed.len(), canary.len()] {
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        section(&mut out, |out| {
+            // Serializing plain data structures into a Vec cannot fail.
+            let _ = serde_json::to_writer(out, &header);
+        });
+        section(&mut out, |out| {
+            packed::encode_derived_into(&self.raw, &[processed, canary], out)
+        });
+        out
+    }
+
+    /// An envelope in either encoding: packed (by its magic) or JSON.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.starts_with(&PACKED_MAGIC) {
+            Self::from_packed(bytes)
+        } else {
+            Ok(Self::from_json(bytes)?)
+        }
+    }
+
+    fn from_packed(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Sections { bytes, at: 4 };
+        let layout = r.u16()?;
+        if layout != PACKED_LAYOUT {
+            return Err(DecodeError::Packed(format!(
+                "layout version {layout}, this build reads {PACKED_LAYOUT}"
+            )));
+        }
+        let flags = r.u16()?;
+        let (raw_n, processed_n, canary_n) = (r.u32()?, r.u32()?, r.u32()?);
+        let h: PackedHeaderOwned = serde_json::from_slice(r.section()?)
+            .map_err(|e| DecodeError::Packed(format!("header: {e}")))?;
+        let mut raw = packed::decode(r.section()?)
+            .map_err(|e| DecodeError::Packed(format!("events: {e}")))?;
+        if r.at != bytes.len() {
+            return Err(DecodeError::Packed(format!(
+                "{} bytes after the last section",
+                bytes.len() - r.at
+            )));
+        }
+        // Counts from the buffer: compared in u64, so no sum overflows.
+        let counted = u64::from(raw_n) + u64::from(processed_n) + u64::from(canary_n);
+        if counted != raw.len() as u64
+            || (flags & 1 == 0 && processed_n > 0)
+            || (flags & 2 == 0 && canary_n > 0)
+        {
+            return Err(DecodeError::Packed(format!(
+                "{} events, but the header counts {raw_n} raw, {processed_n} processed and {canary_n} canary (flags {flags})",
+                raw.len()
+            )));
+        }
+        let mut processed = raw.split_off(raw_n as usize);
+        let canary_events = processed.split_off(processed_n as usize);
+        Ok(Self {
+            v: h.v,
+            batch_id: h.batch_id,
+            merchant_id: h.merchant_id,
+            edge_id: h.edge_id,
+            received_at: h.received_at,
+            pipeline: h.pipeline,
+            raw,
+            processed: (flags & 1 != 0).then_some(processed),
+            canary: (flags & 2 != 0).then_some(CanaryPart {
+                pipeline: h.canary_pipeline,
+                events: canary_events,
+            }),
+            failures: h.failures,
+            shares: h.shares,
+        })
+    }
+}
+
+/// How an edge writes envelopes on the bus. Ingest reads both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// Binary ([`Envelope::to_packed`]); the default.
+    #[default]
+    Packed,
+    /// JSON text, as edges before the packed encoding wrote it.
+    Json,
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "packed" => Ok(Self::Packed),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown envelope encoding {s:?} (packed or json)")),
+        }
+    }
+}
+
+/// Magic of a packed envelope (a JSON one starts with `{`).
+pub const PACKED_MAGIC: [u8; 4] = *b"BENV";
+const PACKED_LAYOUT: u16 = 1;
+
+/// An envelope that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("packed envelope: {0}")]
+    Packed(String),
+}
+
+/// Appends a length-prefixed section that `write` fills.
+fn section(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    write(out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Reads a packed envelope's fields in order, each bounds-checked.
+struct Sections<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Sections<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(DecodeError::Packed(format!(
+                "ends inside a section (needs {n} bytes at byte {})",
+                self.at
+            )));
+        };
+        let b = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(b)
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn section(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()?;
+        self.take(len as usize)
+    }
+}
+
+/// The packed envelope's header: every field but the events.
+#[derive(Serialize)]
+struct PackedHeader<'a> {
+    v: u32,
+    batch_id: &'a str,
+    merchant_id: &'a str,
+    edge_id: &'a str,
+    received_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pipeline: Option<&'a PipelineRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    canary_pipeline: Option<&'a PipelineRef>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    failures: &'a [Failure],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    shares: &'a [Share],
+}
+
+#[derive(Deserialize)]
+struct PackedHeaderOwned {
+    v: u32,
+    batch_id: String,
+    merchant_id: String,
+    edge_id: String,
+    received_at: i64,
+    #[serde(default)]
+    pipeline: Option<PipelineRef>,
+    #[serde(default)]
+    canary_pipeline: Option<PipelineRef>,
+    #[serde(default)]
+    failures: Vec<Failure>,
+    #[serde(default)]
+    shares: Vec<Share>,
 }
 
 #[cfg(test)]
@@ -342,6 +586,106 @@ mod tests {
             }],
         };
         assert_eq!(Envelope::from_json(&env.to_json()).unwrap(), env);
+        assert_eq!(Envelope::decode(&env.to_json()).unwrap(), env);
+        assert_eq!(Envelope::decode(&env.to_packed()).unwrap(), env);
+    }
+
+    /// Every part of an envelope survives the packed encoding, in every combination of
+    /// the optional parts; JSON still reads.
+    #[test]
+    fn packed_round_trip() {
+        let mut env =
+            Envelope::undecodable("e:1".into(), "m1".into(), "e".into(), 5, b"", "x".into());
+        env.v = ENVELOPE_VERSION_CANARY;
+        env.raw = vec![event("a"), event("b")];
+        env.raw[1]
+            .properties
+            .insert("utm_source".into(), "x\"y".into());
+        env.raw[1].revenue_micros = Some(-1);
+        env.pipeline = Some(PipelineRef {
+            merchant_id: "m1".into(),
+            version: 2,
+            plugins: vec![],
+        });
+        for processed in [None, Some(vec![]), Some(vec![event("a")])] {
+            for canary in [
+                None,
+                Some(CanaryPart {
+                    pipeline: None,
+                    events: vec![event("b")],
+                }),
+                Some(CanaryPart {
+                    pipeline: env.pipeline.clone(),
+                    events: vec![],
+                }),
+            ] {
+                env.processed = processed.clone();
+                env.canary = canary;
+                let packed = env.encode(Encoding::Packed);
+                assert!(packed.starts_with(&PACKED_MAGIC));
+                assert_eq!(Envelope::decode(&packed).unwrap(), env);
+                assert_eq!(Envelope::decode(&env.encode(Encoding::Json)).unwrap(), env);
+            }
+        }
+    }
+
+    /// A packed envelope cut anywhere, or with bytes added, flipped or a section grown, is
+    /// an error that says where, never a panic.
+    #[test]
+    fn malformed_packed_envelopes_are_errors() {
+        let mut env =
+            Envelope::undecodable("e:1".into(), "m1".into(), "e".into(), 5, b"", "x".into());
+        env.raw = vec![event("a"), event("b")];
+        env.processed = Some(vec![event("a")]);
+        let ok = env.to_packed();
+        for cut in 0..ok.len() {
+            assert!(Envelope::decode(&ok[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut v = ok.clone();
+        v.push(0);
+        let e = Envelope::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("1 bytes after the last section"), "{e}");
+        let mut v = ok.clone();
+        v[4] = 9;
+        let e = Envelope::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("layout version 9"), "{e}");
+        for i in 0..ok.len() {
+            for bit in 0..8 {
+                let mut v = ok.clone();
+                v[i] ^= 1 << bit;
+                // Ok (a flipped byte inside a string or number) or an error: no panic.
+                let _ = Envelope::decode(&v);
+            }
+        }
+        // An event reference past the strings: named, with the part it is in.
+        let raw_at = ok.windows(4).position(|w| w == b"BPB1").unwrap();
+        let mut v = ok.clone();
+        v[raw_at + 20 + 7] = 0xff;
+        let e = Envelope::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("events: string out of bounds"), "{e}");
+        // Counts that do not match the events.
+        let mut v = ok.clone();
+        v[8] = 3;
+        let e = Envelope::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("3 raw, 1 processed"), "{e}");
+    }
+
+    /// What ingest keeps of an undecodable packed envelope is hex: lossy text could not be
+    /// decoded again.
+    #[test]
+    fn undecodable_packed_payloads_are_kept_as_hex() {
+        let env = Envelope::undecodable(
+            "".into(),
+            "".into(),
+            "".into(),
+            0,
+            b"BENV\x00\xff",
+            "bad".into(),
+        );
+        assert_eq!(env.failures[0].payload, "hex:42454e5600ff");
+        let env =
+            Envelope::undecodable("".into(), "".into(), "".into(), 0, b"{\"v\"", "bad".into());
+        assert_eq!(env.failures[0].payload, "{\"v\"");
     }
 
     fn event(id: &str) -> Event {

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod envelope;
 pub mod event;
+pub mod packed;
 #[cfg(feature = "nats")]
 pub mod stores;
 pub mod wire;

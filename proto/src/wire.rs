@@ -216,6 +216,45 @@ pub fn locate_region(metadata: Option<&Bytes>) -> Option<&str> {
     m.strip_prefix(LOCATE_PREFIX).filter(|r| !r.is_empty())
 }
 
+/// How a batch request's data is encoded. Edges read both, telling them apart by the first
+/// bytes (the packed layout's magic `BPB1`; JSON starts with `{`), so no negotiation is
+/// needed; edges that predate the packed encoding refuse it as invalid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BatchEncoding {
+    /// The packed batch layout of `beacon-plugin-abi`: no parsing, no field names, no
+    /// escaping (what the Rust SDK sends).
+    #[default]
+    Packed,
+    /// `{"events": [...]}` (what rsocket-py and hand-written clients send).
+    Json,
+}
+
+/// The data of a batch request.
+pub fn encode_batch(events: &[crate::Event], encoding: BatchEncoding) -> Bytes {
+    match encoding {
+        BatchEncoding::Packed => Bytes::from(crate::packed::encode(events.iter())),
+        BatchEncoding::Json => {
+            #[derive(serde::Serialize)]
+            struct Borrowed<'a> {
+                events: &'a [crate::Event],
+            }
+            Bytes::from(serde_json::to_vec(&Borrowed { events }).unwrap_or_default())
+        }
+    }
+}
+
+/// The events of a batch request's data, in either encoding; anything else is an error
+/// that says what was wrong.
+pub fn decode_batch(data: &[u8]) -> Result<Vec<crate::Event>, String> {
+    if data.starts_with(&beacon_plugin_abi::BATCH_MAGIC) {
+        crate::packed::decode(data).map_err(|e| format!("packed batch: {e}"))
+    } else {
+        serde_json::from_slice::<crate::BatchRequest>(data)
+            .map(|r| r.events)
+            .map_err(|e| format!("not valid JSON of the form {{\"events\": [...]}}: {e}"))
+    }
+}
+
 pub fn setup_frame(write_key: &str) -> Frame {
     frame::Setup::builder(0, 0)
         .set_mime_metadata(AUTH_MIME)
@@ -242,6 +281,24 @@ pub fn response_frame(stream_id: u32, data: Bytes) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_decode_in_either_encoding() {
+        let events = vec![crate::Event {
+            event_id: "e1".into(),
+            name: "pageview".into(),
+            ts: 7,
+            url: Some("https://a.example/".into()),
+            ..Default::default()
+        }];
+        for enc in [BatchEncoding::Packed, BatchEncoding::Json] {
+            assert_eq!(decode_batch(&encode_batch(&events, enc)).unwrap(), events);
+        }
+        assert!(encode_batch(&events, BatchEncoding::Packed).starts_with(b"BPB1"));
+        let bad = decode_batch(b"BPB1\x01\x00").unwrap_err();
+        assert!(bad.starts_with("packed batch: "), "{bad}");
+        assert!(decode_batch(b"{\"events\": 1}").is_err());
+    }
 
     fn framed(f: &Frame) -> BytesMut {
         let mut b = BytesMut::new();

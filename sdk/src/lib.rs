@@ -76,6 +76,9 @@ pub struct ClientConfig {
     /// A connection silent this long is dead (keepalives go out at a quarter of it). Short
     /// values make a dead edge noticed quickly, which is what failover needs.
     pub idle_timeout: Duration,
+    /// How batches are encoded: packed (the default; edges read it since the packed
+    /// envelope) or JSON, for an edge that predates it.
+    pub batch_encoding: wire::BatchEncoding,
 }
 
 impl ClientConfig {
@@ -87,6 +90,7 @@ impl ClientConfig {
             write_key: write_key.into(),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
+            batch_encoding: wire::BatchEncoding::default(),
         }
     }
 }
@@ -103,6 +107,7 @@ pub struct Client {
     closed: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
     timeout: Duration,
+    encoding: wire::BatchEncoding,
 }
 
 impl Client {
@@ -159,6 +164,7 @@ impl Client {
             closed,
             reader,
             timeout: cfg.request_timeout,
+            encoding: cfg.batch_encoding,
         };
         match tokio::time::timeout(cfg.request_timeout, setup_rx).await {
             Ok(Ok(Ok(_))) => Ok(client),
@@ -182,7 +188,7 @@ impl Client {
     ) -> Result<BatchResponse, SdkError> {
         let data = self
             .request_with(
-                encode_batch(events),
+                wire::encode_batch(events, self.encoding),
                 Some(Bytes::copy_from_slice(batch_id.as_bytes())),
             )
             .await?;
@@ -235,7 +241,7 @@ impl Client {
     pub async fn send_fire_and_forget(&self, events: &[Event]) -> Result<(), SdkError> {
         let id = self.stream_id();
         let frame = wire::frame::RequestFNF::builder(id, 0)
-            .set_data(encode_batch(events))
+            .set_data(wire::encode_batch(events, self.encoding))
             .set_metadata(Bytes::from(new_batch_id()))
             .build();
         self.write(&frame).await
@@ -300,14 +306,6 @@ impl Drop for Client {
 /// A fresh batch id (UUID v4, hyphenated).
 pub fn new_batch_id() -> String {
     uuid::Uuid::new_v4().to_string()
-}
-
-fn encode_batch(events: &[Event]) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct Borrowed<'a> {
-        events: &'a [Event],
-    }
-    Bytes::from(serde_json::to_vec(&Borrowed { events }).unwrap_or_default())
 }
 
 /// Reads the server's stream and completes pending requests by stream id.

@@ -363,6 +363,15 @@ pub async fn client_for(
     endpoints: &Endpoints,
     write_key: &str,
 ) -> Result<beacon_sdk::Client, beacon_sdk::SdkError> {
+    client_encoding(endpoints, write_key, Default::default()).await
+}
+
+/// An SDK client that encodes batches with `encoding`.
+pub async fn client_encoding(
+    endpoints: &Endpoints,
+    write_key: &str,
+    encoding: beacon_proto::wire::BatchEncoding,
+) -> Result<beacon_sdk::Client, beacon_sdk::SdkError> {
     let addr = endpoints
         .edge_quic
         .as_ref()
@@ -372,6 +381,7 @@ pub async fn client_for(
     let ca = std::fs::read(endpoints.edge_ca_cert.as_ref().expect("ca")).expect("ca pem");
     let mut cfg = beacon_sdk::ClientConfig::new(addr, ca, write_key);
     cfg.request_timeout = Duration::from_secs(20);
+    cfg.batch_encoding = encoding;
     beacon_sdk::Client::connect(cfg).await
 }
 

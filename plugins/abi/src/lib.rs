@@ -204,9 +204,52 @@ impl Encoder {
         r
     }
 
-    fn property(&mut self, k: &str, v: &str) {
-        let k = self.string(Some(k));
-        let v = self.string(Some(v));
+    /// `s`, referencing the bytes `like` references when they are equal instead of copying.
+    fn string_like(&mut self, s: Option<&str>, like: Option<[u8; 8]>) -> [u8; 8] {
+        if let (Some(s), Some(r)) = (s, like) {
+            let off = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+            let len = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as usize;
+            if off != ABSENT
+                && self.strings.get(off as usize..off as usize + len) == Some(s.as_bytes())
+            {
+                return r;
+            }
+        }
+        self.string(s)
+    }
+
+    /// The reference at byte `at` of `b` (slots or props).
+    fn reference(b: &[u8], at: usize) -> [u8; 8] {
+        let mut r = [0; 8];
+        r.copy_from_slice(&b[at..at + 8]);
+        r
+    }
+
+    /// Key and value references of property `k` among `range` (an event's sorted
+    /// properties), if it has one.
+    fn find_property(&self, range: &std::ops::Range<usize>, k: &str) -> Option<([u8; 8], [u8; 8])> {
+        let (mut lo, mut hi) = (range.start, range.end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let r = Self::reference(&self.props, mid * PROP);
+            let off = u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize;
+            let len = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as usize;
+            match self.strings[off..off + len].cmp(k.as_bytes()) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return Some((r, Self::reference(&self.props, mid * PROP + 8)))
+                }
+            }
+        }
+        None
+    }
+
+    fn property(&mut self, k: &str, v: &str, like: Option<&std::ops::Range<usize>>) {
+        let (k, v) = match like.and_then(|range| self.find_property(range, k)) {
+            Some((kr, vr)) => (kr, self.string_like(Some(v), Some(vr))),
+            None => (self.string(Some(k)), self.string(Some(v))),
+        };
         self.props.extend_from_slice(&k);
         self.props.extend_from_slice(&v);
         self.prop_count += 1;
@@ -217,10 +260,36 @@ impl Encoder {
     where
         P: Iterator<Item = (&'a str, &'a str)> + Clone,
     {
-        for s in e.strs {
-            let r = self.string(s);
+        self.push_inner(e, None)
+    }
+
+    /// Appends one event whose strings are likely those of event `like` (an index of an
+    /// event already pushed, for example the raw event a plugin's output came from): a
+    /// string or property equal to that event's is referenced again rather than copied. The
+    /// layout allows any number of references to the same bytes, so readers see no
+    /// difference. An index not yet pushed is ignored.
+    pub fn push_like<'a, P>(&mut self, e: EventFields<'a, P>, like: usize)
+    where
+        P: Iterator<Item = (&'a str, &'a str)> + Clone,
+    {
+        self.push_inner(e, (like < self.events as usize).then_some(like))
+    }
+
+    fn push_inner<'a, P>(&mut self, e: EventFields<'a, P>, like: Option<usize>)
+    where
+        P: Iterator<Item = (&'a str, &'a str)> + Clone,
+    {
+        let base = like.map(|i| i * SLOT);
+        for (f, s) in e.strs.into_iter().enumerate() {
+            let candidate = base.map(|b| Self::reference(&self.slots, b + f * 8));
+            let r = self.string_like(s, candidate);
             self.slots.extend_from_slice(&r);
         }
+        let like_props = base.map(|b| {
+            let first = u32_at(&self.slots, b + 108) as usize;
+            first..first + u32_at(&self.slots, b + 112) as usize
+        });
+        let like_props = like_props.as_ref();
         self.slots.extend_from_slice(&e.ts.to_le_bytes());
         self.slots.extend_from_slice(&e.received_at.to_le_bytes());
         self.slots
@@ -239,7 +308,7 @@ impl Encoder {
                 break;
             }
             last = Some(k);
-            self.property(k, v);
+            self.property(k, v, like_props);
         }
         if !sorted {
             self.props.truncate(props_at);
@@ -250,7 +319,7 @@ impl Encoder {
             pairs.sort_by(|a, b| a.0.cmp(b.0));
             for (i, (k, v)) in pairs.iter().enumerate() {
                 if pairs.get(i + 1).is_none_or(|next| next.0 != *k) {
-                    self.property(k, v);
+                    self.property(k, v, like_props);
                 }
             }
         }
@@ -264,6 +333,13 @@ impl Encoder {
     pub fn finish(self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(HEADER + self.slots.len() + self.props.len() + self.strings.len());
+        self.finish_into(&mut out);
+        out
+    }
+
+    /// Appends the batch buffer to `out` (one copy fewer where it goes into a larger one).
+    pub fn finish_into(self, out: &mut Vec<u8>) {
+        out.reserve(HEADER + self.slots.len() + self.props.len() + self.strings.len());
         out.extend_from_slice(&BATCH_MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
@@ -273,7 +349,6 @@ impl Encoder {
         out.extend_from_slice(&self.slots);
         out.extend_from_slice(&self.props);
         out.extend_from_slice(&self.strings);
-        out
     }
 }
 
@@ -333,6 +408,53 @@ impl<'a> Input<'a> {
             strings: &buf[props_end..],
             events,
         })
+    }
+
+    /// Checks every reference of every event: strings in bounds and UTF-8, required
+    /// fields present, property ranges inside the table. A batch that passes is read without
+    /// a panic. For buffers that did not come from this process's [`Encoder`] (an envelope
+    /// read back from the bus), where a bad reference must be an error, not a trap; the
+    /// sandbox skips it because a plugin pays only for the fields it reads.
+    pub fn validate(&self) -> Result<(), AbiError> {
+        let text = |b: &[u8], at: usize, base: usize| -> Result<(), AbiError> {
+            let off = u32_at(b, at) as usize;
+            let len = u32_at(b, at + 4) as usize;
+            match off
+                .checked_add(len)
+                .and_then(|end| self.strings.get(off..end))
+            {
+                None => err(base + at, "string out of bounds"),
+                Some(s) if std::str::from_utf8(s).is_err() => err(base + at, "string is not UTF-8"),
+                Some(_) => Ok(()),
+            }
+        };
+        let props = self.props.len() / PROP;
+        for i in 0..self.events {
+            let (slot, base) = (self.slot(i), HEADER + i * SLOT);
+            for f in Str::ALL {
+                let at = f as usize * 8;
+                if u32_at(slot, at) == ABSENT {
+                    if f.required() {
+                        return err(base + at, format!("required field {f:?} is absent"));
+                    }
+                } else {
+                    text(slot, at, base)?;
+                }
+            }
+            let first = u32_at(slot, 108) as usize;
+            if first
+                .checked_add(u32_at(slot, 112) as usize)
+                .is_none_or(|end| end > props)
+            {
+                return err(base + 108, "property range out of bounds");
+            }
+        }
+        let base = HEADER + self.events * SLOT;
+        for p in 0..props {
+            text(self.props, p * PROP, base)?;
+            text(self.props, p * PROP + 8, base)?;
+        }
+        Ok(())
     }
 
     /// The bytes of the string referenced at `b[at..at + 8]`.
@@ -777,6 +899,67 @@ mod tests {
         e.finish()
     }
 
+    /// `push_like` reads back exactly as `push` does, and repeats no equal string.
+    #[test]
+    fn events_like_earlier_ones_share_their_strings() {
+        let base = [("utm_source", "news"), ("a", "1"), ("z", "long value")];
+        let derived = [("z", "long value"), ("a", "2"), ("new", "x")];
+        let (mut plain, mut shared) = (Encoder::new(), Encoder::new());
+        for enc in [&mut plain, &mut shared] {
+            enc.push(fields(
+                "event-one",
+                Some("https://shop.example/p?q=1"),
+                &base,
+            ));
+            enc.push(fields("b", None, &[]));
+        }
+        plain.push(fields(
+            "event-one",
+            Some("https://shop.example/p?q=1"),
+            &derived,
+        ));
+        shared.push_like(
+            fields("event-one", Some("https://shop.example/p?q=1"), &derived),
+            0,
+        );
+        // Unsorted properties take the sorting path, which shares too; an index not pushed
+        // yet is ignored.
+        plain.push(fields(
+            "event-one",
+            Some("/"),
+            &[("z", "long value"), ("a", "1")],
+        ));
+        shared.push_like(
+            fields("event-one", Some("/"), &[("z", "long value"), ("a", "1")]),
+            0,
+        );
+        plain.push(fields("c", None, &[("k", "v")]));
+        shared.push_like(fields("c", None, &[("k", "v")]), 99);
+        let (plain, shared) = (plain.finish(), shared.finish());
+        assert!(
+            shared.len() < plain.len(),
+            "{} vs {}",
+            shared.len(),
+            plain.len()
+        );
+        // Repeated: "event-one" twice, the url once, "m" and "pageview" twice, "z"/"long
+        // value" twice, "a" twice and "1" once.
+        let saved = 2 * 9 + 26 + 2 * (1 + 8) + 2 * (1 + 10) + 2 + 1;
+        assert_eq!(plain.len() - shared.len(), saved);
+        let (a, b) = (Input::open(&plain).unwrap(), Input::open(&shared).unwrap());
+        assert_eq!(b.validate(), Ok(()));
+        assert_eq!(a.len(), b.len());
+        for i in 0..a.len() {
+            for f in Str::ALL {
+                assert_eq!(a.str(i, f), b.str(i, f));
+            }
+            for f in Int::ALL {
+                assert_eq!(a.int(i, f), b.int(i, f));
+            }
+            assert!(a.properties(i).eq(b.properties(i)));
+        }
+    }
+
     #[test]
     fn a_batch_reads_back() {
         let buf = batch();
@@ -957,6 +1140,35 @@ mod tests {
         })
         .expect("a panic");
         assert!(msg.contains("property range out of bounds"), "{msg}");
+        assert!(Input::open(&v)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("property range out of bounds"));
+        // `validate` finds what a reader would trap on, before anything is read.
+        assert_eq!(Input::open(&ok).unwrap().validate(), Ok(()));
+        let mut v = ok.clone();
+        v[HEADER + Str::Url as usize * 8 + 4] = 0xff;
+        let e = Input::open(&v).unwrap().validate().unwrap_err();
+        assert!(e.message.contains("out of bounds"), "{e}");
+        assert_eq!(e.at, HEADER + Str::Url as usize * 8);
+        let mut v = ok.clone();
+        v[HEADER + Str::Url as usize * 8 + 4] = 2;
+        assert!(Input::open(&v)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("not UTF-8"));
+        let mut v = ok.clone();
+        v[HEADER + Str::Name as usize * 8..][..4].copy_from_slice(&ABSENT.to_le_bytes());
+        assert!(Input::open(&v)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("required field Name is absent"));
     }
 
     /// A deterministic xorshift: mutations without a dependency.
@@ -995,7 +1207,7 @@ mod tests {
         // Expected panics would each print a report.
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let (mut parsed, mut refused) = (0, 0);
+        let (mut parsed, mut refused, mut validated) = (0, 0, 0);
         for round in 0..200_000 {
             let mut v = seeds[round % 2].clone();
             for _ in 0..1 + rng.below(4) {
@@ -1030,6 +1242,17 @@ mod tests {
                 Err(_) => refused += 1,
             }
             if let Ok(input) = Input::open(&v) {
+                if input.validate().is_ok() {
+                    // What validates reads without a panic.
+                    for i in 0..input.len() {
+                        for f in Str::ALL {
+                            assert!(!f.required() || input.str(i, f).is_some());
+                        }
+                        std::hint::black_box(input.properties(i).count());
+                        std::hint::black_box(input.property(i, "k"));
+                    }
+                    validated += 1;
+                }
                 // Reading a corrupted batch may panic (the plugin traps), with our message
                 // only: no other panic, no out-of-bounds read.
                 let read = panics(|| {
@@ -1052,8 +1275,8 @@ mod tests {
         std::panic::set_hook(hook);
         // Both outcomes were exercised, so the fuzzing reached past the headers.
         assert!(
-            parsed > 1_000 && refused > 1_000,
-            "{parsed} parsed, {refused} refused"
+            parsed > 1_000 && refused > 1_000 && validated > 1_000,
+            "{parsed} parsed, {refused} refused, {validated} batches validated"
         );
     }
 }

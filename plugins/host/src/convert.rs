@@ -2,7 +2,8 @@
 //! plugins (1.0) the WIT records, borrowed to lower a batch without copying it first and owned
 //! when lifted out; for batch plugins (1.1) the packed buffer and the changes applied back.
 
-use beacon_plugin_abi::{Changes, Edit, Encoder, EventFields, Int, Origin, Str};
+use beacon_plugin_abi::{Changes, Edit, Int, Origin, Str};
+use beacon_proto::packed::encode;
 use beacon_proto::Event;
 
 use crate::PluginError;
@@ -112,32 +113,6 @@ pub(crate) fn approx_size(e: &EventResult) -> usize {
 
 pub(crate) fn host_size(e: &Event) -> usize {
     event_size!(e, PROPERTY_OVERHEAD)
-}
-
-/// The packed batch buffer of `events` (contract 1.1).
-pub(crate) fn encode<'a>(events: impl ExactSizeIterator<Item = &'a Event>) -> Vec<u8> {
-    let mut enc = Encoder::with_capacity(events.len(), 256);
-    for e in events {
-        enc.push(EventFields {
-            strs: [
-                Some(e.event_id.as_str()),
-                Some(e.merchant_id.as_str()),
-                Some(e.name.as_str()),
-                e.url.as_deref(),
-                e.referrer.as_deref(),
-                e.title.as_deref(),
-                e.visitor_id.as_deref(),
-                e.session_id.as_deref(),
-                e.user_id.as_deref(),
-                e.currency.as_deref(),
-            ],
-            ts: e.ts,
-            received_at: e.received_at,
-            revenue_micros: e.revenue_micros,
-            properties: e.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        });
-    }
-    enc.finish()
 }
 
 /// The events a batch plugin's changes refer to: borrowed (the chain's input, cloned when
