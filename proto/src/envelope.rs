@@ -386,10 +386,18 @@ impl Envelope {
             )));
         }
         let flags = r.u16()?;
+        if flags & !3 != 0 {
+            return Err(DecodeError::Packed(format!("unknown flags {flags:#x}")));
+        }
         let (raw_n, processed_n, canary_n) = (r.u32()?, r.u32()?, r.u32()?);
         let h: PackedHeaderOwned = serde_json::from_slice(r.section()?)
             .map_err(|e| DecodeError::Packed(format!("header: {e}")))?;
-        let mut raw = packed::decode(r.section()?)
+        if h.canary_pipeline.is_some() && flags & 2 == 0 {
+            return Err(DecodeError::Packed(
+                "a canary pipeline without a canary part".into(),
+            ));
+        }
+        let mut raw = packed::decode_within(r.section()?, MAX_DECODED_STRING_BYTES)
             .map_err(|e| DecodeError::Packed(format!("events: {e}")))?;
         if r.at != bytes.len() {
             return Err(DecodeError::Packed(format!(
@@ -449,6 +457,12 @@ impl std::str::FromStr for Encoding {
         }
     }
 }
+
+/// The string bytes a packed envelope's events may name in all, shared ones counted each
+/// time (processed events share their raw events' strings). Twice the plugin host's default
+/// output cap (32 MiB, per share) plus room for the raw events: an envelope an edge wrote
+/// stays far below it, and a crafted one cannot make ingest allocate more.
+pub const MAX_DECODED_STRING_BYTES: u64 = 128 << 20;
 
 /// Magic of a packed envelope (a JSON one starts with `{`).
 pub const PACKED_MAGIC: [u8; 4] = *b"BENV";
@@ -663,6 +677,10 @@ mod tests {
         v[raw_at + 20 + 7] = 0xff;
         let e = Envelope::decode(&v).unwrap_err().to_string();
         assert!(e.contains("events: string out of bounds"), "{e}");
+        let mut v = ok.clone();
+        v[6] |= 4;
+        let e = Envelope::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("unknown flags"), "{e}");
         // Counts that do not match the events.
         let mut v = ok.clone();
         v[8] = 3;

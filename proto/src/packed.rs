@@ -82,10 +82,18 @@ fn fields(e: &Event) -> EventFields<'_, impl Iterator<Item = (&str, &str)> + Clo
 }
 
 /// The events of a packed buffer that may come from anywhere: every reference is checked
-/// first, so a malformed buffer is an error, never a panic.
+/// first, so a malformed buffer is an error, never a panic. Its references may name no more
+/// string bytes than the buffer holds (no shared strings: a client's batch), so decoding
+/// allocates about the buffer's size.
 pub fn decode(buf: &[u8]) -> Result<Vec<Event>, AbiError> {
+    decode_within(buf, buf.len() as u64)
+}
+
+/// [`decode`] for buffers whose events may share strings ([`encode_derived_into`]), naming
+/// at most `max_string_bytes` of them in all: what decoding may allocate for strings.
+pub fn decode_within(buf: &[u8], max_string_bytes: u64) -> Result<Vec<Event>, AbiError> {
     let input = Input::open(buf)?;
-    input.validate()?;
+    input.validate(max_string_bytes)?;
     let text = |i, f| input.str(i, f).map(str::to_owned);
     Ok((0..input.len())
         .map(|i| Event {
@@ -166,7 +174,7 @@ mod tests {
         encode_derived_into(&raw, &[&processed], &mut shared);
         let both: Vec<&Event> = raw.iter().chain(&processed).collect();
         encode_into(both.into_iter(), &mut copied);
-        let all = decode(&shared).unwrap();
+        let all = decode_within(&shared, u64::MAX).unwrap();
         assert_eq!(all, decode(&copied).unwrap());
         assert_eq!(all[..3], raw[..]);
         assert_eq!(all[3..], processed[..]);

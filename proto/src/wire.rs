@@ -298,6 +298,16 @@ mod tests {
         let bad = decode_batch(b"BPB1\x01\x00").unwrap_err();
         assert!(bad.starts_with("packed batch: "), "{bad}");
         assert!(decode_batch(b"{\"events\": 1}").is_err());
+        // A client's batch may not share strings between events: a small frame would
+        // otherwise decode into gigabytes.
+        let mut shared = Vec::new();
+        let mut long = events.clone();
+        long[0].url = Some(format!("https://a.example/{}", "p".repeat(4000)));
+        let copies = vec![long[0].clone(); 8];
+        crate::packed::encode_derived_into(&long, &[&copies], &mut shared);
+        assert!(shared.len() < 2 * 4000);
+        let refused = decode_batch(&shared).unwrap_err();
+        assert!(refused.contains("references name over"), "{refused}");
     }
 
     fn framed(f: &Frame) -> BytesMut {

@@ -411,11 +411,19 @@ impl<'a> Input<'a> {
     }
 
     /// Checks every reference of every event: strings in bounds and UTF-8, required
-    /// fields present, property ranges inside the table. A batch that passes is read without
-    /// a panic. For buffers that did not come from this process's [`Encoder`] (an envelope
-    /// read back from the bus), where a bad reference must be an error, not a trap; the
-    /// sandbox skips it because a plugin pays only for the fields it reads.
-    pub fn validate(&self) -> Result<(), AbiError> {
+    /// fields present, property ranges inside the table, each event's property keys sorted
+    /// and unique. A batch that passes is read without a panic, and `property` finds every
+    /// key. For buffers that did not come from this process's [`Encoder`] (a client's batch,
+    /// an envelope read back from the bus), where a bad reference must be an error, not a
+    /// trap; the sandbox skips it because a plugin pays only for the fields it reads.
+    ///
+    /// References may share bytes (what [`Encoder::push_like`] writes), so a small buffer
+    /// can name far more string bytes than it holds, and a reader that copies every field
+    /// would allocate all of them. `max_string_bytes` bounds the total the references name,
+    /// counting repeats: the buffer's own length for one written with [`Encoder::push`]
+    /// alone.
+    pub fn validate(&self, max_string_bytes: u64) -> Result<(), AbiError> {
+        let named = std::cell::Cell::new(0u64);
         let text = |b: &[u8], at: usize, base: usize| -> Result<(), AbiError> {
             let off = u32_at(b, at) as usize;
             let len = u32_at(b, at + 4) as usize;
@@ -423,12 +431,23 @@ impl<'a> Input<'a> {
                 .checked_add(len)
                 .and_then(|end| self.strings.get(off..end))
             {
-                None => err(base + at, "string out of bounds"),
-                Some(s) if std::str::from_utf8(s).is_err() => err(base + at, "string is not UTF-8"),
-                Some(_) => Ok(()),
+                None => return err(base + at, "string out of bounds"),
+                Some(s) if std::str::from_utf8(s).is_err() => {
+                    return err(base + at, "string is not UTF-8")
+                }
+                Some(_) => {}
             }
+            named.set(named.get() + len as u64);
+            if named.get() > max_string_bytes {
+                return err(
+                    base + at,
+                    format!("references name over {max_string_bytes} bytes of strings"),
+                );
+            }
+            Ok(())
         };
         let props = self.props.len() / PROP;
+        let props_base = HEADER + self.events * SLOT;
         for i in 0..self.events {
             let (slot, base) = (self.slot(i), HEADER + i * SLOT);
             for f in Str::ALL {
@@ -442,17 +461,24 @@ impl<'a> Input<'a> {
                 }
             }
             let first = u32_at(slot, 108) as usize;
-            if first
+            let Some(end) = first
                 .checked_add(u32_at(slot, 112) as usize)
-                .is_none_or(|end| end > props)
-            {
+                .filter(|&end| end <= props)
+            else {
                 return err(base + 108, "property range out of bounds");
+            };
+            // Checked per event (a range may be another event's too), so a shared range
+            // counts against the bound each time it is read.
+            let mut previous: Option<&[u8]> = None;
+            for p in first..end {
+                text(self.props, p * PROP, props_base)?;
+                text(self.props, p * PROP + 8, props_base)?;
+                let key = self.bytes(self.props, p * PROP);
+                if previous.is_some_and(|prev| prev >= key) {
+                    return err(props_base + p * PROP, "property keys not sorted and unique");
+                }
+                previous = Some(key);
             }
-        }
-        let base = HEADER + self.events * SLOT;
-        for p in 0..props {
-            text(self.props, p * PROP, base)?;
-            text(self.props, p * PROP + 8, base)?;
         }
         Ok(())
     }
@@ -947,7 +973,7 @@ mod tests {
         let saved = 2 * 9 + 26 + 2 * (1 + 8) + 2 * (1 + 10) + 2 + 1;
         assert_eq!(plain.len() - shared.len(), saved);
         let (a, b) = (Input::open(&plain).unwrap(), Input::open(&shared).unwrap());
-        assert_eq!(b.validate(), Ok(()));
+        assert_eq!(b.validate(u64::MAX), Ok(()));
         assert_eq!(a.len(), b.len());
         for i in 0..a.len() {
             for f in Str::ALL {
@@ -958,6 +984,36 @@ mod tests {
             }
             assert!(a.properties(i).eq(b.properties(i)));
         }
+    }
+
+    /// Shared references can name far more bytes than a buffer holds: the bound says how
+    /// many a reader may copy. Keys out of order are refused, as `property` would miss them.
+    #[test]
+    fn validation_bounds_shared_strings_and_checks_key_order() {
+        let long = "x".repeat(1000);
+        let mut enc = Encoder::new();
+        enc.push(fields("a", Some(&long), &[]));
+        for _ in 0..10 {
+            enc.push_like(fields("a", Some(&long), &[]), 0);
+        }
+        let buf = enc.finish();
+        let input = Input::open(&buf).unwrap();
+        assert_eq!(input.validate(u64::MAX), Ok(()));
+        assert!(buf.len() < 11 * 1000);
+        let e = input.validate(buf.len() as u64).unwrap_err();
+        assert!(e.message.contains("references name over"), "{e}");
+        // Event 0's two properties, "a" and "z", swapped in the table.
+        let mut v = batch();
+        let props = HEADER + 3 * SLOT;
+        let (a, z) = (
+            v[props..props + PROP].to_vec(),
+            v[props + PROP..props + 2 * PROP].to_vec(),
+        );
+        v[props..props + PROP].copy_from_slice(&z);
+        v[props + PROP..props + 2 * PROP].copy_from_slice(&a);
+        let e = Input::open(&v).unwrap().validate(u64::MAX).unwrap_err();
+        assert!(e.message.contains("not sorted and unique"), "{e}");
+        assert_eq!(e.at, props + PROP);
     }
 
     #[test]
@@ -1142,22 +1198,22 @@ mod tests {
         assert!(msg.contains("property range out of bounds"), "{msg}");
         assert!(Input::open(&v)
             .unwrap()
-            .validate()
+            .validate(u64::MAX)
             .unwrap_err()
             .message
             .contains("property range out of bounds"));
         // `validate` finds what a reader would trap on, before anything is read.
-        assert_eq!(Input::open(&ok).unwrap().validate(), Ok(()));
+        assert_eq!(Input::open(&ok).unwrap().validate(u64::MAX), Ok(()));
         let mut v = ok.clone();
         v[HEADER + Str::Url as usize * 8 + 4] = 0xff;
-        let e = Input::open(&v).unwrap().validate().unwrap_err();
+        let e = Input::open(&v).unwrap().validate(u64::MAX).unwrap_err();
         assert!(e.message.contains("out of bounds"), "{e}");
         assert_eq!(e.at, HEADER + Str::Url as usize * 8);
         let mut v = ok.clone();
         v[HEADER + Str::Url as usize * 8 + 4] = 2;
         assert!(Input::open(&v)
             .unwrap()
-            .validate()
+            .validate(u64::MAX)
             .unwrap_err()
             .message
             .contains("not UTF-8"));
@@ -1165,7 +1221,7 @@ mod tests {
         v[HEADER + Str::Name as usize * 8..][..4].copy_from_slice(&ABSENT.to_le_bytes());
         assert!(Input::open(&v)
             .unwrap()
-            .validate()
+            .validate(u64::MAX)
             .unwrap_err()
             .message
             .contains("required field Name is absent"));
@@ -1242,7 +1298,7 @@ mod tests {
                 Err(_) => refused += 1,
             }
             if let Ok(input) = Input::open(&v) {
-                if input.validate().is_ok() {
+                if input.validate(u64::MAX).is_ok() {
                     // What validates reads without a panic.
                     for i in 0..input.len() {
                         for f in Str::ALL {
