@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod lock;
 pub mod nats;
 pub mod progress;
+pub mod secrets;
 #[cfg(feature = "full")]
 pub mod store;
 pub mod topology;

@@ -458,18 +458,9 @@ impl AdminArgs {
         let secret = match std::fs::read_to_string(&path) {
             Ok(s) if s.trim().len() >= 16 => s.trim().to_string(),
             _ => {
-                use rand::Rng;
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let secret = format!("ba_{}", hex_string(&rand::rng().random::<[u8; 24]>()));
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&path)
+                let secret = format!("ba_{}", beacon::secrets::random_hex::<24>());
+                beacon::secrets::write_private(&path, &format!("{secret}\n"))
                     .with_context(|| format!("writing {}", path.display()))?;
-                writeln!(f, "{secret}")?;
                 secret
             }
         };
@@ -1936,8 +1927,7 @@ struct MerchantKeys {
 
 /// A random key: `<prefix>_` and 128 bits in hex.
 fn new_key(prefix: &str) -> String {
-    use rand::Rng;
-    format!("{prefix}_{}", hex_string(&rand::rng().random::<[u8; 16]>()))
+    format!("{prefix}_{}", beacon::secrets::random_hex::<16>())
 }
 
 async fn create_merchant(
@@ -1968,10 +1958,6 @@ async fn create_merchant(
         .await
         .map_err(|e| anyhow!("registering merchant: {e}"))?;
     Ok((merchant, keys))
-}
-
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn whoami() -> String {

@@ -201,9 +201,7 @@ impl Links {
 }
 
 fn random_secret() -> String {
-    use rand::Rng;
-    let bytes: [u8; 24] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::secrets::random_hex::<24>()
 }
 
 impl Topology {
@@ -605,23 +603,10 @@ impl Ca {
 
 /// Writes a file only its owner can read (keys, passwords).
 fn write_private(path: &Path, text: &str) -> Result<(), TopologyError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |source| TopologyError::Io {
+    crate::secrets::write_private(path, text).map_err(|source| TopologyError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    // `mode` applies only to a file it creates: an existing one is narrowed too.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)
+    })
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ fn nats<E: std::fmt::Display>(e: E) -> IngestError {
     IngestError::Nats(e.to_string())
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngestConfig {
     pub nats_url: String,
     /// Most envelopes per Iceberg commit.
@@ -88,6 +88,23 @@ pub struct IngestConfig {
     /// How long an event id stays known per partition ([`dedupe`]): an event whose merchant
     /// and id the partition stored within it is not stored again. Zero turns it off.
     pub dedupe_window: Duration,
+}
+
+/// By hand, so the NATS URL's password never reaches a log.
+impl std::fmt::Debug for IngestConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestConfig")
+            .field("nats_url", &bus::redact(&self.nats_url))
+            .field("max_batch", &self.max_batch)
+            .field("max_wait", &self.max_wait)
+            .field("max_fetch_bytes", &self.max_fetch_bytes)
+            .field("sources", &self.sources)
+            .field("stream_replicas", &self.stream_replicas)
+            .field("partitions", &self.partitions)
+            .field("owner", &self.owner)
+            .field("dedupe_window", &self.dedupe_window)
+            .finish()
+    }
 }
 
 impl IngestConfig {
@@ -881,6 +898,17 @@ mod tests {
     use super::*;
     use beacon_proto::envelope::ENVELOPE_VERSION;
     use beacon_proto::Event;
+
+    #[test]
+    fn the_config_never_shows_the_bus_password() {
+        let cfg =
+            IngestConfig::new("tls://beacon:s3cret@127.0.0.1:4222,tls://beacon:s3cret@h2:4222");
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("h2:4222"),
+            "{shown}"
+        );
+    }
 
     /// A batch envelope at stream sequence `seq` with `n` events.
     fn received(seq: u64, n: usize) -> Received {

@@ -57,7 +57,7 @@ pub enum EdgeError {
     Enrich(#[from] enrich::EnrichError),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EdgeConfig {
     pub edge_id: String,
     pub nats_url: String,
@@ -86,6 +86,29 @@ pub struct EdgeConfig {
     pub hub_domain: Option<String>,
     /// How envelopes are written on the bus (ingest reads both).
     pub envelope_encoding: beacon_proto::envelope::Encoding,
+}
+
+/// By hand, so the NATS URL's password never reaches a log.
+impl std::fmt::Debug for EdgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeConfig")
+            .field("edge_id", &self.edge_id)
+            .field("nats_url", &bus::redact(&self.nats_url))
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("quic", &self.quic)
+            .field("event_limits", &self.event_limits)
+            .field("sandbox", &self.sandbox)
+            .field("region", &self.region)
+            .field("http_listen", &self.http_listen)
+            .field("http", &self.http)
+            .field("geoip", &self.geoip)
+            .field("default_limits", &self.default_limits)
+            .field("in_flight_memory", &self.in_flight_memory)
+            .field("hub_domain", &self.hub_domain)
+            .field("envelope_encoding", &self.envelope_encoding)
+            .finish()
+    }
 }
 
 impl EdgeConfig {
@@ -300,5 +323,24 @@ impl Edge {
         self.reporter.abort();
         self.probe.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_never_shows_the_bus_password() {
+        let cfg = EdgeConfig::new(
+            "tls://beacon:s3cret@leaf.example:4222",
+            "127.0.0.1:0".parse().expect("addr"),
+            PathBuf::from("/tmp/edge"),
+        );
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("leaf.example:4222"),
+            "{shown}"
+        );
     }
 }
