@@ -18,7 +18,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 status=0
 shift || true
-TARGETS="${*:-rsocket_frames snowplow ga4 plausible plugin_changes metrics_request sql_front}"
+TARGETS="${*:-rsocket_frames snowplow ga4 plausible plugin_changes packed metrics_request sql_front}"
 for target in $TARGETS; do
   # The checked-in seeds stay as they are; libFuzzer grows a working copy.
   corpus="$CARGO_TARGET_DIR/corpus/$target"
