@@ -402,21 +402,28 @@ fn components_match_the_same_plugins_linked_natively() {
             .insert("contact".into(), format!("write to user{i}@example.com"));
         e.url = e.url.take().map(|u| format!("{u}?utm_source=News{i}&x=1"));
     }
+    for e in events.iter_mut().step_by(7) {
+        e.properties.insert(
+            "user_agent".into(),
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)".into(),
+        );
+    }
     let runtime = Runtime::new(SandboxLimits::default(), None).expect("runtime");
-    let natives: [(&str, &str, BatchFn); 3] = [
-        (
-            "beacon_plugin_utm",
-            r#"{"strip_from_url": true}"#,
-            beacon_plugin_utm::process,
-        ),
-        ("beacon_plugin_pii", "", beacon_plugin_pii::process),
-        (
-            "beacon_plugin_goals",
-            r#"{"goals": [{"name": "any", "path_prefix": "/"}, {"name": "buy", "event": "purchase"}]}"#,
-            beacon_plugin_goals::process,
-        ),
+    // Every example, with the configuration that makes it do real work on demo traffic.
+    let natives: [(&str, BatchFn); 5] = [
+        ("beacon_plugin_utm", beacon_plugin_utm::process),
+        ("beacon_plugin_pii", beacon_plugin_pii::process),
+        ("beacon_plugin_botfilter", beacon_plugin_botfilter::process),
+        ("beacon_plugin_currency", beacon_plugin_currency::process),
+        ("beacon_plugin_goals", beacon_plugin_goals::process),
     ];
-    for (name, config, native) in natives {
+    assert_eq!(natives.len(), EXAMPLES.len());
+    for (name, native) in natives {
+        let config = EXAMPLES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+            .expect("an example's configuration");
         let plugin = load(&runtime, name).expect("load");
         assert!(plugin.is_batch(), "{name} is a batch plugin");
         assert_eq!(plugin.contract(), "1.1.0");
