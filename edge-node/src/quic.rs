@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
-use beacon_proto::{BatchRequest, BatchResponse};
+use beacon_proto::{BatchResponse, Event};
 
 use crate::enrich::ClientCtx;
 use crate::limits::Limited;
@@ -510,7 +510,7 @@ async fn submit(
     held: usize,
     ctx: &ClientCtx,
 ) -> Result<BatchResponse, ProcessError> {
-    let request = match decode(processor, merchant, payload, client_batch_id).await {
+    let events = match decode(processor, merchant, payload, client_batch_id).await {
         Ok(r) => r,
         Err(e) => {
             processor.release(merchant, held);
@@ -521,7 +521,7 @@ async fn submit(
     };
     let share = MerchantBatch {
         merchant: merchant.clone(),
-        events: request.events.into_iter().map(Incoming::from).collect(),
+        events: events.into_iter().map(Incoming::from).collect(),
         batch_id: client_batch_id.map(str::to_string),
         held,
     };
@@ -550,9 +550,9 @@ async fn decode(
     merchant: &str,
     payload: &[u8],
     client_batch_id: Option<&str>,
-) -> Result<BatchRequest, ProcessError> {
+) -> Result<Vec<Event>, ProcessError> {
     match wire::decode_batch(payload) {
-        Ok(events) => Ok(BatchRequest { events }),
+        Ok(events) => Ok(events),
         Err(reason) => {
             processor
                 .keep_undecodable(merchant, client_batch_id, payload, &reason)
