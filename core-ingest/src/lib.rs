@@ -61,9 +61,10 @@ fn nats<E: std::fmt::Display>(e: E) -> IngestError {
     IngestError::Nats(e.to_string())
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct IngestConfig {
-    pub nats_url: String,
+    /// Shown redacted in `Debug`: the password never reaches a log.
+    pub nats_url: bus::NatsUrl,
     /// Most envelopes per Iceberg commit.
     pub max_batch: usize,
     /// Longest an envelope waits for its commit when traffic is light.
@@ -90,27 +91,10 @@ pub struct IngestConfig {
     pub dedupe_window: Duration,
 }
 
-/// By hand, so the NATS URL's password never reaches a log.
-impl std::fmt::Debug for IngestConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IngestConfig")
-            .field("nats_url", &bus::redact(&self.nats_url))
-            .field("max_batch", &self.max_batch)
-            .field("max_wait", &self.max_wait)
-            .field("max_fetch_bytes", &self.max_fetch_bytes)
-            .field("sources", &self.sources)
-            .field("stream_replicas", &self.stream_replicas)
-            .field("partitions", &self.partitions)
-            .field("owner", &self.owner)
-            .field("dedupe_window", &self.dedupe_window)
-            .finish()
-    }
-}
-
 impl IngestConfig {
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
-            nats_url: nats_url.into(),
+            nats_url: bus::NatsUrl::new(nats_url),
             max_batch: 2000,
             max_wait: Duration::from_secs(1),
             max_fetch_bytes: 16 << 20,
@@ -356,7 +340,7 @@ pub async fn run(
     health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let client = bus::connect(&cfg.nats_url, "beacon-ingest")
+    let client = bus::connect(cfg.nats_url.expose(), "beacon-ingest")
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);

@@ -57,10 +57,11 @@ pub enum EdgeError {
     Enrich(#[from] enrich::EnrichError),
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct EdgeConfig {
     pub edge_id: String,
-    pub nats_url: String,
+    /// Shown redacted in `Debug`: the password never reaches a log.
+    pub nats_url: bus::NatsUrl,
     pub listen: SocketAddr,
     /// Holds the TLS identity and the compiled-plugin cache.
     pub data_dir: PathBuf,
@@ -88,34 +89,11 @@ pub struct EdgeConfig {
     pub envelope_encoding: beacon_proto::envelope::Encoding,
 }
 
-/// By hand, so the NATS URL's password never reaches a log.
-impl std::fmt::Debug for EdgeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeConfig")
-            .field("edge_id", &self.edge_id)
-            .field("nats_url", &bus::redact(&self.nats_url))
-            .field("listen", &self.listen)
-            .field("data_dir", &self.data_dir)
-            .field("quic", &self.quic)
-            .field("event_limits", &self.event_limits)
-            .field("sandbox", &self.sandbox)
-            .field("region", &self.region)
-            .field("http_listen", &self.http_listen)
-            .field("http", &self.http)
-            .field("geoip", &self.geoip)
-            .field("default_limits", &self.default_limits)
-            .field("in_flight_memory", &self.in_flight_memory)
-            .field("hub_domain", &self.hub_domain)
-            .field("envelope_encoding", &self.envelope_encoding)
-            .finish()
-    }
-}
-
 impl EdgeConfig {
     pub fn new(nats_url: impl Into<String>, listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             edge_id: "edge-1".into(),
-            nats_url: nats_url.into(),
+            nats_url: bus::NatsUrl::new(nats_url),
             listen,
             data_dir,
             quic: quic::QuicLimits::default(),
@@ -152,12 +130,15 @@ pub struct Edge {
 impl Edge {
     pub async fn start(cfg: EdgeConfig) -> Result<Self, EdgeError> {
         let nats_err = |e: &dyn std::fmt::Display| EdgeError::Nats {
-            url: bus::redact(&cfg.nats_url),
+            url: cfg.nats_url.to_string(),
             reason: e.to_string(),
         };
-        let client = bus::connect(&cfg.nats_url, &format!("beacon-edge {}", cfg.edge_id))
-            .await
-            .map_err(|e| nats_err(&e))?;
+        let client = bus::connect(
+            cfg.nats_url.expose(),
+            &format!("beacon-edge {}", cfg.edge_id),
+        )
+        .await
+        .map_err(|e| nats_err(&e))?;
         let max_payload = client.server_info().max_payload;
         // Events go to `js`; what edges share, to `shared` (the hub's domain behind a leaf).
         let shared = match &cfg.hub_domain {

@@ -69,6 +69,48 @@ pub fn options_with_ca(url: &str, ca: Option<&std::path::Path>) -> async_nats::C
     }
 }
 
+/// A NATS URL (or a comma-separated list of them) that may carry passwords. It shows
+/// itself redacted ([`redact`]) in `Debug` and `Display`, so whatever holds one (a
+/// configuration, an error) can derive `Debug` and be logged; [`NatsUrl::expose`] gives the
+/// URL itself, for connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl(String);
+
+impl NatsUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its passwords: only for connecting, never for a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for NatsUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for NatsUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_string())
+    }
+}
+
+impl std::fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&redact(&self.0), f)
+    }
+}
+
+impl std::fmt::Display for NatsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
 /// `url` with every password in it replaced by `***`, for logs and error messages.
 pub fn redact(url: &str) -> String {
     servers(url)
@@ -573,6 +615,10 @@ mod tests {
         assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
         assert_eq!(redact("beacon:pw@h:4222"), "beacon:***@h:4222");
         assert_eq!(redact("tls://s3cret@h:4222"), "tls://***@h:4222");
+        let url = NatsUrl::from("tls://beacon:s3cret@h:4222");
+        assert_eq!(url.expose(), "tls://beacon:s3cret@h:4222");
+        assert_eq!(url.to_string(), "tls://beacon:***@h:4222");
+        assert_eq!(format!("{url:?}"), "\"tls://beacon:***@h:4222\"");
     }
 
     #[test]
