@@ -178,6 +178,122 @@ async fn load(
     (load_s, rollup_s, stats)
 }
 
+/// One-client dashboards with the serving reads of `sessions` (the default: DataFusion's
+/// Parquet source, footers kept) and with iceberg-datafusion's scan, on the same warehouse,
+/// the same merchants, alternating (which goes first alternates too). Asserts equal answers.
+/// Returns both latencies (ms, sorted).
+async fn serving_reads(
+    dir: &std::path::Path,
+    sessions: &MerchantSessions,
+    sites: &[Site],
+    now: chrono::DateTime<chrono::Utc>,
+) -> (Vec<f64>, Vec<f64>) {
+    let iceberg = Warehouse::open(dir)
+        .await
+        .expect("warehouse")
+        .with_serving_reads(beacon_warehouse::ServingReads::Iceberg);
+    let iceberg = MerchantSessions::new(Arc::new(iceberg));
+    let mut rng = StdRng::seed_from_u64(3);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..64 {
+        let plans = dashboard(&pick(&mut rng, sites).merchant_id, now);
+        // Each warehouse's sessions and footers warm on a first run, not measured.
+        if i < 2 {
+            run_dashboard(sessions, &plans, false).await;
+            run_dashboard(&iceberg, &plans, false).await;
+        }
+        let ((a, answer_a), (b, answer_b)) = if i % 2 == 0 {
+            let a = timed(sessions, &plans).await;
+            (a, timed(&iceberg, &plans).await)
+        } else {
+            let b = timed(&iceberg, &plans).await;
+            (timed(sessions, &plans).await, b)
+        };
+        assert_eq!(answer_a, answer_b, "serving reads disagree");
+        ours.push(a);
+        theirs.push(b);
+    }
+    ours.sort_by(f64::total_cmp);
+    theirs.sort_by(f64::total_cmp);
+    (ours, theirs)
+}
+
+/// Where one computed query's time goes, in the phases the API runs it in (means over 40
+/// merchants' dashboards, after a warm-up round).
+async fn phases(
+    sessions: &MerchantSessions,
+    sites: &[Site],
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let budget = beacon_query::budget::Budget::new(beacon_query::budget::QueryLimits {
+        concurrent_per_merchant: 1024,
+        concurrent_total: 1024,
+        ..Default::default()
+    });
+    let mut sum = [0f64; 5];
+    let mut queries = 0usize;
+    for round in 0..2 {
+        for site in sites.iter().step_by((sites.len() / 40).max(1)).take(40) {
+            for plan in dashboard(&site.merchant_id, now) {
+                let t0 = Instant::now();
+                let ctx = sessions
+                    .budgeted(&budget, &plan.merchant_id)
+                    .await
+                    .expect("session");
+                let mut t = [t0.elapsed().as_secs_f64(), 0.0, 0.0, 0.0, 0.0];
+                let mut rows = Vec::new();
+                for source in plan.sources() {
+                    let s0 = Instant::now();
+                    let df = beacon_query::metrics::logical::frame(&ctx, &plan, &source)
+                        .await
+                        .expect("frame");
+                    let s1 = Instant::now();
+                    let task = Arc::new(df.task_ctx());
+                    let physical = df.create_physical_plan().await.expect("plan");
+                    let s2 = Instant::now();
+                    let batches = datafusion::physical_plan::collect(physical, task)
+                        .await
+                        .expect("execute");
+                    let s3 = Instant::now();
+                    rows.push((
+                        source.kind,
+                        beacon_warehouse::output::json_rows(&batches).expect("rows"),
+                    ));
+                    t[1] += (s1 - s0).as_secs_f64();
+                    t[2] += (s2 - s1).as_secs_f64();
+                    t[3] += (s3 - s2).as_secs_f64();
+                    t[4] += s3.elapsed().as_secs_f64();
+                }
+                let r0 = Instant::now();
+                plan.results(&rows).expect("results");
+                t[4] += r0.elapsed().as_secs_f64();
+                if round > 0 {
+                    queries += 1;
+                    for (a, b) in sum.iter_mut().zip(t) {
+                        *a += b * 1000.0;
+                    }
+                }
+            }
+        }
+    }
+    let m = |i: usize| sum[i] / queries.max(1) as f64;
+    format!(
+        "Phases of a computed query (means over {queries} dashboard queries, one client): budgeted session {:.2} ms, plan built from the request {:.2} ms, optimized and physical plan (Iceberg's file planning included) {:.2} ms, execution {:.2} ms, rows to JSON and merged {:.2} ms.",
+        m(0),
+        m(1),
+        m(2),
+        m(3),
+        m(4)
+    )
+}
+
+/// One dashboard's latency (ms) and answer.
+async fn timed(sessions: &MerchantSessions, plans: &[Plan]) -> (f64, Vec<Vec<serde_json::Value>>) {
+    let t = Instant::now();
+    let answer = run_dashboard(sessions, plans, false).await;
+    (t.elapsed().as_secs_f64() * 1000.0, answer)
+}
+
 /// Visit metrics for 8 merchants through the API's planner (the `visits` table), against
 /// grouping each merchant's `events` into visits in SQL; asserts both count the same visits.
 /// Returns the two latencies (ms, sorted).
@@ -363,6 +479,8 @@ async fn run() {
     }
     baseline.sort_by(f64::total_cmp);
     rollup_single.sort_by(f64::total_cmp);
+    let (parquet_reads, iceberg_reads) = serving_reads(&dir, &sessions, &sites, now).await;
+    let phases = phases(&sessions, &sites, now).await;
     let (visits_stored, visits_grouped) = visit_metrics(&wh, &sessions, &sites, &config, now).await;
 
     let mut report = vec![
@@ -420,11 +538,22 @@ async fn run() {
     report.push(String::new());
     report.push(overhead);
     report.push(String::new());
+    report.push(phases);
+    report.push(String::new());
     report.push(format!(
         "Single-client dashboard, rollups vs scanning `events` (same merchants, same run): p50 {:.1} ms vs {:.1} ms = **{:.1}x faster**.",
         pct(&rollup_single, 0.5),
         pct(&baseline, 0.5),
         pct(&baseline, 0.5) / pct(&rollup_single, 0.5).max(1e-9)
+    ));
+    report.push(format!(
+        "Serving reads (one client, {} dashboards, each run by both alternately, same merchants): DataFusion's Parquet source over Iceberg's planned files with footers kept p50 {:.1} / p99 {:.1} ms vs iceberg-datafusion's scan p50 {:.1} / p99 {:.1} ms = **{:.2}x the time** at p50.",
+        parquet_reads.len(),
+        pct(&parquet_reads, 0.5),
+        pct(&parquet_reads, 0.99),
+        pct(&iceberg_reads, 0.5),
+        pct(&iceberg_reads, 0.99),
+        pct(&parquet_reads, 0.5) / pct(&iceberg_reads, 0.5).max(1e-9)
     ));
     report.push(format!(
         "Visit metrics (visits, bounce rate, visit duration over all of a merchant's days; the biggest merchant and 7 others), from the pre-aggregated `visits` vs grouping the merchant's `events` into visits in SQL (same merchants, same run, the same visit counts): p50 {:.1} ms vs {:.1} ms = **{:.1}x faster**.",

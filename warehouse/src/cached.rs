@@ -9,6 +9,10 @@
 //!
 //! One task refreshes at a time and the others go on with the metadata they have, so a
 //! slow catalog load never queues every query on the table behind it.
+//!
+//! Scans read the planned files with DataFusion's Parquet source and footers decoded once
+//! ([`crate::scan`]) where that reads what Iceberg's own scan reads, and with Iceberg's
+//! scan otherwise (or when the warehouse was opened with [`ServingReads::Iceberg`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -21,17 +25,41 @@ use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
+use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 use iceberg_datafusion::IcebergStaticTableProvider;
 
+use crate::scan::{self, Footers};
+
 /// How long loaded table metadata is reused.
 pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// How serving sessions read data files.
+#[derive(Clone, Debug)]
+pub enum ServingReads {
+    /// DataFusion's Parquet source over the files Iceberg plans, with decoded footers kept
+    /// (up to `footer_cache_bytes` in memory); Iceberg's scan where that would differ.
+    Parquet { footer_cache_bytes: u64 },
+    /// iceberg-datafusion's scan for everything (what the Parquet reads are measured against).
+    Iceberg,
+}
+
+impl Default for ServingReads {
+    fn default() -> Self {
+        ServingReads::Parquet {
+            footer_cache_bytes: 256 << 20,
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Loaded {
     at: Instant,
     location: Option<String>,
     snapshot: Option<i64>,
+    table: Table,
+    /// Whether reading by column name reads what Iceberg reads ([`scan::reads_by_name`]).
+    by_name: bool,
     provider: Arc<IcebergStaticTableProvider>,
 }
 
@@ -39,6 +67,8 @@ pub struct CachedTable {
     catalog: Arc<dyn Catalog>,
     ident: TableIdent,
     schema: SchemaRef,
+    /// Where decoded footers are kept; `None`: Iceberg's scan reads the files.
+    footers: Option<Arc<Footers>>,
     /// What scans read now (held only to copy it out).
     loaded: std::sync::Mutex<Option<Loaded>>,
     /// Held by the one task that reloads from the catalog.
@@ -54,11 +84,17 @@ impl std::fmt::Debug for CachedTable {
 }
 
 impl CachedTable {
-    pub fn new(catalog: Arc<dyn Catalog>, ident: TableIdent, schema: SchemaRef) -> Self {
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        ident: TableIdent,
+        schema: SchemaRef,
+        footers: Option<Arc<Footers>>,
+    ) -> Self {
         Self {
             catalog,
             ident,
             schema,
+            footers,
             loaded: std::sync::Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
         }
@@ -92,19 +128,30 @@ impl CachedTable {
         let table = self.catalog.load_table(&self.ident).await.map_err(err)?;
         let location = table.metadata_location().map(str::to_string);
         let snapshot = table.metadata().current_snapshot_id();
-        let provider = match self.current() {
-            Some(l) if l.location == location => l.provider,
-            _ => Arc::new(
-                IcebergStaticTableProvider::try_new_from_table(table)
-                    .await
-                    .map_err(err)?,
-            ),
-        };
-        let fresh = Loaded {
-            at: Instant::now(),
-            location,
-            snapshot,
-            provider,
+        let fresh = match self.current() {
+            Some(l) if l.location == location => Loaded {
+                at: Instant::now(),
+                ..l
+            },
+            _ => {
+                let metadata = table.metadata();
+                let by_name = scan::reads_by_name(
+                    metadata.current_schema(),
+                    metadata.schemas_iter().map(|s| s.as_ref()),
+                );
+                Loaded {
+                    at: Instant::now(),
+                    location,
+                    snapshot,
+                    by_name,
+                    provider: Arc::new(
+                        IcebergStaticTableProvider::try_new_from_table(table.clone())
+                            .await
+                            .map_err(err)?,
+                    ),
+                    table,
+                }
+            }
         };
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
         Ok(fresh)
@@ -138,8 +185,24 @@ impl TableProvider for CachedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.loaded()
-            .await?
+        let loaded = self.loaded().await?;
+        if let (Some(footers), true) = (&self.footers, loaded.by_name) {
+            let plan = scan::plan(
+                &loaded.table,
+                loaded.snapshot,
+                &self.schema,
+                footers,
+                state,
+                projection,
+                filters,
+                limit,
+            )
+            .await?;
+            if let Some(plan) = plan {
+                return Ok(plan);
+            }
+        }
+        loaded
             .provider
             .scan(state, projection, filters, limit)
             .await

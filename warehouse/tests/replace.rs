@@ -1,5 +1,5 @@
-//! The replace commit and maintenance against real Iceberg tables on local disk (SQLite
-//! catalog), through the crate's public API only.
+//! The replace commit, maintenance and serving reads against real Iceberg tables on local
+//! disk (SQLite catalog), through the crate's public API only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use arrow::record_batch::RecordBatch;
 use beacon_warehouse::maintain::{self, MaintainOptions};
 use beacon_warehouse::replace::{Outcome, Rewrite, JOB_PROPERTY};
 use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
-use beacon_warehouse::{TableKind, Warehouse, WarehouseError};
+use beacon_warehouse::{ServingReads, TableKind, Warehouse, WarehouseError};
 use iceberg::spec::Operation;
 
 const HOUR_US: i64 = 3_600_000_000;
@@ -58,9 +58,13 @@ async fn rows(wh: &Warehouse, kind: TableKind, prefix: &str, n: usize, seq: u64)
     RecordBatch::try_new(schema, columns).unwrap()
 }
 
+/// The result of `sql` in `ctx`.
+async fn rows_of(ctx: &datafusion::prelude::SessionContext, sql: &str) -> Vec<RecordBatch> {
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
 async fn count(wh: &Warehouse, sql: &str) -> i64 {
-    let ctx = wh.session().await.unwrap();
-    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let batches = rows_of(&wh.session().await.unwrap(), sql).await;
     let col = batches[0].column(0);
     arrow::compute::cast(col, &DataType::Int64)
         .unwrap()
@@ -72,8 +76,7 @@ async fn count(wh: &Warehouse, sql: &str) -> i64 {
 
 /// Query results as JSON text, through an uncached session (sees the latest commit).
 async fn query_json(wh: &Warehouse, sql: &str) -> String {
-    let ctx = wh.session().await.unwrap();
-    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let batches = rows_of(&wh.session().await.unwrap(), sql).await;
     beacon_warehouse::output::json(&batches).unwrap()
 }
 
@@ -120,20 +123,27 @@ fn pyiceberg(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("pyiceberg json")
 }
 
+/// A new warehouse with three commits of `n` rows each to `kind` (ids `a-*`, `b-*`,
+/// `c-*`), at sequences `step`, `2 * step` and `3 * step`.
+async fn with_abc(kind: TableKind, n: usize, step: u64) -> (tempfile::TempDir, Warehouse) {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Warehouse::open(dir.path()).await.unwrap();
+    for (i, prefix) in ["a", "b", "c"].iter().enumerate() {
+        let seq = step * (i as u64 + 1);
+        let batch = rows(&wh, kind, prefix, n, seq).await;
+        wh.append(kind, batch, seq_props(seq)).await.unwrap();
+    }
+    (dir, wh)
+}
+
 fn seq_props(seq: u64) -> HashMap<String, String> {
     HashMap::from([(SEQ_PROPERTY.to_string(), seq.to_string())])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_swaps_files_in_one_snapshot_and_carries_watermarks_forward() {
-    let dir = tempfile::tempdir().unwrap();
-    let wh = Warehouse::open(dir.path()).await.unwrap();
     let kind = TableKind::FailedEvents;
-    for (i, prefix) in ["a", "b", "c"].iter().enumerate() {
-        let seq = 10 * (i as u64 + 1);
-        let batch = rows(&wh, kind, prefix, 10, seq).await;
-        wh.append(kind, batch, seq_props(seq)).await.unwrap();
-    }
+    let (dir, wh) = with_abc(kind, 10, 10).await;
     let before = live_paths(&wh, kind).await;
     let old_snapshot = wh
         .table(kind)
@@ -188,13 +198,7 @@ async fn replace_swaps_files_in_one_snapshot_and_carries_watermarks_forward() {
     .await
     .unwrap();
     ctx.register_table("old", Arc::new(pinned)).unwrap();
-    let old = ctx
-        .sql("SELECT count(*) FROM old")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let old = rows_of(&ctx, "SELECT count(*) FROM old").await;
     assert_eq!(
         old[0]
             .column(0)
@@ -595,4 +599,83 @@ async fn visits_follow_late_events_that_join_visits_and_rebuilds_that_split_them
     let before = query_json(&wh, VISITS_STORED).await;
     rollup::run_once(&wh).await.unwrap();
     assert_eq!(query_json(&wh, VISITS_STORED).await, before);
+}
+
+/// Serving sessions read planned files with DataFusion's Parquet source and cached footers
+/// ([`ServingReads::Parquet`], the default): every answer equals Iceberg's own scan of the
+/// same snapshot, across appends, a replace, projections, filters that prune and limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_reads_by_parquet_source_equal_icebergs_scan() {
+    let kind = TableKind::Events;
+    let (dir, wh) = with_abc(kind, 200, 1).await;
+    // A replace of the first commit's files (another snapshot shape: overwrite).
+    let first = live_paths(&wh, kind).await;
+    let mut rewrite = Rewrite::new(Operation::Overwrite, "job-serving");
+    rewrite.added = wh
+        .write_files(kind, rows(&wh, kind, "d", 50, 0).await)
+        .await
+        .unwrap();
+    rewrite.removed = first[..1].to_vec();
+    wh.replace(kind, &rewrite).await.unwrap();
+
+    let iceberg = Warehouse::open(dir.path())
+        .await
+        .unwrap()
+        .with_serving_reads(ServingReads::Iceberg);
+    let queries = [
+        "SELECT merchant_id, count(*) AS n, count(DISTINCT event_id) AS ids, min(ts) AS first, max(ts) AS last \
+         FROM events GROUP BY merchant_id ORDER BY merchant_id",
+        "SELECT count(*) AS n FROM events WHERE merchant_id = 'm1'",
+        "SELECT event_id, ts FROM events WHERE ts >= TIMESTAMP '2026-11-03T00:00:00Z' ORDER BY event_id",
+        "SELECT * FROM events ORDER BY event_id LIMIT 7",
+        "SELECT count(*) AS n FROM events WHERE merchant_id = 'nobody'",
+        "SELECT event_id FROM events LIMIT 3",
+    ];
+    for q in queries {
+        let ours = wh.sql(q).await.unwrap();
+        let theirs = iceberg.sql(q).await.unwrap();
+        let (ours, theirs) = (
+            beacon_warehouse::output::json(&ours).unwrap(),
+            beacon_warehouse::output::json(&theirs).unwrap(),
+        );
+        if q.ends_with("LIMIT 3") {
+            // Which three rows is unspecified; that there are three is not.
+            assert_eq!(ours.matches("event_id").count(), 3, "{q}: {ours}");
+        } else {
+            assert_eq!(ours, theirs, "{q}");
+        }
+    }
+    // A merchant's session reads through the same scan and sees only that merchant.
+    let ctx = wh.merchant_session("m2").await.unwrap();
+    let batches = rows_of(&ctx, "SELECT DISTINCT merchant_id FROM events").await;
+    assert_eq!(
+        beacon_warehouse::output::json(&batches).unwrap(),
+        "[{\"merchant_id\":\"m2\"}]\n"
+    );
+
+    // The Parquet source did the reading (its plan, and footers kept), not a fallback.
+    let plan = beacon_warehouse::output::json(
+        &wh.sql("EXPLAIN SELECT count(*) FROM events WHERE merchant_id = 'm1'")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        plan.contains("DataSourceExec") && plan.contains("file_type=parquet"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("predicate="),
+        "filters reach the scan for pruning: {plan}"
+    );
+    let footers = wh.footers().expect("footers kept by default");
+    assert_eq!(footers.len(), live_paths(&wh, kind).await.len() as u64);
+    let theirs = beacon_warehouse::output::json(
+        &iceberg
+            .sql("EXPLAIN SELECT count(*) FROM events")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(theirs.contains("IcebergTableScan"), "{theirs}");
 }

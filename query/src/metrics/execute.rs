@@ -67,6 +67,14 @@ impl MerchantSessions {
             return Ok(ctx);
         }
         let ctx = self.warehouse.merchant_session(merchant).await?;
+        // The API's plans are small and built here, not written by analysts: one pass of
+        // the optimizer leaves them as three would (about 0.3 ms of each query's planning).
+        ctx.state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .optimizer
+            .max_passes = 1;
         self.sessions
             .insert(merchant.to_string(), ctx.clone())
             .await;
