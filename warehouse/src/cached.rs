@@ -135,10 +135,14 @@ impl CachedTable {
             },
             _ => {
                 let metadata = table.metadata();
-                let by_name = scan::reads_by_name(
-                    metadata.current_schema(),
-                    metadata.schemas_iter().map(|s| s.as_ref()),
-                );
+                // Files without field ids are matched through the name mapping by Iceberg.
+                let by_name = !metadata
+                    .properties()
+                    .contains_key("schema.name-mapping.default")
+                    && scan::reads_by_name(
+                        metadata.current_schema(),
+                        metadata.schemas_iter().map(|s| s.as_ref()),
+                    );
                 Loaded {
                     at: Instant::now(),
                     location,

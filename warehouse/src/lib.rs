@@ -538,18 +538,9 @@ impl Warehouse {
         merchant: Option<&str>,
         cached: bool,
     ) -> Result<SessionContext, WarehouseError> {
-        let mut config = SessionConfig::new()
+        let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, NAMESPACE)
             .with_information_schema(true);
-        if cached {
-            // Serving queries read a merchant's few rows out of row groups of thousands:
-            // evaluating the filters inside the Parquet reader decodes the other columns
-            // (HLL sketches among them) only for the rows that pass (a fifth less execution
-            // time for a dashboard's queries; BENCHMARKS, "Serving reads").
-            let parquet = &mut config.options_mut().execution.parquet;
-            parquet.pushdown_filters = true;
-            parquet.reorder_filters = true;
-        }
         let ctx = SessionContext::new_with_config(config);
         // The session's catalog is an in-memory one holding the Iceberg tables' providers
         // (which reload metadata on every scan) plus this session's views and pinned
@@ -677,8 +668,7 @@ impl Warehouse {
     }
 }
 
-/// SQL options that refuse anything but queries: no DDL (`CREATE VIEW`), DML or statements
-/// (`SET`). Every read path plans with these.
+/// Where serving reads keep footers (`None`: they read with Iceberg's scan).
 fn footers_for(reads: &ServingReads) -> Option<Arc<scan::Footers>> {
     match reads {
         ServingReads::Parquet { footer_cache_bytes } => {
@@ -688,6 +678,8 @@ fn footers_for(reads: &ServingReads) -> Option<Arc<scan::Footers>> {
     }
 }
 
+/// SQL options that refuse anything but queries: no DDL (`CREATE VIEW`), DML or statements
+/// (`SET`). Every read path plans with these.
 pub fn read_only() -> datafusion::execution::context::SQLOptions {
     datafusion::execution::context::SQLOptions::new()
         .with_allow_ddl(false)

@@ -11,28 +11,41 @@
 //! files are never changed once written, so a path names one footer for good), row groups
 //! and pages pruned with the query's predicate, files spread over the session's partitions.
 //!
+//! The query's filters prune row groups and pages and are evaluated inside the reader, so
+//! the other columns (HLL sketches among them) are decoded only for the rows that pass.
+//! DataFusion treats that evaluation as best effort (a row filter it cannot build is
+//! skipped with a debug log), so the same filters are applied again above the scan, and a
+//! [`Fence`] keeps the optimizer from folding that filter into the scan: the filter above is
+//! what holds a merchant's session to its merchant, and it must not depend on a best effort.
+//!
 //! DataFusion finds a file's columns by name, Iceberg by field id. The two agree unless a
 //! column was renamed or a name reused, so a table whose schema history has either is read
-//! by Iceberg's own scan ([`reads_by_name`]), and so is any scan that meets a delete file
-//! (Beacon writes none; another engine might).
+//! by Iceberg's own scan ([`reads_by_name`]), as is one with a field that has an initial
+//! default or a name mapping for files without field ids, and any scan that meets a delete
+//! file (Beacon writes none of these; another engine might).
 
+use std::any::Any;
 use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::listing::{FileRange, PartitionedFile};
 use datafusion::datasource::object_store::ObjectStoreUrl;
 use datafusion::datasource::physical_plan::{
-    FileGroup, FileScanConfigBuilder, ParquetFileMetrics, ParquetFileReaderFactory, ParquetSource,
+    FileGroup, FileScanConfigBuilder, ParquetFileReaderFactory, ParquetSource,
 };
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::future::BoxFuture;
 use futures::{FutureExt, TryStreamExt};
 use iceberg::io::{FileIO, FileRead};
@@ -47,7 +60,7 @@ use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataR
 /// Decoded Parquet footers (with their page indexes) by data file path, shared by every
 /// serving session of a warehouse, bounded by their size in memory.
 pub struct Footers {
-    cache: moka::sync::Cache<String, Arc<ParquetMetaData>>,
+    cache: moka::sync::Cache<(String, u64), Arc<ParquetMetaData>>,
 }
 
 impl Footers {
@@ -89,6 +102,10 @@ impl std::fmt::Debug for Footers {
 /// as Iceberg's promotions allow, but matches nested fields by name).
 pub fn reads_by_name<'a>(current: &Schema, history: impl IntoIterator<Item = &'a Schema>) -> bool {
     let now = current.as_struct().fields();
+    // Iceberg fills a column missing from a file with its initial default, DataFusion with NULL.
+    if now.iter().any(|f| f.initial_default.is_some()) {
+        return false;
+    }
     history.into_iter().all(|old| {
         old.as_struct().fields().iter().all(|field| {
             now.iter().all(|cur| {
@@ -151,7 +168,8 @@ pub async fn plan(
         .into_iter()
         .map(|t| {
             let mut file = PartitionedFile::new(t.data_file_path.clone(), t.file_size_in_bytes);
-            if t.start != 0 || t.length != t.file_size_in_bytes {
+            // (Iceberg reads a zero length as the whole file.)
+            if t.length != 0 && (t.start != 0 || t.length != t.file_size_in_bytes) {
                 file.range = Some(FileRange {
                     start: i64::try_from(t.start).unwrap_or(i64::MAX),
                     end: i64::try_from(t.start.saturating_add(t.length)).unwrap_or(i64::MAX),
@@ -169,21 +187,96 @@ pub async fn plan(
         groups[i % partitions].push(file);
     }
 
-    // Row groups and pages are pruned with the query's filters once DataFusion's physical
-    // optimizer pushes them from the filter above into this source (they stay above too:
-    // they are pushed down as inexact).
-    let source = ParquetSource::new(schema.clone())
+    let mut source = ParquetSource::new(schema.clone())
         .with_table_parquet_options(state.table_options().parquet.clone())
         .with_parquet_file_reader_factory(Arc::new(Files {
             io: table.file_io().clone(),
             footers: footers.clone(),
         }));
+    if let Some(filter) = conjunction(filters.iter().cloned()) {
+        // The filters name the table's columns through the session's alias for it.
+        let filter = filter
+            .transform(|e| match e {
+                Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(
+                    c.name,
+                )))),
+                e => Ok(Transformed::no(e)),
+            })
+            .data()?;
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        match state.create_physical_expr(filter, &df_schema) {
+            Ok(predicate) => {
+                source = source
+                    .with_predicate(predicate)
+                    .with_pushdown_filters(true)
+                    .with_reorder_filters(true);
+            }
+            // Only speed is lost: the filter above the scan applies them.
+            Err(e) => tracing::debug!(error = %e, "scan filters not pushed into the reader"),
+        }
+    }
     let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
         .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
         .with_projection_indices(projection.cloned())?
         .with_limit(limit)
         .build();
-    Ok(Some(DataSourceExec::from_data_source(config)))
+    Ok(Some(Arc::new(Fence {
+        input: DataSourceExec::from_data_source(config),
+    })))
+}
+
+/// Passes its input through and takes no filter from above (the default of
+/// [`ExecutionPlan::gather_filters_for_pushdown`]), so DataFusion's filter pushdown cannot
+/// remove the filter above a scan by folding it into the scan's best-effort row filter.
+#[derive(Debug)]
+pub struct Fence {
+    input: Arc<dyn ExecutionPlan>,
+}
+
+impl DisplayAs for Fence {
+    fn fmt_as(&self, _: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "FenceExec")
+    }
+}
+
+impl ExecutionPlan for Fence {
+    fn name(&self) -> &str {
+        "FenceExec"
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        match <[_; 1]>::try_from(children) {
+            Ok([input]) => Ok(Arc::new(Fence { input })),
+            Err(_) => Err(DataFusionError::Internal("FenceExec has one input".into())),
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        self.input.execute(partition, context)
+    }
 }
 
 /// Opens planned data files through the table's [`FileIO`] (local disk or object storage).
@@ -196,10 +289,10 @@ struct Files {
 impl ParquetFileReaderFactory for Files {
     fn create_reader(
         &self,
-        partition_index: usize,
+        _partition_index: usize,
         file: PartitionedFile,
         _metadata_size_hint: Option<usize>,
-        metrics: &ExecutionPlanMetricsSet,
+        _metrics: &ExecutionPlanMetricsSet,
     ) -> DfResult<Box<dyn AsyncFileReader + Send>> {
         let path = file
             .extensions
@@ -217,7 +310,6 @@ impl ParquetFileReaderFactory for Files {
             .new_input(&path)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(Box::new(FileReader {
-            metrics: ParquetFileMetrics::new(partition_index, &path, metrics),
             path,
             size: file.object_meta.size,
             input,
@@ -234,7 +326,6 @@ struct FileReader {
     input: iceberg::io::InputFile,
     open: Option<iceberg::arrow::ArrowFileReader>,
     footers: Arc<Footers>,
-    metrics: ParquetFileMetrics,
 }
 
 fn external(e: iceberg::Error) -> ParquetError {
@@ -258,27 +349,14 @@ impl FileReader {
 
 impl AsyncFileReader for FileReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            self.metrics
-                .bytes_scanned
-                .add(usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX));
-            self.reader().await?.get_bytes(range).await
-        }
-        .boxed()
+        async move { self.reader().await?.get_bytes(range).await }.boxed()
     }
 
     fn get_byte_ranges(
         &mut self,
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
-        async move {
-            let total: u64 = ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum();
-            self.metrics
-                .bytes_scanned
-                .add(usize::try_from(total).unwrap_or(usize::MAX));
-            self.reader().await?.get_byte_ranges(ranges).await
-        }
-        .boxed()
+        async move { self.reader().await?.get_byte_ranges(ranges).await }.boxed()
     }
 
     /// The footer with its page indexes, decoded once per file: more than the caller asks
@@ -289,7 +367,9 @@ impl AsyncFileReader for FileReader {
         _options: Option<&'a ArrowReaderOptions>,
     ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
         async move {
-            if let Some(footer) = self.footers.cache.get(&self.path) {
+            // Keyed by size too: a file rewritten in place (against the spec) is not misread.
+            let key = (self.path.clone(), self.size);
+            if let Some(footer) = self.footers.cache.get(&key) {
                 return Ok(footer);
             }
             let size = self.size;
@@ -303,7 +383,7 @@ impl AsyncFileReader for FileReader {
                     ParquetError::General(format!("reading the footer of {}: {e}", self.path))
                 })?;
             let footer = Arc::new(footer);
-            self.footers.cache.insert(self.path.clone(), footer.clone());
+            self.footers.cache.insert(key, footer.clone());
             Ok(footer)
         }
         .boxed()

@@ -297,6 +297,15 @@ impl TableKind {
         })
     }
 
+    /// [`TableKind::compression`] as the table property other engines' writers read
+    /// (tables created before LZ4 keep saying `zstd`; their files name their own codec).
+    fn codec_name(self) -> &'static str {
+        match self.row_group_rows() {
+            n if n <= 8 * 1024 => "lz4_raw",
+            _ => "zstd",
+        }
+    }
+
     /// Columns each written batch is sorted by.
     pub(crate) fn sort_columns(self) -> &'static [&'static str] {
         match self {
@@ -356,7 +365,7 @@ pub(crate) async fn ensure_all(catalog: &dyn Catalog) -> Result<(), WarehouseErr
             .properties(HashMap::from([
                 (
                     "write.parquet.compression-codec".to_string(),
-                    "zstd".to_string(),
+                    kind.codec_name().to_string(),
                 ),
                 (
                     "write.target-file-size-bytes".to_string(),

@@ -668,6 +668,21 @@ async fn serving_reads_by_parquet_source_equal_icebergs_scan() {
         plan.contains("predicate="),
         "filters reach the scan for pruning: {plan}"
     );
+    // In a merchant's session the merchant filter is evaluated inside the reader and again
+    // by a FilterExec above the scan, which the optimizer may not fold into it.
+    let scoped = beacon_warehouse::output::json(
+        &rows_of(
+            &ctx,
+            "EXPLAIN SELECT count(*) FROM events WHERE ts IS NOT NULL",
+        )
+        .await,
+    )
+    .unwrap();
+    let filter = scoped.find("FilterExec: ").expect("a FilterExec");
+    let fence = scoped.find("FenceExec").expect("the fence below it");
+    assert!(filter < fence, "{scoped}");
+    assert!(scoped[filter..fence].contains("m2"), "{scoped}");
+    assert!(scoped[fence..].contains("predicate="), "{scoped}");
     let footers = wh.footers().expect("footers kept by default");
     assert_eq!(footers.len(), live_paths(&wh, kind).await.len() as u64);
     let theirs = beacon_warehouse::output::json(
