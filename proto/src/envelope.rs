@@ -347,7 +347,15 @@ impl Envelope {
             failures: &self.failures,
             shares: &self.shares,
         };
-        let flags = u16::from(self.processed.is_some()) | u16::from(self.canary.is_some()) << 1;
+        let flags = if self.processed.is_some() {
+            FLAG_PROCESSED
+        } else {
+            0
+        } | if self.canary.is_some() {
+            FLAG_CANARY
+        } else {
+            0
+        };
         let processed = self.processed.as_deref().unwrap_or_default();
         let canary = self.canary.as_ref().map_or(&[][..], |c| &c.events[..]);
         let events = self.raw.len() + processed.len() + canary.len();
@@ -386,13 +394,13 @@ impl Envelope {
             )));
         }
         let flags = r.u16()?;
-        if flags & !3 != 0 {
+        if flags & !(FLAG_PROCESSED | FLAG_CANARY) != 0 {
             return Err(DecodeError::Packed(format!("unknown flags {flags:#x}")));
         }
         let (raw_n, processed_n, canary_n) = (r.u32()?, r.u32()?, r.u32()?);
         let h: PackedHeaderOwned = serde_json::from_slice(r.section()?)
             .map_err(|e| DecodeError::Packed(format!("header: {e}")))?;
-        if h.canary_pipeline.is_some() && flags & 2 == 0 {
+        if h.canary_pipeline.is_some() && flags & FLAG_CANARY == 0 {
             return Err(DecodeError::Packed(
                 "a canary pipeline without a canary part".into(),
             ));
@@ -408,8 +416,8 @@ impl Envelope {
         // Counts from the buffer: compared in u64, so no sum overflows.
         let counted = u64::from(raw_n) + u64::from(processed_n) + u64::from(canary_n);
         if counted != raw.len() as u64
-            || (flags & 1 == 0 && processed_n > 0)
-            || (flags & 2 == 0 && canary_n > 0)
+            || (flags & FLAG_PROCESSED == 0 && processed_n > 0)
+            || (flags & FLAG_CANARY == 0 && canary_n > 0)
         {
             return Err(DecodeError::Packed(format!(
                 "{} events, but the header counts {raw_n} raw, {processed_n} processed and {canary_n} canary (flags {flags})",
@@ -426,8 +434,8 @@ impl Envelope {
             received_at: h.received_at,
             pipeline: h.pipeline,
             raw,
-            processed: (flags & 1 != 0).then_some(processed),
-            canary: (flags & 2 != 0).then_some(CanaryPart {
+            processed: (flags & FLAG_PROCESSED != 0).then_some(processed),
+            canary: (flags & FLAG_CANARY != 0).then_some(CanaryPart {
                 pipeline: h.canary_pipeline,
                 events: canary_events,
             }),
@@ -463,6 +471,10 @@ impl std::str::FromStr for Encoding {
 /// output cap (32 MiB, per share) plus room for the raw events: an envelope an edge wrote
 /// stays far below it, and a crafted one cannot make ingest allocate more.
 pub const MAX_DECODED_STRING_BYTES: u64 = 128 << 20;
+
+/// Flags of a packed envelope: which parts follow the raw events.
+const FLAG_PROCESSED: u16 = 1;
+const FLAG_CANARY: u16 = 2;
 
 /// Magic of a packed envelope (a JSON one starts with `{`).
 pub const PACKED_MAGIC: [u8; 4] = *b"BENV";

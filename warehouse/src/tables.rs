@@ -273,37 +273,49 @@ impl TableKind {
         })
     }
 
+    /// The tables dashboards read, a merchant's few rows at a time (the others are read
+    /// by scans and written in bulk): their files are laid out for that (below).
+    fn serves_dashboards(self) -> bool {
+        matches!(
+            self,
+            TableKind::RollupsHourly
+                | TableKind::RevenueHourly
+                | TableKind::BreakdownsHourly
+                | TableKind::Visits
+        )
+    }
+
     /// Parquet row group size. Rows are sorted by merchant first, so small groups let a
     /// merchant's query skip most of a file by the groups' min/max statistics: small for
-    /// the rollups, which answer dashboards, larger for the event tables, which scans read.
+    /// the tables dashboards read, larger for the event tables, which scans read.
     fn row_group_rows(self) -> usize {
-        match self {
-            TableKind::RollupsHourly
-            | TableKind::RevenueHourly
-            | TableKind::BreakdownsHourly
-            | TableKind::Visits => 8 * 1024,
-            _ => 64 * 1024,
+        if self.serves_dashboards() {
+            8 * 1024
+        } else {
+            64 * 1024
         }
     }
 
-    /// How data files are compressed. Dashboards read the serving tables a few small
-    /// column chunks at a time, and a zstd column chunk costs a fresh compression and
-    /// decompression context on every read (7% of a dashboard query's CPU in a profile);
-    /// LZ4 needs none. The big tables keep zstd's better ratio.
-    fn compression(self) -> Result<Compression, WarehouseError> {
-        Ok(match self.row_group_rows() {
-            n if n <= 8 * 1024 => Compression::LZ4_RAW,
-            _ => Compression::ZSTD(ZstdLevel::try_new(3)?),
-        })
-    }
-
-    /// [`TableKind::compression`] as the table property other engines' writers read
-    /// (tables created before LZ4 keep saying `zstd`; their files name their own codec).
+    /// How data files are compressed, as the table property other engines' writers read
+    /// (tables created before LZ4 keep saying `zstd`; each file names its own codec).
+    /// Dashboards read a few small column chunks at a time, and a zstd column chunk costs
+    /// a fresh compression and decompression context on every read (7% of a dashboard
+    /// query's CPU in a profile); LZ4 needs none. The big tables keep zstd's better ratio.
     fn codec_name(self) -> &'static str {
-        match self.row_group_rows() {
-            n if n <= 8 * 1024 => "lz4_raw",
-            _ => "zstd",
+        if self.serves_dashboards() {
+            "lz4_raw"
+        } else {
+            "zstd"
         }
+    }
+
+    /// [`TableKind::codec_name`] for the writer.
+    fn compression(self) -> Result<Compression, WarehouseError> {
+        Ok(if self.serves_dashboards() {
+            Compression::LZ4_RAW
+        } else {
+            Compression::ZSTD(ZstdLevel::try_new(3)?)
+        })
     }
 
     /// Columns each written batch is sorted by.
