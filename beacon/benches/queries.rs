@@ -90,29 +90,107 @@ fn budget() -> &'static Arc<beacon_query::budget::Budget> {
     })
 }
 
+/// How a dashboard's panels are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Scanning `events` (the baseline).
+    Events,
+    /// The rollups, each panel a DataFusion query.
+    DataFusion,
+    /// The rollups, from the merchant's slices in memory (what the API does).
+    Slices,
+}
+
 async fn run_dashboard(
     sessions: &MerchantSessions,
     plans: &[Plan],
-    from_events: bool,
+    read: Read,
 ) -> Vec<Vec<serde_json::Value>> {
     let budget = budget();
     let mut out = Vec::new();
     for plan in plans {
-        let sources: Vec<Source> = if from_events {
+        let sources: Vec<Source> = if read == Read::Events {
             plan.events_sources()
         } else {
             plan.sources()
         };
-        let ctx = sessions
-            .budgeted(budget, &plan.merchant_id)
-            .await
-            .expect("session");
-        out.push(
-            beacon_query::metrics::execute(&ctx, plan, &sources)
+        let answer = if read == Read::Slices {
+            let tables: Vec<&str> = sources
+                .iter()
+                .flat_map(|s| s.tables.iter().copied())
+                .collect();
+            let snapshots = sessions
+                .warehouse()
+                .serving_snapshots(&tables)
                 .await
-                .expect("query")
-                .results,
-        );
+                .expect("snapshots");
+            let at: Vec<(&str, Option<i64>)> = tables.iter().copied().zip(snapshots).collect();
+            sessions.run(budget, plan, &sources, &at).await
+        } else {
+            let ctx = sessions
+                .budgeted(budget, &plan.merchant_id)
+                .await
+                .expect("session");
+            beacon_query::metrics::execute(&ctx, plan, &sources).await
+        };
+        out.push(answer.expect("query").results);
+    }
+    out
+}
+
+/// One-client dashboards of 48 different merchants, each computed three ways in turn:
+/// DataFusion over the rollups, then from slices that are not in memory yet (loaded), then
+/// from the slices in memory. Asserts equal answers. Returns the three latencies (ms,
+/// sorted).
+async fn slices_vs_datafusion(
+    wh: &Arc<Warehouse>,
+    sites: &[Site],
+    now: chrono::DateTime<chrono::Utc>,
+) -> [Vec<f64>; 3] {
+    let sessions = MerchantSessions::new(wh.clone());
+    use rand::seq::SliceRandom;
+    let mut rng = StdRng::seed_from_u64(4);
+    // Half among the 100 biggest, as the dashboards elsewhere, each merchant once.
+    let split = sites.len().min(100);
+    let (mut big, mut rest): (Vec<usize>, Vec<usize>) =
+        ((0..split).collect(), (split..sites.len()).collect());
+    big.shuffle(&mut rng);
+    rest.shuffle(&mut rng);
+    let mut order = Vec::new();
+    for (i, b) in big.into_iter().enumerate() {
+        order.push(b);
+        if let Some(r) = rest.get(i) {
+            order.push(*r);
+        }
+    }
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for (n, i) in order.into_iter().take(49).enumerate() {
+        let plans = dashboard(&sites[i].merchant_id, now);
+        let time = |read| {
+            let sessions = &sessions;
+            let plans = &plans;
+            async move {
+                let t = Instant::now();
+                let answer = run_dashboard(sessions, plans, read).await;
+                (t.elapsed().as_secs_f64() * 1000.0, answer)
+            }
+        };
+        // The merchant's session is built before (not what is compared).
+        sessions.get(&sites[i].merchant_id).await.expect("session");
+        let (a, datafusion) = time(Read::DataFusion).await;
+        let (b, loaded) = time(Read::Slices).await;
+        let (c, kept) = time(Read::Slices).await;
+        assert_eq!(datafusion, loaded, "slices disagree with DataFusion");
+        assert_eq!(loaded, kept);
+        // The first warms the footers the others read too.
+        if n > 0 {
+            for (v, ms) in out.iter_mut().zip([a, b, c]) {
+                v.push(ms);
+            }
+        }
+    }
+    for v in &mut out {
+        v.sort_by(f64::total_cmp);
     }
     out
 }
@@ -203,8 +281,8 @@ async fn serving_reads(
         let plans = dashboard(&pick(&mut rng, sites).merchant_id, now);
         // Each warehouse's sessions and footers warm on a first run, not measured.
         if i < 2 {
-            run_dashboard(sessions, &plans, false).await;
-            run_dashboard(&iceberg, &plans, false).await;
+            run_dashboard(sessions, &plans, Read::DataFusion).await;
+            run_dashboard(&iceberg, &plans, Read::DataFusion).await;
         }
         let ((a, answer_a), (b, answer_b)) = if i % 2 == 0 {
             let a = timed(sessions, &plans).await;
@@ -306,7 +384,7 @@ fn process_cpu_ms() -> f64 {
 /// One dashboard's latency (ms) and answer.
 async fn timed(sessions: &MerchantSessions, plans: &[Plan]) -> (f64, Vec<Vec<serde_json::Value>>) {
     let t = Instant::now();
-    let answer = run_dashboard(sessions, plans, false).await;
+    let answer = run_dashboard(sessions, plans, Read::DataFusion).await;
     (t.elapsed().as_secs_f64() * 1000.0, answer)
 }
 
@@ -339,7 +417,7 @@ async fn visit_metrics(
         .expect("request");
         let plan = req.plan(&m, chrono_tz::Tz::UTC, now).expect("plan");
         let t = Instant::now();
-        let answer = run_dashboard(sessions, &[plan], false).await;
+        let answer = run_dashboard(sessions, &[plan], Read::DataFusion).await;
         stored.push(t.elapsed().as_secs_f64() * 1000.0);
         let visits = answer[0]
             .first()
@@ -484,10 +562,10 @@ async fn run() {
         };
         let plans = dashboard(&m, now);
         let t = Instant::now();
-        let scanned = run_dashboard(&sessions, &plans, true).await;
+        let scanned = run_dashboard(&sessions, &plans, Read::Events).await;
         baseline.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
-        let rolled = run_dashboard(&sessions, &plans, false).await;
+        let rolled = run_dashboard(&sessions, &plans, Read::DataFusion).await;
         rollup_single.push(t.elapsed().as_secs_f64() * 1000.0);
         for (a, b) in scanned.iter().zip(&rolled) {
             assert_eq!(a.len(), b.len(), "{m}: row counts differ");
@@ -498,6 +576,7 @@ async fn run() {
     let (parquet_reads, iceberg_reads) = serving_reads(&dir, &sessions, &sites, now).await;
     let phases = phases(&sessions, &sites, now).await;
     let (visits_stored, visits_grouped) = visit_metrics(&wh, &sessions, &sites, &config, now).await;
+    let [from_datafusion, from_loaded, from_kept] = slices_vs_datafusion(&wh, &sites, now).await;
 
     let mut report = vec![
         format!(
@@ -518,7 +597,10 @@ async fn run() {
             pct(&baseline, 0.99)
         ),
     ];
-    for clients in [1usize, 8, 64] {
+    for (read, clients) in [1usize, 8, 64]
+        .into_iter()
+        .flat_map(|c| [(Read::DataFusion, c), (Read::Slices, c)])
+    {
         let per_client = (rounds / clients).max(2);
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -531,7 +613,7 @@ async fn run() {
                 for _ in 0..per_client {
                     let plans = dashboard(&pick(&mut rng, &sites).merchant_id, now);
                     let t = Instant::now();
-                    run_dashboard(&sessions, &plans, false).await;
+                    run_dashboard(&sessions, &plans, read).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
                 lat
@@ -543,8 +625,12 @@ async fn run() {
         }
         let secs = started.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
+        let how = match read {
+            Read::Slices => "rollups, slices in memory",
+            _ => "rollups, DataFusion",
+        };
         report.push(format!(
-            "| {clients} (rollups) | {} | {:.1} | {:.1} | {:.1} |",
+            "| {clients} ({how}) | {} | {:.1} | {:.1} | {:.1} |",
             lat.len(),
             lat.len() as f64 / secs,
             pct(&lat, 0.5),
@@ -570,6 +656,22 @@ async fn run() {
         pct(&iceberg_reads, 0.5),
         pct(&iceberg_reads, 0.99),
         pct(&parquet_reads, 0.5) / pct(&iceberg_reads, 0.5).max(1e-9)
+    ));
+    let (loaded, reused) = sessions.slices().map_or((0, 0), |s| s.counts());
+    report.push(format!(
+        "(The slices rows above: {loaded} slices loaded, {reused} panels answered from one already in memory, over the 1, 8 and 64 client runs in that order; the DataFusion and slice rows alternate per client count and pick the same merchants.)"
+    ));
+    report.push(format!(
+        "Rollup slices (one client, {} dashboards of different merchants, each computed three ways in turn, equal answers asserted): DataFusion over the rollups p50 {:.1} / p99 {:.1} ms; slices loaded for it (first dashboard of the merchant since the snapshot) p50 {:.1} / p99 {:.1} ms = **{:.2}x**; slices in memory p50 {:.2} / p99 {:.2} ms = **{:.3}x** the time at p50.",
+        from_datafusion.len(),
+        pct(&from_datafusion, 0.5),
+        pct(&from_datafusion, 0.99),
+        pct(&from_loaded, 0.5),
+        pct(&from_loaded, 0.99),
+        pct(&from_loaded, 0.5) / pct(&from_datafusion, 0.5).max(1e-9),
+        pct(&from_kept, 0.5),
+        pct(&from_kept, 0.99),
+        pct(&from_kept, 0.5) / pct(&from_datafusion, 0.5).max(1e-9),
     ));
     report.push(format!(
         "Visit metrics (visits, bounce rate, visit duration over all of a merchant's days; the biggest merchant and 7 others), from the pre-aggregated `visits` vs grouping the merchant's `events` into visits in SQL (same merchants, same run, the same visit counts): p50 {:.1} ms vs {:.1} ms = **{:.1}x faster**.",

@@ -354,10 +354,14 @@ pub async fn answer(
         .serving_snapshots(&tables)
         .await
         .map_err(|e| Arc::new(AnswerError::from(e)))?;
+    let read: Vec<(&str, Option<i64>)> = tables
+        .iter()
+        .copied()
+        .zip(snapshots.iter().copied())
+        .collect();
     answers
         .get_or_compute(plan, sources, &snapshots, async {
-            let ctx = sessions.budgeted(budget, &plan.merchant_id).await?;
-            crate::metrics::execute(&ctx, plan, sources).await
+            sessions.run(budget, plan, sources, &read).await
         })
         .await
 }
@@ -397,7 +401,7 @@ pub async fn serve(
     beacon_serve::http::serve(
         listener,
         router(Parts {
-            sessions: Arc::new(MerchantSessions::new(warehouse)),
+            sessions: Arc::new(MerchantSessions::new(warehouse).with_slices(cache.slice_bytes)),
             directory,
             budget,
             answers: Arc::new(ResultCache::new(cache)),

@@ -238,6 +238,12 @@ impl Budget {
         Ok(SessionContext::new_with_state(state))
     }
 
+    /// A running slot for work `who` does outside DataFusion (grouping rows kept in memory),
+    /// held until dropped; waits up to the admission wait, as a query does.
+    pub async fn slot(self: &Arc<Self>, who: &str) -> Result<Slot> {
+        Ok(Slot(self.clone().admit(who.to_string()).await?))
+    }
+
     /// A running slot for `who`, waiting up to the admission wait.
     async fn admit(self: Arc<Self>, who: String) -> Result<Admission> {
         let wait = self.limits.admission_wait;
@@ -290,6 +296,9 @@ fn forget_idle(map: &Mutex<HashMap<String, Arc<Semaphore>>>, who: &str, sem: &Ar
         map.remove(who);
     }
 }
+
+/// A running slot taken by [`Budget::slot`], released when dropped.
+pub struct Slot(#[allow(dead_code)] Admission);
 
 /// A query's slots, released when its stream ends or is dropped.
 struct Admission {

@@ -27,6 +27,9 @@ pub struct CacheLimits {
     pub max_bytes: u64,
     /// How long an answer is kept at most, even if nothing it read has changed.
     pub ttl: Duration,
+    /// Bytes of merchants' rollup rows kept in memory to answer from (0: none; see
+    /// `metrics::slices`).
+    pub slice_bytes: u64,
 }
 
 impl Default for CacheLimits {
@@ -34,6 +37,7 @@ impl Default for CacheLimits {
         Self {
             max_bytes: 64 << 20,
             ttl: Duration::from_secs(600),
+            slice_bytes: crate::metrics::SLICE_BYTES,
         }
     }
 }

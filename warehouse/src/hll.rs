@@ -252,6 +252,29 @@ pub fn estimate_distinct<'a>(values: impl IntoIterator<Item = &'a str>) -> f64 {
     union.composite_estimate()
 }
 
+/// Stored sketches merged outside SQL, estimated as `hll_estimate(hll_union(..))` estimates
+/// them (the metrics API's rollup slices): the union's image in the stored type, read by
+/// the composite estimator, so the numbers are the SQL path's.
+pub struct Union(HllUnion);
+
+impl Union {
+    pub fn new() -> Result<Self, String> {
+        HllUnion::new(LG_K).map(Union).map_err(|e| e.to_string())
+    }
+
+    /// Merges one stored sketch image.
+    pub fn merge(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let sketch =
+            HllSketch::deserialize(bytes).map_err(|e| format!("not an HLL sketch: {e}"))?;
+        self.0.update(&sketch);
+        Ok(())
+    }
+
+    pub fn estimate(&self) -> f64 {
+        self.0.to_sketch(STORED_TYPE).composite_estimate()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

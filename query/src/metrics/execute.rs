@@ -19,6 +19,7 @@ use super::logical;
 use super::plan::{Plan, Source};
 use super::request::QueryError;
 use super::results::Answer;
+use super::slices::{Deadline, Slices};
 use crate::budget::{Budget, Scope};
 
 /// Why a plan has no answer.
@@ -37,16 +38,22 @@ impl From<datafusion::error::DataFusionError> for AnswerError {
     }
 }
 
-/// Merchants' sessions, built once and kept while used.
+/// Merchants' sessions, built once and kept while used, and the rollup slices read
+/// through them.
 pub struct MerchantSessions {
     warehouse: Arc<Warehouse>,
     sessions: moka::future::Cache<String, SessionContext>,
+    slices: Option<Slices>,
 }
+
+/// Bytes of rollup slices kept by default ([`MerchantSessions::with_slices`]).
+pub const SLICE_BYTES: u64 = 512 << 20;
 
 impl MerchantSessions {
     pub fn new(warehouse: Arc<Warehouse>) -> Self {
         Self {
             warehouse,
+            slices: Some(Slices::new(SLICE_BYTES)),
             // A session is a catalog of views over shared table providers: small, but
             // there are millions of merchants, so only the recently active are kept.
             sessions: moka::future::Cache::builder()
@@ -56,8 +63,51 @@ impl MerchantSessions {
         }
     }
 
+    /// Keeps at most `max_bytes` of rollup slices in memory (0: none, every source runs in
+    /// DataFusion).
+    pub fn with_slices(mut self, max_bytes: u64) -> Self {
+        self.slices = (max_bytes > 0).then(|| Slices::new(max_bytes));
+        self
+    }
+
+    pub fn slices(&self) -> Option<&Slices> {
+        self.slices.as_ref()
+    }
+
     pub fn warehouse(&self) -> &Arc<Warehouse> {
         &self.warehouse
+    }
+
+    /// Runs `sources` of `plan` in the merchant's session under `budget` and merges their
+    /// rows, answering rolled-up sources from the merchant's slices in memory; `snapshots`
+    /// are the serving snapshots of the tables the sources read, which the slices must be
+    /// of.
+    pub async fn run(
+        &self,
+        budget: &Arc<Budget>,
+        plan: &Plan,
+        sources: &[Source],
+        snapshots: &[(&str, Option<i64>)],
+    ) -> Result<Answer, AnswerError> {
+        let ctx = self.budgeted(budget, &plan.merchant_id).await?;
+        let deadline = Deadline::after(budget.limits().statement_timeout);
+        let mut rows = Vec::with_capacity(sources.len());
+        for source in sources {
+            let from_memory = match &self.slices {
+                Some(slices) => {
+                    slices
+                        .rows(&ctx, budget, plan, source, snapshots, deadline)
+                        .await?
+                }
+                None => None,
+            };
+            let source_rows = match from_memory {
+                Some(r) => r,
+                None => json_rows(logical::frame(&ctx, plan, source).await?).await?,
+            };
+            rows.push((source.kind, source_rows));
+        }
+        Ok(plan.results(&rows)?)
     }
 
     /// The session of `merchant`. Two first requests at once may both build it: harmless,
@@ -99,7 +149,8 @@ pub async fn json_rows(df: DataFrame) -> Result<Vec<Value>, WarehouseError> {
 }
 
 /// Runs `sources` (a plan's, or [`Plan::events_sources`]) in `ctx`, a session of the
-/// plan's merchant, and merges their rows.
+/// plan's merchant, and merges their rows: every source in DataFusion (see
+/// [`MerchantSessions::run`] for the API's way).
 pub async fn execute(
     ctx: &SessionContext,
     plan: &Plan,

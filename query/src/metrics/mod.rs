@@ -12,6 +12,8 @@
 //! - [`logical`]: each source as a DataFusion plan built from expressions, in the
 //!   merchant's session (no SQL text, no request value spliced into one);
 //! - [`execute`]: the merchants' sessions and running a plan;
+//! - [`slices`]: a merchant's rollup rows kept in memory per snapshot, from which the
+//!   rolled-up sources are answered without planning a query;
 //! - [`results`]: the sources' rows merged, sorted and paged into the [`Answer`].
 //!
 //! Dimensions come from one table, `beacon_warehouse::dimensions`. Anything unsupported is
@@ -23,9 +25,10 @@ pub mod logical;
 pub mod plan;
 pub mod request;
 pub mod results;
+pub mod slices;
 
 pub use dates::parse_timezone;
-pub use execute::{execute, json_rows, AnswerError, MerchantSessions};
+pub use execute::{execute, json_rows, AnswerError, MerchantSessions, SLICE_BYTES};
 pub use plan::{Plan, Source, SourceKind};
 pub use request::{filter_limits, Dim, Filter, Include, Metric, QueryError, QueryRequest};
 pub use results::Answer;
