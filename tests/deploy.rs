@@ -370,7 +370,7 @@ async fn the_manifests_bus_is_secured_and_its_leaf_connects() {
     for port in [client, leaf_client] {
         let url = format!("tls://beacon:a-password@127.0.0.1:{port}");
         let c = beacon_proto::bus::options_with_ca(&url, Some(&ca))
-            .connect(beacon_proto::bus::servers(&url))
+            .connect(beacon_proto::bus::addresses(&url))
             .await
             .unwrap_or_else(|e| panic!("{port}: {e}"));
         c.flush().await.expect("round trip");
@@ -379,14 +379,14 @@ async fn the_manifests_bus_is_secured_and_its_leaf_connects() {
             format!("tls://127.0.0.1:{port}"),
         ] {
             let refused = beacon_proto::bus::options_with_ca(&bad, Some(&ca))
-                .connect(beacon_proto::bus::servers(&bad))
+                .connect(beacon_proto::bus::addresses(&bad))
                 .await;
             assert!(refused.is_err(), "{bad} was let in");
         }
         // The right password, but not trusting the deployment's CA: the server's
         // certificate is refused (the client upgrades to TLS because the server demands it).
         let no_ca = beacon_proto::bus::options_with_ca(&url, None)
-            .connect(beacon_proto::bus::servers(&url))
+            .connect(beacon_proto::bus::addresses(&url))
             .await;
         assert!(no_ca.is_err(), "{port}: connected without the CA");
     }

@@ -214,7 +214,7 @@ fn start_hub(t: &Topology) -> Vec<NatsServer> {
 async fn wait_jetstream(t: &Topology, url: &str, domain: Option<&str>) {
     let answers = || async {
         let client = nats_options(t, url)
-            .connect(beacon_proto::bus::servers(url))
+            .connect(beacon_proto::bus::addresses(url))
             .await
             .ok()?;
         let js = match domain {
@@ -267,7 +267,7 @@ async fn stored_exactly_once(warehouse: &Path, t: &Topology, acked: &HashSet<Str
 async fn hub_state(t: &Topology) -> String {
     let hub_url = &t.hub_url();
     let Ok(client) = nats_options(t, hub_url)
-        .connect(beacon_proto::bus::servers(hub_url))
+        .connect(beacon_proto::bus::addresses(hub_url))
         .await
     else {
         return "unreachable".into();
@@ -488,7 +488,7 @@ async fn a_region_collects_through_a_hub_outage_and_its_backlog_drains_exactly_o
     // The hub's stream: three replicas, its events only from the region's source.
     let js = async_nats::jetstream::new(
         nats_options(&t, &hub_url)
-            .connect(beacon_proto::bus::servers(&hub_url))
+            .connect(beacon_proto::bus::addresses(&hub_url))
             .await
             .expect("hub"),
     );

@@ -38,7 +38,7 @@ pub async fn connect(
     url: &str,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    options(url).name(name).connect(servers(url)).await
+    options(url).name(name).connect(addresses(url)).await
 }
 
 /// Connection options for a NATS URL setting: a user and password written into its URLs
@@ -115,27 +115,47 @@ impl std::fmt::Display for NatsUrl {
 pub fn redact(url: &str) -> String {
     servers(url)
         .into_iter()
-        .map(|s| {
-            // Without a scheme the client reads `nats://` in front, credentials included.
-            let (scheme, rest) = match s.split_once("://") {
-                Some((scheme, rest)) => (format!("{scheme}://"), rest),
-                None => (String::new(), s),
-            };
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rsplit_once('@') {
-                // `user:password@`: the user stays; a lone `token@` is all secret.
-                Some((userinfo, host)) => {
-                    let user = match userinfo.split_once(':') {
-                        Some((user, _)) => format!("{user}:***"),
-                        None => "***".to_string(),
-                    };
-                    format!("{scheme}{user}@{host}{}", &rest[authority_end..])
-                }
-                None => s.to_string(),
+        .map(|s| match userinfo(s) {
+            // `user:password@`: the user stays; a lone `token@` is all secret.
+            (scheme, Some(userinfo), host) => {
+                let user = match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***"),
+                    None => "***".to_string(),
+                };
+                format!("{scheme}{user}@{host}")
             }
+            (_, None, _) => s.to_string(),
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The servers of `url` without the credentials written into them, for the client to
+/// connect to: async-nats logs the address it dials at debug level, password and all
+/// (`url::Url`'s `Debug`). It never logs in with them anyway: [`options_with_ca`] takes them
+/// from the URL into the connection's options.
+pub fn addresses(url: &str) -> Vec<String> {
+    servers(url)
+        .into_iter()
+        .map(|s| match userinfo(s) {
+            (scheme, Some(_), host) => format!("{scheme}{host}"),
+            (_, None, _) => s.to_string(),
+        })
+        .collect()
+}
+
+/// One server's URL as (scheme with `://`, the userinfo before `@` if any, the rest).
+fn userinfo(server: &str) -> (&str, Option<&str>, &str) {
+    // Without a scheme the client reads `nats://` in front, credentials included.
+    let (scheme, rest) = match server.find("://") {
+        Some(i) => server.split_at(i + 3),
+        None => ("", server),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
+        None => (scheme, None, rest),
+    }
 }
 
 /// The hub's JetStream domain in the leaf topology (docs/OPERATIONS.md); an edge region's
@@ -619,6 +639,16 @@ mod tests {
         assert_eq!(url.expose(), "tls://beacon:s3cret@h:4222");
         assert_eq!(url.to_string(), "tls://beacon:***@h:4222");
         assert_eq!(format!("{url:?}"), "\"tls://beacon:***@h:4222\"");
+    }
+
+    #[test]
+    fn addresses_to_dial_carry_no_credentials() {
+        assert_eq!(
+            addresses("nats://beacon:s3cret@127.0.0.1:4222, tls://tok@h2:4222,h3:4222"),
+            ["nats://127.0.0.1:4222", "tls://h2:4222", "h3:4222"]
+        );
+        // A password with an `@` in it: the host is after the last one.
+        assert_eq!(addresses("u:p@ss@h:4222"), ["h:4222"]);
     }
 
     #[test]
