@@ -9,33 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beacon::traffic::{self, TrafficConfig};
-use beacon_ingest::convert::{events_batch, Received};
 use beacon_query::budget::{Budget, QueryLimits};
 use beacon_query::metrics::slices::Deadline;
 use beacon_query::metrics::{execute, json_rows, logical, MerchantSessions, Plan, QueryRequest};
-use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
-use beacon_warehouse::{dimensions, rollup, TableKind, Warehouse};
+use beacon_warehouse::{dimensions, rollup, Warehouse};
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
 use serde_json::{json, Value};
 
 async fn commit(wh: &Warehouse, seq: u64, events: Vec<beacon_proto::Event>) {
-    let table = wh.table(TableKind::Events).await.expect("events");
-    let schema = arrow_schema(&table).expect("schema");
-    // One envelope per merchant, as ingest receives them.
-    let received: Vec<Received> = traffic::envelopes(events, usize::MAX)
-        .into_iter()
-        .map(|e| Received::new(seq, e))
-        .collect();
-    let received: Vec<&Received> = received.iter().collect();
-    let batch = events_batch(&schema, &received, true).expect("batch");
-    wh.append(
-        TableKind::Events,
-        batch,
-        [(SEQ_PROPERTY.to_string(), seq.to_string())].into(),
-    )
-    .await
-    .expect("append");
+    traffic::commit_events(wh, seq, events)
+        .await
+        .expect("commit");
     rollup::run_once(wh).await.expect("rollup");
 }
 
@@ -72,7 +57,6 @@ fn requests() -> Vec<Value> {
 /// Compares every request's answer from slices with DataFusion's; returns how many plans
 /// had a rolled-up source.
 async fn compare(
-    wh: &Arc<Warehouse>,
     slices: &MerchantSessions,
     plain: &MerchantSessions,
     merchants: &[String],
@@ -91,13 +75,7 @@ async fn compare(
                 if sources.iter().any(|s| s.rolled_up()) {
                     rolled += 1;
                 }
-                let tables: Vec<&str> = sources
-                    .iter()
-                    .flat_map(|s| s.tables.iter().copied())
-                    .collect();
-                let snapshots = wh.serving_snapshots(&tables).await.expect("snapshots");
-                let read: Vec<(&str, Option<i64>)> =
-                    tables.iter().copied().zip(snapshots).collect();
+                let read = slices.snapshots(&sources).await.expect("snapshots");
                 let a = slices.run(&budget, &plan, &sources, &read).await;
                 let ctx = plain.budgeted(&budget, merchant).await.expect("session");
                 let b = execute(&ctx, &plan, &sources).await;
@@ -158,7 +136,7 @@ async fn rollup_slices_answer_as_datafusion_does() {
         .map(|i| sites[*i].merchant_id.clone())
         .collect();
     merchants.push("m_slices_none".into());
-    let rolled = compare(&wh, &slices, &plain, &merchants, now).await;
+    let rolled = compare(&slices, &plain, &merchants, now).await;
     let (loaded, reused) = slices.slices().expect("slices").counts();
     // The comparisons went through slices, one per merchant and rollup table (every
     // breakdown dimension in one), reused across plans.
@@ -169,7 +147,7 @@ async fn rollup_slices_answer_as_datafusion_does() {
     );
 
     commit(&wh, 2, later).await;
-    compare(&wh, &slices, &plain, &merchants, now).await;
+    compare(&slices, &plain, &merchants, now).await;
     let (after, _) = slices.slices().expect("slices").counts();
     assert!(
         after >= loaded + 6,

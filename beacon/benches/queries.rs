@@ -13,11 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use beacon::traffic::{self, Site, TrafficConfig};
-use beacon_ingest::convert::{events_batch, Received};
-use beacon_proto::envelope::ENVELOPE_VERSION;
-use beacon_proto::Envelope;
 use beacon_query::metrics::{MerchantSessions, Plan, QueryRequest, Source};
-use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
 use beacon_warehouse::{rollup, TableKind, Warehouse};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -115,16 +111,7 @@ async fn run_dashboard(
             plan.sources()
         };
         let answer = if read == Read::Slices {
-            let tables: Vec<&str> = sources
-                .iter()
-                .flat_map(|s| s.tables.iter().copied())
-                .collect();
-            let snapshots = sessions
-                .warehouse()
-                .serving_snapshots(&tables)
-                .await
-                .expect("snapshots");
-            let at: Vec<(&str, Option<i64>)> = tables.iter().copied().zip(snapshots).collect();
+            let at = sessions.snapshots(&sources).await.expect("snapshots");
             sessions.run(budget, plan, &sources, &at).await
         } else {
             let ctx = sessions
@@ -206,8 +193,6 @@ async fn load(
     let mut load_s = 0.0;
     let mut rollup_s = 0.0;
     let mut stats = rollup::RunStats::default();
-    let table = wh.table(TableKind::Events).await.expect("events");
-    let schema = arrow_schema(&table).expect("schema");
     let sizes = traffic::zipf_sizes(sites.len(), config.events, config.zipf_s);
     let mut seq = 0u64;
     let mut start = 0;
@@ -224,30 +209,9 @@ async fn load(
         let generated = traffic::generate_part(config, sites, part);
         let events: Vec<_> = generated.into_iter().map(|g| g.event).collect();
         seq += 1;
-        let received = Received::new(
-            seq,
-            Envelope {
-                v: ENVELOPE_VERSION,
-                batch_id: format!("bench:{seq}"),
-                merchant_id: String::new(),
-                edge_id: "bench".into(),
-                received_at: 0,
-                pipeline: None,
-                raw: events,
-                processed: None,
-                canary: None,
-                failures: Vec::new(),
-                shares: Vec::new(),
-            },
-        );
-        let batch = events_batch(&schema, &[&received], true).expect("batch");
-        wh.append(
-            TableKind::Events,
-            batch,
-            [(SEQ_PROPERTY.to_string(), seq.to_string())].into(),
-        )
-        .await
-        .expect("append");
+        traffic::commit_events(wh, seq, events)
+            .await
+            .expect("commit");
         load_s += started.elapsed().as_secs_f64();
         let started = Instant::now();
         let run = rollup::run_once(wh).await.expect("rollup");

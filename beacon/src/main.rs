@@ -880,9 +880,10 @@ impl EdgeArgs {
 /// Connects to the bus at the URL setting `url`; the error names the servers, without
 /// their passwords.
 async fn connect_bus(url: &str, name: &str) -> Result<async_nats::Client> {
-    beacon_proto::bus::connect(url, name)
+    let url = beacon_proto::bus::NatsUrl::from(url);
+    beacon_proto::bus::connect(&url, name)
         .await
-        .with_context(|| format!("connecting to NATS at {}", beacon_proto::bus::redact(url)))
+        .with_context(|| format!("connecting to NATS at {url}"))
 }
 
 #[derive(clap::Args, Clone)]
@@ -1514,7 +1515,7 @@ async fn run_ingest(
     // Shared: several ingest processes may write one warehouse (not while a backup copies it).
     let _lock = beacon::lock::share_role(&data_dir, "ingest")?;
     tokio::spawn(beacon_ingest::sample_backlog(
-        nats_url.clone(),
+        nats_url.as_str().into(),
         shutdown.clone(),
     ));
     let wh = Arc::new(beacon::store::open(&data_dir).await?);
@@ -1574,7 +1575,7 @@ async fn up(
     };
     // Ingest's backlog is watched from the start, also while the warehouse cannot be opened.
     tokio::spawn(beacon_ingest::sample_backlog(
-        nats_url.clone(),
+        nats_url.as_str().into(),
         stop_rx.clone(),
     ));
     // A warehouse that cannot be opened (a corrupt metadata file, a catalog being restored)

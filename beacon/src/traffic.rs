@@ -393,6 +393,33 @@ pub fn envelopes(events: Vec<Event>, per_envelope: usize) -> Vec<beacon_proto::E
     order.into_iter().map(|(_, e)| e).collect()
 }
 
+/// Commits `events` to the `events` table as ingest would have (one envelope per merchant,
+/// JetStream sequence `seq` recorded on the snapshot), without a bus: for tests and benches
+/// that need a warehouse's contents quickly.
+#[cfg(feature = "full")]
+pub async fn commit_events(
+    wh: &beacon_warehouse::Warehouse,
+    seq: u64,
+    events: Vec<Event>,
+) -> Result<(), beacon_warehouse::WarehouseError> {
+    use beacon_ingest::convert::{events_batch, Received};
+    use beacon_warehouse::tables::{arrow_schema, SEQ_PROPERTY};
+    let kind = beacon_warehouse::TableKind::Events;
+    let schema = arrow_schema(&wh.table(kind).await?)?;
+    let received: Vec<Received> = envelopes(events, usize::MAX)
+        .into_iter()
+        .map(|e| Received::new(seq, e))
+        .collect();
+    let received: Vec<&Received> = received.iter().collect();
+    let batch = events_batch(&schema, &received, true)?;
+    wh.append(
+        kind,
+        batch,
+        [(SEQ_PROPERTY.to_string(), seq.to_string())].into(),
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,7 +193,7 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// connection of its own, until `shutdown`: the commit loop updates it too, but not while it
 /// is stalled or not running (a warehouse that fails or cannot be opened), which is when
 /// the figure matters most. Run it beside ingest, started before the warehouse is opened.
-pub async fn sample_backlog(nats_url: String, mut shutdown: watch::Receiver<bool>) {
+pub async fn sample_backlog(nats_url: bus::NatsUrl, mut shutdown: watch::Receiver<bool>) {
     let mut js = None;
     loop {
         if js.is_none() {
@@ -340,7 +340,7 @@ pub async fn run(
     health: &beacon_serve::Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let client = bus::connect(cfg.nats_url.expose(), "beacon-ingest")
+    let client = bus::connect(&cfg.nats_url, "beacon-ingest")
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);

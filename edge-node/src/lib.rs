@@ -133,12 +133,9 @@ impl Edge {
             url: cfg.nats_url.to_string(),
             reason: e.to_string(),
         };
-        let client = bus::connect(
-            cfg.nats_url.expose(),
-            &format!("beacon-edge {}", cfg.edge_id),
-        )
-        .await
-        .map_err(|e| nats_err(&e))?;
+        let client = bus::connect(&cfg.nats_url, &format!("beacon-edge {}", cfg.edge_id))
+            .await
+            .map_err(|e| nats_err(&e))?;
         let max_payload = client.server_info().max_payload;
         // Events go to `js`; what edges share, to `shared` (the hub's domain behind a leaf).
         let shared = match &cfg.hub_domain {

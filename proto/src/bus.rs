@@ -35,9 +35,10 @@ pub fn options(url: &str) -> async_nats::ConnectOptions {
 /// and TLS as [`options`] reads them) as `name`, the connection name servers list.
 #[cfg(feature = "nats")]
 pub async fn connect(
-    url: &str,
+    url: &NatsUrl,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let url = url.expose();
     options(url).name(name).connect(addresses(url)).await
 }
 

@@ -343,22 +343,11 @@ pub async fn answer(
     plan: &Plan,
     sources: &[Source],
 ) -> Result<(Arc<Answer>, Served), Arc<AnswerError>> {
-    let mut tables: Vec<&str> = Vec::new();
-    for t in sources.iter().flat_map(|s| s.tables.iter()) {
-        if !tables.contains(t) {
-            tables.push(t);
-        }
-    }
-    let snapshots = sessions
-        .warehouse()
-        .serving_snapshots(&tables)
+    let read = sessions
+        .snapshots(sources)
         .await
         .map_err(|e| Arc::new(AnswerError::from(e)))?;
-    let read: Vec<(&str, Option<i64>)> = tables
-        .iter()
-        .copied()
-        .zip(snapshots.iter().copied())
-        .collect();
+    let snapshots: Vec<Option<i64>> = read.iter().map(|(_, s)| *s).collect();
     answers
         .get_or_compute(plan, sources, &snapshots, async {
             sessions.run(budget, plan, sources, &read).await

@@ -55,8 +55,8 @@ impl Default for ServingReads {
 #[derive(Clone)]
 struct Loaded {
     at: Instant,
-    location: Option<String>,
-    snapshot: Option<i64>,
+    /// Its metadata location says whether a reload changed anything; its current snapshot
+    /// is what scans read.
     table: Table,
     /// Whether reading by column name reads what Iceberg reads ([`scan::reads_by_name`]).
     by_name: bool,
@@ -126,10 +126,8 @@ impl CachedTable {
         }
         let err = |e: iceberg::Error| DataFusionError::External(Box::new(e));
         let table = self.catalog.load_table(&self.ident).await.map_err(err)?;
-        let location = table.metadata_location().map(str::to_string);
-        let snapshot = table.metadata().current_snapshot_id();
         let fresh = match self.current() {
-            Some(l) if l.location == location => Loaded {
+            Some(l) if l.table.metadata_location() == table.metadata_location() => Loaded {
                 at: Instant::now(),
                 ..l
             },
@@ -145,8 +143,6 @@ impl CachedTable {
                     );
                 Loaded {
                     at: Instant::now(),
-                    location,
-                    snapshot,
                     by_name,
                     provider: Arc::new(
                         IcebergStaticTableProvider::try_new_from_table(table.clone())
@@ -164,7 +160,7 @@ impl CachedTable {
     /// The snapshot that scans of this table read now (`None` before the first commit):
     /// with the other tables a query reads, what its answer depends on.
     pub async fn snapshot_id(&self) -> DfResult<Option<i64>> {
-        Ok(self.loaded().await?.snapshot)
+        Ok(self.loaded().await?.table.metadata().current_snapshot_id())
     }
 }
 
@@ -193,7 +189,6 @@ impl TableProvider for CachedTable {
         if let (Some(footers), true) = (&self.footers, loaded.by_name) {
             let plan = scan::plan(
                 &loaded.table,
-                loaded.snapshot,
                 &self.schema,
                 footers,
                 state,

@@ -102,13 +102,12 @@ impl AggregateUDFImpl for HllAgg {
 #[derive(Debug)]
 struct HllAccumulator {
     input: Input,
-    union: HllUnion,
+    union: Union,
 }
 
 impl HllAccumulator {
     fn new(input: Input) -> Result<Self> {
-        let union = HllUnion::new(LG_K)
-            .map_err(|e| datafusion::error::DataFusionError::Execution(e.to_string()))?;
+        let union = Union::new().map_err(datafusion::error::DataFusionError::Execution)?;
         Ok(Self { input, union })
     }
 
@@ -123,9 +122,8 @@ impl HllAccumulator {
                 DataType::BinaryView => array.as_binary_view().value(i),
                 other => return exec_err!("hll_union expects BINARY sketches, got {other}"),
             };
-            match HllSketch::deserialize(bytes) {
-                Ok(s) => self.union.update(&s),
-                Err(e) => return exec_err!("not an HLL sketch: {e}"),
+            if let Err(e) = self.union.merge(bytes) {
+                return exec_err!("{e}");
             }
         }
         Ok(())
@@ -143,7 +141,7 @@ impl Accumulator for HllAccumulator {
                 macro_rules! feed {
                     ($arr:expr) => {
                         for v in $arr.iter().flatten() {
-                            self.union.update_value(v);
+                            self.union.0.update_value(v);
                         }
                     };
                 }
@@ -159,13 +157,11 @@ impl Accumulator for HllAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Binary(Some(
-            self.union.to_sketch(STORED_TYPE).serialize(),
-        )))
+        Ok(ScalarValue::Binary(Some(self.union.image().serialize())))
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.union.estimated_size()
+        std::mem::size_of_val(self) + self.union.0.estimated_size()
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -252,9 +248,10 @@ pub fn estimate_distinct<'a>(values: impl IntoIterator<Item = &'a str>) -> f64 {
     union.composite_estimate()
 }
 
-/// Stored sketches merged outside SQL, estimated as `hll_estimate(hll_union(..))` estimates
-/// them (the metrics API's rollup slices): the union's image in the stored type, read by
-/// the composite estimator, so the numbers are the SQL path's.
+/// Sketches merged: the state of `hll_sketch` and `hll_union`, and what the metrics API's
+/// rollup slices merge outside SQL. Its estimate is `hll_estimate(hll_union(..))`'s: the
+/// union's image in the stored type, read by the composite estimator.
+#[derive(Debug)]
 pub struct Union(HllUnion);
 
 impl Union {
@@ -270,8 +267,13 @@ impl Union {
         Ok(())
     }
 
+    /// The union as a sketch of the stored type (what is serialized into tables).
+    fn image(&self) -> HllSketch {
+        self.0.to_sketch(STORED_TYPE)
+    }
+
     pub fn estimate(&self) -> f64 {
-        self.0.to_sketch(STORED_TYPE).composite_estimate()
+        self.image().composite_estimate()
     }
 }
 

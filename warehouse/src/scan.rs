@@ -120,13 +120,11 @@ pub fn reads_by_name<'a>(current: &Schema, history: impl IntoIterator<Item = &'a
     })
 }
 
-/// A plan reading the files Iceberg plans for `filters` in `table`'s snapshot `snapshot`
+/// A plan reading the files Iceberg plans for `filters` in `table`'s current snapshot
 /// with DataFusion's Parquet source, or `None` where that would not read what Iceberg reads
 /// (a delete file, a file not in Parquet): the caller then uses Iceberg's scan.
-#[allow(clippy::too_many_arguments)]
 pub async fn plan(
     table: &Table,
-    snapshot: Option<i64>,
     schema: &SchemaRef,
     footers: &Arc<Footers>,
     state: &dyn Session,
@@ -138,7 +136,7 @@ pub async fn plan(
         Some(p) => Arc::new(schema.project(p)?),
         None => schema.clone(),
     };
-    let Some(snapshot) = snapshot else {
+    let Some(snapshot) = table.metadata().current_snapshot_id() else {
         return Ok(Some(Arc::new(EmptyExec::new(projected))));
     };
     let err = |e: iceberg::Error| DataFusionError::External(Box::new(e));

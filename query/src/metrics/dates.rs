@@ -112,7 +112,7 @@ pub fn time_labels(tz: Tz, from: DateTime<Utc>, to: DateTime<Utc>, t: TimeBucket
         TimeBucket::Hour => {
             let mut at = from;
             while at < to {
-                push(at.with_timezone(&tz).format(t.format()).to_string());
+                push(bucket_label(tz, at, t));
                 at += Duration::hours(1);
             }
         }
@@ -123,17 +123,32 @@ pub fn time_labels(tz: Tz, from: DateTime<Utc>, to: DateTime<Utc>, t: TimeBucket
                 .date_naive();
             let mut d = first;
             while d <= last {
-                let start = match t {
-                    TimeBucket::Week => {
-                        d - Duration::days(i64::from(d.weekday().num_days_from_monday()))
-                    }
-                    TimeBucket::Month => d.with_day(1).unwrap_or(d),
-                    _ => d,
-                };
-                push(start.format(t.format()).to_string());
+                push(bucket_start(d, t).format(t.format()).to_string());
                 d += Duration::days(1);
             }
         }
     }
     out
+}
+
+/// The first day of the bucket holding local day `d` (weeks start on Monday, as
+/// DataFusion's `date_trunc('week', ..)`).
+fn bucket_start(d: NaiveDate, t: TimeBucket) -> NaiveDate {
+    match t {
+        TimeBucket::Week => d - Duration::days(i64::from(d.weekday().num_days_from_monday())),
+        TimeBucket::Month => d.with_day(1).unwrap_or(d),
+        TimeBucket::Hour | TimeBucket::Day => d,
+    }
+}
+
+/// The label of the bucket holding instant `at` in `tz`: what the plans'
+/// `to_char(date_trunc(bucket, local time))` gives.
+pub(crate) fn bucket_label(tz: Tz, at: DateTime<Utc>, t: TimeBucket) -> String {
+    let local = at.with_timezone(&tz);
+    match t {
+        TimeBucket::Hour => local.format(t.format()).to_string(),
+        _ => bucket_start(local.date_naive(), t)
+            .format(t.format())
+            .to_string(),
+    }
 }

@@ -78,10 +78,26 @@ impl MerchantSessions {
         &self.warehouse
     }
 
+    /// The tables `sources` read, each once, with the snapshot serving sessions read of it
+    /// now: what their answer depends on (the result cache's key), and what the slices that
+    /// [`Self::run`] reads must be of.
+    pub async fn snapshots(
+        &self,
+        sources: &[Source],
+    ) -> Result<Vec<(&'static str, Option<i64>)>, WarehouseError> {
+        let mut tables: Vec<&'static str> = Vec::new();
+        for t in sources.iter().flat_map(|s| s.tables.iter()) {
+            if !tables.contains(t) {
+                tables.push(t);
+            }
+        }
+        let snapshots = self.warehouse.serving_snapshots(&tables).await?;
+        Ok(tables.into_iter().zip(snapshots).collect())
+    }
+
     /// Runs `sources` of `plan` in the merchant's session under `budget` and merges their
     /// rows, answering rolled-up sources from the merchant's slices in memory; `snapshots`
-    /// are the serving snapshots of the tables the sources read, which the slices must be
-    /// of.
+    /// are the sources' tables' ([`Self::snapshots`]), which the slices must be of.
     pub async fn run(
         &self,
         budget: &Arc<Budget>,

@@ -31,13 +31,14 @@ use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
 use beacon_warehouse::hll::Union;
-use chrono::{DateTime, Datelike, NaiveTime, Timelike};
+use chrono::DateTime;
 use chrono_tz::Tz;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
+use super::dates::bucket_label;
 use super::plan::{Plan, Source, SourceKind};
 use super::request::{Dim, TimeBucket};
 use crate::budget::{Budget, Stopped};
@@ -62,11 +63,9 @@ pub struct Slice {
     parts: Vec<(String, Range<usize>)>,
     /// Microseconds since the epoch (UTC).
     hours: Vec<i64>,
-    /// Whether rows have a value (`breakdowns_hourly`, `revenue_hourly`), even with no rows.
-    valued: bool,
-    /// The row's `value` (`currency` of `revenue_hourly`) as an index into `names`; empty
-    /// for `rollups_hourly`.
-    values: Vec<u32>,
+    /// The row's `value` (`currency` of `revenue_hourly`) as an index into `names`; `None`
+    /// for `rollups_hourly`, which has no such column.
+    values: Option<Vec<u32>>,
     names: Vec<String>,
     /// `events` (`orders` of `revenue_hourly`).
     a: Vec<i64>,
@@ -83,7 +82,7 @@ impl Slice {
     fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.hours.capacity() * 8
-            + self.values.capacity() * 4
+            + self.values.as_ref().map_or(0, Vec::capacity) * 4
             + self.names.iter().map(|n| n.capacity() + 24).sum::<usize>()
             + self
                 .parts
@@ -93,10 +92,6 @@ impl Slice {
             + (self.a.capacity() + self.b.capacity()) * 8
             + self.sketch_ends.capacity() * 4
             + self.sketches.capacity()
-    }
-
-    pub fn rows(&self) -> usize {
-        self.hours.len()
     }
 
     /// The rows of `dimension` (of the whole table: `None`), empty if it has none.
@@ -148,7 +143,7 @@ const INLINE_ROWS: usize = 20_000;
 
 /// Slices kept in memory, bounded in bytes, shared by every merchant's requests.
 pub struct Slices {
-    cache: moka::future::Cache<Key, Option<Arc<Slice>>>,
+    cache: moka::future::Cache<Key, Arc<Slice>>,
     /// (merchant, table) whose slice was too big lately: DataFusion answers without a
     /// wasted load on every new snapshot.
     too_big: moka::future::Cache<(String, &'static str), ()>,
@@ -164,10 +159,7 @@ impl Slices {
         Self {
             cache: moka::future::Cache::builder()
                 .max_capacity(max_bytes)
-                .weigher(|_: &Key, v: &Option<Arc<Slice>>| {
-                    let bytes = v.as_ref().map_or(64, |s| s.bytes());
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
+                .weigher(|_: &Key, v: &Arc<Slice>| u32::try_from(v.bytes()).unwrap_or(u32::MAX))
                 .build(),
             too_big: moka::future::Cache::builder()
                 .max_capacity(65_536)
@@ -220,23 +212,30 @@ impl Slices {
             snapshot,
         };
         let max = self.max_slice_bytes;
-        let entry = self
+        let entry = match self
             .cache
             .entry(key)
             .or_try_insert_with(load(ctx, table, max))
             .await
-            .map_err(DataFusionError::Shared)?;
+        {
+            Ok(entry) => entry,
+            Err(e) => match &*e {
+                // Every request that waited on this load sees it too.
+                LoadError::TooBig => {
+                    self.too_big
+                        .insert((plan.merchant_id.clone(), table), ())
+                        .await;
+                    return Ok(None);
+                }
+                LoadError::Query(e) => return Err(DataFusionError::Shared(e.clone())),
+            },
+        };
         if entry.is_fresh() {
             self.loaded.fetch_add(1, Ordering::Relaxed);
         } else {
             self.reused.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(slice) = entry.into_value() else {
-            self.too_big
-                .insert((plan.merchant_id.clone(), table), ())
-                .await;
-            return Ok(None);
-        };
+        let slice = entry.into_value();
         let part = slice.part(dimension.as_deref());
         // The load's own slot was released when its stream ended.
         let _slot = budget.slot(&plan.merchant_id).await?;
@@ -271,14 +270,34 @@ impl Names {
     }
 }
 
-/// The merchant's rows of `table` through the merchant's session `ctx` (every breakdown
-/// dimension at once: one scan of the merchant's rows instead of one per dimension);
-/// `None` past `max_bytes`.
+/// Why a slice was not loaded: an error, or more than its share of memory (then the
+/// source runs in DataFusion, whose aggregation the query budget bounds).
+enum LoadError {
+    TooBig,
+    Query(Arc<DataFusionError>),
+}
+
+/// [`read`], as the cache of slices keeps it.
 async fn load(
     ctx: &SessionContext,
     table: &'static str,
     max_bytes: usize,
-) -> Result<Option<Arc<Slice>>> {
+) -> std::result::Result<Arc<Slice>, LoadError> {
+    match read(ctx, table, max_bytes).await {
+        Ok(Some(slice)) => Ok(Arc::new(slice)),
+        Ok(None) => Err(LoadError::TooBig),
+        Err(e) => Err(LoadError::Query(Arc::new(e))),
+    }
+}
+
+/// The merchant's rows of `table` through the merchant's session `ctx` (every breakdown
+/// dimension at once: one scan of the merchant's rows instead of one per dimension);
+/// `None` past `max_bytes`.
+async fn read(
+    ctx: &SessionContext,
+    table: &'static str,
+    max_bytes: usize,
+) -> Result<Option<Slice>> {
     // (dimension, value, a, b, sketch) columns; the hour comes first.
     let (columns, dimension, value, sketch): (&[&str], bool, bool, bool) = match table {
         "rollups_hourly" => (
@@ -420,14 +439,9 @@ async fn load(
         }
     }
     let mut slice = Slice {
-        valued: value,
         parts,
         hours: rows.iter().map(|r| r.1).collect(),
-        values: if value {
-            rows.iter().map(|r| r.2).collect()
-        } else {
-            Vec::new()
-        },
+        values: value.then(|| rows.iter().map(|r| r.2).collect()),
         names: names.names,
         a: rows.iter().map(|r| r.3).collect(),
         b: rows.iter().map(|r| r.4).collect(),
@@ -441,25 +455,16 @@ async fn load(
             slice.sketch_ends.push(slice.sketches.len() as u32);
         }
     }
-    Ok(Some(Arc::new(slice)))
+    Ok(Some(slice))
 }
 
-/// The label of the bucket holding `hour` (microseconds, UTC) in `tz`: what DataFusion's
-/// `to_char(date_trunc(bucket, hour AT TIME ZONE tz), format)` gives.
+/// The label of the bucket holding `hour` (microseconds, UTC) in `tz`.
 fn label(bucket: TimeBucket, tz: Tz, hour: i64) -> Option<String> {
-    let local = DateTime::from_timestamp_micros(hour)?
-        .with_timezone(&tz)
-        .naive_local();
-    let day = local.date();
-    let start = match bucket {
-        TimeBucket::Hour => day.and_time(NaiveTime::from_hms_opt(local.hour(), 0, 0)?),
-        TimeBucket::Day => day.and_time(NaiveTime::MIN),
-        TimeBucket::Week => (day
-            - chrono::Duration::days(day.weekday().num_days_from_monday().into()))
-        .and_time(NaiveTime::MIN),
-        TimeBucket::Month => day.with_day(1)?.and_time(NaiveTime::MIN),
-    };
-    Some(start.format(bucket.format()).to_string())
+    Some(bucket_label(
+        tz,
+        DateTime::from_timestamp_micros(hour)?,
+        bucket,
+    ))
 }
 
 /// When a request's statement timeout stops its grouping.
@@ -515,9 +520,11 @@ fn rows(
         SourceKind::Revenue => true,
         _ => false,
     };
-    if by_value && !slice.valued {
-        return Err(failed("a breakdown asked of a slice without values".into()));
-    }
+    let values = match (&slice.values, by_value) {
+        (Some(v), true) => Some(v),
+        (None, true) => return Err(failed("a breakdown asked of a slice without values".into())),
+        (_, false) => None,
+    };
     let sketched = matches!(kind, SourceKind::Rollups | SourceKind::Totals);
     let micros = |t: DateTime<chrono::Utc>| t.timestamp_micros();
     let range = slice.range(part, micros(plan.from), micros(plan.to));
@@ -532,7 +539,7 @@ fn rows(
         if row % 4096 == 0 {
             deadline.check()?;
         }
-        let value = if by_value { slice.values[row] } else { NONE };
+        let value = values.map_or(NONE, |v| v[row]);
         // Rows without a value for a breakdown count in none of its groups.
         if kind == SourceKind::Rollups
             && by_value
@@ -549,16 +556,13 @@ fn rows(
                     _ => {
                         let text = label(t, plan.tz, hour)
                             .ok_or_else(|| failed(format!("hour {hour} has no local time")))?;
-                        let l = match labels.last() {
-                            Some(prev) if *prev == text => labels.len() as u32 - 1,
-                            _ => match label_index.get(&text) {
-                                Some(p) => *p,
-                                None => {
-                                    label_index.insert(text.clone(), labels.len() as u32);
-                                    labels.push(text);
-                                    labels.len() as u32 - 1
-                                }
-                            },
+                        let l = match label_index.get(&text) {
+                            Some(p) => *p,
+                            None => {
+                                label_index.insert(text.clone(), labels.len() as u32);
+                                labels.push(text);
+                                labels.len() as u32 - 1
+                            }
                         };
                         last = Some((hour, l));
                         l
