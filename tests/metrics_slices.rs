@@ -3,7 +3,8 @@
 //! traffic for a few merchants written in two commits, rolled up after each, and every
 //! rolled-up query shape (each bucket, each rolled-up dimension with and without a time
 //! bucket, goals and custom properties, conversion rate, revenue) in several time zones and
-//! ranges must give the same answer both ways, also after a new snapshot.
+//! ranges must give the same answer both ways, also after new snapshots: appended rollup
+//! deltas (slices extended by the rows added) and a compaction (slices read again whole).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,8 @@ use beacon::traffic::{self, TrafficConfig};
 use beacon_query::budget::{Budget, QueryLimits};
 use beacon_query::metrics::slices::Deadline;
 use beacon_query::metrics::{execute, json_rows, logical, MerchantSessions, Plan, QueryRequest};
-use beacon_warehouse::{dimensions, rollup, Warehouse};
+use beacon_warehouse::maintain::{self, MaintainOptions};
+use beacon_warehouse::{dimensions, rollup, TableKind, Warehouse};
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
 use serde_json::{json, Value};
@@ -137,20 +139,48 @@ async fn rollup_slices_answer_as_datafusion_does() {
         .collect();
     merchants.push("m_slices_none".into());
     let rolled = compare(&slices, &plain, &merchants, now).await;
-    let (loaded, reused) = slices.slices().expect("slices").counts();
+    let first = slices.slices().expect("slices").counts();
     // The comparisons went through slices, one per merchant and rollup table (every
     // breakdown dimension in one), reused across plans.
     assert!(rolled > 100, "{rolled} rolled-up plans");
     assert!(
-        (6..=12).contains(&loaded) && reused > loaded * 20,
-        "slices loaded {loaded}, reused {reused}"
+        first.extended == 0 && first.reused > first.loaded * 20,
+        "{first:?}"
     );
 
+    // Appended rollup deltas: each slice is the previous one plus the rows of the files
+    // added since, not read again whole.
     commit(&wh, 2, later).await;
     compare(&slices, &plain, &merchants, now).await;
-    let (after, _) = slices.slices().expect("slices").counts();
+    let second = slices.slices().expect("slices").counts();
+    // 4 merchants (one without rows), 3 tables.
+    assert_eq!(first.loaded, 12, "{first:?}");
+    assert_eq!(
+        (second.loaded, second.extended),
+        (first.loaded, first.loaded),
+        "after appends: {first:?} then {second:?}"
+    );
+
+    // Compaction replaces the delta files with folded ones: a slice built on the files
+    // that are gone cannot be extended, and is read whole again; the merchant without rows
+    // had no files planned before nor now (column bounds), so its empty slices are extended.
+    let kinds = [
+        TableKind::RollupsHourly,
+        TableKind::BreakdownsHourly,
+        TableKind::RevenueHourly,
+    ];
+    let reports = maintain::maintain(&wh, &kinds, &MaintainOptions::default(), &|_, _, _, _| {})
+        .await
+        .expect("maintain");
     assert!(
-        after >= loaded + 6,
-        "a new snapshot loads slices anew: {loaded} then {after}"
+        reports.iter().all(|r| r.files_compacted >= 2),
+        "{reports:?}"
+    );
+    compare(&slices, &plain, &merchants, now).await;
+    let third = slices.slices().expect("slices").counts();
+    assert_eq!(
+        (third.loaded, third.extended),
+        (second.loaded + 9, second.extended + 3),
+        "after compaction: {second:?} then {third:?}"
     );
 }

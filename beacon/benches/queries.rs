@@ -33,6 +33,15 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// "p50 x / p99 y ms" of sorted latencies.
+fn p50_p99(sorted: &[f64]) -> String {
+    format!(
+        "p50 {:.1} / p99 {:.1} ms",
+        pct(sorted, 0.5),
+        pct(sorted, 0.99)
+    )
+}
+
 #[path = "queries/http.rs"]
 mod http;
 
@@ -125,19 +134,11 @@ async fn run_dashboard(
     out
 }
 
-/// One-client dashboards of 48 different merchants, each computed three ways in turn:
-/// DataFusion over the rollups, then from slices that are not in memory yet (loaded), then
-/// from the slices in memory. Asserts equal answers. Returns the three latencies (ms,
-/// sorted).
-async fn slices_vs_datafusion(
-    wh: &Arc<Warehouse>,
-    sites: &[Site],
-    now: chrono::DateTime<chrono::Utc>,
-) -> [Vec<f64>; 3] {
-    let sessions = MerchantSessions::new(wh.clone());
+/// `n` different merchants (indexes), half among the 100 biggest as the dashboards
+/// elsewhere, in an order drawn from `seed`.
+fn spread(sites: &[Site], seed: u64, n: usize) -> Vec<usize> {
     use rand::seq::SliceRandom;
-    let mut rng = StdRng::seed_from_u64(4);
-    // Half among the 100 biggest, as the dashboards elsewhere, each merchant once.
+    let mut rng = StdRng::seed_from_u64(seed);
     let split = sites.len().min(100);
     let (mut big, mut rest): (Vec<usize>, Vec<usize>) =
         ((0..split).collect(), (split..sites.len()).collect());
@@ -150,23 +151,108 @@ async fn slices_vs_datafusion(
             order.push(*r);
         }
     }
+    order.truncate(n);
+    order
+}
+
+/// How long `read` takes to compute `plans` in `sessions`, and the answer.
+async fn timed_read(
+    sessions: &MerchantSessions,
+    plans: &[Plan],
+    read: Read,
+) -> (f64, Vec<Vec<serde_json::Value>>) {
+    let t = Instant::now();
+    let answer = run_dashboard(sessions, plans, read).await;
+    (t.elapsed().as_secs_f64() * 1000.0, answer)
+}
+
+/// Dashboards of 48 merchants right after a commit of new events for them and the rollup
+/// run after it, as in `beacon up` every few seconds while events arrive, in three rounds:
+/// the API's slices (extended from the previous snapshot's by the rows added since), slices
+/// read whole, and DataFusion, in turn per merchant, equal answers asserted. Returns the
+/// three latencies (ms, sorted) and the slice counts of the extended ones.
+///
+/// It commits to the warehouse (a kept data directory grows by ~6k events a run), so it
+/// runs last.
+async fn slices_after_commits(
+    wh: &Arc<Warehouse>,
+    sites: &[Site],
+    now: chrono::DateTime<chrono::Utc>,
+) -> ([Vec<f64>; 3], beacon_query::metrics::slices::Counts) {
+    let chosen: Vec<Site> = spread(sites, 5, 48)
+        .into_iter()
+        .map(|i| sites[i].clone())
+        .collect();
+    let kept = MerchantSessions::new(wh.clone());
+    for site in &chosen {
+        run_dashboard(&kept, &dashboard(&site.merchant_id, now), Read::Slices).await;
+    }
+    let probe = dashboard(&chosen[0].merchant_id, now)
+        .iter()
+        .flat_map(|p| p.sources())
+        .collect::<Vec<_>>();
+    let day = 86_400_000i64;
     let mut out = [Vec::new(), Vec::new(), Vec::new()];
-    for (n, i) in order.into_iter().take(49).enumerate() {
-        let plans = dashboard(&sites[i].merchant_id, now);
-        let time = |read| {
-            let sessions = &sessions;
-            let plans = &plans;
-            async move {
-                let t = Instant::now();
-                let answer = run_dashboard(sessions, plans, read).await;
-                (t.elapsed().as_secs_f64() * 1000.0, answer)
-            }
+    for round in 0..3u64 {
+        let before = kept.snapshots(&probe).await.expect("snapshots");
+        let config = TrafficConfig {
+            seed: 1_000 + round,
+            events: 40 * chosen.len(),
+            start_ms: (now.timestamp_millis() / day - 1) * day,
+            days: 1,
+            zipf_s: 0.0,
+            late_share: 0.0,
         };
+        let events = traffic::events_in_time_order(&config, &chosen);
+        let seq = wh.committed_seq(TableKind::Events).await.expect("seq") + 1;
+        traffic::commit_events(wh, seq, events)
+            .await
+            .expect("commit");
+        rollup::run_once(wh).await.expect("rollup");
+        // Serving reads see a commit within `cached::REFRESH`.
+        while kept.snapshots(&probe).await.expect("snapshots") == before {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let whole = MerchantSessions::new(wh.clone());
+        for site in &chosen {
+            let plans = dashboard(&site.merchant_id, now);
+            // The merchant's session is built before (not what is compared).
+            whole.get(&site.merchant_id).await.expect("session");
+            let (a, extended) = timed_read(&kept, &plans, Read::Slices).await;
+            let (b, loaded) = timed_read(&whole, &plans, Read::Slices).await;
+            let (c, datafusion) = timed_read(&whole, &plans, Read::DataFusion).await;
+            assert_eq!(extended, loaded, "extended slices disagree with whole ones");
+            assert_eq!(loaded, datafusion, "slices disagree with DataFusion");
+            for (v, ms) in out.iter_mut().zip([a, b, c]) {
+                v.push(ms);
+            }
+        }
+    }
+    for v in &mut out {
+        v.sort_by(f64::total_cmp);
+    }
+    let counts = kept.slices().map(|s| s.counts()).unwrap_or_default();
+    (out, counts)
+}
+
+/// One-client dashboards of 48 different merchants, each computed three ways in turn:
+/// DataFusion over the rollups, then from slices that are not in memory yet (loaded), then
+/// from the slices in memory. Asserts equal answers. Returns the three latencies (ms,
+/// sorted).
+async fn slices_vs_datafusion(
+    wh: &Arc<Warehouse>,
+    sites: &[Site],
+    now: chrono::DateTime<chrono::Utc>,
+) -> [Vec<f64>; 3] {
+    let sessions = MerchantSessions::new(wh.clone());
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for (n, i) in spread(sites, 4, 49).into_iter().enumerate() {
+        let plans = dashboard(&sites[i].merchant_id, now);
         // The merchant's session is built before (not what is compared).
         sessions.get(&sites[i].merchant_id).await.expect("session");
-        let (a, datafusion) = time(Read::DataFusion).await;
-        let (b, loaded) = time(Read::Slices).await;
-        let (c, kept) = time(Read::Slices).await;
+        let (a, datafusion) = timed_read(&sessions, &plans, Read::DataFusion).await;
+        let (b, loaded) = timed_read(&sessions, &plans, Read::Slices).await;
+        let (c, kept) = timed_read(&sessions, &plans, Read::Slices).await;
         assert_eq!(datafusion, loaded, "slices disagree with DataFusion");
         assert_eq!(loaded, kept);
         // The first warms the footers the others read too.
@@ -613,17 +699,16 @@ async fn run() {
         pct(&baseline, 0.5) / pct(&rollup_single, 0.5).max(1e-9)
     ));
     report.push(format!(
-        "Serving reads (one client, {} dashboards, each run by both alternately, same merchants): DataFusion's Parquet source over Iceberg's planned files with footers kept p50 {:.1} / p99 {:.1} ms vs iceberg-datafusion's scan p50 {:.1} / p99 {:.1} ms = **{:.2}x the time** at p50.",
+        "Serving reads (one client, {} dashboards, each run by both alternately, same merchants): DataFusion's Parquet source over Iceberg's planned files with footers kept {} vs iceberg-datafusion's scan {} = **{:.2}x the time** at p50.",
         parquet_reads.len(),
-        pct(&parquet_reads, 0.5),
-        pct(&parquet_reads, 0.99),
-        pct(&iceberg_reads, 0.5),
-        pct(&iceberg_reads, 0.99),
+        p50_p99(&parquet_reads),
+        p50_p99(&iceberg_reads),
         pct(&parquet_reads, 0.5) / pct(&iceberg_reads, 0.5).max(1e-9)
     ));
-    let (loaded, reused) = sessions.slices().map_or((0, 0), |s| s.counts());
+    let counts = sessions.slices().map(|s| s.counts()).unwrap_or_default();
     report.push(format!(
-        "(The slices rows above: {loaded} slices loaded, {reused} panels answered from one already in memory, over the 1, 8 and 64 client runs in that order; the DataFusion and slice rows alternate per client count and pick the same merchants.)"
+        "(The slices rows above: {} slices loaded, {} panels answered from one already in memory, over the 1, 8 and 64 client runs in that order; the DataFusion and slice rows alternate per client count and pick the same merchants.)",
+        counts.loaded, counts.reused
     ));
     report.push(format!(
         "Rollup slices (one client, {} dashboards of different merchants, each computed three ways in turn, equal answers asserted): DataFusion over the rollups p50 {:.1} / p99 {:.1} ms; slices loaded for it (first dashboard of the merchant since the snapshot) p50 {:.1} / p99 {:.1} ms = **{:.2}x**; slices in memory p50 {:.2} / p99 {:.2} ms = **{:.3}x** the time at p50.",
@@ -643,7 +728,21 @@ async fn run() {
         pct(&visits_grouped, 0.5),
         pct(&visits_grouped, 0.5) / pct(&visits_stored, 0.5).max(1e-9)
     ));
-    report.extend(over_http(wh.clone(), Arc::new(sites), &dir, now, &mut rng).await);
+    report.extend(over_http(wh.clone(), Arc::new(sites.clone()), &dir, now, &mut rng).await);
+    // Last: it commits.
+    let ([extended, whole, datafusion], counts) = slices_after_commits(&wh, &sites, now).await;
+    report.push(String::new());
+    report.push(format!(
+        "Slices after a commit (one client, {} dashboards: 48 merchants right after each of 3 commits of ~1,900 new events for them (about 40 each) and the rollup run, each dashboard computed three ways in turn, equal answers asserted): slices extended from the previous snapshot's by the rows added {}; slices read whole {}; DataFusion {}. Extended = **{:.2}x** whole and **{:.2}x** DataFusion at p50 ({} slices extended, {} read whole).",
+        extended.len(),
+        p50_p99(&extended),
+        p50_p99(&whole),
+        p50_p99(&datafusion),
+        pct(&extended, 0.5) / pct(&whole, 0.5).max(1e-9),
+        pct(&extended, 0.5) / pct(&datafusion, 0.5).max(1e-9),
+        counts.extended,
+        counts.loaded
+    ));
     println!("{}", report.join("\n"));
 }
 

@@ -29,7 +29,7 @@ use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 use iceberg_datafusion::IcebergStaticTableProvider;
 
-use crate::scan::{self, Footers};
+use crate::scan::{self, Footers, Increment, Scanned};
 
 /// How long loaded table metadata is reused.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -186,6 +186,7 @@ impl TableProvider for CachedTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let loaded = self.loaded().await?;
+        let increment = Increment::of(state, self.ident.name());
         if let (Some(footers), true) = (&self.footers, loaded.by_name) {
             let plan = scan::plan(
                 &loaded.table,
@@ -195,11 +196,19 @@ impl TableProvider for CachedTable {
                 projection,
                 filters,
                 limit,
+                increment.as_deref(),
             )
             .await?;
             if let Some(plan) = plan {
                 return Ok(plan);
             }
+        }
+        // Iceberg's scan reads every row.
+        if let Some(increment) = increment {
+            increment.record(Scanned {
+                snapshot: None,
+                added_only: false,
+            });
         }
         loaded
             .provider

@@ -25,8 +25,9 @@
 //! file (Beacon writes none of these; another engine might).
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
@@ -120,9 +121,84 @@ pub fn reads_by_name<'a>(current: &Schema, history: impl IntoIterator<Item = &'a
     })
 }
 
+/// Asks the scan of one table in a query (set as a session config extension) to read only
+/// the rows added since an earlier snapshot of it: a reader that keeps what it read before
+/// (the metrics API's rollup slices) then reads a commit's new files, not the whole table.
+///
+/// Data files never change once written, so when every file the same filters planned at
+/// `since` is still planned now (nothing was removed, as after appends) and no delete file
+/// applies, the rows now are the rows then plus the rows of the files planned now and not
+/// then. Otherwise the scan reads every row, and [`Increment::scanned`] says which it did.
+#[derive(Debug)]
+pub struct Increment {
+    table: String,
+    since: Option<i64>,
+    scanned: Mutex<Option<Scanned>>,
+}
+
+/// How a scan asked for an [`Increment`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// The snapshot whose rows it read (`None`: not known, as when Iceberg's own scan read).
+    pub snapshot: Option<i64>,
+    /// Only the rows added since the increment's `since`; otherwise every row.
+    pub added_only: bool,
+}
+
+impl Increment {
+    /// For the scan of `table` (by name), the rows added since snapshot `since` (`None`: every row).
+    pub fn new(table: &str, since: Option<i64>) -> Self {
+        Self {
+            table: table.to_string(),
+            since,
+            scanned: Mutex::new(None),
+        }
+    }
+
+    /// How the scan read (`None` before the query's plan was built, or if it scanned nothing).
+    pub fn scanned(&self) -> Option<Scanned> {
+        *self.scanned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn record(&self, scanned: Scanned) {
+        *self.scanned.lock().unwrap_or_else(|p| p.into_inner()) = Some(scanned);
+    }
+
+    /// The increment `state`'s session asks of `table`'s scans, if any.
+    pub(crate) fn of(state: &dyn Session, table: &str) -> Option<Arc<Self>> {
+        state
+            .config()
+            .get_extension::<Self>()
+            .filter(|i| i.table == table)
+    }
+}
+
+/// The data files Iceberg plans for `predicate` in `snapshot` of `table`.
+async fn plan_files(
+    table: &Table,
+    snapshot: i64,
+    predicate: Option<iceberg::expr::Predicate>,
+) -> DfResult<Vec<iceberg::scan::FileScanTask>> {
+    let err = |e: iceberg::Error| DataFusionError::External(Box::new(e));
+    let mut scan = table.scan().snapshot_id(snapshot);
+    if let Some(predicate) = predicate {
+        scan = scan.with_filter(predicate);
+    }
+    scan.build()
+        .map_err(err)?
+        .plan_files()
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)
+}
+
 /// A plan reading the files Iceberg plans for `filters` in `table`'s current snapshot
 /// with DataFusion's Parquet source, or `None` where that would not read what Iceberg reads
-/// (a delete file, a file not in Parquet): the caller then uses Iceberg's scan.
+/// (a delete file, a file not in Parquet): the caller then uses Iceberg's scan. With an
+/// `increment`, only the files it asks for when that reads what it means (and it is told).
+#[allow(clippy::too_many_arguments)]
 pub async fn plan(
     table: &Table,
     schema: &SchemaRef,
@@ -131,33 +207,51 @@ pub async fn plan(
     projection: Option<&Vec<usize>>,
     filters: &[Expr],
     limit: Option<usize>,
+    increment: Option<&Increment>,
 ) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
     let projected = match projection {
         Some(p) => Arc::new(schema.project(p)?),
         None => schema.clone(),
     };
     let Some(snapshot) = table.metadata().current_snapshot_id() else {
+        if let Some(increment) = increment {
+            increment.record(Scanned {
+                snapshot: None,
+                added_only: false,
+            });
+        }
         return Ok(Some(Arc::new(EmptyExec::new(projected))));
     };
-    let err = |e: iceberg::Error| DataFusionError::External(Box::new(e));
-    let mut scan = table.scan().snapshot_id(snapshot);
-    if let Some(predicate) = convert_filters_to_predicate(filters) {
-        scan = scan.with_filter(predicate);
-    }
-    let tasks: Vec<_> = scan
-        .build()
-        .map_err(err)?
-        .plan_files()
-        .await
-        .map_err(err)?
-        .try_collect()
-        .await
-        .map_err(err)?;
+    let predicate = convert_filters_to_predicate(filters);
+    let mut tasks = plan_files(table, snapshot, predicate.clone()).await?;
     if tasks
         .iter()
         .any(|t| !t.deletes.is_empty() || t.data_file_format != DataFileFormat::Parquet)
     {
         return Ok(None);
+    }
+    if let Some(increment) = increment {
+        let mut added_only = false;
+        // (A snapshot expired since is not planned again: everything is read.)
+        if let Some(since) = increment
+            .since
+            .filter(|s| table.metadata().snapshot_by_id(*s).is_some())
+        {
+            let before: HashSet<String> = plan_files(table, since, predicate)
+                .await?
+                .into_iter()
+                .map(|t| t.data_file_path)
+                .collect();
+            let now: HashSet<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).collect();
+            if before.iter().all(|p| now.contains(p.as_str())) {
+                tasks.retain(|t| !before.contains(&t.data_file_path));
+                added_only = true;
+            }
+        }
+        increment.record(Scanned {
+            snapshot: Some(snapshot),
+            added_only,
+        });
     }
     if tasks.is_empty() {
         return Ok(Some(Arc::new(EmptyExec::new(projected))));

@@ -24,13 +24,15 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
+use arrow::record_batch::RecordBatch;
 use beacon_warehouse::hll::Union;
+use beacon_warehouse::scan::Increment;
 use chrono::DateTime;
 use chrono_tz::Tz;
 use datafusion::error::{DataFusionError, Result};
@@ -54,10 +56,28 @@ struct Key {
     snapshot: i64,
 }
 
-/// One merchant's rows of one rollup table, sorted by breakdown dimension, then hour.
-/// Columns are kept apart so a range is a binary search.
-#[derive(Debug, Default)]
+/// One merchant's rows of one rollup table at one snapshot of it.
+#[derive(Debug)]
 pub struct Slice {
+    /// The snapshot whose rows these are (`None`: not known, so the next snapshot's slice
+    /// is read whole rather than extended by the rows added since).
+    snapshot: Option<i64>,
+    /// Shared with the next snapshot's slice when that added none of the merchant's rows.
+    columns: Arc<Columns>,
+}
+
+impl std::ops::Deref for Slice {
+    type Target = Columns;
+
+    fn deref(&self) -> &Columns {
+        &self.columns
+    }
+}
+
+/// A slice's rows, sorted by breakdown dimension, then hour. Columns are kept apart so a
+/// range is a binary search.
+#[derive(Debug, Default)]
+pub struct Columns {
     /// The rows of each `dimension` of `breakdowns_hourly` (one part, named "", for the
     /// other tables), sorted by name.
     parts: Vec<(String, Range<usize>)>,
@@ -77,7 +97,7 @@ pub struct Slice {
     sketches: Vec<u8>,
 }
 
-impl Slice {
+impl Columns {
     /// What it holds in memory, about.
     fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
@@ -144,13 +164,33 @@ const INLINE_ROWS: usize = 20_000;
 /// Slices kept in memory, bounded in bytes, shared by every merchant's requests.
 pub struct Slices {
     cache: moka::future::Cache<Key, Arc<Slice>>,
+    /// Each (merchant, table)'s newest slice (by the snapshot it was keyed by): what the
+    /// next snapshot's slice is extended from, and the entry it replaces.
+    latest: moka::sync::Cache<(String, &'static str), (i64, Weak<Slice>)>,
     /// (merchant, table) whose slice was too big lately: DataFusion answers without a
     /// wasted load on every new snapshot.
     too_big: moka::future::Cache<(String, &'static str), ()>,
     /// A slice bigger than this is not kept (nor is a bigger one loaded past it).
     max_slice_bytes: usize,
+    counts: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
     loaded: AtomicU64,
+    extended: AtomicU64,
     reused: AtomicU64,
+}
+
+/// What slices did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Slices read whole (every row of the merchant's in the table).
+    pub loaded: u64,
+    /// Slices made from the previous snapshot's and the rows added since.
+    pub extended: u64,
+    /// Answers from a slice already in memory.
+    pub reused: u64,
 }
 
 impl Slices {
@@ -161,22 +201,22 @@ impl Slices {
                 .max_capacity(max_bytes)
                 .weigher(|_: &Key, v: &Arc<Slice>| u32::try_from(v.bytes()).unwrap_or(u32::MAX))
                 .build(),
+            latest: moka::sync::Cache::builder().max_capacity(1 << 20).build(),
             too_big: moka::future::Cache::builder()
                 .max_capacity(65_536)
                 .time_to_live(Duration::from_secs(600))
                 .build(),
             max_slice_bytes: (max_bytes / 4).min(64 << 20) as usize,
-            loaded: AtomicU64::new(0),
-            reused: AtomicU64::new(0),
+            counts: Counters::default(),
         }
     }
 
-    /// (slices loaded, answers from a slice already in memory) so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.loaded.load(Ordering::Relaxed),
-            self.reused.load(Ordering::Relaxed),
-        )
+    pub fn counts(&self) -> Counts {
+        Counts {
+            loaded: self.counts.loaded.load(Ordering::Relaxed),
+            extended: self.counts.extended.load(Ordering::Relaxed),
+            reused: self.counts.reused.load(Ordering::Relaxed),
+        }
     }
 
     /// The rows of `source` of `plan` from a slice (loaded in `ctx`, the plan's merchant's
@@ -203,7 +243,8 @@ impl Slices {
             return Ok(None);
         };
         let merchant = plan.merchant_id.clone();
-        if self.too_big.contains_key(&(merchant.clone(), table)) {
+        let mine = (merchant.clone(), table);
+        if self.too_big.contains_key(&mine) {
             return Ok(None);
         }
         let key = Key {
@@ -211,29 +252,40 @@ impl Slices {
             table,
             snapshot,
         };
+        let previous = self.latest.get(&mine);
+        let base = previous.as_ref().and_then(|(_, s)| s.upgrade());
         let max = self.max_slice_bytes;
         let entry = match self
             .cache
-            .entry(key)
-            .or_try_insert_with(load(ctx, table, max))
+            .entry(key.clone())
+            .or_try_insert_with(load(ctx, table, max, base, &self.counts))
             .await
         {
             Ok(entry) => entry,
             Err(e) => match &*e {
                 // Every request that waited on this load sees it too.
                 LoadError::TooBig => {
-                    self.too_big
-                        .insert((plan.merchant_id.clone(), table), ())
-                        .await;
+                    self.too_big.insert(mine, ()).await;
                     return Ok(None);
                 }
                 LoadError::Query(e) => return Err(DataFusionError::Shared(e.clone())),
             },
         };
         if entry.is_fresh() {
-            self.loaded.fetch_add(1, Ordering::Relaxed);
+            // The older snapshot's slice is read no more (requests resolve the newest
+            // snapshot): its memory goes now rather than when the cache's bound needs it.
+            if let Some((old, _)) = previous.filter(|(old, _)| *old != snapshot) {
+                self.cache
+                    .invalidate(&Key {
+                        snapshot: old,
+                        ..key
+                    })
+                    .await;
+            }
+            self.latest
+                .insert(mine, (snapshot, Arc::downgrade(entry.value())));
         } else {
-            self.reused.fetch_add(1, Ordering::Relaxed);
+            self.counts.reused.fetch_add(1, Ordering::Relaxed);
         }
         let slice = entry.into_value();
         let part = slice.part(dimension.as_deref());
@@ -277,92 +329,155 @@ enum LoadError {
     Query(Arc<DataFusionError>),
 }
 
-/// [`read`], as the cache of slices keeps it.
+/// [`read`], as the cache of slices keeps it, counted.
 async fn load(
     ctx: &SessionContext,
     table: &'static str,
     max_bytes: usize,
+    base: Option<Arc<Slice>>,
+    counts: &Counters,
 ) -> std::result::Result<Arc<Slice>, LoadError> {
-    match read(ctx, table, max_bytes).await {
-        Ok(Some(slice)) => Ok(Arc::new(slice)),
+    match read(ctx, table, max_bytes, base.as_deref()).await {
+        Ok(Some((slice, extended))) => {
+            let count = match extended {
+                true => &counts.extended,
+                false => &counts.loaded,
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            Ok(Arc::new(slice))
+        }
         Ok(None) => Err(LoadError::TooBig),
         Err(e) => Err(LoadError::Query(Arc::new(e))),
     }
 }
 
-/// The merchant's rows of `table` through the merchant's session `ctx` (every breakdown
-/// dimension at once: one scan of the merchant's rows instead of one per dimension);
-/// `None` past `max_bytes`.
-async fn read(
-    ctx: &SessionContext,
-    table: &'static str,
-    max_bytes: usize,
-) -> Result<Option<Slice>> {
-    // (dimension, value, a, b, sketch) columns; the hour comes first.
-    let (columns, dimension, value, sketch): (&[&str], bool, bool, bool) = match table {
-        "rollups_hourly" => (
-            &["hour", "events", "pageviews", "visitors_hll"],
-            false,
-            false,
-            true,
-        ),
-        "breakdowns_hourly" => (
-            &[
-                "hour",
-                "dimension",
-                "value",
-                "events",
-                "pageviews",
-                "visitors_hll",
-            ],
-            true,
-            true,
-            true,
-        ),
-        "revenue_hourly" => (
-            &["hour", "currency", "orders", "revenue_micros"],
-            false,
-            true,
-            false,
-        ),
-        other => {
-            return Err(DataFusionError::Internal(format!(
-                "{other} is not a rollup table"
-            )))
+/// Which columns of a rollup table a slice reads, and which of its own they fill.
+struct Shape {
+    /// The hour first, then (dimension, value, a, b, sketch) where present.
+    columns: &'static [&'static str],
+    dimension: bool,
+    value: bool,
+    sketch: bool,
+}
+
+impl Shape {
+    fn of(table: &str) -> Result<Self> {
+        let (columns, dimension, value, sketch): (&'static [&'static str], _, _, _) = match table {
+            "rollups_hourly" => (
+                &["hour", "events", "pageviews", "visitors_hll"],
+                false,
+                false,
+                true,
+            ),
+            "breakdowns_hourly" => (
+                &[
+                    "hour",
+                    "dimension",
+                    "value",
+                    "events",
+                    "pageviews",
+                    "visitors_hll",
+                ],
+                true,
+                true,
+                true,
+            ),
+            "revenue_hourly" => (
+                &["hour", "currency", "orders", "revenue_micros"],
+                false,
+                true,
+                false,
+            ),
+            other => {
+                return Err(DataFusionError::Internal(format!(
+                    "{other} is not a rollup table"
+                )))
+            }
+        };
+        Ok(Self {
+            columns,
+            dimension,
+            value,
+            sketch,
+        })
+    }
+}
+
+/// (dimension, hour, value, a, b, the sketch's bytes in the builder's `blobs`)
+type Row = (u32, i64, u32, i64, i64, Range<usize>);
+
+/// A slice's rows as they are read, before sorting into columns.
+#[derive(Default)]
+struct Builder {
+    rows: Vec<Row>,
+    blobs: Vec<u8>,
+    dimensions: Names,
+    names: Names,
+    /// Bytes the slice will take, about.
+    size: usize,
+}
+
+impl Builder {
+    /// Starting from the rows of `columns` (which stay in their order, and their values'
+    /// indexes keep their meaning).
+    fn from(columns: &Columns) -> Self {
+        let mut builder = Self {
+            rows: Vec::with_capacity(columns.hours.len()),
+            blobs: columns.sketches.clone(),
+            size: columns.bytes(),
+            ..Self::default()
+        };
+        for name in &columns.names {
+            builder.names.of(name);
         }
-    };
-    let mut stream = ctx
-        .table(table)
-        .await?
-        .select_columns(columns)?
-        .execute_stream()
-        .await?;
-    // (dimension, hour, value, a, b, sketch bytes in `blobs`)
-    let mut rows: Vec<(u32, i64, u32, i64, i64, Range<usize>)> = Vec::new();
-    let mut blobs: Vec<u8> = Vec::new();
-    let (mut dimensions, mut names) = (Names::default(), Names::default());
-    let mut size = 0usize;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
+        for (name, part) in &columns.parts {
+            let d = match name.as_str() {
+                "" => NONE,
+                name => builder.dimensions.of(name).0,
+            };
+            for row in part.clone() {
+                let sketch = match columns.sketch_ends.is_empty() {
+                    true => 0..0,
+                    false => {
+                        let end = columns.sketch_ends[row] as usize;
+                        end - columns.sketch(row).len()..end
+                    }
+                };
+                builder.rows.push((
+                    d,
+                    columns.hours[row],
+                    columns.values.as_ref().map_or(NONE, |v| v[row]),
+                    columns.a[row],
+                    columns.b[row],
+                    sketch,
+                ));
+            }
+        }
+        builder
+    }
+
+    /// Adds the rows of `batch` (the `shape`'s columns in order); `false` once the slice
+    /// would take more than `max_bytes`.
+    fn add(&mut self, batch: &RecordBatch, shape: &Shape, max_bytes: usize) -> Result<bool> {
         let mut next = 0;
         let mut column = |to: &DataType| {
             next += 1;
             cast(batch.column(next - 1), to)
         };
         let hours = column(&DataType::Int64)?;
-        let dims = if dimension {
+        let dims = if shape.dimension {
             Some(column(&DataType::Utf8)?)
         } else {
             None
         };
-        let values = if value {
+        let values = if shape.value {
             Some(column(&DataType::Utf8)?)
         } else {
             None
         };
         let a = column(&DataType::Int64)?;
         let b = column(&DataType::Int64)?;
-        let sketches = if sketch {
+        let sketches = if shape.sketch {
             Some(column(&DataType::Binary)?)
         } else {
             None
@@ -383,79 +498,132 @@ async fn read(
             if hours.is_null(i) {
                 continue;
             }
+            let size = &mut self.size;
             let mut intern =
                 |names: &mut Names, column: Option<&arrow::array::StringArray>| match column
                     .filter(|c| !c.is_null(i))
                 {
                     Some(c) => {
                         let (n, added) = names.of(c.value(i));
-                        size += added;
+                        *size += added;
                         n
                     }
                     None => NONE,
                 };
-            let d = intern(&mut dimensions, dims);
-            let v = intern(&mut names, values);
-            let start = blobs.len();
+            let d = intern(&mut self.dimensions, dims);
+            let v = intern(&mut self.names, values);
+            let start = self.blobs.len();
             if let Some(s) = sketches.filter(|s| !s.is_null(i)) {
-                blobs.extend_from_slice(s.value(i));
+                self.blobs.extend_from_slice(s.value(i));
             }
-            rows.push((
+            self.rows.push((
                 d,
                 hours.value(i),
                 v,
                 number(a, i),
                 number(b, i),
-                start..blobs.len(),
+                start..self.blobs.len(),
             ));
-            size += 56 + (blobs.len() - start);
-            if size > max_bytes {
-                return Ok(None);
+            self.size += 56 + (self.blobs.len() - start);
+            if self.size > max_bytes {
+                return Ok(false);
             }
         }
+        Ok(true)
     }
-    // By dimension name (parts are found by binary search), then hour and value.
-    let order: Vec<u32> = {
-        let mut by_name: Vec<u32> = (0..dimensions.names.len() as u32).collect();
-        by_name.sort_by(|x, y| dimensions.names[*x as usize].cmp(&dimensions.names[*y as usize]));
-        let mut rank = vec![0u32; by_name.len()];
-        for (r, d) in by_name.iter().enumerate() {
-            rank[*d as usize] = r as u32;
-        }
-        rank
-    };
-    // Rows without a dimension (every row of the other tables) form the part named "".
-    let rank = |d: u32| if d == NONE { 0 } else { order[d as usize] + 1 };
-    rows.sort_unstable_by_key(|r| (rank(r.0), r.1, r.2));
-    let mut parts: Vec<(String, Range<usize>)> = Vec::new();
-    for (i, r) in rows.iter().enumerate() {
-        let name = match r.0 {
-            NONE => "",
-            d => dimensions.names[d as usize].as_str(),
+
+    /// The rows as a slice's columns.
+    fn build(mut self, shape: &Shape) -> Columns {
+        let dimensions = &self.dimensions.names;
+        // By dimension name (parts are found by binary search), then hour and value.
+        let order: Vec<u32> = {
+            let mut by_name: Vec<u32> = (0..dimensions.len() as u32).collect();
+            by_name.sort_by(|x, y| dimensions[*x as usize].cmp(&dimensions[*y as usize]));
+            let mut rank = vec![0u32; by_name.len()];
+            for (r, d) in by_name.iter().enumerate() {
+                rank[*d as usize] = r as u32;
+            }
+            rank
         };
-        match parts.last_mut() {
-            Some(p) if p.0 == name => p.1.end = i + 1,
-            _ => parts.push((name.to_string(), i..i + 1)),
+        // Rows without a dimension (every row of the other tables) form the part named "".
+        let rank = |d: u32| if d == NONE { 0 } else { order[d as usize] + 1 };
+        // Stable: rows from an earlier slice are one sorted run ahead of the added ones,
+        // which the sort merges rather than sorting everything again.
+        self.rows.sort_by_key(|r| (rank(r.0), r.1, r.2));
+        let rows = &self.rows;
+        let mut parts: Vec<(String, Range<usize>)> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let name = match r.0 {
+                NONE => "",
+                d => dimensions[d as usize].as_str(),
+            };
+            match parts.last_mut() {
+                Some(p) if p.0 == name => p.1.end = i + 1,
+                _ => parts.push((name.to_string(), i..i + 1)),
+            }
+        }
+        let mut columns = Columns {
+            parts,
+            hours: rows.iter().map(|r| r.1).collect(),
+            values: shape.value.then(|| rows.iter().map(|r| r.2).collect()),
+            names: self.names.names,
+            a: rows.iter().map(|r| r.3).collect(),
+            b: rows.iter().map(|r| r.4).collect(),
+            sketch_ends: Vec::new(),
+            sketches: Vec::new(),
+        };
+        if shape.sketch {
+            columns.sketches.reserve_exact(self.blobs.len());
+            columns.sketch_ends.reserve_exact(rows.len());
+            for r in rows {
+                columns.sketches.extend_from_slice(&self.blobs[r.5.clone()]);
+                columns.sketch_ends.push(columns.sketches.len() as u32);
+            }
+        }
+        columns
+    }
+}
+
+/// The merchant's rows of `table` through the merchant's session `ctx` (every breakdown
+/// dimension at once: one scan of the merchant's rows instead of one per dimension), and
+/// whether they extend `base` (an earlier snapshot's slice) by the rows added since rather
+/// than being read whole; `None` past `max_bytes`.
+async fn read(
+    ctx: &SessionContext,
+    table: &'static str,
+    max_bytes: usize,
+    base: Option<&Slice>,
+) -> Result<Option<(Slice, bool)>> {
+    let shape = Shape::of(table)?;
+    // The scan reads only the files added since the base's snapshot where that gives the
+    // rows added since (beacon_warehouse::scan::Increment), and says whether it did.
+    let increment = Arc::new(Increment::new(table, base.and_then(|b| b.snapshot)));
+    let mut state = ctx.state();
+    state.config_mut().set_extension(increment.clone());
+    let mut stream = SessionContext::new_with_state(state)
+        .table(table)
+        .await?
+        .select_columns(shape.columns)?
+        .execute_stream()
+        .await?;
+    let scanned = increment.scanned();
+    let base = base.filter(|_| scanned.is_some_and(|s| s.added_only));
+    let mut builder = base.map_or_else(Builder::default, |b| Builder::from(&b.columns));
+    let mut added = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        added += batch.num_rows();
+        if !builder.add(&batch, &shape, max_bytes)? {
+            return Ok(None);
         }
     }
-    let mut slice = Slice {
-        parts,
-        hours: rows.iter().map(|r| r.1).collect(),
-        values: value.then(|| rows.iter().map(|r| r.2).collect()),
-        names: names.names,
-        a: rows.iter().map(|r| r.3).collect(),
-        b: rows.iter().map(|r| r.4).collect(),
-        sketch_ends: Vec::new(),
-        sketches: Vec::with_capacity(blobs.len()),
+    let snapshot = scanned.and_then(|s| s.snapshot);
+    let columns = match base {
+        // Nothing of the merchant's was added: the same rows, as of the newer snapshot.
+        Some(base) if added == 0 => base.columns.clone(),
+        _ => Arc::new(builder.build(&shape)),
     };
-    if sketch {
-        slice.sketch_ends.reserve_exact(rows.len());
-        for r in &rows {
-            slice.sketches.extend_from_slice(&blobs[r.5.clone()]);
-            slice.sketch_ends.push(slice.sketches.len() as u32);
-        }
-    }
-    Ok(Some(slice))
+    Ok(Some((Slice { snapshot, columns }, base.is_some())))
 }
 
 /// The label of the bucket holding `hour` (microseconds, UTC) in `tz`.
@@ -685,14 +853,14 @@ mod tests {
 
     #[test]
     fn ranges_are_half_open_by_hour() {
-        let slice = Slice {
+        let slice = Columns {
             hours: vec![
                 at(2026, 1, 1, 0),
                 at(2026, 1, 1, 1),
                 at(2026, 1, 1, 1),
                 at(2026, 1, 1, 3),
             ],
-            ..Slice::default()
+            ..Columns::default()
         };
         // (part, from, to, rows): positions stay the slice's within a part (a dimension's).
         for (part, from, to, want) in [
