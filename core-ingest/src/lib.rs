@@ -16,6 +16,7 @@ pub mod convert;
 pub mod dedupe;
 pub mod dimensions;
 mod leases;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -195,6 +196,7 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// the figure matters most. Run it beside ingest, started before the warehouse is opened.
 pub async fn sample_backlog(nats_url: bus::NatsUrl, mut shutdown: watch::Receiver<bool>) {
     let mut js = None;
+    let mut sources = sources::Watch::default();
     loop {
         if js.is_none() {
             match bus::connect(&nats_url, "beacon-ingest-backlog").await {
@@ -204,7 +206,7 @@ pub async fn sample_backlog(nats_url: bus::NatsUrl, mut shutdown: watch::Receive
         }
         if let Some(js) = &js {
             // (Ingest re-creates its consumers on every start; the next sample finds them.)
-            if let Err(e) = sample_once(js).await {
+            if let Err(e) = sample_once(js, &mut sources).await {
                 tracing::debug!(error = %e, "backlog sampler");
             }
         }
@@ -227,21 +229,15 @@ pub(crate) async fn pause_unless_stopped(
 }
 
 /// One sample: every partition's backlog (the partitions are those whose consumers exist,
-/// so no setting has to agree with ingest's), and on a hub its sources.
-async fn sample_once(js: &jetstream::Context) -> Result<(), String> {
+/// so no setting has to agree with ingest's), and on a hub its sources, a stalled one set
+/// going again ([`sources`]).
+async fn sample_once(js: &jetstream::Context, watch: &mut sources::Watch) -> Result<(), String> {
     let stream = js
         .get_stream(bus::EVENTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
-    // On a hub: how its sources (the regions' leaf streams) are doing. A source that stays
-    // inactive after a link or leaf restart holds events back without a lag to show for it
-    // (docs/RELIABILITY.md).
-    let sources = &stream.cached_info().sources;
-    if !sources.is_empty() {
-        let inactive = sources.iter().filter(|s| s.active.is_none()).count();
-        metrics::gauge!("beacon_ingest_sources_inactive").set(inactive as f64);
-        let lag: u64 = sources.iter().map(|s| s.lag).sum();
-        metrics::gauge!("beacon_ingest_sources_lag").set(lag as f64);
+    if !stream.cached_info().sources.is_empty() {
+        sources::look(js, watch).await?;
     }
     for (index, info) in beacon_proto::stores::current_ingest_consumers(&stream).await? {
         metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::ingest_consumer(index))
