@@ -236,12 +236,14 @@ async fn sample_once(js: &jetstream::Context, watch: &mut sources::Watch) -> Res
         .get_stream(bus::EVENTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
-    if !stream.cached_info().sources.is_empty() {
-        sources::look(js, watch).await?;
-    }
     for (index, info) in beacon_proto::stores::current_ingest_consumers(&stream).await? {
         metrics::gauge!("beacon_ingest_consumer_pending", "consumer" => bus::ingest_consumer(index))
             .set((info.num_pending + info.num_ack_pending as u64) as f64);
+    }
+    if !stream.cached_info().sources.is_empty() {
+        if let Err(e) = sources::look(js, watch).await {
+            tracing::warn!(error = %e, "the hub's sources");
+        }
     }
     Ok(())
 }

@@ -8,9 +8,11 @@
 //! while that one is in flight. Nothing is lost, but freshness waits. A new leader sets
 //! every source up afresh (no backoff) from the last message it stored of each (the
 //! replicated source state, then the sourced messages' headers), so nothing is copied twice
-//! or skipped: when a source that was heard before has been quiet past [`STALLED`] while
-//! its region's JetStream answers, ingest asks the stream's leader to step down (at most
-//! once per [`STEP_DOWN_EVERY`]). A stream of one replica cannot step down; it waits.
+//! or skipped: when a source has been quiet past [`STALLED`] (or, never heard by the
+//! current leader, has been seen so by ingest for that long) while its region's JetStream
+//! answers for the source's stream, ingest asks the stream's leader to step down (at most
+//! once per [`STEP_DOWN_EVERY`], doubling while step-downs do not help). A stream of one
+//! replica cannot step down; it waits.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,14 +34,29 @@ const REGION_ANSWERS: Duration = Duration::from_secs(2);
 /// What one ingest process remembers between looks.
 #[derive(Debug, Default)]
 pub struct Watch {
+    /// The stream's leader at the last look: a new one has heard no source yet.
+    leader: Option<String>,
     /// Since when (by our looks) each source (by its region's API prefix) has never been
     /// heard by the current leader.
     unheard_since: HashMap<String, Instant>,
     last_step_down: Option<Instant>,
+    /// Step-downs since a look last found no source stalled: each doubles the wait before
+    /// the next (a source that cannot start, say its region's stream is gone, is not
+    /// helped by another leader every 30 s).
+    in_a_row: u32,
+}
+
+impl Watch {
+    /// How long after the last step-down the next may come.
+    fn wait(&self) -> Duration {
+        STEP_DOWN_EVERY * 2u32.pow(self.in_a_row.saturating_sub(1).min(4))
+    }
 }
 
 /// One source of the hub's stream, as `STREAM.INFO` gives it.
 struct Source {
+    /// The region's stream.
+    name: String,
     /// The region's JetStream API prefix (`$JS.<domain>.API`).
     api: Option<String>,
     /// Since the leader last heard from it; `None`: never (since it became leader).
@@ -53,6 +70,11 @@ fn sources(info: &Value) -> Vec<Source> {
     };
     list.iter()
         .map(|s| Source {
+            name: s
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             api: s
                 .pointer("/external/api")
                 .and_then(Value::as_str)
@@ -66,6 +88,22 @@ fn sources(info: &Value) -> Vec<Source> {
             lag: s.get("lag").and_then(Value::as_u64).unwrap_or(0),
         })
         .collect()
+}
+
+/// Whether the region's JetStream answers for its stream `name` through `api` (an error
+/// reply, such as no such stream, is no answer: a new leader could not start that source).
+async fn region_answers(js: &jetstream::Context, api: &str, name: &str) -> bool {
+    let asked = tokio::time::timeout(
+        REGION_ANSWERS,
+        js.client()
+            .request(format!("{api}.STREAM.INFO.{name}"), Default::default()),
+    )
+    .await;
+    match asked {
+        Ok(Ok(reply)) => serde_json::from_slice::<Value>(&reply.payload)
+            .is_ok_and(|v| v.get("error").is_none() && v.get("config").is_some()),
+        _ => false,
+    }
 }
 
 /// Looks at the hub's sources once (nothing on a stream without sources): sets the
@@ -84,63 +122,68 @@ pub async fn look(js: &jetstream::Context, watch: &mut Watch) -> Result<bool, St
         return Ok(false);
     }
     let now = Instant::now();
-    let quiet = |s: &Source| s.active.is_none_or(|a| a > STALLED);
-    metrics::gauge!("beacon_ingest_sources_inactive")
-        .set(sources.iter().filter(|s| quiet(s)).count() as f64);
-    metrics::gauge!("beacon_ingest_sources_lag")
-        .set(sources.iter().map(|s| s.lag).sum::<u64>() as f64);
+    let leader = info
+        .pointer("/cluster/leader")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if leader != watch.leader {
+        watch.leader = leader;
+        watch.unheard_since.clear();
+    }
     watch.unheard_since.retain(|api, _| {
         sources
             .iter()
             .any(|s| s.active.is_none() && s.api.as_deref() == Some(api))
     });
+    let mut stalled = Vec::new();
+    for source in &sources {
+        let quiet = match (source.active, &source.api) {
+            (Some(a), _) => a > STALLED,
+            // Never heard by this leader: stalled once we have seen it so for as long.
+            (None, Some(api)) => {
+                let since = *watch.unheard_since.entry(api.clone()).or_insert(now);
+                now.duration_since(since) > STALLED
+            }
+            (None, None) => false,
+        };
+        if let (true, Some(api)) = (quiet, &source.api) {
+            stalled.push((api.clone(), source.name.clone()));
+        }
+    }
+    metrics::gauge!("beacon_ingest_sources_inactive").set(stalled.len() as f64);
+    metrics::gauge!("beacon_ingest_sources_lag")
+        .set(sources.iter().map(|s| s.lag).sum::<u64>() as f64);
+    if stalled.is_empty() {
+        watch.in_a_row = 0;
+        return Ok(false);
+    }
     let replicas = info
         .pointer("/config/num_replicas")
         .and_then(Value::as_u64)
         .unwrap_or(1);
-    let mut stalled = Vec::new();
-    for source in &sources {
-        let Some(api) = &source.api else { continue };
-        let since = match source.active {
-            Some(a) => now.checked_sub(a).unwrap_or(now),
-            // Never heard by this leader: quiet since we first saw it so.
-            None => *watch.unheard_since.entry(api.clone()).or_insert(now),
-        };
-        if now.duration_since(since) > STALLED {
-            stalled.push(api.clone());
-        }
-    }
-    if stalled.is_empty()
-        || replicas < 2
+    if replicas < 2
         || watch
             .last_step_down
-            .is_some_and(|t| t.elapsed() < STEP_DOWN_EVERY)
+            .is_some_and(|t| t.elapsed() < watch.wait())
     {
         return Ok(false);
     }
     // Its region must answer: while a link is down a new leader would wait as the old one.
-    let mut answering = None;
-    for api in stalled {
-        let answered = tokio::time::timeout(
-            REGION_ANSWERS,
-            js.client()
-                .request(format!("{api}.INFO"), Default::default()),
-        )
-        .await;
-        if matches!(answered, Ok(Ok(_))) {
-            answering = Some(api);
-            break;
-        }
-    }
-    let Some(api) = answering else {
+    let answers = futures::future::join_all(
+        stalled
+            .iter()
+            .map(|(api, name)| region_answers(js, api, name)),
+    )
+    .await;
+    let Some((api, _)) = stalled
+        .iter()
+        .zip(answers)
+        .find_map(|(s, a)| a.then_some(s))
+    else {
         return Ok(false);
     };
     watch.last_step_down = Some(now);
-    watch.unheard_since.clear();
-    tracing::warn!(
-        source = %api,
-        "the hub's source of a region is stalled while the region answers: the events stream's leader steps down, and the next sets its sources up again"
-    );
+    watch.in_a_row += 1;
     let reply: Value = js
         .request(
             format!("STREAM.LEADER.STEPDOWN.{}", bus::EVENTS_STREAM),
@@ -152,6 +195,10 @@ pub async fn look(js: &jetstream::Context, watch: &mut Watch) -> Result<bool, St
         return Err(format!("stepping the events stream's leader down: {e}"));
     }
     metrics::counter!("beacon_ingest_source_restarts_total").increment(1);
+    tracing::warn!(
+        source = %api,
+        "the hub's source of a region was stalled while the region answered: the events stream's leader stepped down, and the next sets its sources up again"
+    );
     Ok(true)
 }
 
@@ -163,6 +210,7 @@ mod tests {
     fn sources_read_from_stream_info() {
         let info = serde_json::json!({
             "config": {"num_replicas": 3},
+            "cluster": {"leader": "hub-1"},
             "sources": [
                 {"name": "EVENTS", "external": {"api": "$JS.eu.API", "deliver": ""}, "lag": 4, "active": 2_000_000_000i64},
                 {"name": "EVENTS", "external": {"api": "$JS.us.API"}, "lag": 0, "active": -1},
@@ -172,6 +220,7 @@ mod tests {
         let s = sources(&info);
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].api.as_deref(), Some("$JS.eu.API"));
+        assert_eq!(s[0].name, "EVENTS");
         assert_eq!(s[0].active, Some(Duration::from_secs(2)));
         assert_eq!(s[0].lag, 4);
         assert_eq!(s[1].active, None);

@@ -237,15 +237,22 @@ pub async fn plan(
             .since
             .filter(|s| table.metadata().snapshot_by_id(*s).is_some())
         {
-            let before: HashSet<String> = plan_files(table, since, predicate)
-                .await?
-                .into_iter()
-                .map(|t| t.data_file_path)
-                .collect();
-            let now: HashSet<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).collect();
-            if before.iter().all(|p| now.contains(p.as_str())) {
-                tasks.retain(|t| !before.contains(&t.data_file_path));
-                added_only = true;
+            // (Planning it can fail where maintenance deleted the manifests of a snapshot
+            // that metadata a second old still lists: then everything is read.)
+            match plan_files(table, since, predicate).await {
+                Ok(before) => {
+                    let before: HashSet<String> =
+                        before.into_iter().map(|t| t.data_file_path).collect();
+                    let now: HashSet<&str> =
+                        tasks.iter().map(|t| t.data_file_path.as_str()).collect();
+                    if before.iter().all(|p| now.contains(p.as_str())) {
+                        tasks.retain(|t| !before.contains(&t.data_file_path));
+                        added_only = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, since, "the earlier snapshot is not planned again: every row is read")
+                }
             }
         }
         increment.record(Scanned {

@@ -201,7 +201,11 @@ impl Slices {
                 .max_capacity(max_bytes)
                 .weigher(|_: &Key, v: &Arc<Slice>| u32::try_from(v.bytes()).unwrap_or(u32::MAX))
                 .build(),
-            latest: moka::sync::Cache::builder().max_capacity(1 << 20).build(),
+            // (Small entries, but millions of merchants: the recently active are kept.)
+            latest: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
             too_big: moka::future::Cache::builder()
                 .max_capacity(65_536)
                 .time_to_live(Duration::from_secs(600))
@@ -272,18 +276,7 @@ impl Slices {
             },
         };
         if entry.is_fresh() {
-            // The older snapshot's slice is read no more (requests resolve the newest
-            // snapshot): its memory goes now rather than when the cache's bound needs it.
-            if let Some((old, _)) = previous.filter(|(old, _)| *old != snapshot) {
-                self.cache
-                    .invalidate(&Key {
-                        snapshot: old,
-                        ..key
-                    })
-                    .await;
-            }
-            self.latest
-                .insert(mine, (snapshot, Arc::downgrade(entry.value())));
+            self.replaced(mine, previous, &key, entry.value()).await;
         } else {
             self.counts.reused.fetch_add(1, Ordering::Relaxed);
         }
@@ -299,6 +292,45 @@ impl Slices {
             .await
             .map_err(|e| DataFusionError::Execution(format!("grouping a slice: {e}")))?
             .map(Some)
+    }
+}
+
+impl Slices {
+    /// Records `slice`, just loaded under `key`, as (merchant, table) `mine`'s newest, and
+    /// drops the slice it replaces (`previous` when the load began): requests resolve the
+    /// newest snapshot, so the older slice's memory goes now rather than when the cache's
+    /// bound needs it. Not when another load replaced `previous` meanwhile, nor when this one
+    /// read a newer snapshot than its key (a request that resolved its snapshot late):
+    /// neither is the newest.
+    async fn replaced(
+        &self,
+        mine: (String, &'static str),
+        previous: Option<(i64, Weak<Slice>)>,
+        key: &Key,
+        slice: &Arc<Slice>,
+    ) {
+        if slice.snapshot != Some(key.snapshot) {
+            return;
+        }
+        let now = self.latest.get(&mine);
+        let same = match (&now, &previous) {
+            (None, None) => true,
+            (Some((a, x)), Some((b, y))) => a == b && x.ptr_eq(y),
+            _ => false,
+        };
+        if !same {
+            return;
+        }
+        if let Some((old, _)) = previous.filter(|(old, _)| *old != key.snapshot) {
+            self.cache
+                .invalidate(&Key {
+                    snapshot: old,
+                    ..key.clone()
+                })
+                .await;
+        }
+        self.latest
+            .insert(mine, (key.snapshot, Arc::downgrade(slice)));
     }
 }
 
