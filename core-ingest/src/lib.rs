@@ -436,6 +436,12 @@ pub(crate) async fn run_partition(
     );
     health.set(HEALTH_CHECK, Ok(()));
     let mut last_commit = Instant::now();
+    // The consumer numbers its deliveries from 1. AckPolicy::All acknowledges every delivery
+    // below the one acked, so one that never arrived (its answer lost while a hub node
+    // restarted under the pull) would be acknowledged unread, and the watermark would pass
+    // it: a gap in the numbers stops the partition before it commits, and the restart reads
+    // again from what is committed.
+    let mut next_delivery = 1u64;
 
     loop {
         if *stop.borrow() {
@@ -477,6 +483,14 @@ pub(crate) async fn run_partition(
                 }
                 None => break,
             };
+            let delivery = msg.info().map_err(nats)?.consumer_sequence;
+            if delivery != next_delivery {
+                metrics::counter!("beacon_ingest_delivery_gaps_total").increment(1);
+                return Err(IngestError::Nats(format!(
+                    "delivery {delivery} came where {next_delivery} was due: a delivery was lost on its way, so the partition starts over from what is committed"
+                )));
+            }
+            next_delivery = delivery + 1;
             received.push(from_stream(&msg)?);
             last = Some(msg);
         }
