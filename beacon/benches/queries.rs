@@ -711,12 +711,10 @@ async fn run() {
         counts.loaded, counts.reused
     ));
     report.push(format!(
-        "Rollup slices (one client, {} dashboards of different merchants, each computed three ways in turn, equal answers asserted): DataFusion over the rollups p50 {:.1} / p99 {:.1} ms; slices loaded for it (first dashboard of the merchant since the snapshot) p50 {:.1} / p99 {:.1} ms = **{:.2}x**; slices in memory p50 {:.2} / p99 {:.2} ms = **{:.3}x** the time at p50.",
+        "Rollup slices (one client, {} dashboards of different merchants, each computed three ways in turn, equal answers asserted): DataFusion over the rollups {}; slices loaded for it (first dashboard of the merchant since the snapshot) {} = **{:.2}x**; slices in memory p50 {:.2} / p99 {:.2} ms = **{:.3}x** the time at p50.",
         from_datafusion.len(),
-        pct(&from_datafusion, 0.5),
-        pct(&from_datafusion, 0.99),
-        pct(&from_loaded, 0.5),
-        pct(&from_loaded, 0.99),
+        p50_p99(&from_datafusion),
+        p50_p99(&from_loaded),
         pct(&from_loaded, 0.5) / pct(&from_datafusion, 0.5).max(1e-9),
         pct(&from_kept, 0.5),
         pct(&from_kept, 0.99),
@@ -870,13 +868,11 @@ async fn over_http(
                 .count();
             report.push(format!(
                 "DuckDB peer (same four queries over the same `events` Parquet files, one client, {} cold dashboards): \
-                 DuckDB p50 {:.1} ms / p99 {:.1} ms; Beacon over HTTP, cold, same dashboards: p50 {:.1} ms / p99 {:.1} ms: \
+                 DuckDB {}; Beacon over HTTP, cold, same dashboards: {}: \
                  DuckDB's p50 is **{:.1}x** Beacon's. Row counts equal for {same} of {} dashboards.",
                 duck_ms.len(),
-                pct(&duck_ms, 0.5),
-                pct(&duck_ms, 0.99),
-                pct(&beacon_ms, 0.5),
-                pct(&beacon_ms, 0.99),
+                p50_p99(&duck_ms),
+                p50_p99(&beacon_ms),
                 pct(&duck_ms, 0.5) / pct(&beacon_ms, 0.5).max(1e-9),
                 beacon_rows.len().min(duck_rows.len()),
             ));

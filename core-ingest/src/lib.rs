@@ -483,7 +483,8 @@ pub(crate) async fn run_partition(
                 }
                 None => break,
             };
-            let delivery = msg.info().map_err(nats)?.consumer_sequence;
+            let info = msg.info().map_err(nats)?;
+            let delivery = info.consumer_sequence;
             if delivery != next_delivery {
                 metrics::counter!("beacon_ingest_delivery_gaps_total").increment(1);
                 return Err(IngestError::Nats(format!(
@@ -491,7 +492,7 @@ pub(crate) async fn run_partition(
                 )));
             }
             next_delivery = delivery + 1;
-            received.push(from_stream(&msg)?);
+            received.push(from_stream(&info, &msg.payload));
             last = Some(msg);
         }
         let Some(last) = last else {
@@ -828,8 +829,9 @@ async fn prime(
         };
         let Some(msg) = next else { break };
         let msg = msg.map_err(nats)?;
-        let pending = msg.info().map_err(nats)?.pending;
-        let r = from_stream(&msg)?;
+        let info = msg.info().map_err(nats)?;
+        let pending = info.pending;
+        let r = from_stream(&info, &msg.payload);
         if r.seq > start {
             break;
         }
@@ -852,11 +854,10 @@ async fn prime(
 
 /// A message read from the stream: its envelope at its sequence, stamped with the time the
 /// stream stored it.
-fn from_stream(msg: &jetstream::Message) -> Result<Received, IngestError> {
-    let info = msg.info().map_err(nats)?;
-    let mut r = decode(info.stream_sequence, &msg.payload);
+fn from_stream(info: &jetstream::message::Info, payload: &[u8]) -> Received {
+    let mut r = decode(info.stream_sequence, payload);
     r.stored_at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-    Ok(r)
+    r
 }
 
 /// Decodes an envelope; anything unreadable becomes a `failed_events` row, not a lost message.

@@ -641,18 +641,15 @@ async fn read(
     let scanned = increment.scanned();
     let base = base.filter(|_| scanned.is_some_and(|s| s.added_only));
     let mut builder = base.map_or_else(Builder::default, |b| Builder::from(&b.columns));
-    let mut added = 0;
     while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        added += batch.num_rows();
-        if !builder.add(&batch, &shape, max_bytes)? {
+        if !builder.add(&batch?, &shape, max_bytes)? {
             return Ok(None);
         }
     }
     let snapshot = scanned.and_then(|s| s.snapshot);
     let columns = match base {
         // Nothing of the merchant's was added: the same rows, as of the newer snapshot.
-        Some(base) if added == 0 => base.columns.clone(),
+        Some(base) if builder.rows.len() == base.hours.len() => base.columns.clone(),
         _ => Arc::new(builder.build(&shape)),
     };
     Ok(Some((Slice { snapshot, columns }, base.is_some())))
